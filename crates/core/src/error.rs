@@ -1,0 +1,85 @@
+//! The one error type of bitlora-core. Every variant names the file, tensor or op involved and,
+//! where it helps, what to do about it; the wasm boundary turns these into `JsError`s unchanged.
+
+/// Result with bitlora-core's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{file}: not valid JSON: {msg}")]
+    Json { file: String, msg: String },
+
+    #[error("{file}: field `{field}` {problem}")]
+    ConfigField {
+        file: String,
+        field: &'static str,
+        problem: String,
+    },
+
+    #[error(
+        "{file}: unsupported model_type \"{model_type}\"; bitlora runs BitNet b1.58 checkpoints (model_type \"bitnet\")"
+    )]
+    UnsupportedModelType { file: String, model_type: String },
+
+    #[error("{file}: not a safetensors file: {msg}")]
+    NotSafetensors { file: String, msg: String },
+
+    #[error(
+        "{file}: truncated: the header says the tensor data needs {expected} bytes but the file has {actual}; download it again"
+    )]
+    Truncated {
+        file: String,
+        expected: u64,
+        actual: u64,
+    },
+
+    #[error(
+        "no safetensors weights given (expected model.safetensors or *.safetensors beside config.json)"
+    )]
+    NoWeights,
+
+    #[error("tensor `{name}` is missing from {files}")]
+    MissingTensor { name: String, files: String },
+
+    #[error("{file}: tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        file: String,
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+
+    #[error("{file}: tensor `{name}` has dtype {dtype}, expected {expected}")]
+    TensorDtype {
+        file: String,
+        name: String,
+        dtype: String,
+        expected: &'static str,
+    },
+
+    #[error(
+        "token id {token} at position {position} is out of range: the vocabulary has {vocab} tokens"
+    )]
+    TokenOutOfRange {
+        token: u32,
+        position: usize,
+        vocab: usize,
+    },
+
+    #[error("{count} tokens exceed the model's context of {max} positions")]
+    TooManyTokens { count: usize, max: usize },
+
+    #[error("no tokens given: a forward pass needs at least one token id")]
+    NoTokens,
+
+    /// A shape check inside an op failed: a bug in the caller, not bad user input.
+    #[error("{op}: shape mismatch: {msg}")]
+    Shape { op: &'static str, msg: String },
+}

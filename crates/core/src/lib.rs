@@ -1,0 +1,18 @@
+//! bitlora-core: BitNet b1.58 models on the CPU, exactly as Hugging Face transformers computes
+//! them. Pure Rust: no GPU, no web. The GPU backend (bitlora-gpu) and the wasm API (bitlora-web)
+//! build on the types here, and every fast path is tested against the plain code in this crate.
+
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod ops;
+pub mod quant;
+pub mod rng;
+pub mod tolerance;
+pub mod weights;
+
+pub use config::{Activation, Config, WeightFormat};
+pub use error::{Error, Result};
+pub use model::{LayerParams, Model, Params};
+pub use ops::top_k;
+pub use quant::TernaryLinear;

@@ -1,0 +1,584 @@
+//! The BitNet b1.58 model: parameters and the forward pass, the CPU reference.
+//!
+//! Architecture of microsoft/bitnet-b1.58-2B-4T, as transformers' `modeling_bitnet.py`
+//! (transformers v5) with every q,k,v,o,gate,up,down projection a BitLinear:
+//! ```text
+//! h = embed[tokens]                                                     (T, C)
+//! for each layer:
+//!     x = input_layernorm(h)                                            (T, C)
+//!     q, k, v = rope(q_proj(x)), rope(k_proj(x)), v_proj(x)             (T, NH*HS), (T, NKV*HS) x2
+//!     h += o_proj(attn_sub_norm(causal_gqa_attention(q, k, v)))         (T, C)
+//!     x = post_attention_layernorm(h)                                   (T, C)
+//!     h += down_proj(ffn_sub_norm(act(gate_proj(x)) * up_proj(x)))      (T, C); act = relu^2
+//! logits = norm(h) . lm_head^T   (lm_head = embed when tied)            (T, V)
+//! ```
+//! Dimension letters: T tokens, C hidden, F ffn, V vocab, L layers, NH heads, NKV kv heads,
+//! HS head size.
+
+use std::path::Path;
+
+use crate::config::{Activation, Config, WeightFormat};
+use crate::error::{Error, Result};
+use crate::ops;
+use crate::quant::{self, TernaryLinear};
+use crate::rng::Rng;
+use crate::weights::{self, OwnedTensor, WeightFiles};
+
+/// One transformer block's parameters.
+#[derive(Clone, Debug)]
+pub struct LayerParams {
+    pub input_layernorm: Vec<f32>,          // (C)
+    pub q_proj: TernaryLinear,              // (NH*HS, C)
+    pub k_proj: TernaryLinear,              // (NKV*HS, C)
+    pub v_proj: TernaryLinear,              // (NKV*HS, C)
+    pub attn_sub_norm: Vec<f32>,            // (NH*HS)
+    pub o_proj: TernaryLinear,              // (C, NH*HS)
+    pub post_attention_layernorm: Vec<f32>, // (C)
+    pub gate_proj: TernaryLinear,           // (F, C)
+    pub up_proj: TernaryLinear,             // (F, C)
+    pub ffn_sub_norm: Vec<f32>,             // (F)
+    pub down_proj: TernaryLinear,           // (C, F)
+}
+
+/// All parameters of the model. The projections are frozen ternary; the rest is f32.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub embed_tokens: Vec<f32>,    // (V, C)
+    pub layers: Vec<LayerParams>,  // L
+    pub norm: Vec<f32>,            // (C)
+    pub lm_head: Option<Vec<f32>>, // (V, C); None when tied to embed_tokens
+}
+
+impl Params {
+    /// The output projection (V, C): lm_head, or the embedding when tied.
+    pub fn head(&self) -> &[f32] {
+        self.lm_head.as_deref().unwrap_or(&self.embed_tokens)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub config: Config,
+    pub params: Params,
+}
+
+/// The seven BitLinear projections of a layer, by their HF names, with (O, I) from the config.
+pub fn projections(c: &Config) -> [(&'static str, usize, usize); 7] {
+    let (hid, ffn, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+    [
+        ("self_attn.q_proj", q, hid),
+        ("self_attn.k_proj", kv, hid),
+        ("self_attn.v_proj", kv, hid),
+        ("self_attn.o_proj", hid, q),
+        ("mlp.gate_proj", ffn, hid),
+        ("mlp.up_proj", ffn, hid),
+        ("mlp.down_proj", hid, ffn),
+    ]
+}
+
+impl Model {
+    /// Loads a model from a directory holding `config.json` and `*.safetensors` (one file, or
+    /// the shards of a sharded checkpoint).
+    pub fn from_dir(dir: &Path) -> Result<Model> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| Error::Io {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let config_path = dir.join("config.json");
+        let config = read(&config_path)?;
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|source| Error::Io {
+                path: dir.display().to_string(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        names.sort();
+        let files = names
+            .iter()
+            .map(|p| Ok((p.display().to_string(), read(p)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        Model::from_bytes(&config_path.display().to_string(), &config, &refs)
+    }
+
+    /// Loads a model from the bytes of `config.json` and its safetensors files; the names
+    /// appear in error messages.
+    pub fn from_bytes(
+        config_name: &str,
+        config_json: &[u8],
+        files: &[(&str, &[u8])],
+    ) -> Result<Model> {
+        let config = Config::from_json(config_name, config_json)?;
+        let w = WeightFiles::parse(files)?;
+        let (v, c) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = w.f32("model.embed_tokens.weight", &[v, c])?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| load_layer(&w, &config, l))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(w.f32("lm_head.weight", &[v, c])?)
+        };
+        Ok(Model {
+            params: Params {
+                embed_tokens,
+                layers,
+                norm: w.f32("model.norm.weight", &[c])?,
+                lm_head,
+            },
+            config,
+        })
+    }
+
+    /// Checks token ids against the vocabulary and the context length.
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::NoTokens);
+        }
+        if tokens.len() > self.config.max_position_embeddings {
+            return Err(Error::TooManyTokens {
+                count: tokens.len(),
+                max: self.config.max_position_embeddings,
+            });
+        }
+        let vocab = self.config.vocab_size;
+        match tokens.iter().position(|&t| t as usize >= vocab) {
+            Some(position) => Err(Error::TokenOutOfRange {
+                token: tokens[position],
+                position,
+                vocab,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The full forward pass: tokens (T) -> logits (T, V), row-major.
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        let cfg = &self.config;
+        let p = &self.params;
+        let (t, c) = (tokens.len(), cfg.hidden_size);
+        let (nh, nkv, hs) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+
+        // h = embed[tokens]                                              (T, C)
+        let mut h: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&tok| {
+                p.embed_tokens[tok as usize * c..(tok as usize + 1) * c]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let (cos, sin) = ops::rope_tables(t, hs, cfg.rope_theta); // (T, HS/2) each
+
+        for layer in &p.layers {
+            // Attention block.
+            let x = ops::rms_norm(&h, &layer.input_layernorm, cfg.rms_norm_eps); // (T, C)
+            let mut q = layer.q_proj.forward(&x); // (T, NH*HS)
+            let mut k = layer.k_proj.forward(&x); // (T, NKV*HS)
+            let v = layer.v_proj.forward(&x); // (T, NKV*HS)
+            ops::rope(&mut q, nh, hs, &cos, &sin);
+            ops::rope(&mut k, nkv, hs, &cos, &sin);
+            let a = ops::attention(&q, &k, &v, t, nh, nkv, hs); // (T, NH*HS)
+            let a = ops::rms_norm(&a, &layer.attn_sub_norm, cfg.rms_norm_eps); // (T, NH*HS)
+            ops::add_in_place(&mut h, &layer.o_proj.forward(&a)); // (T, C)
+
+            // FFN block.
+            let x = ops::rms_norm(&h, &layer.post_attention_layernorm, cfg.rms_norm_eps); // (T, C)
+            let gate = layer.gate_proj.forward(&x); // (T, F)
+            let up = layer.up_proj.forward(&x); // (T, F)
+            let f = ops::gated_act(&gate, &up, cfg.hidden_act); // (T, F)
+            let f = ops::rms_norm(&f, &layer.ffn_sub_norm, cfg.rms_norm_eps); // (T, F)
+            ops::add_in_place(&mut h, &layer.down_proj.forward(&f)); // (T, C)
+        }
+
+        let x = ops::rms_norm(&h, &p.norm, cfg.rms_norm_eps); // (T, C)
+        Ok(ops::matmul_t(&x, p.head(), c, cfg.vocab_size)) // (T, V)
+    }
+
+    /// A model with random weights, reproducible from `seed`: master weights ~ N(0, 0.02) as
+    /// transformers' `initializer_range`, norm weights ~ 1 + N(0, 0.1) so a bug that ignores
+    /// them shows, embeddings ~ N(0, 0.5), and an untied head ~ N(0, 0.3) so the logits
+    /// (about N(0, 2.4)) are neither flat nor dominated by one token. Used for the bundled
+    /// demo model of the skeleton and for speed runs on the benchmark shapes.
+    pub fn random(config: Config, seed: u64) -> (Model, Vec<OwnedTensor>) {
+        let mut rng = Rng::new(seed);
+        let mut normal = |n: usize, mean: f32, std: f32| -> Vec<f32> {
+            (0..n).map(|_| mean + std * rng.normal()).collect()
+        };
+        let (v, c, f, q) = (
+            config.vocab_size,
+            config.hidden_size,
+            config.intermediate_size,
+            config.q_dim(),
+        );
+        // Round through bf16 first: the file stores bf16, and the model must equal what loads.
+        let bf = |x: Vec<f32>| -> Vec<f32> {
+            x.into_iter()
+                .map(|v| half::bf16::from_f32(v).to_f32())
+                .collect()
+        };
+        let mut tensors = Vec::new();
+        let embed = bf(normal(v * c, 0.0, 0.5));
+        tensors.push(OwnedTensor::bf16(
+            "model.embed_tokens.weight",
+            &[v, c],
+            &embed,
+        ));
+        let mut layers = Vec::new();
+        for l in 0..config.num_hidden_layers {
+            let pre = format!("model.layers.{l}.");
+            let mut norm_w = |name: &str, n: usize, tensors: &mut Vec<OwnedTensor>| {
+                let w = bf(normal(n, 1.0, 0.1));
+                tensors.push(OwnedTensor::bf16(format!("{pre}{name}.weight"), &[n], &w));
+                w
+            };
+            let input_layernorm = norm_w("input_layernorm", c, &mut tensors);
+            let attn_sub_norm = norm_w("self_attn.attn_sub_norm", q, &mut tensors);
+            let post_attention_layernorm = norm_w("post_attention_layernorm", c, &mut tensors);
+            let ffn_sub_norm = norm_w("mlp.ffn_sub_norm", f, &mut tensors);
+            let mut lin: Vec<TernaryLinear> = projections(&config)
+                .iter()
+                .map(|&(name, o, i)| {
+                    let w = bf(normal(o * i, 0.0, 0.02));
+                    tensors.push(OwnedTensor::bf16(
+                        format!("{pre}{name}.weight"),
+                        &[o, i],
+                        &w,
+                    ));
+                    TernaryLinear::from_master(&w, o, i)
+                })
+                .collect();
+            let mut take = || lin.remove(0);
+            layers.push(LayerParams {
+                input_layernorm,
+                q_proj: take(),
+                k_proj: take(),
+                v_proj: take(),
+                attn_sub_norm,
+                o_proj: take(),
+                post_attention_layernorm,
+                gate_proj: take(),
+                up_proj: take(),
+                ffn_sub_norm,
+                down_proj: take(),
+            });
+        }
+        let norm = bf(normal(c, 1.0, 0.1));
+        tensors.push(OwnedTensor::bf16("model.norm.weight", &[c], &norm));
+        let lm_head = (!config.tie_word_embeddings).then(|| {
+            let w = bf(normal(v * c, 0.0, 0.3));
+            tensors.push(OwnedTensor::bf16("lm_head.weight", &[v, c], &w));
+            w
+        });
+        let model = Model {
+            config,
+            params: Params {
+                embed_tokens: embed,
+                layers,
+                norm,
+                lm_head,
+            },
+        };
+        (model, tensors)
+    }
+}
+
+/// Loads one layer, quantizing master weights or unpacking packed ones per `weight_format`.
+fn load_layer(w: &WeightFiles<'_>, cfg: &Config, l: usize) -> Result<LayerParams> {
+    let pre = format!("model.layers.{l}.");
+    let norm = |name: &str, n: usize| w.f32(&format!("{pre}{name}.weight"), &[n]);
+    let mut lin = projections(cfg)
+        .iter()
+        .map(|&(name, o, i)| load_linear(w, cfg, &format!("{pre}{name}"), o, i))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter();
+    let mut take = || lin.next().expect("projections() lists seven");
+    Ok(LayerParams {
+        input_layernorm: norm("input_layernorm", cfg.hidden_size)?,
+        q_proj: take(),
+        k_proj: take(),
+        v_proj: take(),
+        attn_sub_norm: norm("self_attn.attn_sub_norm", cfg.q_dim())?,
+        o_proj: take(),
+        post_attention_layernorm: norm("post_attention_layernorm", cfg.hidden_size)?,
+        gate_proj: take(),
+        up_proj: take(),
+        ffn_sub_norm: norm("mlp.ffn_sub_norm", cfg.intermediate_size)?,
+        down_proj: take(),
+    })
+}
+
+/// One BitLinear projection `prefix.weight` of shape (O, I).
+fn load_linear(
+    w: &WeightFiles<'_>,
+    cfg: &Config,
+    prefix: &str,
+    o: usize,
+    i: usize,
+) -> Result<TernaryLinear> {
+    let name = format!("{prefix}.weight");
+    match cfg.weight_format {
+        WeightFormat::Master => Ok(TernaryLinear::from_master(&w.f32(&name, &[o, i])?, o, i)),
+        WeightFormat::PackedBitLinear | WeightFormat::PackedAutoBitLinear => {
+            if o % 4 != 0 {
+                return Err(Error::TensorShape {
+                    file: w.file_of(&name).to_string(),
+                    name,
+                    expected: vec![o.div_ceil(4), i],
+                    actual: vec![o, i],
+                });
+            }
+            let packed = w.u8(&name, &[o / 4, i])?;
+            if let Some(pos) = packed
+                .iter()
+                .position(|b| (0..4).any(|s| (b >> (2 * s)) & 3 == 3))
+            {
+                return Err(Error::Shape {
+                    op: "load packed weight",
+                    msg: format!(
+                        "{}: tensor `{name}` byte {pos} holds the invalid 2-bit code 3",
+                        w.file_of(&name)
+                    ),
+                });
+            }
+            let scale_name = format!("{prefix}.weight_scale");
+            let scale = w.f32(&scale_name, &[1])?[0];
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(Error::Shape {
+                    op: "load packed weight",
+                    msg: format!(
+                        "{}: tensor `{scale_name}` is {scale}, expected a positive number",
+                        w.file_of(&scale_name)
+                    ),
+                });
+            }
+            // bitlinear: W = T / weight_scale; autobitlinear: W = T * weight_scale.
+            let w_scale = if cfg.weight_format == WeightFormat::PackedBitLinear {
+                scale
+            } else {
+                1.0 / scale
+            };
+            Ok(TernaryLinear {
+                out_features: o,
+                in_features: i,
+                packed: packed.to_vec(),
+                w_scale,
+            })
+        }
+    }
+}
+
+/// Writes `config.json` and `model.safetensors` into `dir`.
+pub fn save_model_files(dir: &Path, config: &Config, tensors: &[OwnedTensor]) -> Result<()> {
+    fn io(p: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            path: p.display().to_string(),
+            source,
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let cfg_path = dir.join("config.json");
+    let mut json =
+        serde_json::to_string_pretty(&config.to_json()).expect("a JSON value serializes");
+    json.push('\n');
+    std::fs::write(&cfg_path, json).map_err(io(&cfg_path))?;
+    let st_path = dir.join("model.safetensors");
+    std::fs::write(&st_path, weights::serialize(tensors)).map_err(io(&st_path))?;
+    Ok(())
+}
+
+/// The bundled tiny model's shape: deliberately awkward sizes (F = 176 and V = 509 are not
+/// multiples of a workgroup) with GQA (NH = 4, NKV = 2), HS = 16, and an untied head (a tied
+/// head on random weights mostly predicts the input token back).
+pub fn tiny_config() -> Config {
+    Config {
+        vocab_size: 509,
+        hidden_size: 64,
+        intermediate_size: 176,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        max_position_embeddings: 256,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        hidden_act: Activation::Relu2,
+        tie_word_embeddings: false,
+        weight_format: WeightFormat::Master,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    }
+}
+
+/// Exposed for the GPU crate's tests: the per-token activation quantizer.
+pub use quant::quantize_activations;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_bytes(tied: bool) -> (Config, Model, Vec<u8>) {
+        let mut cfg = tiny_config();
+        cfg.tie_word_embeddings = tied;
+        let (model, tensors) = Model::random(cfg.clone(), 42);
+        (cfg, model, weights::serialize(&tensors))
+    }
+
+    #[test]
+    fn load_reproduces_the_generated_model() {
+        for tied in [true, false] {
+            let (cfg, model, bytes) = tiny_bytes(tied);
+            let json = cfg.to_json().to_string();
+            let loaded = Model::from_bytes(
+                "config.json",
+                json.as_bytes(),
+                &[("model.safetensors", &bytes)],
+            )
+            .unwrap();
+            assert_eq!(
+                loaded.params.layers[1].down_proj,
+                model.params.layers[1].down_proj
+            );
+            let tokens = [5, 17, 42, 0, 508];
+            assert_eq!(
+                loaded.logits(&tokens).unwrap(),
+                model.logits(&tokens).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn packed_formats_give_the_master_weights_result() {
+        let (cfg, model, _) = tiny_bytes(true);
+        for format in [
+            WeightFormat::PackedBitLinear,
+            WeightFormat::PackedAutoBitLinear,
+        ] {
+            let mut packed_cfg = cfg.clone();
+            packed_cfg.weight_format = format;
+            let mut tensors = vec![
+                OwnedTensor::f32(
+                    "model.embed_tokens.weight",
+                    &[cfg.vocab_size, cfg.hidden_size],
+                    &model.params.embed_tokens,
+                ),
+                OwnedTensor::f32("model.norm.weight", &[cfg.hidden_size], &model.params.norm),
+            ];
+            for (l, layer) in model.params.layers.iter().enumerate() {
+                let pre = format!("model.layers.{l}.");
+                for (name, v) in [
+                    ("input_layernorm", &layer.input_layernorm),
+                    ("self_attn.attn_sub_norm", &layer.attn_sub_norm),
+                    ("post_attention_layernorm", &layer.post_attention_layernorm),
+                    ("mlp.ffn_sub_norm", &layer.ffn_sub_norm),
+                ] {
+                    tensors.push(OwnedTensor::f32(
+                        format!("{pre}{name}.weight"),
+                        &[v.len()],
+                        v,
+                    ));
+                }
+                let lins = [
+                    &layer.q_proj,
+                    &layer.k_proj,
+                    &layer.v_proj,
+                    &layer.o_proj,
+                    &layer.gate_proj,
+                    &layer.up_proj,
+                    &layer.down_proj,
+                ];
+                for ((name, o, i), lin) in projections(&cfg).into_iter().zip(lins) {
+                    tensors.push(OwnedTensor::u8(
+                        format!("{pre}{name}.weight"),
+                        &[o / 4, i],
+                        lin.packed.clone(),
+                    ));
+                    let s = if format == WeightFormat::PackedBitLinear {
+                        lin.w_scale
+                    } else {
+                        1.0 / lin.w_scale
+                    };
+                    tensors.push(OwnedTensor::f32(
+                        format!("{pre}{name}.weight_scale"),
+                        &[1],
+                        &[s],
+                    ));
+                }
+            }
+            let bytes = weights::serialize(&tensors);
+            let json = packed_cfg.to_json().to_string();
+            let loaded = Model::from_bytes(
+                "config.json",
+                json.as_bytes(),
+                &[("model.safetensors", &bytes)],
+            )
+            .unwrap();
+            let tokens = [3, 1, 4, 1, 5, 9, 2, 6];
+            let (a, b) = (
+                loaded.logits(&tokens).unwrap(),
+                model.logits(&tokens).unwrap(),
+            );
+            // autobitlinear stores 1/s_w, which round-trips through f32 division: not bit-exact.
+            crate::tolerance::KERNEL_F32.assert_close(&format!("{format:?} logits"), &a, &b);
+        }
+    }
+
+    #[test]
+    fn bad_inputs_give_named_errors() {
+        let (cfg, model, bytes) = tiny_bytes(true);
+        let json = cfg.to_json().to_string();
+        let e = Model::from_bytes(
+            "config.json",
+            json.as_bytes(),
+            &[("model.safetensors", &bytes[..bytes.len() - 100])],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("model.safetensors: truncated"),
+            "{e}"
+        );
+        let e = Model::from_bytes("config.json", json.as_bytes(), &[]).unwrap_err();
+        assert!(matches!(e, Error::NoWeights));
+        let mut small = cfg.clone();
+        small.hidden_size = 32;
+        let e = Model::from_bytes(
+            "config.json",
+            small.to_json().to_string().as_bytes(),
+            &[("model.safetensors", &bytes)],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("has shape [509, 64], expected [509, 32]"),
+            "{e}"
+        );
+        assert!(matches!(model.logits(&[]), Err(Error::NoTokens)));
+        let e = model.logits(&[1, 509]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "token id 509 at position 1 is out of range: the vocabulary has 509 tokens"
+        );
+    }
+
+    #[test]
+    fn causal_prefix_property() {
+        // Logits at position i depend only on tokens 0..=i: a prefix gives the same rows.
+        let (_, model, _) = tiny_bytes(true);
+        let full = model.logits(&[7, 8, 9, 10]).unwrap();
+        let prefix = model.logits(&[7, 8]).unwrap();
+        assert_eq!(&full[..prefix.len()], &prefix[..]);
+    }
+}

@@ -1,0 +1,232 @@
+//! The CPU reference ops of the forward pass: plain, obvious f32 loops. Every GPU kernel is
+//! tested against these on awkward sizes. Sums that feed a normalisation or softmax are
+//! accumulated in f32 in index order, as a straightforward implementation would.
+//!
+//! Dimension letters: T tokens, C channels, F ffn, V vocab, NH heads, NKV kv-heads, HS head size.
+
+use crate::config::Activation;
+
+/// RMSNorm over rows of x (T, C) with weight (C), as transformers' `BitNetRMSNorm`:
+/// `y = w * x / sqrt(mean(x^2) + eps)`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let c = w.len();
+    assert!(c > 0 && x.len() % c == 0, "rms_norm: x is not (T, {c})");
+    let mut y = vec![0f32; x.len()];
+    for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / c as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+            *yv = wv * (xv * inv);
+        }
+    }
+    y
+}
+
+/// RoPE tables for positions 0..T: (cos, sin), each (T, HS/2). transformers' default rope:
+/// `inv_freq[j] = 1 / theta^(2j/HS)`, `angle = pos * inv_freq[j]`, computed in f32.
+pub fn rope_tables(t: usize, hs: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = hs / 2;
+    let mut cos = vec![0f32; t * half];
+    let mut sin = vec![0f32; t * half];
+    for j in 0..half {
+        let inv_freq = 1.0 / theta.powf((2 * j) as f32 / hs as f32);
+        for p in 0..t {
+            let angle = p as f32 * inv_freq;
+            cos[p * half + j] = angle.cos();
+            sin[p * half + j] = angle.sin();
+        }
+    }
+    (cos, sin)
+}
+
+/// Applies RoPE in place to x (T, N*HS) for N heads, HF `rotate_half` convention: within a
+/// head the pair is (x[j], x[j + HS/2]), `x1' = x1 cos - x2 sin`, `x2' = x2 cos + x1 sin`.
+pub fn rope(x: &mut [f32], n_heads: usize, hs: usize, cos: &[f32], sin: &[f32]) {
+    let half = hs / 2;
+    let width = n_heads * hs;
+    assert_eq!(x.len() % width, 0, "rope: x is not (T, {n_heads}*{hs})");
+    let t = x.len() / width;
+    assert!(
+        cos.len() >= t * half && sin.len() >= t * half,
+        "rope: tables shorter than T={t}"
+    );
+    for p in 0..t {
+        for h in 0..n_heads {
+            let head = &mut x[p * width + h * hs..p * width + (h + 1) * hs];
+            for j in 0..half {
+                let (c, s) = (cos[p * half + j], sin[p * half + j]);
+                let (x1, x2) = (head[j], head[j + half]);
+                head[j] = x1 * c - x2 * s;
+                head[j + half] = x2 * c + x1 * s;
+            }
+        }
+    }
+}
+
+/// Causal grouped-query attention. q (T, NH*HS), k and v (T, NKV*HS) -> out (T, NH*HS).
+/// Query head h reads kv head h / (NH/NKV). Scores scaled by HS^-0.5, softmax in f32.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    hs: usize,
+) -> Vec<f32> {
+    let (qw, kw) = (nh * hs, nkv * hs);
+    assert_eq!(q.len(), t * qw, "attention: q is not (T, NH*HS)");
+    assert_eq!(k.len(), t * kw, "attention: k is not (T, NKV*HS)");
+    assert_eq!(v.len(), t * kw, "attention: v is not (T, NKV*HS)");
+    let group = nh / nkv;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let mut out = vec![0f32; t * qw];
+    let mut scores = vec![0f32; t];
+    for h in 0..nh {
+        let kvh = h / group;
+        for i in 0..t {
+            let qi = &q[i * qw + h * hs..i * qw + (h + 1) * hs];
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate().take(i + 1) {
+                let kj = &k[j * kw + kvh * hs..j * kw + (kvh + 1) * hs];
+                *s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(*s);
+            }
+            let mut denom = 0f32;
+            for s in scores.iter_mut().take(i + 1) {
+                *s = (*s - max).exp();
+                denom += *s;
+            }
+            let oi = &mut out[i * qw + h * hs..i * qw + (h + 1) * hs];
+            for (j, &s) in scores.iter().enumerate().take(i + 1) {
+                let p = s / denom;
+                let vj = &v[j * kw + kvh * hs..j * kw + (kvh + 1) * hs];
+                for (o, &vv) in oi.iter_mut().zip(vj) {
+                    *o += p * vv;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Gated activation of the FFN: `act(gate) * up`, elementwise over (T, F).
+pub fn gated_act(gate: &[f32], up: &[f32], act: Activation) -> Vec<f32> {
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "gated_act: gate and up differ in shape"
+    );
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| {
+            let a = match act {
+                Activation::Relu2 => {
+                    let r = g.max(0.0);
+                    r * r
+                }
+                Activation::Silu => g / (1.0 + (-g).exp()),
+            };
+            a * u
+        })
+        .collect()
+}
+
+/// Dense y (T, O) = x (T, I) . W^T for a full-precision W (O, I): the language-model head.
+pub fn matmul_t(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
+    assert_eq!(w.len(), o * i, "matmul_t: W is not (O, I)");
+    assert_eq!(x.len() % i, 0, "matmul_t: x is not (T, I)");
+    let t = x.len() / i;
+    let mut y = vec![0f32; t * o];
+    for r in 0..t {
+        let xr = &x[r * i..(r + 1) * i];
+        for c in 0..o {
+            y[r * o + c] = xr
+                .iter()
+                .zip(&w[c * i..(c + 1) * i])
+                .map(|(a, b)| a * b)
+                .sum();
+        }
+    }
+    y
+}
+
+/// `a += b`, the residual stream update.
+pub fn add_in_place(a: &mut [f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "add_in_place: shapes differ");
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+/// The k most likely tokens of one row of logits, with their softmax probabilities,
+/// most likely first (ties broken by the lower token id).
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let denom: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    idx.into_iter()
+        .take(k)
+        .map(|i| {
+            (
+                i,
+                (((logits[i as usize] - max) as f64).exp() / denom) as f32,
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_rows() {
+        let y = rms_norm(&[3.0, 4.0, 0.0, 0.0], &[1.0, 2.0], 1e-30);
+        // row 0: mean square 12.5 -> x / 3.5355; row 1 is zero and eps keeps it finite
+        assert!((y[0] - 3.0 / 12.5f32.sqrt()).abs() < 1e-6);
+        assert!((y[1] - 8.0 / 12.5f32.sqrt()).abs() < 1e-6);
+        assert_eq!(&y[2..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn rope_position_zero_is_identity_and_norm_preserving() {
+        let (cos, sin) = rope_tables(3, 4, 10000.0);
+        let mut x = vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0];
+        rope(&mut x, 1, 4, &cos, &sin);
+        assert_eq!(&x[..4], &[1.0, 2.0, 3.0, 4.0]);
+        for p in 1..3 {
+            let n: f32 = x[p * 4..p * 4 + 4].iter().map(|v| v * v).sum();
+            assert!((n - 30.0).abs() < 1e-4);
+        }
+        // position 1, pair (x0, x2) = (1, 3) rotated by angle 1 rad.
+        let (c, s) = (1f32.cos(), 1f32.sin());
+        assert!((x[4] - (1.0 * c - 3.0 * s)).abs() < 1e-6);
+        assert!((x[6] - (3.0 * c + 1.0 * s)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn attention_first_token_copies_its_value() {
+        // T=2, NH=2, NKV=1, HS=2: token 0 attends only to itself.
+        let q = vec![1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 1.0, -1.0];
+        let k = vec![1.0, 2.0, 3.0, 4.0];
+        let v = vec![5.0, 6.0, 7.0, 8.0];
+        let o = attention(&q, &k, &v, 2, 2, 1, 2);
+        assert_eq!(&o[..4], &[5.0, 6.0, 5.0, 6.0]);
+        // token 1 mixes both values: strictly between them.
+        assert!(o[4] > 5.0 && o[4] < 7.0);
+    }
+
+    #[test]
+    fn top_k_orders_and_normalises() {
+        let top = top_k(&[0.0, 2.0, 1.0, 2.0], 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        let all: f32 = top_k(&[0.0, 2.0, 1.0, 2.0], 4).iter().map(|t| t.1).sum();
+        assert!((all - 1.0).abs() < 1e-6);
+    }
+}

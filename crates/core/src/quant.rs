@@ -1,0 +1,302 @@
+//! Ternary weights and int8 activations, exactly as transformers' BitNet integration computes
+//! them (`transformers/integrations/bitnet.py`: `WeightQuant`, `ActQuant`, `BitLinear`,
+//! `pack_weights` / `unpack_weights`).
+//!
+//! Maths (per tensor for weights, per token for activations):
+//! - weights: `s_w = 1 / max(mean|W|, 1e-5)`, `T = clamp(round(W * s_w), -1, 1)`
+//! - activations: `s_a = 127 / max(max|x|, 1e-5)`, `x_q = clamp(round(x * s_a), -128, 127)`
+//! - BitLinear: `y = (x_q . T^T) / (s_a * s_w)`; the integer product is exact (i32), only the
+//!   final scaling is floating point, so every backend must agree on `x_q . T^T` bit for bit.
+//!
+//! Rounding is half-to-even like `torch.round` (`f32::round_ties_even`, not `f32::round`).
+//!
+//! Packed layout (transformers `pack_weights`): a (O, I) ternary matrix is stored as u8
+//! (ceil(O/4), I); byte (p, i) holds the codes (value + 1, in 0..=2) of rows
+//! p, p + O4, p + 2*O4, p + 3*O4 (O4 = ceil(O/4)) in bits 0-1, 2-3, 4-5, 6-7. HF checkpoints
+//! always have O % 4 == 0; for other O the missing rows are padding with value 0 (code 1).
+
+/// Lower bounds transformers clamps `mean|W|` and `max|x|` to before dividing.
+pub const QUANT_EPS: f32 = 1e-5;
+
+/// A frozen BitLinear layer: ternary weight (O, I), packed, plus its per-tensor scale.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TernaryLinear {
+    pub out_features: usize, // O
+    pub in_features: usize,  // I
+    /// (ceil(O/4), I) packed 2-bit codes, HF layout (module doc).
+    pub packed: Vec<u8>,
+    /// `s_w` with `W = T / s_w`, so `y = acc / (s_a * s_w)`.
+    pub w_scale: f32,
+}
+
+impl TernaryLinear {
+    /// Quantizes full-precision master weights (O, I) row-major, as `WeightQuant`.
+    pub fn from_master(w: &[f32], out_features: usize, in_features: usize) -> TernaryLinear {
+        assert_eq!(
+            w.len(),
+            out_features * in_features,
+            "from_master: W is not (O, I)"
+        );
+        let (t, w_scale) = quantize_weights(w);
+        TernaryLinear {
+            out_features,
+            in_features,
+            packed: pack_ternary(&t, out_features, in_features),
+            w_scale,
+        }
+    }
+
+    /// Number of packed rows, ceil(O/4).
+    pub fn packed_rows(&self) -> usize {
+        self.out_features.div_ceil(4)
+    }
+
+    /// The ternary matrix (O, I) as i8 in {-1, 0, 1}.
+    pub fn unpack(&self) -> Vec<i8> {
+        unpack_ternary(&self.packed, self.out_features, self.in_features)
+    }
+
+    /// BitLinear forward: x (T, I) -> y (T, O), quantizing each row of x to int8.
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let (o, i) = (self.out_features, self.in_features);
+        assert_eq!(x.len() % i, 0, "BitLinear: x is not (T, {i})");
+        let t = x.len() / i;
+        let (xq, s_a) = quantize_activations(x, i);
+        let acc = ternary_matmul_packed(&xq, &self.packed, t, i, o);
+        let mut y = vec![0f32; t * o];
+        for r in 0..t {
+            let denom = s_a[r] * self.w_scale;
+            for c in 0..o {
+                y[r * o + c] = acc[r * o + c] as f32 / denom;
+            }
+        }
+        y
+    }
+}
+
+/// Absmean ternary quantization of a whole tensor: returns (T in {-1,0,1}, s_w).
+/// The mean is accumulated in f64 so the result does not depend on summation order beyond
+/// f32 rounding of the final value (the reference computes it in f32 with a tree reduction;
+/// the two agree to within one ulp of s_w).
+pub fn quantize_weights(w: &[f32]) -> (Vec<i8>, f32) {
+    let mean = (w.iter().map(|&v| v.abs() as f64).sum::<f64>() / w.len().max(1) as f64) as f32;
+    let s_w = 1.0 / mean.max(QUANT_EPS);
+    let t = w
+        .iter()
+        .map(|&v| (v * s_w).round_ties_even().clamp(-1.0, 1.0) as i8)
+        .collect();
+    (t, s_w)
+}
+
+/// Per-token absmax int8 quantization of x (T, C): returns (x_q (T, C), s_a (T)).
+pub fn quantize_activations(x: &[f32], c: usize) -> (Vec<i8>, Vec<f32>) {
+    assert!(
+        c > 0 && x.len() % c == 0,
+        "quantize_activations: x is not (T, {c})"
+    );
+    let t = x.len() / c;
+    let mut xq = vec![0i8; x.len()];
+    let mut scales = vec![0f32; t];
+    for r in 0..t {
+        let row = &x[r * c..(r + 1) * c];
+        let s_a = activation_scale(row);
+        scales[r] = s_a;
+        for (q, &v) in xq[r * c..(r + 1) * c].iter_mut().zip(row) {
+            *q = (v * s_a).round_ties_even().clamp(-128.0, 127.0) as i8;
+        }
+    }
+    (xq, scales)
+}
+
+/// `s_a = 127 / max(max|x|, 1e-5)` for one token.
+pub fn activation_scale(row: &[f32]) -> f32 {
+    let absmax = row.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    127.0 / absmax.max(QUANT_EPS)
+}
+
+/// Packs a ternary (O, I) matrix into the HF layout (ceil(O/4), I). See the module doc.
+pub fn pack_ternary(t: &[i8], out_features: usize, in_features: usize) -> Vec<u8> {
+    assert_eq!(
+        t.len(),
+        out_features * in_features,
+        "pack_ternary: T is not (O, I)"
+    );
+    let o4 = out_features.div_ceil(4);
+    // Code 1 (value 0) everywhere, so padding rows read back as zeros.
+    let mut packed = vec![0b0101_0101u8; o4 * in_features];
+    for r in 0..out_features {
+        let (p, slot) = (r % o4, r / o4);
+        for i in 0..in_features {
+            let code = (t[r * in_features + i] + 1) as u8;
+            let byte = &mut packed[p * in_features + i];
+            *byte = (*byte & !(3 << (2 * slot))) | (code << (2 * slot));
+        }
+    }
+    packed
+}
+
+/// Inverse of [`pack_ternary`]. A code of 3 (never written by a packer) reads as +2, as in
+/// transformers' `unpack_weights`; loaders reject such tensors before they get here.
+pub fn unpack_ternary(packed: &[u8], out_features: usize, in_features: usize) -> Vec<i8> {
+    let o4 = out_features.div_ceil(4);
+    assert_eq!(
+        packed.len(),
+        o4 * in_features,
+        "unpack_ternary: packed is not (ceil(O/4), I)"
+    );
+    let mut t = vec![0i8; out_features * in_features];
+    for r in 0..out_features {
+        let (p, slot) = (r % o4, r / o4);
+        for i in 0..in_features {
+            t[r * in_features + i] = ((packed[p * in_features + i] >> (2 * slot)) & 3) as i8 - 1;
+        }
+    }
+    t
+}
+
+/// The exact integer product acc (T, O) = x_q (T, I) . T^T, reading the packed weights directly.
+/// This is the CPU reference every fast path (SIMD, GPU) is checked against, bit for bit.
+pub fn ternary_matmul_packed(xq: &[i8], packed: &[u8], t: usize, i: usize, o: usize) -> Vec<i32> {
+    let o4 = o.div_ceil(4);
+    assert_eq!(xq.len(), t * i, "ternary_matmul_packed: x_q is not (T, I)");
+    assert_eq!(
+        packed.len(),
+        o4 * i,
+        "ternary_matmul_packed: packed is not (ceil(O/4), I)"
+    );
+    let mut acc = vec![0i32; t * o];
+    for r in 0..t {
+        let x = &xq[r * i..(r + 1) * i];
+        for oc in 0..o {
+            let (p, shift) = (oc % o4, 2 * (oc / o4));
+            let w = &packed[p * i..(p + 1) * i];
+            let mut sum = 0i32;
+            for (&xv, &b) in x.iter().zip(w) {
+                sum += xv as i32 * (((b >> shift) & 3) as i32 - 1);
+            }
+            acc[r * o + oc] = sum;
+        }
+    }
+    acc
+}
+
+/// Naive twin of [`ternary_matmul_packed`] on an unpacked i8 matrix (O, I).
+pub fn ternary_matmul_unpacked(xq: &[i8], w: &[i8], t: usize, i: usize, o: usize) -> Vec<i32> {
+    let mut acc = vec![0i32; t * o];
+    for r in 0..t {
+        for oc in 0..o {
+            acc[r * o + oc] = (0..i)
+                .map(|k| xq[r * i + k] as i32 * w[oc * i + k] as i32)
+                .sum();
+        }
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn rounding_is_half_to_even() {
+        // 0.5 * s rounds to 0, 1.5 to 2, -2.5 to -2: torch.round semantics.
+        let (q, s) = quantize_activations(&[127.0, 0.5, 1.5, -2.5], 4);
+        assert_eq!(s, vec![1.0]);
+        assert_eq!(q, vec![127, 0, 2, -2]);
+    }
+
+    #[test]
+    fn zero_rows_use_the_epsilon() {
+        let (q, s) = quantize_activations(&[0.0; 3], 3);
+        assert_eq!(q, vec![0; 3]);
+        assert_eq!(s, vec![127.0 / QUANT_EPS]);
+        let (t, sw) = quantize_weights(&[0.0; 8]);
+        assert_eq!(t, vec![0; 8]);
+        assert_eq!(sw, 1.0 / QUANT_EPS);
+    }
+
+    #[test]
+    fn weight_quant_matches_the_formula() {
+        // mean|W| = 0.5 -> s_w = 2: 0.2*2=0.4->0, 0.3*2=0.6->1, -0.25*2=-0.5->-0 (even), 1.25*2->1
+        let (t, s) = quantize_weights(&[0.2, 0.3, -0.25, 1.25]);
+        assert_eq!(s, 2.0);
+        assert_eq!(t, vec![0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn pack_matches_transformers_layout() {
+        // O = 8, I = 1: byte p holds rows p, p+2, p+4, p+6 in bit pairs 0,1,2,3.
+        let t: Vec<i8> = vec![-1, 0, 1, 1, 0, -1, 1, -1];
+        let packed = pack_ternary(&t, 8, 1);
+        // row0=-1 (0), row2=1 (2), row4=0 (1), row6=1 (2) -> 0b10_01_10_00
+        assert_eq!(packed[0], 0b10_01_10_00);
+        // row1=0 (1), row3=1 (2), row5=-1 (0), row7=-1 (0) -> 0b00_00_10_01
+        assert_eq!(packed[1], 0b00_00_10_01);
+        assert_eq!(unpack_ternary(&packed, 8, 1), t);
+    }
+
+    #[test]
+    fn pack_round_trips_awkward_shapes() {
+        let mut rng = Rng::new(7);
+        for (o, i) in [(1, 1), (3, 5), (37, 1000), (64, 64), (101, 7)] {
+            let t: Vec<i8> = (0..o * i).map(|_| rng.below(3) as i8 - 1).collect();
+            assert_eq!(
+                unpack_ternary(&pack_ternary(&t, o, i), o, i),
+                t,
+                "O={o} I={i}"
+            );
+        }
+    }
+
+    /// The ternary product three ways: packed kernel, unpacked scalar, dense f32. All exact.
+    #[test]
+    fn ternary_matmul_three_ways() {
+        let mut rng = Rng::new(11);
+        for (t, i, o) in [(1, 1, 1), (37, 1000, 37), (5, 129, 64), (3, 4096, 10)] {
+            let w: Vec<i8> = (0..o * i).map(|_| rng.below(3) as i8 - 1).collect();
+            let x: Vec<i8> = (0..t * i)
+                .map(|_| (rng.below(256) as i32 - 128) as i8)
+                .collect();
+            let packed = ternary_matmul_packed(&x, &pack_ternary(&w, o, i), t, i, o);
+            let unpacked = ternary_matmul_unpacked(&x, &w, t, i, o);
+            assert_eq!(packed, unpacked, "packed vs unpacked, T={t} I={i} O={o}");
+            // Dense f32: exact while |acc| < 2^24, i.e. I * 128 < 2^24.
+            for r in 0..t {
+                for c in 0..o {
+                    let dense: f32 = (0..i)
+                        .map(|k| x[r * i + k] as f32 * w[c * i + k] as f32)
+                        .sum();
+                    assert_eq!(dense, packed[r * o + c] as f32, "dense f32 at ({r},{c})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bitlinear_forward_matches_dequantized_matmul() {
+        let mut rng = Rng::new(3);
+        let (t, i, o) = (4, 33, 12);
+        let w: Vec<f32> = (0..o * i).map(|_| rng.normal() * 0.02).collect();
+        let x: Vec<f32> = (0..t * i).map(|_| rng.normal()).collect();
+        let lin = TernaryLinear::from_master(&w, o, i);
+        let y = lin.forward(&x);
+        let (xq, sa) = quantize_activations(&x, i);
+        let tw = lin.unpack();
+        for r in 0..t {
+            for c in 0..o {
+                let deq: f64 = (0..i)
+                    .map(|k| {
+                        (xq[r * i + k] as f64 / sa[r] as f64)
+                            * (tw[c * i + k] as f64 / lin.w_scale as f64)
+                    })
+                    .sum();
+                let got = y[r * o + c] as f64;
+                assert!(
+                    (got - deq).abs() <= 1e-5 * (1.0 + deq.abs()),
+                    "({r},{c}) {got} vs {deq}"
+                );
+            }
+        }
+    }
+}

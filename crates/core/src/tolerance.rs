@@ -1,0 +1,115 @@
+//! Named tolerances: every comparison of floats in the tests picks one of these presets, so
+//! what "close" means is written down once, with its reason.
+//!
+//! A value `a` matches the reference `r` when `|a - r| <= atol + rtol * |r|`.
+//! Integer ternary products are never compared with a tolerance: they must be equal.
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    pub name: &'static str,
+    pub atol: f32,
+    pub rtol: f32,
+}
+
+/// One f32 op computed in a different summation order (GPU reductions vs the CPU loop):
+/// a few ulps of the row's magnitude.
+pub const KERNEL_F32: Tolerance = Tolerance {
+    name: "KERNEL_F32",
+    atol: 1e-5,
+    rtol: 1e-4,
+};
+
+/// Exponentials and transcendental functions (softmax, RoPE's sin/cos): WGSL's `exp`, `sin`
+/// and `cos` have a precision of a few ulps over their range, not correctly rounded.
+pub const KERNEL_TRANSCENDENTAL: Tolerance = Tolerance {
+    name: "KERNEL_TRANSCENDENTAL",
+    atol: 1e-4,
+    rtol: 1e-4,
+};
+
+/// Whole-model logits of a different backend on the same weights. Differences in summation
+/// order change the activation absmax and the sums feeding each int8 rounding in the last
+/// ulp, which may flip one int8 code by one now and then; one flip in a 64-wide row moves a
+/// logit by about |w|/s_a, a few 1e-3 on the tiny model. Top-1 must still agree.
+pub const MODEL_LOGITS: Tolerance = Tolerance {
+    name: "MODEL_LOGITS",
+    atol: 2e-3,
+    rtol: 2e-3,
+};
+
+/// The largest violation of a tolerance, for reports.
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    pub max_abs: f32,
+    pub max_rel: f32,
+    /// index of the element farthest outside the tolerance (or of the largest diff if none is)
+    pub worst: usize,
+    pub failures: usize,
+}
+
+impl Tolerance {
+    pub fn ok(&self, actual: f32, reference: f32) -> bool {
+        (actual - reference).abs() <= self.atol + self.rtol * reference.abs()
+    }
+
+    /// Compares two tensors element by element.
+    pub fn compare(&self, actual: &[f32], reference: &[f32]) -> Comparison {
+        assert_eq!(actual.len(), reference.len(), "compare: lengths differ");
+        let mut c = Comparison {
+            max_abs: 0.0,
+            max_rel: 0.0,
+            worst: 0,
+            failures: 0,
+        };
+        let mut worst_excess = f32::NEG_INFINITY;
+        for (i, (&a, &r)) in actual.iter().zip(reference).enumerate() {
+            let d = (a - r).abs();
+            let d = if d.is_nan() { f32::INFINITY } else { d };
+            c.max_abs = c.max_abs.max(d);
+            c.max_rel = c.max_rel.max(d / r.abs().max(1e-12));
+            let excess = d - (self.atol + self.rtol * r.abs());
+            if excess > 0.0 {
+                c.failures += 1;
+            }
+            if excess > worst_excess {
+                worst_excess = excess;
+                c.worst = i;
+            }
+        }
+        c
+    }
+
+    /// Panics with the tensor's name, the max diffs and a few (index, ref, actual) triples when
+    /// any element is out of tolerance; prints the max diff when all are in, so drift shows.
+    pub fn assert_close(&self, what: &str, actual: &[f32], reference: &[f32]) {
+        let c = self.compare(actual, reference);
+        if c.failures > 0 {
+            let samples: Vec<String> = actual
+                .iter()
+                .zip(reference)
+                .enumerate()
+                .filter(|(_, (a, r))| !self.ok(**a, **r))
+                .take(5)
+                .map(|(i, (a, r))| format!("[{i}] ref {r} got {a}"))
+                .collect();
+            panic!(
+                "{what}: {} of {} elements outside {} (atol {}, rtol {}); max abs {:.3e}, max rel {:.3e}, worst [{}] ref {} got {}; {}",
+                c.failures,
+                actual.len(),
+                self.name,
+                self.atol,
+                self.rtol,
+                c.max_abs,
+                c.max_rel,
+                c.worst,
+                reference[c.worst],
+                actual[c.worst],
+                samples.join(", ")
+            );
+        }
+        println!(
+            "{what}: ok under {}: max abs {:.3e}, max rel {:.3e}",
+            self.name, c.max_abs, c.max_rel
+        );
+    }
+}
