@@ -167,16 +167,17 @@ impl Config {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids.first(),
         });
-        let linear_class = match self.weight_format {
-            WeightFormat::Master => None,
-            WeightFormat::PackedBitLinear => Some("bitlinear"),
-            WeightFormat::PackedAutoBitLinear => Some("autobitlinear"),
+        // Master weights are written as transformers' "online" mode (AutoBitLinear quantizing
+        // on the fly, as microsoft/bitnet-b1.58-2B-4T-bf16 does): without a
+        // quantization_config transformers would run the projections unquantized.
+        let (linear_class, mode) = match self.weight_format {
+            WeightFormat::Master => ("autobitlinear", "online"),
+            WeightFormat::PackedBitLinear => ("bitlinear", "offline"),
+            WeightFormat::PackedAutoBitLinear => ("autobitlinear", "offline"),
         };
-        if let Some(lc) = linear_class {
-            v["quantization_config"] = serde_json::json!({
-                "quant_method": "bitnet", "linear_class": lc, "quantization_mode": "offline"
-            });
-        }
+        v["quantization_config"] = serde_json::json!({
+            "quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": mode
+        });
         v
     }
 }

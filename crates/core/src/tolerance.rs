@@ -37,6 +37,17 @@ pub const MODEL_LOGITS: Tolerance = Tolerance {
     rtol: 2e-3,
 };
 
+/// bitlora's CPU logits against transformers' on the same checkpoint (both f32). The two sum in
+/// different orders, so values differ by a few ulps of the largest partial sums (measured:
+/// max 2.9e-6 on the tiny model's logits of magnitude ~2.4); an int8 rounding flip, which such
+/// ulps can cause when a value sits on a .5 boundary, would exceed this: then the test shows
+/// which row, and DESIGN.md's rule applies (investigate, do not widen).
+pub const HF_LOGITS: Tolerance = Tolerance {
+    name: "HF_LOGITS",
+    atol: 2e-5,
+    rtol: 1e-5,
+};
+
 /// The largest violation of a tolerance, for reports.
 #[derive(Clone, Debug)]
 pub struct Comparison {
