@@ -88,15 +88,27 @@ impl Model {
         };
         let config_path = dir.join("config.json");
         let config = read(&config_path)?;
-        let mut names: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|source| Error::Io {
-                path: dir.display().to_string(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        names.sort();
+        let index_path = dir.join("model.safetensors.index.json");
+        let names: Vec<std::path::PathBuf> = if index_path.exists() {
+            // A sharded checkpoint: exactly the shards its index names, so a missing shard is
+            // reported as an unreadable file rather than as missing tensors.
+            let index = read(&index_path)?;
+            shard_names(&index_path.display().to_string(), &index)?
+                .into_iter()
+                .map(|n| dir.join(n))
+                .collect()
+        } else {
+            let mut names: Vec<_> = std::fs::read_dir(dir)
+                .map_err(|source| Error::Io {
+                    path: dir.display().to_string(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            names.sort();
+            names
+        };
         let files = names
             .iter()
             .map(|p| Ok((p.display().to_string(), read(p)?)))
@@ -294,6 +306,35 @@ impl Model {
         };
         (model, tensors)
     }
+}
+
+/// The shard files a `model.safetensors.index.json` lists in its `weight_map`, each once,
+/// sorted. Shard names must be plain file names, as transformers writes them.
+pub fn shard_names(file: &str, index_json: &[u8]) -> Result<Vec<String>> {
+    let bad = |msg: String| Error::Json {
+        file: file.to_string(),
+        msg,
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(index_json).map_err(|e| bad(e.to_string()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no \"weight_map\" object mapping tensors to shard files".into()))?;
+    let mut names: Vec<String> = Vec::new();
+    for (tensor, shard) in map {
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map[\"{tensor}\"] is not a file name")))?;
+        if shard.contains(['/', '\\']) || shard.starts_with('.') {
+            return Err(bad(format!("shard \"{shard}\" is not a plain file name")));
+        }
+        if !names.iter().any(|n| n == shard) {
+            names.push(shard.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 /// Loads one layer, quantizing master weights or unpacking packed ones per `weight_format`.
