@@ -279,16 +279,15 @@ impl Fields<'_> {
     fn rope_theta(&self) -> Result<f64> {
         for key in ["rope_parameters", "rope_scaling"] {
             if let Some(Value::Object(rp)) = self.obj.get(key) {
-                if let Some(Value::String(t)) = rp.get("rope_type").or_else(|| rp.get("type")) {
-                    if t != "default" {
+                if let Some(Value::String(t)) = rp.get("rope_type").or_else(|| rp.get("type"))
+                    && t != "default" {
                         return Err(self.bad(
                             "rope_parameters",
                             format!("has rope_type \"{t}\"; only \"default\" RoPE is supported"),
                         ));
                     }
-                }
-                if key == "rope_parameters" {
-                    if let Some(theta) = rp.get("rope_theta") {
+                if key == "rope_parameters"
+                    && let Some(theta) = rp.get("rope_theta") {
                         return theta.as_f64().filter(|x| *x > 0.0).ok_or_else(|| {
                             self.bad(
                                 "rope_parameters",
@@ -296,7 +295,6 @@ impl Fields<'_> {
                             )
                         });
                     }
-                }
             }
         }
         match self.obj.get("rope_theta") {
@@ -312,11 +310,10 @@ impl Fields<'_> {
         let Value::Object(qc) = qc else {
             return Err(self.bad("quantization_config", "should be an object".into()));
         };
-        if let Some(Value::String(mode)) = qc.get("quantization_mode") {
-            if mode == "online" {
+        if let Some(Value::String(mode)) = qc.get("quantization_mode")
+            && mode == "online" {
                 return Ok(WeightFormat::Master);
             }
-        }
         match qc.get("linear_class").and_then(Value::as_str) {
             Some("bitlinear") => Ok(WeightFormat::PackedBitLinear),
             Some("autobitlinear") => Ok(WeightFormat::PackedAutoBitLinear),

@@ -79,6 +79,9 @@ pub enum Error {
     #[error("no tokens given: a forward pass needs at least one token id")]
     NoTokens,
 
+    #[error("sampling option `{option}` {msg}")]
+    Sampling { option: &'static str, msg: String },
+
     /// A shape check inside an op failed: a bug in the caller, not bad user input.
     #[error("{op}: shape mismatch: {msg}")]
     Shape { op: &'static str, msg: String },

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod quant;
@@ -13,6 +14,7 @@ pub mod weights;
 
 pub use config::{Activation, Config, WeightFormat};
 pub use error::{Error, Result};
-pub use model::{LayerParams, Model, Params};
+pub use generate::{SamplingOptions, generate};
+pub use model::{KvCache, LayerParams, Model, Params};
 pub use ops::top_k;
 pub use quant::TernaryLinear;

@@ -56,6 +56,25 @@ impl Params {
     }
 }
 
+/// Keys (after RoPE) and values of the tokens seen so far, per layer.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    pub k: Vec<Vec<f32>>, // L x (len, NKV*HS)
+    pub v: Vec<Vec<f32>>, // L x (len, NKV*HS)
+    pub len: usize,       // tokens cached
+}
+
+impl KvCache {
+    pub fn new(config: &Config) -> KvCache {
+        let l = config.num_hidden_layers;
+        KvCache {
+            k: vec![Vec::new(); l],
+            v: vec![Vec::new(); l],
+            len: 0,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Model {
     pub config: Config,
@@ -174,6 +193,14 @@ impl Model {
 
     /// The full forward pass: tokens (T) -> logits (T, V), row-major.
     pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward(tokens, &mut KvCache::new(&self.config))
+    }
+
+    /// The forward pass of T new tokens after the `cache.len` tokens already in `cache`:
+    /// returns their logits (T, V) and appends their keys and values to the cache. With an
+    /// empty cache this is the whole-sequence pass; decoding feeds one token at a time. Every
+    /// row is computed exactly as in the whole-sequence pass, so the results are identical.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         self.check_tokens(tokens)?;
         let cfg = &self.config;
         let p = &self.params;
@@ -183,6 +210,13 @@ impl Model {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
+        let past = cache.len;
+        if past + t > cfg.max_position_embeddings {
+            return Err(Error::TooManyTokens {
+                count: past + t,
+                max: cfg.max_position_embeddings,
+            });
+        }
 
         // h = embed[tokens]                                              (T, C)
         let mut h: Vec<f32> = tokens
@@ -193,9 +227,10 @@ impl Model {
                     .copied()
             })
             .collect();
-        let (cos, sin) = ops::rope_tables(t, hs, cfg.rope_theta); // (T, HS/2) each
+        let (cos, sin) = ops::rope_tables_from(past, t, hs, cfg.rope_theta); // (T, HS/2) each
 
-        for layer in &p.layers {
+        for (layer, (k_cache, v_cache)) in p.layers.iter().zip(cache.k.iter_mut().zip(&mut cache.v))
+        {
             // Attention block.
             let x = ops::rms_norm(&h, &layer.input_layernorm, cfg.rms_norm_eps); // (T, C)
             let mut q = layer.q_proj.forward(&x); // (T, NH*HS)
@@ -203,7 +238,9 @@ impl Model {
             let v = layer.v_proj.forward(&x); // (T, NKV*HS)
             ops::rope(&mut q, nh, hs, &cos, &sin);
             ops::rope(&mut k, nkv, hs, &cos, &sin);
-            let a = ops::attention(&q, &k, &v, t, nh, nkv, hs); // (T, NH*HS)
+            k_cache.extend_from_slice(&k); // (past+T, NKV*HS)
+            v_cache.extend_from_slice(&v); // (past+T, NKV*HS)
+            let a = ops::attention_cached(&q, k_cache, v_cache, t, past + t, nh, nkv, hs); // (T, NH*HS)
             let a = ops::rms_norm(&a, &layer.attn_sub_norm, cfg.rms_norm_eps); // (T, NH*HS)
             ops::add_in_place(&mut h, &layer.o_proj.forward(&a)); // (T, C)
 
@@ -215,6 +252,7 @@ impl Model {
             let f = ops::rms_norm(&f, &layer.ffn_sub_norm, cfg.rms_norm_eps); // (T, F)
             ops::add_in_place(&mut h, &layer.down_proj.forward(&f)); // (T, C)
         }
+        cache.len += t;
 
         let x = ops::rms_norm(&h, &p.norm, cfg.rms_norm_eps); // (T, C)
         Ok(ops::matmul_t(&x, p.head(), c, cfg.vocab_size)) // (T, V)
@@ -374,7 +412,7 @@ fn load_linear(
     match cfg.weight_format {
         WeightFormat::Master => Ok(TernaryLinear::from_master(&w.f32(&name, &[o, i])?, o, i)),
         WeightFormat::PackedBitLinear | WeightFormat::PackedAutoBitLinear => {
-            if o % 4 != 0 {
+            if !o.is_multiple_of(4) {
                 return Err(Error::TensorShape {
                     file: w.file_of(&name).to_string(),
                     name,

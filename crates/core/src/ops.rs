@@ -10,7 +10,7 @@ use crate::config::Activation;
 /// `y = w * x / sqrt(mean(x^2) + eps)`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let c = w.len();
-    assert!(c > 0 && x.len() % c == 0, "rms_norm: x is not (T, {c})");
+    assert!(c > 0 && x.len().is_multiple_of(c), "rms_norm: x is not (T, {c})");
     let mut y = vec![0f32; x.len()];
     for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
         let ms = xr.iter().map(|v| v * v).sum::<f32>() / c as f32;
@@ -25,13 +25,18 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// RoPE tables for positions 0..T: (cos, sin), each (T, HS/2). transformers' default rope:
 /// `inv_freq[j] = 1 / theta^(2j/HS)`, `angle = pos * inv_freq[j]`, computed in f32.
 pub fn rope_tables(t: usize, hs: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+    rope_tables_from(0, t, hs, theta)
+}
+
+/// RoPE tables for positions start..start+T (decoding after a KV cache of `start` tokens).
+pub fn rope_tables_from(start: usize, t: usize, hs: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
     let half = hs / 2;
     let mut cos = vec![0f32; t * half];
     let mut sin = vec![0f32; t * half];
     for j in 0..half {
         let inv_freq = 1.0 / theta.powf((2 * j) as f32 / hs as f32);
         for p in 0..t {
-            let angle = p as f32 * inv_freq;
+            let angle = (start + p) as f32 * inv_freq;
             cos[p * half + j] = angle.cos();
             sin[p * half + j] = angle.sin();
         }
@@ -74,31 +79,53 @@ pub fn attention(
     nkv: usize,
     hs: usize,
 ) -> Vec<f32> {
+    attention_cached(q, k, v, t, t, nh, nkv, hs)
+}
+
+/// Causal GQA attention of T_Q new queries over T_KV keys/values, the last T_Q of which belong
+/// to the queries themselves: query i sits at position T_KV - T_Q + i and sees keys 0..=that.
+/// q (T_Q, NH*HS), k and v (T_KV, NKV*HS) -> out (T_Q, NH*HS). With T_Q = T_KV this is the
+/// whole-sequence case; with a KV cache, T_KV - T_Q tokens came before. Each output row is
+/// computed in the same order either way, so cached decoding equals the full pass bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t_q: usize,
+    t_kv: usize,
+    nh: usize,
+    nkv: usize,
+    hs: usize,
+) -> Vec<f32> {
     let (qw, kw) = (nh * hs, nkv * hs);
-    assert_eq!(q.len(), t * qw, "attention: q is not (T, NH*HS)");
-    assert_eq!(k.len(), t * kw, "attention: k is not (T, NKV*HS)");
-    assert_eq!(v.len(), t * kw, "attention: v is not (T, NKV*HS)");
+    assert_eq!(q.len(), t_q * qw, "attention: q is not (T_Q, NH*HS)");
+    assert_eq!(k.len(), t_kv * kw, "attention: k is not (T_KV, NKV*HS)");
+    assert_eq!(v.len(), t_kv * kw, "attention: v is not (T_KV, NKV*HS)");
+    assert!(t_q <= t_kv, "attention: more queries than keys");
+    let past = t_kv - t_q;
     let group = nh / nkv;
     let scale = 1.0 / (hs as f32).sqrt();
-    let mut out = vec![0f32; t * qw];
-    let mut scores = vec![0f32; t];
+    let mut out = vec![0f32; t_q * qw];
+    let mut scores = vec![0f32; t_kv];
     for h in 0..nh {
         let kvh = h / group;
-        for i in 0..t {
+        for i in 0..t_q {
+            let visible = past + i + 1;
             let qi = &q[i * qw + h * hs..i * qw + (h + 1) * hs];
             let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate().take(i + 1) {
+            for (j, s) in scores.iter_mut().enumerate().take(visible) {
                 let kj = &k[j * kw + kvh * hs..j * kw + (kvh + 1) * hs];
                 *s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
                 max = max.max(*s);
             }
             let mut denom = 0f32;
-            for s in scores.iter_mut().take(i + 1) {
+            for s in scores.iter_mut().take(visible) {
                 *s = (*s - max).exp();
                 denom += *s;
             }
             let oi = &mut out[i * qw + h * hs..i * qw + (h + 1) * hs];
-            for (j, &s) in scores.iter().enumerate().take(i + 1) {
+            for (j, &s) in scores.iter().enumerate().take(visible) {
                 let p = s / denom;
                 let vj = &v[j * kw + kvh * hs..j * kw + (kvh + 1) * hs];
                 for (o, &vv) in oi.iter_mut().zip(vj) {

@@ -91,7 +91,7 @@ pub fn quantize_weights(w: &[f32]) -> (Vec<i8>, f32) {
 /// Per-token absmax int8 quantization of x (T, C): returns (x_q (T, C), s_a (T)).
 pub fn quantize_activations(x: &[f32], c: usize) -> (Vec<i8>, Vec<f32>) {
     assert!(
-        c > 0 && x.len() % c == 0,
+        c > 0 && x.len().is_multiple_of(c),
         "quantize_activations: x is not (T, {c})"
     );
     let t = x.len() / c;

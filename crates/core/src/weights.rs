@@ -145,7 +145,7 @@ fn parse_one<'a>(file: &str, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     let looks_like_header = bytes.get(8) == Some(&b'{');
-    if !looks_like_header || n < 2 || n > 100_000_000 {
+    if !looks_like_header || !(2..=100_000_000).contains(&n) {
         return Err(not_st(
             "the header is not a JSON object after an 8-byte length".into(),
         ));

@@ -17,7 +17,7 @@ const ONE_FLIP: Tolerance = Tolerance {
     atol: 5e-2,
     rtol: 0.0,
 };
-use bitlora_core::{Model, top_k};
+use bitlora_core::{Model, SamplingOptions, generate, top_k};
 
 fn formats() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/formats")
@@ -31,15 +31,13 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// Greedy decoding by recomputing the whole prefix each step: slow but obviously right.
+/// Greedy decoding through the KV cache (batched prefill, then one token at a time).
 fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut seq = prompt.to_vec();
-    let v = model.config.vocab_size;
-    for _ in 0..n {
-        let logits = model.logits(&seq).unwrap();
-        seq.push(top_k(&logits[logits.len() - v..], 1)[0].0);
-    }
-    seq[prompt.len()..].to_vec()
+    let opts = SamplingOptions {
+        max_tokens: n,
+        ..Default::default()
+    };
+    generate(model, prompt, &opts, |_| true).unwrap()
 }
 
 fn check(name: &str) {
