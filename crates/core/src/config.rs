@@ -280,21 +280,23 @@ impl Fields<'_> {
         for key in ["rope_parameters", "rope_scaling"] {
             if let Some(Value::Object(rp)) = self.obj.get(key) {
                 if let Some(Value::String(t)) = rp.get("rope_type").or_else(|| rp.get("type"))
-                    && t != "default" {
-                        return Err(self.bad(
-                            "rope_parameters",
-                            format!("has rope_type \"{t}\"; only \"default\" RoPE is supported"),
-                        ));
-                    }
+                    && t != "default"
+                {
+                    return Err(self.bad(
+                        "rope_parameters",
+                        format!("has rope_type \"{t}\"; only \"default\" RoPE is supported"),
+                    ));
+                }
                 if key == "rope_parameters"
-                    && let Some(theta) = rp.get("rope_theta") {
-                        return theta.as_f64().filter(|x| *x > 0.0).ok_or_else(|| {
-                            self.bad(
-                                "rope_parameters",
-                                format!("rope_theta should be a positive number, found {theta}"),
-                            )
-                        });
-                    }
+                    && let Some(theta) = rp.get("rope_theta")
+                {
+                    return theta.as_f64().filter(|x| *x > 0.0).ok_or_else(|| {
+                        self.bad(
+                            "rope_parameters",
+                            format!("rope_theta should be a positive number, found {theta}"),
+                        )
+                    });
+                }
             }
         }
         match self.obj.get("rope_theta") {
@@ -311,9 +313,10 @@ impl Fields<'_> {
             return Err(self.bad("quantization_config", "should be an object".into()));
         };
         if let Some(Value::String(mode)) = qc.get("quantization_mode")
-            && mode == "online" {
-                return Ok(WeightFormat::Master);
-            }
+            && mode == "online"
+        {
+            return Ok(WeightFormat::Master);
+        }
         match qc.get("linear_class").and_then(Value::as_str) {
             Some("bitlinear") => Ok(WeightFormat::PackedBitLinear),
             Some("autobitlinear") => Ok(WeightFormat::PackedAutoBitLinear),

@@ -79,6 +79,12 @@ pub enum Error {
     #[error("no tokens given: a forward pass needs at least one token id")]
     NoTokens,
 
+    #[error("{file}: {msg}")]
+    Tokenizer { file: String, msg: String },
+
+    #[error("{file}: chat_template: {msg}")]
+    ChatTemplate { file: String, msg: String },
+
     #[error("sampling option `{option}` {msg}")]
     Sampling { option: &'static str, msg: String },
 

@@ -92,11 +92,12 @@ impl Sampler {
             let mut seen = vec![false; l.len()];
             for &t in history {
                 if let Some(s) = seen.get_mut(t as usize)
-                    && !*s {
-                        *s = true;
-                        let x = &mut l[t as usize];
-                        *x = if *x < 0.0 { *x * p } else { *x / p };
-                    }
+                    && !*s
+                {
+                    *s = true;
+                    let x = &mut l[t as usize];
+                    *x = if *x < 0.0 { *x * p } else { *x / p };
+                }
             }
         }
         if self.opts.temperature == 0.0 {

@@ -9,6 +9,7 @@ pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod rng;
+pub mod tokenizer;
 pub mod tolerance;
 pub mod weights;
 
@@ -18,3 +19,4 @@ pub use generate::{SamplingOptions, generate};
 pub use model::{KvCache, LayerParams, Model, Params};
 pub use ops::top_k;
 pub use quant::TernaryLinear;
+pub use tokenizer::{ChatTemplate, Message, TextStream, Tokenizer};

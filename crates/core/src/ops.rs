@@ -10,7 +10,10 @@ use crate::config::Activation;
 /// `y = w * x / sqrt(mean(x^2) + eps)`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let c = w.len();
-    assert!(c > 0 && x.len().is_multiple_of(c), "rms_norm: x is not (T, {c})");
+    assert!(
+        c > 0 && x.len().is_multiple_of(c),
+        "rms_norm: x is not (T, {c})"
+    );
     let mut y = vec![0f32; x.len()];
     for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
         let ms = xr.iter().map(|v| v * v).sum::<f32>() / c as f32;

@@ -1,0 +1,203 @@
+//! Text <-> token ids through Hugging Face's `tokenizers` library (the one transformers uses),
+//! from a model's `tokenizer.json`, plus its chat template from `tokenizer_config.json`.
+//!
+//! Special tokens (BOS) are added by the tokenizer's own post-processor, as in transformers'
+//! `tokenizer(text)`; `encode(text, false)` gives the bare ids. Streaming output goes through
+//! [`TextStream`], which only emits text once the bytes of a character are complete.
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    file: String,
+}
+
+impl Tokenizer {
+    /// Parses a `tokenizer.json`; `file` names it in errors.
+    pub fn from_bytes(file: &str, json: &[u8]) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| Error::Tokenizer {
+            file: file.to_string(),
+            msg: format!("not a tokenizers JSON file: {e}"),
+        })?;
+        Ok(Tokenizer {
+            inner,
+            file: file.to_string(),
+        })
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text`; with `add_special_tokens` the post-processor adds BOS etc.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.err(e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens included unless `skip_special_tokens`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The id of a token given as text (e.g. "<|eot_id|>").
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    fn err(&self, e: tokenizers::Error) -> Error {
+        Error::Tokenizer {
+            file: self.file.clone(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// Turns a stream of token ids into a stream of text pieces. Decoding token by token breaks
+/// multi-byte characters and drops the spaces some tokenizers add between tokens, so each step
+/// decodes everything so far and emits only the new, complete suffix.
+pub struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    emitted: usize, // bytes of the decoded text already emitted
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> TextStream<'a> {
+        TextStream {
+            tokenizer,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds one token; returns the text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids, true)?;
+        // An unfinished UTF-8 sequence decodes to U+FFFD: wait for the next token.
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
+            return Ok(None);
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(piece))
+    }
+}
+
+/// One chat turn, as in transformers' `apply_chat_template(messages)`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A model's chat template (Jinja, from `tokenizer_config.json`), rendered as transformers does:
+/// `trim_blocks` and `lstrip_blocks` on, `bos_token` / `eos_token` and `add_generation_prompt`
+/// in scope, `raise_exception(msg)` available.
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+    file: String,
+}
+
+impl ChatTemplate {
+    /// Reads the template from a `tokenizer_config.json`; `Ok(None)` when it has none (a base
+    /// model: prompts are used as they are).
+    pub fn from_tokenizer_config(file: &str, json: &[u8]) -> Result<Option<ChatTemplate>> {
+        let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| Error::Json {
+            file: file.to_string(),
+            msg: e.to_string(),
+        })?;
+        let token = |key: &str| -> String {
+            match v.get(key) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Object(o)) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("")
+                    .to_string(),
+                _ => String::new(),
+            }
+        };
+        let source = match v.get("chat_template") {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            // A list of named templates: take "default", as transformers does.
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| Error::Json {
+                    file: file.to_string(),
+                    msg: "chat_template list has no \"default\" entry".into(),
+                })?,
+            Some(_) => {
+                return Err(Error::Json {
+                    file: file.to_string(),
+                    msg: "chat_template is not a string".into(),
+                });
+            }
+        };
+        let t = ChatTemplate {
+            source,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+            file: file.to_string(),
+        };
+        t.env()?; // fail now on a template that does not parse
+        Ok(Some(t))
+    }
+
+    fn env(&self) -> Result<minijinja::Environment<'_>> {
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", &self.source)
+            .map_err(|e| self.err(e))?;
+        Ok(env)
+    }
+
+    fn err(&self, e: minijinja::Error) -> Error {
+        Error::ChatTemplate {
+            file: self.file.clone(),
+            msg: e.to_string(),
+        }
+    }
+
+    /// The prompt text for `messages`; with `add_generation_prompt`, ends where the assistant's
+    /// reply begins.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let env = self.env()?;
+        let tmpl = env.get_template("chat").map_err(|e| self.err(e))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        })
+        .map_err(|e| self.err(e))
+    }
+}
