@@ -502,6 +502,34 @@ pub fn tiny_config() -> Config {
     }
 }
 
+/// The benchmark shapes of shared/BENCHMARKS-TARGETS.md (bitnet.cpp's dummy-model table and
+/// the real 2B-4T), relu2 FFN, for speed runs on random weights: "125m", "1b", "2b4t".
+pub fn bench_config(name: &str) -> Option<Config> {
+    let (c, f, l, nh, nkv, v, tied) = match name {
+        "125m" => (768, 3072, 11, 12, 12, 32002, true),
+        "1b" => (2048, 3584, 24, 32, 32, 32002, true),
+        "2b4t" => (2560, 6912, 30, 20, 5, 128256, true),
+        _ => return None,
+    };
+    Some(Config {
+        vocab_size: v,
+        hidden_size: c,
+        intermediate_size: f,
+        num_hidden_layers: l,
+        num_attention_heads: nh,
+        num_key_value_heads: nkv,
+        head_dim: c / nh,
+        max_position_embeddings: 4096,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500_000.0,
+        hidden_act: Activation::Relu2,
+        tie_word_embeddings: tied,
+        weight_format: WeightFormat::Master,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    })
+}
+
 /// Exposed for the GPU crate's tests: the per-token activation quantizer.
 pub use quant::quantize_activations;
 
