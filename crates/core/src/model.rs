@@ -255,7 +255,7 @@ impl Model {
         cache.len += t;
 
         let x = ops::rms_norm(&h, &p.norm, cfg.rms_norm_eps); // (T, C)
-        Ok(ops::matmul_t(&x, p.head(), c, cfg.vocab_size)) // (T, V)
+        Ok(ops::matmul_t_fast(&x, p.head(), c, cfg.vocab_size)) // (T, V)
     }
 
     /// A model with random weights, reproducible from `seed`: master weights ~ N(0, 0.02) as

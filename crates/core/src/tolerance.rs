@@ -48,6 +48,14 @@ pub const HF_LOGITS: Tolerance = Tolerance {
     rtol: 1e-5,
 };
 
+/// Two summation orders of one f32 dot product of n terms differ by about
+/// `sqrt(n) * eps * sum_k |x_k w_k|` (the probabilistic rounding-error bound; the worst case
+/// has n in place of sqrt(n)). Relative to the terms, not the result, because a dot product
+/// that cancels to near zero keeps the absolute error of its terms.
+pub fn dot_f32_bound(n: usize, abs_sum: f32) -> f32 {
+    (n as f32).sqrt() * f32::EPSILON * abs_sum
+}
+
 /// The largest violation of a tolerance, for reports.
 #[derive(Clone, Debug)]
 pub struct Comparison {
