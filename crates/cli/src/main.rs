@@ -7,6 +7,7 @@
 //! ```
 //! Errors go to stderr as one `error: ...` line and exit with status 1; bad flags exit with 2.
 
+mod bench;
 mod serve;
 
 use std::path::PathBuf;
@@ -16,7 +17,11 @@ use bitlora_core::model::{self, Model};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "bitlora", version, about = "Fine-tune and run ternary BitNet b1.58 models; the native side of the bitlora page.")]
+#[command(
+    name = "bitlora",
+    version,
+    about = "Fine-tune and run ternary BitNet b1.58 models; the native side of the bitlora page."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,6 +41,45 @@ enum Command {
         /// Where to run the forward pass: the CPU reference or the GPU (wgpu: Vulkan, Metal, ...).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
+    },
+    /// Generates text after a prompt, streaming it to stdout as it is produced (CPU reference
+    /// with a KV cache). Timing goes to stderr.
+    Generate {
+        /// Model directory: config.json, *.safetensors, and tokenizer.json for --prompt.
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt text (needs tokenizer.json in the model directory).
+        #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
+        prompt: Option<String>,
+        /// The prompt as comma-separated token ids (for models without a tokenizer); the output
+        /// is then token ids too.
+        #[arg(long, value_parser = parse_tokens)]
+        tokens: Option<TokenList>,
+        /// Wrap the prompt as a user message in the model's chat template
+        /// (tokenizer_config.json) and stop at the end of the assistant's turn.
+        #[arg(long, requires = "prompt")]
+        chat: bool,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Runs a named benchmark workload on random weights and prints a JSON report
+    /// (shared/BENCHMARKS-TARGETS.md): decode-<shape> = 128-token prompt, 128 generated tokens.
+    Bench {
+        /// Workload kind.
+        #[arg(value_enum)]
+        workload: Workload,
+        /// Model shape.
+        #[arg(long, value_enum, default_value_t = Shape::S125m)]
+        shape: Shape,
+        /// Prompt tokens (prefill).
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        gen_len: usize,
+        /// Seed of the random weights and prompt.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
     /// Serves the page (index.html and web/) on localhost and prints its URL.
     Serve {
@@ -60,6 +104,31 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// 0 = greedy; higher is more random.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only among the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: the smallest set of tokens with this much probability (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// > 1 discourages repeating tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Extra stop token ids, comma-separated (the model's EOS always stops).
+    #[arg(long, value_parser = parse_tokens)]
+    stop: Option<TokenList>,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Backend {
     Cpu,
@@ -67,9 +136,35 @@ enum Backend {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum Workload {
+    /// Prefill then KV-cached greedy decoding on the CPU reference.
+    Decode,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Shape {
     /// The bundled demo model: C 64, F 176, L 2, NH 4 (NKV 2), V 509.
     Tiny,
+    /// Benchmark shape: C 768, F 3072, L 11, NH 12, V 32002 (~128 M parameters).
+    #[value(name = "125m")]
+    S125m,
+    /// Benchmark shape: C 2048, F 3584, L 24, NH 32, V 32002 (~1.0 B parameters).
+    #[value(name = "1b")]
+    S1b,
+    /// Benchmark shape of BitNet b1.58 2B-4T: C 2560, F 6912, L 30, NH 20 (NKV 5), V 128256.
+    #[value(name = "2b4t")]
+    S2b4t,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Tiny => "tiny",
+            Shape::S125m => "125m",
+            Shape::S1b => "1b",
+            Shape::S2b4t => "2b4t",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -80,7 +175,11 @@ fn parse_tokens(s: &str) -> Result<TokenList, String> {
         .split(',')
         .map(|t| {
             let t = t.trim();
-            t.parse::<u32>().map_err(|_| format!("\"{t}\" is not a token id (expected comma-separated non-negative integers)"))
+            t.parse::<u32>().map_err(|_| {
+                format!(
+                    "\"{t}\" is not a token id (expected comma-separated non-negative integers)"
+                )
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(TokenList(tokens))
@@ -94,6 +193,14 @@ enum CliError {
     Gpu(#[from] bitlora_gpu::GpuError),
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
+    #[error("{0}: no tokenizer.json beside the model; pass the prompt as --tokens 1,2,3 instead")]
+    NoTokenizer(String),
+    #[error("{0}: no chat_template in tokenizer_config.json (a base model?); drop --chat")]
+    NoChatTemplate(String),
+    #[error(
+        "bench: shape {0} has no model of its own (use 125m, 1b or 2b4t), or the prompt exceeds its context"
+    )]
+    Bench(&'static str),
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),
 }
@@ -111,15 +218,60 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Logits { model, tokens, backend } => logits(&model, &tokens.0, backend),
+        Command::Logits {
+            model,
+            tokens,
+            backend,
+        } => logits(&model, &tokens.0, backend),
+        Command::Generate {
+            model,
+            prompt,
+            tokens,
+            chat,
+            sampling,
+        } => generate(
+            &model,
+            prompt.as_deref(),
+            tokens.map(|t| t.0),
+            chat,
+            &sampling,
+        ),
+        Command::Bench {
+            workload: Workload::Decode,
+            shape,
+            prompt_len,
+            gen_len,
+            seed,
+        } => {
+            let report = bench::decode_cpu(shape.name(), prompt_len, gen_len, seed)
+                .ok_or(CliError::Bench(shape.name()))?;
+            eprintln!(
+                "bitlora bench: {} on {}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB",
+                report.workload,
+                report.backend,
+                report.prefill_tokens_per_s,
+                report.decode_tokens_per_s,
+                report.peak_rss_mib.unwrap_or(f64::NAN)
+            );
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("a report serializes")
+            );
+            Ok(())
+        }
         Command::Serve { port, root } => Ok(serve::serve(&root, port)?),
         Command::RandomModel { out, shape, seed } => {
-            let config = match shape {
-                Shape::Tiny => model::tiny_config(),
-            };
+            let config = match shape.name() {
+                "tiny" => Some(model::tiny_config()),
+                name => model::bench_config(name),
+            }
+            .expect("every Shape has a config");
             let (_, tensors) = Model::random(config.clone(), seed);
             model::save_model_files(&out, &config, &tensors)?;
-            eprintln!("bitlora: wrote {}/config.json and model.safetensors", out.display());
+            eprintln!(
+                "bitlora: wrote {}/config.json and model.safetensors",
+                out.display()
+            );
             Ok(())
         }
     }
@@ -132,16 +284,148 @@ fn logits(dir: &std::path::Path, tokens: &[u32], backend: Backend) -> Result<(),
         Backend::Gpu => {
             model.check_tokens(tokens)?;
             let gpu = pollster::block_on(bitlora_gpu::Gpu::new())?;
-            eprintln!("bitlora: GPU adapter {} ({})", gpu.info.name, gpu.info.backend);
+            eprintln!(
+                "bitlora: GPU adapter {} ({})",
+                gpu.info.name, gpu.info.backend
+            );
             let gpu_model = bitlora_gpu::GpuModel::new(&gpu, &model)?;
             pollster::block_on(gpu_model.logits(tokens))?
         }
     };
-    let rows: Vec<&[f32]> = logits.chunks_exact(model.config.vocab_size).collect();
-    let out = serde_json::json!({ "tokens": tokens, "logits": rows });
+    /// Field order and f32 values (shortest round-trip decimals) as the interface promises.
+    #[derive(serde::Serialize)]
+    struct LogitsJson<'a> {
+        tokens: &'a [u32],
+        logits: Vec<&'a [f32]>,
+    }
+    let out = LogitsJson {
+        tokens,
+        logits: logits.chunks_exact(model.config.vocab_size).collect(),
+    };
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer(&mut stdout, &out).map_err(|e| CliError::Stdout(e.into()))?;
     writeln!(stdout).map_err(CliError::Stdout)?;
+    Ok(())
+}
+
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path).map_err(|source| {
+        CliError::Model(bitlora_core::Error::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    })
+}
+
+fn generate(
+    dir: &std::path::Path,
+    prompt: Option<&str>,
+    tokens: Option<Vec<u32>>,
+    chat: bool,
+    args: &SamplingArgs,
+) -> Result<(), CliError> {
+    use bitlora_core::{ChatTemplate, Message, SamplingOptions, TextStream, Tokenizer};
+    use std::io::Write;
+
+    let model = Model::from_dir(dir)?;
+    let mut stop_tokens = model.config.eos_token_ids.clone();
+    stop_tokens.extend(args.stop.iter().flat_map(|s| s.0.iter().copied()));
+
+    let tokenizer = match prompt {
+        None => None,
+        Some(_) => {
+            let path = dir.join("tokenizer.json");
+            if !path.exists() {
+                return Err(CliError::NoTokenizer(dir.display().to_string()));
+            }
+            Some(Tokenizer::from_bytes(
+                &path.display().to_string(),
+                &read_file(&path)?,
+            )?)
+        }
+    };
+    let prompt_ids = match (prompt, &tokenizer) {
+        (Some(text), Some(tok)) => {
+            let text = if chat {
+                let cfg_path = dir.join("tokenizer_config.json");
+                let template = ChatTemplate::from_tokenizer_config(
+                    &cfg_path.display().to_string(),
+                    &read_file(&cfg_path)?,
+                )?
+                .ok_or_else(|| CliError::NoChatTemplate(cfg_path.display().to_string()))?;
+                // The end-of-turn token ends the reply (LLaMA-3: <|eot_id|>).
+                stop_tokens.extend(
+                    ["<|eot_id|>", "<|im_end|>", "<end_of_turn>"]
+                        .iter()
+                        .filter_map(|t| tok.token_to_id(t)),
+                );
+                template.render(
+                    &[Message {
+                        role: "user".into(),
+                        content: text.to_string(),
+                    }],
+                    true,
+                )?
+            } else {
+                text.to_string()
+            };
+            // A chat template writes the BOS itself; a plain prompt gets the tokenizer's own.
+            tok.encode(&text, !chat)?
+        }
+        _ => tokens.unwrap_or_default(),
+    };
+
+    let opts = SamplingOptions {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        max_tokens: args.max_tokens,
+        stop_tokens,
+        seed: args.seed,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut stream = tokenizer.as_ref().map(TextStream::new);
+    let mut write_err = None;
+    let mut first_token_at = None;
+    let start = std::time::Instant::now();
+    let out = bitlora_core::generate(&model, &prompt_ids, &opts, |id| {
+        first_token_at.get_or_insert_with(std::time::Instant::now);
+        let piece = match &mut stream {
+            Some(s) => match s.push(id) {
+                Ok(p) => p.unwrap_or_default(),
+                Err(e) => {
+                    write_err = Some(CliError::Model(e));
+                    return false;
+                }
+            },
+            None => format!("{id} "),
+        };
+        if let Err(e) = stdout
+            .write_all(piece.as_bytes())
+            .and_then(|_| stdout.flush())
+        {
+            write_err = Some(CliError::Stdout(e));
+            return false;
+        }
+        true
+    })?;
+    if let Some(e) = write_err {
+        return Err(e);
+    }
+    writeln!(stdout)
+        .and_then(|_| stdout.flush())
+        .map_err(CliError::Stdout)?;
+    let prefill = first_token_at.map_or(start.elapsed(), |t| t - start);
+    let decode = start.elapsed() - prefill;
+    eprintln!(
+        "bitlora: prompt {} tokens in {:.3} s ({:.1} tok/s prefill); generated {} tokens, {:.1} tok/s decode",
+        prompt_ids.len(),
+        prefill.as_secs_f64(),
+        prompt_ids.len() as f64 / prefill.as_secs_f64(),
+        out.len(),
+        out.len().saturating_sub(1) as f64 / decode.as_secs_f64().max(1e-9),
+    );
     Ok(())
 }

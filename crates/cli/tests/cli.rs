@@ -16,7 +16,10 @@ fn tiny() -> PathBuf {
 }
 
 fn bitlora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bitlora")).args(args).output().expect("run bitlora")
+    Command::new(env!("CARGO_BIN_EXE_bitlora"))
+        .args(args)
+        .output()
+        .expect("run bitlora")
 }
 
 /// A fresh directory under the target dir, removed and re-created for each test.
@@ -28,21 +31,43 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn parse_logits(out: &Output) -> (Vec<u32>, Vec<Vec<f32>>) {
-    assert!(out.status.success(), "bitlora failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
-    let tokens = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert!(
+        out.status.success(),
+        "bitlora failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let tokens = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
     let logits = v["logits"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
         .collect();
     (tokens, logits)
 }
 
 #[test]
 fn logits_json_matches_the_library_exactly() {
-    let out = bitlora(&["logits", "--model", tiny().to_str().unwrap(), "--tokens", "5,17,42"]);
+    let out = bitlora(&[
+        "logits",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--tokens",
+        "5,17,42",
+    ]);
     let (tokens, rows) = parse_logits(&out);
     assert_eq!(tokens, vec![5, 17, 42]);
     let model = Model::from_dir(&tiny()).unwrap();
@@ -57,7 +82,19 @@ fn logits_json_matches_the_library_exactly() {
 
 #[test]
 fn gpu_logits_match_the_cpu_reference() {
-    let args = |backend| ["logits", "--model", tiny().to_str().unwrap(), "--tokens", "1,5,17,42,300,7,7,7", "--backend", backend];
+    let model = tiny();
+    let model = model.to_str().unwrap();
+    let args = |backend| {
+        [
+            "logits",
+            "--model",
+            model,
+            "--tokens",
+            "1,5,17,42,300,7,7,7",
+            "--backend",
+            backend,
+        ]
+    };
     let (_, cpu) = parse_logits(&bitlora(&args("cpu")));
     let gpu_out = bitlora(&args("gpu"));
     // The adapter line goes to stderr; show it so the test log says where the GPU path ran.
@@ -65,7 +102,11 @@ fn gpu_logits_match_the_cpu_reference() {
     let (_, gpu) = parse_logits(&gpu_out);
     MODEL_LOGITS.assert_close("cli gpu logits", &gpu.concat(), &cpu.concat());
     for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-        assert_eq!(bitlora_core::top_k(g, 1)[0].0, bitlora_core::top_k(c, 1)[0].0, "top-1 differs at row {i}");
+        assert_eq!(
+            bitlora_core::top_k(g, 1)[0].0,
+            bitlora_core::top_k(c, 1)[0].0,
+            "top-1 differs at row {i}"
+        );
     }
 }
 
@@ -77,9 +118,20 @@ fn logits_error(name: &str, file: &str, contents: &[u8]) -> String {
         std::fs::copy(tiny().join(f), dir.join(f)).unwrap();
     }
     std::fs::write(dir.join(file), contents).unwrap();
-    let out = bitlora(&["logits", "--model", dir.to_str().unwrap(), "--tokens", "1,2"]);
+    let out = bitlora(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1,2",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "expected a clean failure, got {:?}: {stderr}", out.status);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected a clean failure, got {:?}: {stderr}",
+        out.status
+    );
     assert!(stderr.starts_with("error: "), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.stdout.is_empty(), "no JSON on failure");
@@ -89,42 +141,82 @@ fn logits_error(name: &str, file: &str, contents: &[u8]) -> String {
 #[test]
 fn truncated_weights_are_reported() {
     let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
-    let e = logits_error("truncated", "model.safetensors", &bytes[..bytes.len() * 2 / 3]);
+    let e = logits_error(
+        "truncated",
+        "model.safetensors",
+        &bytes[..bytes.len() * 2 / 3],
+    );
     assert!(e.contains("model.safetensors: truncated"), "{e}");
-    assert!(e.contains(&format!("needs {} bytes but the file has {}", bytes.len(), bytes.len() * 2 / 3)), "{e}");
+    assert!(
+        e.contains(&format!(
+            "needs {} bytes but the file has {}",
+            bytes.len(),
+            bytes.len() * 2 / 3
+        )),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_file_that_is_not_safetensors_is_reported() {
-    let e = logits_error("not-safetensors", "model.safetensors", b"PK\x03\x04 this is a zip file, not tensors");
-    assert!(e.contains("model.safetensors: not a safetensors file"), "{e}");
+    let e = logits_error(
+        "not-safetensors",
+        "model.safetensors",
+        b"PK\x03\x04 this is a zip file, not tensors",
+    );
+    assert!(
+        e.contains("model.safetensors: not a safetensors file"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_config_missing_a_field_is_reported() {
-    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(tiny().join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny().join("config.json")).unwrap()).unwrap();
     cfg.as_object_mut().unwrap().remove("num_hidden_layers");
     let e = logits_error("missing-field", "config.json", cfg.to_string().as_bytes());
-    assert!(e.contains("config.json: field `num_hidden_layers` is missing"), "{e}");
+    assert!(
+        e.contains("config.json: field `num_hidden_layers` is missing"),
+        "{e}"
+    );
 }
 
 #[test]
 fn an_unsupported_model_type_is_reported() {
-    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(tiny().join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny().join("config.json")).unwrap()).unwrap();
     cfg["model_type"] = "gpt2".into();
     let e = logits_error("model-type", "config.json", cfg.to_string().as_bytes());
-    assert!(e.contains("config.json: unsupported model_type \"gpt2\""), "{e}");
+    assert!(
+        e.contains("config.json: unsupported model_type \"gpt2\""),
+        "{e}"
+    );
 }
 
 #[test]
 fn bad_token_lists_are_reported() {
     let model = tiny();
-    let out = bitlora(&["logits", "--model", model.to_str().unwrap(), "--tokens", "5,x"]);
+    let out = bitlora(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        "5,x",
+    ]);
     assert_eq!(out.status.code(), Some(2), "usage errors exit with 2");
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"x\" is not a token id"));
-    let out = bitlora(&["logits", "--model", model.to_str().unwrap(), "--tokens", "5,509"]);
+    let out = bitlora(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        "5,509",
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("token id 509 at position 1 is out of range"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("token id 509 at position 1 is out of range")
+    );
 }
 
 #[test]
@@ -132,7 +224,10 @@ fn a_missing_model_directory_is_reported() {
     let out = bitlora(&["logits", "--model", "/nonexistent/model", "--tokens", "1"]);
     assert_eq!(out.status.code(), Some(1));
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("/nonexistent/model/config.json: cannot read"), "{e}");
+    assert!(
+        e.contains("/nonexistent/model/config.json: cannot read"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -140,17 +235,97 @@ fn random_model_is_reproducible_and_loads() {
     let a = scratch("random-a");
     let b = scratch("random-b");
     for dir in [&a, &b] {
-        let out = bitlora(&["random-model", "--out", dir.to_str().unwrap(), "--seed", "7"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = bitlora(&[
+            "random-model",
+            "--out",
+            dir.to_str().unwrap(),
+            "--seed",
+            "7",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    assert_eq!(std::fs::read(a.join("model.safetensors")).unwrap(), std::fs::read(b.join("model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(a.join("model.safetensors")).unwrap(),
+        std::fs::read(b.join("model.safetensors")).unwrap()
+    );
     Model::from_dir(&a).unwrap().logits(&[1, 2, 3]).unwrap();
     // The bundled demo model is exactly `random-model --seed 42`: it can be rebuilt.
     let c = scratch("random-42");
-    assert!(bitlora(&["random-model", "--out", c.to_str().unwrap(), "--seed", "42"]).status.success());
+    assert!(
+        bitlora(&["random-model", "--out", c.to_str().unwrap(), "--seed", "42"])
+            .status
+            .success()
+    );
     assert_eq!(
         std::fs::read(c.join("model.safetensors")).unwrap(),
         std::fs::read(tiny().join("model.safetensors")).unwrap(),
         "web/models/tiny differs from `bitlora random-model --seed 42`"
+    );
+}
+
+#[test]
+fn generate_streams_the_kv_cached_greedy_continuation() {
+    let out = bitlora(&[
+        "generate",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--tokens",
+        "1,5,17",
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids: Vec<u32> = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    let model = Model::from_dir(&tiny()).unwrap();
+    let opts = bitlora_core::SamplingOptions {
+        max_tokens: 12,
+        stop_tokens: model.config.eos_token_ids.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids,
+        bitlora_core::generate(&model, &[1, 5, 17], &opts, |_| true).unwrap()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tok/s decode"));
+}
+
+#[test]
+fn generate_reports_a_missing_tokenizer_and_bad_options() {
+    let m = tiny();
+    let out = bitlora(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "hello",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tokenizer.json beside the model"));
+    let out = bitlora(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--tokens",
+        "1",
+        "--top-p",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("sampling option `top_p` is 0"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

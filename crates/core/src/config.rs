@@ -130,6 +130,29 @@ impl Config {
         })
     }
 
+    /// Checks token ids against the vocabulary and the context length (every backend calls
+    /// this, so they all reject the same inputs with the same errors).
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::NoTokens);
+        }
+        if tokens.len() > self.max_position_embeddings {
+            return Err(Error::TooManyTokens {
+                count: tokens.len(),
+                max: self.max_position_embeddings,
+            });
+        }
+        let vocab = self.vocab_size;
+        match tokens.iter().position(|&t| t as usize >= vocab) {
+            Some(position) => Err(Error::TokenOutOfRange {
+                token: tokens[position],
+                position,
+                vocab,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Query width NH*HS.
     pub fn q_dim(&self) -> usize {
         self.num_attention_heads * self.head_dim

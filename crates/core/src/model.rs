@@ -171,24 +171,7 @@ impl Model {
 
     /// Checks token ids against the vocabulary and the context length.
     pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
-        if tokens.is_empty() {
-            return Err(Error::NoTokens);
-        }
-        if tokens.len() > self.config.max_position_embeddings {
-            return Err(Error::TooManyTokens {
-                count: tokens.len(),
-                max: self.config.max_position_embeddings,
-            });
-        }
-        let vocab = self.config.vocab_size;
-        match tokens.iter().position(|&t| t as usize >= vocab) {
-            Some(position) => Err(Error::TokenOutOfRange {
-                token: tokens[position],
-                position,
-                vocab,
-            }),
-            None => Ok(()),
-        }
+        self.config.check_tokens(tokens)
     }
 
     /// The full forward pass: tokens (T) -> logits (T, V), row-major.

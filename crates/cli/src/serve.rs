@@ -1,0 +1,446 @@
+//! `bitlora serve`: a small static file server for the page, so the demo needs nothing but the CLI.
+//!
+//! What it serves: `index.html` at `/` and everything under `web/` (the page's modules, the
+//! worker, the built wasm in `web/pkg/` and the bundled model in `web/models/`). Nothing else in
+//! the repository is reachable: not `.git`, not `target/`, not `Cargo.toml`.
+//!
+//! Why the headers matter:
+//! - `.wasm` must be `application/wasm` or `WebAssembly.instantiateStreaming` refuses it, and
+//!   module scripts/workers must be a JavaScript MIME type or the browser will not run them.
+//! - `Cross-Origin-Opener-Policy: same-origin` + `Cross-Origin-Embedder-Policy: require-corp`
+//!   make the page cross-origin isolated, which wasm threads (SharedArrayBuffer) will need later.
+//! - The Content-Security-Policy allows only this origin (scripts, workers, fetches) plus
+//!   `'wasm-unsafe-eval'`, which compiling WebAssembly needs; no inline script, no CDN. The page
+//!   processes visitors' private files, so it must not be able to send them anywhere.
+//!
+//! Every request is answered on its own thread, so one slow client never holds up the others.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Headers sent with every response, the page's and the assets' alike (a module worker takes
+/// its CSP and COEP from its own response, not from the page's).
+const SECURITY_HEADERS: &[(&str, &str)] = &[
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+    ("Cross-Origin-Embedder-Policy", "require-corp"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+    (
+        "Content-Security-Policy",
+        "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; \
+         connect-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    // A development server: always revalidate, so a rebuilt web/pkg is picked up on reload.
+    ("Cache-Control", "no-cache"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "{root}: index.html not found there; run `bitlora serve` from the repository root (or pass its path)"
+    )]
+    NoIndex { root: String },
+    #[error("{root}: cannot resolve the directory: {source}")]
+    Root {
+        root: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {addr}: {msg} (is the port in use? `--port 0` picks a free one)")]
+    Bind { addr: String, msg: String },
+    #[error("cannot print the server address: {0}")]
+    Stdout(#[source] io::Error),
+    #[error("the server stopped accepting connections: {0}")]
+    Accept(#[source] io::Error),
+}
+
+/// A bound, not yet running server; [`serve`] is bind + announce + run.
+pub struct StaticServer {
+    root: PathBuf,
+    http: tiny_http::Server,
+    addr: SocketAddr,
+}
+
+impl StaticServer {
+    /// Binds 127.0.0.1:`port` (0 picks a free port). Only loopback: the page is a local demo.
+    pub fn bind(root: &Path, port: u16) -> Result<StaticServer, ServeError> {
+        let root = root.canonicalize().map_err(|source| ServeError::Root {
+            root: root.display().to_string(),
+            source,
+        })?;
+        if !root.join("index.html").is_file() {
+            return Err(ServeError::NoIndex {
+                root: root.display().to_string(),
+            });
+        }
+        let want = format!("127.0.0.1:{port}");
+        let http = tiny_http::Server::http(&want).map_err(|e| ServeError::Bind {
+            addr: want.clone(),
+            msg: e.to_string(),
+        })?;
+        let addr = http.server_addr().to_ip().ok_or_else(|| ServeError::Bind {
+            addr: want.clone(),
+            msg: "bound to a non-IP address".into(),
+        })?;
+        Ok(StaticServer { root, http, addr })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Answers requests until the listener fails; never returns `Ok` in normal operation.
+    pub fn run(self) -> Result<(), ServeError> {
+        let root = std::sync::Arc::new(self.root);
+        loop {
+            let request = self.http.recv().map_err(ServeError::Accept)?;
+            let root = root.clone();
+            // One thread per request: a client that reads slowly only blocks its own thread.
+            std::thread::spawn(move || respond(&root, request));
+        }
+    }
+}
+
+/// Serves `root` (the repository root: index.html and web/) on 127.0.0.1:`port` until killed.
+/// After binding it prints exactly one line to stdout, `bitlora: serving <root> at <url>`, and
+/// flushes it: tests start `bitlora serve --port 0` and read the URL from that line.
+pub fn serve(root: &Path, port: u16) -> Result<(), ServeError> {
+    let server = StaticServer::bind(root, port)?;
+    if !server.root().join("web/pkg/bitlora_web.js").is_file() {
+        eprintln!(
+            "bitlora: warning: web/pkg/bitlora_web.js is missing; run tools/build-web.sh so the page can load its wasm"
+        );
+    }
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "bitlora: serving {} at {}",
+        server.root().display(),
+        server.url()
+    )
+    .and_then(|()| out.flush())
+    .map_err(ServeError::Stdout)?;
+    drop(out);
+    server.run()
+}
+
+fn respond(root: &Path, request: tiny_http::Request) {
+    let response = match request.method() {
+        tiny_http::Method::Get | tiny_http::Method::Head => match resolve(root, request.url()) {
+            Ok(path) => match File::open(&path) {
+                Ok(file) => tiny_http::Response::from_file(file)
+                    .with_header(header("Content-Type", mime_type(&path)))
+                    .boxed(),
+                Err(_) => text(404, "not found\n"),
+            },
+            Err(Reject::NotFound) => text(404, "not found\n"),
+            Err(Reject::Forbidden) => text(403, "forbidden\n"),
+        },
+        _ => text(405, "method not allowed: only GET and HEAD\n")
+            .with_header(header("Allow", "GET, HEAD")),
+    };
+    let mut response = response;
+    for (name, value) in SECURITY_HEADERS {
+        response.add_header(header(name, value));
+    }
+    // A client that hung up is not our error; there is no one left to tell.
+    let _ = request.respond(response);
+}
+
+fn text(status: u16, body: &str) -> tiny_http::ResponseBox {
+    tiny_http::Response::from_string(body)
+        .with_status_code(status)
+        .with_header(header("Content-Type", "text/plain; charset=utf-8"))
+        .boxed()
+}
+
+fn header(name: &str, value: &str) -> tiny_http::Header {
+    // Only called with the ASCII constants of this file, which tiny_http always accepts.
+    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
+        .expect("header names and values in serve.rs are ASCII")
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Reject {
+    /// No such file, a directory, or outside what we serve.
+    NotFound,
+    /// A path that tries to climb out (`..`), hides (`.git`) or smuggles separators.
+    Forbidden,
+}
+
+/// Maps a request target (`/web/main.js?x=1`) to a file under `root`, or says why not.
+/// Pure string checks first (so traversal is refused whatever the file system holds), then a
+/// canonicalize + prefix check, which also refuses symlinks that lead out of the tree.
+fn resolve(root: &Path, target: &str) -> Result<PathBuf, Reject> {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let Some(path) = path.strip_prefix('/') else {
+        return Err(Reject::Forbidden); // absolute-form or `*` targets
+    };
+    let decoded = percent_decode(path).ok_or(Reject::Forbidden)?;
+    let rel = if decoded.is_empty() {
+        "index.html".to_string()
+    } else {
+        decoded
+    };
+
+    let mut clean = PathBuf::new();
+    for segment in rel.split('/') {
+        if segment.is_empty() {
+            continue; // tolerate `//`
+        }
+        if segment == "." || segment == ".." || segment.starts_with('.') {
+            return Err(Reject::Forbidden);
+        }
+        if segment.contains(['\\', '\0', ':']) {
+            return Err(Reject::Forbidden);
+        }
+        clean.push(segment);
+    }
+    // Only the page and its assets are public.
+    let public = clean == Path::new("index.html") || clean.starts_with("web");
+    if !public {
+        return Err(Reject::NotFound);
+    }
+    let full = root
+        .join(&clean)
+        .canonicalize()
+        .map_err(|_| Reject::NotFound)?;
+    // After resolving symlinks the file must still be the page or under web/.
+    let inside = full == root.join("index.html")
+        || root
+            .join("web")
+            .canonicalize()
+            .is_ok_and(|web| full.starts_with(web));
+    if !inside {
+        return Err(Reject::Forbidden);
+    }
+    if !full.is_file() {
+        return Err(Reject::NotFound); // directories are not listed
+    }
+    Ok(full)
+}
+
+/// Decodes `%XX` escapes; None for malformed escapes or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The Content-Type for a file, by extension. Browsers enforce these for wasm and modules.
+fn mime_type(path: &Path) -> &'static str {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
+        Some("wasm") => "application/wasm",
+        Some("json" | "map") => "application/json",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("ico") => "image/x-icon",
+        Some("txt" | "md") => "text/plain; charset=utf-8",
+        Some("ts") => "text/plain; charset=utf-8", // wasm-bindgen's .d.ts, for reading only
+        // .safetensors, .gguf and anything unknown: bytes, never sniffed (nosniff).
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpStream;
+
+    #[test]
+    fn mime_types() {
+        for (file, want) in [
+            ("web/pkg/bitlora_web_bg.wasm", "application/wasm"),
+            ("web/main.js", "text/javascript; charset=utf-8"),
+            ("web/x.mjs", "text/javascript; charset=utf-8"),
+            ("web/models/tiny/config.json", "application/json"),
+            ("web/style.css", "text/css; charset=utf-8"),
+            ("index.html", "text/html; charset=utf-8"),
+            (
+                "web/models/tiny/model.safetensors",
+                "application/octet-stream",
+            ),
+            ("web/UPPER.WASM", "application/wasm"),
+            ("web/no_extension", "application/octet-stream"),
+        ] {
+            assert_eq!(mime_type(Path::new(file)), want, "{file}");
+        }
+    }
+
+    /// A throwaway tree: index.html, web/a.js, web/sub/b.wasm, secret.txt beside them, a .git.
+    fn tree() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "bitlora-serve-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("web/sub")).unwrap();
+        std::fs::create_dir_all(dir.join(".git")).unwrap();
+        std::fs::write(dir.join("index.html"), "<!doctype html>hi").unwrap();
+        std::fs::write(dir.join("web/a.js"), "export {}").unwrap();
+        std::fs::write(dir.join("web/sub/b.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        std::fs::write(dir.join("secret.txt"), "no").unwrap();
+        std::fs::write(dir.join(".git/config"), "no").unwrap();
+        dir.canonicalize().unwrap()
+    }
+
+    #[test]
+    fn resolves_public_files() {
+        let root = tree();
+        assert_eq!(resolve(&root, "/"), Ok(root.join("index.html")));
+        assert_eq!(resolve(&root, "/?backend=cpu"), Ok(root.join("index.html")));
+        assert_eq!(resolve(&root, "/web/a.js"), Ok(root.join("web/a.js")));
+        assert_eq!(
+            resolve(&root, "/web//sub/b.wasm#x"),
+            Ok(root.join("web/sub/b.wasm"))
+        );
+        assert_eq!(resolve(&root, "/web/%61.js"), Ok(root.join("web/a.js")));
+    }
+
+    #[test]
+    fn rejects_traversal_and_private_files() {
+        let root = tree();
+        for target in [
+            "/../etc/passwd",
+            "/web/../secret.txt",
+            "/web/%2e%2e/secret.txt",
+            "/web/%2E%2E/%2E%2E/etc/passwd",
+            "/web/..%2fsecret.txt",
+            "/.git/config",
+            "/web/.hidden",
+            "/web/a.js%00.png",
+            "/web\\..\\secret.txt",
+            "/web/%zz",
+            "http://evil/x",
+            "*",
+        ] {
+            assert_eq!(resolve(&root, target), Err(Reject::Forbidden), "{target}");
+        }
+        for target in [
+            "/secret.txt",
+            "/Cargo.toml",
+            "/web/missing.js",
+            "/web",
+            "/web/sub/",
+        ] {
+            assert_eq!(resolve(&root, target), Err(Reject::NotFound), "{target}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn rejects_symlink_out_of_tree() {
+        let root = tree();
+        std::os::unix::fs::symlink(root.join("secret.txt"), root.join("web/link.txt")).unwrap();
+        assert_eq!(resolve(&root, "/web/link.txt"), Err(Reject::Forbidden));
+    }
+
+    fn get(addr: SocketAddr, raw: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn serves_over_http_with_headers() {
+        let root = tree();
+        let server = StaticServer::bind(&root, 0).unwrap();
+        let addr = server.addr;
+        assert!(server.url().starts_with("http://127.0.0.1:"));
+        std::thread::spawn(move || server.run());
+
+        let wasm = get(
+            addr,
+            "GET /web/sub/b.wasm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(wasm.starts_with("HTTP/1.1 200"), "{wasm}");
+        let lower = wasm.to_ascii_lowercase();
+        assert!(lower.contains("content-type: application/wasm"), "{wasm}");
+        assert!(
+            lower.contains("cross-origin-opener-policy: same-origin"),
+            "{wasm}"
+        );
+        assert!(
+            lower.contains("cross-origin-embedder-policy: require-corp"),
+            "{wasm}"
+        );
+        assert!(lower.contains("x-content-type-options: nosniff"), "{wasm}");
+        assert!(lower.contains("'wasm-unsafe-eval'"), "{wasm}");
+
+        let missing = get(
+            addr,
+            "GET /web/nope.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let climb = get(
+            addr,
+            "GET /web/../secret.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(climb.starts_with("HTTP/1.1 403"), "{climb}");
+        let post = get(
+            addr,
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    }
+
+    #[test]
+    fn slow_client_does_not_block_others() {
+        let root = tree();
+        let server = StaticServer::bind(&root, 0).unwrap();
+        let addr = server.addr;
+        std::thread::spawn(move || server.run());
+        // Half a request that never finishes...
+        let mut stalled = TcpStream::connect(addr).unwrap();
+        stalled
+            .write_all(b"GET /index.html HTTP/1.1\r\nHo")
+            .unwrap();
+        // ...while another client is served at once.
+        let ok = get(
+            addr,
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.ends_with("<!doctype html>hi"), "{ok}");
+        drop(stalled);
+    }
+
+    #[test]
+    fn bind_refuses_a_root_without_index() {
+        let dir = tree().join("web");
+        match StaticServer::bind(&dir, 0) {
+            Err(ServeError::NoIndex { .. }) => {}
+            other => panic!("expected NoIndex, got {:?}", other.err()),
+        }
+    }
+}

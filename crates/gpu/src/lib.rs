@@ -1,0 +1,188 @@
+//! bitlora-gpu: the wgpu backend. The same forward pass as `bitlora_core::Model::logits`, run
+//! as WGSL compute shaders through wgpu: natively on Vulkan (Mesa lavapipe in CI, a real GPU
+//! elsewhere) and in the browser on WebGPU.
+//!
+//! Layout, one concern per file:
+//! - `shaders/*.wgsl` (repository root): one shader per op, every binding annotated with its
+//!   shape, specialised with `override` constants.
+//! - [`ops`]: one launcher per shader. Its doc comment lists the shapes; `encode` checks the
+//!   tensors it is given against them before recording the dispatch.
+//! - [`tensor`]: [`GpuTensor`] (a buffer with a name, a shape and an element type), uploads,
+//!   async readbacks.
+//! - [`record`]: [`Recorder`], one command encoder + compute pass for a sequence of dispatches.
+//! - [`model`]: [`GpuModel`], the weights on the GPU and the forward pass.
+//!
+//! Everything that waits on the GPU is `async`: on the web the browser drives the device, so
+//! nothing may block; natively the futures poll the device themselves (use `pollster`).
+//!
+//! No shader-f16 and no subgroups: the browsers' SwiftShader adapter lacks f16 and wgpu's web
+//! backend does not expose subgroups.
+
+pub mod model;
+pub mod ops;
+pub mod record;
+pub mod tensor;
+
+use std::sync::{Arc, Mutex};
+
+pub use model::GpuModel;
+pub use record::Recorder;
+pub use tensor::{DType, GpuTensor};
+
+/// Errors of the GPU backend. Each names the tensor, op or adapter involved.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "no GPU adapter was granted ({reason}); natively install a Vulkan driver (e.g. mesa-vulkan-drivers), in a browser enable WebGPU"
+    )]
+    NoAdapter { reason: String },
+
+    #[error("the GPU adapter `{adapter}` refused to create a device: {msg}")]
+    RequestDevice { adapter: String, msg: String },
+
+    #[error(
+        "tensor `{tensor}` needs {bytes} bytes, more than this GPU allows in one storage buffer ({limit} bytes); splitting large tensors is not implemented yet"
+    )]
+    TooLarge {
+        tensor: String,
+        bytes: u64,
+        limit: u64,
+    },
+
+    #[error(transparent)]
+    Model(#[from] bitlora_core::Error),
+
+    /// A launcher was given tensors of the wrong shape or type: a bug in the caller.
+    #[error("{op}: shape mismatch: {msg}")]
+    Shape { op: &'static str, msg: String },
+
+    #[error("{op}: {groups} workgroups along one dimension exceed this GPU's limit of {limit}")]
+    Dispatch {
+        op: &'static str,
+        groups: u64,
+        limit: u32,
+    },
+
+    #[error("reading `{tensor}` back from the GPU failed: {msg}")]
+    Map { tensor: String, msg: String },
+
+    /// A validation or out-of-memory error the device reported (wgpu's error scopes, or an
+    /// uncaptured error caught by the handler [`Gpu::new`] installs).
+    #[error("the GPU device reported an error: {0}")]
+    Device(String),
+}
+
+/// What the page and the CLI show about the adapter in use.
+#[derive(serde::Serialize, Clone, Debug)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_size_x: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub features: Vec<String>,
+}
+
+/// A device and its queue, with what the adapter is.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: AdapterSummary,
+    errors: ErrorSink,
+}
+
+/// Errors the device reports outside any error scope. wgpu's default handler panics natively;
+/// this one records them, and the next forward pass returns them as [`GpuError::Device`].
+#[derive(Clone, Default)]
+pub(crate) struct ErrorSink(Arc<Mutex<Vec<String>>>);
+
+impl ErrorSink {
+    fn install(&self, device: &wgpu::Device) {
+        let sink = self.0.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+    }
+
+    /// The first recorded error, if any (and forgets them all).
+    pub(crate) fn take(&self) -> Result<(), GpuError> {
+        let mut v = match self.0.lock() {
+            Ok(v) => v,
+            Err(p) => p.into_inner(),
+        };
+        match v.drain(..).next() {
+            Some(e) => Err(GpuError::Device(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Gpu {
+    /// Asks for the best adapter and a device with the adapter's own limits (lavapipe: 128 MiB
+    /// storage bindings; SwiftShader in Chromium: 1 GiB; the WebGPU defaults would cap every
+    /// adapter at 128 MiB). No optional features are requested. The backends can be narrowed
+    /// with `WGPU_BACKEND` (e.g. `vulkan`) natively.
+    pub async fn new() -> Result<Gpu, GpuError> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| GpuError::NoAdapter {
+                reason: e.to_string(),
+            })?;
+        let ainfo = adapter.get_info();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("bitlora"),
+                required_features: wgpu::Features::empty(),
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| GpuError::RequestDevice {
+                adapter: ainfo.name.clone(),
+                msg: e.to_string(),
+            })?;
+        let limits = device.limits();
+        let info = AdapterSummary {
+            name: ainfo.name,
+            backend: format!("{:?}", ainfo.backend),
+            device_type: format!("{:?}", ainfo.device_type),
+            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+            max_buffer_size: limits.max_buffer_size,
+            max_compute_workgroup_size_x: limits.max_compute_workgroup_size_x,
+            max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+            features: adapter
+                .features()
+                .iter_names()
+                .map(|(name, _)| name.to_string())
+                .collect(),
+        };
+        let errors = ErrorSink::default();
+        errors.install(&device);
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            errors,
+        })
+    }
+
+    /// Fails with the first error the device reported outside an error scope since the last
+    /// call, if any.
+    pub fn check_errors(&self) -> Result<(), GpuError> {
+        self.errors.take()
+    }
+
+    pub(crate) fn error_sink(&self) -> ErrorSink {
+        self.errors.clone()
+    }
+}

@@ -1,0 +1,187 @@
+//! [`Recorder`]: records a sequence of compute dispatches into one command encoder and one
+//! compute pass, then submits them together. wgpu orders the dispatches of a pass and makes
+//! each one's storage writes visible to the next, so a whole forward pass is one submission.
+//!
+//! [`Kernel`]: one WGSL shader compiled into a compute pipeline with its override constants.
+
+use crate::GpuError;
+use crate::tensor::{DType, GpuTensor};
+
+/// A compute pipeline: a shader from `shaders/` specialised with override constants.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    pub name: &'static str,
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+}
+
+impl Kernel {
+    /// Compiles `source` (entry point `main`) with the given override constants.
+    pub fn new(
+        device: &wgpu::Device,
+        name: &'static str,
+        source: &str,
+        constants: &[(&str, f64)],
+    ) -> Kernel {
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(name),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                zero_initialize_workgroup_memory: true,
+            },
+            cache: None,
+        });
+        let layout = pipeline.get_bind_group_layout(0);
+        Kernel {
+            name,
+            pipeline,
+            layout,
+        }
+    }
+}
+
+/// One command encoder with an open compute pass.
+pub struct Recorder {
+    device: wgpu::Device,
+    encoder: wgpu::CommandEncoder,
+    pass: Option<wgpu::ComputePass<'static>>,
+    /// Uniform `Dims { t }` buffers, one per distinct T recorded.
+    dims: Vec<(u32, wgpu::Buffer)>,
+    max_groups: u32,
+}
+
+impl Recorder {
+    pub fn new(device: &wgpu::Device) -> Recorder {
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("bitlora"),
+        });
+        let pass = encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("bitlora"),
+                timestamp_writes: None,
+            })
+            .forget_lifetime();
+        Recorder {
+            device: device.clone(),
+            encoder,
+            pass: Some(pass),
+            dims: Vec::new(),
+            max_groups: device.limits().max_compute_workgroups_per_dimension,
+        }
+    }
+
+    /// The uniform buffer holding `Dims { t }` (16 bytes: uniform buffers are padded to 16).
+    pub(crate) fn dims(&mut self, t: usize) -> wgpu::Buffer {
+        let t = t as u32;
+        if let Some((_, b)) = self.dims.iter().find(|(v, _)| *v == t) {
+            return b.clone();
+        }
+        use wgpu::util::DeviceExt;
+        let b = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("dims"),
+                contents: bytemuck::cast_slice(&[t, 0, 0, 0]),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        self.dims.push((t, b.clone()));
+        b
+    }
+
+    /// Records one dispatch of `kernel` with `buffers` bound whole at bindings 0, 1, ...
+    pub(crate) fn dispatch(
+        &mut self,
+        kernel: &Kernel,
+        buffers: &[&wgpu::Buffer],
+        groups: [usize; 3],
+    ) -> Result<(), GpuError> {
+        for &g in &groups {
+            if g as u64 > self.max_groups as u64 {
+                return Err(GpuError::Dispatch {
+                    op: kernel.name,
+                    groups: g as u64,
+                    limit: self.max_groups,
+                });
+            }
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.name),
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        let pass = self.pass.as_mut().expect("the pass is open until submit");
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0] as u32, groups[1] as u32, groups[2] as u32);
+        Ok(())
+    }
+
+    /// Ends the pass and returns the encoder, e.g. to append copies before submitting.
+    pub fn finish(mut self) -> wgpu::CommandEncoder {
+        drop(self.pass.take());
+        self.encoder
+    }
+
+    /// Ends the pass and submits everything recorded.
+    pub fn submit(self, queue: &wgpu::Queue) {
+        let encoder = self.finish();
+        queue.submit([encoder.finish()]);
+    }
+}
+
+/// Checks that `t` has type `dtype` and shape `shape`, naming the op and the tensor if not.
+pub(crate) fn expect(
+    op: &'static str,
+    t: &GpuTensor,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<(), GpuError> {
+    if t.dtype != dtype || t.shape != shape {
+        return Err(GpuError::Shape {
+            op,
+            msg: format!(
+                "`{}` is {:?} {:?}, expected {dtype:?} {shape:?}",
+                t.name, t.dtype, t.shape
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The first dimension of a 2-D tensor of type `dtype` whose second dimension must be `cols`:
+/// T of a (T, C) activation.
+pub(crate) fn rows(
+    op: &'static str,
+    t: &GpuTensor,
+    dtype: DType,
+    cols: usize,
+) -> Result<usize, GpuError> {
+    match t.shape[..] {
+        [r, c] if c == cols && t.dtype == dtype && r > 0 => Ok(r),
+        _ => Err(GpuError::Shape {
+            op,
+            msg: format!(
+                "`{}` is {:?} {:?}, expected {dtype:?} (T, {cols}) with T > 0",
+                t.name, t.dtype, t.shape
+            ),
+        }),
+    }
+}

@@ -1,0 +1,369 @@
+//! [`GpuTensor`]: a storage buffer with a name (for errors), a logical shape and an element
+//! type; uploads and async readbacks.
+//!
+//! Every buffer is checked against the device's limits before it is created, so a tensor too
+//! large for one binding gives [`GpuError::TooLarge`] naming it instead of a device error.
+
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+
+use bitlora_core::TernaryLinear;
+use wgpu::util::DeviceExt;
+
+use crate::{Gpu, GpuError};
+
+/// How a tensor's elements are laid out in its buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    U32,
+    /// int8 codes packed four per u32 (little-endian) along the last dimension: a (R, K) tensor
+    /// is stored as (R, ceil(K/4)) words, padding codes 0. Written by act_quant.wgsl.
+    I8x4,
+    /// A ternary (O, I) matrix in transformers' packed layout: (ceil(O/4), I) bytes of four
+    /// 2-bit codes (bitlora_core::quant), bound as u32 words, plus one padding word so a
+    /// kernel may read the word after any byte.
+    Ternary,
+}
+
+impl DType {
+    /// Bytes a tensor of this type and logical shape occupies (at least 4: WebGPU bindings
+    /// must not be empty).
+    pub fn bytes(self, shape: &[usize]) -> u64 {
+        let n: u64 = shape.iter().map(|&d| d as u64).product();
+        let (rows, last) = match shape.split_last() {
+            Some((&last, rest)) => (rest.iter().map(|&d| d as u64).product::<u64>(), last as u64),
+            None => (1, 1),
+        };
+        let bytes = match self {
+            DType::F32 | DType::U32 => 4 * n,
+            DType::I8x4 => 4 * rows * last.div_ceil(4),
+            DType::Ternary => {
+                // shape (O, I): rows == O, last == I
+                (rows.div_ceil(4) * last).div_ceil(4) * 4 + 4
+            }
+        };
+        bytes.max(4)
+    }
+}
+
+/// A tensor on the GPU.
+#[derive(Clone, Debug)]
+pub struct GpuTensor {
+    /// Shown in errors: the model's tensor name or the activation's role.
+    pub name: String,
+    /// The logical shape, e.g. (T, C); see [`DType`] for how it is stored.
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub buffer: wgpu::Buffer,
+}
+
+/// The largest buffer a kernel may bind: the smaller of the storage-binding and buffer limits.
+pub fn binding_limit(device: &wgpu::Device) -> u64 {
+    let l = device.limits();
+    l.max_storage_buffer_binding_size.min(l.max_buffer_size)
+}
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+fn check_size(device: &wgpu::Device, name: &str, bytes: u64) -> Result<(), GpuError> {
+    let limit = binding_limit(device);
+    if bytes > limit {
+        return Err(GpuError::TooLarge {
+            tensor: name.to_string(),
+            bytes,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+impl GpuTensor {
+    /// A zero-filled tensor.
+    pub fn zeros(
+        device: &wgpu::Device,
+        name: impl Into<String>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<GpuTensor, GpuError> {
+        let name = name.into();
+        let bytes = dtype.bytes(shape);
+        check_size(device, &name, bytes)?;
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(&name),
+            size: bytes,
+            usage: USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(GpuTensor {
+            name,
+            shape: shape.to_vec(),
+            dtype,
+            buffer,
+        })
+    }
+
+    /// A tensor holding `bytes`, which must be exactly `dtype.bytes(shape)` long.
+    pub fn from_bytes(
+        device: &wgpu::Device,
+        name: impl Into<String>,
+        shape: &[usize],
+        dtype: DType,
+        bytes: &[u8],
+    ) -> Result<GpuTensor, GpuError> {
+        let name = name.into();
+        let want = dtype.bytes(shape);
+        if bytes.len() as u64 != want {
+            return Err(GpuError::Shape {
+                op: "upload",
+                msg: format!(
+                    "`{name}` {dtype:?} {shape:?} needs {want} bytes, got {}",
+                    bytes.len()
+                ),
+            });
+        }
+        check_size(device, &name, want)?;
+        let buffer = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(&name),
+            contents: bytes,
+            usage: USAGE,
+        });
+        Ok(GpuTensor {
+            name,
+            shape: shape.to_vec(),
+            dtype,
+            buffer,
+        })
+    }
+
+    /// An f32 tensor of `shape` from row-major data.
+    pub fn f32(
+        device: &wgpu::Device,
+        name: impl Into<String>,
+        shape: &[usize],
+        data: &[f32],
+    ) -> Result<GpuTensor, GpuError> {
+        let name = name.into();
+        check_len(&name, shape, data.len())?;
+        let data = if data.is_empty() { &[0f32][..] } else { data };
+        Self::from_bytes(device, name, shape, DType::F32, bytemuck::cast_slice(data))
+    }
+
+    /// A u32 tensor of `shape` (token ids).
+    pub fn u32(
+        device: &wgpu::Device,
+        name: impl Into<String>,
+        shape: &[usize],
+        data: &[u32],
+    ) -> Result<GpuTensor, GpuError> {
+        let name = name.into();
+        check_len(&name, shape, data.len())?;
+        let data = if data.is_empty() { &[0u32][..] } else { data };
+        Self::from_bytes(device, name, shape, DType::U32, bytemuck::cast_slice(data))
+    }
+
+    /// int8 codes (R, K) row-major, packed four per word along K.
+    pub fn i8x4(
+        device: &wgpu::Device,
+        name: impl Into<String>,
+        shape: &[usize],
+        codes: &[i8],
+    ) -> Result<GpuTensor, GpuError> {
+        let name = name.into();
+        check_len(&name, shape, codes.len())?;
+        let k = *shape.last().unwrap_or(&1);
+        let k4 = k.div_ceil(4);
+        let rows = codes.len().checked_div(k).unwrap_or(0);
+        let mut bytes = vec![0u8; (rows * k4 * 4).max(4)];
+        for r in 0..rows {
+            for c in 0..k {
+                bytes[r * k4 * 4 + c] = codes[r * k + c] as u8;
+            }
+        }
+        Self::from_bytes(device, name, shape, DType::I8x4, &bytes)
+    }
+
+    /// A ternary BitLinear weight (O, I) in its packed layout, as stored by bitlora-core.
+    pub fn ternary(
+        device: &wgpu::Device,
+        name: impl Into<String>,
+        lin: &TernaryLinear,
+    ) -> Result<GpuTensor, GpuError> {
+        let shape = [lin.out_features, lin.in_features];
+        let want = DType::Ternary.bytes(&shape) as usize;
+        let mut bytes = lin.packed.clone();
+        if bytes.len() != lin.packed_rows() * lin.in_features {
+            return Err(GpuError::Shape {
+                op: "upload",
+                msg: format!(
+                    "packed weight has {} bytes, expected (ceil(O/4), I) = ({}, {})",
+                    bytes.len(),
+                    lin.packed_rows(),
+                    lin.in_features
+                ),
+            });
+        }
+        bytes.resize(want, 0);
+        Self::from_bytes(device, name, &shape, DType::Ternary, &bytes)
+    }
+
+    /// Number of logical elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of the buffer.
+    pub fn bytes(&self) -> u64 {
+        self.dtype.bytes(&self.shape)
+    }
+}
+
+fn check_len(name: &str, shape: &[usize], len: usize) -> Result<(), GpuError> {
+    let n: usize = shape.iter().product();
+    if n != len {
+        return Err(GpuError::Shape {
+            op: "upload",
+            msg: format!("`{name}` has shape {shape:?} ({n} elements) but {len} values were given"),
+        });
+    }
+    Ok(())
+}
+
+/// Copies `tensor` to a mappable buffer and reads its bytes back. Natively this blocks in
+/// `device.poll` until the copy is done; on the web it awaits the browser's map promise.
+pub async fn read_bytes(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    tensor: &GpuTensor,
+) -> Result<Vec<u8>, GpuError> {
+    let size = tensor.buffer.size();
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(&tensor.buffer, 0, &staging, 0, size);
+    queue.submit([encoder.finish()]);
+    map_read(device, &staging, &tensor.name).await?;
+    let bytes = staging
+        .get_mapped_range(..)
+        .map_err(|e| GpuError::Map {
+            tensor: tensor.name.clone(),
+            msg: e.to_string(),
+        })?
+        .to_vec();
+    staging.unmap();
+    Ok(bytes)
+}
+
+/// Maps `buffer` for reading and waits for it.
+async fn map_read(
+    device: &wgpu::Device,
+    buffer: &wgpu::Buffer,
+    name: &str,
+) -> Result<(), GpuError> {
+    type Slot = Arc<Mutex<(Option<Result<(), wgpu::BufferAsyncError>>, Option<Waker>)>>;
+    let slot: Slot = Arc::default();
+    let done = slot.clone();
+    buffer.map_async(wgpu::MapMode::Read, .., move |result| {
+        let mut s = done.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = Some(result);
+        if let Some(w) = s.1.take() {
+            w.wake();
+        }
+    });
+    #[cfg(not(target_arch = "wasm32"))]
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| GpuError::Map {
+            tensor: name.to_string(),
+            msg: e.to_string(),
+        })?;
+    #[cfg(target_arch = "wasm32")]
+    let _ = device;
+    let result = poll_fn(|cx| {
+        let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+        match s.0.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                s.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    })
+    .await;
+    result.map_err(|e| GpuError::Map {
+        tensor: name.to_string(),
+        msg: e.to_string(),
+    })
+}
+
+/// Reads an F32 tensor.
+pub async fn read_f32(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    t: &GpuTensor,
+) -> Result<Vec<f32>, GpuError> {
+    expect_dtype("read_f32", t, DType::F32)?;
+    let bytes = read_bytes(device, queue, t).await?;
+    let mut v: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+    v.truncate(t.numel());
+    Ok(v)
+}
+
+/// Reads an I8x4 tensor back as int8 codes (R, K) row-major.
+pub async fn read_i8(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    t: &GpuTensor,
+) -> Result<Vec<i8>, GpuError> {
+    expect_dtype("read_i8", t, DType::I8x4)?;
+    let bytes = read_bytes(device, queue, t).await?;
+    let k = *t.shape.last().unwrap_or(&1);
+    let k4 = k.div_ceil(4);
+    let rows = t.numel().checked_div(k).unwrap_or(0);
+    let mut out = Vec::with_capacity(t.numel());
+    for r in 0..rows {
+        out.extend(bytes[r * k4 * 4..r * k4 * 4 + k].iter().map(|&b| b as i8));
+    }
+    Ok(out)
+}
+
+fn expect_dtype(op: &'static str, t: &GpuTensor, dtype: DType) -> Result<(), GpuError> {
+    if t.dtype != dtype {
+        return Err(GpuError::Shape {
+            op,
+            msg: format!("`{}` is {:?}, expected {dtype:?}", t.name, t.dtype),
+        });
+    }
+    Ok(())
+}
+
+/// Conveniences on [`Gpu`] for tests and tools.
+impl Gpu {
+    pub fn upload_f32(
+        &self,
+        name: &str,
+        shape: &[usize],
+        data: &[f32],
+    ) -> Result<GpuTensor, GpuError> {
+        GpuTensor::f32(&self.device, name, shape, data)
+    }
+
+    pub fn zeros(&self, name: &str, shape: &[usize], dtype: DType) -> Result<GpuTensor, GpuError> {
+        GpuTensor::zeros(&self.device, name, shape, dtype)
+    }
+
+    pub async fn read_f32(&self, t: &GpuTensor) -> Result<Vec<f32>, GpuError> {
+        read_f32(&self.device, &self.queue, t).await
+    }
+
+    pub async fn read_i8(&self, t: &GpuTensor) -> Result<Vec<i8>, GpuError> {
+        read_i8(&self.device, &self.queue, t).await
+    }
+}

@@ -1,0 +1,109 @@
+// Causal grouped-query attention. Query head h reads kv head h / (NH / NKV).
+//   s_j = (q_i . k_j) * SCALE for j <= i,  p_j = exp(s_j - max_j s_j) / sum_j exp(...),
+//   out_i = sum_j p_j v_j.
+// One workgroup per (query i, head h); dispatch (T, NH, 1). WG must be a power of two.
+//
+// The arithmetic follows the CPU reference (crates/core/src/ops.rs attention) operation by
+// operation, so the results differ only by WGSL's exp: each dot product is summed over d in
+// order, the denominator over j in order (by one invocation), p_j = e_j / denom, and out_d
+// accumulates p_j * v_jd over j in order. Three passes over the keys (max, denominator,
+// output) recompute the scores instead of storing a (T) row, so workgroup memory stays
+// O(HS + WG) for any T.
+
+override NH: u32;              // query heads
+override NKV: u32;             // key/value heads
+override HS: u32;              // head size
+override SCALE: f32;           // HS^-0.5, computed on the CPU as the reference does
+override WG: u32 = 64u;        // workgroup size, a power of two
+override QW: u32 = NH * HS;    // q / out row width
+override KW: u32 = NKV * HS;   // k / v row width
+
+@group(0) @binding(0) var<storage, read> q: array<f32>;         // (T, NH*HS)
+@group(0) @binding(1) var<storage, read> k: array<f32>;         // (T, NKV*HS)
+@group(0) @binding(2) var<storage, read> v: array<f32>;         // (T, NKV*HS)
+@group(0) @binding(3) var<storage, read_write> out: array<f32>; // (T, NH*HS)
+
+var<workgroup> qs: array<f32, HS>;   // q_i of this head
+var<workgroup> o_acc: array<f32, HS>;
+var<workgroup> e: array<f32, WG>;    // exp(s_j - max) of one block of keys
+var<workgroup> red: array<f32, WG>;  // max reduction
+var<workgroup> denom_s: f32;
+
+fn score(j: u32, kv_off: u32) -> f32 {
+    var dot = 0.0;
+    for (var d = 0u; d < HS; d++) {
+        dot += qs[d] * k[j * KW + kv_off + d];
+    }
+    return dot * SCALE;
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = wid.x;
+    let h = wid.y;
+    let kv_off = (h / (NH / NKV)) * HS;
+    let q_off = i * QW + h * HS;
+    for (var d = lid; d < HS; d += WG) {
+        qs[d] = q[q_off + d];
+        o_acc[d] = 0.0;
+    }
+    workgroupBarrier();
+
+    // Pass 1: the max score (exact in any order).
+    var m = -3.0e38;
+    for (var j = lid; j <= i; j += WG) {
+        m = max(m, score(j, kv_off));
+    }
+    red[lid] = m;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if lid < s {
+            red[lid] = max(red[lid], red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    let mx = red[0];
+
+    // Pass 2: denom = sum_j exp(s_j - max), summed in key order by invocation 0.
+    var denom = 0.0;
+    for (var j0 = 0u; j0 <= i; j0 += WG) {
+        let j = j0 + lid;
+        if j <= i {
+            e[lid] = exp(score(j, kv_off) - mx);
+        }
+        workgroupBarrier();
+        if lid == 0u {
+            let n = min(WG, i + 1u - j0);
+            for (var jj = 0u; jj < n; jj++) {
+                denom += e[jj];
+            }
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        denom_s = denom;
+    }
+    workgroupBarrier();
+    let dn = denom_s;
+
+    // Pass 3: out_d = sum_j (e_j / denom) * v_jd, in key order, one invocation per d.
+    for (var j0 = 0u; j0 <= i; j0 += WG) {
+        let j = j0 + lid;
+        if j <= i {
+            e[lid] = exp(score(j, kv_off) - mx);
+        }
+        workgroupBarrier();
+        let n = min(WG, i + 1u - j0);
+        for (var d = lid; d < HS; d += WG) {
+            var o = o_acc[d];
+            for (var jj = 0u; jj < n; jj++) {
+                o += (e[jj] / dn) * v[(j0 + jj) * KW + kv_off + d];
+            }
+            o_acc[d] = o;
+        }
+        workgroupBarrier();
+    }
+    for (var d = lid; d < HS; d += WG) {
+        out[q_off + d] = o_acc[d];
+    }
+}

@@ -1,0 +1,33 @@
+// Rotary position embedding in place, transformers' rotate_half convention: within a head
+// the pair is (x[j], x[j + HS/2]) and
+//   x1' = x1 * cos - x2 * sin,   x2' = x2 * cos + x1 * sin,
+// with cos/sin[pos, j] for angle pos / theta^(2j/HS), tabulated on the CPU
+// (bitlora_core::ops::rope_tables) so both backends use the very same f32 values.
+// Token t sits at position t. Dispatch (ceil(NHEADS * HS/2 / WG), T, 1).
+
+override NHEADS: u32;           // heads in x (NH for q, NKV for k)
+override HS: u32;               // head size, even
+override WG: u32 = 64u;         // workgroup size
+override HALF: u32 = HS / 2u;
+
+@group(0) @binding(0) var<storage, read_write> x: array<f32>; // (T, NHEADS*HS)
+@group(0) @binding(1) var<storage, read> cos_t: array<f32>;   // (P, HS/2), P >= T
+@group(0) @binding(2) var<storage, read> sin_t: array<f32>;   // (P, HS/2)
+
+@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let idx = gid.x;
+    let t = gid.y;
+    if idx >= NHEADS * HALF {
+        return;
+    }
+    let h = idx / HALF;
+    let j = idx % HALF;
+    let base = t * NHEADS * HS + h * HS;
+    let c = cos_t[t * HALF + j];
+    let s = sin_t[t * HALF + j];
+    let x1 = x[base + j];
+    let x2 = x[base + j + HALF];
+    x[base + j] = x1 * c - x2 * s;
+    x[base + j + HALF] = x2 * c + x1 * s;
+}

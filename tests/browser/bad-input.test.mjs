@@ -1,0 +1,148 @@
+// (d) Bad input on the page: broken files picked in "Your own model" (and bad token ids) must
+// each show a clear error that names the file and the problem, and the page must keep working:
+// the previously loaded model still runs afterwards and the worker never crashes.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import {
+  startServer, launchBrowser, openPage, pageResult, waitSettled, screenshots, TINY_MODEL,
+} from './helpers.mjs';
+
+let server, browser, page, log, tmp, baseline;
+
+before(async () => {
+  tmp = mkdtempSync(path.join(os.tmpdir(), 'bitlora-bad-input-'));
+  server = await startServer();
+  browser = await launchBrowser({ webgpu: true });
+  ({ page, log } = await openPage(browser, server.url));
+  baseline = await pageResult(page);
+  assert.equal(baseline.state, 'done', `${baseline.error}\n${log.join('\n')}`);
+});
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+  if (tmp) rmSync(tmp, { recursive: true, force: true });
+});
+
+const tinyConfig = () => JSON.parse(readFileSync(path.join(TINY_MODEL, 'config.json'), 'utf8'));
+const tinyWeights = () => readFileSync(path.join(TINY_MODEL, 'model.safetensors'));
+
+/** Writes `entries` ({name: bytes}) into a fresh folder tmp/dir and returns the file paths. */
+function writeFiles(dir, entries) {
+  const d = path.join(tmp, dir);
+  mkdirSync(d, { recursive: true });
+  return Object.entries(entries).map(([name, bytes]) => {
+    const p = path.join(d, name);
+    writeFileSync(p, bytes);
+    return p;
+  });
+}
+
+/** Picks files in the page's file input and waits for the page to settle; returns its state. */
+async function pick(paths) {
+  await page.evaluate(() => { document.body.dataset.state = 'test-pending'; });
+  await page.setInputFiles('#files', paths);
+  await waitSettled(page, log);
+  return pageResult(page);
+}
+
+/** After an error the page must still run the model it had: same logits as before. */
+async function assertStillWorks(label) {
+  await page.evaluate(() => { document.body.dataset.state = 'test-pending'; });
+  await page.fill('#tokens', baseline.tokens.join(','));
+  await page.click('#run');
+  await waitSettled(page, log);
+  const r = await pageResult(page);
+  assert.equal(r.state, 'done', `${label}: the page no longer runs: ${r.error}\n${log.join('\n')}`);
+  assert.deepEqual(r.logits, baseline.logits, `${label}: the bundled model's logits changed`);
+  assert.equal(await page.isHidden('#error'), true, `${label}: the error stayed on screen after a good run`);
+}
+
+// Each case: the files to pick, and what the error must say (the file's name and the problem).
+const CASES = [
+  {
+    name: 'truncated safetensors',
+    files: () => {
+      const w = tinyWeights();
+      return writeFiles('truncated', {
+        'config.json': JSON.stringify(tinyConfig()),
+        'model.safetensors': w.subarray(0, Math.floor(w.length / 2)),
+      });
+    },
+    expect: [/model\.safetensors/, /truncated/i],
+  },
+  {
+    name: 'not a safetensors file',
+    files: () => writeFiles('not-safetensors', {
+      'config.json': JSON.stringify(tinyConfig()),
+      'notes.safetensors': 'These are my notes, not tensors.\n'.repeat(20),
+    }),
+    expect: [/notes\.safetensors/, /not a safetensors file/i],
+  },
+  {
+    name: 'config.json missing a field',
+    files: () => {
+      const c = tinyConfig();
+      delete c.hidden_size;
+      return writeFiles('missing-field', { 'config.json': JSON.stringify(c), 'model.safetensors': tinyWeights() });
+    },
+    expect: [/config\.json/, /hidden_size/],
+  },
+  {
+    name: 'unsupported model_type',
+    files: () => writeFiles('gpt2', {
+      'config.json': JSON.stringify({ ...tinyConfig(), model_type: 'gpt2' }),
+      'model.safetensors': tinyWeights(),
+    }),
+    expect: [/config\.json/, /model_type/, /gpt2/],
+  },
+  {
+    name: 'no config.json picked',
+    files: () => writeFiles('no-config', { 'model.safetensors': tinyWeights() }),
+    expect: [/config\.json/, /model\.safetensors/],
+  },
+];
+
+for (const c of CASES) {
+  test(`bad input: ${c.name} -> clear error, page keeps working`, { timeout: 120_000 }, async () => {
+    const r = await pick(c.files());
+    assert.equal(r.state, 'error', `expected an error for ${c.name}, got state ${r.state}`);
+    const shown = await page.textContent('#error');
+    console.log(`${c.name}: ${shown.trim()}`);
+    assert.equal(await page.isVisible('#error'), true);
+    for (const re of c.expect) assert.match(shown, re);
+    assert.doesNotMatch(shown, /unreachable|RuntimeError|panicked/i, 'a wasm trap is not a clear error');
+    await assertStillWorks(c.name);
+  });
+}
+
+test('bad input: token ids out of range or not numbers -> clear error, page keeps working', { timeout: 120_000 }, async () => {
+  for (const [tokens, re] of [['5,17,99999', /99999.*out of range|out of range.*99999/], ['5,abc', /"abc" is not a whole number/]]) {
+    await page.evaluate(() => { document.body.dataset.state = 'test-pending'; });
+    await page.fill('#tokens', tokens);
+    await page.click('#run');
+    await waitSettled(page, log);
+    const shown = await page.textContent('#error');
+    console.log(`tokens ${tokens}: ${shown.trim()}`);
+    assert.equal((await pageResult(page)).state, 'error');
+    assert.match(shown, re);
+  }
+  await assertStillWorks('bad tokens');
+});
+
+test('bad input: nothing crashed along the way', () => {
+  const crashes = log.filter((l) => /panicked|RuntimeError|unreachable|pageerror|worker restarted/i.test(l));
+  assert.deepEqual(crashes, []);
+});
+
+test('bad input: screenshots of an error at 1280x800 and 390x844', { timeout: 180_000 }, async () => {
+  const gpt2 = CASES.find((c) => c.name === 'unsupported model_type').files();
+  await screenshots(browser, server.url, 'bad-input', async (p) => {
+    await p.evaluate(() => { document.body.dataset.state = 'test-pending'; });
+    await p.setInputFiles('#files', gpt2);
+    await waitSettled(p);
+  });
+});

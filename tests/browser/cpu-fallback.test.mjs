@@ -1,0 +1,63 @@
+// (b) The CPU (SIMD128) fallback. The real one: Chromium launched WITHOUT --enable-unsafe-webgpu
+// grants no WebGPU adapter, so the page must notice and run the wasm CPU backend, and say why.
+// Also the forced one: ?backend=cpu in a browser that does have WebGPU.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  startServer, launchBrowser, openPage, pageResult, nativeLogits, assertLogitsClose, argmax,
+  screenshots, TOLERANCE, DEFAULT_TOKENS,
+} from './helpers.mjs';
+
+let server, native;
+before(async () => {
+  native = nativeLogits(DEFAULT_TOKENS);
+  server = await startServer();
+});
+after(async () => {
+  await server?.stop();
+});
+
+function checkCpuResult(r, log, label) {
+  assert.equal(r.state, 'done', `page ended in state ${r.state}: ${r.error}\n${log.join('\n')}`);
+  assert.equal(r.backend, 'cpu');
+  assert.equal(r.backendInfo.label, 'CPU (SIMD128)', 'the wasm was not built with +simd128 (use tools/build-web.sh)');
+  assert.equal(r.ranOn, 'cpu');
+  assert.deepEqual(r.tokens, DEFAULT_TOKENS);
+  assertLogitsClose(r.logits, native, TOLERANCE.CPU_WASM, label);
+  for (let t = 0; t < native.length; t++) {
+    assert.equal(argmax(r.logits[t]), argmax(native[t]), `top-1 differs at position ${t}`);
+  }
+  assert.equal(r.top[0].token, argmax(native.at(-1)));
+}
+
+test('CPU fallback: no WebGPU adapter granted -> CPU (SIMD128), matches the native reference', { timeout: 180_000 }, async () => {
+  const browser = await launchBrowser({ webgpu: false });
+  try {
+    const { page, log } = await openPage(browser, server.url);
+    const r = await pageResult(page);
+    console.log(`fallback reason shown on the page: ${r.backendInfo?.fallbackReason}`);
+    checkCpuResult(r, log, 'CPU fallback page vs native CPU');
+    assert.equal(await page.textContent('#backend-label'), 'CPU (SIMD128)');
+    assert.match(await page.textContent('#backend-details'), /Why not WebGPU/);
+    // The fallback must be the real one (the browser granted no adapter), not the ?backend=cpu
+    // switch nor a build without WebGPU.
+    assert.match(r.backendInfo.fallbackReason, /granted no adapter|navigator\.gpu is missing/);
+    console.log(`CPU forward pass: ${r.ms.toFixed(1)} ms`);
+    await screenshots(browser, server.url, 'cpu-fallback');
+  } finally {
+    await browser.close();
+  }
+});
+
+test('CPU forced with ?backend=cpu in a browser that has WebGPU', { timeout: 180_000 }, async () => {
+  const browser = await launchBrowser({ webgpu: true });
+  try {
+    const { page, log } = await openPage(browser, `${server.url}?backend=cpu`);
+    const r = await pageResult(page);
+    checkCpuResult(r, log, '?backend=cpu page vs native CPU');
+    assert.match(r.backendInfo.fallbackReason, /backend=cpu/);
+  } finally {
+    await browser.close();
+  }
+});
