@@ -30,6 +30,34 @@ pub enum WeightFormat {
     PackedAutoBitLinear,
 }
 
+/// Which family of checkpoints the tensors follow: the same maths, different names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// transformers' BitNet (model_type "bitnet"), e.g. microsoft/bitnet-b1.58-2B-4T.
+    BitNet,
+    /// The 1bitLLM reproductions (model_type "llama", architectures ["BitnetForCausalLM"]):
+    /// sub-norms named `inner_attn_ln` / `ffn_layernorm`, fp16 latent weights quantized on the fly.
+    OneBitLlm,
+}
+
+impl Layout {
+    /// Tensor name (after `model.layers.N.`, before `.weight`) of the norm before o_proj.
+    pub fn attn_sub_norm(self) -> &'static str {
+        match self {
+            Layout::BitNet => "self_attn.attn_sub_norm",
+            Layout::OneBitLlm => "self_attn.inner_attn_ln",
+        }
+    }
+
+    /// Tensor name of the norm before down_proj.
+    pub fn ffn_sub_norm(self) -> &'static str {
+        match self {
+            Layout::BitNet => "mlp.ffn_sub_norm",
+            Layout::OneBitLlm => "mlp.ffn_layernorm",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub vocab_size: usize,              // V
@@ -45,6 +73,7 @@ pub struct Config {
     pub hidden_act: Activation,
     pub tie_word_embeddings: bool,
     pub weight_format: WeightFormat,
+    pub layout: Layout,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -65,12 +94,20 @@ impl Config {
         let f = Fields { file, obj: &obj };
 
         let model_type = f.string("model_type")?;
-        if model_type != "bitnet" {
-            return Err(Error::UnsupportedModelType {
-                file: file.to_string(),
-                model_type,
-            });
-        }
+        let is_bitnet_arch = obj
+            .get("architectures")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some("BitnetForCausalLM")));
+        let layout = match model_type.as_str() {
+            "bitnet" => Layout::BitNet,
+            "llama" if is_bitnet_arch => Layout::OneBitLlm,
+            _ => {
+                return Err(Error::UnsupportedModelType {
+                    file: file.to_string(),
+                    model_type,
+                });
+            }
+        };
 
         let hidden_size = f.positive("hidden_size")?;
         let num_attention_heads = f.positive("num_attention_heads")?;
@@ -124,7 +161,13 @@ impl Config {
             rope_theta: f.rope_theta()? as f32,
             hidden_act,
             tie_word_embeddings: f.optional_bool("tie_word_embeddings")?.unwrap_or(true),
-            weight_format: f.weight_format()?,
+            // 1bitLLM checkpoints hold fp16 latent weights and no quantization_config: their
+            // BitLinear quantizes on every call, which is our Master format.
+            weight_format: match layout {
+                Layout::BitNet => f.weight_format()?,
+                Layout::OneBitLlm => WeightFormat::Master,
+            },
+            layout,
             bos_token_id: f.optional_u32("bos_token_id")?,
             eos_token_ids: f.eos_token_ids()?,
         })
@@ -172,8 +215,8 @@ impl Config {
                 .expect("an f32's Display parses as f64")
         };
         let mut v = serde_json::json!({
-            "architectures": ["BitNetForCausalLM"],
-            "model_type": "bitnet",
+            "architectures": [if self.layout == Layout::BitNet { "BitNetForCausalLM" } else { "BitnetForCausalLM" }],
+            "model_type": if self.layout == Layout::BitNet { "bitnet" } else { "llama" },
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -193,6 +236,11 @@ impl Config {
         // Master weights are written as transformers' "online" mode (AutoBitLinear quantizing
         // on the fly, as microsoft/bitnet-b1.58-2B-4T-bf16 does): without a
         // quantization_config transformers would run the projections unquantized.
+        if self.layout == Layout::OneBitLlm {
+            v["input_bits"] = 8.into();
+            v["weight_bits"] = 1.into();
+            return v;
+        }
         let (linear_class, mode) = match self.weight_format {
             WeightFormat::Master => ("autobitlinear", "online"),
             WeightFormat::PackedBitLinear => ("bitlinear", "offline"),

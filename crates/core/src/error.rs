@@ -24,7 +24,7 @@ pub enum Error {
     },
 
     #[error(
-        "{file}: unsupported model_type \"{model_type}\"; bitlora runs BitNet b1.58 checkpoints (model_type \"bitnet\")"
+        "{file}: unsupported model_type \"{model_type}\"; bitlora runs BitNet b1.58 checkpoints (model_type \"bitnet\", or \"llama\" with architectures [\"BitnetForCausalLM\"] as 1bitLLM's)"
     )]
     UnsupportedModelType { file: String, model_type: String },
 

@@ -13,7 +13,7 @@ pub mod tokenizer;
 pub mod tolerance;
 pub mod weights;
 
-pub use config::{Activation, Config, WeightFormat};
+pub use config::{Activation, Config, Layout, WeightFormat};
 pub use error::{Error, Result};
 pub use generate::{SamplingOptions, generate};
 pub use model::{KvCache, LayerParams, Model, Params};

@@ -17,7 +17,7 @@
 
 use std::path::Path;
 
-use crate::config::{Activation, Config, WeightFormat};
+use crate::config::{Activation, Config, Layout, WeightFormat};
 use crate::error::{Error, Result};
 use crate::ops;
 use crate::quant::{self, TernaryLinear};
@@ -279,9 +279,9 @@ impl Model {
                 w
             };
             let input_layernorm = norm_w("input_layernorm", c, &mut tensors);
-            let attn_sub_norm = norm_w("self_attn.attn_sub_norm", q, &mut tensors);
+            let attn_sub_norm = norm_w(config.layout.attn_sub_norm(), q, &mut tensors);
             let post_attention_layernorm = norm_w("post_attention_layernorm", c, &mut tensors);
-            let ffn_sub_norm = norm_w("mlp.ffn_sub_norm", f, &mut tensors);
+            let ffn_sub_norm = norm_w(config.layout.ffn_sub_norm(), f, &mut tensors);
             let mut lin: Vec<TernaryLinear> = projections(&config)
                 .iter()
                 .map(|&(name, o, i)| {
@@ -373,12 +373,12 @@ fn load_layer(w: &WeightFiles<'_>, cfg: &Config, l: usize) -> Result<LayerParams
         q_proj: take(),
         k_proj: take(),
         v_proj: take(),
-        attn_sub_norm: norm("self_attn.attn_sub_norm", cfg.q_dim())?,
+        attn_sub_norm: norm(cfg.layout.attn_sub_norm(), cfg.q_dim())?,
         o_proj: take(),
         post_attention_layernorm: norm("post_attention_layernorm", cfg.hidden_size)?,
         gate_proj: take(),
         up_proj: take(),
-        ffn_sub_norm: norm("mlp.ffn_sub_norm", cfg.intermediate_size)?,
+        ffn_sub_norm: norm(cfg.layout.ffn_sub_norm(), cfg.intermediate_size)?,
         down_proj: take(),
     })
 }
@@ -480,6 +480,7 @@ pub fn tiny_config() -> Config {
         hidden_act: Activation::Relu2,
         tie_word_embeddings: false,
         weight_format: WeightFormat::Master,
+        layout: Layout::BitNet,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     }
@@ -508,6 +509,7 @@ pub fn bench_config(name: &str) -> Option<Config> {
         hidden_act: Activation::Relu2,
         tie_word_embeddings: tied,
         weight_format: WeightFormat::Master,
+        layout: Layout::BitNet,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     })

@@ -138,3 +138,8 @@ fn a_missing_shard_is_reported() {
         "{e}"
     );
 }
+
+#[test]
+fn onebitllm_fp16() {
+    check("onebitllm-fp16");
+}
