@@ -85,6 +85,9 @@ pub enum Error {
     #[error("{file}: chat_template: {msg}")]
     ChatTemplate { file: String, msg: String },
 
+    #[error("LoRA: {msg}")]
+    Lora { msg: String },
+
     #[error("sampling option `{option}` {msg}")]
     Sampling { option: &'static str, msg: String },
 

@@ -5,12 +5,14 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod rng;
 pub mod tokenizer;
 pub mod tolerance;
+pub mod train;
 pub mod weights;
 
 pub use config::{Activation, Config, Layout, WeightFormat};
