@@ -8,6 +8,8 @@ pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod optim;
+pub mod peft;
 pub mod quant;
 pub mod rng;
 pub mod tokenizer;
