@@ -7,6 +7,7 @@
 //! one), then a draw from the softmax. Temperature 0 means greedy (argmax, lowest id on ties).
 
 use crate::error::{Error, Result};
+use crate::lora::Lora;
 use crate::model::{KvCache, Model};
 use crate::rng::Rng;
 
@@ -160,6 +161,17 @@ pub fn generate(
     model: &Model,
     prompt: &[u32],
     opts: &SamplingOptions,
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    generate_with_adapter(model, None, prompt, opts, on_token)
+}
+
+/// [`generate`] with a LoRA adapter applied (unmerged, as PEFT runs it).
+pub fn generate_with_adapter(
+    model: &Model,
+    lora: Option<&Lora>,
+    prompt: &[u32],
+    opts: &SamplingOptions,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
     let mut sampler = Sampler::new(opts.clone())?;
@@ -173,7 +185,7 @@ pub fn generate(
     let v = model.config.vocab_size;
     let mut cache = KvCache::new(&model.config);
     let mut seq = prompt.to_vec();
-    let mut logits = model.forward(prompt, &mut cache)?; // batched prefill: (T, V)
+    let mut logits = model.forward_with_adapter(prompt, &mut cache, lora)?; // batched prefill: (T, V)
     let mut out = Vec::new();
     while out.len() < opts.max_tokens {
         let last = &logits[logits.len() - v..];
@@ -184,7 +196,7 @@ pub fn generate(
             break;
         }
         if out.len() < opts.max_tokens {
-            logits = model.forward(&[next], &mut cache)?; // (1, V)
+            logits = model.forward_with_adapter(&[next], &mut cache, lora)?; // (1, V)
         }
     }
     Ok(out)

@@ -19,7 +19,7 @@ pub mod weights;
 
 pub use config::{Activation, Config, Layout, WeightFormat};
 pub use error::{Error, Result};
-pub use generate::{SamplingOptions, generate};
+pub use generate::{SamplingOptions, generate, generate_with_adapter};
 pub use model::{KvCache, LayerParams, Model, Params};
 pub use ops::top_k;
 pub use quant::TernaryLinear;

@@ -19,6 +19,7 @@ use std::path::Path;
 
 use crate::config::{Activation, Config, Layout, WeightFormat};
 use crate::error::{Error, Result};
+use crate::lora::Lora;
 use crate::ops;
 use crate::quant::{self, TernaryLinear};
 use crate::rng::Rng;
@@ -184,6 +185,29 @@ impl Model {
     /// empty cache this is the whole-sequence pass; decoding feeds one token at a time. Every
     /// row is computed exactly as in the whole-sequence pass, so the results are identical.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward_with_adapter(tokens, cache, None)
+    }
+
+    /// [`Model::forward`] with a LoRA adapter applied, unmerged: each targeted projection is
+    /// `BitLinear(x) + scale * (x . A^T) . B^T` as PEFT computes it (merging B.A into the
+    /// ternary weight would change the result: the weight is re-quantized, the adapter is not).
+    pub fn forward_with_adapter(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        lora: Option<&Lora>,
+    ) -> Result<Vec<f32>> {
+        if let Some(l) = lora {
+            if l.layers.len() != self.config.num_hidden_layers {
+                return Err(Error::Lora {
+                    msg: format!(
+                        "the adapter has {} layers, the model {}",
+                        l.layers.len(),
+                        self.config.num_hidden_layers
+                    ),
+                });
+            }
+        }
         self.check_tokens(tokens)?;
         let cfg = &self.config;
         let p = &self.params;
@@ -212,28 +236,32 @@ impl Model {
             .collect();
         let (cos, sin) = ops::rope_tables_from(past, t, hs, cfg.rope_theta); // (T, HS/2) each
 
-        for (layer, (k_cache, v_cache)) in p.layers.iter().zip(cache.k.iter_mut().zip(&mut cache.v))
+        for (l, (layer, (k_cache, v_cache))) in p
+            .layers
+            .iter()
+            .zip(cache.k.iter_mut().zip(&mut cache.v))
+            .enumerate()
         {
             // Attention block.
             let x = ops::rms_norm(&h, &layer.input_layernorm, cfg.rms_norm_eps); // (T, C)
-            let mut q = layer.q_proj.forward(&x); // (T, NH*HS)
-            let mut k = layer.k_proj.forward(&x); // (T, NKV*HS)
-            let v = layer.v_proj.forward(&x); // (T, NKV*HS)
+            let mut q = lora_linear(&layer.q_proj, lora, l, 0, &x); // (T, NH*HS)
+            let mut k = lora_linear(&layer.k_proj, lora, l, 1, &x); // (T, NKV*HS)
+            let v = lora_linear(&layer.v_proj, lora, l, 2, &x); // (T, NKV*HS)
             ops::rope(&mut q, nh, hs, &cos, &sin);
             ops::rope(&mut k, nkv, hs, &cos, &sin);
             k_cache.extend_from_slice(&k); // (past+T, NKV*HS)
             v_cache.extend_from_slice(&v); // (past+T, NKV*HS)
             let a = ops::attention_cached(&q, k_cache, v_cache, t, past + t, nh, nkv, hs); // (T, NH*HS)
             let a = ops::rms_norm(&a, &layer.attn_sub_norm, cfg.rms_norm_eps); // (T, NH*HS)
-            ops::add_in_place(&mut h, &layer.o_proj.forward(&a)); // (T, C)
+            ops::add_in_place(&mut h, &lora_linear(&layer.o_proj, lora, l, 3, &a)); // (T, C)
 
             // FFN block.
             let x = ops::rms_norm(&h, &layer.post_attention_layernorm, cfg.rms_norm_eps); // (T, C)
-            let gate = layer.gate_proj.forward(&x); // (T, F)
-            let up = layer.up_proj.forward(&x); // (T, F)
+            let gate = lora_linear(&layer.gate_proj, lora, l, 4, &x); // (T, F)
+            let up = lora_linear(&layer.up_proj, lora, l, 5, &x); // (T, F)
             let f = ops::gated_act(&gate, &up, cfg.hidden_act); // (T, F)
             let f = ops::rms_norm(&f, &layer.ffn_sub_norm, cfg.rms_norm_eps); // (T, F)
-            ops::add_in_place(&mut h, &layer.down_proj.forward(&f)); // (T, C)
+            ops::add_in_place(&mut h, &lora_linear(&layer.down_proj, lora, l, 6, &f)); // (T, C)
         }
         cache.len += t;
 
@@ -356,6 +384,27 @@ pub fn shard_names(file: &str, index_json: &[u8]) -> Result<Vec<String>> {
     }
     names.sort();
     Ok(names)
+}
+
+/// Projection `p` (TARGETS order) of layer `l` on x: BitLinear, plus the adapter if it has one.
+fn lora_linear(
+    lin: &TernaryLinear,
+    lora: Option<&Lora>,
+    l: usize,
+    p: usize,
+    x: &[f32],
+) -> Vec<f32> {
+    let mut y = lin.forward(x);
+    if let Some(pair) = lora.and_then(|a| a.layers[l][p].as_ref()) {
+        let lora = lora.expect("pair came from it");
+        let (r, scale) = (lora.config.r, lora.config.scale());
+        let u = ops::matmul_t(x, &pair.a, lin.in_features, r); // (T, R)
+        let ub = ops::matmul_t(&u, &pair.b, r, lin.out_features); // (T, O)
+        for (yv, &d) in y.iter_mut().zip(&ub) {
+            *yv += scale * d;
+        }
+    }
+    y
 }
 
 /// Loads one layer, quantizing master weights or unpacking packed ones per `weight_format`.

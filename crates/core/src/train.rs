@@ -989,6 +989,43 @@ mod tests {
     }
 
     #[test]
+    fn training_forward_equals_inference_with_the_adapter() {
+        let model = Model::random(tiny_config(), 42).0;
+        let mut lora = Lora::init(
+            &model.config,
+            LoraConfig::new(3, 6.0, 0.0, false, &["all-linear"]).unwrap(),
+            2,
+        );
+        let mut rng = Rng::new(3);
+        lora.for_each_mut(|_, _, v| v.iter_mut().for_each(|x| *x += 0.05 * rng.normal()));
+        let tokens = [7u32, 8, 9, 10, 11, 12];
+        let targets: Vec<Option<u32>> =
+            tokens[1..].iter().map(|&t| Some(t)).chain([None]).collect();
+        let logits = model
+            .forward_with_adapter(
+                &tokens,
+                &mut crate::model::KvCache::new(&model.config),
+                Some(&lora),
+            )
+            .unwrap();
+        let v = model.config.vocab_size;
+        let want: f64 = (0..5)
+            .map(|t| {
+                (log_sum_exp(&logits[t * v..(t + 1) * v]) - logits[t * v + tokens[t + 1] as usize])
+                    as f64
+            })
+            .sum::<f64>()
+            / 5.0;
+        let got = loss(&model, &lora, &tokens, &targets).unwrap().loss as f64;
+        assert!(
+            (got - want).abs() < 1e-5,
+            "training forward {got} vs inference forward {want}"
+        );
+        // And the adapter really changes the model.
+        assert_ne!(logits, model.logits(&tokens).unwrap());
+    }
+
+    #[test]
     fn bad_targets_and_lora_configs_are_named() {
         let model = Model::random(tiny_config(), 42).0;
         let e = LoraConfig::new(4, 8.0, 0.0, false, &["qkv"]).unwrap_err();
