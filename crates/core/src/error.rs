@@ -85,6 +85,9 @@ pub enum Error {
     #[error("{file}: chat_template: {msg}")]
     ChatTemplate { file: String, msg: String },
 
+    #[error("{file}: {msg}")]
+    Data { file: String, msg: String },
+
     #[error("LoRA: {msg}")]
     Lora { msg: String },
 

@@ -3,6 +3,7 @@
 //! build on the types here, and every fast path is tested against the plain code in this crate.
 
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod generate;
 pub mod lora;

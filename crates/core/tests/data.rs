@@ -1,0 +1,181 @@
+//! The data pipeline on the real LLaMA-3 tokenizer and chat template (fetched by
+//! tools/fetch-tokenizers.sh): packing, loss masks for completions and assistant turns,
+//! truncation, the split, per-epoch order, and errors that name the line.
+
+use std::path::{Path, PathBuf};
+
+use bitlora_core::data::{self, DataOptions};
+use bitlora_core::{ChatTemplate, Tokenizer};
+
+fn llama3() -> (Tokenizer, ChatTemplate) {
+    let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures/llama3");
+    let read = |f: &str| {
+        std::fs::read(dir.join(f))
+            .unwrap_or_else(|e| panic!("{f}: {e}; run tools/fetch-tokenizers.sh"))
+    };
+    let tok = Tokenizer::from_bytes("tokenizer.json", &read("tokenizer.json")).unwrap();
+    let chat = ChatTemplate::from_tokenizer_config(
+        "tokenizer_config.json",
+        &read("tokenizer_config.json"),
+    )
+    .unwrap()
+    .unwrap();
+    (tok, chat)
+}
+
+const EOS: u32 = 128001; // <|end_of_text|>
+
+fn opts(context: usize, completions_only: bool) -> DataOptions {
+    DataOptions {
+        context,
+        completions_only,
+        val_fraction: 0.0,
+        seed: 1,
+    }
+}
+
+fn counted_text(tok: &Tokenizer, s: &data::Sequence) -> String {
+    let ids: Vec<u32> = s.targets.iter().flatten().copied().collect();
+    tok.decode(&ids, false).unwrap()
+}
+
+#[test]
+fn plain_text_is_packed_into_overlapping_windows() {
+    let (tok, _) = llama3();
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    let (ex, format) = data::parse("notes.txt", text.as_bytes()).unwrap();
+    assert_eq!(format, "text");
+    let ds = data::build("notes.txt", &ex, format, &tok, None, EOS, &opts(16, false)).unwrap();
+    let stream: Vec<u32> = tok
+        .encode(&text, true)
+        .unwrap()
+        .into_iter()
+        .chain([EOS])
+        .collect();
+    assert_eq!(ds.train[0].tokens, stream[..16]);
+    assert_eq!(
+        ds.train[0].targets,
+        stream[1..17].iter().map(|&t| Some(t)).collect::<Vec<_>>()
+    );
+    // Every token but the first is predicted exactly once across the windows.
+    let total: usize = ds.train.iter().map(|s| s.counted()).sum();
+    assert_eq!(total, stream.len() - 1);
+    assert!(ds.train.iter().all(|s| s.tokens.len() <= 16));
+}
+
+#[test]
+fn completions_only_counts_the_completion_and_eos() {
+    let (tok, _) = llama3();
+    let jsonl = "{\"prompt\": \"Define ABSURDITY.\", \"completion\": \" A statement at odds with one's own opinion.\"}\n\n{\"prompt\": \"Define BORE.\", \"completion\": \" A person who talks when you wish him to listen.\"}\n";
+    let (ex, format) = data::parse("devil.jsonl", jsonl.as_bytes()).unwrap();
+    assert_eq!((ex.len(), format), (2, "jsonl-prompt-completion"));
+    let ds = data::build("devil.jsonl", &ex, format, &tok, None, EOS, &opts(64, true)).unwrap();
+    let texts: Vec<String> = ds.train.iter().map(|s| counted_text(&tok, s)).collect();
+    assert!(
+        texts.contains(&" A statement at odds with one's own opinion.<|end_of_text|>".to_string()),
+        "{texts:?}"
+    );
+    // Without the mask every next token counts.
+    let all = data::build(
+        "devil.jsonl",
+        &ex,
+        format,
+        &tok,
+        None,
+        EOS,
+        &opts(64, false),
+    )
+    .unwrap();
+    assert!(all.train.iter().all(|s| s.counted() == s.tokens.len()));
+}
+
+#[test]
+fn chat_counts_assistant_turns_only() {
+    let (tok, chat) = llama3();
+    let line = r#"{"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "Farewell."}]}"#;
+    let (ex, format) = data::parse("chat.jsonl", line.as_bytes()).unwrap();
+    let ds = data::build(
+        "chat.jsonl",
+        &ex,
+        format,
+        &tok,
+        Some(&chat),
+        EOS,
+        &opts(128, true),
+    )
+    .unwrap();
+    assert_eq!(
+        counted_text(&tok, &ds.train[0]),
+        "Hello.<|eot_id|>Farewell.<|eot_id|>"
+    );
+    let e = data::build("chat.jsonl", &ex, format, &tok, None, EOS, &opts(128, true)).unwrap_err();
+    assert!(e.to_string().contains("need a chat template"), "{e}");
+}
+
+#[test]
+fn long_examples_keep_their_end() {
+    let (tok, _) = llama3();
+    let long_prompt = "word ".repeat(100);
+    let line = serde_json::json!({"prompt": long_prompt, "completion": " the answer"}).to_string();
+    let (ex, format) = data::parse("long.jsonl", line.as_bytes()).unwrap();
+    let ds = data::build("long.jsonl", &ex, format, &tok, None, EOS, &opts(16, true)).unwrap();
+    assert_eq!(ds.truncated, 1);
+    assert_eq!(ds.train[0].tokens.len(), 16);
+    assert_eq!(
+        counted_text(&tok, &ds.train[0]),
+        " the answer<|end_of_text|>"
+    );
+}
+
+#[test]
+fn split_and_epoch_order_are_deterministic() {
+    let (tok, _) = llama3();
+    let jsonl: String = (0..40)
+        .map(|i| format!("{{\"text\": \"document number {i} says hello\"}}\n"))
+        .collect();
+    let (ex, format) = data::parse("docs.jsonl", jsonl.as_bytes()).unwrap();
+    let o = DataOptions {
+        context: 8,
+        completions_only: false,
+        val_fraction: 0.1,
+        seed: 7,
+    };
+    let a = data::build("docs.jsonl", &ex, format, &tok, None, EOS, &o).unwrap();
+    let b = data::build("docs.jsonl", &ex, format, &tok, None, EOS, &o).unwrap();
+    assert_eq!(a, b);
+    let n = a.train.len() + a.val.len();
+    assert_eq!(a.val.len(), (n as f32 * 0.1).round() as usize);
+    let (e0, e1) = (
+        data::epoch_order(a.train.len(), 7, 0),
+        data::epoch_order(a.train.len(), 7, 1),
+    );
+    assert_ne!(e0, e1);
+    assert_eq!(e0, data::epoch_order(a.train.len(), 7, 0));
+    let mut sorted = e1.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..a.train.len()).collect::<Vec<_>>());
+}
+
+#[test]
+fn bad_data_is_named() {
+    let e = data::parse("empty.txt", b"  \n\n ").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "empty.txt: is empty: give some text or JSONL to train on"
+    );
+    let e = data::parse("d.jsonl", b"{\"text\": \"ok\"}\n{\"text\": oops}\n").unwrap_err();
+    assert!(
+        e.to_string().starts_with("d.jsonl: line 2: not JSON"),
+        "{e}"
+    );
+    let e = data::parse(
+        "d.jsonl",
+        b"{\"text\": \"ok\"}\n{\"prompt\": \"a\", \"completion\": \"b\"}\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("line 2: mixes formats"), "{e}");
+    let e = data::parse("d.jsonl", b"{\"input\": \"x\"}\n").unwrap_err();
+    assert!(e.to_string().contains("line 1: expected"), "{e}");
+    let e = data::parse("bin.dat", &[0xff, 0xfe, 0x00]).unwrap_err();
+    assert!(e.to_string().contains("not UTF-8"), "{e}");
+}
