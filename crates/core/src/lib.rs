@@ -16,6 +16,7 @@ pub mod rng;
 pub mod tokenizer;
 pub mod tolerance;
 pub mod train;
+pub mod trainer;
 pub mod weights;
 
 pub use config::{Activation, Config, Layout, WeightFormat};

@@ -197,16 +197,16 @@ impl Model {
         cache: &mut KvCache,
         lora: Option<&Lora>,
     ) -> Result<Vec<f32>> {
-        if let Some(l) = lora {
-            if l.layers.len() != self.config.num_hidden_layers {
-                return Err(Error::Lora {
-                    msg: format!(
-                        "the adapter has {} layers, the model {}",
-                        l.layers.len(),
-                        self.config.num_hidden_layers
-                    ),
-                });
-            }
+        if let Some(l) = lora
+            && l.layers.len() != self.config.num_hidden_layers
+        {
+            return Err(Error::Lora {
+                msg: format!(
+                    "the adapter has {} layers, the model {}",
+                    l.layers.len(),
+                    self.config.num_hidden_layers
+                ),
+            });
         }
         self.check_tokens(tokens)?;
         let cfg = &self.config;

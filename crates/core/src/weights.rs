@@ -13,6 +13,8 @@ pub struct WeightFiles<'a> {
     files: Vec<(String, SafeTensors<'a>)>,
     /// tensor name -> index into `files`
     index: HashMap<String, usize>,
+    /// The first file's `__metadata__`.
+    metadata: HashMap<String, String>,
 }
 
 impl<'a> WeightFiles<'a> {
@@ -23,8 +25,15 @@ impl<'a> WeightFiles<'a> {
         }
         let mut parsed = Vec::with_capacity(files.len());
         let mut index = HashMap::new();
+        let mut metadata = HashMap::new();
         for (i, (name, bytes)) in files.iter().enumerate() {
             let st = parse_one(name, bytes)?;
+            if i == 0 {
+                // parse_one validated the file, so reading its header again cannot fail.
+                if let Ok((_, m)) = SafeTensors::read_metadata(bytes) {
+                    metadata = m.metadata().clone().unwrap_or_default();
+                }
+            }
             for tensor in st.names() {
                 index.insert(tensor.to_string(), i);
             }
@@ -33,6 +42,7 @@ impl<'a> WeightFiles<'a> {
         Ok(WeightFiles {
             files: parsed,
             index,
+            metadata,
         })
     }
 
@@ -103,6 +113,11 @@ impl<'a> WeightFiles<'a> {
             });
         }
         Ok(view.data())
+    }
+
+    /// The `__metadata__` of the first file (e.g. a training checkpoint's state).
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     /// The file a tensor lives in (for error messages).
@@ -247,6 +262,14 @@ impl OwnedTensor {
 
 /// Serializes tensors into the bytes of one safetensors file.
 pub fn serialize(tensors: &[OwnedTensor]) -> Vec<u8> {
+    serialize_with_metadata(tensors, None)
+}
+
+/// [`serialize`] with the header's `__metadata__` string map.
+pub fn serialize_with_metadata(
+    tensors: &[OwnedTensor],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Vec<u8> {
     let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|t| {
@@ -255,7 +278,7 @@ pub fn serialize(tensors: &[OwnedTensor]) -> Vec<u8> {
             (t.name.as_str(), view)
         })
         .collect();
-    safetensors::serialize(views, None).expect("in-memory serialization of checked tensors")
+    safetensors::serialize(views, metadata).expect("in-memory serialization of checked tensors")
 }
 
 #[cfg(test)]
