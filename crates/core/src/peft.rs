@@ -139,6 +139,23 @@ pub fn read_adapter_config(file: &str, json: &[u8]) -> Result<LoraConfig> {
     LoraConfig::new(r, alpha, dropout, rslora, &refs).map_err(|e| bad(e.to_string()))
 }
 
+/// Loads a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+pub fn load_dir(dir: &std::path::Path, model: &Config) -> Result<Lora> {
+    let read = |name: &str| {
+        let p = dir.join(name);
+        std::fs::read(&p)
+            .map(|b| (p.display().to_string(), b))
+            .map_err(|source| Error::Io {
+                path: p.display().to_string(),
+                source,
+            })
+    };
+    let (cfg_name, cfg_bytes) = read("adapter_config.json")?;
+    let config = read_adapter_config(&cfg_name, &cfg_bytes)?;
+    let (st_name, st_bytes) = read("adapter_model.safetensors")?;
+    read_adapter(config, model, &st_name, &st_bytes)
+}
+
 /// Reads an adapter's tensors for `model`, checking every shape against the model.
 pub fn read_adapter(config: LoraConfig, model: &Config, file: &str, bytes: &[u8]) -> Result<Lora> {
     let w = WeightFiles::parse(&[(file, bytes)])?;
