@@ -1,14 +1,18 @@
-// Causal grouped-query attention. Query head h reads kv head h / (NH / NKV).
-//   s_j = (q_i . k_j) * SCALE for j <= i,  p_j = exp(s_j - max_j s_j) / sum_j exp(...),
+// Causal grouped-query attention of T_Q new queries over T_KV = PAST + T_Q keys (a KV cache
+// holding PAST earlier tokens, then the queries' own). Query head h reads kv head h / (NH / NKV).
+// Query i sits at position PAST + i and sees keys j = 0 ..= PAST + i:
+//   s_j = (q_i . k_j) * SCALE,  p_j = exp(s_j - max_j s_j) / sum_j exp(...),
 //   out_i = sum_j p_j v_j.
-// One workgroup per (query i, head h); dispatch (T, NH, 1). WG must be a power of two.
+// PAST = 0, T_Q = T_KV is the whole-sequence pass. One workgroup per (query i, head h);
+// dispatch (T_Q, NH, 1). WG must be a power of two.
 //
 // The arithmetic follows the CPU reference (crates/core/src/ops.rs attention) operation by
 // operation, so the results differ only by WGSL's exp: each dot product is summed over d in
 // order, the denominator over j in order (by one invocation), p_j = e_j / denom, and out_d
 // accumulates p_j * v_jd over j in order. Three passes over the keys (max, denominator,
 // output) recompute the scores instead of storing a (T) row, so workgroup memory stays
-// O(HS + WG) for any T.
+// O(HS + WG) for any T. A row's arithmetic does not depend on T_Q or PAST, so decoding through
+// the cache gives the whole-sequence pass's rows bit for bit.
 
 override NH: u32;              // query heads
 override NKV: u32;             // key/value heads
@@ -18,10 +22,16 @@ override WG: u32 = 64u;        // workgroup size, a power of two
 override QW: u32 = NH * HS;    // q / out row width
 override KW: u32 = NKV * HS;   // k / v row width
 
-@group(0) @binding(0) var<storage, read> q: array<f32>;         // (T, NH*HS)
-@group(0) @binding(1) var<storage, read> k: array<f32>;         // (T, NKV*HS)
-@group(0) @binding(2) var<storage, read> v: array<f32>;         // (T, NKV*HS)
-@group(0) @binding(3) var<storage, read_write> out: array<f32>; // (T, NH*HS)
+struct Dims {
+    t_q: u32,  // T_Q, new queries
+    past: u32, // PAST = T_KV - T_Q, keys cached before them
+}
+
+@group(0) @binding(0) var<uniform> dims: Dims;
+@group(0) @binding(1) var<storage, read> q: array<f32>;         // (T_Q, NH*HS)
+@group(0) @binding(2) var<storage, read> k: array<f32>;         // (R, NKV*HS), R >= T_KV
+@group(0) @binding(3) var<storage, read> v: array<f32>;         // (R, NKV*HS)
+@group(0) @binding(4) var<storage, read_write> out: array<f32>; // (T_Q, NH*HS)
 
 var<workgroup> qs: array<f32, HS>;   // q_i of this head
 var<workgroup> o_acc: array<f32, HS>;
@@ -41,6 +51,7 @@ fn score(j: u32, kv_off: u32) -> f32 {
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = wid.x;
     let h = wid.y;
+    let last = dims.past + i; // the query's own position: the last key it sees
     let kv_off = (h / (NH / NKV)) * HS;
     let q_off = i * QW + h * HS;
     for (var d = lid; d < HS; d += WG) {
@@ -51,7 +62,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     // Pass 1: the max score (exact in any order).
     var m = -3.0e38;
-    for (var j = lid; j <= i; j += WG) {
+    for (var j = lid; j <= last; j += WG) {
         m = max(m, score(j, kv_off));
     }
     red[lid] = m;
@@ -66,14 +77,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     // Pass 2: denom = sum_j exp(s_j - max), summed in key order by invocation 0.
     var denom = 0.0;
-    for (var j0 = 0u; j0 <= i; j0 += WG) {
+    for (var j0 = 0u; j0 <= last; j0 += WG) {
         let j = j0 + lid;
-        if j <= i {
+        if j <= last {
             e[lid] = exp(score(j, kv_off) - mx);
         }
         workgroupBarrier();
         if lid == 0u {
-            let n = min(WG, i + 1u - j0);
+            let n = min(WG, last + 1u - j0);
             for (var jj = 0u; jj < n; jj++) {
                 denom += e[jj];
             }
@@ -87,13 +98,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let dn = denom_s;
 
     // Pass 3: out_d = sum_j (e_j / denom) * v_jd, in key order, one invocation per d.
-    for (var j0 = 0u; j0 <= i; j0 += WG) {
+    for (var j0 = 0u; j0 <= last; j0 += WG) {
         let j = j0 + lid;
-        if j <= i {
+        if j <= last {
             e[lid] = exp(score(j, kv_off) - mx);
         }
         workgroupBarrier();
-        let n = min(WG, i + 1u - j0);
+        let n = min(WG, last + 1u - j0);
         for (var d = lid; d < HS; d += WG) {
             var o = o_acc[d];
             for (var jj = 0u; jj < n; jj++) {

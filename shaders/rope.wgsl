@@ -3,29 +3,40 @@
 //   x1' = x1 * cos - x2 * sin,   x2' = x2 * cos + x1 * sin,
 // with cos/sin[pos, j] for angle pos / theta^(2j/HS), tabulated on the CPU
 // (bitlora_core::ops::rope_tables) so both backends use the very same f32 values.
-// Token t sits at position t. Dispatch (ceil(NHEADS * HS/2 / WG), T, 1).
+// Rotates rows row0 .. row0+T of x; row row0 + t holds the token at position pos0 + t. The
+// queries of a forward pass sit at rows 0.. of their own buffer (row0 = 0); the keys are
+// rotated where they land in the KV cache (row0 = pos0 = tokens already cached).
+// Dispatch (ceil(NHEADS * HS/2 / WG), T, 1).
 
 override NHEADS: u32;           // heads in x (NH for q, NKV for k)
 override HS: u32;               // head size, even
 override WG: u32 = 64u;         // workgroup size
 override HALF: u32 = HS / 2u;
 
-@group(0) @binding(0) var<storage, read_write> x: array<f32>; // (T, NHEADS*HS)
-@group(0) @binding(1) var<storage, read> cos_t: array<f32>;   // (P, HS/2), P >= T
-@group(0) @binding(2) var<storage, read> sin_t: array<f32>;   // (P, HS/2)
+struct Dims {
+    t: u32,    // T, rows to rotate
+    row0: u32, // first row of x
+    pos0: u32, // position of that row
+}
+
+@group(0) @binding(0) var<uniform> dims: Dims;
+@group(0) @binding(1) var<storage, read_write> x: array<f32>; // (R, NHEADS*HS), R >= row0 + T
+@group(0) @binding(2) var<storage, read> cos_t: array<f32>;   // (P, HS/2), P >= pos0 + T
+@group(0) @binding(3) var<storage, read> sin_t: array<f32>;   // (P, HS/2)
 
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let idx = gid.x;
     let t = gid.y;
-    if idx >= NHEADS * HALF {
+    if idx >= NHEADS * HALF || t >= dims.t {
         return;
     }
     let h = idx / HALF;
     let j = idx % HALF;
-    let base = t * NHEADS * HS + h * HS;
-    let c = cos_t[t * HALF + j];
-    let s = sin_t[t * HALF + j];
+    let base = (dims.row0 + t) * NHEADS * HS + h * HS;
+    let pos = dims.pos0 + t;
+    let c = cos_t[pos * HALF + j];
+    let s = sin_t[pos * HALF + j];
     let x1 = x[base + j];
     let x2 = x[base + j + HALF];
     x[base + j] = x1 * c - x2 * s;

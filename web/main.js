@@ -1,9 +1,12 @@
 // The page's main-thread script: UI only. All model work happens in web/worker.js.
 //
 // For tests and embedders, the page's progress and last result are published in two places:
-//   <body data-state="starting|loading|running|done|error" data-backend="webgpu|cpu">
-//   window.__bitlora = { state, backend, adapter, backendInfo, model, tokens, logits (rows), top, ms, error }
-// and a summary (without logits) as JSON in <pre id="result-json">.
+//   <body data-state="starting|loading|running|done|error" data-backend="webgpu|cpu"
+//         data-gen="idle|generating|done|error">
+//   window.__bitlora = { state, backend, adapter, backendInfo, model, tokens, logits (rows), top, ms, error,
+//                        generation: { state, prompt, options, maxTokens, tokens, text, events, result, error } }
+// and a summary (without logits) as JSON in <pre id="result-json">. data-state is the model and
+// the next-token panel; data-gen the Generate panel.
 //
 // URL parameters: ?backend=cpu forces the CPU backend; ?tokens=1,2,3 sets the default tokens.
 
@@ -14,6 +17,7 @@ const preferGpu = params.get('backend') !== 'cpu';
 const state = (window.__bitlora = {
   state: 'starting', backend: null, adapter: null, backendInfo: null, model: null,
   tokens: null, logits: null, top: null, ms: null, error: null,
+  generation: { state: 'idle' },
 });
 
 // ---- worker plumbing: request/reply by id, restart after a crash -------------------------
@@ -27,6 +31,10 @@ function startWorker() {
   worker.onmessage = ({ data }) => {
     const p = pending.get(data.id);
     if (!p) return;
+    if (data.type === 'token') {
+      p.onToken?.(data.event);
+      return;
+    }
     pending.delete(data.id);
     if (data.ok) p.resolve(data.result);
     else p.reject(Object.assign(new Error(data.error), { fatal: Boolean(data.fatal) }));
@@ -42,10 +50,12 @@ function startWorker() {
   };
 }
 
-function call(type, args = {}) {
+/** Sends a request; `onToken` receives a generation's token events before the reply. */
+function call(type, args = {}, { onToken, onId } = {}) {
   const id = nextId++;
+  onId?.(id);
   return new Promise((resolve, reject) => {
-    pending.set(id, { resolve, reject });
+    pending.set(id, { resolve, reject, onToken });
     worker.postMessage({ id, type, ...args });
   });
 }
@@ -69,11 +79,23 @@ async function restartWorker(reason) {
 function setState(s) {
   state.state = s;
   document.body.dataset.state = s;
-  $('run').disabled = s === 'starting' || s === 'loading' || s === 'running';
-  $('files').disabled = s === 'starting' || s === 'loading' || s === 'running';
+  syncControls();
   $('status').textContent = {
     starting: 'Starting…', loading: 'Loading model…', running: 'Running…', done: 'Done.', error: 'Error.',
   }[s];
+}
+
+// One place decides which controls work: nothing that needs the worker while it is starting,
+// loading or running a forward pass; during a generation only Stop (requests would queue
+// behind it, and a new model must not arrive mid-generation).
+function syncControls() {
+  const busy = ['starting', 'loading', 'running'].includes(state.state);
+  const generating = state.generation.state === 'generating';
+  $('run').disabled = busy || generating;
+  $('files').disabled = busy || generating;
+  $('load-bundled').disabled = busy || generating;
+  $('generate-btn').disabled = busy || generating || !state.model;
+  $('stop').disabled = !generating;
 }
 
 function showError(message) {
@@ -142,6 +164,198 @@ function showModel(model, source) {
     `hidden ${model.hiddenSize}, ${model.numHiddenLayers} layers · runs on ${model.backend === 'webgpu' ? 'WebGPU' : 'the CPU'}`;
   $('model-note').textContent = model.note ?? '';
   $('model-note').hidden = !model.note;
+  if (model.tokenizer) {
+    $('model-label').textContent += ` · tokenizer ${model.tokenizer} (${model.tokenizerVocabSize} tokens)` +
+      (model.chatTemplate ? ', chat template' : '');
+  }
+  setPromptMode(model);
+}
+
+// ---- Generate panel -------------------------------------------------------------------------
+
+const PROMPT_DEFAULTS = { ids: '1,5,17', text: 'Once upon a time' };
+let promptMode = 'ids';
+
+/** Text prompts when the model came with a tokenizer.json, else token ids. */
+function setPromptMode(model) {
+  const mode = model.tokenizer ? 'text' : 'ids';
+  if (mode !== promptMode) {
+    $('prompt').value = PROMPT_DEFAULTS[mode];
+    promptMode = mode;
+  }
+  $('prompt-label').textContent = mode === 'text' ? 'Prompt' : 'Prompt (token ids)';
+  $('prompt').inputMode = mode === 'text' ? 'text' : 'numeric';
+  $('prompt-hint').textContent = mode === 'text'
+    ? `Text, encoded with ${model.tokenizer}; the output streams as text.`
+    : 'This model has no tokenizer (pick its tokenizer.json to use text): give comma-separated token ids; the output is ids too.';
+  $('chat').disabled = !model.chatTemplate;
+  $('chat').checked = Boolean(model.chatTemplate);
+  $('max-tokens').max = String(model.maxPositions);
+  syncControls();
+}
+
+const OPTION_INPUTS = {
+  max_tokens: ['max-tokens', 'Max tokens'],
+  temperature: ['temperature', 'Temperature'],
+  top_k: ['top-k', 'Top-k'],
+  top_p: ['top-p', 'Top-p'],
+  repetition_penalty: ['repetition-penalty', 'Repetition penalty'],
+  seed: ['seed', 'Seed'],
+};
+
+/** A labelled error that points at the input it is about. */
+const inputError = (inputId, message) => Object.assign(new Error(message), { inputId });
+
+/**
+ * The form's options as numbers. Only emptiness is checked here: the ranges are checked once,
+ * by bitlora itself (core's SamplingOptions::validate), whose errors name the option.
+ */
+function readOptions() {
+  const options = {};
+  for (const [name, [id, label]] of Object.entries(OPTION_INPUTS)) {
+    const raw = $(id).value.trim();
+    if (raw === '') throw inputError(id, `${label}: enter a number`);
+    options[name] = Number(raw);
+  }
+  return options;
+}
+
+function readPrompt() {
+  const text = $('prompt').value;
+  if (promptMode === 'text') {
+    if (!text.trim()) throw inputError('prompt', 'Prompt: type some text to continue');
+    return { text, chat: $('chat').checked };
+  }
+  try {
+    return { tokens: parseTokens(text, 'Prompt') };
+  } catch (err) {
+    throw inputError('prompt', err.message);
+  }
+}
+
+function showGenError(message, inputId = null) {
+  const g = state.generation;
+  g.error = message;
+  g.state = 'error';
+  document.body.dataset.gen = 'error';
+  $('gen-error-text').textContent = message;
+  $('gen-error').hidden = false;
+  if (inputId) {
+    $(inputId).setAttribute('aria-invalid', 'true');
+    $(inputId).focus();
+  }
+  syncControls();
+  publish();
+}
+
+function clearGenError() {
+  $('gen-error').hidden = true;
+  $('gen-error-text').textContent = '';
+  for (const el of document.querySelectorAll('#gen-form [aria-invalid]')) el.removeAttribute('aria-invalid');
+}
+
+const fmtSeconds = (s) => (s < 1 ? `${(s * 1000).toFixed(0)} ms` : s >= 60 ? `${Math.floor(s / 60)} min ${Math.round(s % 60)} s` : `${s.toFixed(s < 10 ? 1 : 0)} s`);
+const fmtRate = (r) => `${r >= 100 ? r.toFixed(0) : r.toFixed(1)} tokens/s`;
+
+/** Decode speed from the worker's timestamps: tokens after the first per second. */
+function liveRate(g) {
+  const n = g.tokens.length;
+  if (n < 2) return null;
+  const s = (g.lastAt - g.firstAt) / 1000;
+  return s > 0 ? (n - 1) / s : null;
+}
+
+function showProgress(g) {
+  const n = g.tokens.length;
+  $('gen-progress').value = n;
+  const parts = [`${n} / ${g.maxTokens} tokens`];
+  const rate = liveRate(g);
+  if (rate) {
+    parts.push(fmtRate(rate));
+    parts.push(`ETA ${fmtSeconds((g.maxTokens - n) / rate)}`);
+  } else if (n === 0) {
+    parts.push('reading the prompt…');
+  }
+  $('gen-stats').textContent = parts.join(' · ');
+}
+
+function onToken(event) {
+  const g = state.generation;
+  if (g.tokens.length === 0) g.firstAt = event.at;
+  g.lastAt = event.at;
+  g.tokens.push(event.token);
+  g.events += 1;
+  // Text prompts stream text pieces (a piece can be empty while a character's bytes are
+  // incomplete); id prompts stream ids.
+  const piece = typeof event.text === 'string' ? event.text : `${g.tokens.length > 1 ? ' ' : ''}${event.token}`;
+  g.text += piece;
+  if (piece) $('gen-text').append(piece);
+  showProgress(g);
+}
+
+let stopFlag = null;
+let generationId = null;
+
+async function generate() {
+  clearGenError();
+  let prompt, options;
+  try {
+    prompt = readPrompt();
+    options = readOptions();
+  } catch (err) {
+    showGenError(err.message, err.inputId);
+    return;
+  }
+  const g = (state.generation = {
+    state: 'generating', prompt, options, maxTokens: options.max_tokens,
+    tokens: [], text: '', events: 0, firstAt: null, lastAt: null, result: null, error: null,
+  });
+  document.body.dataset.gen = 'generating';
+  // A SharedArrayBuffer flag reaches a CPU generation that keeps the worker busy (worker.js).
+  stopFlag = globalThis.crossOriginIsolated ? new Int32Array(new SharedArrayBuffer(4)) : null;
+  $('gen-prompt').textContent = prompt.tokens ? prompt.tokens.join(' ') + ' → ' : '';
+  $('gen-text').textContent = '';
+  $('gen-output').hidden = false;
+  $('gen-output').setAttribute('aria-busy', 'true');
+  $('gen-progress').max = Number.isFinite(options.max_tokens) && options.max_tokens > 0 ? options.max_tokens : 1;
+  $('gen-meter').hidden = false;
+  showProgress(g);
+  syncControls();
+  try {
+    const r = await call('generate', { prompt, options, stopFlag }, {
+      onToken, onId: (id) => { generationId = id; },
+    });
+    g.result = r;
+    g.state = 'done';
+    g.stoppedBy = r.stoppedBy;
+    if (!prompt.tokens) $('gen-prompt').textContent = '';
+    const why = { max_tokens: 'reached max tokens', stop_token: 'the model ended it (stop token)', stop: 'stopped' }[r.stoppedBy];
+    const rate = r.tokensPerSecond ? ` · ${fmtRate(r.tokensPerSecond)}` : '';
+    $('gen-stats').textContent =
+      `${r.tokens.length} token${r.tokens.length === 1 ? '' : 's'} in ${fmtSeconds(r.ms / 1000)} on ` +
+      `${r.backend === 'webgpu' ? 'WebGPU' : 'the CPU'}${rate} · prompt ${r.promptTokens.length} tokens, ` +
+      `first token after ${r.prefillMs.toFixed(1)} ms · ${why}`;
+    $('gen-progress').value = r.stoppedBy === 'max_tokens' ? $('gen-progress').max : r.tokens.length;
+    document.body.dataset.gen = 'done';
+  } catch (err) {
+    const option = /sampling option `(\w+)`/.exec(err.message)?.[1];
+    showGenError(`Generation failed: ${err.message}`,
+      OPTION_INPUTS[option]?.[0] ?? (/^prompt|token id/i.test(err.message) ? 'prompt' : null));
+    $('gen-meter').hidden = g.tokens.length === 0;
+    $('gen-output').hidden = g.tokens.length === 0;
+  } finally {
+    generationId = null;
+    stopFlag = null;
+    $('gen-output').setAttribute('aria-busy', 'false');
+    syncControls();
+    publish();
+  }
+}
+
+function stopGeneration() {
+  if (stopFlag) Atomics.store(stopFlag, 0, 1);
+  if (generationId !== null) worker.postMessage({ type: 'stop', target: generationId });
+  $('stop').disabled = true;
 }
 
 function showResult(r) {
@@ -177,12 +391,12 @@ function publish() {
 }
 
 /** "5, 17 42" -> [5, 17, 42]; throws an Error that says which entry is wrong. */
-function parseTokens(text) {
+function parseTokens(text, label = 'Token ids') {
   const parts = text.split(/[\s,]+/).filter(Boolean);
-  if (!parts.length) throw new Error('Token ids: enter at least one, e.g. 5,17,42');
+  if (!parts.length) throw new Error(`${label}: enter at least one token id, e.g. 5,17,42`);
   return parts.map((p) => {
     if (!/^\d+$/.test(p) || Number(p) > 0xffffffff) {
-      throw new Error(`Token ids: "${p}" is not a whole number between 0 and 4294967295`);
+      throw new Error(`${label}: "${p}" is not a whole number between 0 and 4294967295`);
     }
     return Number(p);
   });
@@ -235,6 +449,13 @@ $('run-form').addEventListener('submit', (event) => {
   run();
 });
 
+$('gen-form').addEventListener('submit', (event) => {
+  event.preventDefault();
+  generate();
+});
+$('stop').addEventListener('click', stopGeneration);
+$('gen-form').addEventListener('input', (event) => event.target.removeAttribute?.('aria-invalid'));
+
 $('files').addEventListener('change', async () => {
   const files = Array.from($('files').files);
   if (!files.length) return;
@@ -264,5 +485,6 @@ $('load-bundled').addEventListener('click', async () => {
 });
 
 if (params.get('tokens')) $('tokens').value = params.get('tokens');
+document.body.dataset.gen = 'idle';
 startWorker();
 boot({ run: true });

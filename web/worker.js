@@ -6,7 +6,20 @@
 //   -> { id, type: 'loadBundled' }                <- model    { config, files, bytes, vocabSize, ... }
 //   -> { id, type: 'loadFiles', files: File[] }   <- model
 //   -> { id, type: 'forward', tokens: number[] }  <- { backend, tokens, rows, vocab, logits: Float32Array, top, ms }
+//   -> { id, type: 'generate', prompt, options, stopFlag? }
+//        <- { id, type: 'token', event: { index, token, text?, ms, at } }  once per token, as it is made
+//        <- result { backend, promptTokens, promptText, tokens, text, stoppedBy, prefillMs, decodeMs, ms, tokensPerSecond }
+//      prompt: { text, chat } or { tokens: number[] }; options: { max_tokens, temperature, top_k,
+//      top_p, repetition_penalty, seed } (crates/web/src/generate.rs). `at` is the worker's
+//      clock as epoch milliseconds (performance.timeOrigin + now), comparable with the page's.
+//   -> { type: 'stop', target: id }               no reply; generation `id` ends after its current token
 //   reply: { id, ok: true, result } or { id, ok: false, error: string, fatal?: true }
+//
+// Stopping: a CPU generation runs synchronously in this worker, so a 'stop' message would only
+// be read after it had finished. The page therefore also passes `stopFlag`, an Int32Array on a
+// SharedArrayBuffer (available because the page is cross-origin isolated), which the token
+// callback reads with Atomics.load between tokens. 'stop' messages cover WebGPU generation
+// (which awaits the GPU between tokens, so messages get through) and pages without isolation.
 // `fatal` means the wasm instance trapped (a panic): its memory can no longer be trusted, so the
 // page starts a fresh worker instead of sending more work here.
 
@@ -23,16 +36,24 @@ const MAX_PICKED_BYTES = 1 * 2 ** 30;
 let session = null;
 let poisoned = null;
 
+// Generations asked to stop (by request id), see 'stop' above.
+const stopRequested = new Set();
+
 // Requests run one after another, in arrival order: a forward pass never sees half a load.
+// 'stop' is the exception: it must reach a generation that is running now.
 let queue = Promise.resolve();
 self.onmessage = (event) => {
+  if (event.data?.type === 'stop') {
+    stopRequested.add(event.data.target);
+    return;
+  }
   queue = queue.then(() => handle(event.data));
 };
 
 async function handle({ id, type, ...args }) {
   try {
     if (poisoned) throw Object.assign(new Error(poisoned), { fatal: true });
-    const result = await dispatch(type, args);
+    const result = await dispatch(type, { ...args, id });
     const transfer = result && result.logits instanceof Float32Array ? [result.logits.buffer] : [];
     self.postMessage({ id, ok: true, result }, transfer);
   } catch (err) {
@@ -63,6 +84,8 @@ async function dispatch(type, args) {
       return loadFiles(args.files);
     case 'forward':
       return needSession().forward(Uint32Array.from(args.tokens));
+    case 'generate':
+      return generate(args);
     default:
       throw new Error(`worker: unknown request type ${JSON.stringify(type)}`);
   }
@@ -90,6 +113,21 @@ async function nameAdapter(backend) {
   backend.label = `WebGPU: ${backend.adapter.name}${info.isFallbackAdapter ? ' (software fallback adapter)' : ''}`;
 }
 
+// Streams each token to the page as soon as the model has made it. Returning false from the
+// callback is how bitlora's generate is told to stop.
+async function generate({ id, prompt, options, stopFlag }) {
+  const stopped = () => stopRequested.has(id) || (stopFlag instanceof Int32Array && Atomics.load(stopFlag, 0) !== 0);
+  try {
+    return await needSession().generate(prompt, options, (event) => {
+      event.at = performance.timeOrigin + performance.now();
+      self.postMessage({ id, type: 'token', event });
+      return !stopped();
+    });
+  } finally {
+    stopRequested.delete(id);
+  }
+}
+
 function needSession() {
   if (!session) throw new Error('worker: not initialised (send "init" first)');
   return session;
@@ -108,23 +146,36 @@ async function fetchBytes(path) {
   return new Uint8Array(await response.arrayBuffer());
 }
 
-// The user's picked files: exactly one config (config.json, or the only .json picked) and one or
-// more .safetensors. Everything stays in this tab: File objects are read here, never uploaded.
+// JSON files of a Hugging Face model folder that are not its config.json. tokenizer.json and
+// tokenizer_config.json are used; the others are not needed and are ignored.
+const TOKENIZER = 'tokenizer.json';
+const TOKENIZER_CONFIG = 'tokenizer_config.json';
+const NOT_CONFIG = new Set([TOKENIZER, TOKENIZER_CONFIG, 'generation_config.json', 'special_tokens_map.json',
+  'model.safetensors.index.json', 'added_tokens.json', 'vocab.json', 'preprocessor_config.json']);
+
+// The user's picked files: exactly one config (config.json, or the only other .json picked),
+// one or more .safetensors, and optionally tokenizer.json (text prompts) and
+// tokenizer_config.json (the chat template). Everything stays in this tab: File objects are read
+// here, never uploaded.
 async function loadFiles(files) {
   const list = Array.from(files ?? []);
-  const jsons = list.filter((f) => f.name.toLowerCase().endsWith('.json'));
-  const weights = list.filter((f) => !f.name.toLowerCase().endsWith('.json'));
-  const config = jsons.find((f) => f.name === 'config.json') ?? (jsons.length === 1 ? jsons[0] : null);
+  const isJson = (f) => f.name.toLowerCase().endsWith('.json');
+  const jsons = list.filter(isJson);
+  const weights = list.filter((f) => !isJson(f));
+  const candidates = jsons.filter((f) => !NOT_CONFIG.has(f.name) && !f.name.endsWith('.index.json'));
+  const config = jsons.find((f) => f.name === 'config.json') ?? (candidates.length === 1 ? candidates[0] : null);
   if (!config) {
     const picked = list.map((f) => f.name).join(', ') || 'nothing';
     throw new Error(
-      jsons.length > 1
-        ? `several .json files picked (${jsons.map((f) => f.name).join(', ')}) and none is named config.json; pick the model's config.json`
+      candidates.length > 1
+        ? `several .json files picked (${candidates.map((f) => f.name).join(', ')}) and none is named config.json; pick the model's config.json`
         : `no config.json picked (got: ${picked}); pick the model's config.json together with its .safetensors files`);
   }
-  const others = jsons.filter((f) => f !== config);
+  const tokenizer = jsons.find((f) => f.name === TOKENIZER) ?? null;
+  const tokenizerConfig = jsons.find((f) => f.name === TOKENIZER_CONFIG) ?? null;
+  const others = jsons.filter((f) => f !== config && f !== tokenizer && f !== tokenizerConfig);
   if (others.length) {
-    // e.g. model.safetensors.index.json or tokenizer.json: not needed for a forward pass yet.
+    // e.g. model.safetensors.index.json: the shards name their own tensors.
     console.info(`bitlora: ignoring ${others.map((f) => f.name).join(', ')}`);
   }
   // wasm32 memory ends at 4 GiB, and loading holds the raw files plus the unpacked f32 weights
@@ -135,9 +186,11 @@ async function loadFiles(files) {
       `the picked files total ${(total / 2 ** 30).toFixed(2)} GiB; this page can load models up to ` +
       `${MAX_PICKED_BYTES / 2 ** 30} GiB for now (streaming larger ones from disk is planned)`);
   }
-  const configBytes = new Uint8Array(await config.arrayBuffer());
-  const weightBytes = await Promise.all(weights.map(async (f) => new Uint8Array(await f.arrayBuffer())));
-  return needSession().load(config.name, configBytes, weights.map((f) => f.name), weightBytes);
+  const read = async (f) => (f ? new Uint8Array(await f.arrayBuffer()) : undefined);
+  const configBytes = await read(config);
+  const weightBytes = await Promise.all(weights.map(read));
+  return needSession().load(config.name, configBytes, weights.map((f) => f.name), weightBytes,
+    tokenizer?.name, await read(tokenizer), tokenizerConfig?.name, await read(tokenizerConfig));
 }
 
 function describe(err) {

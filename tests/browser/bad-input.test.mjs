@@ -8,7 +8,8 @@ import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, rmSync } from 'nod
 import os from 'node:os';
 import path from 'node:path';
 import {
-  startServer, launchBrowser, openPage, pageResult, waitSettled, screenshots, TINY_MODEL,
+  startServer, launchBrowser, openPage, pageResult, waitSettled, screenshots, generateOnPage, nativeGenerate,
+  tinyTokenizer, TINY_MODEL, GEN_PROMPT,
 } from './helpers.mjs';
 
 let server, browser, page, log, tmp, baseline;
@@ -100,6 +101,25 @@ const CASES = [
     expect: [/config\.json/, /model_type/, /gpt2/],
   },
   {
+    name: 'tokenizer.json bigger than the model vocabulary',
+    files: () => {
+      const tok = tinyTokenizer();
+      for (let i = 509; i < 600; i++) tok.model.vocab[`extra${i}`] = i;
+      return writeFiles('big-tokenizer', {
+        'config.json': JSON.stringify(tinyConfig()), 'model.safetensors': tinyWeights(), 'tokenizer.json': JSON.stringify(tok),
+      });
+    },
+    expect: [/tokenizer\.json/, /600 tokens/, /vocabulary .* has only 509/],
+  },
+  {
+    name: 'tokenizer.json that is not a tokenizer',
+    files: () => writeFiles('bad-tokenizer', {
+      'config.json': JSON.stringify(tinyConfig()), 'model.safetensors': tinyWeights(),
+      'tokenizer.json': JSON.stringify({ model: { type: 'Nonsense' } }),
+    }),
+    expect: [/tokenizer\.json/, /not a tokenizers JSON file/],
+  },
+  {
     name: 'no config.json picked',
     files: () => writeFiles('no-config', { 'model.safetensors': tinyWeights() }),
     expect: [/config\.json/, /model\.safetensors/],
@@ -133,6 +153,37 @@ test('bad input: token ids out of range or not numbers -> clear error, page keep
   await assertStillWorks('bad tokens');
 });
 
+// Generate panel: each bad option gives an error that names it (core's SamplingOptions checks),
+// marks its input, and the next good generation works.
+const BAD_OPTIONS = [
+  { name: 'top-p 0', options: { 'top-p': 0 }, input: 'top-p', expect: [/sampling option `top_p` is 0; it must be in \(0, 1\]/] },
+  { name: 'negative temperature', options: { temperature: -1 }, input: 'temperature', expect: [/sampling option `temperature` is -1; use 0 \(greedy\) or a positive number/] },
+  { name: 'repetition penalty 0', options: { 'repetition-penalty': 0 }, input: 'repetition-penalty', expect: [/`repetition_penalty` is 0; it must be positive/] },
+  { name: 'fractional top-k', options: { 'top-k': 2.5 }, input: 'top-k', expect: [/`top_k` is 2\.5; it must be a whole number of at least 0/] },
+  { name: 'max tokens 0', options: { 'max-tokens': 0 }, input: 'max-tokens', expect: [/`max_tokens` is 0; it must be a whole number of at least 1/] },
+  { name: 'max tokens beyond the context', options: { 'max-tokens': 300 }, input: 'max-tokens', expect: [/sampling option `max_tokens` is 300; with the prompt's 3 tokens that exceeds the model's context of 256 positions: use at most 253/] },
+  { name: 'empty max tokens', options: { 'max-tokens': '' }, input: 'max-tokens', expect: [/Max tokens: enter a number/] },
+  { name: 'prompt token out of range', prompt: '1,5,999', input: 'prompt', expect: [/token id 999 at position 2 is out of range: the vocabulary has 509 tokens/] },
+  { name: 'prompt not ids', prompt: '1, five', input: 'prompt', expect: [/Prompt: "five" is not a whole number/] },
+];
+const GOOD = { 'max-tokens': 5, temperature: 0, 'top-k': 0, 'top-p': 1, 'repetition-penalty': 1, seed: 0 };
+
+for (const c of BAD_OPTIONS) {
+  test(`bad input: generate with ${c.name} -> clear error, the next generation works`, { timeout: 120_000 }, async () => {
+    const run = await generateOnPage(page, { prompt: c.prompt ?? GEN_PROMPT.join(','), options: { ...GOOD, ...c.options }, log });
+    assert.equal(run.gen.state, 'error', `expected an error for ${c.name}, got ${run.gen.state}`);
+    console.log(`${c.name}: ${run.error}`);
+    for (const re of c.expect) assert.match(run.error, re);
+    assert.doesNotMatch(run.error, /unreachable|RuntimeError|panicked/i);
+    assert.equal(await page.getAttribute(`#${c.input}`, 'aria-invalid'), 'true', `#${c.input} not marked invalid`);
+    const good = await generateOnPage(page, { prompt: GEN_PROMPT.join(','), options: GOOD, log });
+    assert.equal(good.gen.state, 'done', good.error);
+    assert.deepEqual(good.gen.result.tokens, nativeGenerate(GEN_PROMPT, 5));
+    assert.equal(await page.isHidden('#gen-error'), true, 'the error stayed on screen after a good run');
+    assert.equal(await page.getAttribute(`#${c.input}`, 'aria-invalid'), null);
+  });
+}
+
 test('bad input: nothing crashed along the way', () => {
   const crashes = log.filter((l) => /panicked|RuntimeError|unreachable|pageerror|worker restarted/i.test(l));
   assert.deepEqual(crashes, []);
@@ -144,5 +195,6 @@ test('bad input: screenshots of an error at 1280x800 and 390x844', { timeout: 18
     await p.evaluate(() => { document.body.dataset.state = 'test-pending'; });
     await p.setInputFiles('#files', gpt2);
     await waitSettled(p);
+    await generateOnPage(p, { options: { 'top-p': 0 } });
   });
 });

@@ -1,14 +1,22 @@
 //! `bitlora bench`: the named workloads of shared/BENCHMARKS-TARGETS.md on random weights.
 //!
 //! decode-<shape>: a 128-token prompt (batched prefill), then 128 generated tokens through the
-//! KV cache, greedy. Reports prefill and decode tokens/s and the process's peak RSS. Weights
+//! KV cache, greedy. Reports prefill and decode tokens/s and the process's peak RSS, and on the
+//! GPU the adapter and the GPU memory allocated for weights + KV cache + activations. Weights
 //! are random (master weights quantized at load): the work is the same as for a trained model.
+//!
+//! Each backend is timed on its own generation path, the one `bitlora generate` takes: the CPU
+//! prefill is `Model::forward` of the prompt (all T rows of logits), the GPU prefill is
+//! `GpuModel::forward_last` (the last row's logits only, which is all generation reads). Decode
+//! is timed from the first generated token to the last; every GPU step ends with the readback
+//! of its logits, so the clock stops only after the device has finished.
 
 use std::time::Instant;
 
 use bitlora_core::model::{self, Model};
 use bitlora_core::rng::Rng;
-use bitlora_core::{KvCache, generate};
+use bitlora_core::{KvCache, SamplingOptions, generate};
+use bitlora_gpu::{Gpu, GpuError, GpuKvCache, GpuModel};
 
 #[derive(serde::Serialize)]
 pub struct DecodeReport {
@@ -19,6 +27,32 @@ pub struct DecodeReport {
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
     pub peak_rss_mib: Option<f64>,
+    /// The GPU adapter (GPU backend only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// GPU memory allocated for weights + KV cache + activations, in bytes (GPU backend only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_bytes: Option<u64>,
+}
+
+/// The random model and prompt of decode-<shape>; None for an unknown shape.
+fn setup(shape: &str, prompt_len: usize, seed: u64) -> Option<(Model, Vec<u32>)> {
+    let config = model::bench_config(shape)?;
+    eprintln!("bitlora bench: building random {shape} model (seed {seed})...");
+    let (model, tensors) = Model::random(config, seed);
+    drop(tensors);
+    let mut rng = Rng::new(seed ^ 0xbe7c);
+    let prompt: Vec<u32> = (0..prompt_len)
+        .map(|_| rng.below(model.config.vocab_size as u64) as u32)
+        .collect();
+    Some((model, prompt))
+}
+
+fn greedy(gen_len: usize) -> SamplingOptions {
+    SamplingOptions {
+        max_tokens: gen_len,
+        ..Default::default()
+    }
 }
 
 /// Runs decode-<shape> on the CPU reference. `shape` is one of model::bench_config's names.
@@ -28,14 +62,7 @@ pub fn decode_cpu(
     gen_len: usize,
     seed: u64,
 ) -> Option<DecodeReport> {
-    let config = model::bench_config(shape)?;
-    eprintln!("bitlora bench: building random {shape} model (seed {seed})...");
-    let (model, tensors) = Model::random(config, seed);
-    drop(tensors);
-    let mut rng = Rng::new(seed ^ 0xbe7c);
-    let prompt: Vec<u32> = (0..prompt_len)
-        .map(|_| rng.below(model.config.vocab_size as u64) as u32)
-        .collect();
+    let (model, prompt) = setup(shape, prompt_len, seed)?;
 
     // Warm-up: one short pass so page faults and lazy init are not timed.
     model
@@ -53,12 +80,8 @@ pub fn decode_cpu(
 
     // Decode through the library's own generate() (the same path `bitlora generate` takes),
     // timing from the first generated token so prefill is not counted twice.
-    let opts = bitlora_core::SamplingOptions {
-        max_tokens: gen_len,
-        ..Default::default()
-    };
     let mut first = None;
-    let out = generate(&model, &prompt, &opts, |_| {
+    let out = generate(&model, &prompt, &greedy(gen_len), |_| {
         first.get_or_insert_with(Instant::now);
         true
     })
@@ -72,7 +95,60 @@ pub fn decode_cpu(
         prefill_tokens_per_s: prompt_len as f64 / prefill,
         decode_tokens_per_s: out.len().saturating_sub(1) as f64 / decode.max(1e-9),
         peak_rss_mib: peak_rss_mib(),
+        adapter: None,
+        gpu_bytes: None,
     })
+}
+
+/// Runs decode-<shape> on the GPU (wgpu). Ok(None) for an unknown shape.
+pub fn decode_gpu(
+    shape: &str,
+    prompt_len: usize,
+    gen_len: usize,
+    seed: u64,
+) -> Result<Option<DecodeReport>, GpuError> {
+    let Some((model, prompt)) = setup(shape, prompt_len, seed) else {
+        return Ok(None);
+    };
+    let gpu = pollster::block_on(Gpu::new())?;
+    eprintln!(
+        "bitlora bench: GPU adapter {} ({})",
+        gpu.info.name, gpu.info.backend
+    );
+    let gm = GpuModel::new(&gpu, &model)?;
+    drop(model); // the GPU holds its own copy; keep peak RSS about the GPU run
+
+    // Warm-up: pipelines and first-use allocations are not timed.
+    pollster::block_on(gm.logits(&prompt[..4.min(prompt.len())]))?;
+
+    // Prefill as generation runs it: the whole prompt in one pass, the last row read back.
+    let mut cache = GpuKvCache::new(&gm, prompt_len + gen_len)?;
+    let start = Instant::now();
+    let last = pollster::block_on(gm.forward_last(&prompt, &mut cache))?;
+    let prefill = start.elapsed().as_secs_f64();
+    std::hint::black_box(&last);
+    // The same allocation generate() makes: weights + a cache for prompt + generated tokens
+    // with the activations of a prompt-sized pass.
+    let gpu_bytes = gm.weight_bytes() + cache.bytes();
+    drop(cache);
+
+    let mut first = None;
+    let out = pollster::block_on(gm.generate(&prompt, &greedy(gen_len), |_| {
+        first.get_or_insert_with(Instant::now);
+        true
+    }))?;
+    let decode = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    Ok(Some(DecodeReport {
+        workload: format!("decode-{shape}"),
+        backend: "gpu",
+        prompt_tokens: prompt_len,
+        generated_tokens: out.len(),
+        prefill_tokens_per_s: prompt_len as f64 / prefill,
+        decode_tokens_per_s: out.len().saturating_sub(1) as f64 / decode.max(1e-9),
+        peak_rss_mib: peak_rss_mib(),
+        adapter: Some(format!("{} ({})", gpu.info.name, gpu.info.backend)),
+        gpu_bytes: Some(gpu_bytes),
+    }))
 }
 
 /// VmHWM from /proc/self/status (Linux), in MiB.

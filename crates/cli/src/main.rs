@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! bitlora logits --model DIR --tokens 5,17,42 [--backend cpu|gpu]   one JSON object on stdout
+//! bitlora generate --model DIR (--prompt TEXT | --tokens 1,2) [--backend cpu|gpu] [sampling]
+//! bitlora bench decode [--shape 125m] [--backend cpu|gpu]           one JSON report on stdout
 //! bitlora serve [--port N] [--root DIR]                             serves the page
 //! bitlora random-model --out DIR [--shape tiny] [--seed N]          writes a random BitNet model
 //! ```
@@ -9,6 +11,7 @@
 
 mod bench;
 mod serve;
+mod train_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,9 +44,13 @@ enum Command {
         /// Where to run the forward pass: the CPU reference or the GPU (wgpu: Vulkan, Metal, ...).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
+        /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors),
+        /// applied unmerged as PEFT runs it (CPU backend).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
-    /// Generates text after a prompt, streaming it to stdout as it is produced (CPU reference
-    /// with a KV cache). Timing goes to stderr.
+    /// Generates text after a prompt, streaming it to stdout as it is produced (batched
+    /// prefill, then a KV cache; on the CPU reference or the GPU). Timing goes to stderr.
     Generate {
         /// Model directory: config.json, *.safetensors, and tokenizer.json for --prompt.
         #[arg(long)]
@@ -59,6 +66,10 @@ enum Command {
         /// (tokenizer_config.json) and stop at the end of the assistant's turn.
         #[arg(long, requires = "prompt")]
         chat: bool,
+        /// Where to run the model: the CPU reference or the GPU (wgpu: Vulkan, Metal, ...).
+        /// Sampling runs on the CPU either way, with the same sampler.
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        backend: Backend,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -80,7 +91,14 @@ enum Command {
         /// Seed of the random weights and prompt.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Where to run it: the CPU reference or the GPU (wgpu). The GPU report adds the
+        /// adapter and `gpu_bytes` (weights + KV cache + activations).
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        backend: Backend,
     },
+    /// Fine-tunes a LoRA adapter on a text or JSONL file (CPU reference), with a progress bar,
+    /// validation, checkpoints (Ctrl-C saves one) and PEFT adapter files in --out.
+    Train(train_cmd::TrainArgs),
     /// Serves the page (index.html and web/) on localhost and prints its URL.
     Serve {
         /// Port to listen on; 0 picks a free one.
@@ -137,7 +155,7 @@ enum Backend {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Workload {
-    /// Prefill then KV-cached greedy decoding on the CPU reference.
+    /// Prefill then KV-cached greedy decoding.
     Decode,
 }
 
@@ -193,6 +211,8 @@ enum CliError {
     Gpu(#[from] bitlora_gpu::GpuError),
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
+    #[error(transparent)]
+    Train(#[from] train_cmd::TrainError),
     #[error("{0}: no tokenizer.json beside the model; pass the prompt as --tokens 1,2,3 instead")]
     NoTokenizer(String),
     #[error("{0}: no chat_template in tokenizer_config.json (a base model?); drop --chat")]
@@ -201,6 +221,10 @@ enum CliError {
         "bench: shape {0} has no model of its own (use 125m, 1b or 2b4t), or the prompt exceeds its context"
     )]
     Bench(&'static str),
+    #[error(
+        "--adapter runs on the CPU backend for now (GPU LoRA comes with GPU training); drop --backend gpu"
+    )]
+    GpuAdapter,
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),
 }
@@ -222,18 +246,21 @@ fn run(command: Command) -> Result<(), CliError> {
             model,
             tokens,
             backend,
-        } => logits(&model, &tokens.0, backend),
+            adapter,
+        } => logits(&model, &tokens.0, backend, adapter.as_deref()),
         Command::Generate {
             model,
             prompt,
             tokens,
             chat,
+            backend,
             sampling,
         } => generate(
             &model,
             prompt.as_deref(),
             tokens.map(|t| t.0),
             chat,
+            backend,
             &sampling,
         ),
         Command::Bench {
@@ -242,9 +269,13 @@ fn run(command: Command) -> Result<(), CliError> {
             prompt_len,
             gen_len,
             seed,
+            backend,
         } => {
-            let report = bench::decode_cpu(shape.name(), prompt_len, gen_len, seed)
-                .ok_or(CliError::Bench(shape.name()))?;
+            let report = match backend {
+                Backend::Cpu => bench::decode_cpu(shape.name(), prompt_len, gen_len, seed),
+                Backend::Gpu => bench::decode_gpu(shape.name(), prompt_len, gen_len, seed)?,
+            }
+            .ok_or(CliError::Bench(shape.name()))?;
             eprintln!(
                 "bitlora bench: {} on {}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB",
                 report.workload,
@@ -259,6 +290,7 @@ fn run(command: Command) -> Result<(), CliError> {
             );
             Ok(())
         }
+        Command::Train(args) => Ok(train_cmd::run(&args)?),
         Command::Serve { port, root } => Ok(serve::serve(&root, port)?),
         Command::RandomModel { out, shape, seed } => {
             let config = match shape.name() {
@@ -277,10 +309,23 @@ fn run(command: Command) -> Result<(), CliError> {
     }
 }
 
-fn logits(dir: &std::path::Path, tokens: &[u32], backend: Backend) -> Result<(), CliError> {
+fn logits(
+    dir: &std::path::Path,
+    tokens: &[u32],
+    backend: Backend,
+    adapter: Option<&std::path::Path>,
+) -> Result<(), CliError> {
     let model = Model::from_dir(dir)?;
+    let lora = adapter
+        .map(|a| bitlora_core::peft::load_dir(a, &model.config))
+        .transpose()?;
     let logits = match backend {
-        Backend::Cpu => model.logits(tokens)?,
+        Backend::Cpu => model.forward_with_adapter(
+            tokens,
+            &mut bitlora_core::KvCache::new(&model.config),
+            lora.as_ref(),
+        )?,
+        Backend::Gpu if lora.is_some() => return Err(CliError::GpuAdapter),
         Backend::Gpu => {
             model.check_tokens(tokens)?;
             let gpu = pollster::block_on(bitlora_gpu::Gpu::new())?;
@@ -323,6 +368,7 @@ fn generate(
     prompt: Option<&str>,
     tokens: Option<Vec<u32>>,
     chat: bool,
+    backend: Backend,
     args: &SamplingArgs,
 ) -> Result<(), CliError> {
     use bitlora_core::{ChatTemplate, Message, SamplingOptions, TextStream, Tokenizer};
@@ -385,12 +431,24 @@ fn generate(
         stop_tokens,
         seed: args.seed,
     };
+    // The GPU is set up (adapter, weight upload, pipelines) before the clock starts.
+    let gpu_model = match backend {
+        Backend::Cpu => None,
+        Backend::Gpu => {
+            let gpu = pollster::block_on(bitlora_gpu::Gpu::new())?;
+            eprintln!(
+                "bitlora: GPU adapter {} ({})",
+                gpu.info.name, gpu.info.backend
+            );
+            Some(bitlora_gpu::GpuModel::new(&gpu, &model)?)
+        }
+    };
     let mut stdout = std::io::stdout().lock();
     let mut stream = tokenizer.as_ref().map(TextStream::new);
     let mut write_err = None;
     let mut first_token_at = None;
     let start = std::time::Instant::now();
-    let out = bitlora_core::generate(&model, &prompt_ids, &opts, |id| {
+    let on_token = |id| {
         first_token_at.get_or_insert_with(std::time::Instant::now);
         let piece = match &mut stream {
             Some(s) => match s.push(id) {
@@ -410,7 +468,11 @@ fn generate(
             return false;
         }
         true
-    })?;
+    };
+    let out = match &gpu_model {
+        None => bitlora_core::generate(&model, &prompt_ids, &opts, on_token)?,
+        Some(gm) => pollster::block_on(gm.generate(&prompt_ids, &opts, on_token))?,
+    };
     if let Some(e) = write_err {
         return Err(e);
     }

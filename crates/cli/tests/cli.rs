@@ -329,3 +329,97 @@ fn generate_reports_a_missing_tokenizer_and_bad_options() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `generate --backend gpu` prints the same ids as `--backend cpu` and as the library, greedy
+/// and seeded sampling alike (both sample on the CPU with bitlora_core's Sampler).
+#[test]
+fn gpu_generate_equals_cpu_generate() {
+    let m = tiny();
+    let ids = |backend: &str, extra: &[&str]| -> Vec<u32> {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--tokens",
+            "1,5,17,42",
+            "--max-tokens",
+            "16",
+            "--backend",
+            backend,
+        ];
+        args.extend_from_slice(extra);
+        let out = bitlora(&args);
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if backend == "gpu" {
+            print!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect()
+    };
+    let model = Model::from_dir(&tiny()).unwrap();
+    let greedy = bitlora_core::SamplingOptions {
+        max_tokens: 16,
+        stop_tokens: model.config.eos_token_ids.clone(),
+        ..Default::default()
+    };
+    let want = bitlora_core::generate(&model, &[1, 5, 17, 42], &greedy, |_| true).unwrap();
+    assert_eq!(ids("cpu", &[]), want);
+    assert_eq!(ids("gpu", &[]), want, "greedy on the GPU");
+    let sampled = [
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "3",
+    ];
+    assert_eq!(
+        ids("gpu", &sampled),
+        ids("cpu", &sampled),
+        "seeded sampling on the GPU"
+    );
+}
+
+/// `bench decode --backend gpu` prints one JSON report with the adapter and the GPU memory
+/// (a short run: 4 prompt tokens, 3 generated, on the 125m shape).
+#[test]
+fn bench_decode_on_the_gpu_reports_gpu_bytes() {
+    let out = bitlora(&[
+        "bench",
+        "decode",
+        "--shape",
+        "125m",
+        "--backend",
+        "gpu",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    println!("{r}");
+    assert_eq!(r["workload"], "decode-125m");
+    assert_eq!(r["backend"], "gpu");
+    assert_eq!(r["prompt_tokens"], 4);
+    assert_eq!(r["generated_tokens"], 3);
+    assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["adapter"].as_str().is_some_and(|a| !a.is_empty()));
+    // At least the f32 tied embedding/head (32002 x 768 x 4 bytes) and the packed ternary
+    // projections (11 layers x 9.4 M weights / 4 bytes).
+    let floor = 32002 * 768 * 4 + 11 * (4 * 768 * 768 + 3 * 768 * 3072) / 4;
+    assert!(r["gpu_bytes"].as_u64().unwrap() > floor as u64, "{r}");
+}

@@ -149,7 +149,7 @@ impl<'m> Trainer<'m> {
             self.optimizer.step(&mut self.lora, &mut grads);
         }
         let eval = self.options.eval_every;
-        let val_loss = if eval > 0 && (self.step % eval == 0 || self.done()) {
+        let val_loss = if eval > 0 && (self.step.is_multiple_of(eval) || self.done()) {
             self.validate()?
         } else {
             None

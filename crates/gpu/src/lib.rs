@@ -10,7 +10,8 @@
 //! - [`tensor`]: [`GpuTensor`] (a buffer with a name, a shape and an element type), uploads,
 //!   async readbacks.
 //! - [`record`]: [`Recorder`], one command encoder + compute pass for a sequence of dispatches.
-//! - [`model`]: [`GpuModel`], the weights on the GPU and the forward pass.
+//! - [`model`]: [`GpuModel`], the weights on the GPU, the KV-cached forward pass
+//!   ([`GpuKvCache`]) and generation.
 //!
 //! Everything that waits on the GPU is `async`: on the web the browser drives the device, so
 //! nothing may block; natively the futures poll the device themselves (use `pollster`).
@@ -25,9 +26,9 @@ pub mod tensor;
 
 use std::sync::{Arc, Mutex};
 
-pub use model::GpuModel;
+pub use model::{GpuKvCache, GpuModel};
 pub use record::Recorder;
-pub use tensor::{DType, GpuTensor};
+pub use tensor::{DType, GpuTensor, SplitTensor};
 
 /// Errors of the GPU backend. Each names the tensor, op or adapter involved.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +42,7 @@ pub enum GpuError {
     RequestDevice { adapter: String, msg: String },
 
     #[error(
-        "tensor `{tensor}` needs {bytes} bytes, more than this GPU allows in one storage buffer ({limit} bytes); splitting large tensors is not implemented yet"
+        "tensor `{tensor}` needs {bytes} bytes, more than this GPU allows in one storage buffer ({limit} bytes); only the embedding and the head are split along the vocabulary, so this model (or this many tokens at once) does not fit this GPU"
     )]
     TooLarge {
         tensor: String,

@@ -12,6 +12,21 @@
 //! ```
 //! where each BitLinear is act_quant (x -> x_q, s_a) then ternary_matmul. The ternary weights
 //! stay in transformers' packed 2-bit layout on the GPU.
+//!
+//! One code path serves every use: [`GpuModel::forward`] runs T new tokens after the tokens
+//! already in a [`GpuKvCache`] (k_proj and v_proj write straight into the cache rows past..past+T,
+//! RoPE rotates them there at positions past.., attention reads all past+T keys), exactly as
+//! `Model::forward` on the CPU. [`GpuModel::logits`] is the empty-cache case, batched prefill is
+//! one forward of the whole prompt, and decoding feeds one token at a time.
+//!
+//! Every kernel computes a row the same way whatever T and the cache offset are (the same
+//! summation order, integer ternary products), so cached decoding reproduces the full pass's
+//! logits bit for bit; tests/model.rs checks it with `assert_eq!`.
+//!
+//! Large tensors: the embedding and the head are [`SplitTensor`]s, split along V into chunks
+//! that fit one storage binding (one dispatch per chunk). A pass over more tokens than its
+//! (T, V) logits or (T, F) activations can hold in one binding is cut into several passes
+//! through the cache, which by the above gives the same logits.
 
 use bitlora_core::quant::TernaryLinear;
 use bitlora_core::{Config, Model, ops as cpu_ops};
@@ -19,8 +34,10 @@ use bitlora_core::{Config, Model, ops as cpu_ops};
 use crate::ops::{
     ActQuant, Attention, Embedding, GatedAct, Matmul, ResidualAdd, RmsNorm, Rope, TernaryMatmul,
 };
+use bitlora_core::generate::{Sampler, SamplingOptions};
+
 use crate::record::Recorder;
-use crate::tensor::{self, DType, GpuTensor};
+use crate::tensor::{self, DType, GpuTensor, SplitTensor};
 use crate::{ErrorSink, Gpu, GpuError};
 
 /// A BitLinear on the GPU: packed weight, its scale, and the launcher for its shape.
@@ -56,12 +73,12 @@ pub struct GpuModel {
     queue: wgpu::Queue,
     errors: ErrorSink,
     config: Config,
-    embed_tokens: GpuTensor,    // (V, C)
-    layers: Vec<Layer>,         // L
-    norm: Norm,                 // (C)
-    lm_head: Option<GpuTensor>, // (V, C); None when tied to embed_tokens
-    rope_cos: GpuTensor,        // (P, HS/2), P = max_position_embeddings
-    rope_sin: GpuTensor,        // (P, HS/2)
+    embed_tokens: SplitTensor,    // (V, C), in chunks along V
+    layers: Vec<Layer>,           // L
+    norm: Norm,                   // (C)
+    lm_head: Option<SplitTensor>, // (V, C); None when tied to embed_tokens
+    rope_cos: GpuTensor,          // (P, HS/2), P = max_position_embeddings
+    rope_sin: GpuTensor,          // (P, HS/2)
     embedding: Embedding,
     quant_c: ActQuant, // rows of width C
     quant_q: ActQuant, // rows of width NH*HS
@@ -72,6 +89,261 @@ pub struct GpuModel {
     gated_act: GatedAct,
     residual_add: ResidualAdd,
     head: Matmul,
+    /// Most tokens one pass records: every (T, width) activation, the (T, V) logits included,
+    /// fits the split threshold. Longer inputs take several passes through the cache.
+    max_pass_tokens: usize,
+    /// Bytes of every weight buffer (ternary, norms, embedding, head, RoPE tables).
+    weight_bytes: u64,
+}
+
+/// Which rows of logits a pass computes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Head {
+    /// None: an early chunk of a prefill whose logits nobody reads.
+    Skip,
+    /// The last token's only (generation).
+    Last,
+    /// Every token's.
+    All,
+}
+
+/// The activations of one pass of up to `rows` tokens, kept with the cache and reused by
+/// every later pass of at most `rows` tokens (views of their first T rows), so decoding
+/// allocates nothing per token.
+#[derive(Clone)]
+struct Workspace {
+    rows: usize,
+    tokens: GpuTensor, // (T) u32
+    h: GpuTensor,      // (T, C) the residual stream
+    x: GpuTensor,      // (T, C) normed input of a block
+    xq_c: GpuTensor,   // (T, C) int8
+    xq_q: GpuTensor,   // (T, NH*HS) int8
+    xq_f: GpuTensor,   // (T, F) int8
+    s_a: GpuTensor,    // (T)
+    q: GpuTensor,      // (T, NH*HS)
+    att: GpuTensor,    // (T, NH*HS)
+    att_n: GpuTensor,  // (T, NH*HS) sub-normed
+    proj: GpuTensor,   // (T, C) o_proj / down_proj output
+    gate: GpuTensor,   // (T, F)
+    up: GpuTensor,     // (T, F)
+    ffn: GpuTensor,    // (T, F)
+    ffn_n: GpuTensor,  // (T, F) sub-normed
+    logits: GpuTensor, // (T, V)
+}
+
+impl Workspace {
+    fn new(dev: &wgpu::Device, cfg: &Config, t: usize) -> Result<Workspace, GpuError> {
+        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let q_dim = cfg.q_dim();
+        let f32t = |name: &str, cols: usize| GpuTensor::zeros(dev, name, &[t, cols], DType::F32);
+        let i8t = |name: &str, cols: usize| GpuTensor::zeros(dev, name, &[t, cols], DType::I8x4);
+        Ok(Workspace {
+            rows: t,
+            tokens: GpuTensor::zeros(dev, "tokens", &[t], DType::U32)?,
+            h: f32t("h", c)?,
+            x: f32t("x", c)?,
+            xq_c: i8t("x_q (C)", c)?,
+            xq_q: i8t("x_q (NH*HS)", q_dim)?,
+            xq_f: i8t("x_q (F)", f)?,
+            s_a: GpuTensor::zeros(dev, "s_a", &[t], DType::F32)?,
+            q: f32t("q", q_dim)?,
+            att: f32t("attention", q_dim)?,
+            att_n: f32t("attention (sub-normed)", q_dim)?,
+            proj: f32t("projection (C)", c)?,
+            gate: f32t("gate", f)?,
+            up: f32t("up", f)?,
+            ffn: f32t("ffn", f)?,
+            ffn_n: f32t("ffn (sub-normed)", f)?,
+            logits: f32t("logits", v)?,
+        })
+    }
+
+    fn all(&self) -> [&GpuTensor; 16] {
+        [
+            &self.tokens,
+            &self.h,
+            &self.x,
+            &self.xq_c,
+            &self.xq_q,
+            &self.xq_f,
+            &self.s_a,
+            &self.q,
+            &self.att,
+            &self.att_n,
+            &self.proj,
+            &self.gate,
+            &self.up,
+            &self.ffn,
+            &self.ffn_n,
+            &self.logits,
+        ]
+    }
+
+    /// The first `t` rows of every activation.
+    fn view(&self, t: usize) -> Result<Workspace, GpuError> {
+        Ok(Workspace {
+            rows: t,
+            tokens: self.tokens.rows_view(t)?,
+            h: self.h.rows_view(t)?,
+            x: self.x.rows_view(t)?,
+            xq_c: self.xq_c.rows_view(t)?,
+            xq_q: self.xq_q.rows_view(t)?,
+            xq_f: self.xq_f.rows_view(t)?,
+            s_a: self.s_a.rows_view(t)?,
+            q: self.q.rows_view(t)?,
+            att: self.att.rows_view(t)?,
+            att_n: self.att_n.rows_view(t)?,
+            proj: self.proj.rows_view(t)?,
+            gate: self.gate.rows_view(t)?,
+            up: self.up.rows_view(t)?,
+            ffn: self.ffn.rows_view(t)?,
+            ffn_n: self.ffn_n.rows_view(t)?,
+            logits: self.logits.rows_view(t)?,
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        self.all().iter().map(|t| t.buffer.size()).sum()
+    }
+}
+
+/// Keys (after RoPE) and values of the tokens seen so far, per layer, on the GPU; plus the
+/// activation buffers of the passes that use it (reused from pass to pass).
+///
+/// Sizing: the buffers hold `capacity` positions, chosen at creation
+/// ([`GpuModel::generate`] asks for exactly prompt + max_tokens). A forward that would pass
+/// the capacity grows it to the next multiple of [`GpuKvCache::GROW`] positions (at most
+/// max_position_embeddings), copying the cached rows on the GPU; so a cache made with a small
+/// capacity works for any sequence, at the price of a copy every GROW tokens.
+pub struct GpuKvCache {
+    k: Vec<GpuTensor>, // L x (CAP, NKV*HS), rows 0..len hold positions 0..len
+    v: Vec<GpuTensor>, // L x (CAP, NKV*HS)
+    len: usize,
+    capacity: usize,
+    ws: Option<Workspace>,
+}
+
+impl GpuKvCache {
+    /// Positions added at a time when a forward outgrows the capacity.
+    pub const GROW: usize = 256;
+
+    /// An empty cache for `model` with room for `capacity` positions (at least 1, at most the
+    /// model's max_position_embeddings).
+    pub fn new(model: &GpuModel, capacity: usize) -> Result<GpuKvCache, GpuError> {
+        let cfg = &model.config;
+        let capacity = capacity.clamp(1, cfg.max_position_embeddings);
+        let (k, v) = Self::buffers(&model.device, cfg, capacity)?;
+        Ok(GpuKvCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+            ws: None,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn buffers(
+        dev: &wgpu::Device,
+        cfg: &Config,
+        capacity: usize,
+    ) -> Result<(Vec<GpuTensor>, Vec<GpuTensor>), GpuError> {
+        let kv_dim = cfg.kv_dim();
+        let mk = |what: &str, l: usize| {
+            GpuTensor::zeros(
+                dev,
+                format!("kv cache layer {l} {what}"),
+                &[capacity, kv_dim],
+                DType::F32,
+            )
+        };
+        let l = cfg.num_hidden_layers;
+        Ok((
+            (0..l).map(|l| mk("keys", l)).collect::<Result<_, _>>()?,
+            (0..l).map(|l| mk("values", l)).collect::<Result<_, _>>()?,
+        ))
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions the buffers hold now.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets the cached tokens (the buffers stay for the next sequence).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Bytes of GPU memory held: keys, values and the reused activations.
+    pub fn bytes(&self) -> u64 {
+        let kv: u64 = self.k.iter().chain(&self.v).map(|t| t.buffer.size()).sum();
+        kv + self.ws.as_ref().map_or(0, Workspace::bytes)
+    }
+
+    /// Grows the buffers to hold `need` positions, keeping the cached rows.
+    fn reserve(&mut self, model: &GpuModel, need: usize) -> Result<(), GpuError> {
+        if need <= self.capacity {
+            return Ok(());
+        }
+        let cfg = &model.config;
+        let capacity = need
+            .next_multiple_of(Self::GROW)
+            .min(cfg.max_position_embeddings)
+            .max(need);
+        let (k, v) = Self::buffers(&model.device, cfg, capacity)?;
+        let bytes = (self.len * cfg.kv_dim() * 4) as u64;
+        if bytes > 0 {
+            let mut enc = model.device.create_command_encoder(&Default::default());
+            for (old, new) in self.k.iter().zip(&k).chain(self.v.iter().zip(&v)) {
+                enc.copy_buffer_to_buffer(&old.buffer, 0, &new.buffer, 0, bytes);
+            }
+            model.queue.submit([enc.finish()]);
+        }
+        self.k = k;
+        self.v = v;
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// The activations for a pass of `t` tokens, allocated once for the largest T seen.
+    fn workspace(&mut self, model: &GpuModel, t: usize) -> Result<Workspace, GpuError> {
+        match &self.ws {
+            Some(ws) if ws.rows >= t => ws.view(t),
+            _ => {
+                let ws = Workspace::new(&model.device, &model.config, t)?;
+                self.ws = Some(ws.clone());
+                Ok(ws)
+            }
+        }
+    }
+
+    /// Checks that this cache was made for a model of `cfg`'s shape.
+    fn check(&self, cfg: &Config) -> Result<(), GpuError> {
+        let ok = self.k.len() == cfg.num_hidden_layers
+            && self.k.iter().all(|k| k.shape[1] == cfg.kv_dim());
+        if ok {
+            return Ok(());
+        }
+        Err(GpuError::Shape {
+            op: "GpuModel::forward",
+            msg: format!(
+                "the KV cache has {} layers of width {:?}; the model has {} layers of width {}",
+                self.k.len(),
+                self.k.first().map(|k| k.shape[1]),
+                cfg.num_hidden_layers,
+                cfg.kv_dim()
+            ),
+        })
+    }
 }
 
 /// Returns the cached value for `key`, creating it with `make` the first time.
@@ -85,12 +357,24 @@ fn cached<K: PartialEq, V: Clone>(cache: &mut Vec<(K, V)>, key: K, make: impl Fn
 }
 
 impl GpuModel {
-    /// Uploads `model`'s weights and builds the pipelines for its shapes. Fails with
-    /// [`GpuError::TooLarge`] naming the first tensor that does not fit one storage binding.
+    /// Uploads `model`'s weights and builds the pipelines for its shapes. The embedding and
+    /// the head are split along V to fit this device's storage-binding limit.
     pub fn new(gpu: &Gpu, model: &Model) -> Result<GpuModel, GpuError> {
+        Self::with_max_binding(gpu, model, tensor::binding_limit(&gpu.device))
+    }
+
+    /// As [`GpuModel::new`], splitting tensors (and passes over many tokens) as if no binding
+    /// could exceed `max_binding` bytes (capped at the device's limit). For tests: a small
+    /// value runs the multi-chunk embedding and head and multi-pass prefill on a tiny model.
+    pub fn with_max_binding(
+        gpu: &Gpu,
+        model: &Model,
+        max_binding: u64,
+    ) -> Result<GpuModel, GpuError> {
         let dev = &gpu.device;
         let cfg = &model.config;
         let p = &model.params;
+        let split = max_binding.min(tensor::binding_limit(dev)).max(4);
         let (v, c, f) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
         let (nh, nkv, hs) = (
             cfg.num_attention_heads,
@@ -124,10 +408,16 @@ impl GpuModel {
             })
         };
 
-        let embed_tokens =
-            GpuTensor::f32(dev, "model.embed_tokens.weight", &[v, c], &p.embed_tokens)?;
+        let embed_tokens = SplitTensor::f32(
+            dev,
+            "model.embed_tokens.weight",
+            v,
+            c,
+            &p.embed_tokens,
+            split,
+        )?;
         let lm_head = match &p.lm_head {
-            Some(w) => Some(GpuTensor::f32(dev, "lm_head.weight", &[v, c], w)?),
+            Some(w) => Some(SplitTensor::f32(dev, "lm_head.weight", v, c, w, split)?),
             None => None,
         };
         let mut layers = Vec::with_capacity(p.layers.len());
@@ -152,11 +442,42 @@ impl GpuModel {
         }
         let norm = norm("model.norm.weight".into(), &p.norm)?;
 
-        // RoPE tables for every position the model accepts, computed by the CPU reference.
+        // RoPE tables for every position the model accepts, computed by the CPU reference
+        // (rope_tables_from(start, ..) gives the same values as these rows start..).
         let positions = cfg.max_position_embeddings;
         let (cos, sin) = cpu_ops::rope_tables(positions, hs, cfg.rope_theta);
         let rope_cos = GpuTensor::f32(dev, "rope_cos", &[positions, hs / 2], &cos)?;
         let rope_sin = GpuTensor::f32(dev, "rope_sin", &[positions, hs / 2], &sin)?;
+
+        let widest = [c, q_dim, f, v].into_iter().max().unwrap_or(1) as u64;
+        let max_pass_tokens = ((split / (4 * widest)) as usize).max(1);
+        let weight_bytes = embed_tokens.bytes()
+            + lm_head.as_ref().map_or(0, SplitTensor::bytes)
+            + rope_cos.bytes()
+            + rope_sin.bytes()
+            + norm.w.bytes()
+            + layers
+                .iter()
+                .map(|l| {
+                    let lin = [
+                        &l.q_proj,
+                        &l.k_proj,
+                        &l.v_proj,
+                        &l.o_proj,
+                        &l.gate_proj,
+                        &l.up_proj,
+                        &l.down_proj,
+                    ];
+                    let norms = [
+                        &l.input_layernorm,
+                        &l.attn_sub_norm,
+                        &l.post_attention_layernorm,
+                        &l.ffn_sub_norm,
+                    ];
+                    lin.iter().map(|x| x.w.bytes() + x.sw.bytes()).sum::<u64>()
+                        + norms.iter().map(|n| n.w.bytes()).sum::<u64>()
+                })
+                .sum::<u64>();
 
         let model = GpuModel {
             device: dev.clone(),
@@ -179,6 +500,8 @@ impl GpuModel {
             gated_act: GatedAct::new(dev, f, cfg.hidden_act),
             residual_add: ResidualAdd::new(dev, c),
             head: Matmul::new(dev, c, v),
+            max_pass_tokens,
+            weight_bytes,
         };
         // Shader or pipeline errors surface here natively (on the web, at the first forward).
         model.errors.take()?;
@@ -190,93 +513,222 @@ impl GpuModel {
         &self.config
     }
 
+    /// Bytes of GPU memory the weights take (packed ternary projections, f32 norms,
+    /// embedding and head, RoPE tables). A [`GpuKvCache`] adds [`GpuKvCache::bytes`].
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Chunks the embedding (and the head, when untied) is split into along V.
+    pub fn vocab_chunks(&self) -> usize {
+        self.embed_tokens.chunks.len()
+    }
+
+    /// Most tokens one recorded pass takes; longer inputs run as several passes.
+    pub fn max_pass_tokens(&self) -> usize {
+        self.max_pass_tokens
+    }
+
     /// The full forward pass: tokens (T) -> logits (T, V), row-major, as `Model::logits`.
+    /// The empty-cache case of [`GpuModel::forward`].
     pub async fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>, GpuError> {
         self.config.check_tokens(tokens)?;
+        let mut cache = GpuKvCache::new(self, tokens.len())?;
+        self.forward(tokens, &mut cache).await
+    }
+
+    /// The forward pass of T new tokens after the `cache.len()` tokens in `cache`: returns
+    /// their logits (T, V) and appends their keys and values to the cache, as
+    /// `Model::forward`.
+    pub async fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut GpuKvCache,
+    ) -> Result<Vec<f32>, GpuError> {
+        self.check(tokens, cache)?;
+        let mut out = Vec::with_capacity(tokens.len() * self.config.vocab_size);
+        for chunk in tokens.chunks(self.max_pass_tokens) {
+            out.extend(self.pass(chunk, cache, Head::All).await?);
+        }
+        Ok(out)
+    }
+
+    /// As [`GpuModel::forward`], but computes and reads back only the last token's logits (V):
+    /// what generation needs, without the head's (T-1, V) rows of a prefill.
+    pub async fn forward_last(
+        &self,
+        tokens: &[u32],
+        cache: &mut GpuKvCache,
+    ) -> Result<Vec<f32>, GpuError> {
+        self.check(tokens, cache)?;
+        let n = tokens.len().div_ceil(self.max_pass_tokens);
+        let mut out = Vec::new();
+        for (i, chunk) in tokens.chunks(self.max_pass_tokens).enumerate() {
+            let head = if i + 1 == n { Head::Last } else { Head::Skip };
+            out = self.pass(chunk, cache, head).await?;
+        }
+        Ok(out)
+    }
+
+    /// Generates up to `opts.max_tokens` tokens after `prompt`, as
+    /// `bitlora_core::generate`: one batched prefill of the prompt, then one token at a time
+    /// through a [`GpuKvCache`] sized for prompt + max_tokens. Each token is sampled on the CPU
+    /// from the last row of logits with `bitlora_core::generate::Sampler`, so CPU and GPU
+    /// sample identically from identical logits. `on_token` gets each token as soon as it
+    /// exists and returns false to stop. Never blocks (awaits the GPU's readbacks), so it runs
+    /// on the web too.
+    pub async fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &SamplingOptions,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>, GpuError> {
+        let mut sampler = Sampler::new(opts.clone())?;
+        let max = self.config.max_position_embeddings;
+        if prompt.len() + opts.max_tokens > max {
+            return Err(bitlora_core::Error::TooManyTokens {
+                count: prompt.len() + opts.max_tokens,
+                max,
+            }
+            .into());
+        }
+        self.config.check_tokens(prompt)?;
+        let mut cache = GpuKvCache::new(self, prompt.len() + opts.max_tokens)?;
+        let mut seq = prompt.to_vec();
+        let mut last = self.forward_last(prompt, &mut cache).await?; // batched prefill: (V)
+        let mut out = Vec::new();
+        while out.len() < opts.max_tokens {
+            let next = sampler.sample(&last, &seq);
+            seq.push(next);
+            out.push(next);
+            if !on_token(next) || opts.stop_tokens.contains(&next) {
+                break;
+            }
+            if out.len() < opts.max_tokens {
+                last = self.forward_last(&[next], &mut cache).await?; // (V)
+            }
+        }
+        Ok(out)
+    }
+
+    /// Token ids, context length and the cache's shape, before any work.
+    fn check(&self, tokens: &[u32], cache: &GpuKvCache) -> Result<(), GpuError> {
+        self.config.check_tokens(tokens)?;
+        cache.check(&self.config)?;
+        let max = self.config.max_position_embeddings;
+        if cache.len + tokens.len() > max {
+            return Err(bitlora_core::Error::TooManyTokens {
+                count: cache.len + tokens.len(),
+                max,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// One recorded pass of at most `max_pass_tokens` tokens: submits it, checks the device's
+    /// errors, advances the cache and reads back the logits `head` asks for.
+    async fn pass(
+        &self,
+        tokens: &[u32],
+        cache: &mut GpuKvCache,
+        head: Head,
+    ) -> Result<Vec<f32>, GpuError> {
         self.errors.take()?;
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let logits = self.record_forward(tokens)?;
-        if let Some(e) = validation.pop().await {
+        let recorded = self.record_pass(tokens, cache, head);
+        let validation = validation.pop().await;
+        let oom = oom.pop().await;
+        let logits = recorded?;
+        if let Some(e) = validation.or(oom) {
             return Err(GpuError::Device(e.to_string()));
         }
-        if let Some(e) = oom.pop().await {
-            return Err(GpuError::Device(e.to_string()));
-        }
-        let out = tensor::read_f32(&self.device, &self.queue, &logits).await?;
+        cache.len += tokens.len();
+        let out = match logits {
+            Some(l) => tensor::read_f32(&self.device, &self.queue, &l).await?,
+            None => Vec::new(),
+        };
         self.errors.take()?;
         Ok(out)
     }
 
-    /// Records and submits the forward pass; returns the logits tensor (T, V).
-    fn record_forward(&self, tokens: &[u32]) -> Result<GpuTensor, GpuError> {
-        let cfg = &self.config;
-        let dev = &self.device;
+    /// Records and submits one pass of T tokens at positions `cache.len() ..`; returns the
+    /// logits tensor ((T, V), (1, V) for [`Head::Last`], none for [`Head::Skip`]).
+    fn record_pass(
+        &self,
+        tokens: &[u32],
+        cache: &mut GpuKvCache,
+        head: Head,
+    ) -> Result<Option<GpuTensor>, GpuError> {
         let t = tokens.len();
-        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-        let f32t = |name: &str, cols: usize| GpuTensor::zeros(dev, name, &[t, cols], DType::F32);
-        let i8t = |name: &str, cols: usize| GpuTensor::zeros(dev, name, &[t, cols], DType::I8x4);
+        let past = cache.len;
+        let t_kv = past + t;
+        cache.reserve(self, t_kv)?;
+        let ws = cache.workspace(self, t)?;
+        self.queue
+            .write_buffer(&ws.tokens.buffer, 0, bytemuck::cast_slice(tokens));
+        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
 
-        let tokens = GpuTensor::u32(dev, "tokens", &[t], tokens)?;
-        let h = f32t("h", c)?; // the residual stream
-        let x = f32t("x", c)?; // normed input of a block
-        let xq_c = i8t("x_q (C)", c)?;
-        let xq_q = i8t("x_q (NH*HS)", q_dim)?;
-        let xq_f = i8t("x_q (F)", f)?;
-        let s_a = GpuTensor::zeros(dev, "s_a", &[t], DType::F32)?;
-        let q = f32t("q", q_dim)?;
-        let k = f32t("k", kv_dim)?;
-        let vv = f32t("v", kv_dim)?;
-        let att = f32t("attention", q_dim)?;
-        let att_n = f32t("attention (sub-normed)", q_dim)?;
-        let proj = f32t("projection (C)", c)?;
-        let gate = f32t("gate", f)?;
-        let up = f32t("up", f)?;
-        let ffn = f32t("ffn", f)?;
-        let ffn_n = f32t("ffn (sub-normed)", f)?;
-        let logits = f32t("logits", v)?;
-
-        let mut rec = Recorder::new(dev);
+        let mut rec = Recorder::new(&self.device);
         let r = &mut rec;
+        let s_a = &ws.s_a;
         let bitlinear = |r: &mut Recorder, xq: &GpuTensor, lin: &Linear, y: &GpuTensor| {
-            lin.op.encode(r, xq, &s_a, &lin.w, &lin.sw, y)
+            lin.op.encode(r, xq, s_a, &lin.w, &lin.sw, y)
+        };
+        // k and v land in the cache at rows past..past+T.
+        let into_cache = |r: &mut Recorder, xq: &GpuTensor, lin: &Linear, y: &GpuTensor| {
+            lin.op.encode_at(r, xq, s_a, &lin.w, &lin.sw, y, past)
         };
 
-        self.embedding.encode(r, &tokens, &self.embed_tokens, &h)?;
-        for layer in &self.layers {
+        self.embedding
+            .encode_split(r, &ws.tokens, &self.embed_tokens, &ws.h)?;
+        for (layer, (kc, vc)) in self.layers.iter().zip(cache.k.iter().zip(&cache.v)) {
             // Attention block.
             let n = &layer.input_layernorm;
-            n.op.encode(r, &h, &n.w, &x)?;
-            self.quant_c.encode(r, &x, &xq_c, &s_a)?;
-            bitlinear(r, &xq_c, &layer.q_proj, &q)?;
-            bitlinear(r, &xq_c, &layer.k_proj, &k)?;
-            bitlinear(r, &xq_c, &layer.v_proj, &vv)?;
-            self.rope_q.encode(r, &q, &self.rope_cos, &self.rope_sin)?;
-            self.rope_k.encode(r, &k, &self.rope_cos, &self.rope_sin)?;
-            self.attention.encode(r, &q, &k, &vv, &att)?;
+            n.op.encode(r, &ws.h, &n.w, &ws.x)?;
+            self.quant_c.encode(r, &ws.x, &ws.xq_c, s_a)?;
+            bitlinear(r, &ws.xq_c, &layer.q_proj, &ws.q)?;
+            into_cache(r, &ws.xq_c, &layer.k_proj, kc)?;
+            into_cache(r, &ws.xq_c, &layer.v_proj, vc)?;
+            self.rope_q.encode_rows(r, &ws.q, 0..t, past, cos, sin)?;
+            self.rope_k.encode_rows(r, kc, past..t_kv, past, cos, sin)?;
+            self.attention
+                .encode_cached(r, &ws.q, kc, vc, t_kv, &ws.att)?;
             let n = &layer.attn_sub_norm;
-            n.op.encode(r, &att, &n.w, &att_n)?;
-            self.quant_q.encode(r, &att_n, &xq_q, &s_a)?;
-            bitlinear(r, &xq_q, &layer.o_proj, &proj)?;
-            self.residual_add.encode(r, &h, &proj)?;
+            n.op.encode(r, &ws.att, &n.w, &ws.att_n)?;
+            self.quant_q.encode(r, &ws.att_n, &ws.xq_q, s_a)?;
+            bitlinear(r, &ws.xq_q, &layer.o_proj, &ws.proj)?;
+            self.residual_add.encode(r, &ws.h, &ws.proj)?;
 
             // FFN block.
             let n = &layer.post_attention_layernorm;
-            n.op.encode(r, &h, &n.w, &x)?;
-            self.quant_c.encode(r, &x, &xq_c, &s_a)?;
-            bitlinear(r, &xq_c, &layer.gate_proj, &gate)?;
-            bitlinear(r, &xq_c, &layer.up_proj, &up)?;
-            self.gated_act.encode(r, &gate, &up, &ffn)?;
+            n.op.encode(r, &ws.h, &n.w, &ws.x)?;
+            self.quant_c.encode(r, &ws.x, &ws.xq_c, s_a)?;
+            bitlinear(r, &ws.xq_c, &layer.gate_proj, &ws.gate)?;
+            bitlinear(r, &ws.xq_c, &layer.up_proj, &ws.up)?;
+            self.gated_act.encode(r, &ws.gate, &ws.up, &ws.ffn)?;
             let n = &layer.ffn_sub_norm;
-            n.op.encode(r, &ffn, &n.w, &ffn_n)?;
-            self.quant_f.encode(r, &ffn_n, &xq_f, &s_a)?;
-            bitlinear(r, &xq_f, &layer.down_proj, &proj)?;
-            self.residual_add.encode(r, &h, &proj)?;
+            n.op.encode(r, &ws.ffn, &n.w, &ws.ffn_n)?;
+            self.quant_f.encode(r, &ws.ffn_n, &ws.xq_f, s_a)?;
+            bitlinear(r, &ws.xq_f, &layer.down_proj, &ws.proj)?;
+            self.residual_add.encode(r, &ws.h, &ws.proj)?;
         }
-        self.norm.op.encode(r, &h, &self.norm.w, &x)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        self.head.encode(r, &x, head, &logits)?;
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let logits = match head {
+            Head::Skip => None,
+            Head::All => {
+                self.norm.op.encode(r, &ws.h, &self.norm.w, &ws.x)?;
+                self.head.encode_split(r, &ws.x, 0..t, w, &ws.logits)?;
+                Some(ws.logits.clone())
+            }
+            Head::Last => {
+                self.norm.op.encode(r, &ws.h, &self.norm.w, &ws.x)?;
+                let logits = ws.logits.rows_view(1)?;
+                self.head.encode_split(r, &ws.x, t - 1..t, w, &logits)?;
+                Some(logits)
+            }
+        };
         rec.submit(&self.queue);
         Ok(logits)
     }

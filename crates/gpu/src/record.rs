@@ -52,8 +52,8 @@ pub struct Recorder {
     device: wgpu::Device,
     encoder: wgpu::CommandEncoder,
     pass: Option<wgpu::ComputePass<'static>>,
-    /// Uniform `Dims { t }` buffers, one per distinct T recorded.
-    dims: Vec<(u32, wgpu::Buffer)>,
+    /// Uniform `Dims` buffers, one per distinct value recorded.
+    dims: Vec<([u32; 4], wgpu::Buffer)>,
     max_groups: u32,
 }
 
@@ -77,10 +77,11 @@ impl Recorder {
         }
     }
 
-    /// The uniform buffer holding `Dims { t }` (16 bytes: uniform buffers are padded to 16).
-    pub(crate) fn dims(&mut self, t: usize) -> wgpu::Buffer {
-        let t = t as u32;
-        if let Some((_, b)) = self.dims.iter().find(|(v, _)| *v == t) {
+    /// A uniform buffer holding a shader's `Dims` struct: up to four u32 (T and the row and
+    /// position offsets of a pass), padded to 16 bytes as uniform buffers must be. Buffers
+    /// are shared between dispatches of this recording that use the same values.
+    pub(crate) fn uniform(&mut self, words: [u32; 4]) -> wgpu::Buffer {
+        if let Some((_, b)) = self.dims.iter().find(|(v, _)| *v == words) {
             return b.clone();
         }
         use wgpu::util::DeviceExt;
@@ -88,11 +89,33 @@ impl Recorder {
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("dims"),
-                contents: bytemuck::cast_slice(&[t, 0, 0, 0]),
+                contents: bytemuck::cast_slice(&words),
                 usage: wgpu::BufferUsages::UNIFORM,
             });
-        self.dims.push((t, b.clone()));
+        self.dims.push((words, b.clone()));
         b
+    }
+
+    /// [`Recorder::uniform`] of sizes and offsets given as `usize`, checked to fit a u32.
+    pub(crate) fn dims(
+        &mut self,
+        op: &'static str,
+        values: &[usize],
+    ) -> Result<wgpu::Buffer, GpuError> {
+        let mut words = [0u32; 4];
+        if values.len() > 4 {
+            return Err(GpuError::Shape {
+                op,
+                msg: format!("{} uniform values, at most 4", values.len()),
+            });
+        }
+        for (w, &v) in words.iter_mut().zip(values) {
+            *w = u32::try_from(v).map_err(|_| GpuError::Shape {
+                op,
+                msg: format!("{v} does not fit a u32 shader constant"),
+            })?;
+        }
+        Ok(self.uniform(words))
     }
 
     /// Records one dispatch of `kernel` with `buffers` bound whole at bindings 0, 1, ...
@@ -164,6 +187,27 @@ pub(crate) fn expect(
         });
     }
     Ok(())
+}
+
+/// Checks that `t` is a 2-D tensor of type `dtype` with `cols` columns and at least `rows`
+/// rows (a buffer of which a pass uses a window, e.g. the KV cache); returns its row count.
+pub(crate) fn at_least(
+    op: &'static str,
+    t: &GpuTensor,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+) -> Result<usize, GpuError> {
+    match t.shape[..] {
+        [r, c] if c == cols && t.dtype == dtype && r >= rows => Ok(r),
+        _ => Err(GpuError::Shape {
+            op,
+            msg: format!(
+                "`{}` is {:?} {:?}, expected {dtype:?} (R, {cols}) with R >= {rows}",
+                t.name, t.dtype, t.shape
+            ),
+        }),
+    }
 }
 
 /// The first dimension of a 2-D tensor of type `dtype` whose second dimension must be `cols`:

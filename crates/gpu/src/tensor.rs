@@ -21,9 +21,12 @@ pub enum DType {
     /// int8 codes packed four per u32 (little-endian) along the last dimension: a (R, K) tensor
     /// is stored as (R, ceil(K/4)) words, padding codes 0. Written by act_quant.wgsl.
     I8x4,
-    /// A ternary (O, I) matrix in transformers' packed layout: (ceil(O/4), I) bytes of four
-    /// 2-bit codes (bitlora_core::quant), bound as u32 words, plus one padding word so a
-    /// kernel may read the word after any byte.
+    /// A ternary (O, I) matrix as transformers packs it (bitlora_core::quant: (O4, I) bytes,
+    /// O4 = ceil(O/4), byte (p, i) holding the 2-bit codes of rows p + s*O4, s = 0..3), with
+    /// its bytes regrouped for the GPU: the four bytes (p, 4k..4k+3) form word (k, p) of an
+    /// (I4, O4) u32 array, I4 = ceil(I/4), the columns past I padded with code 0. The same
+    /// codes, still 2 bits each, laid out so that the invocations owning consecutive packed rows
+    /// p read consecutive words (coalesced), each word aligned whatever I is.
     Ternary,
 }
 
@@ -40,8 +43,8 @@ impl DType {
             DType::F32 | DType::U32 => 4 * n,
             DType::I8x4 => 4 * rows * last.div_ceil(4),
             DType::Ternary => {
-                // shape (O, I): rows == O, last == I
-                (rows.div_ceil(4) * last).div_ceil(4) * 4 + 4
+                // shape (O, I): rows == O, last == I; (I4, O4) words
+                4 * rows.div_ceil(4) * last.div_ceil(4)
             }
         };
         bytes.max(4)
@@ -186,28 +189,51 @@ impl GpuTensor {
         Self::from_bytes(device, name, shape, DType::I8x4, &bytes)
     }
 
-    /// A ternary BitLinear weight (O, I) in its packed layout, as stored by bitlora-core.
+    /// A ternary BitLinear weight (O, I) from bitlora-core's packed bytes, regrouped into the
+    /// GPU's word layout (see [`DType::Ternary`]).
     pub fn ternary(
         device: &wgpu::Device,
         name: impl Into<String>,
         lin: &TernaryLinear,
     ) -> Result<GpuTensor, GpuError> {
         let shape = [lin.out_features, lin.in_features];
-        let want = DType::Ternary.bytes(&shape) as usize;
-        let mut bytes = lin.packed.clone();
-        if bytes.len() != lin.packed_rows() * lin.in_features {
+        let (o4, i) = (lin.packed_rows(), lin.in_features);
+        if lin.packed.len() != o4 * i {
             return Err(GpuError::Shape {
                 op: "upload",
                 msg: format!(
-                    "packed weight has {} bytes, expected (ceil(O/4), I) = ({}, {})",
-                    bytes.len(),
-                    lin.packed_rows(),
-                    lin.in_features
+                    "packed weight has {} bytes, expected (ceil(O/4), I) = ({o4}, {i})",
+                    lin.packed.len(),
                 ),
             });
         }
-        bytes.resize(want, 0);
+        let mut bytes = vec![0u8; DType::Ternary.bytes(&shape) as usize];
+        for p in 0..o4 {
+            let row = &lin.packed[p * i..(p + 1) * i];
+            for (col, &b) in row.iter().enumerate() {
+                // word (k, p) = bytes (p, 4k..4k+3), little-endian
+                let (k, j) = (col / 4, col % 4);
+                bytes[(k * o4 + p) * 4 + j] = b;
+            }
+        }
         Self::from_bytes(device, name, &shape, DType::Ternary, &bytes)
+    }
+
+    /// The first `t` rows of this tensor as a tensor of shape (t, ...) on the same buffer:
+    /// a pass over fewer tokens than a reused activation buffer holds. Kernels index by the
+    /// shape they are given, so the rows beyond `t` are neither read nor written.
+    pub fn rows_view(&self, t: usize) -> Result<GpuTensor, GpuError> {
+        match self.shape.first() {
+            Some(&r) if t <= r => {
+                let mut v = self.clone();
+                v.shape[0] = t;
+                Ok(v)
+            }
+            _ => Err(GpuError::Shape {
+                op: "rows_view",
+                msg: format!("`{}` {:?} has fewer than {t} rows", self.name, self.shape),
+            }),
+        }
     }
 
     /// Number of logical elements.
@@ -215,9 +241,67 @@ impl GpuTensor {
         self.shape.iter().product()
     }
 
-    /// Bytes of the buffer.
+    /// Bytes of the logical shape (a [`GpuTensor::rows_view`] covers part of its buffer).
     pub fn bytes(&self) -> u64 {
         self.dtype.bytes(&self.shape)
+    }
+}
+
+/// A 2-D f32 tensor (R, C) split along R into chunks of consecutive rows, each small enough for
+/// one storage binding: the embedding and the head of large-vocabulary models (2B-4T: 128256 x
+/// 2560 f32 = 1.3 GB, against 128 MiB on lavapipe and many phones). Kernels that read it take
+/// one dispatch per chunk (embedding.wgsl, matmul.wgsl). A tensor that fits is one chunk.
+#[derive(Clone, Debug)]
+pub struct SplitTensor {
+    pub name: String,
+    pub rows: usize, // R
+    pub cols: usize, // C
+    /// (first row, the chunk (RC, C)), in order, covering 0..R.
+    pub chunks: Vec<(usize, GpuTensor)>,
+}
+
+impl SplitTensor {
+    /// Uploads `data` (R, C) row-major in chunks of at most `max_chunk_bytes` (at least one row
+    /// per chunk; a single row larger than the device's binding limit is [`GpuError::TooLarge`]).
+    pub fn f32(
+        device: &wgpu::Device,
+        name: impl Into<String>,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+        max_chunk_bytes: u64,
+    ) -> Result<SplitTensor, GpuError> {
+        let name = name.into();
+        check_len(&name, &[rows, cols], data.len())?;
+        let per_chunk =
+            ((max_chunk_bytes / (4 * cols.max(1) as u64)) as usize).clamp(1, rows.max(1));
+        let mut chunks = Vec::with_capacity(rows.div_ceil(per_chunk));
+        for row0 in (0..rows).step_by(per_chunk) {
+            let n = per_chunk.min(rows - row0);
+            let chunk_name = if n == rows {
+                name.clone()
+            } else {
+                format!("{name}[{row0}..{}]", row0 + n)
+            };
+            let t = GpuTensor::f32(
+                device,
+                chunk_name,
+                &[n, cols],
+                &data[row0 * cols..(row0 + n) * cols],
+            )?;
+            chunks.push((row0, t));
+        }
+        Ok(SplitTensor {
+            name,
+            rows,
+            cols,
+            chunks,
+        })
+    }
+
+    /// Bytes of all chunks.
+    pub fn bytes(&self) -> u64 {
+        self.chunks.iter().map(|(_, t)| t.bytes()).sum()
     }
 }
 
@@ -239,7 +323,8 @@ pub async fn read_bytes(
     queue: &wgpu::Queue,
     tensor: &GpuTensor,
 ) -> Result<Vec<u8>, GpuError> {
-    let size = tensor.buffer.size();
+    // Only the logical shape: a view reads the rows it covers, not the whole buffer.
+    let size = tensor.bytes().min(tensor.buffer.size());
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
         size,

@@ -10,13 +10,20 @@
 //! await init();
 //! const session = await Session.create(true);          // true: try WebGPU first
 //! session.backend();                                     // { kind: "webgpu" | "cpu", label, adapter, fallbackReason }
-//! session.load('config.json', configBytes, ['model.safetensors'], [weightBytes]);
+//! session.load('config.json', configBytes, ['model.safetensors'], [weightBytes],
+//!              'tokenizer.json', tokenizerBytes, 'tokenizer_config.json', tokConfigBytes); // last 4 optional
 //! const r = await session.forward(new Uint32Array([5, 17, 42]));
 //! // r = { backend, tokens, rows: T, vocab: V, logits: Float32Array(T*V), top: [{token, prob}], ms }
+//! const g = await session.generate({ text: 'Hello', chat: true }, { max_tokens: 32, temperature: 0.7 },
+//!                                  (e) => { show(e.text ?? `${e.token} `); return !stopped; });
+//! // e = { index, token, text (text prompts only), ms }; returning false stops generation.
+//! // g = { backend, promptTokens, promptText, tokens, text, stoppedBy, prefillMs, decodeMs, ms, tokensPerSecond }
 //! ```
 //!
 //! Everything here runs inside a worker, so the page stays responsive while a CPU forward pass
-//! blocks the worker's thread.
+//! or generation blocks the worker's thread.
+
+mod generate;
 
 use std::rc::Rc;
 
@@ -88,6 +95,18 @@ struct ModelSummary {
     backend: &'static str,
     /// Set when the session has WebGPU but this model could not be put on it.
     note: Option<String>,
+    /// The tokenizer.json loaded with the model, if any: prompts can then be text.
+    tokenizer: Option<String>,
+    /// Tokens the tokenizer knows (including added tokens), when there is one.
+    tokenizer_vocab_size: Option<usize>,
+    /// The tokenizer_config.json loaded with the model, if any.
+    tokenizer_config: Option<String>,
+    /// Whether that file has a chat template (instruct models): the page offers "chat".
+    chat_template: bool,
+    /// Generation always stops after one of these (config.json's eos_token_id).
+    eos_token_ids: Vec<u32>,
+    /// The model's context: prompt plus generated tokens must fit in it.
+    max_positions: usize,
 }
 
 /// A loaded model, immutable once built. Shared through `Rc` so that a forward pass in flight
@@ -95,6 +114,8 @@ struct ModelSummary {
 struct Loaded {
     summary: ModelSummary,
     model: bitlora_core::Model,
+    tokenizer: Option<bitlora_core::Tokenizer>,
+    chat_template: Option<bitlora_core::ChatTemplate>,
     #[cfg(feature = "gpu")]
     gpu_model: Option<bitlora_gpu::GpuModel>,
 }
@@ -119,6 +140,33 @@ struct ForwardMeta {
     top: Vec<TopToken>,
     /// Wall time of the forward pass including the GPU readback, in milliseconds.
     ms: f64,
+}
+
+/// `generate`'s result.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerateResult {
+    backend: &'static str,
+    /// The ids the model was given (after the tokenizer and chat template, for text).
+    prompt_tokens: Vec<u32>,
+    /// The text they came from (after the chat template), for text prompts.
+    prompt_text: Option<String>,
+    /// The generated ids, a stop token included when one ended generation.
+    tokens: Vec<u32>,
+    /// Their text (special tokens left out), for text prompts.
+    text: Option<String>,
+    /// "max_tokens", "stop_token" (EOS, end of turn, or one of stop_tokens) or "stop" (the
+    /// callback returned false).
+    stopped_by: &'static str,
+    /// Every token that would have stopped generation.
+    stop_tokens: Vec<u32>,
+    /// Milliseconds until the first token existed (the prompt's prefill plus one sampling).
+    prefill_ms: f64,
+    /// Milliseconds after that until the end.
+    decode_ms: f64,
+    ms: f64,
+    /// Decode speed, tokens after the first per second; null with fewer than two tokens.
+    tokens_per_second: Option<f64>,
 }
 
 /// One backend and at most one loaded model.
@@ -165,14 +213,21 @@ impl Session {
     }
 
     /// Loads a model from a config.json and one or more safetensors files (`names[i]` is the
-    /// name of `files[i]`; names appear in error messages). On error the previously loaded
-    /// model, if any, stays loaded. Returns a summary `{ config, files, bytes, vocabSize, ... }`.
+    /// name of `files[i]`; names appear in error messages), optionally with its tokenizer.json
+    /// (prompts can then be text) and tokenizer_config.json (its chat template). On error the
+    /// previously loaded model, if any, stays loaded. Returns a summary
+    /// `{ config, files, bytes, vocabSize, ..., tokenizer, chatTemplate, eosTokenIds }`.
+    #[allow(clippy::too_many_arguments)] // the JS API: one call, every file of a model
     pub fn load(
         &mut self,
         config_name: &str,
         config_json: &[u8],
         names: Vec<String>,
         files: Vec<js_sys::Uint8Array>,
+        tokenizer_name: Option<String>,
+        tokenizer_json: Option<js_sys::Uint8Array>,
+        tokenizer_config_name: Option<String>,
+        tokenizer_config_json: Option<js_sys::Uint8Array>,
     ) -> Result<JsValue, JsError> {
         if names.len() != files.len() {
             return Err(JsError::new(&format!(
@@ -190,6 +245,16 @@ impl Session {
             .collect();
         let model = bitlora_core::Model::from_bytes(config_name, config_json, &weights)
             .map_err(|e| JsError::new(&e.to_string()))?;
+        let has_tokenizer_config = tokenizer_config_json.is_some();
+        let (tokenizer, chat_template) = load_tokenizer(
+            &model.config,
+            tokenizer_name.as_deref().unwrap_or("tokenizer.json"),
+            tokenizer_json,
+            tokenizer_config_name
+                .as_deref()
+                .unwrap_or("tokenizer_config.json"),
+            tokenizer_config_json,
+        )?;
 
         // `mut`: the gpu feature records where the model runs and why not on the GPU.
         #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
@@ -202,6 +267,14 @@ impl Session {
             num_hidden_layers: model.config.num_hidden_layers,
             backend: "cpu",
             note: None,
+            tokenizer: tokenizer
+                .as_ref()
+                .map(|_| tokenizer_name.clone().unwrap_or_default()),
+            tokenizer_vocab_size: tokenizer.as_ref().map(|t| t.vocab_size()),
+            tokenizer_config: tokenizer_config_name.filter(|_| has_tokenizer_config),
+            chat_template: chat_template.is_some(),
+            eos_token_ids: model.config.eos_token_ids.clone(),
+            max_positions: model.config.max_position_embeddings,
         };
         drop(weights);
         drop(bytes); // the model holds its own tensors; free the raw files before a GPU upload
@@ -229,6 +302,8 @@ impl Session {
         self.loaded = Some(Rc::new(Loaded {
             summary,
             model,
+            tokenizer,
+            chat_template,
             #[cfg(feature = "gpu")]
             gpu_model,
         }));
@@ -293,6 +368,190 @@ impl Session {
             Ok(out)
         })
     }
+
+    /// Generates tokens after `prompt`, calling `on_token(event)` with each one as soon as it
+    /// exists; resolves when generation ends (max_tokens, a stop token, or `on_token` returning
+    /// `false`). See the module docs for the shapes of `prompt`, `options`, `event` and the
+    /// result. The model's EOS tokens always stop; with the chat template, its end of turn too.
+    ///
+    /// Rejects with an Error naming the problem: no model, an unknown or invalid sampling option
+    /// (core's `sampling option `top_p` is 0; ...`), a text prompt without a tokenizer, a token id
+    /// out of range, a prompt plus max_tokens longer than the model's context, or whatever
+    /// `on_token` threw.
+    pub fn generate(
+        &self,
+        prompt: JsValue,
+        options: JsValue,
+        on_token: js_sys::Function,
+    ) -> js_sys::Promise {
+        let loaded = self.loaded.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let loaded = loaded.ok_or_else(|| {
+                JsError::new(
+                    "generate: no model loaded yet; load a config.json and its .safetensors first",
+                )
+            })?;
+            let mut opts = generate::parse_options(&options)?;
+            let prompt = generate::parse_prompt(&loaded, &prompt)?;
+            if prompt.ids.is_empty() {
+                return Err(JsError::new(
+                    "generate: the prompt is empty (it encodes to no tokens); type something or give token ids",
+                )
+                .into());
+            }
+            loaded
+                .model
+                .check_tokens(&prompt.ids)
+                .map_err(|e| JsError::new(&format!("prompt: {e}")))?;
+            let context = loaded.model.config.max_position_embeddings;
+            if prompt.ids.len() + opts.max_tokens > context {
+                return Err(generate::sampling_error(
+                    "max_tokens",
+                    format!(
+                        "is {}; with the prompt's {} tokens that exceeds the model's context of {context} positions: use at most {}",
+                        opts.max_tokens,
+                        prompt.ids.len(),
+                        context.saturating_sub(prompt.ids.len())
+                    ),
+                )
+                .into());
+            }
+            let mut stop_tokens = loaded.model.config.eos_token_ids.clone();
+            stop_tokens.extend(&prompt.stop_tokens);
+            stop_tokens.extend(&opts.stop_tokens);
+            opts.stop_tokens = stop_tokens;
+
+            // Text prompts stream text; id prompts stream ids only.
+            let mut stream = match (&prompt.text, &loaded.tokenizer) {
+                (Some(_), Some(t)) => Some(bitlora_core::TextStream::new(t)),
+                _ => None,
+            };
+            let mut failure: Option<JsValue> = None;
+            let mut cancelled = false;
+            let mut first_token_ms = None;
+            let mut index = 0u32;
+            let start = now_ms();
+            let on_token_rs = |token: u32| -> bool {
+                let ms = now_ms() - start;
+                first_token_ms.get_or_insert(ms);
+                let event = js_sys::Object::new();
+                let set = |k: &str, v: JsValue| {
+                    js_sys::Reflect::set(&event, &JsValue::from_str(k), &v).map(|_| ())
+                };
+                let mut fill = || -> Result<(), JsValue> {
+                    set("index", index.into())?;
+                    set("token", token.into())?;
+                    set("ms", ms.into())?;
+                    if let Some(s) = &mut stream {
+                        let piece = s.push(token).map_err(|e| JsError::new(&e.to_string()))?;
+                        set("text", JsValue::from_str(piece.as_deref().unwrap_or("")))?;
+                    }
+                    Ok(())
+                };
+                if let Err(e) = fill() {
+                    failure = Some(e);
+                    return false;
+                }
+                index += 1;
+                match on_token.call1(&JsValue::NULL, &event) {
+                    Ok(v) if v == JsValue::FALSE => {
+                        cancelled = true;
+                        false
+                    }
+                    Ok(_) => true,
+                    Err(e) => {
+                        failure = Some(e);
+                        false
+                    }
+                }
+            };
+            let (backend, tokens) = run_generate(&loaded, &prompt.ids, &opts, on_token_rs).await?;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            let ms = now_ms() - start;
+            let prefill_ms = first_token_ms.unwrap_or(ms);
+            let decode_ms = ms - prefill_ms;
+            let stopped_by = if cancelled {
+                "stop"
+            } else if tokens.last().is_some_and(|t| opts.stop_tokens.contains(t)) {
+                "stop_token"
+            } else {
+                "max_tokens"
+            };
+            let text = match (&prompt.text, &loaded.tokenizer) {
+                (Some(_), Some(t)) => Some(
+                    t.decode(&tokens, true)
+                        .map_err(|e| JsError::new(&e.to_string()))?,
+                ),
+                _ => None,
+            };
+            let result = GenerateResult {
+                backend,
+                prompt_tokens: prompt.ids,
+                prompt_text: prompt.text,
+                // Decode speed: tokens after the first over the time after the first (the
+                // first token's time is the prefill of the whole prompt).
+                tokens_per_second: if tokens.len() > 1 && decode_ms > 0.0 {
+                    Some((tokens.len() - 1) as f64 / (decode_ms / 1000.0))
+                } else {
+                    None
+                },
+                tokens,
+                text,
+                stopped_by,
+                stop_tokens: opts.stop_tokens,
+                prefill_ms,
+                decode_ms,
+                ms,
+            };
+            Ok(to_js(&result)?)
+        })
+    }
+}
+
+/// Parses the optional tokenizer.json and tokenizer_config.json given with a model.
+fn load_tokenizer(
+    config: &bitlora_core::Config,
+    tokenizer_name: &str,
+    tokenizer_json: Option<js_sys::Uint8Array>,
+    tokenizer_config_name: &str,
+    tokenizer_config_json: Option<js_sys::Uint8Array>,
+) -> Result<
+    (
+        Option<bitlora_core::Tokenizer>,
+        Option<bitlora_core::ChatTemplate>,
+    ),
+    JsError,
+> {
+    let core_err = |e: bitlora_core::Error| JsError::new(&e.to_string());
+    let Some(json) = tokenizer_json else {
+        if tokenizer_config_json.is_some() {
+            return Err(JsError::new(&format!(
+                "{tokenizer_config_name} was given without a tokenizer.json; pick the model's tokenizer.json too (or neither)"
+            )));
+        }
+        return Ok((None, None));
+    };
+    let tokenizer =
+        bitlora_core::Tokenizer::from_bytes(tokenizer_name, &json.to_vec()).map_err(core_err)?;
+    // Ids the model has no embedding for would only fail later, mid-prompt; a tokenizer that
+    // is bigger than the model's vocabulary belongs to another model.
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(JsError::new(&format!(
+            "{tokenizer_name}: the tokenizer has {} tokens but the model's vocabulary (vocab_size in config.json) has only {}; is it the tokenizer of another model?",
+            tokenizer.vocab_size(),
+            config.vocab_size
+        )));
+    }
+    let chat_template = match tokenizer_config_json {
+        Some(json) => {
+            bitlora_core::ChatTemplate::from_tokenizer_config(tokenizer_config_name, &json.to_vec())
+                .map_err(core_err)?
+        }
+        None => None,
+    };
+    Ok((Some(tokenizer), chat_template))
 }
 
 async fn run_forward(loaded: &Loaded, tokens: &[u32]) -> Result<(&'static str, Vec<f32>), JsError> {
@@ -310,6 +569,29 @@ async fn run_forward(loaded: &Loaded, tokens: &[u32]) -> Result<(&'static str, V
         .logits(tokens)
         .map_err(|e| JsError::new(&e.to_string()))?;
     Ok(("cpu", logits))
+}
+
+/// Runs core's generation on the loaded model's backend; `on_token` returns false to stop.
+async fn run_generate(
+    loaded: &Loaded,
+    prompt: &[u32],
+    opts: &bitlora_core::SamplingOptions,
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<(&'static str, Vec<u32>), JsError> {
+    #[cfg(feature = "gpu")]
+    if let Some(gpu_model) = &loaded.gpu_model {
+        let out = gpu_model
+            .generate(prompt, opts, on_token)
+            .await
+            .map_err(|e| match e {
+                bitlora_gpu::GpuError::Model(e) => JsError::new(&e.to_string()),
+                e => JsError::new(&format!("WebGPU generation failed: {e}")),
+            })?;
+        return Ok(("webgpu", out));
+    }
+    let out = bitlora_core::generate(&loaded.model, prompt, opts, on_token)
+        .map_err(|e| JsError::new(&e.to_string()))?;
+    Ok(("cpu", out))
 }
 
 /// Asks the browser for WebGPU and says why not when it cannot have it.

@@ -1,17 +1,21 @@
 //! Launcher for `shaders/matmul.wgsl`.
 
+use std::ops::Range;
+
 use crate::GpuError;
-use crate::record::{Kernel, Recorder, expect, rows};
-use crate::tensor::{DType, GpuTensor};
+use crate::record::{Kernel, Recorder, at_least, expect, rows};
+use crate::tensor::{DType, GpuTensor, SplitTensor};
 
 pub const SOURCE: &str = include_str!("../../../../shaders/matmul.wgsl");
 
-/// Output tile edge (the shader's `TILE`).
-const TILE: usize = 16;
+/// Tokens per invocation (the shader's `TT`).
+const TT: usize = 8;
 
 /// Dense f32 `y = x . W^T`: the language-model head (W is the embedding when tied).
 ///
-/// Shapes: x (T, I) f32, W (O, I) f32, y (T, O) f32.
+/// Shapes: x (T, I) f32, W (O, I) f32, y (T, O) f32. With [`Matmul::encode_split`], W is split
+/// along O into chunks (OC, I) (one dispatch each, filling columns o0 .. o0+OC of y) and x may
+/// be a window `x_rows` of a taller (R, I) buffer, T = x_rows.len().
 #[derive(Clone, Debug)]
 pub struct Matmul {
     kernel: Kernel,
@@ -25,11 +29,16 @@ impl Matmul {
             device,
             "matmul",
             SOURCE,
-            &[("I", super::c(i)), ("O", super::c(o))],
+            &[
+                ("I", super::c(i)),
+                ("O", super::c(o)),
+                ("WG", super::c(super::WG)),
+            ],
         );
         Matmul { kernel, i, o }
     }
 
+    /// W whole in one binding, every row of x.
     pub fn encode(
         &self,
         rec: &mut Recorder,
@@ -37,15 +46,66 @@ impl Matmul {
         w: &GpuTensor,
         y: &GpuTensor,
     ) -> Result<(), GpuError> {
+        let t = rows("matmul", x, DType::F32, self.i)?;
+        expect("matmul", w, DType::F32, &[self.o, self.i])?;
+        self.encode_chunk(rec, x, 0..t, w, 0, y)
+    }
+
+    /// Every chunk of a W split along O, on rows `x_rows` of x.
+    pub fn encode_split(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        x_rows: Range<usize>,
+        w: &SplitTensor,
+        y: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        if w.rows != self.o || w.cols != self.i {
+            return Err(GpuError::Shape {
+                op: "matmul",
+                msg: format!(
+                    "`{}` is ({}, {}), expected (O, I) = ({}, {})",
+                    w.name, w.rows, w.cols, self.o, self.i
+                ),
+            });
+        }
+        for (o0, chunk) in &w.chunks {
+            self.encode_chunk(rec, x, x_rows.clone(), chunk, *o0, y)?;
+        }
+        Ok(())
+    }
+
+    /// One chunk (OC, I) of W holding its rows `o0 .. o0 + OC`, on rows `x_rows` of x.
+    pub fn encode_chunk(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        x_rows: Range<usize>,
+        w_chunk: &GpuTensor,
+        o0: usize,
+        y: &GpuTensor,
+    ) -> Result<(), GpuError> {
         const OP: &str = "matmul";
-        let t = rows(OP, x, DType::F32, self.i)?;
-        expect(OP, w, DType::F32, &[self.o, self.i])?;
+        let t = x_rows.len();
+        at_least(OP, x, DType::F32, x_rows.end, self.i)?;
+        let oc = at_least(OP, w_chunk, DType::F32, 1, self.i)?;
+        if t == 0 || o0 + oc > self.o {
+            return Err(GpuError::Shape {
+                op: OP,
+                msg: format!(
+                    "x rows {x_rows:?}, W chunk `{}` rows {o0}..{}: need T > 0 and rows within O = {}",
+                    w_chunk.name,
+                    o0 + oc,
+                    self.o
+                ),
+            });
+        }
         expect(OP, y, DType::F32, &[t, self.o])?;
-        let dims = rec.dims(t);
+        let dims = rec.dims(OP, &[t, x_rows.start, oc, o0])?;
         rec.dispatch(
             &self.kernel,
-            &[&dims, &x.buffer, &w.buffer, &y.buffer],
-            [self.o.div_ceil(TILE), t.div_ceil(TILE), 1],
+            &[&dims, &x.buffer, &w_chunk.buffer, &y.buffer],
+            [oc.div_ceil(super::WG), t.div_ceil(TT), 1],
         )
     }
 }

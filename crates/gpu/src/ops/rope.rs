@@ -1,15 +1,18 @@
 //! Launcher for `shaders/rope.wgsl`.
 
+use std::ops::Range;
+
 use crate::GpuError;
-use crate::record::{Kernel, Recorder, expect, rows};
+use crate::record::{Kernel, Recorder, at_least, expect, rows};
 use crate::tensor::{DType, GpuTensor};
 
 pub const SOURCE: &str = include_str!("../../../../shaders/rope.wgsl");
 
-/// RoPE in place (HF rotate_half), token t at position t, with tables from
-/// `bitlora_core::ops::rope_tables`.
+/// RoPE in place (HF rotate_half) with tables from `bitlora_core::ops::rope_tables`.
 ///
-/// Shapes: x (T, N*HS) f32 (read and written), cos (P, HS/2) f32, sin (P, HS/2) f32, P >= T.
+/// Shapes: x (R, N*HS) f32 (read and written), cos (P, HS/2) f32, sin (P, HS/2) f32.
+/// [`Rope::encode`] rotates every row, row t at position t (P >= R);
+/// [`Rope::encode_rows`] rotates rows `a..b`, row a at position `pos0` (P >= pos0 + b - a).
 #[derive(Clone, Debug)]
 pub struct Rope {
     kernel: Kernel,
@@ -37,6 +40,7 @@ impl Rope {
         }
     }
 
+    /// Every row of x (T, N*HS), token t at position t.
     pub fn encode(
         &self,
         rec: &mut Recorder,
@@ -44,20 +48,39 @@ impl Rope {
         cos: &GpuTensor,
         sin: &GpuTensor,
     ) -> Result<(), GpuError> {
+        let t = rows("rope", x, DType::F32, self.n_heads * self.hs)?;
+        self.encode_rows(rec, x, 0..t, 0, cos, sin)
+    }
+
+    /// Rows `rows` of x, the first at position `pos0`.
+    pub fn encode_rows(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        rows: Range<usize>,
+        pos0: usize,
+        cos: &GpuTensor,
+        sin: &GpuTensor,
+    ) -> Result<(), GpuError> {
         const OP: &str = "rope";
         let half = self.hs / 2;
-        let t = rows(OP, x, DType::F32, self.n_heads * self.hs)?;
-        let p = rows(OP, cos, DType::F32, half)?;
+        let t = rows.len();
+        at_least(OP, x, DType::F32, rows.end, self.n_heads * self.hs)?;
+        let p = at_least(OP, cos, DType::F32, 1, half)?;
         expect(OP, sin, DType::F32, &[p, half])?;
-        if p < t {
+        if t == 0 || p < pos0 + t {
             return Err(GpuError::Shape {
                 op: OP,
-                msg: format!("RoPE tables cover {p} positions, fewer than T = {t}"),
+                msg: format!(
+                    "rows {rows:?} at positions {pos0}..{}: RoPE tables cover {p} positions",
+                    pos0 + t
+                ),
             });
         }
+        let dims = rec.dims(OP, &[t, rows.start, pos0])?;
         rec.dispatch(
             &self.kernel,
-            &[&x.buffer, &cos.buffer, &sin.buffer],
+            &[&dims, &x.buffer, &cos.buffer, &sin.buffer],
             [(self.n_heads * half).div_ceil(super::WG), t, 1],
         )
     }

@@ -1,0 +1,345 @@
+//! `bitlora train`: LoRA fine-tuning of a model directory on a data file, on the CPU reference.
+//!
+//! Writes into `--out`: `adapter_model.safetensors` + `adapter_config.json` (PEFT's files),
+//! `checkpoint.safetensors` (every `--checkpoint-every` steps, at the end and on Ctrl-C) and
+//! `train_log.jsonl` (one line per step). Files are written to a temporary name and renamed,
+//! so an interruption never leaves a half-written file. `--resume` continues from the
+//! checkpoint in `--out`; an interrupted run loses at most the steps since the last one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bitlora_core::data::{self, DataOptions};
+use bitlora_core::lora::{Lora, LoraConfig};
+use bitlora_core::optim::{AdamWConfig, Schedule};
+use bitlora_core::trainer::{TrainOptions, Trainer};
+use bitlora_core::{ChatTemplate, Error, Model, Tokenizer, peft};
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Model directory: config.json, *.safetensors, tokenizer.json (tokenizer_config.json for chat data).
+    #[arg(long)]
+    model: PathBuf,
+    /// Training data: plain text, or JSONL with {"text"}, {"prompt","completion"} or {"messages"}.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory for the adapter, checkpoint and log.
+    #[arg(long)]
+    out: PathBuf,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (scale = alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// LoRA dropout on the adapter's input.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    /// Scale by alpha / sqrt(r) (rsLoRA).
+    #[arg(long)]
+    rslora: bool,
+    /// Target modules, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    targets: String,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// Learning-rate schedule after warmup.
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    schedule: ScheduleArg,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f32,
+    /// Global gradient-norm clipping (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    /// Optimizer steps (default: one epoch).
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<usize>,
+    /// Passes over the training data.
+    #[arg(long)]
+    epochs: Option<f32>,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    context: usize,
+    /// Sequences per optimizer step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Validation loss every N steps (0: only at the end).
+    #[arg(long, default_value_t = 20)]
+    eval_every: usize,
+    /// Share of the data held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f32,
+    /// Count the loss on completions / assistant turns only.
+    #[arg(long)]
+    completions_only: bool,
+    /// Save a checkpoint every N steps (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Continue from OUT/checkpoint.safetensors.
+    #[arg(long)]
+    resume: bool,
+    /// Seed of the split, data order, dropout and adapter init.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ScheduleArg {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Core(#[from] Error),
+    #[error("{0}: cannot write: {1}")]
+    Write(String, std::io::Error),
+    #[error(
+        "{0}: no tokenizer.json beside the model: training on text needs the model's tokenizer"
+    )]
+    NoTokenizer(String),
+    #[error("{0}: no checkpoint.safetensors to resume from")]
+    NoCheckpoint(String),
+    #[error("interrupted at step {0}; checkpoint saved: continue with --resume")]
+    Interrupted(usize),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
+    std::fs::read(path).map_err(|source| {
+        Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
+        .into()
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let tmp = path.with_extension("tmp");
+    let err = |e| TrainError::Write(path.display().to_string(), e);
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+fn save_adapter(out: &Path, lora: &Lora, model: &Model, base: &str) -> Result<(), TrainError> {
+    let tensors = peft::adapter_tensors(lora, &model.config);
+    write_atomic(
+        &out.join("adapter_model.safetensors"),
+        &bitlora_core::weights::serialize(&tensors),
+    )?;
+    let cfg = serde_json::to_string_pretty(&peft::adapter_config_json(&lora.config, base))
+        .expect("JSON serializes");
+    write_atomic(&out.join("adapter_config.json"), cfg.as_bytes())
+}
+
+pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
+    let model = Model::from_dir(&a.model)?;
+    let tok_path = a.model.join("tokenizer.json");
+    if !tok_path.exists() {
+        return Err(TrainError::NoTokenizer(a.model.display().to_string()));
+    }
+    let tokenizer = Tokenizer::from_bytes(&tok_path.display().to_string(), &read(&tok_path)?)?;
+    let tc_path = a.model.join("tokenizer_config.json");
+    let tc_bytes = if tc_path.exists() {
+        Some(read(&tc_path)?)
+    } else {
+        None
+    };
+    let chat = match &tc_bytes {
+        Some(b) => ChatTemplate::from_tokenizer_config(&tc_path.display().to_string(), b)?,
+        None => None,
+    };
+    // The end-of-text token: the tokenizer's own (tokenizer_config.json's eos_token) when it
+    // names one the tokenizer knows, else the model config's eos_token_id.
+    let eos_text = tc_bytes
+        .as_deref()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .and_then(|v| match &v["eos_token"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            _ => None,
+        });
+    let eos = eos_text
+        .and_then(|t| tokenizer.token_to_id(&t))
+        .or_else(|| model.config.eos_token_ids.first().copied())
+        .unwrap_or(0);
+
+    let data_name = a.data.display().to_string();
+    let (examples, format) = data::parse(&data_name, &read(&a.data)?)?;
+    let opts = DataOptions {
+        context: a.context,
+        completions_only: a.completions_only,
+        val_fraction: a.val_fraction,
+        seed: a.seed,
+    };
+    let dataset = data::build(
+        &data_name,
+        &examples,
+        format,
+        &tokenizer,
+        chat.as_ref(),
+        eos,
+        &opts,
+    )?;
+    let train_tokens: usize = dataset.train.iter().map(|s| s.counted()).sum();
+    eprintln!(
+        "bitlora train: {} ({format}): {} training sequences ({train_tokens} target tokens), {} validation{}",
+        data_name,
+        dataset.train.len(),
+        dataset.val.len(),
+        if dataset.truncated > 0 {
+            format!(", {} examples truncated to the context", dataset.truncated)
+        } else {
+            String::new()
+        }
+    );
+
+    std::fs::create_dir_all(&a.out)
+        .map_err(|e| TrainError::Write(a.out.display().to_string(), e))?;
+    let ckpt_path = a.out.join("checkpoint.safetensors");
+    let mut trainer = if a.resume {
+        if !ckpt_path.exists() {
+            return Err(TrainError::NoCheckpoint(a.out.display().to_string()));
+        }
+        let t = Trainer::resume(
+            &model,
+            dataset,
+            &ckpt_path.display().to_string(),
+            &read(&ckpt_path)?,
+        )?;
+        eprintln!(
+            "bitlora train: resuming at step {} of {}",
+            t.step, t.options.steps
+        );
+        t
+    } else {
+        let targets: Vec<&str> = a.targets.split(',').map(str::trim).collect();
+        let lcfg = LoraConfig::new(a.rank, a.alpha, a.dropout, a.rslora, &targets)?;
+        let per_step = a.batch.max(1);
+        let steps = a.steps.unwrap_or_else(|| {
+            ((a.epochs.unwrap_or(1.0) * dataset.train.len() as f32) / per_step as f32)
+                .ceil()
+                .max(1.0) as usize
+        });
+        let optim = AdamWConfig {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+            schedule: match a.schedule {
+                ScheduleArg::Cosine => Schedule::Cosine,
+                ScheduleArg::Linear => Schedule::Linear,
+                ScheduleArg::Constant => Schedule::Constant,
+            },
+            warmup_steps: a.warmup,
+            total_steps: steps,
+            ..Default::default()
+        };
+        let lora = Lora::init(&model.config, lcfg, a.seed);
+        eprintln!(
+            "bitlora train: LoRA r {} alpha {} on {}: {} trainable parameters, {steps} steps",
+            a.rank,
+            a.alpha,
+            a.targets,
+            lora.num_params()
+        );
+        Trainer::new(
+            &model,
+            lora,
+            optim,
+            dataset,
+            TrainOptions {
+                steps,
+                accumulation: per_step,
+                eval_every: a.eval_every,
+                seed: a.seed,
+            },
+        )?
+    };
+
+    // Ctrl-C asks the loop to stop after the current step and save.
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // If a handler cannot be set (e.g. one is already set), training still runs.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+
+    let base = a.model.display().to_string();
+    let bar = indicatif::ProgressBar::new(trainer.options.steps as u64);
+    bar.set_position(trainer.step as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < ETA {eta_precise}]",
+        )
+        .expect("a valid template"),
+    );
+    let log_path = a.out.join("train_log.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| TrainError::Write(log_path.display().to_string(), e))?;
+    let (start, mut tokens, mut last_val) = (Instant::now(), 0usize, None);
+    while !trainer.done() {
+        let r = trainer.step()?;
+        tokens += r.tokens;
+        last_val = r.val_loss.or(last_val);
+        let tps = tokens as f64 / start.elapsed().as_secs_f64();
+        bar.set_position(r.step as u64);
+        bar.set_message(format!(
+            "loss {:.4}  val {}  {:.0} tok/s",
+            r.loss,
+            last_val.map_or("-".to_string(), |v: f32| format!("{v:.4}")),
+            tps
+        ));
+        if let Some(why) = &r.skipped {
+            bar.println(format!(
+                "step {}: skipped, {why}; the adapter is unchanged",
+                r.step
+            ));
+        }
+        let line = serde_json::json!({"step": r.step, "epoch": r.epoch, "loss": r.loss, "val_loss": r.val_loss, "lr": r.lr,
+            "grad_norm": r.grad_norm, "tokens": r.tokens, "tokens_per_s": tps, "skipped": r.skipped});
+        writeln!(log, "{line}")
+            .map_err(|e| TrainError::Write(log_path.display().to_string(), e))?;
+        let interrupted = stop.load(Ordering::SeqCst);
+        if interrupted
+            || trainer.done()
+            || (a.checkpoint_every > 0 && r.step % a.checkpoint_every == 0)
+        {
+            write_atomic(&ckpt_path, &trainer.checkpoint())?;
+            save_adapter(&a.out, &trainer.lora, &model, &base)?;
+        }
+        if interrupted {
+            bar.abandon();
+            return Err(TrainError::Interrupted(r.step));
+        }
+    }
+    bar.finish();
+    let val = trainer.validate()?;
+    eprintln!(
+        "bitlora train: done: {} steps, {tokens} tokens in {:.1} s ({:.0} tok/s){}; adapter in {}",
+        trainer.step,
+        start.elapsed().as_secs_f64(),
+        tokens as f64 / start.elapsed().as_secs_f64(),
+        val.map_or(String::new(), |v| format!(
+            ", validation loss {v:.4} (perplexity {:.2})",
+            v.exp()
+        )),
+        a.out.display()
+    );
+    Ok(())
+}

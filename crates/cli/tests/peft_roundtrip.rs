@@ -1,0 +1,154 @@
+//! The adapter export, guarded: tests/fixtures/peft-roundtrip holds an adapter that
+//! `bitlora train` wrote, the logits `bitlora logits --adapter` gave with it, and the logits
+//! PEFT gave after `PeftModel.from_pretrained` loaded it unchanged
+//! (tools/fixtures/peft_roundtrip.py, run on the GPU machine).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bitlora_core::tolerance::HF_LOGITS;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn rows(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect()
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+#[test]
+fn peft_reproduces_bitlora_logits_and_bitlora_still_does() {
+    let rt = repo().join("tests/fixtures/peft-roundtrip");
+    let ours = json(&rt.join("bitlora_logits.json"));
+    let peft = json(&rt.join("peft_result.json"));
+    assert_eq!(peft["magic"], "bitlora-peft-roundtrip");
+    println!(
+        "PEFT {} loaded the adapter: max |PEFT - bitlora| {:e}, adapter effect {:.2}",
+        peft["peft"],
+        peft["max_abs_diff_vs_bitlora"].as_f64().unwrap(),
+        peft["adapter_effect_max_abs"].as_f64().unwrap()
+    );
+    HF_LOGITS.assert_close(
+        "PEFT vs bitlora logits with the adapter",
+        &rows(&peft["peft_logits"]),
+        &rows(&ours["logits"]),
+    );
+    assert!(
+        peft["adapter_effect_max_abs"].as_f64().unwrap() > 1.0,
+        "the adapter must matter for the check to mean anything"
+    );
+
+    // Today's bitlora reads the same files and gives the same logits, bit for bit.
+    let tokens: Vec<String> = ours["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_bitlora"))
+        .args([
+            "logits",
+            "--model",
+            repo()
+                .join("tests/fixtures/formats/master-f32-untied")
+                .to_str()
+                .unwrap(),
+            "--adapter",
+            rt.join("adapter").to_str().unwrap(),
+            "--tokens",
+            &tokens.join(","),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let now: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        rows(&now["logits"]),
+        rows(&ours["logits"]),
+        "bitlora's logits with the committed adapter changed"
+    );
+}
+
+#[test]
+fn a_fresh_export_has_the_committed_layout() {
+    // Train two steps on the same base and compare the files' structure with the committed
+    // adapter that PEFT loaded: config keys and values, tensor names, shapes and dtypes.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("export-layout");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("base")).unwrap();
+    for (from, f) in [
+        ("tests/fixtures/formats/master-f32-untied", "config.json"),
+        (
+            "tests/fixtures/formats/master-f32-untied",
+            "model.safetensors",
+        ),
+        ("tests/fixtures/byte-tokenizer", "tokenizer.json"),
+        ("tests/fixtures/byte-tokenizer", "tokenizer_config.json"),
+    ] {
+        std::fs::copy(repo().join(from).join(f), dir.join("base").join(f)).unwrap();
+    }
+    std::fs::write(dir.join("data.txt"), "the cat sat on the mat. ".repeat(40)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_bitlora"))
+        .args([
+            "train",
+            "--model",
+            dir.join("base").to_str().unwrap(),
+            "--data",
+            dir.join("data.txt").to_str().unwrap(),
+            "--out",
+            dir.join("out").to_str().unwrap(),
+            "--steps",
+            "2",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--context",
+            "32",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let committed = repo().join("tests/fixtures/peft-roundtrip/adapter");
+    let (mut a, mut b) = (
+        json(&dir.join("out/adapter_config.json")),
+        json(&committed.join("adapter_config.json")),
+    );
+    for v in [&mut a, &mut b] {
+        v.as_object_mut().unwrap().remove("base_model_name_or_path");
+    }
+    assert_eq!(a, b, "adapter_config.json changed");
+    let header = |p: &Path| -> serde_json::Value {
+        let bytes = std::fs::read(p).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        for (_, t) in h.as_object_mut().unwrap().iter_mut() {
+            if let Some(o) = t.as_object_mut() {
+                o.remove("data_offsets");
+            }
+        }
+        h
+    };
+    assert_eq!(
+        header(&dir.join("out/adapter_model.safetensors")),
+        header(&committed.join("adapter_model.safetensors")),
+        "tensor names, shapes or dtypes changed"
+    );
+}

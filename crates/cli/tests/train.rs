@@ -1,0 +1,229 @@
+//! `bitlora train` end to end on the bundled tiny model with a byte-level tokenizer
+//! (tests/fixtures/byte-tokenizer): the adapter files, lower validation loss, the log,
+//! Ctrl-C saving a checkpoint, --resume, and errors for bad data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A model directory: the tiny model plus the byte-level tokenizer.
+fn model_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (from, f) in [
+        ("web/models/tiny", "config.json"),
+        ("web/models/tiny", "model.safetensors"),
+        ("tests/fixtures/byte-tokenizer", "tokenizer.json"),
+        ("tests/fixtures/byte-tokenizer", "tokenizer_config.json"),
+    ] {
+        std::fs::copy(repo().join(from).join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+fn bitlora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bitlora"))
+        .args(args)
+        .output()
+        .expect("run bitlora")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const TEXT: &str = "the cat sat on the mat. the dog sat on the log. ";
+
+#[test]
+fn train_writes_a_peft_adapter_and_lowers_validation_loss() {
+    let dir = model_dir("train-model");
+    let data = dir.join("data.txt");
+    std::fs::write(&data, TEXT.repeat(30)).unwrap();
+    let out = dir.join("out");
+    let o = bitlora(&[
+        "train",
+        "--model",
+        dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "40",
+        "--context",
+        "32",
+        "--lr",
+        "1e-2",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--eval-every",
+        "10",
+        "--val-fraction",
+        "0.2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(log.len(), 40);
+    let vals: Vec<f64> = log.iter().filter_map(|l| l["val_loss"].as_f64()).collect();
+    assert_eq!(vals.len(), 4);
+    println!("validation loss by 10 steps: {vals:?}");
+    assert!(
+        vals[3] < vals[0] - 0.3,
+        "validation loss did not fall: {vals:?}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            cfg["r"].as_u64(),
+            cfg["lora_alpha"].as_f64(),
+            cfg["task_type"].as_str(),
+            cfg["bias"].as_str()
+        ),
+        (Some(4), Some(8.0), Some("CAUSAL_LM"), Some("none"))
+    );
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    let st = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&st[8..8 + header_len]).unwrap();
+    assert_eq!(
+        header["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]["shape"],
+        serde_json::json!([4, 64])
+    );
+    assert_eq!(
+        header["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]["shape"],
+        serde_json::json!([64, 4])
+    );
+    assert!(stderr(&o).contains("validation loss"), "{}", stderr(&o));
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
+    let dir = model_dir("train-interrupt");
+    let data = dir.join("data.txt");
+    std::fs::write(&data, TEXT.repeat(40)).unwrap();
+    let out = dir.join("out");
+    let args = |extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "train",
+            "--model",
+            dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "400",
+            "--context",
+            "32",
+            "--checkpoint-every",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_bitlora"))
+        .args(args(&[]))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until a few steps are logged, then send SIGINT as a terminal's Ctrl-C does.
+    let log = out.join("train_log.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |s| s.lines().count()) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted at step"), "{}", stderr(&o));
+    let done = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(
+        out.join("checkpoint.safetensors").exists()
+            && out.join("adapter_model.safetensors").exists()
+    );
+    let o = bitlora(
+        &args(&["--resume"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("resuming at step {done} of 400")),
+        "{}",
+        stderr(&o)
+    );
+    let steps: Vec<u64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=400).collect::<Vec<_>>(),
+        "every step exactly once across the interruption"
+    );
+}
+
+#[test]
+fn bad_training_input_is_named() {
+    let dir = model_dir("train-bad");
+    let m = dir.to_str().unwrap();
+    let out = dir.join("out");
+    let run = |data: &str, contents: &[u8], extra: &[&str]| {
+        let p = dir.join(data);
+        std::fs::write(&p, contents).unwrap();
+        let mut a = vec![
+            "train",
+            "--model",
+            m,
+            "--data",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        let o = bitlora(&a);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        stderr(&o)
+    };
+    assert!(run("empty.txt", b"\n \n", &[]).contains("empty.txt: is empty"));
+    let e = run(
+        "bad.jsonl",
+        b"{\"text\": \"fine\"}\n{\"text\": broken\n",
+        &[],
+    );
+    assert!(e.contains("bad.jsonl: line 2: not JSON"), "{e}");
+    let e = run("ok.txt", TEXT.as_bytes(), &["--targets", "q_proj,attn"]);
+    assert!(e.contains("unknown target module \"attn\""), "{e}");
+    let e = run("ok2.txt", TEXT.as_bytes(), &["--resume"]);
+    assert!(
+        e.contains("no checkpoint.safetensors to resume from"),
+        "{e}"
+    );
+}
