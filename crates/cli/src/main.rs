@@ -70,6 +70,9 @@ enum Command {
         /// Sampling runs on the CPU either way, with the same sampler.
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
+        /// A PEFT LoRA adapter directory, applied unmerged as PEFT runs it (CPU backend).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -254,6 +257,7 @@ fn run(command: Command) -> Result<(), CliError> {
             tokens,
             chat,
             backend,
+            adapter,
             sampling,
         } => generate(
             &model,
@@ -261,6 +265,7 @@ fn run(command: Command) -> Result<(), CliError> {
             tokens.map(|t| t.0),
             chat,
             backend,
+            adapter.as_deref(),
             &sampling,
         ),
         Command::Bench {
@@ -369,12 +374,19 @@ fn generate(
     tokens: Option<Vec<u32>>,
     chat: bool,
     backend: Backend,
+    adapter: Option<&std::path::Path>,
     args: &SamplingArgs,
 ) -> Result<(), CliError> {
     use bitlora_core::{ChatTemplate, Message, SamplingOptions, TextStream, Tokenizer};
     use std::io::Write;
 
     let model = Model::from_dir(dir)?;
+    let lora = adapter
+        .map(|a| bitlora_core::peft::load_dir(a, &model.config))
+        .transpose()?;
+    if lora.is_some() && matches!(backend, Backend::Gpu) {
+        return Err(CliError::GpuAdapter);
+    }
     let mut stop_tokens = model.config.eos_token_ids.clone();
     stop_tokens.extend(args.stop.iter().flat_map(|s| s.0.iter().copied()));
 
@@ -470,7 +482,13 @@ fn generate(
         true
     };
     let out = match &gpu_model {
-        None => bitlora_core::generate(&model, &prompt_ids, &opts, on_token)?,
+        None => bitlora_core::generate_with_adapter(
+            &model,
+            lora.as_ref(),
+            &prompt_ids,
+            &opts,
+            on_token,
+        )?,
         Some(gm) => pollster::block_on(gm.generate(&prompt_ids, &opts, on_token))?,
     };
     if let Some(e) = write_err {

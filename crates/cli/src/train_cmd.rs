@@ -73,9 +73,15 @@ pub struct TrainArgs {
     /// Validation loss every N steps (0: only at the end).
     #[arg(long, default_value_t = 20)]
     eval_every: usize,
-    /// Share of the data held out for validation.
+    /// Share of the data held out for validation (ignored with --val-data).
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f32,
+    /// A separate validation file (same formats as --data); all of --data is then trained on.
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// Stop (and save) once this many minutes of training have passed.
+    #[arg(long)]
+    max_minutes: Option<f64>,
     /// Count the loss on completions / assistant turns only.
     #[arg(long)]
     completions_only: bool,
@@ -182,10 +188,14 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
     let opts = DataOptions {
         context: a.context,
         completions_only: a.completions_only,
-        val_fraction: a.val_fraction,
+        val_fraction: if a.val_data.is_some() {
+            0.0
+        } else {
+            a.val_fraction
+        },
         seed: a.seed,
     };
-    let dataset = data::build(
+    let mut dataset = data::build(
         &data_name,
         &examples,
         format,
@@ -194,6 +204,12 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         eos,
         &opts,
     )?;
+    if let Some(v) = &a.val_data {
+        let name = v.display().to_string();
+        let (vex, vformat) = data::parse(&name, &read(v)?)?;
+        dataset.val =
+            data::build(&name, &vex, vformat, &tokenizer, chat.as_ref(), eos, &opts)?.train;
+    }
     let train_tokens: usize = dataset.train.iter().map(|s| s.counted()).sum();
     eprintln!(
         "bitlora train: {} ({format}): {} training sequences ({train_tokens} target tokens), {} validation{}",
@@ -293,6 +309,17 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         .open(&log_path)
         .map_err(|e| TrainError::Write(log_path.display().to_string(), e))?;
     let (start, mut tokens, mut last_val) = (Instant::now(), 0usize, None);
+    if trainer.options.eval_every > 0 && trainer.step == 0 {
+        if let Some(v) = trainer.validate()? {
+            eprintln!(
+                "bitlora train: validation loss before training {v:.4} (perplexity {:.2})",
+                v.exp()
+            );
+        }
+    }
+    let deadline = a
+        .max_minutes
+        .map(|m| std::time::Duration::from_secs_f64(m * 60.0));
     while !trainer.done() {
         let r = trainer.step()?;
         tokens += r.tokens;
@@ -316,9 +343,11 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         writeln!(log, "{line}")
             .map_err(|e| TrainError::Write(log_path.display().to_string(), e))?;
         let interrupted = stop.load(Ordering::SeqCst);
+        let out_of_time = deadline.is_some_and(|d| start.elapsed() >= d);
         if interrupted
+            || out_of_time
             || trainer.done()
-            || (a.checkpoint_every > 0 && r.step % a.checkpoint_every == 0)
+            || (a.checkpoint_every > 0 && r.step.is_multiple_of(a.checkpoint_every))
         {
             write_atomic(&ckpt_path, &trainer.checkpoint())?;
             save_adapter(&a.out, &trainer.lora, &model, &base)?;
@@ -326,6 +355,14 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         if interrupted {
             bar.abandon();
             return Err(TrainError::Interrupted(r.step));
+        }
+        if out_of_time {
+            bar.println(format!(
+                "time budget of {} min reached at step {}; adapter and checkpoint saved",
+                a.max_minutes.unwrap_or(0.0),
+                r.step
+            ));
+            break;
         }
     }
     bar.finish();

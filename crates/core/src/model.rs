@@ -398,8 +398,8 @@ fn lora_linear(
     if let Some(pair) = lora.and_then(|a| a.layers[l][p].as_ref()) {
         let lora = lora.expect("pair came from it");
         let (r, scale) = (lora.config.r, lora.config.scale());
-        let u = ops::matmul_t(x, &pair.a, lin.in_features, r); // (T, R)
-        let ub = ops::matmul_t(&u, &pair.b, r, lin.out_features); // (T, O)
+        let u = ops::matmul_t_fast(x, &pair.a, lin.in_features, r); // (T, R)
+        let ub = ops::matmul_t_fast(&u, &pair.b, r, lin.out_features); // (T, O)
         for (yv, &d) in y.iter_mut().zip(&ub) {
             *yv += scale * d;
         }

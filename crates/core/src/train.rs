@@ -21,7 +21,7 @@ use crate::quant::TernaryLinear;
 use crate::rng::Rng;
 
 /// What one projection's forward saved.
-struct LinearActs {
+pub struct LinearActs {
     /// Dropout's factors (T, I): 0 for a dropped input, 1/(1-p) for a kept one; None when
     /// dropout is off (or the projection has no adapter).
     mask: Option<Vec<f32>>,
@@ -57,7 +57,7 @@ pub struct StepLoss {
 
 /// `y = BitLinear(x) + scale * (dropout(x) . A^T) . B^T`, saving what the backward needs.
 #[allow(clippy::too_many_arguments)]
-fn linear_forward(
+pub fn linear_forward(
     lin: &TernaryLinear,
     pair: Option<&LoraPair>,
     x: &[f32],
@@ -86,8 +86,8 @@ fn linear_forward(
     let x_drop = mask
         .as_ref()
         .map(|m| x.iter().zip(m).map(|(a, b)| a * b).collect::<Vec<f32>>());
-    let u = ops::matmul_t(x_drop.as_deref().unwrap_or(x), &pair.a, i, r); // (T, R)
-    let ub = ops::matmul_t(&u, &pair.b, r, o); // (T, O)
+    let u = ops::matmul_t_fast(x_drop.as_deref().unwrap_or(x), &pair.a, i, r); // (T, R)
+    let ub = ops::matmul_t_fast(&u, &pair.b, r, o); // (T, O)
     for (yv, &l) in y.iter_mut().zip(&ub) {
         *yv += scale * l;
     }
@@ -96,7 +96,7 @@ fn linear_forward(
 
 /// Backward of [`linear_forward`]: returns dX (T, I); accumulates dA, dB into `grad`.
 #[allow(clippy::too_many_arguments)]
-fn linear_backward(
+pub fn linear_backward(
     lin: &TernaryLinear,
     pair: Option<&LoraPair>,
     grad: Option<&mut LoraPair>,
@@ -234,7 +234,7 @@ pub fn rope_backward(dx: &mut [f32], n_heads: usize, hs: usize, cos: &[f32], sin
 }
 
 /// Causal GQA attention that also returns its probabilities (NH, T, T).
-fn attention_forward(
+pub fn attention_forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -288,7 +288,7 @@ fn attention_forward(
 
 /// Attention backward: dout (T, NH*HS) -> (dq, dk, dv); kv-head gradients sum over their group.
 #[allow(clippy::too_many_arguments)]
-fn attention_backward(
+pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -332,7 +332,7 @@ fn attention_backward(
 }
 
 /// Gated activation backward: f = act(g) * u -> (dg, du).
-fn gated_act_backward(
+pub fn gated_act_backward(
     gate: &[f32],
     up: &[f32],
     df: &[f32],
@@ -465,7 +465,7 @@ fn check_targets(model: &Model, tokens: &[u32], targets: &[Option<u32>]) -> Resu
 /// Logits (V) of one position from the final hidden state.
 fn logits_row(model: &Model, xn: &[f32], tt: usize) -> Vec<f32> {
     let c = model.config.hidden_size;
-    ops::matmul_t(
+    ops::matmul_t_fast(
         &xn[tt * c..(tt + 1) * c],
         model.params.head(),
         c,
@@ -474,7 +474,7 @@ fn logits_row(model: &Model, xn: &[f32], tt: usize) -> Vec<f32> {
 }
 
 /// log(sum(exp(logits))), stable.
-fn log_sum_exp(logits: &[f32]) -> f32 {
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln()
 }

@@ -196,14 +196,16 @@ fn ten_adamw_steps_reproduce_pytorch_losses() {
             info.lr
         );
         // Steps 0-2 check the update rule itself (step 0 has lr 0 under warmup, so step 2's
-        // loss is the first to see an Adam update): agreement to f32 rounding. Later, with
-        // lr 2e-2 moving each parameter ~20% per step and 24-token batches, f32 rounding
-        // differences compound (measured: loss within 8.1e-5, grad norm within 6.4e-4 by
-        // step 9); a wrong rule (bias correction, decay order, eps placement) is off by far more.
+        // loss is the first to see an Adam update): agreement to f32 rounding. Later steps
+        // drift: Adam divides each element's momentum by its own RMS, so f32 rounding noise in
+        // near-zero gradient elements becomes lr-sized parameter moves, and at lr 2e-2 those
+        // compound (a different summation order in the head or LoRA products alone moves step
+        // 7's loss by 4.5e-4 and its gradient norm by 1.3%). A wrong rule (bias correction,
+        // decay order, eps placement) is off at steps 1-2 already and by far more later.
         let (loss_rtol, norm_rtol) = if step <= 2 {
             (1e-6, 1e-5)
         } else {
-            (2e-4, 2e-3)
+            (1e-3, 3e-2)
         };
         assert!(
             (info.grad_norm - want_norm).abs() <= norm_rtol * want_norm,
