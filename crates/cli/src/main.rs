@@ -10,6 +10,9 @@
 //! Errors go to stderr as one `error: ...` line and exit with status 1; bad flags exit with 2.
 
 mod bench;
+
+/// bitlora's own pretrained model (MODEL_CARD.md), relative to the repository root.
+pub const DEFAULT_MODEL: &str = "web/models/default";
 mod serve;
 mod train_cmd;
 
@@ -35,8 +38,8 @@ enum Command {
     /// Prints the logits of every position as one JSON object:
     /// {"tokens":[...],"logits":[[...V floats...], ...one row per position...]}
     Logits {
-        /// Model directory: config.json and *.safetensors.
-        #[arg(long)]
+        /// Model directory (default: the bundled default model, run from the repository root): config.json and *.safetensors.
+        #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         /// Comma-separated token ids, e.g. 5,17,42.
         #[arg(long, value_parser = parse_tokens)]
@@ -52,8 +55,8 @@ enum Command {
     /// Generates text after a prompt, streaming it to stdout as it is produced (batched
     /// prefill, then a KV cache; on the CPU reference or the GPU). Timing goes to stderr.
     Generate {
-        /// Model directory: config.json, *.safetensors, and tokenizer.json for --prompt.
-        #[arg(long)]
+        /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, and tokenizer.json for --prompt.
+        #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         /// The prompt text (needs tokenizer.json in the model directory).
         #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]

@@ -20,8 +20,8 @@ use bitlora_core::{ChatTemplate, Error, Model, Tokenizer, peft};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// Model directory: config.json, *.safetensors, tokenizer.json (tokenizer_config.json for chat data).
-    #[arg(long)]
+    /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, tokenizer.json (tokenizer_config.json for chat data).
+    #[arg(long, default_value = crate::DEFAULT_MODEL)]
     model: PathBuf,
     /// Training data: plain text, or JSONL with {"text"}, {"prompt","completion"} or {"messages"}.
     #[arg(long)]
