@@ -88,10 +88,10 @@ enum Command {
         /// Model shape.
         #[arg(long, value_enum, default_value_t = Shape::S125m)]
         shape: Shape,
-        /// Prompt tokens (prefill).
+        /// Prompt tokens (prefill); for train, tokens per training sequence.
         #[arg(long, default_value_t = 128)]
         prompt_len: usize,
-        /// Tokens to generate.
+        /// Tokens to generate; for train, timed training steps (after 2 warm-up steps).
         #[arg(long, default_value_t = 128)]
         gen_len: usize,
         /// Seed of the random weights and prompt.
@@ -163,6 +163,8 @@ enum Backend {
 enum Workload {
     /// Prefill then KV-cached greedy decoding.
     Decode,
+    /// LoRA training steps (r 8 on all seven projections, AdamW), CPU reference.
+    Train,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -231,6 +233,8 @@ enum CliError {
         "--adapter runs on the CPU backend for now (GPU LoRA comes with GPU training); drop --backend gpu"
     )]
     GpuAdapter,
+    #[error("bench train runs on the CPU for now (GPU training is not wired yet)")]
+    GpuTrain,
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),
 }
@@ -290,6 +294,33 @@ fn run(command: Command) -> Result<(), CliError> {
                 report.backend,
                 report.prefill_tokens_per_s,
                 report.decode_tokens_per_s,
+                report.peak_rss_mib.unwrap_or(f64::NAN)
+            );
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("a report serializes")
+            );
+            Ok(())
+        }
+        Command::Bench {
+            workload: Workload::Train,
+            shape,
+            prompt_len,
+            gen_len,
+            seed,
+            backend,
+        } => {
+            if matches!(backend, Backend::Gpu) {
+                return Err(CliError::GpuTrain);
+            }
+            // For train, --prompt-len is the sequence length and --gen-len the timed steps.
+            let report = bench::train_cpu(shape.name(), prompt_len, gen_len.max(1), 2, seed)
+                .ok_or(CliError::Bench(shape.name()))?;
+            eprintln!(
+                "bitlora bench: {} on cpu: {:.1} tok/s (median step {:.2} s), peak RSS {:.0} MiB",
+                report.workload,
+                report.tokens_per_s_median,
+                report.step_seconds_median,
                 report.peak_rss_mib.unwrap_or(f64::NAN)
             );
             println!(

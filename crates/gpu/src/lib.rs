@@ -10,8 +10,12 @@
 //! - [`tensor`]: [`GpuTensor`] (a buffer with a name, a shape and an element type), uploads,
 //!   async readbacks.
 //! - [`record`]: [`Recorder`], one command encoder + compute pass for a sequence of dispatches.
+//! - training kernels (`ops::*Backward`, [`ops::CrossEntropy`], [`ops::LoraMatmul`],
+//!   [`ops::AdamWStep`]): the backward of every op, the loss, the LoRA products and the
+//!   optimizer step, each tested against `bitlora_core::train` / `optim` (tests/backward.rs).
 //! - [`model`]: [`GpuModel`], the weights on the GPU, the KV-cached forward pass
-//!   ([`GpuKvCache`]) and generation.
+//!   ([`GpuKvCache`]), generation, and a LoRA adapter applied unmerged
+//!   ([`GpuModel::set_adapter`], tests/adapter.rs).
 //!
 //! Everything that waits on the GPU is `async`: on the web the browser drives the device, so
 //! nothing may block; natively the futures poll the device themselves (use `pollster`).

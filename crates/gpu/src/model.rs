@@ -28,11 +28,14 @@
 //! (T, V) logits or (T, F) activations can hold in one binding is cut into several passes
 //! through the cache, which by the above gives the same logits.
 
+use bitlora_core::lora::Lora;
+use bitlora_core::model::projections;
 use bitlora_core::quant::TernaryLinear;
 use bitlora_core::{Config, Model, ops as cpu_ops};
 
 use crate::ops::{
-    ActQuant, Attention, Embedding, GatedAct, Matmul, ResidualAdd, RmsNorm, Rope, TernaryMatmul,
+    ActQuant, Attention, Embedding, GatedAct, LoraMatmul, Matmul, ResidualAdd, RmsNorm, Rope,
+    TernaryMatmul,
 };
 use bitlora_core::generate::{Sampler, SamplingOptions};
 
@@ -67,6 +70,21 @@ struct Layer {
     down_proj: Linear,
 }
 
+/// One adapted projection: A (R, I) and B (O, R) with the launcher for its shape.
+struct AdapterPair {
+    a: GpuTensor,
+    b: GpuTensor,
+    op: LoraMatmul,
+}
+
+/// A LoRA adapter applied unmerged, as `Model::forward_with_adapter`: each adapted
+/// projection adds `scale * (x A^T) B^T` on its float input x to the BitLinear output.
+struct GpuAdapter {
+    scale: f32,
+    layers: Vec<[Option<AdapterPair>; 7]>, // L x 7, `model::projections` order
+    u: GpuTensor,                          // (max_pass_tokens, R) scratch x A^T
+}
+
 /// The model's weights on the GPU and the pipelines of its forward pass.
 pub struct GpuModel {
     device: wgpu::Device,
@@ -94,6 +112,8 @@ pub struct GpuModel {
     max_pass_tokens: usize,
     /// Bytes of every weight buffer (ternary, norms, embedding, head, RoPE tables).
     weight_bytes: u64,
+    /// The LoRA adapter every forward applies, if any ([`GpuModel::set_adapter`]).
+    adapter: Option<GpuAdapter>,
 }
 
 /// Which rows of logits a pass computes.
@@ -502,10 +522,65 @@ impl GpuModel {
             head: Matmul::new(dev, c, v),
             max_pass_tokens,
             weight_bytes,
+            adapter: None,
         };
         // Shader or pipeline errors surface here natively (on the web, at the first forward).
         model.errors.take()?;
         Ok(model)
+    }
+
+    /// Applies `lora` unmerged in every later forward (None: the plain model again), as
+    /// `Model::forward_with_adapter`: the adapter's A and B are uploaded, the base weights stay
+    /// as they are. Dropout is off, as in PEFT's inference. A cache filled under another
+    /// adapter holds that adapter's keys and values: clear it.
+    pub fn set_adapter(&mut self, lora: Option<&Lora>) -> Result<(), GpuError> {
+        let Some(lora) = lora else {
+            self.adapter = None;
+            return Ok(());
+        };
+        let cfg = &self.config;
+        let bad = |msg: String| GpuError::Model(bitlora_core::Error::Lora { msg });
+        if lora.layers.len() != cfg.num_hidden_layers {
+            return Err(bad(format!(
+                "the adapter has {} layers, the model {}",
+                lora.layers.len(),
+                cfg.num_hidden_layers
+            )));
+        }
+        let (dev, r) = (&self.device, lora.config.r);
+        let mut ops: Vec<((usize, usize), LoraMatmul)> = Vec::new();
+        let mut layers = Vec::with_capacity(lora.layers.len());
+        for (l, layer) in lora.layers.iter().enumerate() {
+            let mut pairs: [Option<AdapterPair>; 7] = Default::default();
+            for (slot, (&(name, o, i), pair)) in
+                pairs.iter_mut().zip(projections(cfg).iter().zip(layer))
+            {
+                let Some(pair) = pair else { continue };
+                let n = format!("model.layers.{l}.{name}");
+                if pair.a.len() != r * i || pair.b.len() != o * r {
+                    return Err(bad(format!(
+                        "{n}: lora_A has {} values and lora_B {}; the model needs ({r}, {i}) and ({o}, {r})",
+                        pair.a.len(),
+                        pair.b.len()
+                    )));
+                }
+                *slot = Some(AdapterPair {
+                    a: GpuTensor::f32(dev, format!("{n}.lora_A.weight"), &[r, i], &pair.a)?,
+                    b: GpuTensor::f32(dev, format!("{n}.lora_B.weight"), &[o, r], &pair.b)?,
+                    op: cached(&mut ops, (o, i), || LoraMatmul::new(dev, i, o, r)),
+                });
+            }
+            layers.push(pairs);
+        }
+        let rows = self.max_pass_tokens.min(cfg.max_position_embeddings).max(1);
+        let u = GpuTensor::zeros(dev, "lora u", &[rows, r], DType::F32)?;
+        self.errors.take()?;
+        self.adapter = Some(GpuAdapter {
+            scale: lora.config.scale(),
+            layers,
+            u,
+        });
+        Ok(())
     }
 
     /// The model's configuration.
@@ -681,16 +756,44 @@ impl GpuModel {
             lin.op.encode_at(r, xq, s_a, &lin.w, &lin.sw, y, past)
         };
 
+        // The adapter's term on projection p of layer l: y[row0..row0+T] += s (x A^T) B^T.
+        let adapter = self.adapter.as_ref();
+        let u = adapter.map(|a| a.u.rows_view(t)).transpose()?;
+        let lora = |r: &mut Recorder,
+                    l: usize,
+                    p: usize,
+                    x: &GpuTensor,
+                    y: &GpuTensor,
+                    row0: usize|
+         -> Result<(), GpuError> {
+            let (Some(ad), Some(u)) = (adapter, u.as_ref()) else {
+                return Ok(());
+            };
+            let Some(pair) = &ad.layers[l][p] else {
+                return Ok(());
+            };
+            pair.op.down(r, x, &pair.a, u)?;
+            pair.op.up_add_at(r, u, &pair.b, ad.scale, y, row0)
+        };
+
         self.embedding
             .encode_split(r, &ws.tokens, &self.embed_tokens, &ws.h)?;
-        for (layer, (kc, vc)) in self.layers.iter().zip(cache.k.iter().zip(&cache.v)) {
+        for (l, (layer, (kc, vc))) in self
+            .layers
+            .iter()
+            .zip(cache.k.iter().zip(&cache.v))
+            .enumerate()
+        {
             // Attention block.
             let n = &layer.input_layernorm;
             n.op.encode(r, &ws.h, &n.w, &ws.x)?;
             self.quant_c.encode(r, &ws.x, &ws.xq_c, s_a)?;
             bitlinear(r, &ws.xq_c, &layer.q_proj, &ws.q)?;
+            lora(r, l, 0, &ws.x, &ws.q, 0)?;
             into_cache(r, &ws.xq_c, &layer.k_proj, kc)?;
+            lora(r, l, 1, &ws.x, kc, past)?;
             into_cache(r, &ws.xq_c, &layer.v_proj, vc)?;
+            lora(r, l, 2, &ws.x, vc, past)?;
             self.rope_q.encode_rows(r, &ws.q, 0..t, past, cos, sin)?;
             self.rope_k.encode_rows(r, kc, past..t_kv, past, cos, sin)?;
             self.attention
@@ -699,6 +802,7 @@ impl GpuModel {
             n.op.encode(r, &ws.att, &n.w, &ws.att_n)?;
             self.quant_q.encode(r, &ws.att_n, &ws.xq_q, s_a)?;
             bitlinear(r, &ws.xq_q, &layer.o_proj, &ws.proj)?;
+            lora(r, l, 3, &ws.att_n, &ws.proj, 0)?;
             self.residual_add.encode(r, &ws.h, &ws.proj)?;
 
             // FFN block.
@@ -706,12 +810,15 @@ impl GpuModel {
             n.op.encode(r, &ws.h, &n.w, &ws.x)?;
             self.quant_c.encode(r, &ws.x, &ws.xq_c, s_a)?;
             bitlinear(r, &ws.xq_c, &layer.gate_proj, &ws.gate)?;
+            lora(r, l, 4, &ws.x, &ws.gate, 0)?;
             bitlinear(r, &ws.xq_c, &layer.up_proj, &ws.up)?;
+            lora(r, l, 5, &ws.x, &ws.up, 0)?;
             self.gated_act.encode(r, &ws.gate, &ws.up, &ws.ffn)?;
             let n = &layer.ffn_sub_norm;
             n.op.encode(r, &ws.ffn, &n.w, &ws.ffn_n)?;
             self.quant_f.encode(r, &ws.ffn_n, &ws.xq_f, s_a)?;
             bitlinear(r, &ws.xq_f, &layer.down_proj, &ws.proj)?;
+            lora(r, l, 6, &ws.ffn_n, &ws.proj, 0)?;
             self.residual_add.encode(r, &ws.h, &ws.proj)?;
         }
         let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);

@@ -96,6 +96,25 @@ impl Recorder {
         b
     }
 
+    /// A uniform buffer holding `words` (u32s or f32 bits), zero-padded to a multiple of 16
+    /// bytes; for parameter structs larger than [`Recorder::uniform`]'s four words.
+    pub(crate) fn uniform_words(&mut self, words: &[u32]) -> wgpu::Buffer {
+        use wgpu::util::DeviceExt;
+        let mut padded = words.to_vec();
+        padded.resize(words.len().div_ceil(4).max(1) * 4, 0);
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytemuck::cast_slice(&padded),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+    }
+
+    /// The device's limit on workgroups along one dispatch dimension.
+    pub(crate) fn max_groups(&self) -> usize {
+        self.max_groups as usize
+    }
+
     /// [`Recorder::uniform`] of sizes and offsets given as `usize`, checked to fit a u32.
     pub(crate) fn dims(
         &mut self,

@@ -7,23 +7,39 @@
 //! size, I/O a linear layer's in/out features, P tabulated RoPE positions.
 
 pub mod act_quant;
+pub mod adamw;
 pub mod attention;
+pub mod attention_backward;
+pub mod cross_entropy;
 pub mod embedding;
 pub mod gated_act;
+pub mod gated_act_backward;
+pub mod lora_matmul;
 pub mod matmul;
 pub mod residual_add;
 pub mod rms_norm;
+pub mod rms_norm_backward;
 pub mod rope;
+pub mod rope_backward;
+pub mod ternary_backward;
 pub mod ternary_matmul;
 
 pub use act_quant::ActQuant;
+pub use adamw::{AdamWScalars, AdamWStep};
 pub use attention::Attention;
+pub use attention_backward::AttentionBackward;
+pub use cross_entropy::CrossEntropy;
 pub use embedding::Embedding;
 pub use gated_act::GatedAct;
+pub use gated_act_backward::GatedActBackward;
+pub use lora_matmul::LoraMatmul;
 pub use matmul::Matmul;
 pub use residual_add::ResidualAdd;
 pub use rms_norm::RmsNorm;
+pub use rms_norm_backward::RmsNormBackward;
 pub use rope::Rope;
+pub use rope_backward::RopeBackward;
+pub use ternary_backward::TernaryBackward;
 pub use ternary_matmul::TernaryMatmul;
 
 /// Workgroup size of the 1-D kernels (the `WG` override): a power of two, at most WebGPU's
@@ -33,13 +49,22 @@ pub const WG: usize = 64;
 /// The shader sources, embedded at build time (also for the naga validation test).
 pub const SHADERS: &[(&str, &str)] = &[
     ("act_quant", act_quant::SOURCE),
+    ("adamw", adamw::SOURCE),
     ("attention", attention::SOURCE),
+    ("attention_backward_kv", attention_backward::SOURCE_KV),
+    ("attention_backward_q", attention_backward::SOURCE_Q),
+    ("cross_entropy", cross_entropy::SOURCE),
     ("embedding", embedding::SOURCE),
     ("gated_act", gated_act::SOURCE),
+    ("gated_act_backward", gated_act_backward::SOURCE),
+    ("lora_matmul", lora_matmul::SOURCE),
     ("matmul", matmul::SOURCE),
     ("residual_add", residual_add::SOURCE),
     ("rms_norm", rms_norm::SOURCE),
+    ("rms_norm_backward", rms_norm_backward::SOURCE),
     ("rope", rope::SOURCE),
+    ("rope_backward", rope_backward::SOURCE),
+    ("ternary_backward", ternary_backward::SOURCE),
     ("ternary_matmul", ternary_matmul::SOURCE),
 ];
 

@@ -1,0 +1,216 @@
+//! Launcher for `shaders/lora_matmul.wgsl`.
+
+use crate::GpuError;
+use crate::record::{Kernel, Recorder, at_least, expect, rows};
+use crate::tensor::{DType, GpuTensor};
+
+pub const SOURCE: &str = include_str!("../../../../shaders/lora_matmul.wgsl");
+
+/// The LoRA products of one adapted projection with in features I, out features O, rank R
+/// and scale s, forward and backward (PEFT: `y = BitLinear(x) + s * (x A^T) B^T`):
+///
+/// | method          | computes            | shapes                                   |
+/// |-----------------|---------------------|------------------------------------------|
+/// | [`down`]        | u = x A^T           | x (T, I), A (R, I), u (T, R)             |
+/// | [`up_add`]      | y += s u B^T        | u (T, R), B (O, R), y (T, O)             |
+/// | [`up_add_at`]   | y[row0..] += s u B^T| u (T, R), B (O, R), y (R', O), R' >= row0+T |
+/// | [`grad_b`]      | dB += s dY^T u      | dY (T, O), u (T, R), dB (O, R)           |
+/// | [`grad_u`]      | du = s dY B         | dY (T, O), B (O, R), du (T, R)           |
+/// | [`grad_a`]      | dA += du^T x        | du (T, R), x (T, I), dA (R, I)           |
+/// | [`grad_x_add`]  | dx += du A          | du (T, R), A (R, I), dx (T, I)           |
+///
+/// All f32. Dropout, when on, is applied by the caller to x (and to du A) elementwise.
+///
+/// [`down`]: LoraMatmul::down
+/// [`up_add`]: LoraMatmul::up_add
+/// [`up_add_at`]: LoraMatmul::up_add_at
+/// [`grad_b`]: LoraMatmul::grad_b
+/// [`grad_u`]: LoraMatmul::grad_u
+/// [`grad_a`]: LoraMatmul::grad_a
+/// [`grad_x_add`]: LoraMatmul::grad_x_add
+#[derive(Clone, Debug)]
+pub struct LoraMatmul {
+    /// (TA, TB, ACC) = (0, 1, 0), (0, 1, 1), (1, 0, 1), (0, 0, 0), (0, 0, 1)
+    nt: Kernel,
+    nt_acc: Kernel,
+    tn_acc: Kernel,
+    nn: Kernel,
+    nn_acc: Kernel,
+    i: usize,
+    o: usize,
+    r: usize,
+}
+
+impl LoraMatmul {
+    pub fn new(device: &wgpu::Device, i: usize, o: usize, r: usize) -> LoraMatmul {
+        let k = |ta: f64, tb: f64, acc: f64| {
+            Kernel::new(
+                device,
+                "lora_matmul",
+                SOURCE,
+                &[
+                    ("TA", ta),
+                    ("TB", tb),
+                    ("ACC", acc),
+                    ("WG", super::c(super::WG)),
+                ],
+            )
+        };
+        LoraMatmul {
+            nt: k(0.0, 1.0, 0.0),
+            nt_acc: k(0.0, 1.0, 1.0),
+            tn_acc: k(1.0, 0.0, 1.0),
+            nn: k(0.0, 0.0, 0.0),
+            nn_acc: k(0.0, 0.0, 1.0),
+            i,
+            o,
+            r,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        rec: &mut Recorder,
+        kernel: &Kernel,
+        [m, n, k]: [usize; 3],
+        alpha: f32,
+        a: &GpuTensor,
+        b: &GpuTensor,
+        out: &GpuTensor,
+        out_row0: usize,
+    ) -> Result<(), GpuError> {
+        let fit = |v: usize| {
+            u32::try_from(v).map_err(|_| GpuError::Shape {
+                op: "lora_matmul",
+                msg: format!("{v} does not fit a u32 shader constant"),
+            })
+        };
+        let dims = rec.uniform_words(&[fit(m)?, fit(n)?, fit(k)?, alpha.to_bits(), fit(out_row0)?]);
+        rec.dispatch(
+            kernel,
+            &[&dims, &a.buffer, &b.buffer, &out.buffer],
+            [n.div_ceil(super::WG), m, 1],
+        )
+    }
+
+    /// u (T, R) = x (T, I) . A^T, A (R, I).
+    pub fn down(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        a: &GpuTensor,
+        u: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "lora_matmul down";
+        let t = rows(OP, x, DType::F32, self.i)?;
+        expect(OP, a, DType::F32, &[self.r, self.i])?;
+        expect(OP, u, DType::F32, &[t, self.r])?;
+        self.product(rec, &self.nt, [t, self.r, self.i], 1.0, x, a, u, 0)
+    }
+
+    /// y (T, O) += s u (T, R) . B^T, B (O, R).
+    pub fn up_add(
+        &self,
+        rec: &mut Recorder,
+        u: &GpuTensor,
+        b: &GpuTensor,
+        scale: f32,
+        y: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "lora_matmul up_add";
+        let t = rows(OP, u, DType::F32, self.r)?;
+        expect(OP, b, DType::F32, &[self.o, self.r])?;
+        expect(OP, y, DType::F32, &[t, self.o])?;
+        self.product(rec, &self.nt_acc, [t, self.o, self.r], scale, u, b, y, 0)
+    }
+
+    /// As [`LoraMatmul::up_add`], adding into rows `y_row0 .. y_row0 + T` of a taller
+    /// y (R, O) (the k and v projections add into the KV cache).
+    pub fn up_add_at(
+        &self,
+        rec: &mut Recorder,
+        u: &GpuTensor,
+        b: &GpuTensor,
+        scale: f32,
+        y: &GpuTensor,
+        y_row0: usize,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "lora_matmul up_add_at";
+        let t = rows(OP, u, DType::F32, self.r)?;
+        expect(OP, b, DType::F32, &[self.o, self.r])?;
+        at_least(OP, y, DType::F32, y_row0 + t, self.o)?;
+        self.product(
+            rec,
+            &self.nt_acc,
+            [t, self.o, self.r],
+            scale,
+            u,
+            b,
+            y,
+            y_row0,
+        )
+    }
+
+    /// dB (O, R) += s dY (T, O)^T . u (T, R).
+    pub fn grad_b(
+        &self,
+        rec: &mut Recorder,
+        dy: &GpuTensor,
+        u: &GpuTensor,
+        scale: f32,
+        db: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "lora_matmul grad_b";
+        let t = rows(OP, dy, DType::F32, self.o)?;
+        expect(OP, u, DType::F32, &[t, self.r])?;
+        expect(OP, db, DType::F32, &[self.o, self.r])?;
+        self.product(rec, &self.tn_acc, [self.o, self.r, t], scale, dy, u, db, 0)
+    }
+
+    /// du (T, R) = s dY (T, O) . B (O, R).
+    pub fn grad_u(
+        &self,
+        rec: &mut Recorder,
+        dy: &GpuTensor,
+        b: &GpuTensor,
+        scale: f32,
+        du: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "lora_matmul grad_u";
+        let t = rows(OP, dy, DType::F32, self.o)?;
+        expect(OP, b, DType::F32, &[self.o, self.r])?;
+        expect(OP, du, DType::F32, &[t, self.r])?;
+        self.product(rec, &self.nn, [t, self.r, self.o], scale, dy, b, du, 0)
+    }
+
+    /// dA (R, I) += du (T, R)^T . x (T, I).
+    pub fn grad_a(
+        &self,
+        rec: &mut Recorder,
+        du: &GpuTensor,
+        x: &GpuTensor,
+        da: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "lora_matmul grad_a";
+        let t = rows(OP, du, DType::F32, self.r)?;
+        expect(OP, x, DType::F32, &[t, self.i])?;
+        expect(OP, da, DType::F32, &[self.r, self.i])?;
+        self.product(rec, &self.tn_acc, [self.r, self.i, t], 1.0, du, x, da, 0)
+    }
+
+    /// dx (T, I) += du (T, R) . A (R, I).
+    pub fn grad_x_add(
+        &self,
+        rec: &mut Recorder,
+        du: &GpuTensor,
+        a: &GpuTensor,
+        dx: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "lora_matmul grad_x_add";
+        let t = rows(OP, du, DType::F32, self.r)?;
+        expect(OP, a, DType::F32, &[self.r, self.i])?;
+        expect(OP, dx, DType::F32, &[t, self.i])?;
+        self.product(rec, &self.nn_acc, [t, self.i, self.r], 1.0, du, a, dx, 0)
+    }
+}

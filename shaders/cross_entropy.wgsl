@@ -1,0 +1,82 @@
+// Cross-entropy forward and backward over the vocabulary, one row of logits per workgroup,
+// as bitlora_core::train::forward_backward computes it row by row:
+//   lse = max + log(sum_v exp(l_v - max)),  loss = lse - l_y,
+//   dlogits_v = (exp(l_v - lse) - [v == y]) * weight    (weight = grad_scale / counted).
+// The logits are overwritten with dlogits in place, so a (T, V) buffer is the only O(T*V)
+// memory; a caller with a large vocabulary runs the head and this kernel on windows of rows.
+// A row whose target is MASKED (0xffffffff: not counted) gets loss 0 and dlogits 0.
+// Each invocation walks the row with stride WG; max and sum are tree reductions in workgroup
+// memory (a different summation order from the CPU's serial sum: compare with
+// KERNEL_TRANSCENDENTAL).
+// Dispatch (T, 1, 1).
+
+override V: u32;        // vocabulary
+override WG: u32 = 64u; // workgroup size, a power of two
+const MASKED: u32 = 0xffffffffu;
+
+struct Dims {
+    weight: f32, // grad_scale / counted targets
+}
+
+@group(0) @binding(0) var<uniform> dims: Dims;
+@group(0) @binding(1) var<storage, read_write> logits: array<f32>; // (T, V) in: logits, out: dlogits
+@group(0) @binding(2) var<storage, read> targets: array<u32>;      // (T) target id or MASKED
+@group(0) @binding(3) var<storage, read_write> loss: array<f32>;   // (T) per-row loss
+
+var<workgroup> red: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let base = wid.x * V;
+    let y = targets[wid.x];
+    let counted = y < V;
+    var target_logit = 0.0;
+    if lid == 0u && counted {
+        target_logit = logits[base + y];
+    }
+    var m = -3.402823e38;
+    for (var c = lid; c < V; c += WG) {
+        m = max(m, logits[base + c]);
+    }
+    red[lid] = m;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if lid < s {
+            red[lid] = max(red[lid], red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    let mx = red[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var c = lid; c < V; c += WG) {
+        sum += exp(logits[base + c] - mx);
+    }
+    red[lid] = sum;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if lid < s {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let lse = mx + log(red[0]);
+    for (var c = lid; c < V; c += WG) {
+        var g = exp(logits[base + c] - lse);
+        if c == y {
+            g -= 1.0;
+        }
+        if counted {
+            logits[base + c] = g * dims.weight;
+        } else {
+            logits[base + c] = 0.0;
+        }
+    }
+    if lid == 0u {
+        if counted {
+            loss[wid.x] = lse - target_logit;
+        } else {
+            loss[wid.x] = 0.0;
+        }
+    }
+}
