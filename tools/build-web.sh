@@ -34,4 +34,31 @@ RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+simd128" \
 say "wasm-bindgen --target web --out-dir web/pkg"
 wasm-bindgen --target web --out-dir web/pkg \
   "$target_dir/wasm32-unknown-unknown/release/bitlora_web.wasm"
+
+# The bundled models' index: each file's size and sha256. The page's worker reads it before a
+# download (the total for the storage check and the progress bar's ETA; `bitlora serve` sends
+# large files chunked, without Content-Length), checks each downloaded file against it, and
+# notices when the stored copy in IndexedDB is of an older version of the model.
+say "web/pkg/models.json (sizes and sha256 of web/models/*)"
+{
+  echo '{'
+  first_model=1
+  for dir in web/models/*/; do
+    name=$(basename "$dir")
+    [ "$first_model" = 1 ] || echo ','
+    first_model=0
+    printf '  "%s": [' "$name"
+    first_file=1
+    for f in "$dir"*; do
+      [ -f "$f" ] || continue
+      [ "$first_file" = 1 ] || printf ','
+      first_file=0
+      printf '\n    {"name": "%s", "size": %s, "sha256": "%s"}' \
+        "$(basename "$f")" "$(stat -c %s "$f")" "$(sha256sum "$f" | cut -d' ' -f1)"
+    done
+    printf '\n  ]'
+  done
+  printf '\n}\n'
+} > web/pkg/models.json.tmp
+mv web/pkg/models.json.tmp web/pkg/models.json
 say "done: $(du -h web/pkg/bitlora_web_bg.wasm | cut -f1) web/pkg/bitlora_web_bg.wasm"

@@ -8,16 +8,24 @@
 // and a summary (without logits) as JSON in <pre id="result-json">. data-state is the model and
 // the next-token panel; data-gen the Generate panel.
 //
-// URL parameters: ?backend=cpu forces the CPU backend; ?tokens=1,2,3 sets the default tokens.
+// URL parameters: ?backend=cpu forces the CPU backend; ?tokens=1,2,3 sets the default tokens;
+// ?model=tiny loads the tiny random test model instead of the default one (parity tests);
+// ?free=BYTES (tests) makes the store act as if only that much browser storage were free.
+//
+// The bundled model is kept in IndexedDB after the first visit (web/store.js); window.__bitlora
+// .model.source says where it came from: { from: 'store'|'network', stored, notes }.
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const preferGpu = params.get('backend') !== 'cpu';
+const bundledModel = params.get('model') ?? 'default';
+const fakeFree = params.get('free');
 
 const state = (window.__bitlora = {
   state: 'starting', backend: null, adapter: null, backendInfo: null, model: null,
   tokens: null, logits: null, top: null, ms: null, error: null,
   generation: { state: 'idle' },
+  loadProgress: [],
 });
 
 // ---- worker plumbing: request/reply by id, restart after a crash -------------------------
@@ -33,6 +41,10 @@ function startWorker() {
     if (!p) return;
     if (data.type === 'token') {
       p.onToken?.(data.event);
+      return;
+    }
+    if (data.type === 'progress') {
+      p.onProgress?.(data.event);
       return;
     }
     pending.delete(data.id);
@@ -51,11 +63,11 @@ function startWorker() {
 }
 
 /** Sends a request; `onToken` receives a generation's token events before the reply. */
-function call(type, args = {}, { onToken, onId } = {}) {
+function call(type, args = {}, { onToken, onId, onProgress } = {}) {
   const id = nextId++;
   onId?.(id);
   return new Promise((resolve, reject) => {
-    pending.set(id, { resolve, reject, onToken });
+    pending.set(id, { resolve, reject, onToken, onProgress });
     worker.postMessage({ id, type, ...args });
   });
 }
@@ -94,6 +106,7 @@ function syncControls() {
   $('run').disabled = busy || generating;
   $('files').disabled = busy || generating;
   $('load-bundled').disabled = busy || generating;
+  $('delete-all').disabled = busy || generating;
   $('generate-btn').disabled = busy || generating || !state.model;
   $('stop').disabled = !generating;
 }
@@ -113,7 +126,7 @@ function clearError() {
 }
 
 const MiB = 1024 * 1024;
-const fmtBytes = (n) => (n >= MiB ? `${(n / MiB).toFixed(n % MiB ? 1 : 0)} MiB` : `${(n / 1024).toFixed(1)} KiB`);
+const fmtBytes = (n) => (n >= 1024 * MiB ? `${(n / 1024 / MiB).toFixed(1)} GiB` : n >= MiB ? `${(n / MiB).toFixed(n % MiB ? 1 : 0)} MiB` : `${(n / 1024).toFixed(1)} KiB`);
 
 function showBackend(info) {
   state.backendInfo = info;
@@ -157,13 +170,25 @@ function showBackend(info) {
   }
 }
 
-function showModel(model, source) {
-  state.model = { ...model, source };
+const fmtParams = (n) => (n >= 1e9 ? `${(n / 1e9).toFixed(1)} B` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} M` : `${(n / 1e3).toFixed(0)} k`);
+
+function showModel(model, origin) {
+  state.model = { ...model, origin };
+  const where = model.source
+    ? (model.source.from === 'store' ? ' · loaded from this browser\'s storage'
+      : model.source.stored ? ' · fetched from this page\'s server and stored in this browser'
+        : ' · fetched from this page\'s server, running from memory')
+    : '';
+  $('model-name').textContent = model.name ? `${model.name}` : origin;
+  $('model-size').textContent = model.params
+    ? `${fmtParams(model.params)} parameters · ${fmtBytes(model.downloadBytes ?? model.bytes)}${where}`
+    : `${fmtBytes(model.bytes)}`;
   $('model-label').textContent =
-    `${source}: ${model.files.join(', ')} (${fmtBytes(model.bytes)}) · vocab ${model.vocabSize}, ` +
+    `${origin}: ${model.files.join(', ')} (${fmtBytes(model.bytes)}) · vocab ${model.vocabSize}, ` +
     `hidden ${model.hiddenSize}, ${model.numHiddenLayers} layers · runs on ${model.backend === 'webgpu' ? 'WebGPU' : 'the CPU'}`;
-  $('model-note').textContent = model.note ?? '';
-  $('model-note').hidden = !model.note;
+  const notes = [...(model.source?.notes ?? []), ...(model.note ? [model.note] : [])];
+  $('model-note').textContent = notes.join(' ');
+  $('model-note').hidden = notes.length === 0;
   if (model.tokenizer) {
     $('model-label').textContent += ` · tokenizer ${model.tokenizer} (${model.tokenizerVocabSize} tokens)` +
       (model.chatTemplate ? ', chat template' : '');
@@ -173,7 +198,7 @@ function showModel(model, source) {
 
 // ---- Generate panel -------------------------------------------------------------------------
 
-const PROMPT_DEFAULTS = { ids: '1,5,17', text: 'Once upon a time' };
+const PROMPT_DEFAULTS = { ids: '1,5,17', text: 'The state of the Union' };
 let promptMode = 'ids';
 
 /** Text prompts when the model came with a tokenizer.json, else token ids. */
@@ -421,9 +446,102 @@ async function run() {
   }
 }
 
+// ---- loading progress and the model store ------------------------------------------------
+
+const PHASES = {
+  read: 'Loading from this browser\'s storage',
+  fetch: 'Fetching from this page\'s server',
+  store: 'Storing in this browser (IndexedDB)',
+  build: 'Preparing the model',
+};
+let phaseStart = null;
+
+function showLoadProgress(ev) {
+  if (!phaseStart || phaseStart.phase !== ev.phase) {
+    phaseStart = { phase: ev.phase, at: ev.at };
+    state.loadProgress.push({ phase: ev.phase, at: ev.at });
+  }
+  const last = state.loadProgress.at(-1);
+  Object.assign(last, { done: ev.done, total: ev.total, end: ev.at });
+  $('load-meter').hidden = false;
+  const bar = $('load-progress');
+  bar.max = Math.max(ev.total, 1);
+  bar.value = ev.done;
+  const parts = [PHASES[ev.phase] ?? ev.phase];
+  if (ev.phase !== 'build') {
+    parts.push(`${fmtBytes(ev.done)} / ${fmtBytes(ev.total)}`);
+    const s = (ev.at - phaseStart.at) / 1000;
+    if (s > 0.05 && ev.done > 0) {
+      const rate = ev.done / s;
+      parts.push(`${fmtBytes(rate)}/s`, ev.done >= ev.total
+        ? `done in ${fmtSeconds(s)}` : `ETA ${fmtSeconds((ev.total - ev.done) / rate)}`);
+    }
+  } else {
+    parts.push(ev.done >= ev.total ? 'done' : 'unpacking the ternary weights…');
+  }
+  $('load-stats').textContent = parts.join(' · ');
+  last.text = $('load-stats').textContent;
+}
+
 async function loadBundled() {
   setState('loading');
-  showModel(await call('loadBundled'), 'Bundled tiny model');
+  state.loadProgress = [];
+  phaseStart = null;
+  $('model-name').textContent = bundledModel === 'default' ? 'Loading the default model…' : `Loading the bundled ${bundledModel} model…`;
+  await askPersist();
+  try {
+    showModel(await call('loadBundled', { model: bundledModel, persisted: Boolean(state.persisted), fakeFree: fakeFree ?? undefined },
+      { onProgress: showLoadProgress }), bundledModel === 'default' ? 'Bundled default model' : `Bundled ${bundledModel} model`);
+  } finally {
+    $('load-meter').hidden = true;
+  }
+  await showStore();
+}
+
+// persist() is only exposed to pages (not workers): ask once, before the first store.
+let persistAsked = null;
+function askPersist() {
+  persistAsked ??= (async () => {
+    try {
+      state.persisted = Boolean(await navigator.storage?.persist?.());
+    } catch {
+      state.persisted = false;
+    }
+  })();
+  return persistAsked;
+}
+
+async function showStore() {
+  const info = await call('storeInfo');
+  state.store = info;
+  if (!info.available) {
+    $('data-status').textContent = `This browser's storage cannot be used here (${info.error}): nothing is kept between visits.`;
+    return;
+  }
+  const stored = info.models.filter((m) => m.complete);
+  const bytes = stored.reduce((n, m) => n + m.files.reduce((k, f) => k + f.size, 0), 0);
+  $('data-status').textContent = stored.length
+    ? `Kept in this browser (IndexedDB): ${stored.map((m) => m.name).join(', ')}, ${fmtBytes(bytes)}` +
+      (info.quota ? ` (the browser allows this site ${fmtBytes(info.quota)}` + (state.persisted ? ', persistent)' : ')') : '') + '.'
+    : 'Nothing is kept in this browser.';
+  publish();
+}
+
+async function deleteAll() {
+  if (!window.confirm('Delete everything this page keeps in this browser (stored models)?')) return;
+  $('delete-all').disabled = true;
+  try {
+    const r = await call('deleteAll');
+    state.store = { available: true, models: [] };
+    $('data-status').textContent =
+      `Deleted: ${r.models} model${r.models === 1 ? '' : 's'} (${fmtBytes(r.bytes)}). Nothing is kept in this browser now; ` +
+      'the model in use stays in memory until you close the tab.';
+    publish();
+  } catch (err) {
+    $('data-status').textContent = `Could not delete: ${err.message}`;
+  } finally {
+    syncControls();
+  }
 }
 
 // Start (or restart) the worker's session and load the bundled model; optionally run.
@@ -472,6 +590,8 @@ $('files').addEventListener('change', async () => {
   $('files').value = '';
   await run();
 });
+
+$('delete-all').addEventListener('click', deleteAll);
 
 $('load-bundled').addEventListener('click', async () => {
   clearError();

@@ -3,7 +3,13 @@
 //
 // Protocol (main.js <-> worker), one reply per request, matched by id:
 //   -> { id, type: 'init', preferGpu }            <- backend  { kind, label, adapter, fallbackReason }
-//   -> { id, type: 'loadBundled' }                <- model    { config, files, bytes, vocabSize, ... }
+//   -> { id, type: 'loadBundled', model, persisted, fakeFree? }  <- model { config, files, bytes, vocabSize, ...,
+//        name, params, source: { from: 'store'|'network', stored, notes: string[] } }
+//        <- { id, type: 'progress', event: { phase: 'fetch'|'store'|'read'|'build', done, total, at } } meanwhile
+//      model: a key of BUNDLED ('default', 'tiny'); persisted: what the page's navigator.storage.persist()
+//      gave (persist() is not exposed to workers); fakeFree (tests): pretend this many bytes are free.
+//   -> { id, type: 'storeInfo' }                  <- { available, models: manifest[], usage, quota }
+//   -> { id, type: 'deleteAll' }                  <- { models, bytes } (the IndexedDB store is deleted)
 //   -> { id, type: 'loadFiles', files: File[] }   <- model
 //   -> { id, type: 'forward', tokens: number[] }  <- { backend, tokens, rows, vocab, logits: Float32Array, top, ms }
 //   -> { id, type: 'generate', prompt, options, stopFlag? }
@@ -24,10 +30,20 @@
 // page starts a fresh worker instead of sending more work here.
 
 import init, { Session } from './pkg/bitlora_web.js';
+import * as store from './store.js';
 
+// The models that ship with the page (web/models/), by the page's ?model= name.
 const BUNDLED = {
-  config: 'models/tiny/config.json',
-  weights: ['models/tiny/model.safetensors'],
+  default: {
+    name: 'bitlora-default-12m', dir: 'models/default',
+    description: 'ternary BitNet pretrained by bitlora on public-domain English (MODEL_CARD.md)',
+    files: ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'],
+  },
+  tiny: {
+    name: 'tiny random test model', dir: 'models/tiny',
+    description: 'random weights, no tokenizer: for parity tests',
+    files: ['config.json', 'model.safetensors'],
+  },
 };
 
 // Largest total size of picked files (see loadFiles).
@@ -75,11 +91,12 @@ async function dispatch(type, args) {
       if (backend.kind === 'webgpu') await nameAdapter(backend);
       return backend;
     }
-    case 'loadBundled': {
-      const [configBytes, ...weights] = await Promise.all(
-        [BUNDLED.config, ...BUNDLED.weights].map(fetchBytes));
-      return needSession().load(BUNDLED.config, configBytes, BUNDLED.weights, weights);
-    }
+    case 'loadBundled':
+      return loadBundled(args);
+    case 'storeInfo':
+      return storeInfo();
+    case 'deleteAll':
+      return store.deleteAll();
     case 'loadFiles':
       return loadFiles(args.files);
     case 'forward':
@@ -133,17 +150,161 @@ function needSession() {
   return session;
 }
 
-// Fetches a file next to this worker; HTTP errors name the file, like core's errors do.
-async function fetchBytes(path) {
-  const url = new URL(path, import.meta.url);
-  let response;
+/**
+ * Loads a bundled model: from the IndexedDB store when a complete, verified copy is there;
+ * otherwise fetched from the page's own server and stored (when it fits) for the next visit.
+ */
+async function loadBundled({ id, model = 'default', fakeFree, persisted = false }) {
+  const spec = BUNDLED[model];
+  if (!spec) throw new Error(`unknown bundled model ${JSON.stringify(model)} (known: ${Object.keys(BUNDLED).join(', ')})`);
+  const storeId = `bundled:${model}`;
+  const progress = (phase, done, total, file) =>
+    self.postMessage({ id, type: 'progress', event: { phase, done, total, file, at: performance.timeOrigin + performance.now() } });
+  const notes = [];
+  let files = null;
+  let from = 'network';
+  let stored = false;
+  let storeOk = true;
+  // Sizes and sha256 of the files as this server has them (tools/build-web.sh writes the index).
+  const expected = await bundledIndex(model);
   try {
-    response = await fetch(url);
+    const got = await store.readModel(storeId, ({ done, total }) => progress('read', done, total));
+    if (got?.problem) notes.push(`The stored copy of this model was discarded: ${got.problem}. Fetching it again.`);
+    else if (got && expected && got.manifest.files.some((f) => expected.get(f.name)?.sha256 !== f.sha256)) {
+      await store.deleteModel(storeId);
+      notes.push('The stored copy of this model is of an older version; it was discarded and the current one fetched.');
+    } else if (got) {
+      files = got.files;
+      from = 'store';
+      stored = true;
+    }
   } catch (err) {
-    throw new Error(`${path}: cannot fetch: ${describe(err)}`);
+    storeOk = false;
+    notes.push(`The model store (IndexedDB) cannot be used here (${describe(err)}); the model runs from memory and is fetched on every visit.`);
   }
+  if (!files) {
+    // Room is checked before the download when the index gives the total, else after it.
+    const knownTotal = expected ? spec.files.reduce((n, f) => n + (expected.get(f)?.size ?? 0), 0) : null;
+    let room = null;
+    const checkRoom = async (bytes) => {
+      room = await store.checkRoom(bytes);
+      if (fakeFree != null) Object.assign(room, { free: Number(fakeFree), fits: bytes * 1.05 <= Number(fakeFree) });
+    };
+    if (storeOk && knownTotal != null) await checkRoom(knownTotal);
+    const paths = spec.files.map((f) => `${spec.dir}/${f}`);
+    // All files are requested at once, with one progress bar over their total.
+    let total = knownTotal ?? 0, received = 0;
+    const onBytes = (n) => { received += n; progress('fetch', received, Math.max(total, received)); };
+    const responses = paths.map((p) => fetch(new URL(p, import.meta.url)).then((r) => {
+      if (knownTotal == null) total += Number(r.headers.get('content-length') ?? 0);
+      return r;
+    }));
+    files = await Promise.all(responses.map(async (resp, i) => ({
+      name: spec.files[i], bytes: await readBody(paths[i], await resp.catch((err) => {
+        throw new Error(`${paths[i]}: cannot fetch: ${describe(err)}`);
+      }), onBytes),
+    })));
+    if (expected) {
+      for (const f of files) {
+        const want = expected.get(f.name);
+        if (!want) continue;
+        const sha = await store.sha256Hex(f.bytes);
+        if (f.bytes.length !== want.size || sha !== want.sha256) {
+          throw new Error(`${spec.dir}/${f.name}: the download is ${f.bytes.length} bytes with sha256 ${sha.slice(0, 12)}…, ` +
+            `but the server's index (pkg/models.json) says ${want.size} bytes, ${want.sha256.slice(0, 12)}…; reload to try again`);
+        }
+      }
+    }
+    const bytes = files.reduce((n, f) => n + f.bytes.length, 0);
+    if (storeOk) {
+      if (!room) await checkRoom(bytes);
+      if (!room.fits) {
+        notes.push(`Not stored: this model needs ${fmtBytes(bytes)} but only ${fmtBytes(room.free)} of browser storage is free here. ` +
+          'It runs from memory and will be fetched again on the next visit.');
+      } else {
+        try {
+          await store.storeModel({ id: storeId, name: spec.name, source: 'bundled' }, files,
+            ({ done, total: t }) => progress('store', done, t));
+          stored = true;
+          if (!room.persisted && !persisted) notes.push('Stored in this browser (the browser may evict it under storage pressure: it did not grant persistent storage).');
+        } catch (err) {
+          notes.push(`Not stored (${describe(err)}); the model runs from memory and will be fetched again on the next visit.`);
+        }
+      }
+    }
+  }
+  progress('build', 0, 1);
+  const byName = Object.fromEntries(files.map((f) => [f.name, f.bytes]));
+  const weightNames = spec.files.filter((f) => f.endsWith('.safetensors'));
+  const has = (f) => spec.files.includes(f);
+  const summary = needSession().load('config.json', byName['config.json'], weightNames, weightNames.map((f) => byName[f]),
+    has('tokenizer.json') ? 'tokenizer.json' : undefined, byName['tokenizer.json'],
+    has('tokenizer_config.json') ? 'tokenizer_config.json' : undefined, byName['tokenizer_config.json']);
+  progress('build', 1, 1);
+  const config = JSON.parse(new TextDecoder().decode(byName['config.json']));
+  return {
+    ...summary, name: spec.name, description: spec.description, params: countParams(config),
+    downloadBytes: files.reduce((n, f) => n + f.bytes.length, 0),
+    source: { from, stored, notes },
+  };
+}
+
+// Streams a response's body so progress can be reported (`onBytes(n)` per piece received);
+// HTTP errors name the file, like core's errors do.
+async function readBody(path, response, onBytes) {
   if (!response.ok) throw new Error(`${path}: HTTP ${response.status} ${response.statusText}`);
-  return new Uint8Array(await response.arrayBuffer());
+  const reader = response.body.getReader();
+  const parts = [];
+  let n = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    parts.push(value);
+    n += value.length;
+    onBytes(value.length);
+  }
+  const bytes = new Uint8Array(n);
+  let off = 0;
+  for (const p of parts) { bytes.set(p, off); off += p.length; }
+  return bytes;
+}
+
+/** Parameters of a BitNet/LLaMA config: embeddings (tied or not), attention, FFN, norms. */
+function countParams(c) {
+  const h = c.hidden_size, v = c.vocab_size, i = c.intermediate_size, l = c.num_hidden_layers;
+  const hd = c.head_dim ?? h / c.num_attention_heads;
+  const q = c.num_attention_heads * hd, kv = (c.num_key_value_heads ?? c.num_attention_heads) * hd;
+  const perLayer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
+    + (c.model_type === 'bitnet' ? q + i : 0);
+  return v * h * (c.tie_word_embeddings === false ? 2 : 1) + l * perLayer + h;
+}
+
+/** pkg/models.json's entry for `model` as Map(name -> { size, sha256 }), or null without an index. */
+async function bundledIndex(model) {
+  try {
+    const r = await fetch(new URL('pkg/models.json', import.meta.url), { cache: 'no-cache' });
+    if (!r.ok) return null;
+    const list = (await r.json())[model];
+    return Array.isArray(list) ? new Map(list.map((f) => [f.name, f])) : null;
+  } catch {
+    return null;
+  }
+}
+
+async function storeInfo() {
+  try {
+    const models = await store.listManifests();
+    const est = await navigator.storage?.estimate?.().catch(() => null);
+    return { available: true, models, usage: est?.usage ?? null, quota: est?.quota ?? null };
+  } catch (err) {
+    return { available: false, error: describe(err), models: [] };
+  }
+}
+
+function fmtBytes(n) {
+  if (n == null) return 'an unknown amount';
+  if (n < 1024) return `${n} B`;
+  return n >= 2 ** 20 ? `${(n / 2 ** 20).toFixed(1)} MiB` : `${(n / 1024).toFixed(1)} KiB`;
 }
 
 // JSON files of a Hugging Face model folder that are not its config.json. tokenizer.json and

@@ -18,7 +18,7 @@ before(async () => {
   tmp = mkdtempSync(path.join(os.tmpdir(), 'bitlora-bad-input-'));
   server = await startServer();
   browser = await launchBrowser({ webgpu: true });
-  ({ page, log } = await openPage(browser, server.url));
+  ({ page, log } = await openPage(browser, `${server.url}?model=tiny`));
   baseline = await pageResult(page);
   assert.equal(baseline.state, 'done', `${baseline.error}\n${log.join('\n')}`);
 });
@@ -191,7 +191,7 @@ test('bad input: nothing crashed along the way', () => {
 
 test('bad input: screenshots of an error at 1280x800 and 390x844', { timeout: 180_000 }, async () => {
   const gpt2 = CASES.find((c) => c.name === 'unsupported model_type').files();
-  await screenshots(browser, server.url, 'bad-input', async (p) => {
+  await screenshots(browser, `${server.url}?model=tiny`, 'bad-input', async (p) => {
     await p.evaluate(() => { document.body.dataset.state = 'test-pending'; });
     await p.setInputFiles('#files', gpt2);
     await waitSettled(p);

@@ -34,7 +34,7 @@ function checkCpuResult(r, log, label) {
 test('CPU fallback: no WebGPU adapter granted -> CPU (SIMD128), matches the native reference', { timeout: 180_000 }, async () => {
   const browser = await launchBrowser({ webgpu: false });
   try {
-    const { page, log } = await openPage(browser, server.url);
+    const { page, log } = await openPage(browser, `${server.url}?model=tiny`);
     const r = await pageResult(page);
     console.log(`fallback reason shown on the page: ${r.backendInfo?.fallbackReason}`);
     checkCpuResult(r, log, 'CPU fallback page vs native CPU');
@@ -44,7 +44,7 @@ test('CPU fallback: no WebGPU adapter granted -> CPU (SIMD128), matches the nati
     // switch nor a build without WebGPU.
     assert.match(r.backendInfo.fallbackReason, /granted no adapter|navigator\.gpu is missing/);
     console.log(`CPU forward pass: ${r.ms.toFixed(1)} ms`);
-    await screenshots(browser, server.url, 'cpu-fallback');
+    await screenshots(browser, `${server.url}?model=tiny`, 'cpu-fallback');
   } finally {
     await browser.close();
   }
@@ -53,7 +53,7 @@ test('CPU fallback: no WebGPU adapter granted -> CPU (SIMD128), matches the nati
 test('CPU forced with ?backend=cpu in a browser that has WebGPU', { timeout: 180_000 }, async () => {
   const browser = await launchBrowser({ webgpu: true });
   try {
-    const { page, log } = await openPage(browser, `${server.url}?backend=cpu`);
+    const { page, log } = await openPage(browser, `${server.url}?backend=cpu&model=tiny`);
     const r = await pageResult(page);
     checkCpuResult(r, log, '?backend=cpu page vs native CPU');
     assert.match(r.backendInfo.fallbackReason, /backend=cpu/);

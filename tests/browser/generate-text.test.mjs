@@ -26,7 +26,7 @@ before(async () => {
 
   server = await startServer();
   browser = await launchBrowser({ webgpu: true });
-  ({ page, log } = await openPage(browser, server.url));
+  ({ page, log } = await openPage(browser, `${server.url}?model=tiny`));
   await page.evaluate(() => { document.body.dataset.state = 'test-pending'; });
   await page.setInputFiles('#files', files);
   await waitSettled(page, log);
@@ -94,7 +94,7 @@ test('text: chat wraps the prompt in the template and stops at its end of turn, 
 test('text: the tokenizer works on the CPU fallback too', { timeout: 180_000 }, async () => {
   const cpu = await launchBrowser({ webgpu: false });
   try {
-    const { page: p, log: l } = await openPage(cpu, server.url);
+    const { page: p, log: l } = await openPage(cpu, `${server.url}?model=tiny`);
     await p.evaluate(() => { document.body.dataset.state = 'test-pending'; });
     await p.setInputFiles('#files', files);
     await waitSettled(p, l);
@@ -109,7 +109,7 @@ test('text: the tokenizer works on the CPU fallback too', { timeout: 180_000 }, 
 });
 
 test('text: screenshots at 1280x800 and 390x844', { timeout: 180_000 }, async () => {
-  await screenshots(browser, server.url, 'generate-text', async (p) => {
+  await screenshots(browser, `${server.url}?model=tiny`, 'generate-text', async (p) => {
     await p.evaluate(() => { document.body.dataset.state = 'test-pending'; });
     await p.setInputFiles('#files', files);
     await waitSettled(p);

@@ -29,7 +29,7 @@ for (const b of BACKENDS) {
     before(async () => {
       native = nativeGenerate(GEN_PROMPT, GEN_TOKENS);
       browser = await launchBrowser({ webgpu: b.webgpu });
-      ({ page, context, log } = await openPage(browser, server.url));
+      ({ page, context, log } = await openPage(browser, `${server.url}?model=tiny`));
       const r = await pageResult(page);
       assert.equal(r.state, 'done', `${r.error}\n${log.join('\n')}`);
       assert.equal(r.backend, b.kind, `expected ${b.kind}, got ${r.backendInfo?.label}: ${r.backendInfo?.fallbackReason}`);
@@ -100,7 +100,7 @@ for (const b of BACKENDS) {
 test('generate: screenshots at 1280x800 and 390x844 (WebGPU, after a generation)', { timeout: 180_000 }, async () => {
   const browser = await launchBrowser({ webgpu: true });
   try {
-    await screenshots(browser, server.url, 'generate', async (p) => {
+    await screenshots(browser, `${server.url}?model=tiny`, 'generate', async (p) => {
       await generateOnPage(p, { prompt: GEN_PROMPT.join(','), options: { 'max-tokens': GEN_TOKENS } });
     });
   } finally {

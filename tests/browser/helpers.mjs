@@ -12,6 +12,10 @@ export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
 export const BIN = path.resolve(REPO, process.env.BITLORA_BIN ?? 'target/debug/bitlora');
 export const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 export const TINY_MODEL = path.join(REPO, 'web/models/tiny');
+/** The page's default model (bitlora-default-12m, MODEL_CARD.md). Pages for the tiny one: ?model=tiny. */
+export const DEFAULT_MODEL = path.join(REPO, 'web/models/default');
+/** Files of the bundled models, as the page's worker requests them. */
+export const MODEL_FILE_RE = /\/web\/models\//;
 export const DEFAULT_TOKENS = [5, 17, 42];
 export const ARTIFACTS = path.join(REPO, 'tests/browser/artifacts');
 

@@ -27,6 +27,8 @@ test('serve: MIME types and security headers', async () => {
     ['web/style.css', 'text/css; charset=utf-8'],
     ['web/models/tiny/config.json', 'application/json'],
     ['web/models/tiny/model.safetensors', 'application/octet-stream'],
+    ['web/store.js', 'text/javascript; charset=utf-8'],
+    ['web/pkg/models.json', 'application/json'],
   ]) {
     const res = await fetch(server.url + file);
     assert.equal(res.status, 200, file);

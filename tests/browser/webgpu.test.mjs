@@ -21,7 +21,7 @@ after(async () => {
 });
 
 test('WebGPU: page runs on a WebGPU adapter and matches the native CPU reference', { timeout: 180_000 }, async () => {
-  const { page, context, log } = await openPage(browser, server.url);
+  const { page, context, log } = await openPage(browser, `${server.url}?model=tiny`);
   const r = await pageResult(page);
   assert.equal(r.state, 'done', `page ended in state ${r.state}: ${r.error}\n${log.join('\n')}`);
   assert.equal(r.backend, 'webgpu',
@@ -43,5 +43,5 @@ test('WebGPU: page runs on a WebGPU adapter and matches the native CPU reference
 });
 
 test('WebGPU: screenshots at 1280x800 and 390x844', { timeout: 180_000 }, async () => {
-  await screenshots(browser, server.url, 'webgpu');
+  await screenshots(browser, `${server.url}?model=tiny`, 'webgpu');
 });

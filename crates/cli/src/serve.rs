@@ -136,8 +136,11 @@ fn respond(root: &Path, request: tiny_http::Request) {
     let response = match request.method() {
         tiny_http::Method::Get | tiny_http::Method::Head => match resolve(root, request.url()) {
             Ok(path) => match File::open(&path) {
+                // Always a Content-Length (never chunked): the page's progress bars and,
+                // later, HTTP Range requests need to know the size up front.
                 Ok(file) => tiny_http::Response::from_file(file)
                     .with_header(header("Content-Type", mime_type(&path)))
+                    .with_chunked_threshold(usize::MAX)
                     .boxed(),
                 Err(_) => text(404, "not found\n"),
             },

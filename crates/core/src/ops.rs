@@ -225,6 +225,31 @@ fn matmul_t_body(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
     y
 }
 
+/// `y += a * x`, elementwise (the head's backward row by row). The same multiply-add per
+/// element in any build; AVX2 + FMA chosen at run time natively.
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    assert_eq!(y.len(), x.len(), "axpy: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        return unsafe { axpy_avx2(y, a, x) };
+    }
+    axpy_body(y, a, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
+    axpy_body(y, a, x)
+}
+
+#[inline(always)]
+fn axpy_body(y: &mut [f32], a: f32, x: &[f32]) {
+    for (d, &v) in y.iter_mut().zip(x) {
+        *d += a * v;
+    }
+}
+
 /// `a += b`, the residual stream update.
 pub fn add_in_place(a: &mut [f32], b: &[f32]) {
     assert_eq!(a.len(), b.len(), "add_in_place: shapes differ");
