@@ -151,6 +151,8 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--bos", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="fix the step count a timed run would choose at step 100 (reproduces a recorded run)")
     ap.add_argument("--eos", type=int, required=True)
     ap.add_argument("--pad", type=int, default=None)
     args = ap.parse_args()
@@ -184,6 +186,8 @@ def main():
         if total_steps is None and step == 100:
             per_step = (elapsed - t50) / 50
             total_steps = 100 + max(0, int((budget - elapsed) / per_step))
+            if args.steps is not None:
+                total_steps = args.steps
             print(f"{per_step * 1000:.0f} ms/step after warm-up -> {total_steps} steps", flush=True)
         if total_steps is not None and step >= total_steps:
             break
