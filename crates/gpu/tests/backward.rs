@@ -15,29 +15,8 @@ use bitlora_gpu::ops::{
     AdamWScalars, AdamWStep, AttentionBackward, CrossEntropy, GatedActBackward, LoraMatmul,
     RmsNormBackward, RopeBackward, TernaryBackward,
 };
-use bitlora_gpu::{DType, GpuError, GpuTensor, Recorder};
-use common::{block, gpu, normal};
-
-fn f32t(name: &str, shape: &[usize], data: &[f32]) -> GpuTensor {
-    gpu().upload_f32(name, shape, data).unwrap()
-}
-
-fn zeros(name: &str, shape: &[usize]) -> GpuTensor {
-    gpu().zeros(name, shape, DType::F32).unwrap()
-}
-
-fn read(t: &GpuTensor) -> Vec<f32> {
-    block(gpu().read_f32(t)).unwrap()
-}
-
-/// Records ops with `f` and submits them.
-fn run(f: impl FnOnce(&mut Recorder) -> Result<(), GpuError>) {
-    let g = gpu();
-    let mut rec = Recorder::new(&g.device);
-    f(&mut rec).unwrap();
-    rec.submit(&g.queue);
-    g.check_errors().unwrap();
-}
+use bitlora_gpu::{GpuError, GpuTensor, Recorder};
+use common::{f32t, gpu, normal, read, run, zeros};
 
 #[test]
 fn ternary_backward_matches_reference() {

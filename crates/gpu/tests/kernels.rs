@@ -13,27 +13,7 @@ use bitlora_gpu::ops::{
     ActQuant, Attention, Embedding, GatedAct, Matmul, ResidualAdd, RmsNorm, Rope, TernaryMatmul,
 };
 use bitlora_gpu::{DType, GpuError, GpuTensor, Recorder};
-use common::{block, codes, gpu, normal, ternary};
-
-fn f32t(name: &str, shape: &[usize], data: &[f32]) -> GpuTensor {
-    gpu().upload_f32(name, shape, data).unwrap()
-}
-
-fn zeros(name: &str, shape: &[usize]) -> GpuTensor {
-    gpu().zeros(name, shape, DType::F32).unwrap()
-}
-
-fn read(t: &GpuTensor) -> Vec<f32> {
-    block(gpu().read_f32(t)).unwrap()
-}
-
-/// Records one op with `f` and submits it.
-fn run(f: impl FnOnce(&mut Recorder) -> Result<(), GpuError>) {
-    let g = gpu();
-    let mut rec = Recorder::new(&g.device);
-    f(&mut rec).unwrap();
-    rec.submit(&g.queue);
-}
+use common::{block, codes, f32t, gpu, normal, read, run, ternary, zeros};
 
 #[test]
 fn embedding_gathers_rows_exactly() {

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use bitlora_core::rng::Rng;
-use bitlora_gpu::Gpu;
+use bitlora_gpu::{DType, Gpu, GpuError, GpuTensor, Recorder};
 
 /// The GPU every test of this binary shares. Panics (fails, never skips) without an adapter.
 pub fn gpu() -> &'static Gpu {
@@ -57,4 +57,28 @@ pub fn codes(rng: &mut Rng, n: usize) -> Vec<i8> {
 /// `n` ternary values in {-1, 0, 1}.
 pub fn ternary(rng: &mut Rng, n: usize) -> Vec<i8> {
     (0..n).map(|_| rng.below(3) as i8 - 1).collect()
+}
+
+/// Uploads an f32 tensor.
+pub fn f32t(name: &str, shape: &[usize], data: &[f32]) -> GpuTensor {
+    gpu().upload_f32(name, shape, data).unwrap()
+}
+
+/// A zeroed f32 tensor.
+pub fn zeros(name: &str, shape: &[usize]) -> GpuTensor {
+    gpu().zeros(name, shape, DType::F32).unwrap()
+}
+
+/// Reads an f32 tensor back.
+pub fn read(t: &GpuTensor) -> Vec<f32> {
+    block(gpu().read_f32(t)).unwrap()
+}
+
+/// Records ops with `f`, submits them, and fails on any device error they raised.
+pub fn run(f: impl FnOnce(&mut Recorder) -> Result<(), GpuError>) {
+    let g = gpu();
+    let mut rec = Recorder::new(&g.device);
+    f(&mut rec).unwrap();
+    rec.submit(&g.queue);
+    g.check_errors().unwrap();
 }
