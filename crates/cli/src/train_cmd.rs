@@ -309,13 +309,15 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         .open(&log_path)
         .map_err(|e| TrainError::Write(log_path.display().to_string(), e))?;
     let (start, mut tokens, mut last_val) = (Instant::now(), 0usize, None);
-    if trainer.options.eval_every > 0 && trainer.step == 0
-        && let Some(v) = trainer.validate()? {
-            eprintln!(
-                "bitlora train: validation loss before training {v:.4} (perplexity {:.2})",
-                v.exp()
-            );
-        }
+    if trainer.options.eval_every > 0
+        && trainer.step == 0
+        && let Some(v) = trainer.validate()?
+    {
+        eprintln!(
+            "bitlora train: validation loss before training {v:.4} (perplexity {:.2})",
+            v.exp()
+        );
+    }
     let deadline = a
         .max_minutes
         .map(|m| std::time::Duration::from_secs_f64(m * 60.0));
