@@ -415,10 +415,12 @@ pub fn gated_act_backward(
 }
 
 /// The training forward: the final hidden state h (T, C) and what each layer saved.
+/// `rope` holds the (cos, sin) tables for positions 0..T; the backward reuses them.
 fn forward_saving(
     model: &Model,
     lora: &Lora,
     tokens: &[u32],
+    rope: &(Vec<f32>, Vec<f32>),
     rng: &mut Rng,
 ) -> (Vec<f32>, Vec<LayerActs>) {
     let cfg = &model.config;
@@ -439,7 +441,7 @@ fn forward_saving(
                 .copied()
         })
         .collect();
-    let (cos, sin) = ops::rope_tables(t, hs, cfg.rope_theta);
+    let (cos, sin) = rope;
     let mut saved = Vec::with_capacity(p.layers.len());
     for (layer, adapters) in p.layers.iter().zip(&lora.layers) {
         let lins = [
@@ -459,8 +461,8 @@ fn forward_saving(
         let (mut q, aq) = run(0, &xn1); // (T, NH*HS)
         let (mut k, ak) = run(1, &xn1); // (T, NKV*HS)
         let (vv, av) = run(2, &xn1); // (T, NKV*HS)
-        ops::rope(&mut q, nh, hs, &cos, &sin);
-        ops::rope(&mut k, nkv, hs, &cos, &sin);
+        ops::rope(&mut q, nh, hs, cos, sin);
+        ops::rope(&mut k, nkv, hs, cos, sin);
         let (att, probs) = attention_forward(&q, &k, &vv, t, nh, nkv, hs); // (T, NH*HS), (NH, T, T)
         let an = ops::rms_norm(&att, &layer.attn_sub_norm, eps);
         let (o, ao) = run(3, &an); // (T, C)
@@ -559,8 +561,9 @@ pub fn forward_backward(
         cfg.rms_norm_eps,
     );
     let (scale, r) = (lora.config.scale(), lora.config.r);
-    let (cos, sin) = ops::rope_tables(t, hs, cfg.rope_theta);
-    let (h, saved) = forward_saving(model, lora, tokens, rng);
+    let rope = ops::rope_tables(t, hs, cfg.rope_theta);
+    let (h, saved) = forward_saving(model, lora, tokens, &rope, rng);
+    let (cos, sin) = &rope;
     let xn = ops::rms_norm(&h, &p.norm, eps); // (T, C)
 
     // ---- loss and its gradient, one row of logits at a time (O(V) memory, not O(T*V)) ----
@@ -643,8 +646,8 @@ pub fn forward_backward(
             nkv,
             hs,
         );
-        rope_backward(&mut dq, nh, hs, &cos, &sin);
-        rope_backward(&mut dk, nkv, hs, &cos, &sin);
+        rope_backward(&mut dq, nh, hs, cos, sin);
+        rope_backward(&mut dk, nkv, hs, cos, sin);
         let mut dxn1 = back(0, gq, &acts.xn1, &dq);
         ops::add_in_place(&mut dxn1, &back(1, gk, &acts.xn1, &dk));
         ops::add_in_place(&mut dxn1, &back(2, gv, &acts.xn1, &dv));
@@ -670,7 +673,8 @@ pub fn loss(
     let counted = check_targets(model, tokens, targets)?;
     let mut eval = lora.clone();
     eval.config.dropout = 0.0;
-    let (h, _) = forward_saving(model, &eval, tokens, &mut Rng::new(0));
+    let rope = ops::rope_tables(tokens.len(), model.config.head_dim, model.config.rope_theta);
+    let (h, _) = forward_saving(model, &eval, tokens, &rope, &mut Rng::new(0));
     let xn = ops::rms_norm(&h, &model.params.norm, model.config.rms_norm_eps);
     let mut sum = 0f64;
     for (tt, target) in targets.iter().enumerate() {
