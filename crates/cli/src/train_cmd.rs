@@ -231,7 +231,7 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
             return Err(TrainError::NoCheckpoint(a.out.display().to_string()));
         }
         let t = Trainer::resume(
-            &model,
+            &model.config,
             dataset,
             &ckpt_path.display().to_string(),
             &read(&ckpt_path)?,
@@ -272,7 +272,7 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
             lora.num_params()
         );
         Trainer::new(
-            &model,
+            &model.config,
             lora,
             optim,
             dataset,
@@ -311,7 +311,7 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
     let (start, mut tokens, mut last_val) = (Instant::now(), 0usize, None);
     if trainer.options.eval_every > 0
         && trainer.step == 0
-        && let Some(v) = trainer.validate()?
+        && let Some(v) = trainer.validate(&model)?
     {
         eprintln!(
             "bitlora train: validation loss before training {v:.4} (perplexity {:.2})",
@@ -322,7 +322,7 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         .max_minutes
         .map(|m| std::time::Duration::from_secs_f64(m * 60.0));
     while !trainer.done() {
-        let r = trainer.step()?;
+        let r = trainer.step(&model)?;
         tokens += r.tokens;
         last_val = r.val_loss.or(last_val);
         let tps = tokens as f64 / start.elapsed().as_secs_f64();
@@ -367,7 +367,7 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         }
     }
     bar.finish();
-    let val = trainer.validate()?;
+    let val = trainer.validate(&model)?;
     eprintln!(
         "bitlora train: done: {} steps, {tokens} tokens in {:.1} s ({:.0} tok/s){}; adapter in {}",
         trainer.step,

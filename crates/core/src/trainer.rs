@@ -1,6 +1,21 @@
 //! The training loop around [`crate::train`]: gradient accumulation, AdamW, validation, NaN/inf
 //! guarding and checkpoints. The CLI, the page and the tests all drive this one loop.
 //!
+//! The trainer holds the adapter, the optimizer, the data and its cursor, but not the model:
+//! whichever backend computes the gradients (the CPU reference here, the GPU in bitlora-gpu,
+//! synchronously or awaited in a browser) plugs in between the two halves of a step:
+//!
+//! ```text
+//! let seqs = trainer.begin_step();              // the sequence indices of this step
+//! let mut grads = trainer.lora.zeros_like();
+//! for &i in &seqs { losses.push(backend.forward_backward(&trainer.lora, &trainer.data.train[i],
+//!                                 &mut grads, trainer.grad_scale(), trainer.rng())) }
+//! let mut report = trainer.finish_step(grads, &seqs, &losses); // clip, AdamW, NaN guard
+//! if trainer.validation_due() { report.val_loss = backend.mean_loss(&trainer.lora, &trainer.data.val) }
+//! ```
+//!
+//! [`Trainer::step`] is exactly that with the CPU reference.
+//!
 //! A checkpoint is one safetensors file: the adapter (`adapter.` + PEFT names), Adam's moments
 //! (`adam.m.` / `adam.v.` + PEFT names) and, in the header's metadata under `bitlora`, the JSON
 //! state (configs, step counts, data cursor, RNG state, a fingerprint of the data). Resuming
@@ -10,6 +25,7 @@ use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
+use crate::config::Config;
 use crate::data::{Dataset, Sequence, epoch_order};
 use crate::error::{Error, Result};
 use crate::lora::{Lora, LoraConfig};
@@ -32,7 +48,7 @@ pub struct TrainOptions {
     pub seed: u64,
 }
 
-/// What one call of [`Trainer::step`] did.
+/// What one step ([`Trainer::step`], or [`Trainer::finish_step`]) did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepReport {
     /// Steps done so far, this one included (1-based).
@@ -50,8 +66,9 @@ pub struct StepReport {
     pub skipped: Option<String>,
 }
 
-pub struct Trainer<'m> {
-    model: &'m Model,
+pub struct Trainer {
+    /// The base model's config (shapes for checkpoints).
+    model: Config,
     pub lora: Lora,
     pub optimizer: AdamW,
     pub data: Dataset,
@@ -65,14 +82,14 @@ pub struct Trainer<'m> {
     rng: Rng,
 }
 
-impl<'m> Trainer<'m> {
+impl Trainer {
     pub fn new(
-        model: &'m Model,
+        model: &Config,
         lora: Lora,
         optim: AdamWConfig,
         data: Dataset,
         options: TrainOptions,
-    ) -> Result<Trainer<'m>> {
+    ) -> Result<Trainer> {
         if data.train.is_empty() {
             return Err(Error::Data {
                 file: "training data".into(),
@@ -88,7 +105,7 @@ impl<'m> Trainer<'m> {
         let rng = Rng::new(options.seed ^ 0xd00d);
         let optimizer = AdamW::new(optim, &lora);
         Ok(Trainer {
-            model,
+            model: model.clone(),
             lora,
             optimizer,
             data,
@@ -115,24 +132,38 @@ impl<'m> Trainer<'m> {
         self.order[self.cursor - 1]
     }
 
-    /// One optimizer step over `accumulation` sequences.
-    pub fn step(&mut self) -> Result<StepReport> {
-        let mut grads = self.lora.zeros_like();
-        let accum = self.options.accumulation;
-        let (mut loss_sum, mut tokens, mut bad) = (0f64, 0, None);
-        for _ in 0..accum {
-            let i = self.next_sequence();
-            let seq = &self.data.train[i];
-            let out = train::forward_backward(
-                self.model,
-                &self.lora,
-                &seq.tokens,
-                &seq.targets,
-                &mut grads,
-                1.0 / accum as f32,
-                &mut self.rng,
-            )?;
-            if !out.loss.is_finite() {
+    /// The training sequences of the next step (indices into `data.train`): `accumulation` of
+    /// them, in this epoch's order, moving the data cursor on.
+    pub fn begin_step(&mut self) -> Vec<usize> {
+        (0..self.options.accumulation)
+            .map(|_| self.next_sequence())
+            .collect()
+    }
+
+    /// The factor each sequence's gradient is scaled by (the mean over the step's sequences).
+    pub fn grad_scale(&self) -> f32 {
+        1.0 / self.options.accumulation as f32
+    }
+
+    /// The RNG that dropout draws from; a backend must draw in the CPU reference's order.
+    pub fn rng(&mut self) -> &mut Rng {
+        &mut self.rng
+    }
+
+    /// Ends a step begun by [`Trainer::begin_step`]: `grads` holds the sum of the scaled
+    /// gradients of `seqs`, whose losses are `losses`. Applies AdamW (with clipping), unless
+    /// a loss or the gradient is not finite: then the step is counted and reported as
+    /// skipped, and neither the adapter nor the optimizer's moments change.
+    pub fn finish_step(
+        &mut self,
+        mut grads: Lora,
+        seqs: &[usize],
+        losses: &[train::StepLoss],
+    ) -> StepReport {
+        let mut bad = None;
+        let (mut loss_sum, mut tokens) = (0f64, 0);
+        for (&i, out) in seqs.iter().zip(losses) {
+            if bad.is_none() && !out.loss.is_finite() {
                 bad = Some(format!("the loss is {} on training sequence {i}", out.loss));
             }
             loss_sum += out.loss as f64;
@@ -148,32 +179,58 @@ impl<'m> Trainer<'m> {
         if bad.is_none() {
             self.optimizer.step(&mut self.lora, &mut grads);
         }
-        let eval = self.options.eval_every;
-        let val_loss = if eval > 0 && (self.step.is_multiple_of(eval) || self.done()) {
-            self.validate()?
-        } else {
-            None
-        };
-        Ok(StepReport {
+        StepReport {
             step: self.step,
             epoch: self.epoch,
-            loss: (loss_sum / accum as f64) as f32,
+            loss: (loss_sum / losses.len().max(1) as f64) as f32,
             tokens,
             lr,
             grad_norm,
-            val_loss,
+            val_loss: None,
             skipped: bad,
-        })
+        }
+    }
+
+    /// Whether the step just finished should be followed by validation (every `eval_every`
+    /// steps, and after the last one).
+    pub fn validation_due(&self) -> bool {
+        let eval = self.options.eval_every;
+        eval > 0 && self.step > 0 && (self.step.is_multiple_of(eval) || self.done())
+    }
+
+    /// One optimizer step over `accumulation` sequences on the CPU reference.
+    pub fn step(&mut self, model: &Model) -> Result<StepReport> {
+        let seqs = self.begin_step();
+        let mut grads = self.lora.zeros_like();
+        let scale = self.grad_scale();
+        let mut losses = Vec::with_capacity(seqs.len());
+        for &i in &seqs {
+            let seq = &self.data.train[i];
+            losses.push(train::forward_backward(
+                model,
+                &self.lora,
+                &seq.tokens,
+                &seq.targets,
+                &mut grads,
+                scale,
+                &mut self.rng,
+            )?);
+        }
+        let mut report = self.finish_step(grads, &seqs, &losses);
+        if self.validation_due() {
+            report.val_loss = self.validate(model)?;
+        }
+        Ok(report)
     }
 
     /// Mean loss over the validation sequences, weighted by their counted tokens.
-    pub fn validate(&self) -> Result<Option<f32>> {
-        mean_loss(self.model, &self.lora, &self.data.val)
+    pub fn validate(&self, model: &Model) -> Result<Option<f32>> {
+        mean_loss(model, &self.lora, &self.data.val)
     }
 
     /// The whole training state as the bytes of one safetensors file.
     pub fn checkpoint(&self) -> Vec<u8> {
-        let c = &self.model.config;
+        let c = &self.model;
         let mut tensors: Vec<OwnedTensor> = Vec::new();
         for (prefix, l) in [
             ("adapter.", &self.lora),
@@ -202,12 +259,7 @@ impl<'m> Trainer<'m> {
     }
 
     /// Continues a run from [`Trainer::checkpoint`]'s bytes, on the same model and data.
-    pub fn resume(
-        model: &'m Model,
-        data: Dataset,
-        file: &str,
-        bytes: &[u8],
-    ) -> Result<Trainer<'m>> {
+    pub fn resume(model: &Config, data: Dataset, file: &str, bytes: &[u8]) -> Result<Trainer> {
         let bad = |msg: String| Error::Data {
             file: file.to_string(),
             msg,
@@ -235,23 +287,16 @@ impl<'m> Trainer<'m> {
             peft::read_adapter_config(file, state["lora"].to_string().as_bytes())?;
         // Tensors come back through the PEFT reader, which checks every shape against the model.
         let read = |prefix: &str| -> Result<Lora> {
-            let tensors: Vec<OwnedTensor> = peft::adapter_tensors(
-                &Lora::init(&model.config, lora_cfg.clone(), 0),
-                &model.config,
-            )
-            .into_iter()
-            .map(|t| {
-                let shape = t.shape.clone();
-                w.f32(&format!("{prefix}{}", t.name), &shape)
-                    .map(|v| OwnedTensor::f32(t.name, &shape, &v))
-            })
-            .collect::<Result<_>>()?;
-            peft::read_adapter(
-                lora_cfg.clone(),
-                &model.config,
-                file,
-                &weights::serialize(&tensors),
-            )
+            let tensors: Vec<OwnedTensor> =
+                peft::adapter_tensors(&Lora::init(model, lora_cfg.clone(), 0), model)
+                    .into_iter()
+                    .map(|t| {
+                        let shape = t.shape.clone();
+                        w.f32(&format!("{prefix}{}", t.name), &shape)
+                            .map(|v| OwnedTensor::f32(t.name, &shape, &v))
+                    })
+                    .collect::<Result<_>>()?;
+            peft::read_adapter(lora_cfg.clone(), model, file, &weights::serialize(&tensors))
         };
         let num = |v: &Value, what: &str| {
             v.as_f64()
@@ -401,18 +446,25 @@ mod tests {
     fn resume_continues_bit_identically() {
         let model = Model::random(tiny_config(), 42).0;
         let (lora, data) = setup(&model);
-        let mut straight =
-            Trainer::new(&model, lora.clone(), optim(), data.clone(), options()).unwrap();
-        let reports: Vec<StepReport> = (0..8).map(|_| straight.step().unwrap()).collect();
-        let mut first = Trainer::new(&model, lora, optim(), data.clone(), options()).unwrap();
+        let mut straight = Trainer::new(
+            &model.config,
+            lora.clone(),
+            optim(),
+            data.clone(),
+            options(),
+        )
+        .unwrap();
+        let reports: Vec<StepReport> = (0..8).map(|_| straight.step(&model).unwrap()).collect();
+        let mut first =
+            Trainer::new(&model.config, lora, optim(), data.clone(), options()).unwrap();
         for _ in 0..3 {
-            first.step().unwrap();
+            first.step(&model).unwrap();
         }
         let bytes = first.checkpoint();
         drop(first);
-        let mut resumed = Trainer::resume(&model, data, "ckpt.safetensors", &bytes).unwrap();
+        let mut resumed = Trainer::resume(&model.config, data, "ckpt.safetensors", &bytes).unwrap();
         for want in &reports[3..] {
-            assert_eq!(&resumed.step().unwrap(), want);
+            assert_eq!(&resumed.step(&model).unwrap(), want);
         }
         assert_eq!(
             resumed.lora, straight.lora,
@@ -426,7 +478,7 @@ mod tests {
         let model = Model::random(tiny_config(), 42).0;
         let (lora, data) = setup(&model);
         let mut t = Trainer::new(
-            &model,
+            &model.config,
             lora,
             AdamWConfig {
                 lr: 2e-2,
@@ -442,11 +494,11 @@ mod tests {
             },
         )
         .unwrap();
-        let before = t.validate().unwrap().unwrap();
+        let before = t.validate(&model).unwrap().unwrap();
         while !t.done() {
-            t.step().unwrap();
+            t.step(&model).unwrap();
         }
-        let after = t.validate().unwrap().unwrap();
+        let after = t.validate(&model).unwrap().unwrap();
         println!("validation loss {before:.4} -> {after:.4}");
         assert!(after < before - 0.5, "validation loss {before} -> {after}");
     }
@@ -460,7 +512,7 @@ mod tests {
         let c = model.config.hidden_size;
         model.params.embed_tokens[poisoned * c] = f32::NAN;
         let mut t = Trainer::new(
-            &model,
+            &model.config,
             lora.clone(),
             optim(),
             data,
@@ -474,7 +526,7 @@ mod tests {
         .unwrap();
         let mut skipped = 0;
         while !t.done() {
-            let r = t.step().unwrap();
+            let r = t.step(&model).unwrap();
             if let Some(why) = &r.skipped {
                 skipped += 1;
                 assert!(why.contains("NaN") || why.contains("nan"), "{why}");
@@ -493,15 +545,15 @@ mod tests {
     fn checkpoints_from_other_data_or_garbage_are_refused() {
         let model = Model::random(tiny_config(), 42).0;
         let (lora, data) = setup(&model);
-        let t = Trainer::new(&model, lora, optim(), data.clone(), options()).unwrap();
+        let t = Trainer::new(&model.config, lora, optim(), data.clone(), options()).unwrap();
         let bytes = t.checkpoint();
         let mut other = data.clone();
         other.train.pop();
-        let e = Trainer::resume(&model, other, "c.safetensors", &bytes)
+        let e = Trainer::resume(&model.config, other, "c.safetensors", &bytes)
             .err()
             .unwrap();
         assert!(e.to_string().contains("different training data"), "{e}");
-        let e = Trainer::resume(&model, data, "c.safetensors", b"nonsense")
+        let e = Trainer::resume(&model.config, data, "c.safetensors", b"nonsense")
             .err()
             .unwrap();
         assert!(e.to_string().contains("not a safetensors file"), "{e}");
