@@ -1,0 +1,447 @@
+// The public JavaScript API of bitlora: fine-tune ternary BitNet b1.58 models with LoRA in a
+// browser tab. Implemented by web/bitlora.js (main thread), which owns a module Web Worker
+// (web/worker.js) where the wasm module (crates/web) does all the work.
+//
+//   import { Bitlora } from './bitlora.js';
+//   const bl = await Bitlora.create();                       // WebGPU when granted, else CPU
+//   await bl.loadModel({ bundled: 'default' }, { onProgress: (p) => bar(p.done / p.total) });
+//   const data = await bl.prepareData({ text, fileName: 'train.jsonl' }, { context: 128 });
+//   const t = await bl.createTrainer({ data: { text, fileName: 'train.jsonl' }, rank: 8, steps: 200 });
+//   t.on('progress', (p) => chart(p.step, p.loss, p.valLoss));
+//   await t.start(); await t.finished;                       // or pause() / resume() / stop()
+//   await t.saveAdapter('devil');
+//   const g = bl.generate('Define LAWYER.', { adapter: 'devil', maxTokens: 40 });
+//   for await (const tok of g) out.textContent += tok.text;
+//
+// Every method that can fail rejects with an Error whose message says what is wrong and how to
+// fix it (e.g. "train.jsonl: line 7: not JSON: ..."); nothing the visitor types crashes the worker.
+// Nothing here makes a network request except loadModel (and only for models not yet stored).
+
+/** Where the model's forward pass runs. */
+export type BackendKind = 'webgpu' | 'cpu';
+
+/** What the worker got from the browser: `Bitlora.backend`. */
+export interface BackendInfo {
+  kind: BackendKind;
+  /** One line for people: "WebGPU: google swiftshader (software fallback adapter)" or "CPU (SIMD128)". */
+  label: string;
+  /** The WebGPU adapter's name and limits when kind is "webgpu". */
+  adapter: GpuAdapterInfo | null;
+  /** Why WebGPU is not used when kind is "cpu". */
+  fallbackReason: string | null;
+  /** Where training steps run: may be "cpu" on a WebGPU session (see `trainingReason`). */
+  training: BackendKind;
+  /** Why training does not run on WebGPU although the session has it, else null. */
+  trainingReason: string | null;
+  /** The largest wasm memory the CPU backend can use, in bytes (4 GiB on wasm32). */
+  wasmMemoryLimit: number;
+}
+
+export interface GpuAdapterInfo {
+  name: string;
+  backend: string;
+  device_type: string;
+  max_storage_buffer_binding_size: number;
+  max_buffer_size: number;
+  max_compute_workgroup_size_x: number;
+  max_compute_invocations_per_workgroup: number;
+  features: string[];
+}
+
+export interface CreateOptions {
+  /** Try WebGPU first (default true); false runs everything on the CPU (wasm SIMD128). */
+  preferGpu?: boolean;
+  /** URL of web/worker.js (default: next to bitlora.js). */
+  workerUrl?: string | URL;
+}
+
+// ---- models --------------------------------------------------------------------------------
+
+/**
+ * - `{ bundled }`: a model shipped with the page ("default": bitlora-default-12m; "tiny": a
+ *   random test model); fetched once, then read from the IndexedDB model store.
+ * - `{ stored }`: a model already in the model store, by its id (web/store.js manifests).
+ * - `{ files }`: picked files: config.json, *.safetensors, and optionally tokenizer.json and
+ *   tokenizer_config.json. Read in the worker, never uploaded.
+ */
+export type ModelSource =
+  | { bundled: string }
+  | { stored: string }
+  | { files: File[] | FileList };
+
+export interface LoadProgress {
+  phase: 'fetch' | 'store' | 'read' | 'build';
+  done: number;
+  total: number;
+  file?: string;
+  /** Epoch milliseconds. */
+  at: number;
+}
+
+export interface ModelInfo {
+  /** A stable key for this model (e.g. "bundled:default"); training runs and adapters record it. */
+  key: string;
+  name?: string;
+  description?: string;
+  config: string;
+  files: string[];
+  bytes: number;
+  vocabSize: number;
+  hiddenSize: number;
+  numHiddenLayers: number;
+  /** Where its forward pass runs. */
+  backend: BackendKind;
+  /** Set when the session has WebGPU but this model could not be put on it. */
+  note: string | null;
+  tokenizer: string | null;
+  tokenizerVocabSize: number | null;
+  tokenizerConfig: string | null;
+  chatTemplate: boolean;
+  eosTokenIds: number[];
+  maxPositions: number;
+  params?: number;
+  downloadBytes?: number;
+  source?: { from: 'store' | 'network' | 'files'; stored: boolean; notes: string[] };
+}
+
+// ---- data ----------------------------------------------------------------------------------
+
+/** The visitor's training data: its text and (for messages) the file's name. */
+export interface DataInput {
+  text: string;
+  /** Named in error messages ("notes.jsonl: line 7: ..."); default "training data". */
+  fileName?: string;
+}
+
+export interface DataOptions {
+  /** Tokens per training sequence (T). Default 128; at most the model's context. */
+  context?: number;
+  /** Count the loss on completions / assistant turns only (prompt+completion and chat data). Default false. */
+  completionOnly?: boolean;
+  /** Share of sequences held out for validation. Default 0.1 (0: none). */
+  valFraction?: number;
+  /** Seed of the train/validation split. Default 0. */
+  seed?: number;
+}
+
+/** `prepareData`'s report: what the data became. */
+export interface DataSummary {
+  fileName: string;
+  /** Detected format. */
+  format: 'text' | 'jsonl-text' | 'jsonl-prompt-completion' | 'jsonl-chat';
+  /** Documents (plain text: 1; JSONL: non-blank lines). */
+  examples: number;
+  /** Tokens of all sequences (inputs), and those that count toward the loss. */
+  tokens: number;
+  targetTokens: number;
+  trainSequences: number;
+  valSequences: number;
+  trainTargetTokens: number;
+  valTargetTokens: number;
+  /** Examples longer than the context that were cut (the answer is kept, the prompt's start dropped). */
+  truncated: number;
+  context: number;
+  /** Optimizer steps in one epoch with `batch` sequences a step (batch from the options, default 1). */
+  stepsPerEpoch: number;
+  bytes: number;
+}
+
+// ---- training ------------------------------------------------------------------------------
+
+export type LoraTarget = 'q_proj' | 'k_proj' | 'v_proj' | 'o_proj' | 'gate_proj' | 'up_proj' | 'down_proj' | 'all-linear';
+
+/** Everything is optional; defaults follow the CLI (`bitlora train`). */
+export interface TrainConfig extends DataOptions {
+  /** LoRA rank r (default 8). */
+  rank?: number;
+  /** LoRA alpha (default 16): scale = alpha / r, or alpha / sqrt(r) with rslora. */
+  alpha?: number;
+  /** Dropout on the adapter's input (default 0). */
+  dropout?: number;
+  /** Projections that get an adapter (default ["all-linear"]). */
+  targets?: LoraTarget[];
+  rslora?: boolean;
+  /** Peak learning rate (default 2e-4). */
+  lr?: number;
+  /** After warmup (default "cosine"). */
+  schedule?: 'cosine' | 'linear' | 'constant';
+  /** Linear warmup steps (default 0). */
+  warmup?: number;
+  /** AdamW's decoupled weight decay (default 0.01). */
+  weightDecay?: number;
+  /** Global gradient-norm clipping (default 1; 0 or null: off). */
+  maxGradNorm?: number | null;
+  /** Optimizer steps; or `epochs` passes over the training sequences (default: 1 epoch). */
+  steps?: number;
+  epochs?: number;
+  /** Sequences per optimizer step (gradient accumulation; default 1). */
+  batch?: number;
+  /** Validation loss every N steps (default 20; 0: only at the end). */
+  evalEvery?: number;
+  /** Save a checkpoint to IndexedDB every N steps (default 50; 0: only on pause/stop/done). */
+  checkpointEvery?: number;
+  /** A name for the run (lists); default: data file name and date. */
+  name?: string;
+}
+
+/** `createTrainer`'s argument: the config plus the data. */
+export interface TrainerOptions extends TrainConfig {
+  data: DataInput;
+}
+
+export interface ProgressEvent {
+  step: number;
+  totalSteps: number;
+  epoch: number;
+  /** Mean training loss over the step's sequences. */
+  loss: number;
+  /** Validation loss, on steps that ran validation. */
+  valLoss?: number;
+  /** Target tokens per second, averaged since start() / resume(). */
+  tokensPerSec: number;
+  /** Seconds left at that rate. */
+  eta: number;
+  lr: number;
+  gradNorm: number;
+  /** Target tokens this step trained on. */
+  tokens: number;
+  /** Why the update was not applied (a non-finite loss or gradient); the adapter is unchanged. */
+  skipped?: string;
+  /** Milliseconds the step took. */
+  ms: number;
+  /** Where the step ran. */
+  backend: BackendKind;
+}
+
+export interface CheckpointEvent {
+  step: number;
+  /** Bytes stored (checkpoint file). */
+  bytes: number;
+}
+
+export interface DoneEvent {
+  /** "done": all steps ran; "stopped": stop() was called. */
+  reason: 'done' | 'stopped';
+  step: number;
+  totalSteps: number;
+  /** Last validation loss, if any. */
+  valLoss: number | null;
+  /** Last training loss. */
+  loss: number | null;
+  seconds: number;
+}
+
+export type TrainerState = 'ready' | 'running' | 'paused' | 'stopped' | 'done' | 'error';
+
+export interface TrainerEvents {
+  progress: ProgressEvent;
+  checkpoint: CheckpointEvent;
+  state: { state: TrainerState };
+  done: DoneEvent;
+  error: Error;
+}
+
+/** One training run. Created by `Bitlora.createTrainer` or `Bitlora.resumeTrainer`. */
+export interface Trainer {
+  /** The run's id in the training store (IndexedDB `bitlora-training`). */
+  readonly runId: string;
+  readonly state: TrainerState;
+  /** The config as resolved (defaults filled in, steps computed from epochs). */
+  readonly config: Required<Omit<TrainConfig, 'epochs' | 'maxGradNorm'>> & { maxGradNorm: number | null; epochs: number | null };
+  readonly data: DataSummary;
+  readonly step: number;
+  readonly totalSteps: number;
+  /** Trainable parameters of the adapter. */
+  readonly adapterParams: number;
+  /** Every progress event of the run so far (kept with its checkpoints, so a resumed run has its curve). */
+  readonly history: ProgressEvent[];
+  /** Where steps run. */
+  readonly backend: BackendKind;
+  /** Adds a listener; returns a function that removes it. */
+  on<K extends keyof TrainerEvents>(type: K, listener: (event: TrainerEvents[K]) => void): () => void;
+  /** Starts (or, from "paused", continues) the training loop; resolves once it runs. */
+  start(): Promise<void>;
+  /** Pauses after the current step and stores a checkpoint; resolves when paused. */
+  pause(): Promise<void>;
+  /** Continues a paused run. */
+  resume(): Promise<void>;
+  /** Ends the run after the current step (checkpoint stored; the adapter can still be saved). */
+  stop(): Promise<void>;
+  /** Resolves with the done event (reason "done" or "stopped"); rejects with the run's error. */
+  readonly finished: Promise<DoneEvent>;
+  /** Stores a checkpoint now (also allowed while running: taken between two steps). */
+  checkpoint(): Promise<CheckpointEvent>;
+  /** Saves the adapter as it is now to the adapter store under `name` (replacing one of that name). */
+  saveAdapter(name: string): Promise<AdapterInfo>;
+  /** Validation loss of the adapter as it is now (null without validation data). */
+  validate(): Promise<number | null>;
+  /** Frees the run's memory in the worker (its stored checkpoint stays). */
+  dispose(): Promise<void>;
+}
+
+/** A stored run, as `listRuns` gives it. */
+export interface RunSummary {
+  id: string;
+  name: string;
+  createdAt: number;
+  updatedAt: number;
+  /** The model it trains: ModelInfo.key and name. */
+  model: { key: string; name: string };
+  /** "interrupted": the tab closed while it ran; resumable like "paused". */
+  state: 'running' | 'paused' | 'stopped' | 'done' | 'interrupted' | 'error';
+  step: number;
+  totalSteps: number;
+  /** Step of the stored checkpoint (what resumeTrainer continues from), null if none yet. */
+  checkpointStep: number | null;
+  loss: number | null;
+  valLoss: number | null;
+  config: TrainConfig;
+  data: { fileName: string; format: string; bytes: number };
+  /** Bytes this run takes in IndexedDB (its data and checkpoint). */
+  bytes: number;
+}
+
+/** Bytes for training `config` on the loaded model, against what the backend can hold. */
+export interface MemoryEstimate {
+  backend: BackendKind;
+  /** The frozen model (as the training backend holds it). */
+  weights: number;
+  /** Saved activations and temporaries of one sequence's forward + backward (sequences are processed one at a time). */
+  activations: number;
+  /** LoRA A/B, their gradients and AdamW's two moments (4 x params x 4 bytes). */
+  adapter: number;
+  total: number;
+  adapterParams: number;
+  /** What the backend can use: wasm's 4 GiB (minus what is in use) on the CPU, the adapter's maxBufferSize x a margin on WebGPU. */
+  limit: number;
+  /** The largest single buffer, against the device's maxStorageBufferBindingSize (WebGPU). */
+  largestBuffer: number;
+  maxBinding: number | null;
+  fits: boolean;
+  /** Why it does not fit, and what to change, for people; null when it fits. */
+  message: string | null;
+}
+
+// ---- adapters ------------------------------------------------------------------------------
+
+/** An adapter in the adapter store. */
+export interface AdapterInfo {
+  name: string;
+  source: 'trained' | 'imported';
+  createdAt: number;
+  /** The model it was trained on or validated against (ModelInfo.key and name). */
+  model: { key: string; name: string };
+  r: number;
+  alpha: number;
+  dropout: number;
+  rslora: boolean;
+  targets: string[];
+  params: number;
+  bytes: number;
+  runId?: string;
+  step?: number;
+}
+
+/** A file of a PEFT adapter: "adapter_config.json" or "adapter_model.safetensors". */
+export interface PeftFile {
+  name: string;
+  bytes: Uint8Array;
+}
+
+// ---- generation ----------------------------------------------------------------------------
+
+/** Text (through the model's tokenizer; `chat` wraps it in the chat template) or token ids. */
+export type Prompt = string | { text: string; chat?: boolean } | { tokens: number[] };
+
+export interface GenerateOptions {
+  /** Default 64. Prompt + maxTokens must fit the model's context. */
+  maxTokens?: number;
+  /** 0 (default): greedy. */
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  repetitionPenalty?: number;
+  seed?: number;
+  stopTokens?: number[];
+  /** A stored adapter's name; null/undefined: the base model. */
+  adapter?: string | null;
+  /** Called with each token as soon as it exists (as well as the async iterator). */
+  onToken?: (event: TokenEvent) => void;
+}
+
+export interface TokenEvent {
+  index: number;
+  token: number;
+  /** The text this token adds (text prompts only). */
+  text?: string;
+  ms: number;
+  at: number;
+}
+
+export interface GenerateResult {
+  backend: BackendKind;
+  adapter: string | null;
+  promptTokens: number[];
+  promptText: string | null;
+  tokens: number[];
+  text: string | null;
+  stoppedBy: 'max_tokens' | 'stop_token' | 'stop';
+  prefillMs: number;
+  decodeMs: number;
+  ms: number;
+  tokensPerSecond: number | null;
+}
+
+/** A generation in progress: iterate its tokens, await its result, or stop it. */
+export interface Generation extends AsyncIterable<TokenEvent> {
+  readonly result: Promise<GenerateResult>;
+  /** Ends generation after the current token; `result` then resolves with stoppedBy "stop". */
+  stop(): void;
+}
+
+// ---- the client ----------------------------------------------------------------------------
+
+export declare class Bitlora {
+  /** Starts the worker, instantiates the wasm and picks the backend. */
+  static create(options?: CreateOptions): Promise<Bitlora>;
+  readonly backend: BackendInfo;
+  /** The loaded model, or null. */
+  readonly model: ModelInfo | null;
+
+  /** Loads a model; the previous one stays loaded if this fails. */
+  loadModel(source: ModelSource, options?: { onProgress?: (p: LoadProgress) => void; persisted?: boolean }): Promise<ModelInfo>;
+
+  /** Parses and tokenizes training data with the loaded model's tokenizer and reports what it became. */
+  prepareData(input: DataInput, options?: DataOptions & { batch?: number }): Promise<DataSummary>;
+
+  /** Memory needed to train `config` on the loaded model, and whether it fits (check before start). */
+  estimateMemory(config?: TrainConfig): Promise<MemoryEstimate>;
+
+  /** A new training run on the loaded model (stored at once, so it survives a reload). Call start(). */
+  createTrainer(options: TrainerOptions): Promise<Trainer>;
+  /** Continues a stored run from its last checkpoint (loads its model first when it is bundled or stored). Call start(). */
+  resumeTrainer(runId: string): Promise<Trainer>;
+  listRuns(): Promise<RunSummary[]>;
+  /** A run with its loss history. */
+  getRun(runId: string): Promise<RunSummary & { history: ProgressEvent[] }>;
+  deleteRun(runId: string): Promise<void>;
+
+  listAdapters(): Promise<AdapterInfo[]>;
+  /** The adapter as PEFT files (adapter_config.json + adapter_model.safetensors), for download. */
+  exportAdapter(name: string): Promise<PeftFile[]>;
+  /** Imports PEFT files (validated against the loaded model) under `name` (default: the model's base name or "imported"). */
+  importAdapter(files: Array<File | PeftFile> | FileList, name?: string): Promise<AdapterInfo>;
+  deleteAdapter(name: string): Promise<void>;
+
+  /** Streams generated tokens; with `options.adapter` through that stored adapter (unmerged, as PEFT). */
+  generate(prompt: Prompt, options?: GenerateOptions): Generation;
+
+  /** Deletes the training store (runs, checkpoints, adapters). The model store is separate. */
+  deleteTrainingData(): Promise<void>;
+
+  /** Low level: sends a raw worker request (see web/worker.js's protocol); `onEvent` gets its progress events. */
+  request<T = unknown>(type: string, args?: Record<string, unknown>, onEvent?: (event: { type: string; event: unknown }) => void): Promise<T>;
+
+  /** Ends the worker; the client is unusable afterwards. */
+  terminate(): void;
+}
