@@ -1,0 +1,220 @@
+// The training-data panel: paste or pick text / JSONL; bitlora detects the format, tokenizes
+// it with the loaded model's tokenizer (in the worker) and says what it became: examples,
+// tokens, training and validation sequences. Errors name the line ("notes.jsonl: line 7: not
+// JSON: ...") and "Show the line" selects it in the text box.
+//
+// Published for tests: <body data-data="empty|checking|ok|error"> and window.__bitlora.data =
+// { state, fileName, summary (DataSummary), error }.
+
+import { $, showError, clearError, debounce, message, readNumber } from './dom.js';
+import { fmtBytes, fmtInt, plural } from './format.js';
+
+export const FORMAT_LABELS = {
+  text: 'Plain text',
+  'jsonl-text': 'JSONL with "text"',
+  'jsonl-prompt-completion': 'JSONL with prompt and completion',
+  'jsonl-chat': 'JSONL chat (messages)',
+};
+
+// Files up to this size are shown (and editable) in the text box; larger ones are used whole but
+// only their start is shown, since a text box with megabytes in it makes typing sluggish.
+const EDITABLE_BYTES = 1 << 20;
+const PREVIEW_CHARS = 100_000;
+
+/**
+ * `app`: { client(), model(), state, publish(), bus, trainOptions() -> { context, batch } }.
+ * Returns { current(), check(), clear() }.
+ */
+export function mountDataPanel(app) {
+  const area = $('data-text');
+  let text = '';
+  let fileName = 'pasted text';
+  let preview = false; // the box shows only the start of a large file
+  let seq = 0;
+  const data = (app.state.data = { state: 'empty', fileName, summary: null, error: null });
+  let lastGood = null; // { key, input, options, summary }
+  let pending = null;
+
+  const setState = (s) => {
+    data.state = s;
+    document.body.dataset.data = s;
+  };
+  setState('empty');
+
+  const options = () => {
+    const { context, batch } = app.trainOptions();
+    const val = readNumber('data-val', 'Validation share (%)', { min: 0, max: 50 });
+    return { context, batch, completionOnly: $('data-completion-only').checked, valFraction: val / 100 };
+  };
+
+  async function check() {
+    const my = ++seq;
+    clearError('data-error', $('dataset'));
+    $('data-error-show').hidden = true;
+    data.fileName = fileName;
+    if (!text.trim()) {
+      lastGood = null;
+      Object.assign(data, { summary: null, error: null });
+      setState('empty');
+      $('data-summary').textContent = 'No data yet: paste some text or pick a file.';
+      app.bus.dispatchEvent(new Event('data'));
+      app.publish();
+      return null;
+    }
+    const client = app.client();
+    if (!client || !app.model()) {
+      $('data-summary').textContent = 'Waiting for the model (its tokenizer counts the tokens)…';
+      return null;
+    }
+    let opts;
+    try {
+      opts = options();
+    } catch (err) {
+      return fail(err.message, err.inputId);
+    }
+    const input = { text, fileName };
+    setState('checking');
+    $('data-summary').textContent = `Reading ${fileName} (${fmtBytes(new TextEncoder().encode(text.slice(0, 4_000_000)).length)})…`;
+    const job = client.prepareData(input, opts);
+    pending = job;
+    let summary;
+    try {
+      summary = await job;
+    } catch (err) {
+      if (my !== seq) return null;
+      return fail(message(err));
+    } finally {
+      if (pending === job) pending = null;
+    }
+    if (my !== seq) return null;
+    lastGood = { input, options: opts, summary };
+    Object.assign(data, { summary, error: null });
+    setState('ok');
+    $('data-summary').textContent = describe(summary);
+    $('data-completion-only').disabled = summary.format === 'text' || summary.format === 'jsonl-text';
+    app.bus.dispatchEvent(new Event('data'));
+    app.publish();
+    return lastGood;
+
+    function fail(msg, inputId) {
+      lastGood = null;
+      Object.assign(data, { summary: null, error: msg });
+      setState('error');
+      $('data-summary').textContent = '';
+      showError('data-error', msg, inputId);
+      const line = /\bline (\d+)\b/.exec(msg)?.[1];
+      $('data-error-show').hidden = !(line && !preview);
+      $('data-error-show').dataset.line = line ?? '';
+      app.bus.dispatchEvent(new Event('data'));
+      app.publish();
+      return null;
+    }
+  }
+
+  const schedule = debounce(check, 350);
+
+  area.addEventListener('input', () => {
+    if (preview) return;
+    text = area.value;
+    if (!text) fileName = 'pasted text';
+    schedule();
+  });
+
+  $('data-file').addEventListener('change', async () => {
+    const file = $('data-file').files?.[0];
+    if (!file) return;
+    setState('checking');
+    $('data-summary').textContent = `Reading ${file.name}…`;
+    try {
+      text = await file.text();
+    } catch (err) {
+      showError('data-error', `${file.name}: cannot read the file: ${message(err)}`);
+      setState('error');
+      return;
+    }
+    fileName = file.name;
+    preview = file.size > EDITABLE_BYTES;
+    area.readOnly = preview;
+    area.value = preview
+      ? `${text.slice(0, PREVIEW_CHARS)}\n…\n(${file.name}, ${fmtBytes(file.size)}: only the start is shown here; all of it is used. "Clear" to type instead.)`
+      : text;
+    $('data-file').value = '';
+    schedule.now();
+  });
+
+  $('data-clear').addEventListener('click', () => {
+    text = '';
+    fileName = 'pasted text';
+    preview = false;
+    area.readOnly = false;
+    area.value = '';
+    $('data-file').value = '';
+    schedule.now();
+  });
+
+  $('data-val').addEventListener('input', schedule);
+  $('data-completion-only').addEventListener('change', () => schedule.now());
+  $('data-error-show').addEventListener('click', () => selectLine(area, Number($('data-error-show').dataset.line)));
+  // The context and batch are the training panel's; the counts depend on them.
+  app.bus.addEventListener('train-options', schedule);
+  app.bus.addEventListener('model', () => schedule.now());
+
+  return {
+    /** The last successfully checked data (waits for a check in flight); null if none. */
+    async current() {
+      if (pending) await pending.catch(() => {});
+      return data.state === 'ok' ? lastGood : null;
+    },
+    check: () => schedule.now(),
+    /** Sets the data as if typed (tests, and the resumed run's file name). */
+    set(value, name = 'pasted text') {
+      text = value;
+      fileName = name;
+      preview = false;
+      area.readOnly = false;
+      area.value = value;
+      return schedule.now();
+    },
+    get fileName() { return fileName; },
+    /** A prompt from the data for the chat panel: the last example's prompt or user turn. */
+    suggestPrompt() {
+      if (data.state !== 'ok' || !/^jsonl-(prompt|chat)/.test(data.summary?.format ?? '')) return null;
+      const last = text.trimEnd().split('\n').at(-1);
+      try {
+        const obj = JSON.parse(last);
+        if (typeof obj.prompt === 'string') return obj.prompt;
+        const user = Array.isArray(obj.messages) ? obj.messages.filter((m) => m?.role === 'user').at(-1) : null;
+        return typeof user?.content === 'string' ? user.content : null;
+      } catch {
+        return null;
+      }
+    },
+    /** The last DataSummary (null without valid data). */
+    summary: () => (data.state === 'ok' ? data.summary : null),
+  };
+}
+
+/** "JSONL with prompt and completion · 893 examples · 61,579 tokens (48,210 to learn from) · ..." */
+export function describe(s) {
+  const parts = [
+    FORMAT_LABELS[s.format] ?? s.format,
+    plural(s.examples, 'example'),
+    `${fmtInt(s.tokens)} tokens` + (s.targetTokens !== s.tokens ? ` (${fmtInt(s.targetTokens)} to learn from)` : ''),
+    `${plural(s.trainSequences, 'training sequence')} and ${fmtInt(s.valSequences)} for validation, up to ${s.context} tokens each`,
+    `${plural(s.stepsPerEpoch, 'step')} an epoch`,
+  ];
+  if (s.truncated) parts.push(`${plural(s.truncated, 'example')} longer than the context, cut from the start`);
+  return parts.join(' · ');
+}
+
+/** Selects line `n` (1-based) of a text box and scrolls it into view. */
+function selectLine(area, n) {
+  if (!(n >= 1)) return;
+  const lines = area.value.split('\n');
+  if (n > lines.length) return;
+  const start = lines.slice(0, n - 1).reduce((k, l) => k + l.length + 1, 0);
+  area.focus();
+  area.setSelectionRange(start, start + lines[n - 1].length);
+  const lineHeight = parseFloat(getComputedStyle(area).lineHeight) || 18;
+  area.scrollTop = Math.max(0, (n - 3) * lineHeight);
+}
