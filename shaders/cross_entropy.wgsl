@@ -4,6 +4,8 @@
 //   dlogits_v = (exp(l_v - lse) - [v == y]) * weight    (weight = grad_scale / counted).
 // The logits are overwritten with dlogits in place, so a (T, V) buffer is the only O(T*V)
 // memory; a caller with a large vocabulary runs the head and this kernel on windows of rows.
+// The T rows of logits may be a window of a longer sequence: their targets and losses are rows
+// row0 .. row0+T of those buffers.
 // A row whose target is MASKED (0xffffffff: not counted) gets loss 0 and dlogits 0.
 // Each invocation walks the row with stride WG; max and sum are tree reductions in workgroup
 // memory (a different summation order from the CPU's serial sum: compare with
@@ -16,19 +18,20 @@ const MASKED: u32 = 0xffffffffu;
 
 struct Dims {
     weight: f32, // grad_scale / counted targets
+    row0: u32,   // the window's first row in targets and loss
 }
 
 @group(0) @binding(0) var<uniform> dims: Dims;
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>; // (T, V) in: logits, out: dlogits
-@group(0) @binding(2) var<storage, read> targets: array<u32>;      // (T) target id or MASKED
-@group(0) @binding(3) var<storage, read_write> loss: array<f32>;   // (T) per-row loss
+@group(0) @binding(2) var<storage, read> targets: array<u32>;      // (R) target id or MASKED, R >= row0 + T
+@group(0) @binding(3) var<storage, read_write> loss: array<f32>;   // (R) per-row loss
 
 var<workgroup> red: array<f32, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let base = wid.x * V;
-    let y = targets[wid.x];
+    let y = targets[dims.row0 + wid.x];
     let counted = y < V;
     var target_logit = 0.0;
     if lid == 0u && counted {
@@ -74,9 +77,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     if lid == 0u {
         if counted {
-            loss[wid.x] = lse - target_logit;
+            loss[dims.row0 + wid.x] = lse - target_logit;
         } else {
-            loss[wid.x] = 0.0;
+            loss[dims.row0 + wid.x] = 0.0;
         }
     }
 }

@@ -5,12 +5,14 @@
 // rows p + s*O4 (s = 0..3) in bits 2s..2s+1. Column i of W is byte i%4 of words (i/4, p).
 // One invocation per (i, token); the sum runs over p = 0..O4-1 and s = 0..3 in the order of the
 // CPU reference (bitlora_core::train::ternary_backward), each term dy * {-1, 0, 1} exact, then
-// one division by s_w.
+// one division by s_w. With ACC = 1 the result is added into dx (the q, k and v projections'
+// input gradients sum into one buffer; CPU: dx_q + dx_k + dx_v).
 // Dispatch (ceil(I / WG), T, 1).
 
 override I: u32;                  // in features
 override O: u32;                  // out features
 override WG: u32 = 64u;           // workgroup size
+override ACC: u32 = 0u;           // 1: dx += result
 override O4: u32 = (O + 3u) / 4u; // packed rows
 
 @group(0) @binding(0) var<storage, read> dy: array<f32>;       // (T, O)
@@ -39,5 +41,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             acc += g * (f32((b >> (2u * s)) & 3u) - 1.0);
         }
     }
-    dx[t * I + i] = acc / sw[0];
+    let r = acc / sw[0];
+    if ACC == 1u {
+        dx[t * I + i] += r;
+    } else {
+        dx[t * I + i] = r;
+    }
 }

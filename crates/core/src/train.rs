@@ -12,7 +12,7 @@
 //!
 //! Dimension letters: T tokens, C hidden, F ffn, V vocab, NH/NKV heads, HS head size, R rank.
 
-use crate::config::Activation;
+use crate::config::{Activation, Config};
 use crate::error::{Error, Result};
 use crate::lora::{Lora, LoraPair};
 use crate::model::Model;
@@ -55,6 +55,20 @@ pub struct StepLoss {
     pub tokens: usize, // targets that counted
 }
 
+/// Dropout's draws for `n` inputs, in order: true where the input is kept. One `rng.uniform()`
+/// per input, dropped when it is below `dropout`. [`linear_forward`] draws its masks through
+/// this, and so does every other backend (the GPU uploads them), so that the same RNG gives the
+/// same masks everywhere.
+pub fn dropout_draws(n: usize, dropout: f32, rng: &mut Rng) -> impl Iterator<Item = bool> + '_ {
+    (0..n).map(move |_| rng.uniform() >= dropout)
+}
+
+/// The factor a kept input is multiplied by: `1 / (1 - dropout)`, in f32 as PyTorch's
+/// `nn.Dropout` scales.
+pub fn dropout_keep_factor(dropout: f32) -> f32 {
+    1.0 / (1.0 - dropout)
+}
+
 /// `y = BitLinear(x) + scale * (dropout(x) . A^T) . B^T`, saving what the backward needs.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_forward(
@@ -78,9 +92,9 @@ pub fn linear_forward(
     };
     let (o, i) = (lin.out_features, lin.in_features);
     let mask = (dropout > 0.0).then(|| {
-        let keep = 1.0 / (1.0 - dropout);
-        (0..x.len())
-            .map(|_| if rng.uniform() < dropout { 0.0 } else { keep })
+        let keep = dropout_keep_factor(dropout);
+        dropout_draws(x.len(), dropout, rng)
+            .map(|kept| if kept { keep } else { 0.0 })
             .collect::<Vec<f32>>()
     });
     let x_drop = mask
@@ -498,14 +512,21 @@ fn forward_saving(
 
 /// Checks tokens and targets; returns how many targets count.
 fn check_targets(model: &Model, tokens: &[u32], targets: &[Option<u32>]) -> Result<usize> {
-    model.check_tokens(tokens)?;
+    check_sequence(&model.config, tokens, targets)
+}
+
+/// Checks a training sequence against a model's config: token ids and context length, one
+/// target per token, target ids in the vocabulary. Returns how many targets count. Every
+/// backend's training step starts with this.
+pub fn check_sequence(cfg: &Config, tokens: &[u32], targets: &[Option<u32>]) -> Result<usize> {
+    cfg.check_tokens(tokens)?;
     if targets.len() != tokens.len() {
         return Err(Error::Shape {
             op: "train",
             msg: format!("{} targets for {} tokens", targets.len(), tokens.len()),
         });
     }
-    let v = model.config.vocab_size;
+    let v = cfg.vocab_size;
     if let Some((position, &Some(token))) = targets
         .iter()
         .enumerate()

@@ -16,6 +16,9 @@
 //! - [`model`]: [`GpuModel`], the weights on the GPU, the KV-cached forward pass
 //!   ([`GpuKvCache`]), generation, and a LoRA adapter applied unmerged
 //!   ([`GpuModel::set_adapter`], tests/adapter.rs).
+//! - [`train`]: [`GpuTrainer`], LoRA training: the forward that saves activations, the loss
+//!   and the backward chained into one submission per step, with one readback of the loss and
+//!   the LoRA gradients (tests/train.rs, against PEFT's gradients and the CPU reference).
 //!
 //! Everything that waits on the GPU is `async`: on the web the browser drives the device, so
 //! nothing may block; natively the futures poll the device themselves (use `pollster`).
@@ -27,12 +30,14 @@ pub mod model;
 pub mod ops;
 pub mod record;
 pub mod tensor;
+pub mod train;
 
 use std::sync::{Arc, Mutex};
 
 pub use model::{GpuKvCache, GpuModel};
 pub use record::Recorder;
 pub use tensor::{DType, GpuTensor, SplitTensor};
+pub use train::GpuTrainer;
 
 /// Errors of the GPU backend. Each names the tensor, op or adapter involved.
 #[derive(Debug, thiserror::Error)]

@@ -44,30 +44,30 @@ use crate::tensor::{self, DType, GpuTensor, SplitTensor};
 use crate::{ErrorSink, Gpu, GpuError};
 
 /// A BitLinear on the GPU: packed weight, its scale, and the launcher for its shape.
-struct Linear {
-    w: GpuTensor,  // (O, I) ternary
-    sw: GpuTensor, // (1) s_w
-    op: TernaryMatmul,
+pub(crate) struct Linear {
+    pub(crate) w: GpuTensor,  // (O, I) ternary
+    pub(crate) sw: GpuTensor, // (1) s_w
+    pub(crate) op: TernaryMatmul,
 }
 
 /// An RMSNorm weight with the launcher for its width.
-struct Norm {
-    w: GpuTensor, // (C) or (NH*HS) or (F)
-    op: RmsNorm,
+pub(crate) struct Norm {
+    pub(crate) w: GpuTensor, // (C) or (NH*HS) or (F)
+    pub(crate) op: RmsNorm,
 }
 
-struct Layer {
-    input_layernorm: Norm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    attn_sub_norm: Norm,
-    o_proj: Linear,
-    post_attention_layernorm: Norm,
-    gate_proj: Linear,
-    up_proj: Linear,
-    ffn_sub_norm: Norm,
-    down_proj: Linear,
+pub(crate) struct Layer {
+    pub(crate) input_layernorm: Norm,
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) attn_sub_norm: Norm,
+    pub(crate) o_proj: Linear,
+    pub(crate) post_attention_layernorm: Norm,
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) ffn_sub_norm: Norm,
+    pub(crate) down_proj: Linear,
 }
 
 /// One adapted projection: A (R, I) and B (O, R) with the launcher for its shape.
@@ -87,29 +87,32 @@ struct GpuAdapter {
 
 /// The model's weights on the GPU and the pipelines of its forward pass.
 pub struct GpuModel {
-    device: wgpu::Device,
-    queue: wgpu::Queue,
-    errors: ErrorSink,
-    config: Config,
-    embed_tokens: SplitTensor,    // (V, C), in chunks along V
-    layers: Vec<Layer>,           // L
-    norm: Norm,                   // (C)
-    lm_head: Option<SplitTensor>, // (V, C); None when tied to embed_tokens
-    rope_cos: GpuTensor,          // (P, HS/2), P = max_position_embeddings
-    rope_sin: GpuTensor,          // (P, HS/2)
-    embedding: Embedding,
-    quant_c: ActQuant, // rows of width C
-    quant_q: ActQuant, // rows of width NH*HS
-    quant_f: ActQuant, // rows of width F
-    rope_q: Rope,
-    rope_k: Rope,
-    attention: Attention,
-    gated_act: GatedAct,
-    residual_add: ResidualAdd,
-    head: Matmul,
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) errors: ErrorSink,
+    pub(crate) config: Config,
+    pub(crate) embed_tokens: SplitTensor, // (V, C), in chunks along V
+    pub(crate) layers: Vec<Layer>,        // L
+    pub(crate) norm: Norm,                // (C)
+    pub(crate) lm_head: Option<SplitTensor>, // (V, C); None when tied to embed_tokens
+    pub(crate) rope_cos: GpuTensor,       // (P, HS/2), P = max_position_embeddings
+    pub(crate) rope_sin: GpuTensor,       // (P, HS/2)
+    pub(crate) embedding: Embedding,
+    pub(crate) quant_c: ActQuant, // rows of width C
+    pub(crate) quant_q: ActQuant, // rows of width NH*HS
+    pub(crate) quant_f: ActQuant, // rows of width F
+    pub(crate) rope_q: Rope,
+    pub(crate) rope_k: Rope,
+    pub(crate) attention: Attention,
+    pub(crate) gated_act: GatedAct,
+    pub(crate) residual_add: ResidualAdd,
+    pub(crate) head: Matmul,
     /// Most tokens one pass records: every (T, width) activation, the (T, V) logits included,
     /// fits the split threshold. Longer inputs take several passes through the cache.
     max_pass_tokens: usize,
+    /// The split threshold: no tensor this model allocates per pass (nor a chunk of the
+    /// embedding or the head) exceeds this many bytes.
+    pub(crate) max_binding: u64,
     /// Bytes of every weight buffer (ternary, norms, embedding, head, RoPE tables).
     weight_bytes: u64,
     /// The LoRA adapter every forward applies, if any ([`GpuModel::set_adapter`]).
@@ -367,7 +370,11 @@ impl GpuKvCache {
 }
 
 /// Returns the cached value for `key`, creating it with `make` the first time.
-fn cached<K: PartialEq, V: Clone>(cache: &mut Vec<(K, V)>, key: K, make: impl FnOnce() -> V) -> V {
+pub(crate) fn cached<K: PartialEq, V: Clone>(
+    cache: &mut Vec<(K, V)>,
+    key: K,
+    make: impl FnOnce() -> V,
+) -> V {
     if let Some((_, v)) = cache.iter().find(|(k, _)| *k == key) {
         return v.clone();
     }
@@ -521,6 +528,7 @@ impl GpuModel {
             residual_add: ResidualAdd::new(dev, c),
             head: Matmul::new(dev, c, v),
             max_pass_tokens,
+            max_binding: split,
             weight_bytes,
             adapter: None,
         };

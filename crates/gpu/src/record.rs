@@ -54,6 +54,8 @@ pub struct Recorder {
     pass: Option<wgpu::ComputePass<'static>>,
     /// Uniform `Dims` buffers, one per distinct value recorded.
     dims: Vec<([u32; 4], wgpu::Buffer)>,
+    /// Longer uniform parameter structs, likewise.
+    params: Vec<(Vec<u32>, wgpu::Buffer)>,
     max_groups: u32,
 }
 
@@ -73,6 +75,7 @@ impl Recorder {
             encoder,
             pass: Some(pass),
             dims: Vec::new(),
+            params: Vec::new(),
             max_groups: device.limits().max_compute_workgroups_per_dimension,
         }
     }
@@ -97,17 +100,25 @@ impl Recorder {
     }
 
     /// A uniform buffer holding `words` (u32s or f32 bits), zero-padded to a multiple of 16
-    /// bytes; for parameter structs larger than [`Recorder::uniform`]'s four words.
+    /// bytes; for parameter structs larger than [`Recorder::uniform`]'s four words. Shared,
+    /// like those, between the dispatches of this recording that use the same values (a
+    /// training step records the same LoRA product shapes in every layer).
     pub(crate) fn uniform_words(&mut self, words: &[u32]) -> wgpu::Buffer {
         use wgpu::util::DeviceExt;
         let mut padded = words.to_vec();
         padded.resize(words.len().div_ceil(4).max(1) * 4, 0);
-        self.device
+        if let Some((_, b)) = self.params.iter().find(|(v, _)| *v == padded) {
+            return b.clone();
+        }
+        let b = self
+            .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("params"),
                 contents: bytemuck::cast_slice(&padded),
                 usage: wgpu::BufferUsages::UNIFORM,
-            })
+            });
+        self.params.push((padded, b.clone()));
+        b
     }
 
     /// The device's limit on workgroups along one dispatch dimension.

@@ -236,6 +236,27 @@ impl GpuTensor {
         }
     }
 
+    /// This tensor's buffer seen as `shape` (same element type): a prefix of a scratch buffer
+    /// allocated once for the largest shape a step needs, e.g. (T, I) of a (T_max, I_max)
+    /// buffer. Kernels index by the shape they are given, so nothing past it is touched.
+    pub fn view(&self, shape: &[usize]) -> Result<GpuTensor, GpuError> {
+        let bytes = self.dtype.bytes(shape);
+        if bytes > self.buffer.size() {
+            return Err(GpuError::Shape {
+                op: "view",
+                msg: format!(
+                    "`{}` ({} bytes) cannot hold {:?} {shape:?} ({bytes} bytes)",
+                    self.name,
+                    self.buffer.size(),
+                    self.dtype
+                ),
+            });
+        }
+        let mut v = self.clone();
+        v.shape = shape.to_vec();
+        Ok(v)
+    }
+
     /// Number of logical elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -346,8 +367,9 @@ pub async fn read_bytes(
     Ok(bytes)
 }
 
-/// Maps `buffer` for reading and waits for it.
-async fn map_read(
+/// Maps `buffer` for reading and waits for it (natively by polling the device, on the web by
+/// awaiting the browser).
+pub(crate) async fn map_read(
     device: &wgpu::Device,
     buffer: &wgpu::Buffer,
     name: &str,

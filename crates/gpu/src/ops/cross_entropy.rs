@@ -16,7 +16,8 @@ pub const MASKED: u32 = u32::MAX;
 /// of a few rows), as the CPU goes one row at a time.
 ///
 /// Shapes: logits (T, V) f32 (read, then written with dlogits), targets (T) u32,
-/// loss (T) f32 (written).
+/// loss (T) f32 (written); with [`CrossEntropy::encode_rows`] the logits are a window of rows
+/// row0 .. row0+T of a longer sequence, whose targets (R) and losses (R) have R >= row0 + T.
 #[derive(Clone, Debug)]
 pub struct CrossEntropy {
     kernel: Kernel,
@@ -46,7 +47,42 @@ impl CrossEntropy {
         let t = rows(OP, logits, DType::F32, self.v)?;
         expect(OP, targets, DType::U32, &[t])?;
         expect(OP, loss, DType::F32, &[t])?;
-        let dims = rec.uniform([weight.to_bits(), 0, 0, 0]);
+        self.encode_rows(rec, logits, targets, 0, weight, loss)
+    }
+
+    /// The logits (T, V) of rows `row0 .. row0 + T` of a sequence: reads `targets[row0..]`,
+    /// writes `loss[row0..]`.
+    pub fn encode_rows(
+        &self,
+        rec: &mut Recorder,
+        logits: &GpuTensor,
+        targets: &GpuTensor,
+        row0: usize,
+        weight: f32,
+        loss: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "cross_entropy";
+        let t = rows(OP, logits, DType::F32, self.v)?;
+        let window = |x: &GpuTensor, dtype: DType| match x.shape[..] {
+            [r] if x.dtype == dtype && r >= row0 + t => Ok(()),
+            _ => Err(GpuError::Shape {
+                op: OP,
+                msg: format!(
+                    "`{}` is {:?} {:?}, expected {dtype:?} (R) with R >= {}",
+                    x.name,
+                    x.dtype,
+                    x.shape,
+                    row0 + t
+                ),
+            }),
+        };
+        window(targets, DType::U32)?;
+        window(loss, DType::F32)?;
+        let row0 = u32::try_from(row0).map_err(|_| GpuError::Shape {
+            op: OP,
+            msg: format!("row {row0} does not fit a u32"),
+        })?;
+        let dims = rec.uniform([weight.to_bits(), row0, 0, 0]);
         rec.dispatch(
             &self.kernel,
             &[&dims, &logits.buffer, &targets.buffer, &loss.buffer],

@@ -18,8 +18,13 @@ pub const SOURCE: &str = include_str!("../../../../shaders/lora_matmul.wgsl");
 /// | [`grad_u`]      | du = s dY B         | dY (T, O), B (O, R), du (T, R)           |
 /// | [`grad_a`]      | dA += du^T x        | du (T, R), x (T, I), dA (R, I)           |
 /// | [`grad_x_add`]  | dx += du A          | du (T, R), A (R, I), dx (T, I)           |
+/// | [`grad_b_set`]  | dB = s dY^T u       | as grad_b                                |
+/// | [`grad_a_set`]  | dA = du^T x         | as grad_a                                |
+/// | [`grad_x`]      | dx = du A           | as grad_x_add                            |
 ///
-/// All f32. Dropout, when on, is applied by the caller to x (and to du A) elementwise.
+/// The `_set` and [`grad_x`] forms overwrite instead of adding: the GPU training step writes
+/// each projection's gradients once per call (no clearing pass) and adds them into the CPU's
+/// gradients after the readback. All f32. Dropout, when on, is applied by the caller to x (and to du A) elementwise.
 ///
 /// [`down`]: LoraMatmul::down
 /// [`up_add`]: LoraMatmul::up_add
@@ -28,11 +33,15 @@ pub const SOURCE: &str = include_str!("../../../../shaders/lora_matmul.wgsl");
 /// [`grad_u`]: LoraMatmul::grad_u
 /// [`grad_a`]: LoraMatmul::grad_a
 /// [`grad_x_add`]: LoraMatmul::grad_x_add
+/// [`grad_b_set`]: LoraMatmul::grad_b_set
+/// [`grad_a_set`]: LoraMatmul::grad_a_set
+/// [`grad_x`]: LoraMatmul::grad_x
 #[derive(Clone, Debug)]
 pub struct LoraMatmul {
-    /// (TA, TB, ACC) = (0, 1, 0), (0, 1, 1), (1, 0, 1), (0, 0, 0), (0, 0, 1)
+    /// (TA, TB, ACC) = (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (0, 0, 0), (0, 0, 1)
     nt: Kernel,
     nt_acc: Kernel,
+    tn: Kernel,
     tn_acc: Kernel,
     nn: Kernel,
     nn_acc: Kernel,
@@ -59,6 +68,7 @@ impl LoraMatmul {
         LoraMatmul {
             nt: k(0.0, 1.0, 0.0),
             nt_acc: k(0.0, 1.0, 1.0),
+            tn: k(1.0, 0.0, 0.0),
             tn_acc: k(1.0, 0.0, 1.0),
             nn: k(0.0, 0.0, 0.0),
             nn_acc: k(0.0, 0.0, 1.0),
@@ -166,6 +176,52 @@ impl LoraMatmul {
         expect(OP, u, DType::F32, &[t, self.r])?;
         expect(OP, db, DType::F32, &[self.o, self.r])?;
         self.product(rec, &self.tn_acc, [self.o, self.r, t], scale, dy, u, db, 0)
+    }
+
+    /// dB (O, R) = s dY (T, O)^T . u (T, R).
+    pub fn grad_b_set(
+        &self,
+        rec: &mut Recorder,
+        dy: &GpuTensor,
+        u: &GpuTensor,
+        scale: f32,
+        db: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "lora_matmul grad_b_set";
+        let t = rows(OP, dy, DType::F32, self.o)?;
+        expect(OP, u, DType::F32, &[t, self.r])?;
+        expect(OP, db, DType::F32, &[self.o, self.r])?;
+        self.product(rec, &self.tn, [self.o, self.r, t], scale, dy, u, db, 0)
+    }
+
+    /// dA (R, I) = du (T, R)^T . x (T, I).
+    pub fn grad_a_set(
+        &self,
+        rec: &mut Recorder,
+        du: &GpuTensor,
+        x: &GpuTensor,
+        da: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "lora_matmul grad_a_set";
+        let t = rows(OP, du, DType::F32, self.r)?;
+        expect(OP, x, DType::F32, &[t, self.i])?;
+        expect(OP, da, DType::F32, &[self.r, self.i])?;
+        self.product(rec, &self.tn, [self.r, self.i, t], 1.0, du, x, da, 0)
+    }
+
+    /// dx (T, I) = du (T, R) . A (R, I).
+    pub fn grad_x(
+        &self,
+        rec: &mut Recorder,
+        du: &GpuTensor,
+        a: &GpuTensor,
+        dx: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "lora_matmul grad_x";
+        let t = rows(OP, du, DType::F32, self.r)?;
+        expect(OP, a, DType::F32, &[self.r, self.i])?;
+        expect(OP, dx, DType::F32, &[t, self.i])?;
+        self.product(rec, &self.nn, [t, self.i, self.r], 1.0, du, a, dx, 0)
     }
 
     /// du (T, R) = s dY (T, O) . B (O, R).

@@ -11,11 +11,13 @@ pub mod adamw;
 pub mod attention;
 pub mod attention_backward;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod embedding;
 pub mod gated_act;
 pub mod gated_act_backward;
 pub mod lora_matmul;
 pub mod matmul;
+pub mod matmul_backward;
 pub mod residual_add;
 pub mod rms_norm;
 pub mod rms_norm_backward;
@@ -29,11 +31,13 @@ pub use adamw::{AdamWScalars, AdamWStep};
 pub use attention::Attention;
 pub use attention_backward::AttentionBackward;
 pub use cross_entropy::CrossEntropy;
+pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use gated_act::GatedAct;
 pub use gated_act_backward::GatedActBackward;
 pub use lora_matmul::LoraMatmul;
 pub use matmul::Matmul;
+pub use matmul_backward::MatmulBackward;
 pub use residual_add::ResidualAdd;
 pub use rms_norm::RmsNorm;
 pub use rms_norm_backward::RmsNormBackward;
@@ -54,11 +58,13 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("attention_backward_kv", attention_backward::SOURCE_KV),
     ("attention_backward_q", attention_backward::SOURCE_Q),
     ("cross_entropy", cross_entropy::SOURCE),
+    ("dropout", dropout::SOURCE),
     ("embedding", embedding::SOURCE),
     ("gated_act", gated_act::SOURCE),
     ("gated_act_backward", gated_act_backward::SOURCE),
     ("lora_matmul", lora_matmul::SOURCE),
     ("matmul", matmul::SOURCE),
+    ("matmul_backward", matmul_backward::SOURCE),
     ("residual_add", residual_add::SOURCE),
     ("rms_norm", rms_norm::SOURCE),
     ("rms_norm_backward", rms_norm_backward::SOURCE),

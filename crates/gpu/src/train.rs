@@ -1,0 +1,1035 @@
+//! LoRA training on the GPU: [`GpuTrainer`] computes what
+//! `bitlora_core::train::forward_backward` computes (the mean cross-entropy over the counted
+//! targets, and `grad_scale` times its gradient with respect to every LoRA A and B, added into
+//! the caller's gradients) with the kernels of [`crate::ops`], recorded into one submission:
+//!
+//! ```text
+//! upload: tokens, targets, dropout masks (drawn on the CPU in the CPU's order), A and B if changed
+//! forward, saving per layer: h_in, q, k (after RoPE), v, attention, h_mid, gate, up, each u = x A^T
+//!     h[0] = embed[tokens]
+//!     layer l: x = input_layernorm(h[l]); q, k, v = BitLinear + LoRA; RoPE; attention
+//!              h_mid[l] = o_proj(attn_sub_norm(att)) + h[l]
+//!              x = post_attention_layernorm(h_mid[l]); f = act(gate) * up
+//!              h[l+1] = down_proj(ffn_sub_norm(f)) + h_mid[l]
+//! head, a window of rows at a time (no (T, V) buffer beyond one binding):
+//!     logits = norm(h[L]) . W^T -> cross-entropy (per-row loss, dlogits in place) -> dxn += dlogits . W
+//! backward in exact reverse (dh: the residual stream's gradient, dh = norm'(h[L])^T dxn):
+//!     layer l: FFN: down (dX through the ternary weight + LoRA dA, dB, dX), ffn_sub_norm',
+//!              gated act', gate and up, post_attention_layernorm' added into dh;
+//!              attention: o, attn_sub_norm', attention' (q, kv), RoPE', q, k, v,
+//!              input_layernorm' added into dh
+//! copy: per-row losses and every dA, dB into one staging buffer; one readback
+//! ```
+//!
+//! The normed activations (x, attn_sub_norm(att), act(gate) * up and its sub-norm) are not
+//! saved but recomputed in the backward from what is: the same kernel on the same input gives
+//! the same bits, and it halves the (T, F) memory. Attention probabilities are recomputed by
+//! the attention backward itself.
+//!
+//! Gradient rules as on the CPU (crates/core/src/train.rs): LoRA A and B get gradients, every
+//! frozen weight passes dX only (straight-through on the activation quantizer). Each
+//! projection's dA and dB are written once per call (no clearing pass) and added into the
+//! caller's [`Lora`] of gradients on the CPU after the readback, so accumulation over several
+//! sequences works as on the CPU.
+//!
+//! Everything that waits is `async` and never blocks (the web); natively use `pollster`.
+
+use bitlora_core::data::Sequence;
+use bitlora_core::lora::{Lora, LoraConfig};
+use bitlora_core::model::projections;
+use bitlora_core::rng::Rng;
+use bitlora_core::train::{self as cpu_train, StepLoss};
+
+use crate::GpuError;
+use crate::model::{GpuModel, Linear, cached};
+use crate::ops::cross_entropy::MASKED;
+use crate::ops::{
+    AttentionBackward, CrossEntropy, Dropout, GatedActBackward, LoraMatmul, MatmulBackward,
+    RmsNormBackward, RopeBackward, TernaryBackward,
+};
+use crate::record::Recorder;
+use crate::tensor::{self, DType, GpuTensor};
+
+/// One adapted projection's tensors on the GPU.
+struct PairBufs {
+    a: GpuTensor,  // (R, I)
+    b: GpuTensor,  // (O, R)
+    da: GpuTensor, // (R, I) this call's dA
+    db: GpuTensor, // (O, R) this call's dB
+    /// Offsets (in f32s) of dA and dB in the staging buffer.
+    staging: (usize, usize),
+}
+
+/// The pipelines of the backward and the adapter's products, one per shape.
+struct Ops {
+    ternary_back: Vec<TernaryBackward>, // 7, `model::projections` order
+    lora: Vec<Option<LoraMatmul>>,      // 7
+    dropout: Vec<Option<Dropout>>,      // 7, built when a step first has dropout
+    rms_back_c: RmsNormBackward,        // rows of width C
+    rms_back_q: RmsNormBackward,        // NH*HS
+    rms_back_f: RmsNormBackward,        // F
+    gated_back: GatedActBackward,
+    rope_back_q: RopeBackward,
+    rope_back_k: RopeBackward,
+    attention_back: AttentionBackward,
+    cross_entropy: CrossEntropy,
+    head_back: MatmulBackward,
+}
+
+/// The activations a step saves and its scratch, allocated once for `max_tokens` rows; each
+/// step works on views of their first T rows ([`Acts::view`]).
+#[derive(Clone)]
+struct Acts {
+    tokens: GpuTensor,  // (T) u32
+    targets: GpuTensor, // (T) u32, MASKED where not counted
+    loss: GpuTensor,    // (T) per-row loss
+    // Saved by the forward, per layer.
+    h: Vec<GpuTensor>,     // L+1 x (T, C): h[l] enters layer l, h[L] the final norm
+    h_mid: Vec<GpuTensor>, // L x (T, C) after the attention block
+    q: Vec<GpuTensor>,     // L x (T, NH*HS) after RoPE
+    k: Vec<GpuTensor>,     // L x (T, NKV*HS) after RoPE
+    v: Vec<GpuTensor>,     // L x (T, NKV*HS)
+    att: Vec<GpuTensor>,   // L x (T, NH*HS) attention output, before attn_sub_norm
+    gate: Vec<GpuTensor>,  // L x (T, F)
+    up: Vec<GpuTensor>,    // L x (T, F)
+    u: Vec<Vec<Option<GpuTensor>>>, // L x 7 x (T, R): x A^T of each adapted projection
+    // Scratch of the forward (and recomputed in the backward).
+    x: GpuTensor,     // (T, C) a block's normed input; the final norm's output
+    xq_c: GpuTensor,  // (T, C) int8
+    xq_q: GpuTensor,  // (T, NH*HS) int8
+    xq_f: GpuTensor,  // (T, F) int8
+    s_a: GpuTensor,   // (T)
+    att_n: GpuTensor, // (T, NH*HS) attn_sub_norm(att)
+    ffn: GpuTensor,   // (T, F) act(gate) * up
+    ffn_n: GpuTensor, // (T, F) ffn_sub_norm(ffn)
+    // Scratch of the backward.
+    dh: GpuTensor,    // (T, C) the residual stream's gradient
+    dx: GpuTensor,    // (T, C) d(normed input) of a block, or of the final norm
+    dq_a: GpuTensor,  // (T, NH*HS) d attn_sub_norm(att)
+    dq_b: GpuTensor,  // (T, NH*HS) d att
+    dq: GpuTensor,    // (T, NH*HS)
+    dk: GpuTensor,    // (T, NKV*HS)
+    dv: GpuTensor,    // (T, NKV*HS)
+    df_a: GpuTensor,  // (T, F) d ffn_sub_norm(f), then d gate
+    df_b: GpuTensor,  // (T, F) d f
+    df_c: GpuTensor,  // (T, F) d up
+    du: GpuTensor,    // (T, R)
+    stats: GpuTensor, // (NH, T, 3) attention backward's scratch
+    // Dropout scratch, (T, I) views of (T_max, max I).
+    xdrop: GpuTensor, // dropout(x), the adapter's input
+    ldx: GpuTensor,   // du . A before the mask
+}
+
+impl Acts {
+    fn new(
+        dev: &wgpu::Device,
+        gm: &GpuModel,
+        rows: usize,
+        r: usize,
+        adapted: [bool; 7],
+    ) -> Result<Acts, GpuError> {
+        let cfg = &gm.config;
+        let (c, f, l) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers,
+        );
+        let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
+        let t32 =
+            |name: String, cols: usize| GpuTensor::zeros(dev, name, &[rows, cols], DType::F32);
+        let i8t = |name: &str, cols: usize| GpuTensor::zeros(dev, name, &[rows, cols], DType::I8x4);
+        let per_layer = |what: &str, cols: usize, n: usize| -> Result<Vec<GpuTensor>, GpuError> {
+            (0..n)
+                .map(|l| t32(format!("train {what} (layer {l})"), cols))
+                .collect()
+        };
+        let max_i = projections(cfg)
+            .iter()
+            .map(|&(_, _, i)| i)
+            .max()
+            .unwrap_or(c);
+        let u = (0..l)
+            .map(|layer| {
+                projections(cfg)
+                    .iter()
+                    .zip(adapted)
+                    .map(|(&(name, _, _), on)| {
+                        on.then(|| t32(format!("lora u layer {layer} {name}"), r))
+                            .transpose()
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Acts {
+            tokens: GpuTensor::zeros(dev, "train tokens", &[rows], DType::U32)?,
+            targets: GpuTensor::zeros(dev, "train targets", &[rows], DType::U32)?,
+            loss: GpuTensor::zeros(dev, "train loss", &[rows], DType::F32)?,
+            h: per_layer("h", c, l + 1)?,
+            h_mid: per_layer("h_mid", c, l)?,
+            q: per_layer("q", qd, l)?,
+            k: per_layer("k", kvd, l)?,
+            v: per_layer("v", kvd, l)?,
+            att: per_layer("attention", qd, l)?,
+            gate: per_layer("gate", f, l)?,
+            up: per_layer("up", f, l)?,
+            u,
+            x: t32("train x".into(), c)?,
+            xq_c: i8t("train x_q (C)", c)?,
+            xq_q: i8t("train x_q (NH*HS)", qd)?,
+            xq_f: i8t("train x_q (F)", f)?,
+            s_a: GpuTensor::zeros(dev, "train s_a", &[rows], DType::F32)?,
+            att_n: t32("train attention (sub-normed)".into(), qd)?,
+            ffn: t32("train ffn".into(), f)?,
+            ffn_n: t32("train ffn (sub-normed)".into(), f)?,
+            dh: t32("d h".into(), c)?,
+            dx: t32("d x".into(), c)?,
+            dq_a: t32("d attention (sub-normed)".into(), qd)?,
+            dq_b: t32("d attention".into(), qd)?,
+            dq: t32("d q".into(), qd)?,
+            dk: t32("d k".into(), kvd)?,
+            dv: t32("d v".into(), kvd)?,
+            df_a: t32("d ffn (sub-normed) / d gate".into(), f)?,
+            df_b: t32("d ffn".into(), f)?,
+            df_c: t32("d up".into(), f)?,
+            du: t32("d u".into(), r)?,
+            stats: GpuTensor::zeros(dev, "attention backward stats", &[nh, rows, 3], DType::F32)?,
+            xdrop: t32("dropout(x)".into(), max_i)?,
+            ldx: t32("d dropout(x)".into(), max_i)?,
+        })
+    }
+
+    /// Every tensor, for the byte count.
+    fn all(&self) -> Vec<&GpuTensor> {
+        let mut v = vec![
+            &self.tokens,
+            &self.targets,
+            &self.loss,
+            &self.x,
+            &self.xq_c,
+            &self.xq_q,
+            &self.xq_f,
+            &self.s_a,
+            &self.att_n,
+            &self.ffn,
+            &self.ffn_n,
+            &self.dh,
+            &self.dx,
+            &self.dq_a,
+            &self.dq_b,
+            &self.dq,
+            &self.dk,
+            &self.dv,
+            &self.df_a,
+            &self.df_b,
+            &self.df_c,
+            &self.du,
+            &self.stats,
+            &self.xdrop,
+            &self.ldx,
+        ];
+        for group in [
+            &self.h,
+            &self.h_mid,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.att,
+            &self.gate,
+            &self.up,
+        ] {
+            v.extend(group.iter());
+        }
+        v.extend(self.u.iter().flatten().flatten());
+        v
+    }
+
+    /// The first `t` rows of everything (the dropout scratch keeps its full size: it is
+    /// viewed per projection as (T, I)).
+    fn view(&self, t: usize) -> Result<Acts, GpuError> {
+        let rv = |x: &GpuTensor| x.rows_view(t);
+        let rvs = |xs: &Vec<GpuTensor>| {
+            xs.iter()
+                .map(|x| x.rows_view(t))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let nh = self.stats.shape[0];
+        Ok(Acts {
+            tokens: rv(&self.tokens)?,
+            targets: rv(&self.targets)?,
+            loss: rv(&self.loss)?,
+            h: rvs(&self.h)?,
+            h_mid: rvs(&self.h_mid)?,
+            q: rvs(&self.q)?,
+            k: rvs(&self.k)?,
+            v: rvs(&self.v)?,
+            att: rvs(&self.att)?,
+            gate: rvs(&self.gate)?,
+            up: rvs(&self.up)?,
+            u: self
+                .u
+                .iter()
+                .map(|layer| {
+                    layer
+                        .iter()
+                        .map(|u| u.as_ref().map(rv).transpose())
+                        .collect()
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            x: rv(&self.x)?,
+            xq_c: rv(&self.xq_c)?,
+            xq_q: rv(&self.xq_q)?,
+            xq_f: rv(&self.xq_f)?,
+            s_a: rv(&self.s_a)?,
+            att_n: rv(&self.att_n)?,
+            ffn: rv(&self.ffn)?,
+            ffn_n: rv(&self.ffn_n)?,
+            dh: rv(&self.dh)?,
+            dx: rv(&self.dx)?,
+            dq_a: rv(&self.dq_a)?,
+            dq_b: rv(&self.dq_b)?,
+            dq: rv(&self.dq)?,
+            dk: rv(&self.dk)?,
+            dv: rv(&self.dv)?,
+            df_a: rv(&self.df_a)?,
+            df_b: rv(&self.df_b)?,
+            df_c: rv(&self.df_c)?,
+            du: rv(&self.du)?,
+            stats: self.stats.view(&[nh, t, 3])?,
+            xdrop: self.xdrop.clone(),
+            ldx: self.ldx.clone(),
+        })
+    }
+}
+
+/// Where each adapted projection's dropout mask lies: per layer, per projection, the first
+/// word of its bits in that layer's mask buffer.
+type MaskPlan = Vec<[Option<usize>; 7]>;
+
+/// The GPU LoRA training step. Owns the [`GpuModel`] (its weights, forward pipelines and
+/// adapter for inference: [`GpuTrainer::model_mut`], [`GpuTrainer::into_model`]) and, allocated
+/// once at [`GpuTrainer::new`] and reused by every step, the pipelines of the backward, the
+/// saved activations for up to `max_tokens` tokens, the adapter's tensors and gradients, and a
+/// staging buffer for the one readback per step.
+pub struct GpuTrainer {
+    model: GpuModel,
+    lora_config: LoraConfig,
+    max_tokens: usize,
+    ops: Ops,
+    acts: Acts,
+    /// The cached views of `acts` for the last T.
+    views: Option<Acts>,
+    adapter: Vec<Vec<Option<PairBufs>>>, // L x 7
+    /// The adapter A and B hold now (None: never uploaded).
+    uploaded: Option<Vec<[Option<bitlora_core::lora::LoraPair>; 7]>>,
+    /// Per layer, the dropout bits of a step (allocated at the first step with dropout).
+    masks: Option<Vec<GpuTensor>>,
+    /// The last rows of logits a window of the head holds: (W, V).
+    logits: GpuTensor,
+    staging: wgpu::Buffer,
+    staging_floats: usize,
+    grad_floats: usize,
+    bytes: u64,
+}
+
+impl GpuTrainer {
+    /// Builds the training pipelines for `model` and an adapter of `lora_config`'s shape
+    /// (rank and target modules; dropout and alpha are read from the adapter at each step),
+    /// and allocates everything a step of up to `max_tokens` tokens needs. A tensor that does
+    /// not fit one storage binding is [`GpuError::TooLarge`]: use fewer tokens.
+    pub fn new(
+        model: GpuModel,
+        lora_config: &LoraConfig,
+        max_tokens: usize,
+    ) -> Result<GpuTrainer, GpuError> {
+        let cfg = model.config.clone();
+        let dev = model.device.clone();
+        let max_tokens = max_tokens.min(cfg.max_position_embeddings);
+        if max_tokens == 0 {
+            return Err(bitlora_core::Error::NoTokens.into());
+        }
+        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (nh, nkv, hs, eps) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.rms_norm_eps,
+        );
+        let r = lora_config.r;
+        let adapted = lora_config.targets;
+        let shapes = projections(&cfg);
+        let mut tb_cache: Vec<((usize, usize), TernaryBackward)> = Vec::new();
+        let mut lora_cache: Vec<((usize, usize), LoraMatmul)> = Vec::new();
+        let ternary_back = shapes
+            .iter()
+            .map(|&(_, o, i)| cached(&mut tb_cache, (o, i), || TernaryBackward::new(&dev, i, o)))
+            .collect();
+        let lora = shapes
+            .iter()
+            .zip(adapted)
+            .map(|(&(_, o, i), on)| {
+                on.then(|| cached(&mut lora_cache, (o, i), || LoraMatmul::new(&dev, i, o, r)))
+            })
+            .collect();
+        let ops = Ops {
+            ternary_back,
+            lora,
+            dropout: vec![None; 7],
+            rms_back_c: RmsNormBackward::new(&dev, c, eps),
+            rms_back_q: RmsNormBackward::new(&dev, cfg.q_dim(), eps),
+            rms_back_f: RmsNormBackward::new(&dev, f, eps),
+            gated_back: GatedActBackward::new(&dev, f, cfg.hidden_act),
+            rope_back_q: RopeBackward::new(&dev, nh, hs),
+            rope_back_k: RopeBackward::new(&dev, nkv, hs),
+            attention_back: AttentionBackward::new(&dev, nh, nkv, hs),
+            cross_entropy: CrossEntropy::new(&dev, v),
+            head_back: MatmulBackward::new(&dev, c, v),
+        };
+        let acts = Acts::new(&dev, &model, max_tokens, r, adapted)?;
+
+        // The adapter and its gradients; their places in the staging buffer after the
+        // max_tokens per-row losses.
+        let mut offset = max_tokens;
+        let mut adapter = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let mut layer = Vec::with_capacity(7);
+            for (&(name, o, i), on) in shapes.iter().zip(adapted) {
+                if !on {
+                    layer.push(None);
+                    continue;
+                }
+                let n = format!("model.layers.{l}.{name}");
+                let z = |what: &str, shape: &[usize]| {
+                    GpuTensor::zeros(&dev, format!("{n}.{what}"), shape, DType::F32)
+                };
+                let pair = PairBufs {
+                    a: z("lora_A.weight", &[r, i])?,
+                    b: z("lora_B.weight", &[o, r])?,
+                    da: z("lora_A.grad", &[r, i])?,
+                    db: z("lora_B.grad", &[o, r])?,
+                    staging: (offset, offset + r * i),
+                };
+                offset += r * i + o * r;
+                layer.push(Some(pair));
+            }
+            adapter.push(layer);
+        }
+        let grad_floats = offset - max_tokens;
+        let staging_floats = offset;
+        let staging = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("train readback"),
+            size: (4 * staging_floats) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+
+        // Rows of logits per window of the head: as many as one binding holds.
+        let rows = ((model.max_binding / (4 * v as u64)) as usize).clamp(1, max_tokens);
+        let logits = GpuTensor::zeros(&dev, "train logits window", &[rows, v], DType::F32)?;
+
+        let bytes = acts.all().iter().map(|t| t.buffer.size()).sum::<u64>()
+            + adapter
+                .iter()
+                .flatten()
+                .flatten()
+                .map(|p| {
+                    p.a.buffer.size() + p.b.buffer.size() + p.da.buffer.size() + p.db.buffer.size()
+                })
+                .sum::<u64>()
+            + logits.buffer.size();
+        model.errors.take()?;
+        Ok(GpuTrainer {
+            model,
+            lora_config: lora_config.clone(),
+            max_tokens,
+            ops,
+            acts,
+            views: None,
+            adapter,
+            uploaded: None,
+            masks: None,
+            logits,
+            staging,
+            staging_floats,
+            grad_floats,
+            bytes,
+        })
+    }
+
+    /// The model (e.g. to generate with [`GpuModel::set_adapter`] after training).
+    pub fn model(&self) -> &GpuModel {
+        &self.model
+    }
+
+    pub fn model_mut(&mut self) -> &mut GpuModel {
+        &mut self.model
+    }
+
+    /// Gives the model back; the training buffers are freed.
+    pub fn into_model(self) -> GpuModel {
+        self.model
+    }
+
+    /// Most tokens one step takes.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Bytes of GPU memory the training step holds beyond the model's weights: saved
+    /// activations, scratch, the adapter with its gradients, the logits window (and, after a
+    /// step with dropout, its masks).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+            + self
+                .masks
+                .as_ref()
+                .map_or(0, |m| m.iter().map(|t| t.buffer.size()).sum())
+    }
+
+    /// One sequence's forward and backward, as `bitlora_core::train::forward_backward`:
+    /// `targets[t]` is the token position t should predict (None: not counted). Returns the
+    /// mean cross-entropy over the counted targets and ADDS `grad_scale` times its gradient
+    /// into `grads` (same shapes as `lora`). Dropout masks are drawn from `rng` in the CPU
+    /// reference's order, so the same RNG gives the same masks, losses and gradients.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn forward_backward(
+        &mut self,
+        lora: &Lora,
+        tokens: &[u32],
+        targets: &[Option<u32>],
+        grads: &mut Lora,
+        grad_scale: f32,
+        rng: &mut Rng,
+    ) -> Result<StepLoss, GpuError> {
+        self.check_adapter("gradients", grads)?;
+        let (counted, plan) = self.prepare(lora, tokens, targets, Some(rng))?;
+        let t = tokens.len();
+        let weight = if counted > 0 {
+            grad_scale / counted as f32
+        } else {
+            0.0
+        };
+        let values = self.run(lora, t, weight, &plan, true).await?;
+        // Add this call's gradients into the caller's, in the order they were staged.
+        for (bufs, grad) in self.adapter.iter().zip(grads.layers.iter_mut()) {
+            for (b, g) in bufs.iter().zip(grad.iter_mut()) {
+                let (Some(b), Some(g)) = (b, g) else { continue };
+                let (oa, ob) = b.staging;
+                for (x, &d) in g.a.iter_mut().zip(&values[oa..]) {
+                    *x += d;
+                }
+                for (x, &d) in g.b.iter_mut().zip(&values[ob..]) {
+                    *x += d;
+                }
+            }
+        }
+        Ok(mean(&values[..t], targets, counted))
+    }
+
+    /// The mean cross-entropy of the model with `lora` applied, forward only and dropout off:
+    /// the validation loss, as `bitlora_core::train::loss`.
+    pub async fn loss(
+        &mut self,
+        lora: &Lora,
+        tokens: &[u32],
+        targets: &[Option<u32>],
+    ) -> Result<StepLoss, GpuError> {
+        let (counted, plan) = self.prepare(lora, tokens, targets, None)?;
+        let t = tokens.len();
+        let values = self.run(lora, t, 0.0, &plan, false).await?;
+        Ok(mean(&values[..t], targets, counted))
+    }
+
+    /// Mean loss of `lora` over `seqs`, weighted by counted tokens (None when no target
+    /// counts), as `bitlora_core::trainer::mean_loss`.
+    pub async fn mean_loss(
+        &mut self,
+        lora: &Lora,
+        seqs: &[Sequence],
+    ) -> Result<Option<f32>, GpuError> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for s in seqs {
+            let out = self.loss(lora, &s.tokens, &s.targets).await?;
+            sum += out.loss as f64 * out.tokens as f64;
+            n += out.tokens;
+        }
+        Ok((n > 0).then(|| (sum / n as f64) as f32))
+    }
+
+    /// Checks that `l` has the trainer's rank and targets and the model's shapes.
+    fn check_adapter(&self, what: &str, l: &Lora) -> Result<(), GpuError> {
+        let cfg = &self.model.config;
+        let bad = |msg: String| GpuError::Model(bitlora_core::Error::Lora { msg });
+        if l.config.r != self.lora_config.r || l.config.targets != self.lora_config.targets {
+            return Err(bad(format!(
+                "the {what} have rank {} on {:?}; this GPU trainer was built for rank {} on {:?}",
+                l.config.r, l.config.targets, self.lora_config.r, self.lora_config.targets
+            )));
+        }
+        if l.layers.len() != cfg.num_hidden_layers {
+            return Err(bad(format!(
+                "the {what} have {} layers, the model {}",
+                l.layers.len(),
+                cfg.num_hidden_layers
+            )));
+        }
+        let r = l.config.r;
+        for (layer, pairs) in l.layers.iter().enumerate() {
+            for (p, (pair, &(name, o, i))) in pairs.iter().zip(projections(cfg).iter()).enumerate()
+            {
+                match pair {
+                    Some(pair) if pair.a.len() == r * i && pair.b.len() == o * r => {}
+                    None if !l.config.targets[p] => {}
+                    _ => {
+                        return Err(bad(format!(
+                            "the {what} of model.layers.{layer}.{name} do not have the shapes ({r}, {i}) and ({o}, {r})"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the inputs, uploads tokens, targets, the adapter (if it changed) and the
+    /// dropout masks (drawn from `rng` when given and the adapter has dropout). Returns the
+    /// number of counted targets and where the masks lie.
+    fn prepare(
+        &mut self,
+        lora: &Lora,
+        tokens: &[u32],
+        targets: &[Option<u32>],
+        rng: Option<&mut Rng>,
+    ) -> Result<(usize, MaskPlan), GpuError> {
+        let cfg = self.model.config.clone();
+        let counted = cpu_train::check_sequence(&cfg, tokens, targets)?;
+        let t = tokens.len();
+        if t > self.max_tokens {
+            return Err(bitlora_core::Error::TooManyTokens {
+                count: t,
+                max: self.max_tokens,
+            }
+            .into());
+        }
+        self.check_adapter("adapter", lora)?;
+        let queue = &self.model.queue;
+        queue.write_buffer(&self.acts.tokens.buffer, 0, bytemuck::cast_slice(tokens));
+        let ids: Vec<u32> = targets.iter().map(|y| y.unwrap_or(MASKED)).collect();
+        queue.write_buffer(&self.acts.targets.buffer, 0, bytemuck::cast_slice(&ids));
+
+        if self.uploaded.as_ref() != Some(&lora.layers) {
+            for (bufs, pairs) in self.adapter.iter().zip(&lora.layers) {
+                for (b, p) in bufs.iter().zip(pairs) {
+                    if let (Some(b), Some(p)) = (b, p) {
+                        queue.write_buffer(&b.a.buffer, 0, bytemuck::cast_slice(&p.a));
+                        queue.write_buffer(&b.b.buffer, 0, bytemuck::cast_slice(&p.b));
+                    }
+                }
+            }
+            self.uploaded = Some(lora.layers.clone());
+        }
+
+        let dropout = lora.config.dropout;
+        let mut plan: MaskPlan = vec![[None; 7]; cfg.num_hidden_layers];
+        let Some(rng) = rng.filter(|_| dropout > 0.0) else {
+            return Ok((counted, plan));
+        };
+        // Draw every mask of the step in the CPU's order (layer by layer, projections in
+        // `model::projections` order, each over its (T, I) input), packed 32 to a word.
+        let shapes = projections(&cfg);
+        if self.masks.is_none() {
+            let dev = &self.model.device;
+            let words: usize = shapes
+                .iter()
+                .zip(self.lora_config.targets)
+                .filter(|(_, on)| *on)
+                .map(|(&(_, _, i), _)| (self.max_tokens * i).div_ceil(32))
+                .sum();
+            self.masks = Some(
+                (0..cfg.num_hidden_layers)
+                    .map(|l| {
+                        GpuTensor::zeros(
+                            dev,
+                            format!("dropout masks (layer {l})"),
+                            &[words.max(1)],
+                            DType::U32,
+                        )
+                    })
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+        for (p, &(_, _, i)) in shapes.iter().enumerate() {
+            if self.lora_config.targets[p] && self.ops.dropout[p].is_none() {
+                let dev = &self.model.device;
+                self.ops.dropout[p] = Some(
+                    self.ops
+                        .dropout
+                        .iter()
+                        .flatten()
+                        .find(|d| d.width() == i)
+                        .cloned()
+                        .unwrap_or_else(|| Dropout::new(dev, i)),
+                );
+            }
+        }
+        let masks = self.masks.as_ref().expect("allocated above");
+        for ((layer_plan, pairs), buf) in plan.iter_mut().zip(&lora.layers).zip(masks) {
+            let mut words: Vec<u32> = Vec::new();
+            for (slot, (pair, &(_, _, i))) in layer_plan.iter_mut().zip(pairs.iter().zip(&shapes)) {
+                if pair.is_none() {
+                    continue;
+                }
+                *slot = Some(words.len());
+                let start = words.len();
+                words.resize(start + (t * i).div_ceil(32), 0);
+                for (n, kept) in cpu_train::dropout_draws(t * i, dropout, rng).enumerate() {
+                    if kept {
+                        words[start + n / 32] |= 1 << (n % 32);
+                    }
+                }
+            }
+            if !words.is_empty() {
+                queue.write_buffer(&buf.buffer, 0, bytemuck::cast_slice(&words));
+            }
+        }
+        Ok((counted, plan))
+    }
+
+    /// Records the step (forward, head and loss, and with `backward` the backward), submits it
+    /// with the copies into the staging buffer, and reads the staging buffer back: per-row
+    /// losses at 0..T and, after a backward, the gradients at their offsets.
+    async fn run(
+        &mut self,
+        lora: &Lora,
+        t: usize,
+        weight: f32,
+        plan: &MaskPlan,
+        backward: bool,
+    ) -> Result<Vec<f32>, GpuError> {
+        let a = match &self.views {
+            Some(v) if v.tokens.shape[0] == t => v.clone(),
+            _ => {
+                let v = self.acts.view(t)?;
+                self.views = Some(v.clone());
+                v
+            }
+        };
+        let step = Step {
+            tr: self,
+            a: &a,
+            t,
+            scale: lora.config.scale(),
+            keep: cpu_train::dropout_keep_factor(lora.config.dropout),
+            plan,
+        };
+        let dev = &self.model.device;
+        self.model.errors.take()?;
+        let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+        let recorded = (|| {
+            let mut rec = Recorder::new(dev);
+            step.forward(&mut rec)?;
+            step.head(&mut rec, weight, backward)?;
+            if backward {
+                step.backward(&mut rec)?;
+            }
+            Ok::<_, GpuError>(rec.finish())
+        })();
+        let validation = validation.pop().await;
+        let oom = oom.pop().await;
+        let mut enc = recorded?;
+        if let Some(e) = validation.or(oom) {
+            return Err(GpuError::Device(e.to_string()));
+        }
+        enc.copy_buffer_to_buffer(&a.loss.buffer, 0, &self.staging, 0, (4 * t) as u64);
+        let mut used = self.max_tokens;
+        if backward {
+            for p in self.adapter.iter().flatten().flatten() {
+                let (oa, ob) = p.staging;
+                enc.copy_buffer_to_buffer(
+                    &p.da.buffer,
+                    0,
+                    &self.staging,
+                    (4 * oa) as u64,
+                    p.da.bytes(),
+                );
+                enc.copy_buffer_to_buffer(
+                    &p.db.buffer,
+                    0,
+                    &self.staging,
+                    (4 * ob) as u64,
+                    p.db.bytes(),
+                );
+            }
+            used = self.staging_floats;
+        }
+        debug_assert_eq!(self.staging_floats, self.max_tokens + self.grad_floats);
+        self.model.queue.submit([enc.finish()]);
+        let bytes = (4 * used) as u64;
+        tensor::map_read(dev, &self.staging, "train readback").await?;
+        let values = {
+            let view = self
+                .staging
+                .get_mapped_range(..bytes)
+                .map_err(|e| GpuError::Map {
+                    tensor: "train readback".into(),
+                    msg: e.to_string(),
+                });
+            let out = view.map(|v| bytemuck::pod_collect_to_vec::<u8, f32>(&v));
+            self.staging.unmap();
+            out?
+        };
+        self.model.errors.take()?;
+        Ok(values)
+    }
+}
+
+/// The mean of the counted rows' losses, summed in f64 in row order as on the CPU.
+fn mean(row_loss: &[f32], targets: &[Option<u32>], counted: usize) -> StepLoss {
+    let sum = row_loss
+        .iter()
+        .zip(targets)
+        .filter(|(_, y)| y.is_some())
+        .fold(0f64, |s, (&l, _)| s + l as f64);
+    StepLoss {
+        loss: (sum / counted.max(1) as f64) as f32,
+        tokens: counted,
+    }
+}
+
+/// One step being recorded: the trainer, the views of its buffers for T tokens, and the
+/// adapter's scale, dropout factor and mask plan.
+struct Step<'a> {
+    tr: &'a GpuTrainer,
+    a: &'a Acts,
+    t: usize,
+    scale: f32,
+    keep: f32,
+    plan: &'a MaskPlan,
+}
+
+impl Step<'_> {
+    /// The frozen BitLinear `y = x_q . W^T / (s_a s_w)` of projection `lin`.
+    fn bitlinear(
+        &self,
+        r: &mut Recorder,
+        xq: &GpuTensor,
+        lin: &Linear,
+        y: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        lin.op.encode(r, xq, &self.a.s_a, &lin.w, &lin.sw, y)
+    }
+
+    /// The adapter's dropout(x) for projection p of layer l: x itself without dropout.
+    fn lora_input(
+        &self,
+        r: &mut Recorder,
+        l: usize,
+        p: usize,
+        x: &GpuTensor,
+    ) -> Result<GpuTensor, GpuError> {
+        let Some(word0) = self.plan[l][p] else {
+            return Ok(x.clone());
+        };
+        let (masks, op) = self.dropout(p)?;
+        let i = x.shape[1];
+        let xd = self.a.xdrop.view(&[self.t, i])?;
+        op.encode(r, x, &masks[l], word0, self.keep, &xd)?;
+        Ok(xd)
+    }
+
+    fn dropout(&self, p: usize) -> Result<(&Vec<GpuTensor>, &Dropout), GpuError> {
+        match (&self.tr.masks, &self.tr.ops.dropout[p]) {
+            (Some(m), Some(op)) => Ok((m, op)),
+            _ => Err(GpuError::Shape {
+                op: "GpuTrainer",
+                msg: "a dropout mask was planned without its buffers".into(),
+            }),
+        }
+    }
+
+    /// y += s * (dropout(x) A^T) B^T for projection p of layer l, saving u = dropout(x) A^T.
+    fn lora_forward(
+        &self,
+        r: &mut Recorder,
+        l: usize,
+        p: usize,
+        x: &GpuTensor,
+        y: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        let (Some(pair), Some(op), Some(u)) = (
+            &self.tr.adapter[l][p],
+            &self.tr.ops.lora[p],
+            &self.a.u[l][p],
+        ) else {
+            return Ok(());
+        };
+        let xin = self.lora_input(r, l, p, x)?;
+        op.down(r, &xin, &pair.a, u)?;
+        op.up_add(r, u, &pair.b, self.scale, y)
+    }
+
+    /// The adapter's backward for projection p of layer l with input x and output gradient
+    /// dy: dB = s dy^T u, du = s dy B, dA = du^T dropout(x), and dx += (du A) * mask.
+    fn lora_backward(
+        &self,
+        r: &mut Recorder,
+        l: usize,
+        p: usize,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        dx: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        let (Some(pair), Some(op), Some(u)) = (
+            &self.tr.adapter[l][p],
+            &self.tr.ops.lora[p],
+            &self.a.u[l][p],
+        ) else {
+            return Ok(());
+        };
+        op.grad_b_set(r, dy, u, self.scale, &pair.db)?;
+        op.grad_u(r, dy, &pair.b, self.scale, &self.a.du)?;
+        match self.plan[l][p] {
+            None => {
+                op.grad_a_set(r, &self.a.du, x, &pair.da)?;
+                op.grad_x_add(r, &self.a.du, &pair.a, dx)
+            }
+            Some(word0) => {
+                let xd = self.lora_input(r, l, p, x)?;
+                op.grad_a_set(r, &self.a.du, &xd, &pair.da)?;
+                let (masks, dropout) = self.dropout(p)?;
+                let ldx = self.a.ldx.view(&[self.t, x.shape[1]])?;
+                op.grad_x(r, &self.a.du, &pair.a, &ldx)?;
+                dropout.encode_add(r, &ldx, &masks[l], word0, self.keep, dx)
+            }
+        }
+    }
+
+    /// The training forward, saving each layer's activations (see the module doc).
+    fn forward(&self, r: &mut Recorder) -> Result<(), GpuError> {
+        let (m, a) = (&self.tr.model, self.a);
+        let (cos, sin) = (&m.rope_cos, &m.rope_sin);
+        m.embedding
+            .encode_split(r, &a.tokens, &m.embed_tokens, &a.h[0])?;
+        for (l, lay) in m.layers.iter().enumerate() {
+            // Attention block: h_mid = h + o_proj(attn_sub_norm(attn(rope(q), rope(k), v))).
+            let n = &lay.input_layernorm;
+            n.op.encode(r, &a.h[l], &n.w, &a.x)?;
+            m.quant_c.encode(r, &a.x, &a.xq_c, &a.s_a)?;
+            self.bitlinear(r, &a.xq_c, &lay.q_proj, &a.q[l])?;
+            self.lora_forward(r, l, 0, &a.x, &a.q[l])?;
+            self.bitlinear(r, &a.xq_c, &lay.k_proj, &a.k[l])?;
+            self.lora_forward(r, l, 1, &a.x, &a.k[l])?;
+            self.bitlinear(r, &a.xq_c, &lay.v_proj, &a.v[l])?;
+            self.lora_forward(r, l, 2, &a.x, &a.v[l])?;
+            m.rope_q.encode(r, &a.q[l], cos, sin)?;
+            m.rope_k.encode(r, &a.k[l], cos, sin)?;
+            m.attention
+                .encode(r, &a.q[l], &a.k[l], &a.v[l], &a.att[l])?;
+            let n = &lay.attn_sub_norm;
+            n.op.encode(r, &a.att[l], &n.w, &a.att_n)?;
+            m.quant_q.encode(r, &a.att_n, &a.xq_q, &a.s_a)?;
+            self.bitlinear(r, &a.xq_q, &lay.o_proj, &a.h_mid[l])?;
+            self.lora_forward(r, l, 3, &a.att_n, &a.h_mid[l])?;
+            // h_mid = o + h: the same f32 sums as the CPU's h + o.
+            m.residual_add.encode(r, &a.h_mid[l], &a.h[l])?;
+
+            // FFN block: h[l+1] = h_mid + down_proj(ffn_sub_norm(act(gate(x)) * up(x))).
+            let n = &lay.post_attention_layernorm;
+            n.op.encode(r, &a.h_mid[l], &n.w, &a.x)?;
+            m.quant_c.encode(r, &a.x, &a.xq_c, &a.s_a)?;
+            self.bitlinear(r, &a.xq_c, &lay.gate_proj, &a.gate[l])?;
+            self.lora_forward(r, l, 4, &a.x, &a.gate[l])?;
+            self.bitlinear(r, &a.xq_c, &lay.up_proj, &a.up[l])?;
+            self.lora_forward(r, l, 5, &a.x, &a.up[l])?;
+            m.gated_act.encode(r, &a.gate[l], &a.up[l], &a.ffn)?;
+            let n = &lay.ffn_sub_norm;
+            n.op.encode(r, &a.ffn, &n.w, &a.ffn_n)?;
+            m.quant_f.encode(r, &a.ffn_n, &a.xq_f, &a.s_a)?;
+            self.bitlinear(r, &a.xq_f, &lay.down_proj, &a.h[l + 1])?;
+            self.lora_forward(r, l, 6, &a.ffn_n, &a.h[l + 1])?;
+            m.residual_add.encode(r, &a.h[l + 1], &a.h_mid[l])?;
+        }
+        Ok(())
+    }
+
+    /// The final norm, the head and the loss a window of rows at a time; with `backward`, each
+    /// window's dlogits go straight back through the head into dx (T, C).
+    fn head(&self, r: &mut Recorder, weight: f32, backward: bool) -> Result<(), GpuError> {
+        let (m, a, ops) = (&self.tr.model, self.a, &self.tr.ops);
+        let l = m.layers.len();
+        m.norm.op.encode(r, &a.h[l], &m.norm.w, &a.x)?;
+        let w = m.lm_head.as_ref().unwrap_or(&m.embed_tokens);
+        let rows = self.tr.logits.shape[0];
+        for row0 in (0..self.t).step_by(rows) {
+            let n = rows.min(self.t - row0);
+            let logits = self.tr.logits.rows_view(n)?;
+            m.head.encode_split(r, &a.x, row0..row0 + n, w, &logits)?;
+            ops.cross_entropy
+                .encode_rows(r, &logits, &a.targets, row0, weight, &a.loss)?;
+            if backward {
+                ops.head_back.encode_split(r, &logits, w, &a.dx, row0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward, in exact reverse of [`Step::forward`] (crates/core/src/train.rs
+    /// `forward_backward` line by line), from dx = d norm(h[L]).
+    fn backward(&self, r: &mut Recorder) -> Result<(), GpuError> {
+        let (m, a, ops) = (&self.tr.model, self.a, &self.tr.ops);
+        let (cos, sin) = (&m.rope_cos, &m.rope_sin);
+        let tb = &ops.ternary_back;
+        let nl = m.layers.len();
+        ops.rms_back_c
+            .encode(r, &a.h[nl], &m.norm.w, &a.dx, &a.dh)?;
+        for (l, lay) in m.layers.iter().enumerate().rev() {
+            // FFN block. Recompute f = act(gate) * up and its sub-norm (the forward's bits).
+            m.gated_act.encode(r, &a.gate[l], &a.up[l], &a.ffn)?;
+            let n = &lay.ffn_sub_norm;
+            n.op.encode(r, &a.ffn, &n.w, &a.ffn_n)?;
+            let lin = &lay.down_proj;
+            tb[6].encode(r, &a.dh, &lin.w, &lin.sw, &a.df_a)?; // d fnorm
+            self.lora_backward(r, l, 6, &a.ffn_n, &a.dh, &a.df_a)?;
+            ops.rms_back_f.encode(r, &a.ffn, &n.w, &a.df_a, &a.df_b)?; // d f
+            ops.gated_back
+                .encode(r, &a.gate[l], &a.up[l], &a.df_b, &a.df_a, &a.df_c)?; // d gate, d up
+            let n = &lay.post_attention_layernorm;
+            n.op.encode(r, &a.h_mid[l], &n.w, &a.x)?; // xn2
+            let lin = &lay.gate_proj;
+            tb[4].encode(r, &a.df_a, &lin.w, &lin.sw, &a.dx)?;
+            self.lora_backward(r, l, 4, &a.x, &a.df_a, &a.dx)?;
+            let lin = &lay.up_proj;
+            tb[5].encode_add(r, &a.df_c, &lin.w, &lin.sw, &a.dx)?;
+            self.lora_backward(r, l, 5, &a.x, &a.df_c, &a.dx)?;
+            ops.rms_back_c
+                .encode_add(r, &a.h_mid[l], &n.w, &a.dx, &a.dh)?;
+
+            // Attention block.
+            let n = &lay.attn_sub_norm;
+            n.op.encode(r, &a.att[l], &n.w, &a.att_n)?; // an
+            let lin = &lay.o_proj;
+            tb[3].encode(r, &a.dh, &lin.w, &lin.sw, &a.dq_a)?; // d an
+            self.lora_backward(r, l, 3, &a.att_n, &a.dh, &a.dq_a)?;
+            ops.rms_back_q
+                .encode(r, &a.att[l], &n.w, &a.dq_a, &a.dq_b)?; // d att
+            ops.attention_back.encode(
+                r, &a.q[l], &a.k[l], &a.v[l], &a.dq_b, &a.stats, &a.dq, &a.dk, &a.dv,
+            )?;
+            ops.rope_back_q.encode(r, &a.dq, cos, sin)?;
+            ops.rope_back_k.encode(r, &a.dk, cos, sin)?;
+            let n = &lay.input_layernorm;
+            n.op.encode(r, &a.h[l], &n.w, &a.x)?; // xn1
+            let lin = &lay.q_proj;
+            tb[0].encode(r, &a.dq, &lin.w, &lin.sw, &a.dx)?;
+            self.lora_backward(r, l, 0, &a.x, &a.dq, &a.dx)?;
+            let lin = &lay.k_proj;
+            tb[1].encode_add(r, &a.dk, &lin.w, &lin.sw, &a.dx)?;
+            self.lora_backward(r, l, 1, &a.x, &a.dk, &a.dx)?;
+            let lin = &lay.v_proj;
+            tb[2].encode_add(r, &a.dv, &lin.w, &lin.sw, &a.dx)?;
+            self.lora_backward(r, l, 2, &a.x, &a.dv, &a.dx)?;
+            ops.rms_back_c.encode_add(r, &a.h[l], &n.w, &a.dx, &a.dh)?;
+        }
+        Ok(())
+    }
+}
