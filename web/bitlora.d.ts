@@ -79,8 +79,12 @@ export interface LoadProgress {
 }
 
 export interface ModelInfo {
-  /** A stable key for this model (e.g. "bundled:default"); training runs and adapters record it. */
+  /**
+   * A stable key for this model: its model-store id ("bundled:default", "hub:...", "local:..."),
+   * or "files:..." for picked files that were not stored. Runs and adapters record it.
+   */
   key: string;
+  storeId?: string;
   name?: string;
   description?: string;
   config: string;
@@ -211,12 +215,16 @@ export interface ProgressEvent {
   ms: number;
   /** Where the step ran. */
   backend: BackendKind;
+  /** Epoch milliseconds when the step ended. */
+  at: number;
 }
 
 export interface CheckpointEvent {
   step: number;
-  /** Bytes stored (checkpoint file). */
+  /** Bytes stored (checkpoint file); 0 when it could not be stored. */
   bytes: number;
+  /** Why this checkpoint was not stored (e.g. browser storage full); training goes on. */
+  error?: string;
 }
 
 export interface DoneEvent {
@@ -238,7 +246,8 @@ export interface TrainerEvents {
   checkpoint: CheckpointEvent;
   state: { state: TrainerState };
   done: DoneEvent;
-  error: Error;
+  /** The run stopped on an error (`finished` rejects with it); `fatal`: the worker crashed. */
+  error: Error & { fatal?: boolean };
 }
 
 /** One training run. Created by `Bitlora.createTrainer` or `Bitlora.resumeTrainer`. */
@@ -312,8 +321,12 @@ export interface MemoryEstimate {
   adapter: number;
   total: number;
   adapterParams: number;
-  /** What the backend can use: wasm's 4 GiB (minus what is in use) on the CPU, the adapter's maxBufferSize x a margin on WebGPU. */
-  limit: number;
+  /**
+   * Bytes the training backend can still use: on the CPU, wasm32's 4 GiB minus what the page's
+   * wasm memory holds apart from the model. null on WebGPU: browsers do not say how much GPU
+   * memory there is; only the per-buffer limit (`maxBinding`) is checked there.
+   */
+  limit: number | null;
   /** The largest single buffer, against the device's maxStorageBufferBindingSize (WebGPU). */
   largestBuffer: number;
   maxBinding: number | null;

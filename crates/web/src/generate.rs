@@ -8,8 +8,9 @@
 //!
 //! Options come as a plain object with the same names as the CLI flags and core's fields, in
 //! snake_case: `{ max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens }`,
-//! every one optional (core's defaults: greedy, 64 tokens). Unknown names are errors, so a typo
-//! never silently means "default".
+//! every one optional (core's defaults: greedy, 64 tokens), and `adapter` (the key of an adapter
+//! added to the session, or null; lib.rs reads it). Unknown names are errors, so a typo never
+//! silently means "default".
 
 use bitlora_core::{Error, Message, SamplingOptions};
 use wasm_bindgen::prelude::*;
@@ -65,6 +66,9 @@ pub(crate) fn parse_options(value: &JsValue) -> Result<SamplingOptions, JsError>
     let object: &js_sys::Object = value.unchecked_ref();
     for key in js_sys::Object::keys(object).iter() {
         let key = key.as_string().unwrap_or_default();
+        if key == "adapter" {
+            continue; // which adapter to apply: Session::adapter_option reads it
+        }
         let Some(&option) = OPTION_NAMES.iter().find(|&&n| n == key) else {
             return Err(JsError::new(&format!(
                 "unknown sampling option `{key}`; the options are {}",

@@ -24,8 +24,13 @@
 //! or generation blocks the worker's thread.
 
 mod generate;
+mod train;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
+
+pub use train::WebTrainer;
 
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
@@ -60,7 +65,17 @@ struct BackendInfo {
     adapter: Option<Adapter>,
     /// Why WebGPU is not used when `kind` is "cpu".
     fallback_reason: Option<String>,
+    /// Where training steps run: "cpu" until the WebGPU trainer is wired in.
+    training: &'static str,
+    /// Why training does not run on WebGPU although the session has it.
+    training_reason: Option<String>,
+    /// The most memory the CPU backend can use (wasm32: 4 GiB).
+    wasm_memory_limit: f64,
 }
+
+/// Why a WebGPU session still trains on the CPU.
+const CPU_TRAINING_REASON: &str =
+    "training runs on the CPU (wasm SIMD128): the WebGPU trainer is not wired into the page yet";
 
 /// The CPU backend's label says whether this build really has SIMD128 (tools/build-web.sh sets
 /// `+simd128`; a plain cargo build would not), so the page never claims what did not happen.
@@ -78,6 +93,9 @@ fn cpu_backend(reason: String) -> BackendInfo {
         label: cpu_label().to_string(),
         adapter: None,
         fallback_reason: Some(reason),
+        training: "cpu",
+        training_reason: None,
+        wasm_memory_limit: train::WASM_MEMORY_LIMIT,
     }
 }
 
@@ -116,8 +134,27 @@ struct Loaded {
     model: bitlora_core::Model,
     tokenizer: Option<bitlora_core::Tokenizer>,
     chat_template: Option<bitlora_core::ChatTemplate>,
+    /// The end-of-text token training data ends documents with (as `bitlora train` picks it):
+    /// tokenizer_config.json's eos_token when the tokenizer knows it, else config.json's.
+    train_eos: u32,
+    /// The model on the GPU, with the adapter it currently applies (a RefCell: setting the
+    /// adapter needs `&mut`, and a generation holds it while it awaits the GPU).
     #[cfg(feature = "gpu")]
-    gpu_model: Option<bitlora_gpu::GpuModel>,
+    gpu_model: Option<RefCell<GpuSlot>>,
+}
+
+#[cfg(feature = "gpu")]
+struct GpuSlot {
+    model: bitlora_gpu::GpuModel,
+    /// `Adapter::serial` of the adapter uploaded, None for the plain model.
+    adapter: Option<u64>,
+}
+
+/// An adapter validated against the loaded model, ready for generation.
+struct LoraAdapter {
+    lora: Rc<bitlora_core::lora::Lora>,
+    /// Unique per `addAdapter` call: tells the GPU slot whether it holds this upload.
+    serial: u64,
 }
 
 #[derive(Serialize)]
@@ -147,6 +184,8 @@ struct ForwardMeta {
 #[serde(rename_all = "camelCase")]
 struct GenerateResult {
     backend: &'static str,
+    /// The adapter generation ran through (options.adapter), or null for the base model.
+    adapter: Option<String>,
     /// The ids the model was given (after the tokenizer and chat template, for text).
     prompt_tokens: Vec<u32>,
     /// The text they came from (after the chat template), for text prompts.
@@ -177,6 +216,9 @@ pub struct Session {
     gpu: Option<bitlora_gpu::Gpu>,
     /// Replaced only when a load succeeds, so a bad upload leaves the previous model working.
     loaded: Option<Rc<Loaded>>,
+    /// Adapters for generation by the page's key (validated against `loaded`; cleared on load).
+    adapters: HashMap<String, LoraAdapter>,
+    next_serial: u64,
 }
 
 #[wasm_bindgen]
@@ -191,6 +233,8 @@ impl Session {
                 backend,
                 gpu,
                 loaded: None,
+                adapters: HashMap::new(),
+                next_serial: 1,
             }
         }
         #[cfg(not(feature = "gpu"))]
@@ -203,6 +247,8 @@ impl Session {
             Session {
                 backend: cpu_backend(reason.to_string()),
                 loaded: None,
+                adapters: HashMap::new(),
+                next_serial: 1,
             }
         }
     }
@@ -246,6 +292,9 @@ impl Session {
         let model = bitlora_core::Model::from_bytes(config_name, config_json, &weights)
             .map_err(|e| JsError::new(&e.to_string()))?;
         let has_tokenizer_config = tokenizer_config_json.is_some();
+        let eos_text = tokenizer_config_json
+            .as_ref()
+            .and_then(|b| eos_token_text(&b.to_vec()));
         let (tokenizer, chat_template) = load_tokenizer(
             &model.config,
             tokenizer_name.as_deref().unwrap_or("tokenizer.json"),
@@ -278,13 +327,20 @@ impl Session {
         };
         drop(weights);
         drop(bytes); // the model holds its own tensors; free the raw files before a GPU upload
+        let train_eos = eos_text
+            .and_then(|t| tokenizer.as_ref()?.token_to_id(&t))
+            .or_else(|| model.config.eos_token_ids.first().copied())
+            .unwrap_or(0);
 
         #[cfg(feature = "gpu")]
         let gpu_model = match &self.gpu {
             Some(gpu) => match bitlora_gpu::GpuModel::new(gpu, &model) {
                 Ok(m) => {
                     summary.backend = "webgpu";
-                    Some(m)
+                    Some(RefCell::new(GpuSlot {
+                        model: m,
+                        adapter: None,
+                    }))
                 }
                 // E.g. a tensor larger than this adapter's maxStorageBufferBindingSize: the CPU
                 // can still run it, and the page says why it is slower.
@@ -304,9 +360,12 @@ impl Session {
             model,
             tokenizer,
             chat_template,
+            train_eos,
             #[cfg(feature = "gpu")]
             gpu_model,
         }));
+        // Adapters were validated against the previous model.
+        self.adapters.clear();
         Ok(out)
     }
 
@@ -385,12 +444,14 @@ impl Session {
         on_token: js_sys::Function,
     ) -> js_sys::Promise {
         let loaded = self.loaded.clone();
+        let adapter = self.adapter_option(&options);
         wasm_bindgen_futures::future_to_promise(async move {
             let loaded = loaded.ok_or_else(|| {
                 JsError::new(
                     "generate: no model loaded yet; load a config.json and its .safetensors first",
                 )
             })?;
+            let adapter = adapter?;
             let mut opts = generate::parse_options(&options)?;
             let prompt = generate::parse_prompt(&loaded, &prompt)?;
             if prompt.ids.is_empty() {
@@ -465,7 +526,14 @@ impl Session {
                     }
                 }
             };
-            let (backend, tokens) = run_generate(&loaded, &prompt.ids, &opts, on_token_rs).await?;
+            let (backend, tokens) = run_generate(
+                &loaded,
+                adapter.as_ref().map(|(_, a)| a),
+                &prompt.ids,
+                &opts,
+                on_token_rs,
+            )
+            .await?;
             if let Some(e) = failure {
                 return Err(e);
             }
@@ -488,6 +556,7 @@ impl Session {
             };
             let result = GenerateResult {
                 backend,
+                adapter: adapter.map(|(name, _)| name),
                 prompt_tokens: prompt.ids,
                 prompt_text: prompt.text,
                 // Decode speed: tokens after the first over the time after the first (the
@@ -507,6 +576,162 @@ impl Session {
             };
             Ok(to_js(&result)?)
         })
+    }
+}
+
+/// Training and adapters (web/bitlora.d.ts's Trainer and adapters sit on these; see
+/// `train.rs`).
+#[wasm_bindgen]
+impl Session {
+    /// Parses and tokenizes training data (`bytes`, named `file_name` in errors) with the loaded
+    /// model's tokenizer: `{ fileName, format, examples, tokens, targetTokens, trainSequences,
+    /// valSequences, ..., truncated, context, stepsPerEpoch, bytes }`. `options`: `{ context,
+    /// completionOnly, valFraction, seed, batch }`, all optional.
+    #[wasm_bindgen(js_name = prepareData)]
+    pub fn prepare_data(
+        &self,
+        file_name: &str,
+        bytes: &[u8],
+        options: JsValue,
+    ) -> Result<JsValue, JsError> {
+        train::prepare_data(self.need_model("prepare data")?, file_name, bytes, &options)
+    }
+
+    /// Bytes needed to train with `config` (TrainConfig) on the loaded model, against what the
+    /// training backend can hold: MemoryEstimate in web/bitlora.d.ts.
+    #[wasm_bindgen(js_name = estimateMemory)]
+    pub fn estimate_memory(&self, config: JsValue) -> Result<JsValue, JsError> {
+        train::estimate_memory(
+            self.need_model("estimate memory")?,
+            &config,
+            wasm_memory_bytes(),
+        )
+    }
+
+    /// A new training run on the loaded model over `bytes` (the data file) with `config`
+    /// (TrainConfig). Errors name the option, the file and the JSONL line at fault.
+    #[wasm_bindgen(js_name = createTrainer)]
+    pub fn create_trainer(
+        &self,
+        file_name: &str,
+        bytes: &[u8],
+        config: JsValue,
+    ) -> Result<WebTrainer, JsError> {
+        let loaded = self.need_model("train")?;
+        WebTrainer::create(Rc::clone(loaded), file_name, bytes, &config)
+    }
+
+    /// Continues a run from its checkpoint (`WebTrainer.checkpoint()`'s bytes), given the same
+    /// data and the config it was created with.
+    #[wasm_bindgen(js_name = resumeTrainer)]
+    pub fn resume_trainer(
+        &self,
+        file_name: &str,
+        bytes: &[u8],
+        config: JsValue,
+        checkpoint: &[u8],
+    ) -> Result<WebTrainer, JsError> {
+        let loaded = self.need_model("resume training")?;
+        WebTrainer::resume(Rc::clone(loaded), file_name, bytes, &config, checkpoint)
+    }
+
+    /// Reads PEFT files (adapter_config.json + adapter_model.safetensors), checks them against
+    /// the loaded model and keeps the adapter under `key` for `generate(..., { adapter: key })`
+    /// (replacing one with that key). Returns `{ r, alpha, dropout, rslora, targets, params,
+    /// baseModel }`. Errors name the file and the tensor that does not fit.
+    #[wasm_bindgen(js_name = addAdapter)]
+    pub fn add_adapter(
+        &mut self,
+        key: &str,
+        config_json: &[u8],
+        weights: &[u8],
+    ) -> Result<JsValue, JsError> {
+        let loaded = self.need_model("use an adapter")?;
+        let (lora, summary) = train::read_peft(
+            &loaded.model.config,
+            "adapter_config.json",
+            config_json,
+            "adapter_model.safetensors",
+            weights,
+        )?;
+        let out = to_js(&summary)?;
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        self.adapters.insert(
+            key.to_string(),
+            LoraAdapter {
+                lora: Rc::new(lora),
+                serial,
+            },
+        );
+        Ok(out)
+    }
+
+    /// Checks PEFT files against the loaded model without keeping them; see `addAdapter`.
+    #[wasm_bindgen(js_name = checkAdapter)]
+    pub fn check_adapter(
+        &self,
+        config_name: &str,
+        config_json: &[u8],
+        weights_name: &str,
+        weights: &[u8],
+    ) -> Result<JsValue, JsError> {
+        let loaded = self.need_model("check an adapter")?;
+        let (_, summary) = train::read_peft(
+            &loaded.model.config,
+            config_name,
+            config_json,
+            weights_name,
+            weights,
+        )?;
+        to_js(&summary)
+    }
+
+    /// Whether an adapter is kept under `key`.
+    #[wasm_bindgen(js_name = hasAdapter)]
+    pub fn has_adapter(&self, key: &str) -> bool {
+        self.adapters.contains_key(key)
+    }
+
+    /// Forgets the adapter kept under `key` (no error when there is none).
+    #[wasm_bindgen(js_name = removeAdapter)]
+    pub fn remove_adapter(&mut self, key: &str) {
+        self.adapters.remove(key);
+    }
+}
+
+impl Session {
+    fn need_model(&self, what: &str) -> Result<&Rc<Loaded>, JsError> {
+        self.loaded.as_ref().ok_or_else(|| {
+            JsError::new(&format!(
+                "cannot {what}: no model loaded yet; load a model first"
+            ))
+        })
+    }
+
+    /// `options.adapter` of a generation: absent or null for the base model, else the key of an
+    /// adapter kept by `addAdapter`. Returns the key and the adapter.
+    fn adapter_option(&self, options: &JsValue) -> Result<Option<(String, LoraAdapter)>, JsError> {
+        if !options.is_object() {
+            return Ok(None);
+        }
+        let v = js_sys::Reflect::get(options, &JsValue::from_str("adapter")).unwrap_or_default();
+        if v.is_undefined() || v.is_null() {
+            return Ok(None);
+        }
+        let key = v.as_string().ok_or_else(|| {
+            JsError::new("generate: option `adapter` must be an adapter's name or null")
+        })?;
+        let a = self.adapters.get(&key).ok_or_else(|| {
+            JsError::new(&format!(
+                "generate: no adapter \"{key}\" is loaded for this model (add it first)"
+            ))
+        })?;
+        let adapter = LoraAdapter {
+            lora: a.lora.clone(),
+            serial: a.serial,
+        };
+        Ok(Some((key, adapter)))
     }
 }
 
@@ -556,8 +781,9 @@ fn load_tokenizer(
 
 async fn run_forward(loaded: &Loaded, tokens: &[u32]) -> Result<(&'static str, Vec<f32>), JsError> {
     #[cfg(feature = "gpu")]
-    if let Some(gpu_model) = &loaded.gpu_model {
-        let logits = gpu_model.logits(tokens).await.map_err(|e| match e {
+    if let Some(slot) = &loaded.gpu_model {
+        let slot = use_gpu_adapter(slot, None)?;
+        let logits = slot.model.logits(tokens).await.map_err(|e| match e {
             // Bad input (token ids, length) reads the same on either backend.
             bitlora_gpu::GpuError::Model(e) => JsError::new(&e.to_string()),
             e => JsError::new(&format!("WebGPU forward pass failed: {e}")),
@@ -574,13 +800,16 @@ async fn run_forward(loaded: &Loaded, tokens: &[u32]) -> Result<(&'static str, V
 /// Runs core's generation on the loaded model's backend; `on_token` returns false to stop.
 async fn run_generate(
     loaded: &Loaded,
+    adapter: Option<&LoraAdapter>,
     prompt: &[u32],
     opts: &bitlora_core::SamplingOptions,
     on_token: impl FnMut(u32) -> bool,
 ) -> Result<(&'static str, Vec<u32>), JsError> {
     #[cfg(feature = "gpu")]
-    if let Some(gpu_model) = &loaded.gpu_model {
-        let out = gpu_model
+    if let Some(slot) = &loaded.gpu_model {
+        let slot = use_gpu_adapter(slot, adapter)?;
+        let out = slot
+            .model
             .generate(prompt, opts, on_token)
             .await
             .map_err(|e| match e {
@@ -589,9 +818,53 @@ async fn run_generate(
             })?;
         return Ok(("webgpu", out));
     }
-    let out = bitlora_core::generate(&loaded.model, prompt, opts, on_token)
+    let lora = adapter.map(|a| a.lora.as_ref());
+    let out = bitlora_core::generate_with_adapter(&loaded.model, lora, prompt, opts, on_token)
         .map_err(|e| JsError::new(&e.to_string()))?;
     Ok(("cpu", out))
+}
+
+/// Borrows the GPU model with `adapter` (None: the plain model) uploaded, uploading it only when
+/// another one is there. The borrow lasts for the caller's pass; the worker runs one request at
+/// a time, so finding it taken means a bug in the caller, reported rather than panicking.
+#[cfg(feature = "gpu")]
+fn use_gpu_adapter<'a>(
+    slot: &'a RefCell<GpuSlot>,
+    adapter: Option<&LoraAdapter>,
+) -> Result<std::cell::RefMut<'a, GpuSlot>, JsError> {
+    let mut slot = slot.try_borrow_mut().map_err(|_| {
+        JsError::new("the WebGPU model is busy with another pass; wait for it to finish")
+    })?;
+    let want = adapter.map(|a| a.serial);
+    if slot.adapter != want {
+        slot.model
+            .set_adapter(adapter.map(|a| a.lora.as_ref()))
+            .map_err(|e| JsError::new(&format!("WebGPU could not take the adapter: {e}")))?;
+        slot.adapter = want;
+    }
+    Ok(slot)
+}
+
+/// tokenizer_config.json's `eos_token` (a string, or `{ content }`), if it names one.
+fn eos_token_text(tokenizer_config: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(tokenizer_config).ok()?;
+    match &v["eos_token"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The size of this module's wasm memory now, in bytes.
+fn wasm_memory_bytes() -> f64 {
+    wasm_bindgen::memory()
+        .dyn_into::<js_sys::WebAssembly::Memory>()
+        .map(|m| {
+            m.buffer()
+                .unchecked_into::<js_sys::ArrayBuffer>()
+                .byte_length() as f64
+        })
+        .unwrap_or(0.0)
 }
 
 /// Asks the browser for WebGPU and says why not when it cannot have it.
@@ -625,6 +898,9 @@ async fn pick_gpu(prefer_gpu: bool) -> (BackendInfo, Option<bitlora_gpu::Gpu>) {
                 label: format!("WebGPU: {name}"),
                 adapter: Some(gpu.info.clone()),
                 fallback_reason: None,
+                training: "cpu",
+                training_reason: Some(CPU_TRAINING_REASON.into()),
+                wasm_memory_limit: train::WASM_MEMORY_LIMIT,
             };
             (info, Some(gpu))
         }

@@ -1,0 +1,930 @@
+//! Training for the page: data preparation, a memory estimate, and [`WebTrainer`], core's
+//! [`Trainer`] driven one sequence at a time so that the worker can yield to its event loop
+//! between sequences (pause and stop messages get through while a CPU step runs synchronously).
+//!
+//! The maths is core's: `data::parse` + `data::build` for the data, `train::forward_backward` and
+//! `train::loss` for the gradients and the validation loss, `Trainer::finish_step` for clipping,
+//! AdamW and the NaN guard, `Trainer::checkpoint` / `Trainer::resume` for checkpoints. A step
+//! driven here equals `Trainer::step` bit for bit (same sequences, same RNG draws, same sums), so
+//! a run resumed from a checkpoint continues exactly as the CLI's would.
+//!
+//! Options come as a plain object with camelCase names (web/bitlora.d.ts, `TrainConfig`); unknown
+//! names are errors, so a typo never silently means "default".
+
+use std::rc::Rc;
+
+use bitlora_core::data::{self, DataOptions, Dataset};
+use bitlora_core::lora::{Lora, LoraConfig, TARGETS};
+use bitlora_core::optim::{AdamWConfig, Schedule};
+use bitlora_core::train::{self, StepLoss};
+use bitlora_core::trainer::{StepReport, TrainOptions, Trainer};
+use bitlora_core::{Config, peft};
+use serde::Serialize;
+use wasm_bindgen::prelude::*;
+
+use crate::{Loaded, to_js};
+
+/// Largest integer a JavaScript number holds exactly (2^53 - 1).
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+
+/// wasm32's address space: the most memory the CPU backend can ever have.
+pub(crate) const WASM_MEMORY_LIMIT: f64 = 4.0 * 1024.0 * 1024.0 * 1024.0;
+
+/// The option names `parse_config` accepts (TrainConfig in web/bitlora.d.ts, without the
+/// page-side `checkpointEvery` and `name`).
+const OPTION_NAMES: [&str; 19] = [
+    "rank",
+    "alpha",
+    "dropout",
+    "targets",
+    "rslora",
+    "lr",
+    "schedule",
+    "warmup",
+    "weightDecay",
+    "maxGradNorm",
+    "steps",
+    "epochs",
+    "batch",
+    "evalEvery",
+    "context",
+    "completionOnly",
+    "valFraction",
+    "seed",
+    // Page-side options, accepted and ignored here so that one object can be passed through.
+    "checkpointEvery",
+];
+
+fn option_error(option: &str, msg: impl std::fmt::Display) -> JsError {
+    JsError::new(&format!("training option `{option}` {msg}"))
+}
+
+/// A training config with every default filled in (TrainConfig, resolved).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TrainSpec {
+    rank: usize,
+    alpha: f32,
+    dropout: f32,
+    targets: Vec<String>,
+    rslora: bool,
+    lr: f32,
+    schedule: &'static str,
+    warmup: usize,
+    weight_decay: f32,
+    max_grad_norm: Option<f32>,
+    /// Given, or None when steps come from epochs (or the default of one epoch).
+    steps: Option<usize>,
+    epochs: Option<f64>,
+    batch: usize,
+    eval_every: usize,
+    context: usize,
+    completion_only: bool,
+    val_fraction: f32,
+    seed: u64,
+}
+
+impl TrainSpec {
+    fn defaults(model: &Config) -> TrainSpec {
+        TrainSpec {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: vec!["all-linear".into()],
+            rslora: false,
+            lr: 2e-4,
+            schedule: "cosine",
+            warmup: 0,
+            weight_decay: 0.01,
+            max_grad_norm: Some(1.0),
+            steps: None,
+            epochs: None,
+            batch: 1,
+            eval_every: 20,
+            context: 128.min(model.max_position_embeddings),
+            completion_only: false,
+            val_fraction: 0.1,
+            seed: 0,
+        }
+    }
+
+    fn data_options(&self) -> DataOptions {
+        DataOptions {
+            context: self.context,
+            completions_only: self.completion_only,
+            val_fraction: self.val_fraction,
+            seed: self.seed,
+        }
+    }
+
+    fn lora_config(&self) -> Result<LoraConfig, JsError> {
+        let targets: Vec<&str> = self.targets.iter().map(String::as_str).collect();
+        LoraConfig::new(self.rank, self.alpha, self.dropout, self.rslora, &targets)
+            .map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// Optimizer steps for `train` training sequences.
+    fn total_steps(&self, train: usize) -> usize {
+        self.steps.unwrap_or_else(|| {
+            let epochs = self.epochs.unwrap_or(1.0);
+            ((epochs * train as f64) / self.batch as f64)
+                .ceil()
+                .max(1.0) as usize
+        })
+    }
+}
+
+/// Reads a number option, or an error naming it.
+fn number(option: &str, v: &JsValue) -> Result<f64, JsError> {
+    match v.as_f64() {
+        Some(x) if x.is_finite() => Ok(x),
+        Some(x) => Err(option_error(
+            option,
+            format!("is {x}; it must be a finite number"),
+        )),
+        None => Err(option_error(
+            option,
+            format!("must be a number, got {}", describe(v)),
+        )),
+    }
+}
+
+fn whole(option: &str, v: &JsValue, min: f64) -> Result<u64, JsError> {
+    let x = number(option, v)?;
+    if x.fract() != 0.0 || !(min..=MAX_SAFE_INTEGER).contains(&x) {
+        return Err(option_error(
+            option,
+            format!("is {x}; it must be a whole number of at least {min}"),
+        ));
+    }
+    Ok(x as u64)
+}
+
+fn describe(v: &JsValue) -> String {
+    if let Some(s) = v.as_string() {
+        format!("the string {s:?}")
+    } else if let Some(b) = v.as_bool() {
+        format!("{b}")
+    } else if v.is_null() {
+        "null".into()
+    } else if v.is_undefined() {
+        "undefined".into()
+    } else if js_sys::Array::is_array(v) {
+        "a list".into()
+    } else {
+        "an object".into()
+    }
+}
+
+/// `{ rank, alpha, ... }` (all optional) -> a resolved spec. Values are checked here, with the
+/// option's name, before anything is built.
+pub(crate) fn parse_config(model: &Config, value: &JsValue) -> Result<TrainSpec, JsError> {
+    let mut s = TrainSpec::defaults(model);
+    if value.is_undefined() || value.is_null() {
+        return Ok(s);
+    }
+    if !value.is_object() || js_sys::Array::is_array(value) {
+        return Err(JsError::new(
+            "training options must be an object such as { rank: 8, lr: 2e-4, steps: 100 }",
+        ));
+    }
+    let object: &js_sys::Object = value.unchecked_ref();
+    for key in js_sys::Object::keys(object).iter() {
+        let key = key.as_string().unwrap_or_default();
+        let Some(&option) = OPTION_NAMES.iter().find(|&&n| n == key) else {
+            return Err(JsError::new(&format!(
+                "unknown training option `{key}`; the options are {}",
+                OPTION_NAMES.join(", ")
+            )));
+        };
+        let v = js_sys::Reflect::get(value, &JsValue::from_str(option)).unwrap_or_default();
+        if v.is_undefined() {
+            continue;
+        }
+        let positive = |x: f64| {
+            if x > 0.0 {
+                Ok(x)
+            } else {
+                Err(option_error(option, format!("is {x}; it must be positive")))
+            }
+        };
+        let flag = |v: &JsValue| {
+            v.as_bool().ok_or_else(|| {
+                option_error(
+                    option,
+                    format!("must be true or false, got {}", describe(v)),
+                )
+            })
+        };
+        match option {
+            "maxGradNorm" if v.is_null() => s.max_grad_norm = None,
+            _ if v.is_null() => continue,
+            "rank" => s.rank = whole(option, &v, 1.0)? as usize,
+            "alpha" => s.alpha = positive(number(option, &v)?)? as f32,
+            "dropout" => {
+                let x = number(option, &v)?;
+                if !(0.0..1.0).contains(&x) {
+                    return Err(option_error(
+                        option,
+                        format!("is {x}; it must be in [0, 1)"),
+                    ));
+                }
+                s.dropout = x as f32;
+            }
+            "targets" => {
+                let list = if let Some(one) = v.as_string() {
+                    vec![one]
+                } else if js_sys::Array::is_array(&v) {
+                    js_sys::Array::from(&v)
+                        .iter()
+                        .map(|t| {
+                            t.as_string().ok_or_else(|| {
+                                option_error(
+                                    option,
+                                    format!(
+                                        "holds {}; give names such as \"q_proj\"",
+                                        describe(&t)
+                                    ),
+                                )
+                            })
+                        })
+                        .collect::<Result<_, _>>()?
+                } else {
+                    return Err(option_error(
+                        option,
+                        format!("must be a list of module names, got {}", describe(&v)),
+                    ));
+                };
+                if let Some(bad) = list
+                    .iter()
+                    .find(|t| *t != "all-linear" && !TARGETS.contains(&t.as_str()))
+                {
+                    return Err(option_error(
+                        option,
+                        format!(
+                            "holds the unknown module \"{bad}\"; choose from {}, or all-linear",
+                            TARGETS.join(", ")
+                        ),
+                    ));
+                }
+                if list.is_empty() {
+                    return Err(option_error(option, "is empty; choose at least one module"));
+                }
+                s.targets = list;
+            }
+            "rslora" => s.rslora = flag(&v)?,
+            "lr" => s.lr = positive(number(option, &v)?)? as f32,
+            "schedule" => {
+                s.schedule = match v.as_string().as_deref() {
+                    Some("cosine") => "cosine",
+                    Some("linear") => "linear",
+                    Some("constant") => "constant",
+                    _ => {
+                        return Err(option_error(
+                            option,
+                            format!(
+                                "is {}; use \"cosine\", \"linear\" or \"constant\"",
+                                describe(&v)
+                            ),
+                        ));
+                    }
+                }
+            }
+            "warmup" => s.warmup = whole(option, &v, 0.0)? as usize,
+            "weightDecay" => {
+                let x = number(option, &v)?;
+                if x < 0.0 {
+                    return Err(option_error(
+                        option,
+                        format!("is {x}; it must be 0 or more"),
+                    ));
+                }
+                s.weight_decay = x as f32;
+            }
+            "maxGradNorm" => {
+                let x = number(option, &v)?;
+                if x < 0.0 {
+                    return Err(option_error(
+                        option,
+                        format!("is {x}; it must be positive (0 or null: no clipping)"),
+                    ));
+                }
+                s.max_grad_norm = (x > 0.0).then_some(x as f32);
+            }
+            "steps" => s.steps = Some(whole(option, &v, 1.0)? as usize),
+            "epochs" => s.epochs = Some(positive(number(option, &v)?)?),
+            "batch" => s.batch = whole(option, &v, 1.0)? as usize,
+            "evalEvery" => s.eval_every = whole(option, &v, 0.0)? as usize,
+            "context" => {
+                let c = whole(option, &v, 2.0)? as usize;
+                if c > model.max_position_embeddings {
+                    return Err(option_error(
+                        option,
+                        format!(
+                            "is {c}; the model's context is {} positions",
+                            model.max_position_embeddings
+                        ),
+                    ));
+                }
+                s.context = c;
+            }
+            "completionOnly" => s.completion_only = flag(&v)?,
+            "valFraction" => {
+                let x = number(option, &v)?;
+                if !(0.0..1.0).contains(&x) {
+                    return Err(option_error(
+                        option,
+                        format!("is {x}; it must be in [0, 1)"),
+                    ));
+                }
+                s.val_fraction = x as f32;
+            }
+            "seed" => s.seed = whole(option, &v, 0.0)?,
+            "checkpointEvery" => {}
+            _ => unreachable!("every name in OPTION_NAMES is handled"),
+        }
+    }
+    if s.steps.is_some() && s.epochs.is_some() {
+        return Err(JsError::new(
+            "training options `steps` and `epochs` both given; give one of them",
+        ));
+    }
+    s.lora_config()?; // rank, alpha, dropout and targets together, as core checks them
+    Ok(s)
+}
+
+/// What `prepareData` reports (DataSummary in web/bitlora.d.ts).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DataSummary {
+    file_name: String,
+    format: &'static str,
+    examples: usize,
+    tokens: usize,
+    target_tokens: usize,
+    train_sequences: usize,
+    val_sequences: usize,
+    train_target_tokens: usize,
+    val_target_tokens: usize,
+    truncated: usize,
+    context: usize,
+    steps_per_epoch: usize,
+    bytes: usize,
+}
+
+/// Parses and tokenizes `bytes` into train and validation sequences with the model's tokenizer
+/// (and chat template, for chat data). Errors name the file and, for JSONL, the line.
+fn build_dataset(
+    loaded: &Loaded,
+    file: &str,
+    bytes: &[u8],
+    spec: &TrainSpec,
+) -> Result<(Dataset, usize), JsError> {
+    let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| {
+        JsError::new(
+            "training needs the model's tokenizer.json: this model was loaded without one (pick tokenizer.json together with config.json and the .safetensors)",
+        )
+    })?;
+    let core = |e: bitlora_core::Error| JsError::new(&e.to_string());
+    let (examples, format) = data::parse(file, bytes).map_err(core)?;
+    let dataset = data::build(
+        file,
+        &examples,
+        format,
+        tokenizer,
+        loaded.chat_template.as_ref(),
+        loaded.train_eos,
+        &spec.data_options(),
+    )
+    .map_err(core)?;
+    Ok((dataset, examples.len()))
+}
+
+fn summarize(
+    file: &str,
+    bytes: usize,
+    examples: usize,
+    d: &Dataset,
+    spec: &TrainSpec,
+) -> DataSummary {
+    let tokens = |s: &[data::Sequence]| s.iter().map(|q| q.tokens.len()).sum::<usize>();
+    let targets = |s: &[data::Sequence]| s.iter().map(data::Sequence::counted).sum::<usize>();
+    DataSummary {
+        file_name: file.to_string(),
+        format: d.format,
+        examples,
+        tokens: tokens(&d.train) + tokens(&d.val),
+        target_tokens: targets(&d.train) + targets(&d.val),
+        train_sequences: d.train.len(),
+        val_sequences: d.val.len(),
+        train_target_tokens: targets(&d.train),
+        val_target_tokens: targets(&d.val),
+        truncated: d.truncated,
+        context: spec.context,
+        steps_per_epoch: d.train.len().div_ceil(spec.batch),
+        bytes,
+    }
+}
+
+/// `Session.prepareData`: the data summary for `options` (DataOptions plus `batch`).
+pub(crate) fn prepare_data(
+    loaded: &Loaded,
+    file: &str,
+    bytes: &[u8],
+    options: &JsValue,
+) -> Result<JsValue, JsError> {
+    let spec = parse_config(&loaded.model.config, options)?;
+    let (dataset, examples) = build_dataset(loaded, file, bytes, &spec)?;
+    if dataset.train.is_empty() {
+        return Err(JsError::new(&format!(
+            "{file}: every sequence went to validation; lower valFraction or give more data"
+        )));
+    }
+    to_js(&summarize(file, bytes.len(), examples, &dataset, &spec))
+}
+
+/// MemoryEstimate in web/bitlora.d.ts.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MemoryEstimate {
+    backend: &'static str,
+    weights: f64,
+    activations: f64,
+    adapter: f64,
+    total: f64,
+    adapter_params: usize,
+    limit: Option<f64>,
+    largest_buffer: f64,
+    max_binding: Option<f64>,
+    fits: bool,
+    message: Option<String>,
+}
+
+/// Bytes the CPU model holds: f32 embeddings (and head when untied) and norms, packed 2-bit
+/// projections.
+fn cpu_weight_bytes(c: &Config) -> f64 {
+    let (v, h, f, l) = (
+        c.vocab_size as f64,
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.num_hidden_layers as f64,
+    );
+    let packed: f64 = bitlora_core::model::projections(c)
+        .iter()
+        .map(|&(_, o, i)| o.div_ceil(4) as f64 * i as f64)
+        .sum();
+    let untied = if c.tie_word_embeddings { 1.0 } else { 2.0 };
+    4.0 * (untied * v * h + h) + l * (packed + 4.0 * (2.0 * h + c.q_dim() as f64 + f))
+}
+
+/// f32 values one sequence of `t` tokens keeps alive during forward + backward: what each
+/// layer's forward saves (train.rs `LayerActs`), plus the backward's temporaries and one row of
+/// logits. (Sequences of a step are processed one at a time on every backend, so this does not
+/// grow with the batch.)
+fn activation_floats(c: &Config, t: usize, lora: &LoraConfig) -> (f64, f64) {
+    let (h, f, q, kv) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.q_dim() as f64,
+        c.kv_dim() as f64,
+    );
+    let (t, nh, r) = (t as f64, c.num_attention_heads as f64, lora.r as f64);
+    let probs = nh * t * t;
+    let mut per_layer = t * (4.0 * h + 3.0 * q + 2.0 * kv + 4.0 * f) + probs;
+    for (p, &(_, _, i)) in bitlora_core::model::projections(c).iter().enumerate() {
+        if lora.targets[p] {
+            per_layer += t * r
+                + if lora.dropout > 0.0 {
+                    t * i as f64
+                } else {
+                    0.0
+                };
+        }
+    }
+    let widest = h.max(f).max(q);
+    let temporaries = 8.0 * t * widest + probs + 2.0 * c.vocab_size as f64;
+    let largest = probs.max(t * widest).max(c.vocab_size as f64 * h);
+    (
+        c.num_hidden_layers as f64 * per_layer + temporaries,
+        largest,
+    )
+}
+
+/// `Session.estimateMemory`. `memory_in_use`: the wasm memory's size now, in bytes.
+pub(crate) fn estimate_memory(
+    loaded: &Loaded,
+    config: &JsValue,
+    memory_in_use: f64,
+) -> Result<JsValue, JsError> {
+    let c = &loaded.model.config;
+    let spec = parse_config(c, config)?;
+    let lora_cfg = spec.lora_config()?;
+    let params = Lora::init(c, lora_cfg.clone(), 0).num_params();
+    let (acts, largest) = activation_floats(c, spec.context, &lora_cfg);
+    let weights = cpu_weight_bytes(c);
+    let activations = 4.0 * acts;
+    // A, B; their gradients; Adam's m and v; and the copy validation makes with dropout off.
+    let adapter = 5.0 * 4.0 * params as f64;
+    let total = weights + activations + adapter;
+    // The model is already loaded: what else is in use counts against the limit, the weights once.
+    let limit = (WASM_MEMORY_LIMIT - (memory_in_use - weights).max(0.0)).max(0.0);
+    let fits = total <= limit;
+    let mib = |b: f64| format!("{:.0} MiB", b / 1048576.0);
+    let message = (!fits).then(|| {
+        format!(
+            "training needs about {} (model {}, activations {}, adapter and optimizer {}) but the CPU backend (wasm32) can use at most {} more; lower the context (activations grow with its square through attention) or the rank",
+            mib(total),
+            mib(weights),
+            mib(activations),
+            mib(adapter),
+            mib(limit)
+        )
+    });
+    to_js(&MemoryEstimate {
+        backend: "cpu",
+        weights,
+        activations,
+        adapter,
+        total,
+        adapter_params: params,
+        limit: Some(limit),
+        largest_buffer: 4.0 * largest,
+        max_binding: None,
+        fits,
+        message,
+    })
+}
+
+/// Where a step is in its sequences (see the module doc).
+enum Phase {
+    /// Between steps: a checkpoint can be taken.
+    Idle,
+    /// Gradients of the step's sequences are being summed.
+    Train {
+        seqs: Vec<usize>,
+        grads: Lora,
+        losses: Vec<StepLoss>,
+    },
+    /// The step is applied; the validation loss is being summed.
+    Validate {
+        report: StepReport,
+        next: usize,
+        sum: f64,
+        tokens: usize,
+    },
+}
+
+/// A training run over the loaded model: `Session.createTrainer` / `Session.resumeTrainer`.
+#[wasm_bindgen]
+pub struct WebTrainer {
+    loaded: Rc<Loaded>,
+    trainer: Trainer,
+    spec: TrainSpec,
+    summary: DataSummary,
+    phase: Phase,
+}
+
+/// The run's description (`info()`): the resolved config and the data.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TrainerInfo<'a> {
+    config: &'a TrainSpec,
+    data: &'a DataSummary,
+    step: usize,
+    total_steps: usize,
+    adapter_params: usize,
+    backend: &'static str,
+}
+
+/// A finished step as the page sees it (ProgressEvent without the page's timing fields).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Report {
+    step: usize,
+    total_steps: usize,
+    epoch: u64,
+    loss: f32,
+    val_loss: Option<f32>,
+    lr: f32,
+    grad_norm: f32,
+    tokens: usize,
+    skipped: Option<String>,
+    backend: &'static str,
+}
+
+impl WebTrainer {
+    pub(crate) fn create(
+        loaded: Rc<Loaded>,
+        file: &str,
+        bytes: &[u8],
+        config: &JsValue,
+    ) -> Result<WebTrainer, JsError> {
+        let c = &loaded.model.config;
+        let mut spec = parse_config(c, config)?;
+        let (dataset, examples) = build_dataset(&loaded, file, bytes, &spec)?;
+        let summary = summarize(file, bytes.len(), examples, &dataset, &spec);
+        let steps = spec.total_steps(dataset.train.len());
+        spec.steps = Some(steps);
+        let lora = Lora::init(c, spec.lora_config()?, spec.seed);
+        let optim = AdamWConfig {
+            lr: spec.lr,
+            weight_decay: spec.weight_decay,
+            max_grad_norm: spec.max_grad_norm,
+            schedule: match spec.schedule {
+                "linear" => Schedule::Linear,
+                "constant" => Schedule::Constant,
+                _ => Schedule::Cosine,
+            },
+            warmup_steps: spec.warmup,
+            total_steps: steps,
+            ..Default::default()
+        };
+        let options = TrainOptions {
+            steps,
+            accumulation: spec.batch,
+            eval_every: spec.eval_every,
+            seed: spec.seed,
+        };
+        let trainer = Trainer::new(c, lora, optim, dataset, options)
+            .map_err(|e| JsError::new(&format!("{file}: {e}")))?;
+        Ok(WebTrainer {
+            loaded,
+            trainer,
+            spec,
+            summary,
+            phase: Phase::Idle,
+        })
+    }
+
+    /// Continues from `checkpoint` (Trainer::checkpoint's bytes) with the same data and config.
+    pub(crate) fn resume(
+        loaded: Rc<Loaded>,
+        file: &str,
+        bytes: &[u8],
+        config: &JsValue,
+        checkpoint: &[u8],
+    ) -> Result<WebTrainer, JsError> {
+        let c = &loaded.model.config;
+        let spec = parse_config(c, config)?;
+        let (dataset, examples) = build_dataset(&loaded, file, bytes, &spec)?;
+        let summary = summarize(file, bytes.len(), examples, &dataset, &spec);
+        let trainer = Trainer::resume(c, dataset, "checkpoint.safetensors", checkpoint)
+            .map_err(|e| JsError::new(&format!("cannot resume this run: {e}")))?;
+        let mut spec = spec;
+        spec.steps = Some(trainer.options.steps);
+        Ok(WebTrainer {
+            loaded,
+            trainer,
+            spec,
+            summary,
+            phase: Phase::Idle,
+        })
+    }
+
+    fn report(&self, r: &StepReport) -> Report {
+        Report {
+            step: r.step,
+            total_steps: self.trainer.options.steps,
+            epoch: r.epoch,
+            loss: r.loss,
+            val_loss: r.val_loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            tokens: r.tokens,
+            skipped: r.skipped.clone(),
+            backend: "cpu",
+        }
+    }
+}
+
+#[wasm_bindgen]
+impl WebTrainer {
+    /// `{ config (resolved), data (DataSummary), step, totalSteps, adapterParams, backend }`.
+    pub fn info(&self) -> Result<JsValue, JsError> {
+        to_js(&TrainerInfo {
+            config: &self.spec,
+            data: &self.summary,
+            step: self.trainer.step,
+            total_steps: self.trainer.options.steps,
+            adapter_params: self.trainer.lora.num_params(),
+            backend: "cpu",
+        })
+    }
+
+    /// Steps taken so far.
+    #[wasm_bindgen(getter)]
+    pub fn step(&self) -> usize {
+        self.trainer.step
+    }
+
+    #[wasm_bindgen(getter, js_name = totalSteps)]
+    pub fn total_steps(&self) -> usize {
+        self.trainer.options.steps
+    }
+
+    /// Whether every step has run (and the last one's validation, if any).
+    pub fn done(&self) -> bool {
+        self.trainer.done() && matches!(self.phase, Phase::Idle)
+    }
+
+    /// Whether the run is between two steps (where checkpoints are taken).
+    #[wasm_bindgen(js_name = atStepBoundary)]
+    pub fn at_step_boundary(&self) -> bool {
+        matches!(self.phase, Phase::Idle)
+    }
+
+    /// Does one unit of work: one training sequence's forward and backward, or one validation
+    /// sequence's loss. Returns the step's report (ProgressEvent fields without timing) when
+    /// this unit finished a step (with its validation when due), else `undefined`.
+    pub fn advance(&mut self) -> Result<JsValue, JsError> {
+        let core = |e: bitlora_core::Error| JsError::new(&format!("training step failed: {e}"));
+        let model = &self.loaded.model;
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let next = match phase {
+            Phase::Idle => {
+                if self.trainer.done() {
+                    return Err(JsError::new(&format!(
+                        "the run is complete: all {} steps have run",
+                        self.trainer.options.steps
+                    )));
+                }
+                let seqs = self.trainer.begin_step();
+                let grads = self.trainer.lora.zeros_like();
+                Phase::Train {
+                    losses: Vec::with_capacity(seqs.len()),
+                    seqs,
+                    grads,
+                }
+            }
+            Phase::Train {
+                seqs,
+                mut grads,
+                mut losses,
+            } => {
+                let scale = self.trainer.grad_scale();
+                // The RNG is taken out and put back so the adapter can be borrowed meanwhile;
+                // the draws are exactly those of Trainer::step.
+                let mut rng = self.trainer.rng().clone();
+                let seq = &self.trainer.data.train[seqs[losses.len()]];
+                let out = train::forward_backward(
+                    model,
+                    &self.trainer.lora,
+                    &seq.tokens,
+                    &seq.targets,
+                    &mut grads,
+                    scale,
+                    &mut rng,
+                )
+                .map_err(core)?;
+                *self.trainer.rng() = rng;
+                losses.push(out);
+                if losses.len() < seqs.len() {
+                    Phase::Train {
+                        seqs,
+                        grads,
+                        losses,
+                    }
+                } else {
+                    let report = self.trainer.finish_step(grads, &seqs, &losses);
+                    if self.trainer.validation_due() && !self.trainer.data.val.is_empty() {
+                        Phase::Validate {
+                            report,
+                            next: 0,
+                            sum: 0.0,
+                            tokens: 0,
+                        }
+                    } else {
+                        return to_js(&self.report(&report));
+                    }
+                }
+            }
+            Phase::Validate {
+                mut report,
+                next,
+                mut sum,
+                mut tokens,
+            } => {
+                // The same sum as trainer::mean_loss, in the same order.
+                let s = &self.trainer.data.val[next];
+                let out =
+                    train::loss(model, &self.trainer.lora, &s.tokens, &s.targets).map_err(core)?;
+                sum += out.loss as f64 * out.tokens as f64;
+                tokens += out.tokens;
+                if next + 1 < self.trainer.data.val.len() {
+                    Phase::Validate {
+                        report,
+                        next: next + 1,
+                        sum,
+                        tokens,
+                    }
+                } else {
+                    report.val_loss = (tokens > 0).then(|| (sum / tokens as f64) as f32);
+                    return to_js(&self.report(&report));
+                }
+            }
+        };
+        self.phase = next;
+        Ok(JsValue::UNDEFINED)
+    }
+
+    /// The validation loss of the adapter as it is now (null without validation sequences).
+    /// Runs all validation sequences at once.
+    pub fn validate(&self) -> Result<Option<f32>, JsError> {
+        self.trainer
+            .validate(&self.loaded.model)
+            .map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// The whole training state as one safetensors file (core's checkpoint format). Only
+    /// between steps (`atStepBoundary()`).
+    pub fn checkpoint(&self) -> Result<Vec<u8>, JsError> {
+        if !self.at_step_boundary() {
+            return Err(JsError::new(
+                "internal: a checkpoint was asked for in the middle of a step",
+            ));
+        }
+        Ok(self.trainer.checkpoint())
+    }
+
+    /// The adapter as PEFT files: `{ config: string (adapter_config.json), weights:
+    /// Uint8Array (adapter_model.safetensors) }`. `base_model` goes into the config's
+    /// base_model_name_or_path.
+    #[wasm_bindgen(js_name = adapterFiles)]
+    pub fn adapter_files(&self, base_model: &str) -> Result<JsValue, JsError> {
+        peft_files(&self.trainer.lora, &self.loaded.model.config, base_model)
+    }
+}
+
+/// `{ config, weights }` of an adapter, see [`WebTrainer::adapter_files`].
+pub(crate) fn peft_files(
+    lora: &Lora,
+    model: &Config,
+    base_model: &str,
+) -> Result<JsValue, JsError> {
+    let tensors = peft::adapter_tensors(lora, model);
+    let weights = bitlora_core::weights::serialize(&tensors);
+    let config = serde_json::to_string_pretty(&peft::adapter_config_json(&lora.config, base_model))
+        .map_err(|e| JsError::new(&format!("internal: adapter_config.json: {e}")))?;
+    let out = js_sys::Object::new();
+    let set = |k: &str, v: &JsValue| {
+        js_sys::Reflect::set(&out, &JsValue::from_str(k), v)
+            .map_err(|_| JsError::new("internal: cannot build the adapter files object"))
+    };
+    set("config", &JsValue::from_str(&config))?;
+    set(
+        "weights",
+        &js_sys::Uint8Array::from(weights.as_slice()).into(),
+    )?;
+    Ok(out.into())
+}
+
+/// What an adapter is, for the adapters list (AdapterInfo's adapter fields).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct AdapterSummary {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub rslora: bool,
+    pub targets: Vec<&'static str>,
+    pub params: usize,
+    /// base_model_name_or_path from adapter_config.json, if any.
+    pub base_model: Option<String>,
+}
+
+/// Reads and validates PEFT files against `model`; errors name the file and the tensor.
+pub(crate) fn read_peft(
+    model: &Config,
+    config_name: &str,
+    config_json: &[u8],
+    weights_name: &str,
+    weights: &[u8],
+) -> Result<(Lora, AdapterSummary), JsError> {
+    let core = |e: bitlora_core::Error| JsError::new(&e.to_string());
+    let cfg = peft::read_adapter_config(config_name, config_json).map_err(core)?;
+    let lora = peft::read_adapter(cfg, model, weights_name, weights).map_err(|e| {
+        JsError::new(&format!(
+            "{e} (is this adapter made for another model? it must match this model's layers and sizes)"
+        ))
+    })?;
+    let base_model = serde_json::from_slice::<serde_json::Value>(config_json)
+        .ok()
+        .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string))
+        .filter(|s| !s.is_empty());
+    let c = &lora.config;
+    let summary = AdapterSummary {
+        r: c.r,
+        alpha: c.alpha,
+        dropout: c.dropout,
+        rslora: c.use_rslora,
+        targets: TARGETS
+            .iter()
+            .zip(c.targets)
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect(),
+        params: lora.num_params(),
+        base_model,
+    };
+    Ok((lora, summary))
+}

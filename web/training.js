@@ -1,0 +1,487 @@
+// Training and adapters inside the worker (web/worker.js dispatches to these): the training loop
+// around the wasm WebTrainer, checkpoints and runs in the training store, adapters for
+// generation. The page's side is web/bitlora.js; the protocol is listed in worker.js.
+//
+// The loop. On the CPU a training step runs synchronously in this worker, so the loop does one
+// unit of work at a time (one sequence's forward + backward, or one validation sequence) and
+// then yields to the event loop (a MessageChannel round trip, which is not clamped like nested
+// timers), so 'trainControl' messages (pause, stop) and queued requests (generate, list) are
+// handled between two units. Pause, stop, checkpoints and adapter saves happen between two
+// steps, where the training state is whole; a pause therefore waits for the current step (and
+// its validation) to finish.
+//
+// Events go to the page as { type: 'train', runId, event, data } messages:
+//   progress  ProgressEvent (web/bitlora.d.ts)      checkpoint  { step, bytes, error? }
+//   state     { state }                              done        DoneEvent
+//   error     { message }
+// No network request is made here: the data, the model and the checkpoints are all local.
+
+import * as tstore from './training-store.js';
+
+/** Runs live in this worker, by id: { id, wt, record, state, ... }. */
+const runs = new Map();
+let ctxFns = null;
+
+/** `fns`: { session(): Session, model(): { key, name } | null, describe(err): string }. */
+export function setup(fns) {
+  ctxFns = fns;
+}
+
+const now = () => performance.timeOrigin + performance.now();
+const post = (runId, event, data) => self.postMessage({ type: 'train', runId, event, data });
+const session = () => ctxFns.session();
+const describe = (err) => ctxFns.describe(err);
+
+function yieldToEvents() {
+  return new Promise((resolve) => {
+    const ch = new MessageChannel();
+    ch.port1.onmessage = () => { ch.port1.close(); resolve(); };
+    ch.port2.postMessage(0);
+  });
+}
+
+function newRunId() {
+  const r = crypto.getRandomValues(new Uint32Array(2));
+  return `run-${Date.now().toString(36)}-${r[0].toString(36)}${r[1].toString(36)}`;
+}
+
+/** The options the wasm parses (TrainConfig without the page-side name and data). */
+function wasmConfig(config) {
+  const { name, data, checkpointEvery, ...rest } = config ?? {};
+  return rest;
+}
+
+function currentModel(what) {
+  const m = ctxFns.model();
+  if (!m) throw new Error(`cannot ${what}: no model loaded yet; load a model first`);
+  return m;
+}
+
+// ---- data and memory --------------------------------------------------------------------
+
+export function prepareData({ text, fileName, options }) {
+  currentModel('prepare data');
+  const bytes = encodeText(text);
+  return session().prepareData(fileName || 'training data', bytes, options ?? {});
+}
+
+function encodeText(text) {
+  if (typeof text !== 'string') throw new Error('training data must be text (a string)');
+  return new TextEncoder().encode(text);
+}
+
+export function estimateMemory({ config }) {
+  currentModel('estimate memory');
+  return session().estimateMemory(wasmConfig(config));
+}
+
+// ---- runs -----------------------------------------------------------------------------------
+
+function publicInfo(run) {
+  const info = run.wt.info();
+  return {
+    runId: run.id, state: run.state, config: { ...info.config, checkpointEvery: run.checkpointEvery, name: run.record.name },
+    data: info.data, step: info.step, totalSteps: info.totalSteps, adapterParams: info.adapterParams,
+    backend: info.backend, history: run.history,
+  };
+}
+
+/** 'trainCreate': a new run, stored at once (data + a step-0 checkpoint) so a reload can resume it. */
+export async function create({ data, config = {} }) {
+  const model = currentModel('train');
+  if (!data || typeof data.text !== 'string') throw new Error('createTrainer: give data: { text, fileName }');
+  const fileName = data.fileName || 'training data';
+  const bytes = encodeText(data.text);
+  const wt = session().createTrainer(fileName, bytes, wasmConfig(config));
+  const info = wt.info();
+  const id = newRunId();
+  const t = Date.now();
+  const record = {
+    id, name: config.name || `${fileName} · ${new Date(t).toLocaleString()}`, createdAt: t, updatedAt: t,
+    model: { key: model.key, name: model.name ?? model.key }, state: 'ready', step: 0,
+    totalSteps: info.totalSteps, checkpointStep: 0, loss: null, valLoss: null,
+    config: { ...config, data: undefined }, resolved: info.config,
+    data: { fileName, format: info.data.format, bytes: bytes.length }, history: [], bytes: 0,
+  };
+  const ckpt = wt.checkpoint();
+  record.bytes = bytes.length + ckpt.length;
+  try {
+    await tstore.createRun(record, bytes, { step: 0, bytes: ckpt });
+  } catch (err) {
+    wt.free();
+    throw new Error(`cannot store the training run: ${describe(err)}`);
+  }
+  const run = addRun(id, wt, record, config.checkpointEvery);
+  return publicInfo(run);
+}
+
+function addRun(id, wt, record, checkpointEvery) {
+  const run = {
+    id, wt, record, state: record.state === 'done' ? 'done' : (record.state === 'ready' ? 'ready' : 'paused'),
+    history: record.history ?? [], checkpointEvery: checkpointEvery ?? 50,
+    pauseWaiters: [], boundaryOps: [], looping: false, want: null, lastCheckpoint: record.checkpointStep ?? 0,
+    loss: record.loss, valLoss: record.valLoss,
+  };
+  runs.set(id, run);
+  return run;
+}
+
+/** 'trainResume': continues a stored run from its checkpoint, on the loaded model. */
+export async function resume({ runId }) {
+  const live = runs.get(runId);
+  if (live) return publicInfo(live);
+  const model = currentModel('resume training');
+  const record = await tstore.getRun(runId);
+  if (!record) throw new Error(`no training run ${runId} in this browser (deleted?)`);
+  if (record.model.key !== model.key) {
+    throw new Error(`run "${record.name}" trains ${record.model.name}, but ${model.name ?? model.key} is loaded; load ${record.model.name} first`);
+  }
+  const { data, checkpoint } = await tstore.loadRunState(runId);
+  if (!data || !checkpoint) throw new Error(`run "${record.name}" has no stored ${data ? 'checkpoint' : 'data'}; it cannot be resumed`);
+  const wt = session().resumeTrainer(record.data.fileName, data, wasmConfig(record.config), checkpoint.bytes);
+  // Steps after the checkpoint were lost with the tab: their history goes too.
+  record.history = (record.history ?? []).filter((p) => p.step <= checkpoint.step);
+  record.step = wt.step;
+  record.checkpointStep = checkpoint.step;
+  const run = addRun(runId, wt, record, record.config.checkpointEvery);
+  if (wt.done()) run.state = 'done';
+  return publicInfo(run);
+}
+
+function needRun(runId) {
+  const run = runs.get(runId);
+  if (!run) throw new Error(`training run ${runId} is not open in this worker (resume it first)`);
+  return run;
+}
+
+function setState(run, state) {
+  run.state = state;
+  post(run.id, 'state', { state });
+}
+
+/** Stores the run's record and, when the step moved on, its checkpoint. */
+async function persist(run, state = run.state) {
+  const wt = run.wt;
+  const r = run.record;
+  Object.assign(r, {
+    state, step: wt.step, updatedAt: Date.now(), history: run.history, loss: run.loss ?? null, valLoss: run.valLoss ?? null,
+  });
+  let checkpoint = null;
+  if (wt.step !== run.lastCheckpoint || r.checkpointStep == null) {
+    const bytes = wt.checkpoint();
+    checkpoint = { step: wt.step, bytes };
+    r.checkpointStep = wt.step;
+    r.bytes = r.data.bytes + bytes.length;
+  }
+  try {
+    await tstore.saveRun(r, checkpoint);
+    if (checkpoint) {
+      run.lastCheckpoint = checkpoint.step;
+      post(run.id, 'checkpoint', { step: checkpoint.step, bytes: checkpoint.bytes.length });
+    }
+  } catch (err) {
+    // Training goes on; the page hears that this checkpoint is not stored.
+    if (checkpoint) post(run.id, 'checkpoint', { step: checkpoint.step, bytes: 0, error: describe(err) });
+    else throw err;
+  }
+}
+
+/**
+ * 'trainControl' (handled beside the queue): { runId, action: 'start'|'resume'|'pause'|'stop'|
+ * 'checkpoint' }. start/resume resolve once the loop runs; pause/stop once it has stopped
+ * between two steps with a checkpoint stored; checkpoint once one is stored.
+ */
+export async function control({ runId, action }) {
+  const run = needRun(runId);
+  switch (action) {
+    case 'start':
+    case 'resume': {
+      if (run.state === 'running') return { state: run.state, step: run.wt.step };
+      if (run.state === 'done') throw new Error('the run is complete: all its steps have run');
+      if (run.state === 'error') throw new Error('the run stopped on an error; resume it from its checkpoint (resumeTrainer) to try again');
+      const other = [...runs.values()].find((r) => r !== run && (r.state === 'running' || r.looping));
+      if (other) throw new Error(`another run ("${other.record.name}") is training; pause or stop it first`);
+      if (run.looping) {
+        // Paused meanwhile but the loop has not noticed yet: cancel the request.
+        run.want = null;
+        return { state: run.state, step: run.wt.step };
+      }
+      run.want = null;
+      setState(run, 'running');
+      run.record.state = 'running';
+      run.looping = true;
+      loop(run);
+      return { state: 'running', step: run.wt.step };
+    }
+    case 'pause':
+    case 'stop': {
+      if (action === 'pause' && run.state !== 'running') return { state: run.state, step: run.wt.step };
+      if (action === 'stop' && !run.looping) {
+        if (run.state === 'stopped' || run.state === 'done') return { state: run.state, step: run.wt.step };
+        await persist(run, 'stopped');
+        setState(run, 'stopped');
+        post(run.id, 'done', doneEvent(run, 'stopped'));
+        return { state: 'stopped', step: run.wt.step };
+      }
+      run.want = action;
+      await new Promise((resolve, reject) => run.pauseWaiters.push({ resolve, reject }));
+      return { state: run.state, step: run.wt.step };
+    }
+    case 'checkpoint':
+      return atBoundary(run, async () => {
+        const before = run.lastCheckpoint;
+        await persist(run);
+        return { step: run.wt.step, stored: run.lastCheckpoint !== before || run.lastCheckpoint === run.wt.step };
+      });
+    default:
+      throw new Error(`trainControl: unknown action ${JSON.stringify(action)}`);
+  }
+}
+
+/** Runs `fn` between two steps: now if the loop is not running, else at its next step boundary. */
+function atBoundary(run, fn) {
+  if (!run.looping) return Promise.resolve().then(fn);
+  return new Promise((resolve, reject) => run.boundaryOps.push({ fn, resolve, reject }));
+}
+
+function doneEvent(run, reason) {
+  return {
+    reason, step: run.wt.step, totalSteps: run.wt.totalSteps, loss: run.loss ?? null, valLoss: run.valLoss ?? null,
+    seconds: run.seconds ?? 0,
+  };
+}
+
+async function loop(run) {
+  const wt = run.wt;
+  const startedAt = performance.now();
+  const startStep = wt.step;
+  let tokens = 0;
+  let stepStart = performance.now();
+  const settle = (err) => {
+    for (const w of run.pauseWaiters.splice(0)) (err ? w.reject(err) : w.resolve());
+  };
+  try {
+    for (;;) {
+      if (wt.atStepBoundary()) {
+        for (const op of run.boundaryOps.splice(0)) {
+          try { op.resolve(await op.fn()); } catch (err) { op.reject(err); }
+        }
+        if (wt.done()) {
+          run.seconds = (run.seconds ?? 0) + (performance.now() - startedAt) / 1000;
+          await persist(run, 'done');
+          run.looping = false;
+          setState(run, 'done');
+          post(run.id, 'done', doneEvent(run, 'done'));
+          settle();
+          return;
+        }
+        if (run.want) {
+          const action = run.want;
+          run.want = null;
+          run.seconds = (run.seconds ?? 0) + (performance.now() - startedAt) / 1000;
+          const state = action === 'pause' ? 'paused' : 'stopped';
+          await persist(run, state);
+          run.looping = false;
+          setState(run, state);
+          if (state === 'stopped') post(run.id, 'done', doneEvent(run, 'stopped'));
+          settle();
+          return;
+        }
+      }
+      const report = wt.advance();
+      if (report) {
+        const t = performance.now();
+        tokens += report.tokens;
+        const seconds = (t - startedAt) / 1000;
+        const stepsDone = report.step - startStep;
+        const event = {
+          ...report, valLoss: report.valLoss ?? undefined, skipped: report.skipped ?? undefined,
+          tokensPerSec: seconds > 0 ? tokens / seconds : 0,
+          eta: stepsDone > 0 ? (seconds / stepsDone) * (report.totalSteps - report.step) : 0,
+          ms: t - stepStart, at: now(),
+        };
+        stepStart = t;
+        run.loss = report.loss;
+        if (report.valLoss != null) run.valLoss = report.valLoss;
+        run.history.push(event);
+        post(run.id, 'progress', event);
+        if (run.checkpointEvery > 0 && report.step % run.checkpointEvery === 0 && report.step < report.totalSteps) {
+          await persist(run, 'running');
+        }
+      }
+      await yieldToEvents();
+    }
+  } catch (err) {
+    run.looping = false;
+    const message = describe(err);
+    run.state = 'error';
+    run.record.state = 'error';
+    run.record.error = message;
+    tstore.saveRun({ ...run.record, updatedAt: Date.now(), history: run.history }).catch(() => {});
+    post(run.id, 'state', { state: 'error' });
+    post(run.id, 'error', { message, fatal: err instanceof WebAssembly.RuntimeError });
+    settle(new Error(message));
+    for (const op of run.boundaryOps.splice(0)) op.reject(new Error(message));
+  }
+}
+
+/** 'trainValidate': the validation loss of the adapter as it is now. */
+export function validate({ runId }) {
+  const run = needRun(runId);
+  return atBoundary(run, () => run.wt.validate() ?? null);
+}
+
+/** 'trainDispose': frees the run's wasm memory (its stored record and checkpoint stay). */
+export async function dispose({ runId }) {
+  const run = runs.get(runId);
+  if (!run) return;
+  if (run.looping) await control({ runId, action: 'pause' });
+  runs.delete(runId);
+  run.wt.free();
+}
+
+/** Runs in the store; a 'running' run that is not running in this worker was interrupted. */
+export async function listRuns() {
+  return (await tstore.listRuns()).map(summary);
+}
+
+function summary(r) {
+  const live = runs.get(r.id);
+  let state = live ? live.state : r.state;
+  if (state === 'running' && !live?.looping) state = 'interrupted';
+  if (state === 'ready' && !live) state = 'paused';
+  const { history, resolved, ...rest } = r;
+  return { ...rest, state, config: { ...r.config } };
+}
+
+export async function getRun({ runId }) {
+  const r = await tstore.getRun(runId);
+  if (!r) throw new Error(`no training run ${runId} in this browser`);
+  const live = runs.get(runId);
+  return { ...summary(r), history: live ? live.history : (r.history ?? []) };
+}
+
+export async function deleteRun({ runId }) {
+  if (runs.has(runId)) {
+    const run = runs.get(runId);
+    if (run.looping) await control({ runId, action: 'stop' });
+    runs.delete(runId);
+    run.wt.free();
+  }
+  await tstore.deleteRun(runId);
+}
+
+// ---- adapters -------------------------------------------------------------------------------
+
+function adapterInfoFromConfig(configText) {
+  const c = JSON.parse(configText);
+  return {
+    r: c.r, alpha: c.lora_alpha, dropout: c.lora_dropout ?? 0, rslora: Boolean(c.use_rslora),
+    targets: Array.isArray(c.target_modules) ? c.target_modules : [c.target_modules],
+  };
+}
+
+function checkName(name) {
+  if (typeof name !== 'string' || !name.trim()) throw new Error('an adapter needs a name (a non-empty string)');
+  if (name.length > 200) throw new Error('adapter names are at most 200 characters');
+  return name.trim();
+}
+
+/** 'trainSaveAdapter': the run's adapter as it is now, stored under `name` (replacing one). */
+export async function saveAdapter({ runId, name }) {
+  const run = needRun(runId);
+  name = checkName(name);
+  const entry = await atBoundary(run, () => {
+    const files = run.wt.adapterFiles(run.record.model.name ?? '');
+    const info = run.wt.info();
+    return {
+      name, source: 'trained', createdAt: Date.now(), model: run.record.model,
+      ...adapterInfoFromConfig(files.config), params: info.adapterParams,
+      bytes: files.weights.length + files.config.length, runId: run.id, step: run.wt.step,
+      config: files.config, weights: files.weights,
+    };
+  });
+  await tstore.putAdapter(entry);
+  session().removeAdapter(name); // a cached older version
+  const { config, weights, ...info } = entry;
+  return info;
+}
+
+export function listAdapters() {
+  return tstore.listAdapters();
+}
+
+async function needAdapter(name) {
+  const a = await tstore.getAdapter(name);
+  if (!a) throw new Error(`no adapter named "${name}" in this browser`);
+  return a;
+}
+
+/** 'exportAdapter': PEFT files [{ name, bytes }] for download. */
+export async function exportAdapter({ name }) {
+  const a = await needAdapter(name);
+  return [
+    { name: 'adapter_config.json', bytes: new TextEncoder().encode(a.config) },
+    { name: 'adapter_model.safetensors', bytes: a.weights },
+  ];
+}
+
+/**
+ * 'importAdapter': PEFT files (File objects or { name, bytes }), validated against the loaded
+ * model, stored under `name`. An existing name is refused (delete it first).
+ */
+export async function importAdapter({ files, name }) {
+  const model = currentModel('import an adapter');
+  const list = Array.from(files ?? []);
+  const read = async (f) => (f.bytes instanceof Uint8Array ? f.bytes : new Uint8Array(await f.arrayBuffer()));
+  const cfg = list.find((f) => f.name === 'adapter_config.json') ?? list.find((f) => f.name.endsWith('.json'));
+  const st = list.find((f) => f.name === 'adapter_model.safetensors') ?? list.find((f) => f.name.endsWith('.safetensors'));
+  if (!cfg || !st) {
+    const got = list.map((f) => f.name).join(', ') || 'nothing';
+    throw new Error(`a PEFT adapter is two files, adapter_config.json and adapter_model.safetensors; got ${got}`);
+  }
+  if (list.some((f) => f.name.endsWith('.bin'))) {
+    throw new Error('adapter_model.bin (PyTorch pickle) is not supported: save the adapter with safetensors (PEFT does by default)');
+  }
+  const [cfgBytes, stBytes] = await Promise.all([read(cfg), read(st)]);
+  const info = session().checkAdapter(cfg.name, cfgBytes, st.name, stBytes);
+  name = checkName(name ?? info.baseModel?.split('/').pop() ?? 'imported adapter');
+  if (await tstore.getAdapter(name)) throw new Error(`an adapter named "${name}" already exists; delete it or import under another name`);
+  const { baseModel, ...fields } = info;
+  const entry = {
+    name, source: 'imported', createdAt: Date.now(), model: { key: model.key, name: model.name ?? model.key },
+    ...fields, bytes: cfgBytes.length + stBytes.length, config: new TextDecoder().decode(cfgBytes), weights: stBytes,
+  };
+  await tstore.putAdapter(entry);
+  session().removeAdapter(name);
+  const { config, weights, ...out } = entry;
+  return out;
+}
+
+export async function deleteAdapter({ name }) {
+  await tstore.deleteAdapter(name);
+  session().removeAdapter(name);
+}
+
+/** Makes the stored adapter `name` available to generation (validated against the loaded model). */
+export async function useAdapter(name) {
+  if (name == null) return;
+  if (session().hasAdapter(name)) return;
+  const a = await needAdapter(name);
+  try {
+    session().addAdapter(name, new TextEncoder().encode(a.config), a.weights);
+  } catch (err) {
+    throw new Error(`adapter "${name}" does not fit the loaded model: ${describe(err)}`);
+  }
+}
+
+/** 'deleteTrainingData': every run (stopped first) and adapter. */
+export async function deleteAll() {
+  for (const [id, run] of runs) {
+    if (run.looping) await control({ runId: id, action: 'stop' }).catch(() => {});
+    run.wt.free();
+  }
+  runs.clear();
+  await tstore.deleteAll();
+}
+
