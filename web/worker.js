@@ -19,6 +19,22 @@
 //      top_p, repetition_penalty, seed } (crates/web/src/generate.rs). `at` is the worker's
 //      clock as epoch milliseconds (performance.timeOrigin + now), comparable with the page's.
 //   -> { type: 'stop', target: id }               no reply; generation `id` ends after its current token
+//   Training and adapters (web/training.js; the page's API is web/bitlora.js, types in bitlora.d.ts):
+//   -> { id, type: 'prepareData', text, fileName, options }   <- DataSummary
+//   -> { id, type: 'estimateMemory', config }                 <- MemoryEstimate
+//   -> { id, type: 'trainCreate', data: { text, fileName }, config }  <- run info { runId, state,
+//        config, data, step, totalSteps, adapterParams, backend, history }; stored at once
+//   -> { id, type: 'trainResume', runId }                     <- run info (from its stored checkpoint)
+//   -> { id, type: 'trainControl', runId, action }            <- { state, step }; beside the queue;
+//        action: 'start'|'resume' (reply once running), 'pause'|'stop' (reply once stopped between
+//        two steps, checkpoint stored), 'checkpoint'
+//   -> { id, type: 'trainValidate'|'trainDispose', runId }    <- valLoss | undefined
+//   -> { id, type: 'trainSaveAdapter', runId, name }          <- AdapterInfo
+//   -> { id, type: 'listRuns' | 'getRun' | 'deleteRun', runId? }
+//   -> { id, type: 'listAdapters' | 'exportAdapter' | 'importAdapter' | 'deleteAdapter', name?, files? }
+//   -> { id, type: 'deleteTrainingData' }
+//   <- { type: 'train', runId, event: 'progress'|'checkpoint'|'state'|'done'|'error', data }  (no id)
+//   'generate' takes options.adapter: a stored adapter's name (null: the base model).
 //   reply: { id, ok: true, result } or { id, ok: false, error: string, fatal?: true }
 //
 // Stopping: a CPU generation runs synchronously in this worker, so a 'stop' message would only
@@ -31,6 +47,7 @@
 
 import init, { Session } from './pkg/bitlora_web.js';
 import * as store from './store.js';
+import * as training from './training.js';
 
 // The models that ship with the page (web/models/), by the page's ?model= name.
 const BUNDLED = {
@@ -50,6 +67,8 @@ const BUNDLED = {
 const MAX_PICKED_BYTES = 1 * 2 ** 30;
 
 let session = null;
+// The loaded model's { key, name } (ModelInfo.key: the store id), which runs and adapters record.
+let currentModel = null;
 let poisoned = null;
 
 // Generations asked to stop (by request id), see 'stop' above.
@@ -61,6 +80,11 @@ let queue = Promise.resolve();
 self.onmessage = (event) => {
   if (event.data?.type === 'stop') {
     stopRequested.add(event.data.target);
+    return;
+  }
+  // Pause/stop must reach a training loop that is running now (it yields between sequences).
+  if (event.data?.type === 'trainControl') {
+    handle(event.data);
     return;
   }
   queue = queue.then(() => handle(event.data));
@@ -83,6 +107,19 @@ async function handle({ id, type, ...args }) {
 }
 
 async function dispatch(type, args) {
+  const result = await dispatchType(type, args);
+  // Any request that loads a model answers with its summary, keyed by its store id.
+  if (LOADS.has(type) && result) {
+    result.key ??= type === 'loadBundled' ? `bundled:${args.model ?? 'default'}`
+      : `files:${result.config}:${result.bytes}:${(result.files ?? []).join(',')}`;
+    currentModel = { key: result.key, name: result.name ?? result.files?.[0] ?? result.key };
+  }
+  return result;
+}
+
+const LOADS = new Set(['loadBundled', 'loadFiles', 'loadStored', 'importFiles']);
+
+async function dispatchType(type, args) {
   switch (type) {
     case 'init': {
       await init();
@@ -102,7 +139,40 @@ async function dispatch(type, args) {
     case 'forward':
       return needSession().forward(Uint32Array.from(args.tokens));
     case 'generate':
+      await training.useAdapter(args.options?.adapter ?? null);
       return generate(args);
+    case 'prepareData':
+      return training.prepareData(args);
+    case 'estimateMemory':
+      return training.estimateMemory(args);
+    case 'trainCreate':
+      return training.create(args);
+    case 'trainResume':
+      return training.resume(args);
+    case 'trainControl':
+      return training.control(args);
+    case 'trainValidate':
+      return training.validate(args);
+    case 'trainDispose':
+      return training.dispose(args);
+    case 'trainSaveAdapter':
+      return training.saveAdapter(args);
+    case 'listRuns':
+      return training.listRuns();
+    case 'getRun':
+      return training.getRun(args);
+    case 'deleteRun':
+      return training.deleteRun(args);
+    case 'listAdapters':
+      return training.listAdapters();
+    case 'exportAdapter':
+      return training.exportAdapter(args);
+    case 'importAdapter':
+      return training.importAdapter(args);
+    case 'deleteAdapter':
+      return training.deleteAdapter(args);
+    case 'deleteTrainingData':
+      return training.deleteAll();
     default:
       throw new Error(`worker: unknown request type ${JSON.stringify(type)}`);
   }
@@ -353,6 +423,8 @@ async function loadFiles(files) {
   return needSession().load(config.name, configBytes, weights.map((f) => f.name), weightBytes,
     tokenizer?.name, await read(tokenizer), tokenizerConfig?.name, await read(tokenizerConfig));
 }
+
+training.setup({ session: () => needSession(), model: () => currentModel, describe: (err) => describe(err) });
 
 function describe(err) {
   if (err instanceof Error) return err.message || String(err);
