@@ -82,11 +82,12 @@ export async function launchBrowser({ webgpu }) {
 
 /**
  * Starts `bitlora serve --port 0` from the repo root and resolves to { url, stop() } once it
- * prints `bitlora: serving <root> at http://127.0.0.1:PORT/`.
+ * prints `bitlora: serving <root> at http://127.0.0.1:PORT/`. `args`: more flags, e.g.
+ * ['--hub', hubUrl] to let the page download from a test hub (hub-server.mjs).
  */
-export function startServer() {
+export function startServer({ args = [] } = {}) {
   return new Promise((resolve, reject) => {
-    const child = spawn(BIN, ['serve', '--port', '0'], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(BIN, ['serve', '--port', '0', ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     const timer = setTimeout(() => fail(new Error('bitlora serve printed no URL within 10 s')), 10_000);
