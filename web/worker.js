@@ -19,6 +19,31 @@
 //      top_p, repetition_penalty, seed } (crates/web/src/generate.rs). `at` is the worker's
 //      clock as epoch milliseconds (performance.timeOrigin + now), comparable with the page's.
 //   -> { type: 'stop', target: id }               no reply; generation `id` ends after its current token
+//   The model store (web/store.js, web/hub.js; the page's panel is web/models-panel.js). Models
+//   are known by their store id: 'bundled:default', 'hub:<hub>/<owner/name>@<revision>', 'local:...'.
+//   -> { id, type: 'listModels' }                 <- { available, models: summary[], usage, quota, downloading: id[] }
+//      summary: { id, name, source: 'bundled'|'hub'|'local', origin: { hub, repo, revision }|null,
+//                 bytes, storedBytes, complete, storedAt, updatedAt, files: string[] }
+//   -> { id, type: 'downloadHub', hub, repo, revision?, token?, persisted?, fakeFree? }
+//        <- { id, type: 'progress', event: { phase: 'list'|'check'|'download'|'verify', modelId, file, done,
+//             total, fileDone, fileTotal, bytesPerSec, etaSeconds, at } } meanwhile
+//        <- { status: 'complete'|'paused'|'cancelled', modelId, model: summary|null, notes: string[], already? }
+//      Downloads (or resumes: the same request again) a Hugging Face repo into the store; it does
+//      not load it (send 'loadStored'). hub: base URL (default https://huggingface.co); token: an
+//      access token for gated/private repos, sent to the hub only, never stored. A failure rejects
+//      with a sentence (repo not found, gated, not a BitNet model, does not fit, storage full,
+//      hash mismatch, connection lost); what was stored stays and resumes (web/hub.js).
+//   -> { id, type: 'cancelDownload', modelId, discard? }  <- { running }  pauses (keeps the stored
+//      chunks) or, with discard, cancels and deletes the partial model
+//   -> { id, type: 'deleteModel', modelId }       <- { deleted: summary|null } (stops its download first)
+//   -> { id, type: 'loadStored', modelId }        <- model (as loadBundled; source.from 'store', key = modelId)
+//        <- progress { phase: 'read'|'build' } meanwhile
+//   -> { id, type: 'importFiles', files: File[], persisted?, fakeFree? }  <- model, with storeId and
+//      source: { from: 'files', stored, notes }: loadFiles, then the files are kept in the store
+//      (config.json, *.safetensors, tokenizer.json, tokenizer_config.json) so they survive a reload
+//        <- progress { phase: 'store' } meanwhile
+//   listModels, downloadHub, cancelDownload and deleteModel run beside the queue below (a
+//   download does not hold up generation, and Pause must reach a running download).
 //   Training and adapters (web/training.js; the page's API is web/bitlora.js, types in bitlora.d.ts):
 //   -> { id, type: 'prepareData', text, fileName, options }   <- DataSummary
 //   -> { id, type: 'estimateMemory', config }                 <- MemoryEstimate
@@ -47,6 +72,7 @@
 
 import init, { Session } from './pkg/bitlora_web.js';
 import * as store from './store.js';
+import * as hub from './hub.js';
 import * as training from './training.js';
 
 // The models that ship with the page (web/models/), by the page's ?model= name.
@@ -84,6 +110,10 @@ self.onmessage = (event) => {
   }
   // Pause/stop must reach a training loop that is running now (it yields between sequences).
   if (event.data?.type === 'trainControl') {
+    handle(event.data);
+    return;
+  }
+  if (hub.OUTSIDE_QUEUE.has(event.data?.type)) {
     handle(event.data);
     return;
   }
@@ -133,7 +163,20 @@ async function dispatchType(type, args) {
     case 'storeInfo':
       return storeInfo();
     case 'deleteAll':
+      await hub.stopAll();
       return store.deleteAll();
+    case 'listModels':
+      return listModels();
+    case 'downloadHub':
+      return hub.downloadHub(args, (event) => self.postMessage({ id: args.id, type: 'progress', event }));
+    case 'cancelDownload':
+      return hub.stopDownload(args.modelId, args.discard ? 'cancel' : 'pause');
+    case 'deleteModel':
+      return deleteStored(args.modelId);
+    case 'loadStored':
+      return loadStored(args);
+    case 'importFiles':
+      return importFiles(args);
     case 'loadFiles':
       return loadFiles(args.files);
     case 'forward':
@@ -303,20 +346,74 @@ async function loadBundled({ id, model = 'default', fakeFree, persisted = false 
       }
     }
   }
-  progress('build', 0, 1);
-  const byName = Object.fromEntries(files.map((f) => [f.name, f.bytes]));
-  const weightNames = spec.files.filter((f) => f.endsWith('.safetensors'));
-  const has = (f) => spec.files.includes(f);
-  const summary = needSession().load('config.json', byName['config.json'], weightNames, weightNames.map((f) => byName[f]),
-    has('tokenizer.json') ? 'tokenizer.json' : undefined, byName['tokenizer.json'],
-    has('tokenizer_config.json') ? 'tokenizer_config.json' : undefined, byName['tokenizer_config.json']);
-  progress('build', 1, 1);
-  const config = JSON.parse(new TextDecoder().decode(byName['config.json']));
+  const { summary, config } = loadIntoSession(files, progress);
   return {
-    ...summary, name: spec.name, description: spec.description, params: countParams(config),
+    ...summary, key: storeId, storeId, name: spec.name, description: spec.description, params: countParams(config),
     downloadBytes: files.reduce((n, f) => n + f.bytes.length, 0),
     source: { from, stored, notes },
   };
+}
+
+/**
+ * Loads a model folder ([{ name, bytes }]: config.json, *.safetensors, and tokenizer.json /
+ * tokenizer_config.json when present; other files are ignored) into the session.
+ */
+function loadIntoSession(files, progress) {
+  progress('build', 0, 1);
+  const byName = Object.fromEntries(files.map((f) => [f.name, f.bytes]));
+  const weightNames = files.map((f) => f.name).filter((f) => f.endsWith('.safetensors'));
+  const opt = (name) => (byName[name] ? name : undefined);
+  const summary = needSession().load('config.json', byName['config.json'], weightNames, weightNames.map((f) => byName[f]),
+    opt('tokenizer.json'), byName['tokenizer.json'], opt('tokenizer_config.json'), byName['tokenizer_config.json']);
+  progress('build', 1, 1);
+  return { summary, config: JSON.parse(new TextDecoder().decode(byName['config.json'])) };
+}
+
+const progressTo = (id) => (phase, done, total, file) =>
+  self.postMessage({ id, type: 'progress', event: { phase, done, total, file, at: performance.timeOrigin + performance.now() } });
+
+/** Loads a model from the store (any source) into the session; see 'loadStored' above. */
+async function loadStored({ id, modelId }) {
+  const progress = progressTo(id);
+  if (hub.isDownloading(modelId)) throw new Error(`${modelId} is still downloading: load it once it is complete`);
+  const bundled = String(modelId).startsWith('bundled:');
+  const got = await store.readModel(modelId, ({ done, total }) => progress('read', done, total),
+    { onProblem: bundled ? 'discard' : 'keep-partial' });
+  if (!got) throw new Error(`${modelId} is not in this browser's storage (deleted meanwhile?)`);
+  if (got.problem) throw new Error(store.problemMessage(got));
+  const { summary, config } = loadIntoSession(got.files, progress);
+  return {
+    ...summary, key: modelId, storeId: modelId, name: got.manifest.name, params: countParams(config),
+    downloadBytes: got.files.reduce((n, f) => n + f.bytes.length, 0),
+    source: { from: 'store', stored: true, notes: [] },
+  };
+}
+
+/** 'importFiles': loads the picked files (every check of loadFiles), then keeps them in the store. */
+async function importFiles({ id, files, persisted = false, fakeFree }) {
+  const list = Array.from(files ?? []);
+  const model = await loadFiles(list);
+  const kept = await store.keepFiles(list, model, { persisted, fakeFree },
+    ({ done, total, file }) => progressTo(id)('store', done, total, file));
+  return { ...model, key: kept.storeId ?? undefined, storeId: kept.storeId, name: kept.name,
+    params: kept.config ? countParams(kept.config) : undefined, source: { from: 'files', stored: kept.stored, notes: kept.notes } };
+}
+
+async function listModels() {
+  try {
+    const models = (await store.listManifests()).map(store.summary);
+    const est = await navigator.storage?.estimate?.().catch(() => null);
+    return { available: true, models, usage: est?.usage ?? null, quota: est?.quota ?? null, downloading: hub.downloading() };
+  } catch (err) {
+    return { available: false, error: describe(err), models: [], downloading: [] };
+  }
+}
+
+async function deleteStored(modelId) {
+  if (hub.isDownloading(modelId)) await hub.stopDownload(modelId, 'pause');
+  const m = await store.getManifest(modelId);
+  await store.deleteModel(modelId);
+  return { deleted: m ? store.summary(m) : null };
 }
 
 // Streams a response's body so progress can be reported (`onBytes(n)` per piece received);
