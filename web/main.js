@@ -15,6 +15,8 @@
 // The bundled model is kept in IndexedDB after the first visit (web/store.js); window.__bitlora
 // .model.source says where it came from: { from: 'store'|'network', stored, notes }.
 
+import { mountModelsPanel } from './models-panel.js';
+
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const preferGpu = params.get('backend') !== 'cpu';
@@ -27,6 +29,7 @@ const state = (window.__bitlora = {
   generation: { state: 'idle' },
   loadProgress: [],
 });
+let modelsPanel = null; // web/models-panel.js, mounted below
 
 // ---- worker plumbing: request/reply by id, restart after a crash -------------------------
 
@@ -105,6 +108,7 @@ function syncControls() {
   const generating = state.generation.state === 'generating';
   $('run').disabled = busy || generating;
   $('files').disabled = busy || generating;
+  modelsPanel?.sync({ busy: busy || generating });
   $('load-bundled').disabled = busy || generating;
   $('delete-all').disabled = busy || generating;
   $('generate-btn').disabled = busy || generating || !state.model;
@@ -176,6 +180,7 @@ function showModel(model, origin) {
   state.model = { ...model, origin };
   const where = model.source
     ? (model.source.from === 'store' ? ' · loaded from this browser\'s storage'
+      : model.source.from === 'files' ? (model.source.stored ? ' · your files, kept in this browser' : ' · your files, running from memory')
       : model.source.stored ? ' · fetched from this page\'s server and stored in this browser'
         : ' · fetched from this page\'s server, running from memory')
     : '';
@@ -512,6 +517,7 @@ function askPersist() {
 }
 
 async function showStore() {
+  modelsPanel?.refresh();
   const info = await call('storeInfo');
   state.store = info;
   if (!info.available) {
@@ -533,6 +539,7 @@ async function deleteAll() {
   try {
     const r = await call('deleteAll');
     state.store = { available: true, models: [] };
+    modelsPanel.refresh();
     $('data-status').textContent =
       `Deleted: ${r.models} model${r.models === 1 ? '' : 's'} (${fmtBytes(r.bytes)}). Nothing is kept in this browser now; ` +
       'the model in use stays in memory until you close the tab.';
@@ -574,21 +581,10 @@ $('gen-form').addEventListener('submit', (event) => {
 $('stop').addEventListener('click', stopGeneration);
 $('gen-form').addEventListener('input', (event) => event.target.removeAttribute?.('aria-invalid'));
 
-$('files').addEventListener('change', async () => {
-  const files = Array.from($('files').files);
-  if (!files.length) return;
-  clearError();
-  setState('loading');
-  try {
-    showModel(await call('loadFiles', { files }), 'Your model');
-  } catch (err) {
-    // The previous model is still loaded in the worker, so the page keeps working.
-    showError(`Could not load your model: ${err.message}`);
-    $('files').value = '';
-    return;
-  }
-  $('files').value = '';
-  await run();
+// The model panel (web/models-panel.js): stored models, Hugging Face downloads, and the files
+// picker (#files) + drop zone, whose files are loaded and kept in the store ('importFiles').
+modelsPanel = mountModelsPanel({
+  call, state, params, showModel, showError, clearError, setState, run, askPersist, publish, showLoadProgress,
 });
 
 $('delete-all').addEventListener('click', deleteAll);
