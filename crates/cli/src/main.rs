@@ -4,7 +4,7 @@
 //! bitlora logits --model DIR --tokens 5,17,42 [--backend cpu|gpu]   one JSON object on stdout
 //! bitlora generate --model DIR (--prompt TEXT | --tokens 1,2) [--backend cpu|gpu] [sampling]
 //! bitlora bench decode [--shape 125m] [--backend cpu|gpu]           one JSON report on stdout
-//! bitlora serve [--port N] [--root DIR]                             serves the page
+//! bitlora serve [--port N] [--root DIR] [--hub URL]...              serves the page
 //! bitlora random-model --out DIR [--shape tiny] [--seed N]          writes a random BitNet model
 //! ```
 //! Errors go to stderr as one `error: ...` line and exit with status 1; bad flags exit with 2.
@@ -113,6 +113,11 @@ enum Command {
         /// The repository root that holds index.html and web/.
         #[arg(long, default_value = ".")]
         root: PathBuf,
+        /// A hub the page may download models from (its Content-Security-Policy's connect-src);
+        /// repeat for several. Default: https://huggingface.co (and its download hosts).
+        /// `--hub none`: no other origin at all.
+        #[arg(long = "hub", value_name = "URL")]
+        hubs: Vec<String>,
     },
     /// Writes a BitNet model with random bf16 master weights (config.json + model.safetensors).
     RandomModel {
@@ -330,7 +335,7 @@ fn run(command: Command) -> Result<(), CliError> {
             Ok(())
         }
         Command::Train(args) => Ok(train_cmd::run(&args)?),
-        Command::Serve { port, root } => Ok(serve::serve(&root, port)?),
+        Command::Serve { port, root, hubs } => Ok(serve::serve(&root, port, &hubs)?),
         Command::RandomModel { out, shape, seed } => {
             let config = match shape.name() {
                 "tiny" => Some(model::tiny_config()),

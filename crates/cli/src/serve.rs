@@ -11,7 +11,13 @@
 //!   make the page cross-origin isolated, which wasm threads (SharedArrayBuffer) will need later.
 //! - The Content-Security-Policy allows only this origin (scripts, workers, fetches) plus
 //!   `'wasm-unsafe-eval'`, which compiling WebAssembly needs; no inline script, no CDN. The page
-//!   processes visitors' private files, so it must not be able to send them anywhere.
+//!   processes visitors' private files, so it must not be able to send them anywhere. The one
+//!   exception is `connect-src`: the page downloads models from a Hugging Face-style hub
+//!   (web/hub.js), so it may also connect to the hubs given with `--hub URL` (default
+//!   https://huggingface.co plus the hosts its downloads redirect to, `https://*.huggingface.co`
+//!   and `https://*.hf.co`; `--hub none` allows nothing off-origin). A hub the visitor types into
+//!   the page that is not on this list is refused by the browser, and the page says which flag
+//!   allows it. Only GETs of model files go there: the visitor's data never leaves the tab.
 //!
 //! Every request is answered on its own thread, so one slow client never holds up the others.
 
@@ -21,25 +27,111 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Headers sent with every response, the page's and the assets' alike (a module worker takes
-/// its CSP and COEP from its own response, not from the page's).
+/// its CSP and COEP from its own response, not from the page's). The CSP is built per server
+/// ([`content_security_policy`]) because its connect-src names the allowed hubs.
 const SECURITY_HEADERS: &[(&str, &str)] = &[
     ("Cross-Origin-Opener-Policy", "same-origin"),
     ("Cross-Origin-Embedder-Policy", "require-corp"),
     ("Cross-Origin-Resource-Policy", "same-origin"),
-    (
-        "Content-Security-Policy",
-        "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; \
-         connect-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; \
-         base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    ),
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
     // A development server: always revalidate, so a rebuilt web/pkg is picked up on reload.
     ("Cache-Control", "no-cache"),
 ];
 
+/// The hub the page downloads models from unless `--hub` says otherwise.
+pub const DEFAULT_HUB: &str = "https://huggingface.co";
+
+/// The page's Content-Security-Policy; `connect` are the extra connect-src sources (hubs).
+pub fn content_security_policy(connect: &[String]) -> String {
+    let mut connect_src = String::from("'self'");
+    for c in connect {
+        connect_src.push(' ');
+        connect_src.push_str(c);
+    }
+    format!(
+        "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; \
+         connect-src {connect_src}; style-src 'self'; img-src 'self' data:; object-src 'none'; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+}
+
+/// The connect-src sources for `--hub` values: each hub's origin (scheme://host[:port]; a path
+/// is dropped: CSP paths do not survive the hub's redirects), plus, for huggingface.co, the hosts
+/// its LFS/Xet downloads redirect to. No values: the default hub; "none": nothing.
+pub fn hub_sources(hubs: &[String]) -> Result<Vec<String>, ServeError> {
+    let hubs: Vec<&str> = if hubs.is_empty() {
+        vec![DEFAULT_HUB]
+    } else {
+        hubs.iter().map(String::as_str).collect()
+    };
+    let mut out: Vec<String> = Vec::new();
+    for hub in hubs {
+        if hub == "none" {
+            continue;
+        }
+        let bad = |msg: &str| ServeError::Hub {
+            hub: hub.to_string(),
+            msg: msg.to_string(),
+        };
+        let (scheme, rest) = hub
+            .split_once("://")
+            .ok_or_else(|| bad("give a URL such as https://huggingface.co"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme != "https" && scheme != "http" {
+            return Err(bad("the URL must start with https:// or http://"));
+        }
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        // host[:port]; an IPv6 literal keeps its brackets: [::1]:9000.
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, tail) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("an IPv6 address needs its closing ']'"))?;
+            if !tail.is_empty() && !tail.starts_with(':') {
+                return Err(bad("unexpected text after the IPv6 address"));
+            }
+            (format!("[{h}]"), tail.strip_prefix(':'))
+        } else {
+            match authority.split_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (authority.to_string(), None),
+            }
+        };
+        let host_ok = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+        if !host_ok || authority.contains('@') {
+            return Err(bad("the host may hold only letters, digits, '.' and '-'"));
+        }
+        if let Some(p) = port {
+            if p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()) || p.parse::<u16>().is_err() {
+                return Err(bad("the port must be a number up to 65535"));
+            }
+        }
+        let host = host.to_ascii_lowercase();
+        let origin = match port {
+            Some(p) => format!("{scheme}://{host}:{p}"),
+            None => format!("{scheme}://{host}"),
+        };
+        let mut add = |s: String| {
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        };
+        add(origin);
+        if host == "huggingface.co" || host == "hf.co" {
+            add(format!("{scheme}://*.huggingface.co"));
+            add(format!("{scheme}://*.hf.co"));
+        }
+    }
+    Ok(out)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("--hub {hub}: {msg}")]
+    Hub { hub: String, msg: String },
     #[error(
         "{root}: index.html not found there; run `bitlora serve` from the repository root (or pass its path)"
     )]
@@ -63,6 +155,8 @@ pub struct StaticServer {
     root: PathBuf,
     http: tiny_http::Server,
     addr: SocketAddr,
+    /// The Content-Security-Policy header value (connect-src names the allowed hubs).
+    csp: String,
 }
 
 impl StaticServer {
@@ -86,7 +180,32 @@ impl StaticServer {
             addr: want.clone(),
             msg: "bound to a non-IP address".into(),
         })?;
-        Ok(StaticServer { root, http, addr })
+        let csp = content_security_policy(&hub_sources(&[])?);
+        Ok(StaticServer {
+            root,
+            http,
+            addr,
+            csp,
+        })
+    }
+
+    /// Lets the page connect to these hubs (`--hub` values, see [`hub_sources`]) instead of the
+    /// default one.
+    pub fn allow_hubs(mut self, hubs: &[String]) -> Result<StaticServer, ServeError> {
+        self.csp = content_security_policy(&hub_sources(hubs)?);
+        Ok(self)
+    }
+
+    /// The hubs the page may connect to, as connect-src lists them (after 'self').
+    pub fn connect_src(&self) -> &str {
+        let start = self
+            .csp
+            .find("connect-src 'self'")
+            .map_or(0, |i| i + "connect-src 'self'".len());
+        let end = self.csp[start..]
+            .find(';')
+            .map_or(self.csp.len(), |i| start + i);
+        self.csp[start..end].trim()
     }
 
     pub fn url(&self) -> String {
@@ -100,11 +219,12 @@ impl StaticServer {
     /// Answers requests until the listener fails; never returns `Ok` in normal operation.
     pub fn run(self) -> Result<(), ServeError> {
         let root = std::sync::Arc::new(self.root);
+        let csp: std::sync::Arc<str> = self.csp.into();
         loop {
             let request = self.http.recv().map_err(ServeError::Accept)?;
-            let root = root.clone();
+            let (root, csp) = (root.clone(), csp.clone());
             // One thread per request: a client that reads slowly only blocks its own thread.
-            std::thread::spawn(move || respond(&root, request));
+            std::thread::spawn(move || respond(&root, &csp, request));
         }
     }
 }
@@ -112,8 +232,18 @@ impl StaticServer {
 /// Serves `root` (the repository root: index.html and web/) on 127.0.0.1:`port` until killed.
 /// After binding it prints exactly one line to stdout, `bitlora: serving <root> at <url>`, and
 /// flushes it: tests start `bitlora serve --port 0` and read the URL from that line.
-pub fn serve(root: &Path, port: u16) -> Result<(), ServeError> {
-    let server = StaticServer::bind(root, port)?;
+/// `hubs`: the `--hub` values (see [`hub_sources`]).
+pub fn serve(root: &Path, port: u16, hubs: &[String]) -> Result<(), ServeError> {
+    let server = StaticServer::bind(root, port)?.allow_hubs(hubs)?;
+    let hubs = server.connect_src();
+    eprintln!(
+        "bitlora: the page may download models from {}",
+        if hubs.is_empty() {
+            "no other origin (--hub none)"
+        } else {
+            hubs
+        }
+    );
     if !server.root().join("web/pkg/bitlora_web.js").is_file() {
         eprintln!(
             "bitlora: warning: web/pkg/bitlora_web.js is missing; run tools/build-web.sh so the page can load its wasm"
@@ -132,7 +262,7 @@ pub fn serve(root: &Path, port: u16) -> Result<(), ServeError> {
     server.run()
 }
 
-fn respond(root: &Path, request: tiny_http::Request) {
+fn respond(root: &Path, csp: &str, request: tiny_http::Request) {
     let response = match request.method() {
         tiny_http::Method::Get | tiny_http::Method::Head => match resolve(root, request.url()) {
             Ok(path) => match File::open(&path) {
@@ -154,6 +284,7 @@ fn respond(root: &Path, request: tiny_http::Request) {
     for (name, value) in SECURITY_HEADERS {
         response.add_header(header(name, value));
     }
+    response.add_header(header("Content-Security-Policy", csp));
     // A client that hung up is not our error; there is no one left to tell.
     let _ = request.respond(response);
 }
@@ -166,7 +297,8 @@ fn text(status: u16, body: &str) -> tiny_http::ResponseBox {
 }
 
 fn header(name: &str, value: &str) -> tiny_http::Header {
-    // Only called with the ASCII constants of this file, which tiny_http always accepts.
+    // Only called with the ASCII constants of this file and the CSP, whose hub sources
+    // hub_sources() checked to be plain ASCII; tiny_http accepts those.
     tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
         .expect("header names and values in serve.rs are ASCII")
 }
@@ -436,6 +568,61 @@ mod tests {
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
         assert!(ok.ends_with("<!doctype html>hi"), "{ok}");
         drop(stalled);
+    }
+
+    #[test]
+    fn hub_sources_from_flags() {
+        let s = |v: &[&str]| hub_sources(&v.iter().map(|x| x.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            s(&[]).unwrap(),
+            [
+                "https://huggingface.co",
+                "https://*.huggingface.co",
+                "https://*.hf.co"
+            ]
+        );
+        assert_eq!(s(&["none"]).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            s(&["http://127.0.0.1:8123/", "https://Mirror.example/hf/path"]).unwrap(),
+            ["http://127.0.0.1:8123", "https://mirror.example"]
+        );
+        assert_eq!(s(&["http://[::1]:9000"]).unwrap(), ["http://[::1]:9000"]);
+        for bad in [
+            "huggingface.co",
+            "ftp://x",
+            "https://a b",
+            "https://x;script-src *",
+            "https://u@x",
+            "https://x:99999",
+            "https://'self'",
+        ] {
+            assert!(s(&[bad]).is_err(), "{bad} was accepted");
+        }
+        let csp = content_security_policy(&s(&["http://127.0.0.1:8123"]).unwrap());
+        assert!(
+            csp.contains("connect-src 'self' http://127.0.0.1:8123;"),
+            "{csp}"
+        );
+    }
+
+    #[test]
+    fn csp_names_the_allowed_hubs() {
+        let root = tree();
+        let server = StaticServer::bind(&root, 0)
+            .unwrap()
+            .allow_hubs(&["http://127.0.0.1:9".to_string()])
+            .unwrap();
+        assert_eq!(server.connect_src(), "http://127.0.0.1:9");
+        let addr = server.addr;
+        std::thread::spawn(move || server.run());
+        let page = get(
+            addr,
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(
+            page.contains("connect-src 'self' http://127.0.0.1:9; style-src"),
+            "{page}"
+        );
     }
 
     #[test]
