@@ -22,9 +22,10 @@
 //! Every request is answered on its own thread, so one slow client never holds up the others.
 
 use std::fs::File;
-use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Headers sent with every response, the page's and the assets' alike (a module worker takes
 /// its CSP and COEP from its own response, not from the page's). The CSP is built per server
@@ -153,7 +154,7 @@ pub enum ServeError {
 /// A bound, not yet running server; [`serve`] is bind + announce + run.
 pub struct StaticServer {
     root: PathBuf,
-    http: tiny_http::Server,
+    listener: TcpListener,
     addr: SocketAddr,
     /// The Content-Security-Policy header value (connect-src names the allowed hubs).
     csp: String,
@@ -172,18 +173,16 @@ impl StaticServer {
             });
         }
         let want = format!("127.0.0.1:{port}");
-        let http = tiny_http::Server::http(&want).map_err(|e| ServeError::Bind {
+        let bind_err = |e: io::Error| ServeError::Bind {
             addr: want.clone(),
             msg: e.to_string(),
-        })?;
-        let addr = http.server_addr().to_ip().ok_or_else(|| ServeError::Bind {
-            addr: want.clone(),
-            msg: "bound to a non-IP address".into(),
-        })?;
+        };
+        let listener = TcpListener::bind(&want).map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
         let csp = content_security_policy(&hub_sources(&[])?);
         Ok(StaticServer {
             root,
-            http,
+            listener,
             addr,
             csp,
         })
@@ -217,15 +216,33 @@ impl StaticServer {
     }
 
     /// Answers requests until the listener fails; never returns `Ok` in normal operation.
+    ///
+    /// One thread per connection, for as long as the browser keeps it open (keep-alive). This is
+    /// deliberately not a thread pool: tiny_http's pool (used here before) could queue a new
+    /// connection behind threads held by idle keep-alive connections when several connections
+    /// opened at once (a page importing many modules), and the browser's requests on it then
+    /// waited forever. A local demo server has a handful of connections, so a thread each is cheap.
     pub fn run(self) -> Result<(), ServeError> {
         let root = std::sync::Arc::new(self.root);
         let csp: std::sync::Arc<str> = self.csp.into();
-        loop {
-            let request = self.http.recv().map_err(ServeError::Accept)?;
+        for stream in self.listener.incoming() {
+            let stream = match stream {
+                Ok(s) => s,
+                // A client that gave up between connecting and being accepted is not fatal.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(ServeError::Accept(e)),
+            };
             let (root, csp) = (root.clone(), csp.clone());
-            // One thread per request: a client that reads slowly only blocks its own thread.
-            std::thread::spawn(move || respond(&root, &csp, request));
+            std::thread::spawn(move || serve_connection(&root, &csp, stream));
         }
+        Ok(())
     }
 }
 
@@ -262,45 +279,246 @@ pub fn serve(root: &Path, port: u16, hubs: &[String]) -> Result<(), ServeError> 
     server.run()
 }
 
-fn respond(root: &Path, csp: &str, request: tiny_http::Request) {
-    let response = match request.method() {
-        tiny_http::Method::Get | tiny_http::Method::Head => match resolve(root, request.url()) {
-            Ok(path) => match File::open(&path) {
-                // Always a Content-Length (never chunked): the page's progress bars and,
-                // later, HTTP Range requests need to know the size up front.
-                Ok(file) => tiny_http::Response::from_file(file)
-                    .with_header(header("Content-Type", mime_type(&path)))
-                    .with_chunked_threshold(usize::MAX)
-                    .boxed(),
-                Err(_) => text(404, "not found\n"),
-            },
-            Err(Reject::NotFound) => text(404, "not found\n"),
-            Err(Reject::Forbidden) => text(403, "forbidden\n"),
-        },
-        _ => text(405, "method not allowed: only GET and HEAD\n")
-            .with_header(header("Allow", "GET, HEAD")),
+/// How long an idle keep-alive connection (or a half-sent request) is kept before closing it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest request head (request line + headers) accepted.
+const MAX_HEAD: usize = 32 * 1024;
+
+/// A parsed request head: all the server looks at.
+struct RequestHead {
+    method: String,
+    target: String,
+    /// Whether the client wants the connection kept open for another request.
+    keep_alive: bool,
+}
+
+/// Answers requests on one connection until the client closes it, asks to close it, idles past
+/// [`IDLE_TIMEOUT`] or sends something that is not HTTP/1.x.
+fn serve_connection(root: &Path, csp: &str, stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = stream.set_nodelay(true);
+    let Ok(write_half) = stream.try_clone() else {
+        return;
     };
-    let mut response = response;
-    for (name, value) in SECURITY_HEADERS {
-        response.add_header(header(name, value));
+    let mut reader = BufReader::new(stream);
+    let mut out = BufWriter::new(write_half);
+    loop {
+        let head = match read_head(&mut reader) {
+            Ok(Some(head)) => head,
+            Ok(None) => return, // closed (or timed out) between requests
+            Err(()) => {
+                let _ = write_response(
+                    &mut out,
+                    csp,
+                    400,
+                    "text/plain; charset=utf-8",
+                    &[],
+                    Body::Text("bad request\n"),
+                    false,
+                );
+                let _ = out.flush();
+                return;
+            }
+        };
+        let ok = respond(root, csp, &head, &mut out)
+            .and_then(|()| out.flush())
+            .is_ok();
+        // A client that hung up is not our error; there is no one left to tell.
+        if !ok || !head.keep_alive {
+            return;
+        }
     }
-    response.add_header(header("Content-Security-Policy", csp));
-    // A client that hung up is not our error; there is no one left to tell.
-    let _ = request.respond(response);
 }
 
-fn text(status: u16, body: &str) -> tiny_http::ResponseBox {
-    tiny_http::Response::from_string(body)
-        .with_status_code(status)
-        .with_header(header("Content-Type", "text/plain; charset=utf-8"))
-        .boxed()
+/// Reads one request head. Ok(None): the connection ended cleanly before a request started.
+/// Err: not HTTP/1.x, too large, or cut off mid-head (the caller answers 400 where it can).
+fn read_head(reader: &mut impl BufRead) -> Result<Option<RequestHead>, ()> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut size = 0;
+    loop {
+        let mut line = Vec::new();
+        let n = match reader
+            .by_ref()
+            .take((MAX_HEAD - size + 1) as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(n) => n,
+            // Idle past the timeout, or reset, between two requests: just close.
+            Err(_) if size == 0 => return Ok(None),
+            Err(_) => return Err(()),
+        };
+        if n == 0 {
+            return if size == 0 { Ok(None) } else { Err(()) };
+        }
+        size += n;
+        if size > MAX_HEAD || !line.ends_with(b"\n") {
+            return Err(());
+        }
+        let line = String::from_utf8(line).map_err(|_| ())?;
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            if lines.is_empty() {
+                continue; // tolerate blank lines between requests (RFC 9112 2.2)
+            }
+            break;
+        }
+        lines.push(line.to_string());
+    }
+    let mut parts = lines[0].split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(());
+    };
+    let http11 = match version {
+        "HTTP/1.1" => true,
+        "HTTP/1.0" => false,
+        _ => return Err(()),
+    };
+    let mut connection = String::new();
+    let mut has_body = false;
+    for h in &lines[1..] {
+        let (name, value) = h.split_once(':').ok_or(())?;
+        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+        match name.as_str() {
+            "connection" => connection = value.to_ascii_lowercase(),
+            "content-length" => has_body |= value != "0",
+            "transfer-encoding" => has_body = true,
+            _ => {}
+        }
+    }
+    // A request body is never read (only GET and HEAD are served), so the connection ends after
+    // answering one: its body would otherwise be taken for the next request.
+    let keep_alive = !has_body
+        && if http11 {
+            !connection.contains("close")
+        } else {
+            connection.contains("keep-alive")
+        };
+    Ok(Some(RequestHead {
+        method: method.to_string(),
+        target: target.to_string(),
+        keep_alive,
+    }))
 }
 
-fn header(name: &str, value: &str) -> tiny_http::Header {
-    // Only called with the ASCII constants of this file and the CSP, whose hub sources
-    // hub_sources() checked to be plain ASCII; tiny_http accepts those.
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
-        .expect("header names and values in serve.rs are ASCII")
+enum Body<'a> {
+    Text(&'a str),
+    File(File, u64),
+}
+
+fn respond(root: &Path, csp: &str, head: &RequestHead, out: &mut impl Write) -> io::Result<()> {
+    let keep = head.keep_alive;
+    let get = head.method == "GET";
+    if !get && head.method != "HEAD" {
+        return write_response(
+            out,
+            csp,
+            405,
+            "text/plain; charset=utf-8",
+            &[("Allow", "GET, HEAD")],
+            Body::Text("method not allowed: only GET and HEAD\n"),
+            keep,
+        );
+    }
+    let (status, text) = match resolve(root, &head.target) {
+        Ok(path) => match File::open(&path).and_then(|f| Ok((f.metadata()?.len(), f))) {
+            // Always a Content-Length (never chunked): the page's progress bars and, later,
+            // HTTP Range requests need to know the size up front.
+            Ok((len, file)) => {
+                let body = if get {
+                    Body::File(file, len)
+                } else {
+                    Body::File(file, 0)
+                };
+                return write_head_and(out, csp, 200, mime_type(&path), &[], len, body, keep);
+            }
+            Err(_) => (404, "not found\n"),
+        },
+        Err(Reject::NotFound) => (404, "not found\n"),
+        Err(Reject::Forbidden) => (403, "forbidden\n"),
+    };
+    let body = if get {
+        Body::Text(text)
+    } else {
+        Body::Text("")
+    };
+    write_head_and(
+        out,
+        csp,
+        status,
+        "text/plain; charset=utf-8",
+        &[],
+        text.len() as u64,
+        body,
+        keep,
+    )
+}
+
+fn write_response(
+    out: &mut impl Write,
+    csp: &str,
+    status: u16,
+    content_type: &str,
+    extra: &[(&str, &str)],
+    body: Body,
+    keep: bool,
+) -> io::Result<()> {
+    let len = match &body {
+        Body::Text(t) => t.len() as u64,
+        Body::File(_, n) => *n,
+    };
+    write_head_and(out, csp, status, content_type, extra, len, body, keep)
+}
+
+/// Writes the status line and headers (`len` as Content-Length, also for HEAD), then `body`.
+#[allow(clippy::too_many_arguments)]
+fn write_head_and(
+    out: &mut impl Write,
+    csp: &str,
+    status: u16,
+    content_type: &str,
+    extra: &[(&str, &str)],
+    len: u64,
+    body: Body,
+    keep: bool,
+) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "",
+    };
+    write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\n"
+    )?;
+    for (name, value) in SECURITY_HEADERS.iter().chain(extra) {
+        write!(out, "{name}: {value}\r\n")?;
+    }
+    write!(
+        out,
+        "Content-Security-Policy: {csp}\r\nConnection: {}\r\n\r\n",
+        if keep { "keep-alive" } else { "close" }
+    )?;
+    match body {
+        Body::Text(t) => out.write_all(t.as_bytes()),
+        Body::File(file, n) => {
+            let copied = io::copy(&mut file.take(n), out)?;
+            if copied == n {
+                Ok(())
+            } else {
+                // The file shrank while being sent: the Content-Length is now a lie, so the
+                // connection must end here.
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shorter than its Content-Length",
+                ))
+            }
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -568,6 +786,71 @@ mod tests {
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
         assert!(ok.ends_with("<!doctype html>hi"), "{ok}");
         drop(stalled);
+    }
+
+    /// Reads one response with a Content-Length from a keep-alive connection.
+    fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .expect("Content-Length");
+        let mut body = vec![0; len];
+        s.read_exact(&mut body).unwrap();
+        (head, body)
+    }
+
+    /// A page importing many modules opens several keep-alive connections at once and sends
+    /// more requests on each; every one must be answered (tiny_http's thread pool left some
+    /// connections unread behind idle keep-alive ones, and the page hung).
+    #[test]
+    fn many_keep_alive_connections_at_once_are_all_served() {
+        let root = tree();
+        let server = StaticServer::bind(&root, 0).unwrap();
+        let addr = server.addr;
+        std::thread::spawn(move || server.run());
+        let mut conns: Vec<TcpStream> =
+            (0..12).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        for round in 0..3 {
+            for s in &mut conns {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            }
+            for (i, s) in conns.iter_mut().enumerate() {
+                let (head, body) = read_response(s);
+                assert!(
+                    head.starts_with("HTTP/1.1 200"),
+                    "connection {i}, round {round}: {head}"
+                );
+                assert!(
+                    head.to_ascii_lowercase().contains("connection: keep-alive"),
+                    "{head}"
+                );
+                assert_eq!(body, b"<!doctype html>hi", "connection {i}, round {round}");
+            }
+        }
+        // HEAD: the headers (with the GET's Content-Length) and no body; then a close.
+        let head = get(
+            addr,
+            "HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.contains("Content-Length: 17\r\n") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
+        // Not HTTP: a 400 and the connection ends.
+        assert!(get(addr, "hello\r\n\r\n").starts_with("HTTP/1.1 400"));
     }
 
     #[test]
