@@ -1,10 +1,15 @@
-// The page's main-thread script: UI only. All model work happens in web/worker.js.
+// The page's main-thread script: UI only. All model work happens in web/worker.js, reached
+// through the public JS API (web/bitlora.js, one client and one worker for the whole page).
+// The fine-tuning panels (training data, fine-tune, chat comparison, adapters) live in web/ui/.
 //
 // For tests and embedders, the page's progress and last result are published in two places:
 //   <body data-state="starting|loading|running|done|error" data-backend="webgpu|cpu"
-//         data-gen="idle|generating|done|error">
+//         data-gen="idle|generating|done|error" data-data="empty|checking|ok|error"
+//         data-train="idle|starting|running|paused|stopped|done|error" data-resumable="yes|no"
+//         data-compare="idle|generating|done|error">
 //   window.__bitlora = { state, backend, adapter, backendInfo, model, tokens, logits (rows), top, ms, error,
-//                        generation: { state, prompt, options, maxTokens, tokens, text, events, result, error } }
+//                        generation: { state, prompt, options, maxTokens, tokens, text, events, result, error },
+//                        data, training, compare, adapters (web/ui/*.js say what each holds) }
 // and a summary (without logits) as JSON in <pre id="result-json">. data-state is the model and
 // the next-token panel; data-gen the Generate panel.
 //
@@ -16,6 +21,8 @@
 // .model.source says where it came from: { from: 'store'|'network', stored, notes }.
 
 import { mountModelsPanel } from './models-panel.js';
+import { Bitlora } from './bitlora.js';
+import { mountPanels } from './ui/panels.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -30,60 +37,48 @@ const state = (window.__bitlora = {
   loadProgress: [],
 });
 let modelsPanel = null; // web/models-panel.js, mounted below
+let panels = null; // the fine-tuning panels (web/ui/panels.js), mounted below
 
-// ---- worker plumbing: request/reply by id, restart after a crash -------------------------
+// ---- the bitlora client (web/bitlora.js): one worker for the whole page ----------------------
 
-let worker = null;
-let nextId = 1;
-const pending = new Map();
+// The client is started on first use; a crash of the wasm module (a `fatal` reply) ends it and
+// the page starts a fresh one (below, restartWorker).
+let client = null;
+let clientReady = null;
 
-function startWorker() {
-  worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
-  worker.onmessage = ({ data }) => {
-    const p = pending.get(data.id);
-    if (!p) return;
-    if (data.type === 'token') {
-      p.onToken?.(data.event);
-      return;
-    }
-    if (data.type === 'progress') {
-      p.onProgress?.(data.event);
-      return;
-    }
-    pending.delete(data.id);
-    if (data.ok) p.resolve(data.result);
-    else p.reject(Object.assign(new Error(data.error), { fatal: Boolean(data.fatal) }));
-    if (data.fatal) restartWorker(data.error);
-  };
-  // Fires when the worker's module fails to load or throws outside a request.
-  worker.onerror = (event) => {
-    event.preventDefault();
-    const msg = event.message || 'the worker failed to start (see the console)';
-    for (const p of pending.values()) p.reject(new Error(msg));
-    pending.clear();
-    showError(`Worker error: ${msg}`);
-  };
+function startClient() {
+  clientReady ??= Bitlora.create({ preferGpu }).then((c) => (client = c), (err) => {
+    clientReady = null;
+    throw err;
+  });
+  return clientReady;
 }
 
-/** Sends a request; `onToken` receives a generation's token events before the reply. */
-function call(type, args = {}, { onToken, onId, onProgress } = {}) {
-  const id = nextId++;
-  onId?.(id);
-  return new Promise((resolve, reject) => {
-    pending.set(id, { resolve, reject, onToken, onProgress });
-    worker.postMessage({ id, type, ...args });
-  });
+// Requests that load a model: the client then knows the model (training runs record its key).
+const MODEL_LOADS = new Set(['loadBundled', 'loadStored', 'loadFiles', 'importFiles']);
+
+/** Sends a raw worker request through the client; `onToken` / `onProgress` get its events. */
+async function call(type, args = {}, { onToken, onProgress } = {}) {
+  const c = await startClient();
+  try {
+    const r = await c.request(type, args, (m) => (m.type === 'token' ? onToken?.(m.event) : onProgress?.(m.event)));
+    if (MODEL_LOADS.has(type) && r && typeof r === 'object') c.model = r;
+    return r;
+  } catch (err) {
+    if (err.fatal) restartWorker(err.message);
+    throw err;
+  }
 }
 
 let restarting = false;
 async function restartWorker(reason) {
   if (restarting) return;
   restarting = true;
-  worker.terminate();
-  for (const p of pending.values()) p.reject(new Error(`worker restarted: ${reason}`));
-  pending.clear();
+  const old = client;
+  client = null;
+  clientReady = null;
+  old?.terminate();
   console.warn(`bitlora: the worker crashed (${reason}); starting a fresh one`);
-  startWorker();
   restarting = false;
   // Keep the error that caused the restart on screen; the bundled model comes back quietly.
   await boot({ run: false, keepError: true });
@@ -199,6 +194,7 @@ function showModel(model, origin) {
       (model.chatTemplate ? ', chat template' : '');
   }
   setPromptMode(model);
+  panels?.modelLoaded();
 }
 
 // ---- Generate panel -------------------------------------------------------------------------
@@ -323,8 +319,7 @@ function onToken(event) {
   showProgress(g);
 }
 
-let stopFlag = null;
-let generationId = null;
+let generation = null; // the Generate panel's generation in progress (web/bitlora.js)
 
 async function generate() {
   clearGenError();
@@ -341,8 +336,6 @@ async function generate() {
     tokens: [], text: '', events: 0, firstAt: null, lastAt: null, result: null, error: null,
   });
   document.body.dataset.gen = 'generating';
-  // A SharedArrayBuffer flag reaches a CPU generation that keeps the worker busy (worker.js).
-  stopFlag = globalThis.crossOriginIsolated ? new Int32Array(new SharedArrayBuffer(4)) : null;
   $('gen-prompt').textContent = prompt.tokens ? prompt.tokens.join(' ') + ' → ' : '';
   $('gen-text').textContent = '';
   $('gen-output').hidden = false;
@@ -352,9 +345,11 @@ async function generate() {
   showProgress(g);
   syncControls();
   try {
-    const r = await call('generate', { prompt, options, stopFlag }, {
-      onToken, onId: (id) => { generationId = id; },
+    generation = (await startClient()).generate(prompt, {
+      maxTokens: options.max_tokens, temperature: options.temperature, topK: options.top_k, topP: options.top_p,
+      repetitionPenalty: options.repetition_penalty, seed: options.seed, onToken,
     });
+    const r = await generation.result;
     g.result = r;
     g.state = 'done';
     g.stoppedBy = r.stoppedBy;
@@ -368,14 +363,14 @@ async function generate() {
     $('gen-progress').value = r.stoppedBy === 'max_tokens' ? $('gen-progress').max : r.tokens.length;
     document.body.dataset.gen = 'done';
   } catch (err) {
+    if (err.fatal) restartWorker(err.message);
     const option = /sampling option `(\w+)`/.exec(err.message)?.[1];
     showGenError(`Generation failed: ${err.message}`,
       OPTION_INPUTS[option]?.[0] ?? (/^prompt|token id/i.test(err.message) ? 'prompt' : null));
     $('gen-meter').hidden = g.tokens.length === 0;
     $('gen-output').hidden = g.tokens.length === 0;
   } finally {
-    generationId = null;
-    stopFlag = null;
+    generation = null;
     $('gen-output').setAttribute('aria-busy', 'false');
     syncControls();
     publish();
@@ -383,8 +378,7 @@ async function generate() {
 }
 
 function stopGeneration() {
-  if (stopFlag) Atomics.store(stopFlag, 0, 1);
-  if (generationId !== null) worker.postMessage({ type: 'stop', target: generationId });
+  generation?.stop();
   $('stop').disabled = true;
 }
 
@@ -534,14 +528,17 @@ async function showStore() {
 }
 
 async function deleteAll() {
-  if (!window.confirm('Delete everything this page keeps in this browser (stored models)?')) return;
+  if (!window.confirm('Delete everything this page keeps in this browser: stored models, training runs and adapters?')) return;
   $('delete-all').disabled = true;
   try {
+    // A run in progress is stopped first, so it does not write a checkpoint after the deletion.
+    await panels?.beforeDeleteAll();
     const r = await call('deleteAll');
+    const training = (await panels?.deleteTrainingData()) || '';
     state.store = { available: true, models: [] };
     modelsPanel.refresh();
     $('data-status').textContent =
-      `Deleted: ${r.models} model${r.models === 1 ? '' : 's'} (${fmtBytes(r.bytes)}). Nothing is kept in this browser now; ` +
+      `Deleted: ${r.models} model${r.models === 1 ? '' : 's'} (${fmtBytes(r.bytes)})${training ? `, ${training}` : ''}. Nothing is kept in this browser now; ` +
       'the model in use stays in memory until you close the tab.';
     publish();
   } catch (err) {
@@ -556,7 +553,7 @@ async function boot({ run: andRun, keepError = false }) {
   if (!keepError) clearError();
   setState('starting');
   try {
-    showBackend(await call('init', { preferGpu }));
+    showBackend((await startClient()).backend);
     await loadBundled();
   } catch (err) {
     showError(`Could not start: ${err.message}`);
@@ -587,6 +584,9 @@ modelsPanel = mountModelsPanel({
   call, state, params, showModel, showError, clearError, setState, run, askPersist, publish, showLoadProgress,
 });
 
+// The fine-tuning panels (web/ui/): training data, fine-tune, base-vs-adapter chat, adapters.
+panels = mountPanels({ client: () => client, model: () => state.model, state, publish });
+
 $('delete-all').addEventListener('click', deleteAll);
 
 $('load-bundled').addEventListener('click', async () => {
@@ -602,5 +602,4 @@ $('load-bundled').addEventListener('click', async () => {
 
 if (params.get('tokens')) $('tokens').value = params.get('tokens');
 document.body.dataset.gen = 'idle';
-startWorker();
 boot({ run: true });

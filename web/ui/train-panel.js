@@ -253,6 +253,8 @@ export function mountTrainPanel(app) {
       return;
     }
     busy = true;
+    // Until the new run exists, nothing of the previous one is reported as current.
+    Object.assign(t, { runId: null, step: 0, checkpointStep: null, resumedFrom: null, done: null, error: null });
     setState('starting');
     try {
       const data = await app.data.check();
@@ -397,8 +399,9 @@ export function mountTrainPanel(app) {
     const r = offered;
     const how = r.state === 'paused' ? 'was paused' : 'was interrupted (the tab closed or reloaded)';
     const losses = [r.loss != null ? `training loss ${fmtLoss(r.loss)}` : null, r.valLoss != null ? `validation loss ${fmtLoss(r.valLoss)}` : null].filter(Boolean);
+    const data = r.data?.fileName && !String(r.name).includes(r.data.fileName) ? ` on ${r.data.fileName}` : '';
     $('resume-text').textContent =
-      `A training run ${how}: “${r.name}” (${r.data?.fileName ?? 'your data'}, started ${fmtDate(r.createdAt)}) on ${r.model?.name ?? r.model?.key}. ` +
+      `A training run ${how}: “${r.name}”${data}, ${r.model?.name ?? r.model?.key}, started ${fmtDate(r.createdAt)}. ` +
       `Its checkpoint is at step ${fmtInt(r.checkpointStep)} of ${fmtInt(r.totalSteps)}${losses.length ? ` (${losses.join(', ')})` : ''}. ` +
       'Resume it from there?' + (runs.length > 1 ? ` (${plural(runs.length, 'run')} stored in this browser.)` : '');
     $('resume-offer').hidden = false;
