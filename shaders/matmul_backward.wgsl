@@ -9,15 +9,17 @@
 // windows of rows so that no (T, V) buffer outgrows a binding), written to rows
 // dx_row0 .. dx_row0+T of dx.
 //
-// One invocation per (i, block of TT tokens): it sums over o in ascending order, reading each
-// W[o, i] once for the TT tokens (consecutive invocations read consecutive i: coalesced; dy is
-// the same for the whole workgroup).
-// Dispatch (ceil(I / WG), ceil(T / TT), 1).
+// One invocation per block of TI = 4 consecutive i and TT = 8 tokens: per o it loads 4 values
+// of W and 8 of dy for 32 multiply-adds (register blocking: CPU-emulated adapters such as
+// lavapipe pay for every load an invocation makes, real GPUs for the bandwidth). Each dx[t, i]
+// is one sum over o in ascending order, whatever the blocking.
+// Dispatch (ceil(ceil(I / TI) / WG), ceil(T / TT), 1).
 
 override I: u32;        // in features (C)
 override O: u32;        // out features (V), dy's row width
 override WG: u32 = 64u; // workgroup size
 const TT: u32 = 8u;     // tokens per invocation
+const TI: u32 = 4u;     // columns of dx per invocation
 
 struct Dims {
     t: u32,       // T, rows of dy
@@ -34,30 +36,57 @@ struct Dims {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = gid.x;
+    let i0 = gid.x * TI;
     let t0 = gid.y * TT;
-    if i >= I || t0 >= dims.t {
+    if i0 >= I || t0 >= dims.t {
         return;
     }
-    // Rows past T re-read the last row (no branch in the loop) and are not written.
-    var rows: array<u32, TT>;
-    for (var tt = 0u; tt < TT; tt++) {
-        rows[tt] = min(t0 + tt, dims.t - 1u) * O + dims.o0;
-    }
-    var acc: array<f32, TT>;
+    // Columns past I and rows past T are clamped: computed, never written. The blocks are
+    // spelled out (no private arrays indexed in loops, which CPU adapters keep in memory).
+    let c0 = min(i0, I - 1u);
+    let c1 = min(i0 + 1u, I - 1u);
+    let c2 = min(i0 + 2u, I - 1u);
+    let c3 = min(i0 + 3u, I - 1u);
+    let last = dims.t - 1u;
+    let r0 = min(t0, last) * O + dims.o0;
+    let r1 = min(t0 + 1u, last) * O + dims.o0;
+    let r2 = min(t0 + 2u, last) * O + dims.o0;
+    let r3 = min(t0 + 3u, last) * O + dims.o0;
+    let r4 = min(t0 + 4u, last) * O + dims.o0;
+    let r5 = min(t0 + 5u, last) * O + dims.o0;
+    let r6 = min(t0 + 6u, last) * O + dims.o0;
+    let r7 = min(t0 + 7u, last) * O + dims.o0;
+    var a0 = vec4<f32>();
+    var a1 = vec4<f32>();
+    var a2 = vec4<f32>();
+    var a3 = vec4<f32>();
+    var a4 = vec4<f32>();
+    var a5 = vec4<f32>();
+    var a6 = vec4<f32>();
+    var a7 = vec4<f32>();
     for (var o = 0u; o < dims.oc; o++) {
-        let wv = w[o * I + i];
-        for (var tt = 0u; tt < TT; tt++) {
-            acc[tt] += dy[rows[tt] + o] * wv;
-        }
+        let b = o * I;
+        let wv = vec4<f32>(w[b + c0], w[b + c1], w[b + c2], w[b + c3]);
+        a0 += dy[r0 + o] * wv;
+        a1 += dy[r1 + o] * wv;
+        a2 += dy[r2 + o] * wv;
+        a3 += dy[r3 + o] * wv;
+        a4 += dy[r4 + o] * wv;
+        a5 += dy[r5 + o] * wv;
+        a6 += dy[r6 + o] * wv;
+        a7 += dy[r7 + o] * wv;
     }
+    let acc = array<vec4<f32>, TT>(a0, a1, a2, a3, a4, a5, a6, a7);
     let nt = min(TT, dims.t - t0);
+    let ni = min(TI, I - i0);
     for (var tt = 0u; tt < nt; tt++) {
-        let idx = (dims.dx_row0 + t0 + tt) * I + i;
-        if dims.acc == 1u {
-            dx[idx] += acc[tt];
-        } else {
-            dx[idx] = acc[tt];
+        for (var j = 0u; j < ni; j++) {
+            let idx = (dims.dx_row0 + t0 + tt) * I + i0 + j;
+            if dims.acc == 1u {
+                dx[idx] += acc[tt][j];
+            } else {
+                dx[idx] = acc[tt][j];
+            }
         }
     }
 }

@@ -8,8 +8,10 @@ use crate::tensor::{DType, GpuTensor, SplitTensor};
 
 pub const SOURCE: &str = include_str!("../../../../shaders/matmul.wgsl");
 
-/// Tokens per invocation (the shader's `TT`).
+/// Tokens and outputs per invocation of the blocked pipeline (the shader's `TT`, `TO`); the
+/// decoding pipeline (T = 1) has one of each.
 const TT: usize = 8;
+const TO: usize = 4;
 
 /// Dense f32 `y = x . W^T`: the language-model head (W is the embedding when tied).
 ///
@@ -19,23 +21,34 @@ const TT: usize = 8;
 #[derive(Clone, Debug)]
 pub struct Matmul {
     kernel: Kernel,
+    /// TT = TO = 1: one token (decoding).
+    kernel_one: Kernel,
     i: usize,
     o: usize,
 }
 
 impl Matmul {
     pub fn new(device: &wgpu::Device, i: usize, o: usize) -> Matmul {
-        let kernel = Kernel::new(
-            device,
-            "matmul",
-            SOURCE,
-            &[
-                ("I", super::c(i)),
-                ("O", super::c(o)),
-                ("WG", super::c(super::WG)),
-            ],
-        );
-        Matmul { kernel, i, o }
+        let k = |tt: usize, to: usize| {
+            Kernel::new(
+                device,
+                "matmul",
+                SOURCE,
+                &[
+                    ("I", super::c(i)),
+                    ("O", super::c(o)),
+                    ("WG", super::c(super::WG)),
+                    ("TT", super::c(tt)),
+                    ("TO", super::c(to)),
+                ],
+            )
+        };
+        Matmul {
+            kernel: k(TT, TO),
+            kernel_one: k(1, 1),
+            i,
+            o,
+        }
     }
 
     /// W whole in one binding, every row of x.
@@ -102,10 +115,15 @@ impl Matmul {
         }
         expect(OP, y, DType::F32, &[t, self.o])?;
         let dims = rec.dims(OP, &[t, x_rows.start, oc, o0])?;
+        let (kernel, tt, to) = if t == 1 {
+            (&self.kernel_one, 1, 1)
+        } else {
+            (&self.kernel, TT, TO)
+        };
         rec.dispatch(
-            &self.kernel,
+            kernel,
             &[&dims, &x.buffer, &w_chunk.buffer, &y.buffer],
-            [oc.div_ceil(super::WG), t.div_ceil(TT), 1],
+            [oc.div_ceil(to).div_ceil(super::WG), t.div_ceil(tt), 1],
         )
     }
 }

@@ -6,8 +6,9 @@ use crate::tensor::{DType, GpuTensor, SplitTensor};
 
 pub const SOURCE: &str = include_str!("../../../../shaders/matmul_backward.wgsl");
 
-/// Tokens per invocation (the shader's `TT`).
+/// Tokens and columns of dx per invocation (the shader's `TT` and `TI`).
 const TT: usize = 8;
+const TI: usize = 4;
 
 /// The backward of [`super::Matmul`] to its input: `dx = dy . W`, the language-model head's
 /// dX from dlogits (W is the embedding when tied).
@@ -87,7 +88,7 @@ impl MatmulBackward {
             rec.dispatch(
                 &self.kernel,
                 &[&dims, &dy.buffer, &chunk.buffer, &dx.buffer],
-                [self.i.div_ceil(super::WG), t.div_ceil(TT), 1],
+                [self.i.div_ceil(TI).div_ceil(super::WG), t.div_ceil(TT), 1],
             )?;
         }
         Ok(())

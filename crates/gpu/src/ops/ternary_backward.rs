@@ -4,6 +4,9 @@ use crate::GpuError;
 use crate::record::{Kernel, Recorder, expect, rows};
 use crate::tensor::{DType, GpuTensor};
 
+/// Tokens per invocation (the shader's `TT`).
+const TT: usize = 4;
+
 pub const SOURCE: &str = include_str!("../../../../shaders/ternary_backward.wgsl");
 
 /// BitLinear backward to the input, straight-through on the activation quantizer:
@@ -80,10 +83,11 @@ impl TernaryBackward {
         expect(OP, w, DType::Ternary, &[self.o, self.i])?;
         expect(OP, sw, DType::F32, &[1])?;
         expect(OP, dx, DType::F32, &[t, self.i])?;
+        let dims = rec.dims(OP, &[t])?;
         rec.dispatch(
             kernel,
-            &[&dy.buffer, &w.buffer, &sw.buffer, &dx.buffer],
-            [self.i.div_ceil(super::WG), t, 1],
+            &[&dims, &dy.buffer, &w.buffer, &sw.buffer, &dx.buffer],
+            [self.i.div_ceil(4).div_ceil(super::WG), t.div_ceil(TT), 1],
         )
     }
 }
