@@ -266,6 +266,8 @@ export interface Trainer {
   readonly history: ProgressEvent[];
   /** Where steps run. */
   readonly backend: BackendKind;
+  /** Why a WebGPU session trains this run on the CPU (e.g. a buffer over the device's limit), else null. */
+  readonly backendNote: string | null;
   /** Adds a listener; returns a function that removes it. */
   on<K extends keyof TrainerEvents>(type: K, listener: (event: TrainerEvents[K]) => void): () => void;
   /** Starts (or, from "paused", continues) the training loop; resolves once it runs. */

@@ -245,6 +245,7 @@ class Trainer {
     this.totalSteps = info.totalSteps;
     this.adapterParams = info.adapterParams;
     this.backend = info.backend;
+    this.backendNote = info.backendNote ?? null;
     this.history = info.history ?? [];
     this.#newFinished();
   }
@@ -275,6 +276,7 @@ class Trainer {
     switch (type) {
       case 'progress':
         this.step = data.step;
+        this.backend = data.backend;
         this.totalSteps = data.totalSteps;
         this.history.push(data);
         this.#emit('progress', data);

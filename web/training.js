@@ -18,6 +18,19 @@
 
 import * as tstore from './training-store.js';
 
+/**
+ * One model pass at a time. A WebGPU training unit and a WebGPU generation both hold the
+ * model's GPU buffers while they await the GPU, and either may start while the other waits
+ * (the loop yields; queued requests run meanwhile), so both go through this lock. On the CPU
+ * every pass is synchronous and the lock costs nothing.
+ */
+let lock = Promise.resolve();
+export function withModel(fn) {
+  const p = lock.then(fn);
+  lock = p.catch(() => {});
+  return p;
+}
+
 /** Runs live in this worker, by id: { id, wt, record, state, ... }. */
 const runs = new Map();
 let ctxFns = null;
@@ -72,7 +85,7 @@ function encodeText(text) {
 
 export function estimateMemory({ config }) {
   currentModel('estimate memory');
-  return session().estimateMemory(wasmConfig(config));
+  return withModel(() => session().estimateMemory(wasmConfig(config)));
 }
 
 // ---- runs -----------------------------------------------------------------------------------
@@ -82,7 +95,7 @@ function publicInfo(run) {
   return {
     runId: run.id, state: run.state, config: { ...info.config, checkpointEvery: run.checkpointEvery, name: run.record.name },
     data: info.data, step: info.step, totalSteps: info.totalSteps, adapterParams: info.adapterParams,
-    backend: info.backend, history: run.history,
+    backend: info.backend, backendNote: info.backendNote ?? null, history: run.history,
   };
 }
 
@@ -118,7 +131,7 @@ export async function create({ data, config = {} }) {
 function addRun(id, wt, record, checkpointEvery) {
   const run = {
     id, wt, record, state: record.state === 'done' ? 'done' : (record.state === 'ready' ? 'ready' : 'paused'),
-    history: record.history ?? [], checkpointEvery: checkpointEvery ?? 50,
+    history: record.history ?? [], checkpointEvery: checkpointEvery ?? 50, step: wt.step, totalSteps: wt.totalSteps,
     pauseWaiters: [], boundaryOps: [], looping: false, want: null, lastCheckpoint: record.checkpointStep ?? 0,
     loss: record.loss, valLoss: record.valLoss,
   };
@@ -160,14 +173,14 @@ function setState(run, state) {
 }
 
 /** Stores the run's record and, when the step moved on, its checkpoint. */
-async function persist(run, state = run.state) {
+async function persist(run, state = run.state, force = false) {
   const wt = run.wt;
   const r = run.record;
   Object.assign(r, {
     state, step: wt.step, updatedAt: Date.now(), history: run.history, loss: run.loss ?? null, valLoss: run.valLoss ?? null,
   });
   let checkpoint = null;
-  if (wt.step !== run.lastCheckpoint || r.checkpointStep == null) {
+  if (force || wt.step !== run.lastCheckpoint || r.checkpointStep == null) {
     const bytes = wt.checkpoint();
     checkpoint = { step: wt.step, bytes };
     r.checkpointStep = wt.step;
@@ -175,14 +188,17 @@ async function persist(run, state = run.state) {
   }
   try {
     await tstore.saveRun(r, checkpoint);
-    if (checkpoint) {
-      run.lastCheckpoint = checkpoint.step;
-      post(run.id, 'checkpoint', { step: checkpoint.step, bytes: checkpoint.bytes.length });
-    }
+    if (!checkpoint) return null;
+    run.lastCheckpoint = checkpoint.step;
+    const event = { step: checkpoint.step, bytes: checkpoint.bytes.length };
+    post(run.id, 'checkpoint', event);
+    return event;
   } catch (err) {
     // Training goes on; the page hears that this checkpoint is not stored.
-    if (checkpoint) post(run.id, 'checkpoint', { step: checkpoint.step, bytes: 0, error: describe(err) });
-    else throw err;
+    if (!checkpoint) throw err;
+    const event = { step: checkpoint.step, bytes: 0, error: describe(err) };
+    post(run.id, 'checkpoint', event);
+    return event;
   }
 }
 
@@ -196,7 +212,7 @@ export async function control({ runId, action }) {
   switch (action) {
     case 'start':
     case 'resume': {
-      if (run.state === 'running') return { state: run.state, step: run.wt.step };
+      if (run.state === 'running') return { state: run.state, step: run.step };
       if (run.state === 'done') throw new Error('the run is complete: all its steps have run');
       if (run.state === 'error') throw new Error('the run stopped on an error; resume it from its checkpoint (resumeTrainer) to try again');
       const other = [...runs.values()].find((r) => r !== run && (r.state === 'running' || r.looping));
@@ -204,35 +220,31 @@ export async function control({ runId, action }) {
       if (run.looping) {
         // Paused meanwhile but the loop has not noticed yet: cancel the request.
         run.want = null;
-        return { state: run.state, step: run.wt.step };
+        return { state: run.state, step: run.step };
       }
       run.want = null;
       setState(run, 'running');
       run.record.state = 'running';
       run.looping = true;
       loop(run);
-      return { state: 'running', step: run.wt.step };
+      return { state: 'running', step: run.step };
     }
     case 'pause':
     case 'stop': {
-      if (action === 'pause' && run.state !== 'running') return { state: run.state, step: run.wt.step };
+      if (action === 'pause' && run.state !== 'running') return { state: run.state, step: run.step };
       if (action === 'stop' && !run.looping) {
-        if (run.state === 'stopped' || run.state === 'done') return { state: run.state, step: run.wt.step };
+        if (run.state === 'stopped' || run.state === 'done') return { state: run.state, step: run.step };
         await persist(run, 'stopped');
         setState(run, 'stopped');
         post(run.id, 'done', doneEvent(run, 'stopped'));
-        return { state: 'stopped', step: run.wt.step };
+        return { state: 'stopped', step: run.step };
       }
       run.want = action;
       await new Promise((resolve, reject) => run.pauseWaiters.push({ resolve, reject }));
-      return { state: run.state, step: run.wt.step };
+      return { state: run.state, step: run.step };
     }
     case 'checkpoint':
-      return atBoundary(run, async () => {
-        const before = run.lastCheckpoint;
-        await persist(run);
-        return { step: run.wt.step, stored: run.lastCheckpoint !== before || run.lastCheckpoint === run.wt.step };
-      });
+      return atBoundary(run, () => persist(run, run.state, true));
     default:
       throw new Error(`trainControl: unknown action ${JSON.stringify(action)}`);
   }
@@ -240,13 +252,13 @@ export async function control({ runId, action }) {
 
 /** Runs `fn` between two steps: now if the loop is not running, else at its next step boundary. */
 function atBoundary(run, fn) {
-  if (!run.looping) return Promise.resolve().then(fn);
+  if (!run.looping) return withModel(fn);
   return new Promise((resolve, reject) => run.boundaryOps.push({ fn, resolve, reject }));
 }
 
 function doneEvent(run, reason) {
   return {
-    reason, step: run.wt.step, totalSteps: run.wt.totalSteps, loss: run.loss ?? null, valLoss: run.valLoss ?? null,
+    reason, step: run.step, totalSteps: run.totalSteps, loss: run.loss ?? null, valLoss: run.valLoss ?? null,
     seconds: run.seconds ?? 0,
   };
 }
@@ -264,7 +276,7 @@ async function loop(run) {
     for (;;) {
       if (wt.atStepBoundary()) {
         for (const op of run.boundaryOps.splice(0)) {
-          try { op.resolve(await op.fn()); } catch (err) { op.reject(err); }
+          try { op.resolve(await withModel(op.fn)); } catch (err) { op.reject(err); }
         }
         if (wt.done()) {
           run.seconds = (run.seconds ?? 0) + (performance.now() - startedAt) / 1000;
@@ -288,7 +300,7 @@ async function loop(run) {
           return;
         }
       }
-      const report = wt.advance();
+      const report = await withModel(() => wt.advance());
       if (report) {
         const t = performance.now();
         tokens += report.tokens;
@@ -302,6 +314,7 @@ async function loop(run) {
         };
         stepStart = t;
         run.loss = report.loss;
+        run.step = report.step;
         if (report.valLoss != null) run.valLoss = report.valLoss;
         run.history.push(event);
         post(run.id, 'progress', event);

@@ -180,10 +180,10 @@ async function dispatchType(type, args) {
     case 'loadFiles':
       return loadFiles(args.files);
     case 'forward':
-      return needSession().forward(Uint32Array.from(args.tokens));
+      return training.withModel(() => needSession().forward(Uint32Array.from(args.tokens)));
     case 'generate':
       await training.useAdapter(args.options?.adapter ?? null);
-      return generate(args);
+      return training.withModel(() => generate(args));
     case 'prepareData':
       return training.prepareData(args);
     case 'estimateMemory':

@@ -23,9 +23,16 @@
 //! Everything here runs inside a worker, so the page stays responsive while a CPU forward pass
 //! or generation blocks the worker's thread.
 
+// RefCells are borrowed across awaits on purpose: the GPU model (and a run's training state)
+// is held for the whole of a pass that awaits the GPU. The worker runs one pass at a time
+// (web/training.js `withModel`), and a borrow that finds it taken is reported as "busy"
+// (try_borrow), never a panic.
+#![allow(clippy::await_holding_refcell_ref)]
+
 mod generate;
 mod train;
 
+#[cfg(feature = "gpu")]
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -65,17 +72,14 @@ struct BackendInfo {
     adapter: Option<Adapter>,
     /// Why WebGPU is not used when `kind` is "cpu".
     fallback_reason: Option<String>,
-    /// Where training steps run: "cpu" until the WebGPU trainer is wired in.
+    /// Where training steps run: "webgpu" with an adapter (unless a model or run does not fit
+    /// it: each trainer's `backend` says where it trains), else "cpu".
     training: &'static str,
     /// Why training does not run on WebGPU although the session has it.
     training_reason: Option<String>,
     /// The most memory the CPU backend can use (wasm32: 4 GiB).
     wasm_memory_limit: f64,
 }
-
-/// Why a WebGPU session still trains on the CPU.
-const CPU_TRAINING_REASON: &str =
-    "training runs on the CPU (wasm SIMD128): the WebGPU trainer is not wired into the page yet";
 
 /// The CPU backend's label says whether this build really has SIMD128 (tools/build-web.sh sets
 /// `+simd128`; a plain cargo build would not), so the page never claims what did not happen.
@@ -138,16 +142,108 @@ struct Loaded {
     /// tokenizer_config.json's eos_token when the tokenizer knows it, else config.json's.
     train_eos: u32,
     /// The model on the GPU, with the adapter it currently applies (a RefCell: setting the
-    /// adapter needs `&mut`, and a generation holds it while it awaits the GPU).
+    /// adapter needs `&mut`, and a generation or a training step holds it while it awaits the
+    /// GPU; the worker never runs two of them at once).
     #[cfg(feature = "gpu")]
     gpu_model: Option<RefCell<GpuSlot>>,
 }
 
+/// The session's WebGPU device (an uninhabited type without the `gpu` feature).
+#[cfg(feature = "gpu")]
+pub(crate) type GpuHandle = bitlora_gpu::Gpu;
+#[cfg(not(feature = "gpu"))]
+pub(crate) enum GpuHandle {}
+
+/// The loaded model on the GPU: a plain `GpuModel`, or one lent to a `GpuTrainer` (which owns
+/// it, and whose model still serves inference), so the weights are uploaded once.
 #[cfg(feature = "gpu")]
 struct GpuSlot {
-    model: bitlora_gpu::GpuModel,
-    /// `Adapter::serial` of the adapter uploaded, None for the plain model.
+    holder: GpuHolder,
+    /// `LoraAdapter::serial` of the inference adapter uploaded, None for the plain model.
     adapter: Option<u64>,
+}
+
+#[cfg(feature = "gpu")]
+enum GpuHolder {
+    Model(Box<bitlora_gpu::GpuModel>),
+    /// Built for the run `owner` (its rank, targets and context).
+    Trainer {
+        trainer: Box<bitlora_gpu::GpuTrainer>,
+        owner: u64,
+    },
+    /// A failed GpuTrainer::new took the model with it and a new upload failed too.
+    Empty,
+}
+
+#[cfg(feature = "gpu")]
+impl GpuSlot {
+    fn model_mut(&mut self) -> Option<&mut bitlora_gpu::GpuModel> {
+        match &mut self.holder {
+            GpuHolder::Model(m) => Some(m),
+            GpuHolder::Trainer { trainer, .. } => Some(trainer.model_mut()),
+            GpuHolder::Empty => None,
+        }
+    }
+}
+
+/// Why a run cannot use the GPU trainer now.
+#[cfg(feature = "gpu")]
+pub(crate) enum GpuTrainError {
+    /// Another pass holds the GPU model (a bug in the caller's ordering).
+    Busy,
+    /// This run cannot train on this GPU (e.g. a tensor larger than a binding): train on the CPU.
+    Unusable(String),
+}
+
+/// The GPU trainer for run `owner`, built (from the loaded model's GPU weights) at its first
+/// use or when another run's trainer is there.
+#[cfg(feature = "gpu")]
+pub(crate) fn gpu_trainer<'a>(
+    loaded: &'a Loaded,
+    gpu: &bitlora_gpu::Gpu,
+    owner: u64,
+    lora: &bitlora_core::lora::LoraConfig,
+    max_tokens: usize,
+) -> Result<std::cell::RefMut<'a, bitlora_gpu::GpuTrainer>, GpuTrainError> {
+    let slot = loaded
+        .gpu_model
+        .as_ref()
+        .ok_or_else(|| GpuTrainError::Unusable("the model is not on the GPU".into()))?;
+    let mut s = slot.try_borrow_mut().map_err(|_| GpuTrainError::Busy)?;
+    let reuse = matches!(&s.holder, GpuHolder::Trainer { trainer, owner: o }
+        if *o == owner && trainer.max_tokens() >= max_tokens);
+    if !reuse {
+        let model = match std::mem::replace(&mut s.holder, GpuHolder::Empty) {
+            GpuHolder::Model(m) => Ok(*m),
+            GpuHolder::Trainer { trainer, .. } => Ok(trainer.into_model()),
+            GpuHolder::Empty => {
+                s.adapter = None;
+                bitlora_gpu::GpuModel::new(gpu, &loaded.model)
+            }
+        };
+        let built = model.and_then(|m| bitlora_gpu::GpuTrainer::new(m, lora, max_tokens));
+        match built {
+            Ok(t) => {
+                s.holder = GpuHolder::Trainer {
+                    trainer: Box::new(t),
+                    owner,
+                }
+            }
+            Err(e) => {
+                // The model went into the failed constructor: upload it again for inference.
+                s.adapter = None;
+                if let Ok(m) = bitlora_gpu::GpuModel::new(gpu, &loaded.model) {
+                    s.holder = GpuHolder::Model(Box::new(m));
+                }
+                return Err(GpuTrainError::Unusable(e.to_string()));
+            }
+        }
+    }
+    std::cell::RefMut::filter_map(s, |s| match &mut s.holder {
+        GpuHolder::Trainer { trainer, .. } => Some(trainer.as_mut()),
+        _ => None,
+    })
+    .map_err(|_| GpuTrainError::Unusable("internal: the GPU trainer vanished".into()))
 }
 
 /// An adapter validated against the loaded model, ready for generation.
@@ -213,7 +309,7 @@ struct GenerateResult {
 pub struct Session {
     backend: BackendInfo,
     #[cfg(feature = "gpu")]
-    gpu: Option<bitlora_gpu::Gpu>,
+    gpu: Option<Rc<bitlora_gpu::Gpu>>,
     /// Replaced only when a load succeeds, so a bad upload leaves the previous model working.
     loaded: Option<Rc<Loaded>>,
     /// Adapters for generation by the page's key (validated against `loaded`; cleared on load).
@@ -231,7 +327,7 @@ impl Session {
             let (backend, gpu) = pick_gpu(prefer_gpu).await;
             Session {
                 backend,
-                gpu,
+                gpu: gpu.map(Rc::new),
                 loaded: None,
                 adapters: HashMap::new(),
                 next_serial: 1,
@@ -338,7 +434,7 @@ impl Session {
                 Ok(m) => {
                     summary.backend = "webgpu";
                     Some(RefCell::new(GpuSlot {
-                        model: m,
+                        holder: GpuHolder::Model(Box::new(m)),
                         adapter: None,
                     }))
                 }
@@ -601,10 +697,12 @@ impl Session {
     /// training backend can hold: MemoryEstimate in web/bitlora.d.ts.
     #[wasm_bindgen(js_name = estimateMemory)]
     pub fn estimate_memory(&self, config: JsValue) -> Result<JsValue, JsError> {
+        let loaded = self.need_model("estimate memory")?;
         train::estimate_memory(
-            self.need_model("estimate memory")?,
+            loaded,
             &config,
             wasm_memory_bytes(),
+            self.gpu_budget(loaded),
         )
     }
 
@@ -618,7 +716,13 @@ impl Session {
         config: JsValue,
     ) -> Result<WebTrainer, JsError> {
         let loaded = self.need_model("train")?;
-        WebTrainer::create(Rc::clone(loaded), file_name, bytes, &config)
+        WebTrainer::create(
+            Rc::clone(loaded),
+            self.gpu_handle(),
+            file_name,
+            bytes,
+            &config,
+        )
     }
 
     /// Continues a run from its checkpoint (`WebTrainer.checkpoint()`'s bytes), given the same
@@ -632,7 +736,14 @@ impl Session {
         checkpoint: &[u8],
     ) -> Result<WebTrainer, JsError> {
         let loaded = self.need_model("resume training")?;
-        WebTrainer::resume(Rc::clone(loaded), file_name, bytes, &config, checkpoint)
+        WebTrainer::resume(
+            Rc::clone(loaded),
+            self.gpu_handle(),
+            file_name,
+            bytes,
+            &config,
+            checkpoint,
+        )
     }
 
     /// Reads PEFT files (adapter_config.json + adapter_model.safetensors), checks them against
@@ -701,6 +812,40 @@ impl Session {
 }
 
 impl Session {
+    /// What WebGPU offers training with the loaded model, when runs train there.
+    fn gpu_budget(&self, loaded: &Loaded) -> Option<train::GpuBudget> {
+        #[cfg(feature = "gpu")]
+        {
+            let gpu = self.gpu.as_ref()?;
+            // The worker asks between passes (web/training.js withModel), so the slot is free.
+            let weight_bytes = match loaded.gpu_model.as_ref()?.try_borrow_mut() {
+                Ok(mut slot) => slot.model_mut()?.weight_bytes() as f64,
+                Err(_) => return None,
+            };
+            Some(train::GpuBudget {
+                weight_bytes,
+                max_binding: gpu.info.max_storage_buffer_binding_size as f64,
+            })
+        }
+        #[cfg(not(feature = "gpu"))]
+        {
+            let _ = loaded;
+            None
+        }
+    }
+
+    /// The WebGPU device for training, when the session has one.
+    fn gpu_handle(&self) -> Option<Rc<GpuHandle>> {
+        #[cfg(feature = "gpu")]
+        {
+            self.gpu.clone()
+        }
+        #[cfg(not(feature = "gpu"))]
+        {
+            None
+        }
+    }
+
     fn need_model(&self, what: &str) -> Result<&Rc<Loaded>, JsError> {
         self.loaded.as_ref().ok_or_else(|| {
             JsError::new(&format!(
@@ -781,9 +926,10 @@ fn load_tokenizer(
 
 async fn run_forward(loaded: &Loaded, tokens: &[u32]) -> Result<(&'static str, Vec<f32>), JsError> {
     #[cfg(feature = "gpu")]
-    if let Some(slot) = &loaded.gpu_model {
-        let slot = use_gpu_adapter(slot, None)?;
-        let logits = slot.model.logits(tokens).await.map_err(|e| match e {
+    if let Some(slot) = &loaded.gpu_model
+        && let Some(model) = use_gpu_adapter(slot, None)?
+    {
+        let logits = model.logits(tokens).await.map_err(|e| match e {
             // Bad input (token ids, length) reads the same on either backend.
             bitlora_gpu::GpuError::Model(e) => JsError::new(&e.to_string()),
             e => JsError::new(&format!("WebGPU forward pass failed: {e}")),
@@ -806,10 +952,10 @@ async fn run_generate(
     on_token: impl FnMut(u32) -> bool,
 ) -> Result<(&'static str, Vec<u32>), JsError> {
     #[cfg(feature = "gpu")]
-    if let Some(slot) = &loaded.gpu_model {
-        let slot = use_gpu_adapter(slot, adapter)?;
-        let out = slot
-            .model
+    if let Some(slot) = &loaded.gpu_model
+        && let Some(model) = use_gpu_adapter(slot, adapter)?
+    {
+        let out = model
             .generate(prompt, opts, on_token)
             .await
             .map_err(|e| match e {
@@ -825,24 +971,29 @@ async fn run_generate(
 }
 
 /// Borrows the GPU model with `adapter` (None: the plain model) uploaded, uploading it only when
-/// another one is there. The borrow lasts for the caller's pass; the worker runs one request at
-/// a time, so finding it taken means a bug in the caller, reported rather than panicking.
+/// another one is there; None when the model is not on the GPU any more (the caller uses the
+/// CPU). The borrow lasts for the caller's pass; the worker runs one pass at a time, so finding
+/// it taken means a bug in the caller, reported rather than panicking.
 #[cfg(feature = "gpu")]
 fn use_gpu_adapter<'a>(
     slot: &'a RefCell<GpuSlot>,
     adapter: Option<&LoraAdapter>,
-) -> Result<std::cell::RefMut<'a, GpuSlot>, JsError> {
+) -> Result<Option<std::cell::RefMut<'a, bitlora_gpu::GpuModel>>, JsError> {
     let mut slot = slot.try_borrow_mut().map_err(|_| {
         JsError::new("the WebGPU model is busy with another pass; wait for it to finish")
     })?;
     let want = adapter.map(|a| a.serial);
-    if slot.adapter != want {
-        slot.model
+    let current = slot.adapter;
+    let Some(model) = slot.model_mut() else {
+        return Ok(None);
+    };
+    if current != want {
+        model
             .set_adapter(adapter.map(|a| a.lora.as_ref()))
             .map_err(|e| JsError::new(&format!("WebGPU could not take the adapter: {e}")))?;
-        slot.adapter = want;
     }
-    Ok(slot)
+    slot.adapter = want;
+    Ok(std::cell::RefMut::filter_map(slot, GpuSlot::model_mut).ok())
 }
 
 /// tokenizer_config.json's `eos_token` (a string, or `{ content }`), if it names one.
@@ -898,8 +1049,8 @@ async fn pick_gpu(prefer_gpu: bool) -> (BackendInfo, Option<bitlora_gpu::Gpu>) {
                 label: format!("WebGPU: {name}"),
                 adapter: Some(gpu.info.clone()),
                 fallback_reason: None,
-                training: "cpu",
-                training_reason: Some(CPU_TRAINING_REASON.into()),
+                training: "webgpu",
+                training_reason: None,
                 wasm_memory_limit: train::WASM_MEMORY_LIMIT,
             };
             (info, Some(gpu))

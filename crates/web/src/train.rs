@@ -11,6 +11,7 @@
 //! Options come as a plain object with camelCase names (web/bitlora.d.ts, `TrainConfig`); unknown
 //! names are errors, so a typo never silently means "default".
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use bitlora_core::data::{self, DataOptions, Dataset};
@@ -510,49 +511,118 @@ fn activation_floats(c: &Config, t: usize, lora: &LoraConfig) -> (f64, f64) {
     )
 }
 
-/// `Session.estimateMemory`. `memory_in_use`: the wasm memory's size now, in bytes.
+/// What the WebGPU device offers a training run: the GPU model's weight bytes and the
+/// device's largest storage binding.
+pub(crate) struct GpuBudget {
+    pub weight_bytes: f64,
+    pub max_binding: f64,
+}
+
+/// GPU training's activations (`GpuTrainer`'s saved tensors and scratch: attention
+/// probabilities and the normed activations are recomputed, the head runs in windows of rows
+/// that fit one binding) and its largest buffer, in bytes.
+fn gpu_activation_bytes(c: &Config, t: usize, lora: &LoraConfig, max_binding: f64) -> (f64, f64) {
+    let (h, f, q, kv, v) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.q_dim() as f64,
+        c.kv_dim() as f64,
+        c.vocab_size as f64,
+    );
+    let (tf, r) = (t as f64, lora.r as f64);
+    let adapted = lora.targets.iter().filter(|&&on| on).count() as f64;
+    let per_layer = tf * (2.0 * h + 2.0 * q + 2.0 * kv + 2.0 * f + r * adapted);
+    let widest = h.max(f).max(q);
+    let window = (max_binding / (4.0 * v)).floor().clamp(1.0, tf) * v;
+    let floats = c.num_hidden_layers as f64 * per_layer + 8.0 * tf * widest + window;
+    (4.0 * floats, 4.0 * (tf * widest).max(window))
+}
+
+/// `Session.estimateMemory`. `memory_in_use`: the wasm memory's size now, in bytes; `gpu`: set
+/// when runs train on WebGPU.
 pub(crate) fn estimate_memory(
     loaded: &Loaded,
     config: &JsValue,
     memory_in_use: f64,
+    gpu: Option<GpuBudget>,
 ) -> Result<JsValue, JsError> {
     let c = &loaded.model.config;
     let spec = parse_config(c, config)?;
     let lora_cfg = spec.lora_config()?;
     let params = Lora::init(c, lora_cfg.clone(), 0).num_params();
-    let (acts, largest) = activation_floats(c, spec.context, &lora_cfg);
-    let weights = cpu_weight_bytes(c);
-    let activations = 4.0 * acts;
-    // A, B; their gradients; Adam's m and v; and the copy validation makes with dropout off.
-    let adapter = 5.0 * 4.0 * params as f64;
-    let total = weights + activations + adapter;
+    // A, B; their gradients; Adam's m and v; and the copy validation makes with dropout off:
+    // in wasm memory on either backend (the optimizer runs on the CPU).
+    let cpu_adapter = 5.0 * 4.0 * params as f64;
+    let cpu_weights = cpu_weight_bytes(c);
     // The model is already loaded: what else is in use counts against the limit, the weights once.
-    let limit = (WASM_MEMORY_LIMIT - (memory_in_use - weights).max(0.0)).max(0.0);
-    let fits = total <= limit;
+    let wasm_left = (WASM_MEMORY_LIMIT - (memory_in_use - cpu_weights).max(0.0)).max(0.0);
     let mib = |b: f64| format!("{:.0} MiB", b / 1048576.0);
-    let message = (!fits).then(|| {
-        format!(
-            "training needs about {} (model {}, activations {}, adapter and optimizer {}) but the CPU backend (wasm32) can use at most {} more; lower the context (activations grow with its square through attention) or the rank",
-            mib(total),
-            mib(weights),
-            mib(activations),
-            mib(adapter),
-            mib(limit)
-        )
-    });
-    to_js(&MemoryEstimate {
-        backend: "cpu",
-        weights,
-        activations,
-        adapter,
-        total,
-        adapter_params: params,
-        limit: Some(limit),
-        largest_buffer: 4.0 * largest,
-        max_binding: None,
-        fits,
-        message,
-    })
+    let estimate = match gpu {
+        None => {
+            let (acts, largest) = activation_floats(c, spec.context, &lora_cfg);
+            let activations = 4.0 * acts;
+            let total = cpu_weights + activations + cpu_adapter;
+            let fits = total <= wasm_left;
+            MemoryEstimate {
+                backend: "cpu",
+                weights: cpu_weights,
+                activations,
+                adapter: cpu_adapter,
+                total,
+                adapter_params: params,
+                limit: Some(wasm_left),
+                largest_buffer: 4.0 * largest,
+                max_binding: None,
+                fits,
+                message: (!fits).then(|| {
+                    format!(
+                        "training needs about {} (model {}, activations {}, adapter and optimizer {}) but the CPU backend (wasm32) can use at most {} more; lower the context (activations grow with its square through attention) or the rank",
+                        mib(total),
+                        mib(cpu_weights),
+                        mib(activations),
+                        mib(cpu_adapter),
+                        mib(wasm_left)
+                    )
+                }),
+            }
+        }
+        Some(g) => {
+            let (activations, largest) =
+                gpu_activation_bytes(c, spec.context, &lora_cfg, g.max_binding);
+            // On the GPU: A, B and their gradients; on the CPU: the rest (cpu_adapter).
+            let adapter = cpu_adapter + 4.0 * 4.0 * params as f64;
+            let total = g.weight_bytes + activations + adapter;
+            let fits = largest <= g.max_binding && cpu_adapter <= wasm_left;
+            MemoryEstimate {
+                backend: "webgpu",
+                weights: g.weight_bytes,
+                activations,
+                adapter,
+                total,
+                adapter_params: params,
+                limit: None,
+                largest_buffer: largest,
+                max_binding: Some(g.max_binding),
+                fits,
+                message: (!fits).then(|| {
+                    if largest > g.max_binding {
+                        format!(
+                            "one training buffer needs {} but this GPU binds at most {} (maxStorageBufferBindingSize); lower the context",
+                            mib(largest),
+                            mib(g.max_binding)
+                        )
+                    } else {
+                        format!(
+                            "the adapter and optimizer need {} of wasm memory but only {} is left; lower the rank or the number of target modules",
+                            mib(cpu_adapter),
+                            mib(wasm_left)
+                        )
+                    }
+                }),
+            }
+        }
+    };
+    to_js(&estimate)
 }
 
 /// Where a step is in its sequences (see the module doc).
@@ -574,14 +644,37 @@ enum Phase {
     },
 }
 
+/// Which backend computes a run's gradients.
+enum Device {
+    Cpu,
+    /// WebGPU: a `GpuTrainer` over the loaded model's GPU weights (lib.rs `GpuSlot`), built at
+    /// the first step. `owner` tells the slot which run its trainer was built for.
+    #[cfg(feature = "gpu")]
+    Gpu {
+        gpu: Rc<bitlora_gpu::Gpu>,
+        owner: u64,
+    },
+}
+
 /// A training run over the loaded model: `Session.createTrainer` / `Session.resumeTrainer`.
+///
+/// The state sits in an `Rc<RefCell>` so that `advance` and `validate` can return Promises
+/// that own it while they await the GPU; the worker calls one method at a time (its training
+/// loop awaits each `advance`), and a call that finds the state taken is an error, not a panic.
 #[wasm_bindgen]
 pub struct WebTrainer {
+    inner: Rc<RefCell<Inner>>,
+}
+
+struct Inner {
     loaded: Rc<Loaded>,
     trainer: Trainer,
     spec: TrainSpec,
     summary: DataSummary,
     phase: Phase,
+    device: Device,
+    /// Why a WebGPU session trains this run on the CPU (set when the GPU trainer failed).
+    device_note: Option<String>,
 }
 
 /// The run's description (`info()`): the resolved config and the data.
@@ -594,6 +687,7 @@ struct TrainerInfo<'a> {
     total_steps: usize,
     adapter_params: usize,
     backend: &'static str,
+    backend_note: Option<&'a str>,
 }
 
 /// A finished step as the page sees it (ProgressEvent without the page's timing fields).
@@ -612,9 +706,229 @@ struct Report {
     backend: &'static str,
 }
 
+thread_local! {
+    static NEXT_OWNER: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
+}
+
+/// The device a new run trains on: WebGPU when the session has it and the model is on it.
+#[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
+fn pick_device(loaded: &Loaded, gpu: Option<Rc<crate::GpuHandle>>) -> Device {
+    #[cfg(feature = "gpu")]
+    if let (Some(gpu), Some(_)) = (gpu, &loaded.gpu_model) {
+        let owner = NEXT_OWNER.with(|n| {
+            let v = n.get();
+            n.set(v + 1);
+            v
+        });
+        return Device::Gpu { gpu, owner };
+    }
+    Device::Cpu
+}
+
+impl Inner {
+    fn backend(&self) -> &'static str {
+        match self.device {
+            Device::Cpu => "cpu",
+            #[cfg(feature = "gpu")]
+            Device::Gpu { .. } => "webgpu",
+        }
+    }
+
+    fn report(&self, r: &StepReport) -> Report {
+        Report {
+            step: r.step,
+            total_steps: self.trainer.options.steps,
+            epoch: r.epoch,
+            loss: r.loss,
+            val_loss: r.val_loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            tokens: r.tokens,
+            skipped: r.skipped.clone(),
+            backend: self.backend(),
+        }
+    }
+
+    /// Moves this run to the CPU after the GPU trainer could not be built for it.
+    #[cfg(feature = "gpu")]
+    fn fall_back_to_cpu(&mut self, why: String) {
+        self.device = Device::Cpu;
+        self.device_note = Some(format!(
+            "WebGPU cannot train this run ({why}); it trains on the CPU"
+        ));
+    }
+
+    /// One training sequence's loss, adding its gradient into `grads`, on the run's device.
+    async fn forward_backward(
+        &mut self,
+        seq: usize,
+        grads: &mut Lora,
+    ) -> Result<StepLoss, JsError> {
+        let scale = self.trainer.grad_scale();
+        // The RNG is taken out and put back so the adapter can be borrowed meanwhile; the
+        // draws are exactly those of Trainer::step.
+        let mut rng = self.trainer.rng().clone();
+        #[cfg(feature = "gpu")]
+        if let Device::Gpu { gpu, owner } = &self.device {
+            let (gpu, owner, loaded) = (gpu.clone(), *owner, self.loaded.clone());
+            let lora_cfg = self.trainer.lora.config.clone();
+            match crate::gpu_trainer(&loaded, &gpu, owner, &lora_cfg, self.spec.context) {
+                Ok(mut gt) => {
+                    let s = &self.trainer.data.train[seq];
+                    let out = gt
+                        .forward_backward(
+                            &self.trainer.lora,
+                            &s.tokens,
+                            &s.targets,
+                            grads,
+                            scale,
+                            &mut rng,
+                        )
+                        .await
+                        .map_err(|e| JsError::new(&format!("WebGPU training step failed: {e}")))?;
+                    drop(gt);
+                    *self.trainer.rng() = rng;
+                    return Ok(out);
+                }
+                Err(crate::GpuTrainError::Busy) => return Err(busy()),
+                Err(crate::GpuTrainError::Unusable(why)) => self.fall_back_to_cpu(why),
+            }
+        }
+        let s = &self.trainer.data.train[seq];
+        let out = train::forward_backward(
+            &self.loaded.model,
+            &self.trainer.lora,
+            &s.tokens,
+            &s.targets,
+            grads,
+            scale,
+            &mut rng,
+        )
+        .map_err(|e| JsError::new(&format!("training step failed: {e}")))?;
+        *self.trainer.rng() = rng;
+        Ok(out)
+    }
+
+    /// One validation sequence's loss (dropout off) on the run's device.
+    async fn loss(&mut self, seq: usize) -> Result<StepLoss, JsError> {
+        #[cfg(feature = "gpu")]
+        if let Device::Gpu { gpu, owner } = &self.device {
+            let (gpu, owner, loaded) = (gpu.clone(), *owner, self.loaded.clone());
+            let lora_cfg = self.trainer.lora.config.clone();
+            match crate::gpu_trainer(&loaded, &gpu, owner, &lora_cfg, self.spec.context) {
+                Ok(mut gt) => {
+                    let s = &self.trainer.data.val[seq];
+                    return gt
+                        .loss(&self.trainer.lora, &s.tokens, &s.targets)
+                        .await
+                        .map_err(|e| JsError::new(&format!("WebGPU validation failed: {e}")));
+                }
+                Err(crate::GpuTrainError::Busy) => return Err(busy()),
+                Err(crate::GpuTrainError::Unusable(why)) => self.fall_back_to_cpu(why),
+            }
+        }
+        let s = &self.trainer.data.val[seq];
+        train::loss(
+            &self.loaded.model,
+            &self.trainer.lora,
+            &s.tokens,
+            &s.targets,
+        )
+        .map_err(|e| JsError::new(&format!("validation failed: {e}")))
+    }
+
+    /// See [`WebTrainer::advance`].
+    async fn advance(&mut self) -> Result<Option<Report>, JsError> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let next = match phase {
+            Phase::Idle => {
+                if self.trainer.done() {
+                    return Err(JsError::new(&format!(
+                        "the run is complete: all {} steps have run",
+                        self.trainer.options.steps
+                    )));
+                }
+                let seqs = self.trainer.begin_step();
+                let grads = self.trainer.lora.zeros_like();
+                Phase::Train {
+                    losses: Vec::with_capacity(seqs.len()),
+                    seqs,
+                    grads,
+                }
+            }
+            Phase::Train {
+                seqs,
+                mut grads,
+                mut losses,
+            } => {
+                let out = match self.forward_backward(seqs[losses.len()], &mut grads).await {
+                    Ok(out) => out,
+                    Err(e) => {
+                        // The step starts again from its first sequence after an error is
+                        // reported: never a half-summed gradient.
+                        self.phase = Phase::Idle;
+                        return Err(e);
+                    }
+                };
+                losses.push(out);
+                if losses.len() < seqs.len() {
+                    Phase::Train {
+                        seqs,
+                        grads,
+                        losses,
+                    }
+                } else {
+                    let report = self.trainer.finish_step(grads, &seqs, &losses);
+                    if self.trainer.validation_due() && !self.trainer.data.val.is_empty() {
+                        Phase::Validate {
+                            report,
+                            next: 0,
+                            sum: 0.0,
+                            tokens: 0,
+                        }
+                    } else {
+                        return Ok(Some(self.report(&report)));
+                    }
+                }
+            }
+            Phase::Validate {
+                mut report,
+                next,
+                mut sum,
+                mut tokens,
+            } => {
+                // The same sum as trainer::mean_loss, in the same order.
+                let out = self.loss(next).await?;
+                sum += out.loss as f64 * out.tokens as f64;
+                tokens += out.tokens;
+                if next + 1 < self.trainer.data.val.len() {
+                    Phase::Validate {
+                        report,
+                        next: next + 1,
+                        sum,
+                        tokens,
+                    }
+                } else {
+                    report.val_loss = (tokens > 0).then(|| (sum / tokens as f64) as f32);
+                    return Ok(Some(self.report(&report)));
+                }
+            }
+        };
+        self.phase = next;
+        Ok(None)
+    }
+}
+
 impl WebTrainer {
+    fn new(inner: Inner) -> WebTrainer {
+        WebTrainer {
+            inner: Rc::new(RefCell::new(inner)),
+        }
+    }
+
     pub(crate) fn create(
         loaded: Rc<Loaded>,
+        gpu: Option<Rc<crate::GpuHandle>>,
         file: &str,
         bytes: &[u8],
         config: &JsValue,
@@ -647,203 +961,145 @@ impl WebTrainer {
         };
         let trainer = Trainer::new(c, lora, optim, dataset, options)
             .map_err(|e| JsError::new(&format!("{file}: {e}")))?;
-        Ok(WebTrainer {
+        let device = pick_device(&loaded, gpu);
+        Ok(WebTrainer::new(Inner {
             loaded,
             trainer,
             spec,
             summary,
             phase: Phase::Idle,
-        })
+            device,
+            device_note: None,
+        }))
     }
 
     /// Continues from `checkpoint` (Trainer::checkpoint's bytes) with the same data and config.
     pub(crate) fn resume(
         loaded: Rc<Loaded>,
+        gpu: Option<Rc<crate::GpuHandle>>,
         file: &str,
         bytes: &[u8],
         config: &JsValue,
         checkpoint: &[u8],
     ) -> Result<WebTrainer, JsError> {
         let c = &loaded.model.config;
-        let spec = parse_config(c, config)?;
+        let mut spec = parse_config(c, config)?;
         let (dataset, examples) = build_dataset(&loaded, file, bytes, &spec)?;
         let summary = summarize(file, bytes.len(), examples, &dataset, &spec);
         let trainer = Trainer::resume(c, dataset, "checkpoint.safetensors", checkpoint)
             .map_err(|e| JsError::new(&format!("cannot resume this run: {e}")))?;
-        let mut spec = spec;
         spec.steps = Some(trainer.options.steps);
-        Ok(WebTrainer {
+        let device = pick_device(&loaded, gpu);
+        Ok(WebTrainer::new(Inner {
             loaded,
             trainer,
             spec,
             summary,
             phase: Phase::Idle,
-        })
+            device,
+            device_note: None,
+        }))
     }
 
-    fn report(&self, r: &StepReport) -> Report {
-        Report {
-            step: r.step,
-            total_steps: self.trainer.options.steps,
-            epoch: r.epoch,
-            loss: r.loss,
-            val_loss: r.val_loss,
-            lr: r.lr,
-            grad_norm: r.grad_norm,
-            tokens: r.tokens,
-            skipped: r.skipped.clone(),
-            backend: "cpu",
-        }
+    fn state(&self) -> Result<std::cell::Ref<'_, Inner>, JsError> {
+        self.inner.try_borrow().map_err(|_| busy())
     }
+}
+
+fn busy() -> JsError {
+    JsError::new(
+        "the trainer is busy with a step; wait for it (the worker runs one call at a time)",
+    )
 }
 
 #[wasm_bindgen]
 impl WebTrainer {
-    /// `{ config (resolved), data (DataSummary), step, totalSteps, adapterParams, backend }`.
+    /// `{ config (resolved), data (DataSummary), step, totalSteps, adapterParams, backend,
+    /// backendNote }`.
     pub fn info(&self) -> Result<JsValue, JsError> {
+        let s = self.state()?;
         to_js(&TrainerInfo {
-            config: &self.spec,
-            data: &self.summary,
-            step: self.trainer.step,
-            total_steps: self.trainer.options.steps,
-            adapter_params: self.trainer.lora.num_params(),
-            backend: "cpu",
+            config: &s.spec,
+            data: &s.summary,
+            step: s.trainer.step,
+            total_steps: s.trainer.options.steps,
+            adapter_params: s.trainer.lora.num_params(),
+            backend: s.backend(),
+            backend_note: s.device_note.as_deref(),
         })
     }
 
     /// Steps taken so far.
     #[wasm_bindgen(getter)]
-    pub fn step(&self) -> usize {
-        self.trainer.step
+    pub fn step(&self) -> Result<usize, JsError> {
+        Ok(self.state()?.trainer.step)
     }
 
     #[wasm_bindgen(getter, js_name = totalSteps)]
-    pub fn total_steps(&self) -> usize {
-        self.trainer.options.steps
+    pub fn total_steps(&self) -> Result<usize, JsError> {
+        Ok(self.state()?.trainer.options.steps)
     }
 
     /// Whether every step has run (and the last one's validation, if any).
-    pub fn done(&self) -> bool {
-        self.trainer.done() && matches!(self.phase, Phase::Idle)
+    pub fn done(&self) -> Result<bool, JsError> {
+        let s = self.state()?;
+        Ok(s.trainer.done() && matches!(s.phase, Phase::Idle))
     }
 
     /// Whether the run is between two steps (where checkpoints are taken).
     #[wasm_bindgen(js_name = atStepBoundary)]
-    pub fn at_step_boundary(&self) -> bool {
-        matches!(self.phase, Phase::Idle)
+    pub fn at_step_boundary(&self) -> Result<bool, JsError> {
+        Ok(matches!(self.state()?.phase, Phase::Idle))
     }
 
     /// Does one unit of work: one training sequence's forward and backward, or one validation
-    /// sequence's loss. Returns the step's report (ProgressEvent fields without timing) when
-    /// this unit finished a step (with its validation when due), else `undefined`.
-    pub fn advance(&mut self) -> Result<JsValue, JsError> {
-        let core = |e: bitlora_core::Error| JsError::new(&format!("training step failed: {e}"));
-        let model = &self.loaded.model;
-        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let next = match phase {
-            Phase::Idle => {
-                if self.trainer.done() {
-                    return Err(JsError::new(&format!(
-                        "the run is complete: all {} steps have run",
-                        self.trainer.options.steps
-                    )));
-                }
-                let seqs = self.trainer.begin_step();
-                let grads = self.trainer.lora.zeros_like();
-                Phase::Train {
-                    losses: Vec::with_capacity(seqs.len()),
-                    seqs,
-                    grads,
-                }
+    /// sequence's loss. Resolves to the step's report (ProgressEvent fields without timing)
+    /// when this unit finished a step (with its validation when due), else to `undefined`.
+    /// On the CPU the work runs synchronously inside the call; on WebGPU it awaits the GPU.
+    pub fn advance(&self) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut s = inner.try_borrow_mut().map_err(|_| busy())?;
+            match s.advance().await? {
+                Some(report) => Ok(to_js(&report)?),
+                None => Ok(JsValue::UNDEFINED),
             }
-            Phase::Train {
-                seqs,
-                mut grads,
-                mut losses,
-            } => {
-                let scale = self.trainer.grad_scale();
-                // The RNG is taken out and put back so the adapter can be borrowed meanwhile;
-                // the draws are exactly those of Trainer::step.
-                let mut rng = self.trainer.rng().clone();
-                let seq = &self.trainer.data.train[seqs[losses.len()]];
-                let out = train::forward_backward(
-                    model,
-                    &self.trainer.lora,
-                    &seq.tokens,
-                    &seq.targets,
-                    &mut grads,
-                    scale,
-                    &mut rng,
-                )
-                .map_err(core)?;
-                *self.trainer.rng() = rng;
-                losses.push(out);
-                if losses.len() < seqs.len() {
-                    Phase::Train {
-                        seqs,
-                        grads,
-                        losses,
-                    }
-                } else {
-                    let report = self.trainer.finish_step(grads, &seqs, &losses);
-                    if self.trainer.validation_due() && !self.trainer.data.val.is_empty() {
-                        Phase::Validate {
-                            report,
-                            next: 0,
-                            sum: 0.0,
-                            tokens: 0,
-                        }
-                    } else {
-                        return to_js(&self.report(&report));
-                    }
-                }
-            }
-            Phase::Validate {
-                mut report,
-                next,
-                mut sum,
-                mut tokens,
-            } => {
-                // The same sum as trainer::mean_loss, in the same order.
-                let s = &self.trainer.data.val[next];
-                let out =
-                    train::loss(model, &self.trainer.lora, &s.tokens, &s.targets).map_err(core)?;
-                sum += out.loss as f64 * out.tokens as f64;
-                tokens += out.tokens;
-                if next + 1 < self.trainer.data.val.len() {
-                    Phase::Validate {
-                        report,
-                        next: next + 1,
-                        sum,
-                        tokens,
-                    }
-                } else {
-                    report.val_loss = (tokens > 0).then(|| (sum / tokens as f64) as f32);
-                    return to_js(&self.report(&report));
-                }
-            }
-        };
-        self.phase = next;
-        Ok(JsValue::UNDEFINED)
+        })
     }
 
-    /// The validation loss of the adapter as it is now (null without validation sequences).
-    /// Runs all validation sequences at once.
-    pub fn validate(&self) -> Result<Option<f32>, JsError> {
-        self.trainer
-            .validate(&self.loaded.model)
-            .map_err(|e| JsError::new(&e.to_string()))
+    /// Resolves to the validation loss of the adapter as it is now (null without validation
+    /// sequences). Only between steps.
+    pub fn validate(&self) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut s = inner.try_borrow_mut().map_err(|_| busy())?;
+            if !matches!(s.phase, Phase::Idle) {
+                return Err(JsError::new("internal: validate() in the middle of a step").into());
+            }
+            let (mut sum, mut n) = (0f64, 0usize);
+            for i in 0..s.trainer.data.val.len() {
+                let out = s.loss(i).await?;
+                sum += out.loss as f64 * out.tokens as f64;
+                n += out.tokens;
+            }
+            Ok(if n > 0 {
+                JsValue::from_f64((sum / n as f64) as f32 as f64)
+            } else {
+                JsValue::NULL
+            })
+        })
     }
 
     /// The whole training state as one safetensors file (core's checkpoint format). Only
     /// between steps (`atStepBoundary()`).
     pub fn checkpoint(&self) -> Result<Vec<u8>, JsError> {
-        if !self.at_step_boundary() {
+        let s = self.state()?;
+        if !matches!(s.phase, Phase::Idle) {
             return Err(JsError::new(
                 "internal: a checkpoint was asked for in the middle of a step",
             ));
         }
-        Ok(self.trainer.checkpoint())
+        Ok(s.trainer.checkpoint())
     }
 
     /// The adapter as PEFT files: `{ config: string (adapter_config.json), weights:
@@ -851,7 +1107,8 @@ impl WebTrainer {
     /// base_model_name_or_path.
     #[wasm_bindgen(js_name = adapterFiles)]
     pub fn adapter_files(&self, base_model: &str) -> Result<JsValue, JsError> {
-        peft_files(&self.trainer.lora, &self.loaded.model.config, base_model)
+        let s = self.state()?;
+        peft_files(&s.trainer.lora, &s.loaded.model.config, base_model)
     }
 }
 
@@ -902,10 +1159,15 @@ pub(crate) fn read_peft(
 ) -> Result<(Lora, AdapterSummary), JsError> {
     let core = |e: bitlora_core::Error| JsError::new(&e.to_string());
     let cfg = peft::read_adapter_config(config_name, config_json).map_err(core)?;
-    let lora = peft::read_adapter(cfg, model, weights_name, weights).map_err(|e| {
-        JsError::new(&format!(
+    let lora = peft::read_adapter(cfg, model, weights_name, weights).map_err(|e| match e {
+        // A tensor of the wrong shape, or one the model needs and the file lacks: another
+        // model's adapter, most likely.
+        bitlora_core::Error::Shape { .. }
+        | bitlora_core::Error::MissingTensor { .. }
+        | bitlora_core::Error::TensorShape { .. } => JsError::new(&format!(
             "{e} (is this adapter made for another model? it must match this model's layers and sizes)"
-        ))
+        )),
+        e => JsError::new(&e.to_string()),
     })?;
     let base_model = serde_json::from_slice::<serde_json::Value>(config_json)
         .ok()
