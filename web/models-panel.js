@@ -99,6 +99,7 @@ export function mountModelsPanel(page) {
     document.body.dataset.download = models.download.state;
     $('hub-download').disabled = models.download.state === 'downloading';
     meter.hidden = models.download.state !== 'downloading';
+    render(); // Resume buttons are off while a download runs
     page.publish();
   };
   const showHubError = (msg) => {
@@ -140,7 +141,7 @@ export function mountModelsPanel(page) {
   }
 
   function row(m, inUse) {
-    const running = (models.downloading ?? []).includes(m.id) || (models.download.state === 'downloading' && models.download.modelId === m.id);
+    const running = (models.downloading ?? []).includes(m.id); // as the worker last said
     const where = m.source === 'hub' && m.origin
       ? `${SOURCE.hub}${m.origin.hub === DEFAULT_HUB ? '' : ` (${m.origin.hub})`}${m.origin.revision === 'main' ? '' : ` @ ${m.origin.revision}`}`
       : SOURCE[m.source] ?? m.source;
@@ -207,12 +208,13 @@ export function mountModelsPanel(page) {
     } catch (err) {
       page.showError(`Could not load ${m.name}: ${err.message}`);
       await refresh();
-      return;
+      return false;
     } finally {
       $('load-meter').hidden = true;
     }
     render();
     await page.run();
+    return true;
   }
 
   // ---- downloads ------------------------------------------------------------------------------
@@ -253,7 +255,7 @@ export function mountModelsPanel(page) {
     } finally {
       downloadRequest = null;
     }
-    setDownload({ state: r.status === 'complete' ? 'done' : r.status, modelId: r.modelId, result: r, notes: r.notes });
+    Object.assign(models.download, { modelId: r.modelId, result: r, notes: r.notes });
     await refresh();
     const m = r.model;
     if (r.status === 'paused') {
@@ -264,8 +266,10 @@ export function mountModelsPanel(page) {
       showNote([r.already ? `${repo} is already stored in this browser.` : `Downloaded ${repo} (${fmtSize(m.bytes)}): every file's size and SHA-256 checked, stored in this browser.`,
         ...r.notes.filter((n) => !/already stored/.test(n))].join(' '));
       // Load it now unless the page is busy (a generation, a training run): then the list's Load.
-      if (!busy) await loadStored(m);
+      models.download.loaded = !busy && await loadStored(m);
     }
+    // 'done' once the model is also loaded (when it was), so a waiting test or embedder sees both.
+    setDownload({ state: r.status === 'complete' ? 'done' : r.status });
   }
 
   function showProgress(ev) {

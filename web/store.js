@@ -109,6 +109,25 @@ export async function listManifests() {
   return result(db.transaction('manifests').objectStore('manifests').getAll());
 }
 
+/**
+ * listManifests() without creating the database when there is none (after "Delete all my data"
+ * the page lists the store again; that must not bring an empty database back).
+ */
+export async function listIfAny() {
+  if (!dbPromise) {
+    const exists = await new Promise((resolve) => {
+      if (typeof indexedDB === 'undefined') return resolve(false);
+      const req = indexedDB.open(DB_NAME);
+      req.onupgradeneeded = () => req.transaction.abort(); // none yet: do not create it
+      req.onsuccess = () => { req.result.close(); resolve(true); };
+      req.onerror = (e) => { e.preventDefault?.(); resolve(false); };
+      req.onblocked = () => resolve(true);
+    });
+    if (!exists) return [];
+  }
+  return listManifests();
+}
+
 export async function putManifest(manifest) {
   const db = await openDb();
   const tx = db.transaction('manifests', 'readwrite');

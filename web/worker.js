@@ -401,7 +401,7 @@ async function importFiles({ id, files, persisted = false, fakeFree }) {
 
 async function listModels() {
   try {
-    const models = (await store.listManifests()).map(store.summary);
+    const models = (await store.listIfAny()).map(store.summary);
     const est = await navigator.storage?.estimate?.().catch(() => null);
     return { available: true, models, usage: est?.usage ?? null, quota: est?.quota ?? null, downloading: hub.downloading() };
   } catch (err) {
