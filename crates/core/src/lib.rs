@@ -10,6 +10,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod par;
 pub mod peft;
 pub mod quant;
 pub mod rng;

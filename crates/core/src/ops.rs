@@ -187,25 +187,44 @@ pub fn matmul_t(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
 pub fn matmul_t_fast(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
     assert_eq!(w.len(), o * i, "matmul_t_fast: W is not (O, I)");
     assert_eq!(x.len() % i, 0, "matmul_t_fast: x is not (T, I)");
+    let t = x.len() / i;
+    let mut y = vec![0f32; t * o];
+    if t == 1 {
+        // One token (decoding): split the outputs, i.e. the rows of W, between threads.
+        crate::par::chunks(&mut y, 256, |c0, out| {
+            matmul_t_block(x, &w[c0 * i..(c0 + out.len()) * i], i, out.len(), out)
+        });
+    } else {
+        // Blocks of tokens: each thread streams W once for its block.
+        crate::par::rows(&mut y, o, 4, |r0, out| {
+            let rows = out.len() / o;
+            matmul_t_block(&x[r0 * i..(r0 + rows) * i], w, i, o, out)
+        });
+    }
+    y
+}
+
+/// [`matmul_t_fast`] on a block: `y` (T', O') = x (T', I) . W' (O', I)^T.
+fn matmul_t_block(x: &[f32], w: &[f32], i: usize, o: usize, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        return unsafe { matmul_t_avx2(x, w, i, o) };
+        return unsafe { matmul_t_avx2(x, w, i, o, y) };
     }
-    matmul_t_body(x, w, i, o)
+    matmul_t_body::<false>(x, w, i, o, y)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn matmul_t_avx2(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
-    matmul_t_body(x, w, i, o)
+fn matmul_t_avx2(x: &[f32], w: &[f32], i: usize, o: usize, y: &mut [f32]) {
+    matmul_t_body::<true>(x, w, i, o, y)
 }
 
+/// `FMA`: fused multiply-adds, where the CPU has them (wasm has none; a software one is slow).
 #[inline(always)]
-fn matmul_t_body(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
+fn matmul_t_body<const FMA: bool>(x: &[f32], w: &[f32], i: usize, o: usize, y: &mut [f32]) {
     const LANES: usize = 16;
     let t = x.len() / i;
-    let mut y = vec![0f32; t * o];
     for c in 0..o {
         let wc = &w[c * i..(c + 1) * i];
         for r in 0..t {
@@ -215,14 +234,62 @@ fn matmul_t_body(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
             let (wcc, wct) = wc.split_at(i - i % LANES);
             for (xa, wa) in xc.chunks_exact(LANES).zip(wcc.chunks_exact(LANES)) {
                 for l in 0..LANES {
-                    lanes[l] = xa[l].mul_add(wa[l], lanes[l]);
+                    lanes[l] = if FMA {
+                        xa[l].mul_add(wa[l], lanes[l])
+                    } else {
+                        lanes[l] + xa[l] * wa[l]
+                    };
                 }
             }
             let tail: f32 = xt.iter().zip(wct).map(|(a, b)| a * b).sum();
             y[r * o + c] = lanes.iter().sum::<f32>() + tail;
         }
     }
-    y
+}
+
+/// `y (T, C) += g (T, V) . W (V, C)`, skipping zeros of g: the head's backward. Every element
+/// of y gets exactly the multiply-adds of T x V calls of [`axpy`] in order of v, so it equals
+/// that loop bit for bit; blocks of rows run on separate threads, each streaming W once.
+pub fn matmul_acc(y: &mut [f32], g: &[f32], w: &[f32], v: usize, c: usize) {
+    assert_eq!(w.len(), v * c, "matmul_acc: W is not (V, C)");
+    assert_eq!(
+        y.len() / c,
+        g.len() / v,
+        "matmul_acc: y and g have different rows"
+    );
+    crate::par::rows(y, c, 4, |r0, out| {
+        let rows = out.len() / c;
+        matmul_acc_block(&g[r0 * v..(r0 + rows) * v], w, v, c, out)
+    });
+}
+
+fn matmul_acc_block(g: &[f32], w: &[f32], v: usize, c: usize, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        return unsafe { matmul_acc_avx2(g, w, v, c, y) };
+    }
+    matmul_acc_body(g, w, v, c, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn matmul_acc_avx2(g: &[f32], w: &[f32], v: usize, c: usize, y: &mut [f32]) {
+    matmul_acc_body(g, w, v, c, y)
+}
+
+#[inline(always)]
+fn matmul_acc_body(g: &[f32], w: &[f32], v: usize, c: usize, y: &mut [f32]) {
+    let rows = y.len() / c;
+    for vi in 0..v {
+        let wr = &w[vi * c..(vi + 1) * c];
+        for r in 0..rows {
+            let a = g[r * v + vi];
+            if a != 0.0 {
+                axpy_body(&mut y[r * c..(r + 1) * c], a, wr);
+            }
+        }
+    }
 }
 
 /// `y += a * x`, elementwise (the head's backward row by row). The same multiply-add per
