@@ -5,6 +5,9 @@
 //! GPU the adapter and the GPU memory allocated for weights + KV cache + activations. Weights
 //! are random (master weights quantized at load): the work is the same as for a trained model.
 //!
+//! train-<shape>: LoRA r 8, alpha 16 on all seven projections, one sequence of random tokens
+//! per AdamW step; median tokens/s over the timed steps, on the CPU reference or the GPU.
+//!
 //! Each backend is timed on its own generation path, the one `bitlora generate` takes: the CPU
 //! prefill is `Model::forward` of the prompt (all T rows of logits), the GPU prefill is
 //! `GpuModel::forward_last` (the last row's logits only, which is all generation reads). Decode
@@ -171,6 +174,57 @@ pub struct TrainReport {
     pub step_seconds_median: f64,
     pub trainable_parameters: usize,
     pub peak_rss_mib: Option<f64>,
+    /// The GPU adapter (GPU backend only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// GPU memory allocated for weights + saved activations + adapter, gradients and scratch,
+    /// in bytes (GPU backend only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_bytes: Option<u64>,
+}
+
+/// The random model, adapter and optimizer of train-<shape>: LoRA r 8, alpha 16 on all seven
+/// projections, AdamW; None for an unknown shape.
+fn train_setup(
+    shape: &str,
+    steps: usize,
+    seed: u64,
+) -> Option<(Model, bitlora_core::lora::Lora, bitlora_core::optim::AdamW)> {
+    use bitlora_core::lora::{Lora, LoraConfig};
+    use bitlora_core::optim::{AdamW, AdamWConfig};
+    let config = model::bench_config(shape)?;
+    eprintln!("bitlora bench: building random {shape} model (seed {seed})...");
+    let (model, tensors) = Model::random(config, seed);
+    drop(tensors);
+    let lora = Lora::init(
+        &model.config,
+        LoraConfig::new(8, 16.0, 0.0, false, &["all-linear"]).ok()?,
+        seed,
+    );
+    let opt = AdamW::new(
+        AdamWConfig {
+            lr: 1e-4,
+            total_steps: steps,
+            ..Default::default()
+        },
+        &lora,
+    );
+    Some((model, lora, opt))
+}
+
+/// One training sequence of `seq_len` random tokens and its next-token targets.
+fn random_sequence(rng: &mut Rng, seq_len: usize, vocab: usize) -> (Vec<u32>, Vec<Option<u32>>) {
+    let toks: Vec<u32> = (0..=seq_len)
+        .map(|_| rng.below(vocab as u64) as u32)
+        .collect();
+    let targets = toks[1..].iter().map(|&t| Some(t)).collect();
+    (toks[..seq_len].to_vec(), targets)
+}
+
+/// Median of step times (seconds).
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// train-<shape> on the CPU reference: LoRA r 8, alpha 16 on all seven projections, one
@@ -182,42 +236,15 @@ pub fn train_cpu(
     warmup: usize,
     seed: u64,
 ) -> Option<TrainReport> {
-    use bitlora_core::lora::{Lora, LoraConfig};
-    use bitlora_core::optim::{AdamW, AdamWConfig};
-    let config = model::bench_config(shape)?;
-    eprintln!("bitlora bench: building random {shape} model (seed {seed})...");
-    let (model, tensors) = Model::random(config, seed);
-    drop(tensors);
-    let mut lora = Lora::init(
-        &model.config,
-        LoraConfig::new(8, 16.0, 0.0, false, &["all-linear"]).ok()?,
-        seed,
-    );
-    let mut opt = AdamW::new(
-        AdamWConfig {
-            lr: 1e-4,
-            total_steps: steps + warmup,
-            ..Default::default()
-        },
-        &lora,
-    );
+    let (model, mut lora, mut opt) = train_setup(shape, steps + warmup, seed)?;
     let mut rng = Rng::new(seed ^ 0x7a1);
     let mut times = Vec::new();
     for step in 0..steps + warmup {
-        let toks: Vec<u32> = (0..=seq_len)
-            .map(|_| rng.below(model.config.vocab_size as u64) as u32)
-            .collect();
-        let targets: Vec<Option<u32>> = toks[1..].iter().map(|&t| Some(t)).collect();
+        let (toks, targets) = random_sequence(&mut rng, seq_len, model.config.vocab_size);
         let t0 = Instant::now();
         let mut grads = lora.zeros_like();
         bitlora_core::train::forward_backward(
-            &model,
-            &lora,
-            &toks[..seq_len],
-            &targets,
-            &mut grads,
-            1.0,
-            &mut rng,
+            &model, &lora, &toks, &targets, &mut grads, 1.0, &mut rng,
         )
         .ok()?;
         opt.step(&mut lora, &mut grads);
@@ -225,8 +252,7 @@ pub fn train_cpu(
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = median(times);
     Some(TrainReport {
         workload: format!("train-{shape}"),
         backend: "cpu",
@@ -236,5 +262,69 @@ pub fn train_cpu(
         step_seconds_median: median,
         trainable_parameters: lora.num_params(),
         peak_rss_mib: peak_rss_mib(),
+        adapter: None,
+        gpu_bytes: None,
     })
+}
+
+/// train-<shape> on the GPU (`GpuTrainer`): the same model, adapter, data and AdamW as
+/// [`train_cpu`]. A step is the GPU forward + backward (one submission, one readback of the loss
+/// and the LoRA gradients, so the clock stops after the device has finished) and core's AdamW
+/// on the CPU. Ok(None) for an unknown shape.
+pub fn train_gpu(
+    shape: &str,
+    seq_len: usize,
+    steps: usize,
+    warmup: usize,
+    seed: u64,
+) -> Result<Option<TrainReport>, GpuError> {
+    let Some((model, mut lora, mut opt)) = train_setup(shape, steps + warmup, seed) else {
+        return Ok(None);
+    };
+    if seq_len == 0 || seq_len > model.config.max_position_embeddings {
+        return Ok(None);
+    }
+    let gpu = pollster::block_on(Gpu::new())?;
+    eprintln!(
+        "bitlora bench: GPU adapter {} ({})",
+        gpu.info.name, gpu.info.backend
+    );
+    let vocab = model.config.vocab_size;
+    let mut trainer =
+        bitlora_gpu::GpuTrainer::new(GpuModel::new(&gpu, &model)?, &lora.config, seq_len)?;
+    drop(model); // the GPU holds its own copy; keep peak RSS about the GPU run
+    let gpu_bytes = trainer.model().weight_bytes() + trainer.bytes();
+    let mut rng = Rng::new(seed ^ 0x7a1);
+    let mut times = Vec::new();
+    for step in 0..steps + warmup {
+        let (toks, targets) = random_sequence(&mut rng, seq_len, vocab);
+        let t0 = Instant::now();
+        let mut grads = lora.zeros_like();
+        pollster::block_on(
+            trainer.forward_backward(&lora, &toks, &targets, &mut grads, 1.0, &mut rng),
+        )?;
+        opt.step(&mut lora, &mut grads);
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "bitlora bench: step {}{}: {secs:.3} s",
+            step + 1,
+            if step < warmup { " (warm-up)" } else { "" }
+        );
+        if step >= warmup {
+            times.push(secs);
+        }
+    }
+    let median = median(times);
+    Ok(Some(TrainReport {
+        workload: format!("train-{shape}"),
+        backend: "gpu",
+        sequence_tokens: seq_len,
+        steps_timed: steps,
+        tokens_per_s_median: seq_len as f64 / median,
+        step_seconds_median: median,
+        trainable_parameters: lora.num_params(),
+        peak_rss_mib: peak_rss_mib(),
+        adapter: Some(format!("{} ({})", gpu.info.name, gpu.info.backend)),
+        gpu_bytes: Some(gpu_bytes),
+    }))
 }

@@ -4,6 +4,8 @@
 //! bitlora logits --model DIR --tokens 5,17,42 [--backend cpu|gpu]   one JSON object on stdout
 //! bitlora generate --model DIR (--prompt TEXT | --tokens 1,2) [--backend cpu|gpu] [sampling]
 //! bitlora bench decode [--shape 125m] [--backend cpu|gpu]           one JSON report on stdout
+//! bitlora bench train [--shape 125m] [--backend cpu|gpu]            one JSON report on stdout
+//! bitlora train --data FILE --out DIR [--backend cpu|gpu] [options] fine-tunes a LoRA adapter
 //! bitlora serve [--port N] [--root DIR] [--hub URL]...              serves the page
 //! bitlora random-model --out DIR [--shape tiny] [--seed N]          writes a random BitNet model
 //! ```
@@ -98,12 +100,14 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
         /// Where to run it: the CPU reference or the GPU (wgpu). The GPU report adds the
-        /// adapter and `gpu_bytes` (weights + KV cache + activations).
+        /// adapter and `gpu_bytes` (decode: weights + KV cache + activations; train: weights +
+        /// saved activations, adapter, gradients and scratch).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
     },
-    /// Fine-tunes a LoRA adapter on a text or JSONL file (CPU reference), with a progress bar,
-    /// validation, checkpoints (Ctrl-C saves one) and PEFT adapter files in --out.
+    /// Fine-tunes a LoRA adapter on a text or JSONL file (CPU reference, or --backend gpu),
+    /// with a progress bar, validation, checkpoints (Ctrl-C saves one) and PEFT adapter files
+    /// in --out.
     Train(train_cmd::TrainArgs),
     /// Serves the page (index.html and web/) on localhost and prints its URL.
     Serve {
@@ -168,7 +172,7 @@ enum Backend {
 enum Workload {
     /// Prefill then KV-cached greedy decoding.
     Decode,
-    /// LoRA training steps (r 8 on all seven projections, AdamW), CPU reference.
+    /// LoRA training steps (r 8 on all seven projections, AdamW), one sequence per step.
     Train,
 }
 
@@ -238,8 +242,6 @@ enum CliError {
         "--adapter runs on the CPU backend for now (GPU LoRA comes with GPU training); drop --backend gpu"
     )]
     GpuAdapter,
-    #[error("bench train runs on the CPU for now (GPU training is not wired yet)")]
-    GpuTrain,
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),
 }
@@ -315,15 +317,17 @@ fn run(command: Command) -> Result<(), CliError> {
             seed,
             backend,
         } => {
-            if matches!(backend, Backend::Gpu) {
-                return Err(CliError::GpuTrain);
-            }
             // For train, --prompt-len is the sequence length and --gen-len the timed steps.
-            let report = bench::train_cpu(shape.name(), prompt_len, gen_len.max(1), 2, seed)
-                .ok_or(CliError::Bench(shape.name()))?;
+            let (name, steps) = (shape.name(), gen_len.max(1));
+            let report = match backend {
+                Backend::Cpu => bench::train_cpu(name, prompt_len, steps, 2, seed),
+                Backend::Gpu => bench::train_gpu(name, prompt_len, steps, 2, seed)?,
+            }
+            .ok_or(CliError::Bench(name))?;
             eprintln!(
-                "bitlora bench: {} on cpu: {:.1} tok/s (median step {:.2} s), peak RSS {:.0} MiB",
+                "bitlora bench: {} on {}: {:.1} tok/s (median step {:.3} s), peak RSS {:.0} MiB",
                 report.workload,
+                report.backend,
                 report.tokens_per_s_median,
                 report.step_seconds_median,
                 report.peak_rss_mib.unwrap_or(f64::NAN)

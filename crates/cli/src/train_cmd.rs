@@ -1,4 +1,5 @@
-//! `bitlora train`: LoRA fine-tuning of a model directory on a data file, on the CPU reference.
+//! `bitlora train`: LoRA fine-tuning of a model directory on a data file, on the CPU reference
+//! or (`--backend gpu`) on the GPU through wgpu, with the same loop (bitlora_core::trainer).
 //!
 //! Writes into `--out`: `adapter_model.safetensors` + `adapter_config.json` (PEFT's files),
 //! `checkpoint.safetensors` (every `--checkpoint-every` steps, at the end and on Ctrl-C) and
@@ -17,6 +18,7 @@ use bitlora_core::lora::{Lora, LoraConfig};
 use bitlora_core::optim::{AdamWConfig, Schedule};
 use bitlora_core::trainer::{TrainOptions, Trainer};
 use bitlora_core::{ChatTemplate, Error, Model, Tokenizer, peft};
+use bitlora_gpu::{Gpu, GpuError, GpuModel, GpuTrainer};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -94,6 +96,10 @@ pub struct TrainArgs {
     /// Seed of the split, data order, dropout and adapter init.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where the forward and backward run: the CPU reference or the GPU (wgpu: Vulkan, Metal or
+    /// DX12 natively). The optimizer, data and checkpoints are the same either way.
+    #[arg(long, value_enum, default_value_t = crate::Backend::Cpu)]
+    backend: crate::Backend,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -107,6 +113,8 @@ pub enum ScheduleArg {
 pub enum TrainError {
     #[error(transparent)]
     Core(#[from] Error),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
     #[error("{0}: cannot write: {1}")]
     Write(String, std::io::Error),
     #[error(
@@ -285,6 +293,39 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         )?
     };
 
+    // The GPU backend: the model's weights and the training step's buffers on the GPU, sized
+    // for the longest sequence.
+    let mut gpu = match a.backend {
+        crate::Backend::Cpu => None,
+        crate::Backend::Gpu => {
+            let g = pollster::block_on(Gpu::new())?;
+            let longest = trainer
+                .data
+                .train
+                .iter()
+                .chain(&trainer.data.val)
+                .map(|s| s.tokens.len())
+                .max()
+                .unwrap_or(1);
+            let gt = GpuTrainer::new(GpuModel::new(&g, &model)?, &trainer.lora.config, longest)?;
+            eprintln!(
+                "bitlora train: on the GPU {} ({}): {:.0} MiB of weights, {:.0} MiB for training",
+                g.info.name,
+                g.info.backend,
+                gt.model().weight_bytes() as f64 / (1 << 20) as f64,
+                gt.bytes() as f64 / (1 << 20) as f64
+            );
+            Some(gt)
+        }
+    };
+    let validate =
+        |trainer: &Trainer, gpu: Option<&mut GpuTrainer>| -> Result<Option<f32>, TrainError> {
+            Ok(match gpu {
+                Some(g) => pollster::block_on(g.validate(trainer))?,
+                None => trainer.validate(&model)?,
+            })
+        };
+
     // Ctrl-C asks the loop to stop after the current step and save.
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -311,7 +352,7 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
     let (start, mut tokens, mut last_val) = (Instant::now(), 0usize, None);
     if trainer.options.eval_every > 0
         && trainer.step == 0
-        && let Some(v) = trainer.validate(&model)?
+        && let Some(v) = validate(&trainer, gpu.as_mut())?
     {
         eprintln!(
             "bitlora train: validation loss before training {v:.4} (perplexity {:.2})",
@@ -322,7 +363,10 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         .max_minutes
         .map(|m| std::time::Duration::from_secs_f64(m * 60.0));
     while !trainer.done() {
-        let r = trainer.step(&model)?;
+        let r = match gpu.as_mut() {
+            Some(g) => pollster::block_on(g.step(&mut trainer))?,
+            None => trainer.step(&model)?,
+        };
         tokens += r.tokens;
         last_val = r.val_loss.or(last_val);
         let tps = tokens as f64 / start.elapsed().as_secs_f64();
@@ -367,7 +411,7 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         }
     }
     bar.finish();
-    let val = trainer.validate(&model)?;
+    let val = validate(&trainer, gpu.as_mut())?;
     eprintln!(
         "bitlora train: done: {} steps, {tokens} tokens in {:.1} s ({:.0} tok/s){}; adapter in {}",
         trainer.step,

@@ -423,3 +423,37 @@ fn bench_decode_on_the_gpu_reports_gpu_bytes() {
     let floor = 32002 * 768 * 4 + 11 * (4 * 768 * 768 + 3 * 768 * 3072) / 4;
     assert!(r["gpu_bytes"].as_u64().unwrap() > floor as u64, "{r}");
 }
+
+/// `bench train --backend gpu` prints one JSON report with tokens/s, the adapter and the GPU
+/// memory (a short run: 1 timed step of 8 tokens after 2 warm-up steps, on the 125m shape).
+#[test]
+fn bench_train_on_the_gpu_reports_tokens_per_second() {
+    let out = bitlora(&[
+        "bench",
+        "train",
+        "--shape",
+        "125m",
+        "--backend",
+        "gpu",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    println!("{r}");
+    assert_eq!(r["workload"], "train-125m");
+    assert_eq!(r["backend"], "gpu");
+    assert_eq!(r["sequence_tokens"], 8);
+    assert!(r["tokens_per_s_median"].as_f64().unwrap() > 0.0);
+    assert!(r["adapter"].as_str().is_some_and(|a| !a.is_empty()));
+    // r 8 on all seven projections of 11 layers: 8 * (I + O) each.
+    let per_layer = 8 * (4 * 2 * 768 + 3 * (768 + 3072));
+    assert_eq!(r["trainable_parameters"], 11 * per_layer);
+    assert!(r["gpu_bytes"].as_u64().unwrap() > 32002 * 768 * 4, "{r}");
+}

@@ -107,6 +107,110 @@ fn train_writes_a_peft_adapter_and_lowers_validation_loss() {
     assert!(stderr(&o).contains("validation loss"), "{}", stderr(&o));
 }
 
+/// `train --backend gpu` (with dropout): the same run as on the CPU (same seed, data order,
+/// dropout masks, adapter init, optimizer), so the logged losses track the CPU's step by step,
+/// and validation loss falls.
+#[test]
+fn train_on_the_gpu_backend_matches_the_cpu_run() {
+    let dir = model_dir("train-gpu-model");
+    let data = dir.join("data.txt");
+    std::fs::write(&data, TEXT.repeat(30)).unwrap();
+    let run = |backend: &str| -> (f64, Vec<serde_json::Value>) {
+        let out = dir.join(format!("out-{backend}"));
+        let o = bitlora(&[
+            "train",
+            "--model",
+            dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "20",
+            "--context",
+            "32",
+            "--lr",
+            "1e-2",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--dropout",
+            "0.1",
+            "--eval-every",
+            "10",
+            "--val-fraction",
+            "0.2",
+            "--backend",
+            backend,
+        ]);
+        assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        let err = stderr(&o);
+        if backend == "gpu" {
+            assert!(err.contains("on the GPU"), "{err}");
+        }
+        let before: f64 = err
+            .split("validation loss before training ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no initial validation loss in: {err}"));
+        let log = std::fs::read_to_string(out.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (before, log)
+    };
+    let ((cpu_before, cpu), (before, gpu)) = (run("cpu"), run("gpu"));
+    assert!(
+        (cpu_before - before).abs() <= 1e-4 * before,
+        "{cpu_before} vs {before}"
+    );
+    assert_eq!(gpu.len(), 20);
+    // The first step starts from the same adapter: the backends agree to rounding. Later steps
+    // drift apart slowly (AdamW normalises tiny gradient differences into full-size updates,
+    // and now and then a rounding flips an int8 activation code), so the runs only track.
+    let rel = |c: &serde_json::Value, g: &serde_json::Value, key: &str| {
+        let (a, b) = (c[key].as_f64().unwrap(), g[key].as_f64().unwrap());
+        (a - b).abs() / a.abs().max(1e-6)
+    };
+    for key in ["loss", "grad_norm"] {
+        let r = rel(&cpu[0], &gpu[0], key);
+        assert!(
+            r < 1e-5,
+            "step 1: {key} CPU {} GPU {}",
+            cpu[0][key],
+            gpu[0][key]
+        );
+    }
+    let mut worst = 0f64;
+    for (c, g) in cpu.iter().zip(&gpu) {
+        assert_eq!(c["val_loss"].is_null(), g["val_loss"].is_null());
+        for key in ["loss", "val_loss"] {
+            if !c[key].is_null() {
+                let r = rel(c, g, key);
+                worst = worst.max(r);
+                assert!(
+                    r < 2e-2,
+                    "step {}: {key} CPU {} GPU {}",
+                    c["step"],
+                    c[key],
+                    g[key]
+                );
+            }
+        }
+    }
+    let vals: Vec<f64> = gpu.iter().filter_map(|l| l["val_loss"].as_f64()).collect();
+    println!(
+        "GPU validation loss {before} before, {vals:?} by 10 steps; worst relative loss difference to the CPU run {worst:.1e}"
+    );
+    assert!(
+        vals[1] < before - 0.3,
+        "validation loss did not fall: {before} -> {vals:?}"
+    );
+}
+
 #[cfg(unix)]
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {

@@ -39,6 +39,7 @@ use bitlora_core::lora::{Lora, LoraConfig};
 use bitlora_core::model::projections;
 use bitlora_core::rng::Rng;
 use bitlora_core::train::{self as cpu_train, StepLoss};
+use bitlora_core::trainer::{StepReport, Trainer};
 
 use crate::GpuError;
 use crate::model::{GpuModel, Linear, cached};
@@ -553,6 +554,43 @@ impl GpuTrainer {
             n += out.tokens;
         }
         Ok((n > 0).then(|| (sum / n as f64) as f32))
+    }
+
+    /// One optimizer step of `trainer` (bitlora_core's loop: accumulation, clipping, AdamW,
+    /// the NaN guard, validation when due) with the gradients and losses computed here:
+    /// `Trainer::step` with the GPU in place of the CPU reference. Dropout draws from the
+    /// trainer's RNG in the CPU's order, so checkpoints and resuming work as on the CPU.
+    pub async fn step(&mut self, trainer: &mut Trainer) -> Result<StepReport, GpuError> {
+        let seqs = trainer.begin_step();
+        let mut grads = trainer.lora.zeros_like();
+        let scale = trainer.grad_scale();
+        let mut rng = trainer.rng().clone();
+        let mut losses = Vec::with_capacity(seqs.len());
+        for &i in &seqs {
+            let seq = &trainer.data.train[i];
+            losses.push(
+                self.forward_backward(
+                    &trainer.lora,
+                    &seq.tokens,
+                    &seq.targets,
+                    &mut grads,
+                    scale,
+                    &mut rng,
+                )
+                .await?,
+            );
+        }
+        *trainer.rng() = rng;
+        let mut report = trainer.finish_step(grads, &seqs, &losses);
+        if trainer.validation_due() {
+            report.val_loss = self.validate(trainer).await?;
+        }
+        Ok(report)
+    }
+
+    /// The trainer's validation loss (`Trainer::validate` on the GPU).
+    pub async fn validate(&mut self, trainer: &Trainer) -> Result<Option<f32>, GpuError> {
+        self.mean_loss(&trainer.lora, &trainer.data.val).await
     }
 
     /// Checks that `l` has the trainer's rank and targets and the model's shapes.
