@@ -284,6 +284,7 @@ export async function downloadHub({ hub, repo, revision, token, fakeFree, persis
 
 /** Stops a running download: 'pause' keeps what is stored, 'cancel' deletes the partial model. */
 export async function stopDownload(modelId, how = 'pause') {
+  if (typeof modelId !== 'string' || !modelId) throw hubError('cancelDownload: no modelId given');
   const a = active.get(modelId);
   if (!a) {
     if (how === 'cancel') {

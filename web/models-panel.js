@@ -16,7 +16,7 @@
 // Deleting asks in place (the button turns into "Delete? Yes / No"), no dialogs; errors show in
 // the panel (role=alert), never in alert().
 
-import { DEFAULT_HUB, parseHub, parseRepo } from './hub.js';
+import { DEFAULT_HUB, hubModelId, parseHub, parseRepo } from './hub.js';
 import { fmtSize } from './store.js';
 
 const el = (tag, props = {}, ...children) => {
@@ -91,7 +91,6 @@ export function mountModelsPanel(page) {
   document.body.dataset.download = 'idle';
   document.body.dataset.import = 'idle';
   let busy = true;
-  let downloadRequest = null; // worker request id of the running download
   let armed = null; // the model id whose Delete asks "sure?"
 
   const setDownload = (patch) => {
@@ -148,7 +147,8 @@ export function mountModelsPanel(page) {
     const when = m.storedAt ? new Date(m.storedAt).toLocaleString(undefined, { dateStyle: 'medium', timeStyle: 'short' }) : '';
     const status = m.complete
       ? `${fmtSize(m.bytes)} · stored ${when}`
-      : `partial: ${fmtSize(m.storedBytes)} of ${fmtSize(m.bytes)} (${Math.floor((100 * m.storedBytes) / Math.max(m.bytes, 1))}%)${running ? ' · downloading' : ''}`;
+      : `partial: ${fmtSize(m.storedBytes)} of ${fmtSize(m.bytes)} (${Math.floor((100 * m.storedBytes) / Math.max(m.bytes, 1))}%)${running ? ' · downloading' : ''}` +
+        (m.source === 'local' ? ' · an interrupted import: delete it and pick the files again' : '');
     const btn = (action, text, props = {}) => el('button', { type: 'button', dataset: { action, model: m.id }, ...props }, text);
     const actions = [];
     if (m.complete) actions.push(btn('load', inUse ? 'Load again' : 'Load', { disabled: busy }));
@@ -238,7 +238,7 @@ export function mountModelsPanel(page) {
     showHubError('');
     showNote('');
     await page.askPersist();
-    setDownload({ state: 'downloading', modelId: null, repo, progress: null, error: null, notes: [], result: null, started: performance.now() });
+    setDownload({ state: 'downloading', modelId: hubModelId(hub, repo, revision), repo, progress: null, error: null, notes: [], result: null, loaded: false });
     $('hub-progress').removeAttribute('value');
     $('hub-stats').textContent = `Asking ${hub} for the files of ${repo}…`;
     let r;
@@ -246,20 +246,19 @@ export function mountModelsPanel(page) {
       r = await call('downloadHub', {
         hub, repo, revision, token: $('hub-token').value.trim() || undefined,
         persisted: Boolean(state.persisted), fakeFree,
-      }, { onProgress: showProgress, onId: (id) => { downloadRequest = id; } });
+      }, { onProgress: showProgress });
     } catch (err) {
       setDownload({ state: 'error', error: err.message });
       showHubError(err.message);
       await refresh();
       return;
-    } finally {
-      downloadRequest = null;
     }
     Object.assign(models.download, { modelId: r.modelId, result: r, notes: r.notes });
     await refresh();
     const m = r.model;
     if (r.status === 'paused') {
-      showNote(`Paused: ${fmtSize(m?.storedBytes ?? 0)} of ${fmtSize(m?.bytes ?? 0)} of ${repo} stored. Resume continues from there, also after a reload.`);
+      showNote(m ? `Paused: ${fmtSize(m.storedBytes)} of ${fmtSize(m.bytes)} of ${repo} stored. Resume continues from there, also after a reload.`
+        : `Stopped before anything of ${repo} was stored.`);
     } else if (r.status === 'cancelled') {
       showNote(`Cancelled: nothing of ${repo} is kept.`);
     } else {
@@ -300,10 +299,7 @@ export function mountModelsPanel(page) {
 
   async function stop(modelId, discard) {
     const id = modelId ?? models.download.modelId;
-    if (!id) {
-      // Still listing files: nothing stored yet; the request ends with its next step.
-      if (downloadRequest != null && discard) showNote('Cancelling…');
-    }
+    if (!id) return;
     try {
       await call('cancelDownload', { modelId: id, discard: Boolean(discard) });
     } catch (err) {
