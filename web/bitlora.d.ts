@@ -310,6 +310,8 @@ export interface RunSummary {
   data: { fileName: string; format: string; bytes: number };
   /** Bytes this run takes in IndexedDB (its data and checkpoint). */
   bytes: number;
+  /** The error that stopped it, when state is "error". */
+  error?: string;
 }
 
 /** Bytes for training `config` on the loaded model, against what the backend can hold. */
@@ -444,7 +446,11 @@ export declare class Bitlora {
   listAdapters(): Promise<AdapterInfo[]>;
   /** The adapter as PEFT files (adapter_config.json + adapter_model.safetensors), for download. */
   exportAdapter(name: string): Promise<PeftFile[]>;
-  /** Imports PEFT files (validated against the loaded model) under `name` (default: the model's base name or "imported"). */
+  /**
+   * Imports PEFT files (File objects from a picker, or { name, bytes }), checked against the
+   * loaded model, under `name` (default "imported adapter"). An existing name is refused:
+   * delete that adapter first. adapter_model.bin (pickle) is not supported.
+   */
   importAdapter(files: Array<File | PeftFile> | FileList, name?: string): Promise<AdapterInfo>;
   deleteAdapter(name: string): Promise<void>;
 

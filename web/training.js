@@ -35,7 +35,10 @@ export function withModel(fn) {
 const runs = new Map();
 let ctxFns = null;
 
-/** `fns`: { session(): Session, model(): { key, name } | null, describe(err): string }. */
+/**
+ * `fns`: { session(): Session, model(): { key, name } | null, describe(err): string,
+ * poison(message): void (a wasm trap: the worker takes no more work) }.
+ */
 export function setup(fns) {
   ctxFns = fns;
 }
@@ -332,7 +335,10 @@ async function loop(run) {
     run.record.error = message;
     tstore.saveRun({ ...run.record, updatedAt: Date.now(), history: run.history }).catch(() => {});
     post(run.id, 'state', { state: 'error' });
-    post(run.id, 'error', { message, fatal: err instanceof WebAssembly.RuntimeError });
+    const fatal = err instanceof WebAssembly.RuntimeError;
+    // A trap (a Rust panic): the wasm memory can no longer be trusted, nothing else runs here.
+    if (fatal) ctxFns.poison?.(`the wasm module crashed during training: ${message}`);
+    post(run.id, 'error', { message, fatal });
     settle(new Error(message));
     for (const op of run.boundaryOps.splice(0)) op.reject(new Error(message));
   }
@@ -458,7 +464,7 @@ export async function importAdapter({ files, name }) {
   }
   const [cfgBytes, stBytes] = await Promise.all([read(cfg), read(st)]);
   const info = session().checkAdapter(cfg.name, cfgBytes, st.name, stBytes);
-  name = checkName(name ?? info.baseModel?.split('/').pop() ?? 'imported adapter');
+  name = checkName(name ?? 'imported adapter');
   if (await tstore.getAdapter(name)) throw new Error(`an adapter named "${name}" already exists; delete it or import under another name`);
   const { baseModel, ...fields } = info;
   const entry = {

@@ -521,7 +521,10 @@ async function loadFiles(files) {
     tokenizer?.name, await read(tokenizer), tokenizerConfig?.name, await read(tokenizerConfig));
 }
 
-training.setup({ session: () => needSession(), model: () => currentModel, describe: (err) => describe(err) });
+training.setup({
+  session: () => needSession(), model: () => currentModel, describe: (err) => describe(err),
+  poison: (message) => { poisoned ??= message; },
+});
 
 function describe(err) {
   if (err instanceof Error) return err.message || String(err);

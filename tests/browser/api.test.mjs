@@ -4,7 +4,8 @@
 // - the default model loads; prepareData detects the Devil's Dictionary JSONL, counts its tokens
 //   and sequences, and names the line of a bad JSONL line; estimateMemory fits;
 // - a run trains with the loss going down (mean loss of its second epoch below its first, over
-//   the same sequences), pauses and resumes, checkpoints to IndexedDB every 4 steps;
+//   the same sequences), pauses and resumes, checkpoints to IndexedDB every 4 steps, and a
+//   generation runs while it trains;
 // - the page reloads mid-run: the run is listed as interrupted at its last checkpoint and
 //   resumeTrainer continues it to the end; on the CPU the losses equal, bit for bit, those of
 //   the same run trained straight through;
@@ -129,7 +130,10 @@ for (const webgpu of [true, false]) {
         await new Promise((r) => setTimeout(r, 300));
         const stepAfterWait = t.step;
         await t.resume();
-        return { runId: t.runId, paused, stepAfterWait, config: t.config, backend: t.backend, totalSteps: t.totalSteps };
+        // Requests are served between training units (on WebGPU the model's buffers are shared
+        // by the training step and generation: one pass at a time).
+        const genDuring = await bl.generate('Define CAT.', { maxTokens: 4 }).result.then((r) => r.tokens.length, (e) => e.message);
+        return { runId: t.runId, paused, stepAfterWait, genDuring, config: t.config, backend: t.backend, totalSteps: t.totalSteps };
       }, { DATA, CONFIG });
       console.log(`${label}: paused at step ${first.paused.step}; run on ${first.backend}`);
       assert.equal(first.backend, backend);
@@ -137,6 +141,7 @@ for (const webgpu of [true, false]) {
       assert.equal(first.paused.state, 'paused');
       assert.ok(first.paused.step >= 2);
       assert.equal(first.stepAfterWait, first.paused.step, 'no step ran while paused');
+      assert.equal(first.genDuring, 4, 'generation while training');
       // Reload while it runs, once step 5 is done (the checkpoint of step 4 is stored before step 5 starts).
       try {
         await page.waitForFunction(() => window.__run.steps >= 5 || window.__run.error, null, { timeout: 300_000 });
