@@ -111,7 +111,12 @@ export function mountDataPanel(app) {
     }
   }
 
-  const schedule = debounce(check, 350);
+  const debounced = debounce(check, 350);
+  // The data is stale from the first keystroke: "checking" at once, so nothing uses old counts.
+  const schedule = Object.assign(() => {
+    if (text.trim() && data.state !== 'checking') setState('checking');
+    debounced();
+  }, { now: debounced.now });
 
   area.addEventListener('input', () => {
     if (preview) return;

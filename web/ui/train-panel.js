@@ -159,9 +159,15 @@ export function mountTrainPanel(app) {
       el.textContent = problem;
       return;
     }
-    const where = est.backend === 'webgpu'
-      ? `this GPU allows about ${fmtBytes(est.limit)}` + (est.maxBinding ? ` (largest buffer ${fmtBytes(est.maxBinding)}, this run's ${fmtBytes(est.largestBuffer)})` : '')
-      : `the CPU backend can use about ${fmtBytes(est.limit)} (WebAssembly memory)`;
+    let where;
+    if (est.backend === 'webgpu') {
+      const parts = [];
+      if (Number.isFinite(est.limit)) parts.push(`this GPU allows about ${fmtBytes(est.limit)}`);
+      if (est.maxBinding) parts.push(`a GPU buffer may hold ${fmtBytes(est.maxBinding)}, this run's largest holds ${fmtBytes(est.largestBuffer)}`);
+      where = parts.join('; ') || 'the GPU did not say its limits';
+    } else {
+      where = `the CPU backend can use about ${fmtBytes(est.limit)} (WebAssembly memory)`;
+    }
     const head = `Memory: about ${fmtBytes(est.total)} (model ${fmtBytes(est.weights)}, adapter and optimizer ${fmtBytes(est.adapter)} for ` +
       `${fmtInt(est.adapterParams)} parameters, activations ${fmtBytes(est.activations)}); ${where}`;
     el.className = `summary ${est.fits ? 'ok' : 'bad'}`;
@@ -266,6 +272,7 @@ export function mountTrainPanel(app) {
       if (!est.fits) throw new Error(`Not enough memory for these settings: ${est.message ?? `needs ${fmtBytes(est.total)}, about ${fmtBytes(est.limit)} available`}`);
       const tr = await client.createTrainer({ ...data.options, ...config, data: data.input });
       attach(tr, { resumed: false });
+      await baseline(tr);
       await tr.start();
       busy = false;
       setState(tr.state);
@@ -302,7 +309,7 @@ export function mountTrainPanel(app) {
       tr.on('progress', (p) => {
         t.progressEvents++;
         plot(p);
-        Object.assign(t, { step: p.step, totalSteps: p.totalSteps, loss: p.loss });
+        Object.assign(t, { step: p.step, totalSteps: p.totalSteps, loss: p.loss, stepMs: p.ms, tokensPerSec: p.tokensPerSec });
         if (p.valLoss != null) t.valLoss = p.valLoss;
         if (p.tokensPerSec > 0) measuredRate = p.tokensPerSec;
         $('train-progress').max = Math.max(p.totalSteps, 1);
@@ -347,6 +354,26 @@ export function mountTrainPanel(app) {
     hideOffer();
     describePreset();
     setState(tr.state);
+  }
+
+  /**
+   * The validation loss before the first step (the base model: LoRA's B starts at zero), drawn at
+   * step 0, so the chart shows where training started from. Skipped without validation data.
+   */
+  async function baseline(tr) {
+    if (!(tr.config?.evalEvery > 0) || !(tr.data?.valSequences > 0)) return;
+    $('train-stats').textContent = `Measuring the validation loss before training (${plural(tr.data.valSequences, 'sequence')})…`;
+    try {
+      const v0 = await tr.validate();
+      if (trainer !== tr || !Number.isFinite(v0)) return;
+      chart.add('val', 0, v0);
+      t.points = chart.points;
+      t.valLoss = v0;
+      $('train-stats').textContent = `Validation loss before training: ${fmtLoss(v0)} · starting…`;
+    } catch (err) {
+      // Only the chart's starting point is missing; training itself can go on.
+      console.warn(`bitlora: validation before training failed: ${message(err)}`);
+    }
   }
 
   function plot(p) {
