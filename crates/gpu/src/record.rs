@@ -4,6 +4,8 @@
 //!
 //! [`Kernel`]: one WGSL shader compiled into a compute pipeline with its override constants.
 
+use std::collections::HashMap;
+
 use crate::GpuError;
 use crate::tensor::{DType, GpuTensor};
 
@@ -47,20 +49,54 @@ impl Kernel {
     }
 }
 
+/// Uniform parameter buffers and bind groups, kept from one recording to the next
+/// ([`Recorder::with_cache`]): a training step records the same dispatches on the same buffers
+/// every time, so after its first step no bind group and no uniform buffer is created (on a
+/// fast GPU, creating ~1,000 of each per step would cost as much host time as the step's
+/// kernels). Within one recording the cache also shares them between identical dispatches.
+#[derive(Default)]
+pub struct BindCache {
+    /// Uniform buffers by content (padded to 16 bytes).
+    uniforms: HashMap<Vec<u32>, wgpu::Buffer>,
+    /// Bind groups by pipeline and the buffers bound at 0, 1, ...
+    groups: HashMap<(wgpu::ComputePipeline, Vec<wgpu::Buffer>), wgpu::BindGroup>,
+}
+
+impl BindCache {
+    /// Entries kept at most; a cache past this (e.g. after many different sequence lengths,
+    /// each with its own uniform values) starts over.
+    const LIMIT: usize = 1 << 14;
+
+    /// Number of bind groups held.
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+}
+
 /// One command encoder with an open compute pass.
 pub struct Recorder {
     device: wgpu::Device,
     encoder: wgpu::CommandEncoder,
     pass: Option<wgpu::ComputePass<'static>>,
-    /// Uniform `Dims` buffers, one per distinct value recorded.
-    dims: Vec<([u32; 4], wgpu::Buffer)>,
-    /// Longer uniform parameter structs, likewise.
-    params: Vec<(Vec<u32>, wgpu::Buffer)>,
+    cache: BindCache,
     max_groups: u32,
 }
 
 impl Recorder {
     pub fn new(device: &wgpu::Device) -> Recorder {
+        Self::with_cache(device, BindCache::default())
+    }
+
+    /// A recorder that reuses (and adds to) the uniform buffers and bind groups of earlier
+    /// recordings; [`Recorder::finish_with_cache`] gives the cache back.
+    pub fn with_cache(device: &wgpu::Device, mut cache: BindCache) -> Recorder {
+        if cache.groups.len() + cache.uniforms.len() > BindCache::LIMIT {
+            cache = BindCache::default();
+        }
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("bitlora"),
         });
@@ -74,40 +110,27 @@ impl Recorder {
             device: device.clone(),
             encoder,
             pass: Some(pass),
-            dims: Vec::new(),
-            params: Vec::new(),
+            cache,
             max_groups: device.limits().max_compute_workgroups_per_dimension,
         }
     }
 
     /// A uniform buffer holding a shader's `Dims` struct: up to four u32 (T and the row and
     /// position offsets of a pass), padded to 16 bytes as uniform buffers must be. Buffers
-    /// are shared between dispatches of this recording that use the same values.
+    /// are shared between dispatches that use the same values.
     pub(crate) fn uniform(&mut self, words: [u32; 4]) -> wgpu::Buffer {
-        if let Some((_, b)) = self.dims.iter().find(|(v, _)| *v == words) {
-            return b.clone();
-        }
-        use wgpu::util::DeviceExt;
-        let b = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("dims"),
-                contents: bytemuck::cast_slice(&words),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        self.dims.push((words, b.clone()));
-        b
+        self.uniform_words(&words)
     }
 
     /// A uniform buffer holding `words` (u32s or f32 bits), zero-padded to a multiple of 16
     /// bytes; for parameter structs larger than [`Recorder::uniform`]'s four words. Shared,
-    /// like those, between the dispatches of this recording that use the same values (a
-    /// training step records the same LoRA product shapes in every layer).
+    /// like those, between the dispatches that use the same values (a training step records
+    /// the same LoRA product shapes in every layer).
     pub(crate) fn uniform_words(&mut self, words: &[u32]) -> wgpu::Buffer {
         use wgpu::util::DeviceExt;
         let mut padded = words.to_vec();
         padded.resize(words.len().div_ceil(4).max(1) * 4, 0);
-        if let Some((_, b)) = self.params.iter().find(|(v, _)| *v == padded) {
+        if let Some(b) = self.cache.uniforms.get(&padded) {
             return b.clone();
         }
         let b = self
@@ -117,7 +140,7 @@ impl Recorder {
                 contents: bytemuck::cast_slice(&padded),
                 usage: wgpu::BufferUsages::UNIFORM,
             });
-        self.params.push((padded, b.clone()));
+        self.cache.uniforms.insert(padded, b.clone());
         b
     }
 
@@ -167,19 +190,30 @@ impl Recorder {
         if groups.contains(&0) {
             return Ok(());
         }
-        let entries: Vec<wgpu::BindGroupEntry> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: b.as_entire_binding(),
-            })
-            .collect();
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.name),
-            layout: &kernel.layout,
-            entries: &entries,
-        });
+        let key = (
+            kernel.pipeline.clone(),
+            buffers.iter().map(|&b| b.clone()).collect::<Vec<_>>(),
+        );
+        let bind_group = match self.cache.groups.get(&key) {
+            Some(g) => g.clone(),
+            None => {
+                let entries: Vec<wgpu::BindGroupEntry> = buffers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| wgpu::BindGroupEntry {
+                        binding: i as u32,
+                        resource: b.as_entire_binding(),
+                    })
+                    .collect();
+                let g = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(kernel.name),
+                    layout: &kernel.layout,
+                    entries: &entries,
+                });
+                self.cache.groups.insert(key, g.clone());
+                g
+            }
+        };
         let pass = self.pass.as_mut().expect("the pass is open until submit");
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
@@ -188,9 +222,14 @@ impl Recorder {
     }
 
     /// Ends the pass and returns the encoder, e.g. to append copies before submitting.
-    pub fn finish(mut self) -> wgpu::CommandEncoder {
+    pub fn finish(self) -> wgpu::CommandEncoder {
+        self.finish_with_cache().0
+    }
+
+    /// Ends the pass; returns the encoder and the cache for the next recording.
+    pub fn finish_with_cache(mut self) -> (wgpu::CommandEncoder, BindCache) {
         drop(self.pass.take());
-        self.encoder
+        (self.encoder, self.cache)
     }
 
     /// Ends the pass and submits everything recorded.

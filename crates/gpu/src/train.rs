@@ -48,7 +48,7 @@ use crate::ops::{
     AttentionBackward, CrossEntropy, Dropout, GatedActBackward, LoraMatmul, MatmulBackward,
     RmsNormBackward, RopeBackward, TernaryBackward,
 };
-use crate::record::Recorder;
+use crate::record::{BindCache, Recorder};
 use crate::tensor::{self, DType, GpuTensor};
 
 /// One adapted projection's tensors on the GPU.
@@ -328,6 +328,8 @@ pub struct GpuTrainer {
     logits: GpuTensor,
     staging: wgpu::Buffer,
     staging_floats: usize,
+    /// Bind groups and uniform buffers of the last steps: the same every step of a given T.
+    bind_cache: Option<BindCache>,
     grad_floats: usize,
     bytes: u64,
 }
@@ -451,6 +453,7 @@ impl GpuTrainer {
             logits,
             staging,
             staging_floats,
+            bind_cache: None,
             grad_floats,
             bytes,
         })
@@ -751,6 +754,7 @@ impl GpuTrainer {
                 v
             }
         };
+        let cache = self.bind_cache.take().unwrap_or_default();
         let step = Step {
             tr: self,
             a: &a,
@@ -764,17 +768,18 @@ impl GpuTrainer {
         let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = dev.push_error_scope(wgpu::ErrorFilter::Validation);
         let recorded = (|| {
-            let mut rec = Recorder::new(dev);
+            let mut rec = Recorder::with_cache(dev, cache);
             step.forward(&mut rec)?;
             step.head(&mut rec, weight, backward)?;
             if backward {
                 step.backward(&mut rec)?;
             }
-            Ok::<_, GpuError>(rec.finish())
+            Ok::<_, GpuError>(rec.finish_with_cache())
         })();
         let validation = validation.pop().await;
         let oom = oom.pop().await;
-        let mut enc = recorded?;
+        let (mut enc, cache) = recorded?;
+        self.bind_cache = Some(cache);
         if let Some(e) = validation.or(oom) {
             return Err(GpuError::Device(e.to_string()));
         }
