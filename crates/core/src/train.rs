@@ -129,41 +129,39 @@ pub fn linear_backward(
             .as_ref()
             .map(|m| x.iter().zip(m).map(|(a, b)| a * b).collect::<Vec<f32>>());
         let xd = x_drop.as_deref().unwrap_or(x);
-        // dB (O, R) += scale * dY^T . u
-        for tt in 0..t {
-            for oo in 0..o {
-                let g = scale * dy[tt * o + oo];
-                for rr in 0..r {
-                    grad.b[oo * r + rr] += g * u[tt * r + rr];
-                }
-            }
-        }
-        // du (T, R) = scale * dY . B
+        // dB (O, R) += scale * dY^T . u ; du (T, R) = scale * dY . B
         let mut du = vec![0f32; t * r];
-        for tt in 0..t {
-            for oo in 0..o {
-                let g = scale * dy[tt * o + oo];
-                for rr in 0..r {
-                    du[tt * r + rr] += g * pair.b[oo * r + rr];
+        for ((dyr, ur), dur) in dy
+            .chunks_exact(o)
+            .zip(u.chunks_exact(r))
+            .zip(du.chunks_exact_mut(r))
+        {
+            for ((&d, gb), b) in dyr
+                .iter()
+                .zip(grad.b.chunks_exact_mut(r))
+                .zip(pair.b.chunks_exact(r))
+            {
+                let g = scale * d;
+                for ((gbv, &uv), (duv, &bv)) in gb.iter_mut().zip(ur).zip(dur.iter_mut().zip(b)) {
+                    *gbv += g * uv;
+                    *duv += g * bv;
                 }
             }
         }
         // dA (R, I) += du^T . dropout(x);  d dropout(x) (T, I) = du . A
-        for tt in 0..t {
-            for rr in 0..r {
-                let g = du[tt * r + rr];
-                for ii in 0..i {
-                    grad.a[rr * i + ii] += g * xd[tt * i + ii];
-                }
-            }
-        }
         let mut dxd = vec![0f32; t * i];
-        for tt in 0..t {
-            for rr in 0..r {
-                let g = du[tt * r + rr];
-                for ii in 0..i {
-                    dxd[tt * i + ii] += g * pair.a[rr * i + ii];
-                }
+        for ((dur, xr), dxr) in du
+            .chunks_exact(r)
+            .zip(xd.chunks_exact(i))
+            .zip(dxd.chunks_exact_mut(i))
+        {
+            for ((&g, ga), a) in dur
+                .iter()
+                .zip(grad.a.chunks_exact_mut(i))
+                .zip(pair.a.chunks_exact(i))
+            {
+                ops::axpy(ga, g, xr);
+                ops::axpy(dxr, g, a);
             }
         }
         // Through dropout: the same factors as the forward.
