@@ -214,7 +214,9 @@ export function mountTrainPanel(app) {
     const dataOk = app.state.data?.state === 'ok';
     const fits = memory ? memory.fits : true;
     $('train-start').disabled = busy || active || !ready || !dataOk || !fits;
-    $('train-start').title = !ready ? 'Waiting for the model' : !dataOk ? 'Add training data first (above)' : !fits ? 'Does not fit in memory: see the estimate' : '';
+    const dataState = app.state.data?.state;
+    $('train-start').title = !ready ? 'Waiting for the model' : !fits ? 'Does not fit in memory: see the estimate'
+      : dataState === 'checking' ? 'Checking the training data…' : !dataOk ? 'Add training data first (above)' : '';
     $('train-pause').disabled = busy || s !== 'running';
     $('train-resume').disabled = busy || s !== 'paused';
     $('train-stop').disabled = busy || !(s === 'running' || s === 'paused');
