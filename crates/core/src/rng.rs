@@ -16,9 +16,19 @@ impl Rng {
         self.state
     }
 
+    /// The state's increment per draw (SplitMix64's golden-ratio gamma).
+    pub const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    /// Moves on by `n` draws of [`Rng::next_u64`] (or of [`Rng::uniform`], one each) in O(1):
+    /// the k-th draw after the state s is `mix(s + k * GAMMA)`, which is also how a GPU kernel
+    /// computes draw k of a stream in parallel (bitlora-gpu's dropout).
+    pub fn skip(&mut self, n: u64) {
+        self.state = self.state.wrapping_add(n.wrapping_mul(Self::GAMMA));
+    }
+
     /// Next 64 random bits (SplitMix64, Steele et al. 2014).
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.state = self.state.wrapping_add(Self::GAMMA);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -40,5 +50,23 @@ impl Rng {
         let u1 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         ((-2.0 * (1.0 - u1).ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rng;
+
+    #[test]
+    fn skip_equals_drawing() {
+        for n in [0u64, 1, 7, 1000] {
+            let (mut a, mut b) = (Rng::new(42), Rng::new(42));
+            (0..n).for_each(|_| {
+                a.uniform();
+            });
+            b.skip(n);
+            assert_eq!(a.state(), b.state());
+            assert_eq!(a.next_u64(), b.next_u64());
+        }
     }
 }

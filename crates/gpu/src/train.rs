@@ -4,7 +4,8 @@
 //! the caller's gradients) with the kernels of [`crate::ops`], recorded into one submission:
 //!
 //! ```text
-//! upload: tokens, targets, dropout masks (drawn on the CPU in the CPU's order), A and B if changed
+//! upload: tokens, targets, A and B if changed; each dropout stream's RNG state (the kernels
+//!         draw the CPU's numbers themselves: SplitMix64 is counter-based)
 //! forward, saving per layer: h_in, q, k (after RoPE), v, attention, h_mid, gate, up, each u = x A^T
 //!     h[0] = embed[tokens]
 //!     layer l: x = input_layernorm(h[l]); q, k, v = BitLinear + LoRA; RoPE; attention
@@ -302,9 +303,9 @@ impl Acts {
     }
 }
 
-/// Where each adapted projection's dropout mask lies: per layer, per projection, the first
-/// word of its bits in that layer's mask buffer.
-type MaskPlan = Vec<[Option<usize>; 7]>;
+/// Each adapted projection's dropout stream: per layer, per projection, the RNG state its T*I
+/// draws start from (None: no dropout).
+type MaskPlan = Vec<[Option<u64>; 7]>;
 
 /// The GPU LoRA training step. Owns the [`GpuModel`] (its weights, forward pipelines and
 /// adapter for inference: [`GpuTrainer::model_mut`], [`GpuTrainer::into_model`]) and, allocated
@@ -322,8 +323,6 @@ pub struct GpuTrainer {
     adapter: Vec<Vec<Option<PairBufs>>>, // L x 7
     /// The adapter A and B hold now (None: never uploaded).
     uploaded: Option<Vec<[Option<bitlora_core::lora::LoraPair>; 7]>>,
-    /// Per layer, the dropout bits of a step (allocated at the first step with dropout).
-    masks: Option<Vec<GpuTensor>>,
     /// The last rows of logits a window of the head holds: (W, V).
     logits: GpuTensor,
     staging: wgpu::Buffer,
@@ -449,7 +448,6 @@ impl GpuTrainer {
             views: None,
             adapter,
             uploaded: None,
-            masks: None,
             logits,
             staging,
             staging_floats,
@@ -479,21 +477,17 @@ impl GpuTrainer {
     }
 
     /// Bytes of GPU memory the training step holds beyond the model's weights: saved
-    /// activations, scratch, the adapter with its gradients, the logits window (and, after a
-    /// step with dropout, its masks).
+    /// activations, scratch, the adapter with its gradients and the logits window.
     pub fn bytes(&self) -> u64 {
         self.bytes
-            + self
-                .masks
-                .as_ref()
-                .map_or(0, |m| m.iter().map(|t| t.buffer.size()).sum())
     }
 
     /// One sequence's forward and backward, as `bitlora_core::train::forward_backward`:
     /// `targets[t]` is the token position t should predict (None: not counted). Returns the
     /// mean cross-entropy over the counted targets and ADDS `grad_scale` times its gradient
-    /// into `grads` (same shapes as `lora`). Dropout masks are drawn from `rng` in the CPU
-    /// reference's order, so the same RNG gives the same masks, losses and gradients.
+    /// into `grads` (same shapes as `lora`). Dropout draws from `rng` in the CPU reference's
+    /// order (the kernels compute the draws, `rng` moves past them), so the same RNG gives the
+    /// same masks, losses and gradients.
     #[allow(clippy::too_many_arguments)]
     pub async fn forward_backward(
         &mut self,
@@ -631,9 +625,9 @@ impl GpuTrainer {
         Ok(())
     }
 
-    /// Checks the inputs, uploads tokens, targets, the adapter (if it changed) and the
-    /// dropout masks (drawn from `rng` when given and the adapter has dropout). Returns the
-    /// number of counted targets and where the masks lie.
+    /// Checks the inputs, uploads tokens, targets and the adapter (if it changed), and plans
+    /// the dropout streams (from `rng` when given and the adapter has dropout). Returns the
+    /// number of counted targets and the plan.
     fn prepare(
         &mut self,
         lora: &Lora,
@@ -674,30 +668,10 @@ impl GpuTrainer {
         let Some(rng) = rng.filter(|_| dropout > 0.0) else {
             return Ok((counted, plan));
         };
-        // Draw every mask of the step in the CPU's order (layer by layer, projections in
-        // `model::projections` order, each over its (T, I) input), packed 32 to a word.
+        // Each adapted projection's dropout stream starts where the CPU's draws for it would:
+        // layer by layer, projections in `model::projections` order, T*I draws each. The
+        // kernels draw from those states themselves; the caller's RNG moves past them all.
         let shapes = projections(&cfg);
-        if self.masks.is_none() {
-            let dev = &self.model.device;
-            let words: usize = shapes
-                .iter()
-                .zip(self.lora_config.targets)
-                .filter(|(_, on)| *on)
-                .map(|(&(_, _, i), _)| (self.max_tokens * i).div_ceil(32))
-                .sum();
-            self.masks = Some(
-                (0..cfg.num_hidden_layers)
-                    .map(|l| {
-                        GpuTensor::zeros(
-                            dev,
-                            format!("dropout masks (layer {l})"),
-                            &[words.max(1)],
-                            DType::U32,
-                        )
-                    })
-                    .collect::<Result<_, _>>()?,
-            );
-        }
         for (p, &(_, _, i)) in shapes.iter().enumerate() {
             if self.lora_config.targets[p] && self.ops.dropout[p].is_none() {
                 let dev = &self.model.device;
@@ -712,24 +686,12 @@ impl GpuTrainer {
                 );
             }
         }
-        let masks = self.masks.as_ref().expect("allocated above");
-        for ((layer_plan, pairs), buf) in plan.iter_mut().zip(&lora.layers).zip(masks) {
-            let mut words: Vec<u32> = Vec::new();
+        for (layer_plan, pairs) in plan.iter_mut().zip(&lora.layers) {
             for (slot, (pair, &(_, _, i))) in layer_plan.iter_mut().zip(pairs.iter().zip(&shapes)) {
-                if pair.is_none() {
-                    continue;
+                if pair.is_some() {
+                    *slot = Some(rng.state());
+                    rng.skip((t * i) as u64);
                 }
-                *slot = Some(words.len());
-                let start = words.len();
-                words.resize(start + (t * i).div_ceil(32), 0);
-                for (n, kept) in cpu_train::dropout_draws(t * i, dropout, rng).enumerate() {
-                    if kept {
-                        words[start + n / 32] |= 1 << (n % 32);
-                    }
-                }
-            }
-            if !words.is_empty() {
-                queue.write_buffer(&buf.buffer, 0, bytemuck::cast_slice(&words));
             }
         }
         Ok((counted, plan))
@@ -760,7 +722,7 @@ impl GpuTrainer {
             a: &a,
             t,
             scale: lora.config.scale(),
-            keep: cpu_train::dropout_keep_factor(lora.config.dropout),
+            p: lora.config.dropout,
             plan,
         };
         let dev = &self.model.device;
@@ -846,7 +808,7 @@ struct Step<'a> {
     a: &'a Acts,
     t: usize,
     scale: f32,
-    keep: f32,
+    p: f32,
     plan: &'a MaskPlan,
 }
 
@@ -870,24 +832,19 @@ impl Step<'_> {
         p: usize,
         x: &GpuTensor,
     ) -> Result<GpuTensor, GpuError> {
-        let Some(word0) = self.plan[l][p] else {
+        let Some(state) = self.plan[l][p] else {
             return Ok(x.clone());
         };
-        let (masks, op) = self.dropout(p)?;
-        let i = x.shape[1];
-        let xd = self.a.xdrop.view(&[self.t, i])?;
-        op.encode(r, x, &masks[l], word0, self.keep, &xd)?;
+        let xd = self.a.xdrop.view(&[self.t, x.shape[1]])?;
+        self.dropout(p)?.encode(r, x, state, self.p, &xd)?;
         Ok(xd)
     }
 
-    fn dropout(&self, p: usize) -> Result<(&Vec<GpuTensor>, &Dropout), GpuError> {
-        match (&self.tr.masks, &self.tr.ops.dropout[p]) {
-            (Some(m), Some(op)) => Ok((m, op)),
-            _ => Err(GpuError::Shape {
-                op: "GpuTrainer",
-                msg: "a dropout mask was planned without its buffers".into(),
-            }),
-        }
+    fn dropout(&self, p: usize) -> Result<&Dropout, GpuError> {
+        self.tr.ops.dropout[p].as_ref().ok_or(GpuError::Shape {
+            op: "GpuTrainer",
+            msg: "dropout was planned without its pipeline".into(),
+        })
     }
 
     /// y += s * (dropout(x) A^T) B^T for projection p of layer l, saving u = dropout(x) A^T.
@@ -936,13 +893,12 @@ impl Step<'_> {
                 op.grad_a_set(r, &self.a.du, x, &pair.da)?;
                 op.grad_x_add(r, &self.a.du, &pair.a, dx)
             }
-            Some(word0) => {
+            Some(state) => {
                 let xd = self.lora_input(r, l, p, x)?;
                 op.grad_a_set(r, &self.a.du, &xd, &pair.da)?;
-                let (masks, dropout) = self.dropout(p)?;
                 let ldx = self.a.ldx.view(&[self.t, x.shape[1]])?;
                 op.grad_x(r, &self.a.du, &pair.a, &ldx)?;
-                dropout.encode_add(r, &ldx, &masks[l], word0, self.keep, dx)
+                self.dropout(p)?.encode_add(r, &ldx, state, self.p, dx)
             }
         }
     }

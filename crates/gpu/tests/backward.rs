@@ -12,8 +12,8 @@ use bitlora_core::tolerance::{KERNEL_F32, KERNEL_TRANSCENDENTAL};
 use bitlora_core::{Activation, TernaryLinear, ops, train};
 use bitlora_gpu::ops::cross_entropy::MASKED;
 use bitlora_gpu::ops::{
-    AdamWScalars, AdamWStep, AttentionBackward, CrossEntropy, GatedActBackward, LoraMatmul,
-    RmsNormBackward, RopeBackward, TernaryBackward,
+    AdamWScalars, AdamWStep, AttentionBackward, CrossEntropy, Dropout, GatedActBackward,
+    LoraMatmul, MatmulBackward, RmsNormBackward, RopeBackward, TernaryBackward,
 };
 use bitlora_gpu::{GpuError, GpuTensor, Recorder};
 use common::{f32t, gpu, normal, read, run, zeros};
@@ -398,4 +398,87 @@ fn training_launchers_reject_wrong_shapes() {
         .encode(&mut rec, &q, &kv, &kv, &q, &stats, &q, &kv, &kv)
         .unwrap_err();
     assert!(e.to_string().contains("`stats`"), "{e}");
+}
+
+/// The dropout kernel draws the CPU's numbers itself (SplitMix64 emulated in u32 pairs): its
+/// masks equal `train::dropout_draws` from the same state bit for bit, the masked values are the
+/// CPU's products exactly, and the add form adds them.
+#[test]
+fn dropout_kernel_draws_the_cpu_masks_exactly() {
+    let g = gpu();
+    let mut rng = Rng::new(31);
+    let (t, i) = (37, 1001);
+    let x = normal(&mut rng, t * i, 1.0);
+    let xt = f32t("x", &[t, i], &x);
+    let op = Dropout::new(&g.device, i);
+    for (seed, p) in [
+        (0u64, 0.1f32),
+        (0xdead_beef_1234_5678, 0.5),
+        (u64::MAX, 0.05),
+    ] {
+        let mut cpu = Rng::new(seed);
+        cpu.skip(1000); // a stream that starts mid-way, as a later projection's does
+        let state = cpu.state();
+        let keep = train::dropout_keep_factor(p);
+        let want: Vec<f32> = train::dropout_draws(t * i, p, &mut cpu)
+            .zip(&x)
+            .map(|(kept, &v)| v * if kept { keep } else { 0.0 })
+            .collect();
+        let out = zeros("out", &[t, i]);
+        run(|r| op.encode(r, &xt, state, p, &out));
+        let got = read(&out);
+        let dropped = want.iter().filter(|&&v| v == 0.0).count();
+        assert_eq!(got, want, "dropout p={p} from state {state:#x}");
+        let acc = f32t("acc", &[t, i], &x);
+        run(|r| op.encode_add(r, &xt, state, p, &acc));
+        let sum: Vec<f32> = x.iter().zip(&want).map(|(a, b)| a + b).collect();
+        assert_eq!(read(&acc), sum, "dropout add p={p}");
+        println!(
+            "dropout p={p}: {dropped} of {} dropped, equal to the CPU's bit for bit",
+            t * i
+        );
+    }
+}
+
+/// The head's dX: dlogits (T, V) . W, with W whole and split along V into chunks (the first
+/// chunk writes, the others add), into a window of rows of dx.
+#[test]
+fn matmul_backward_matches_reference() {
+    let g = gpu();
+    let mut rng = Rng::new(32);
+    for (t, v, c, chunk) in [(37, 509, 64, 509), (9, 1001, 33, 100), (1, 70, 5, 7)] {
+        let dy = normal(&mut rng, t * v, 1.0);
+        let w = normal(&mut rng, v * c, 0.3);
+        let mut want = vec![0f32; t * c];
+        for tt in 0..t {
+            for o in 0..v {
+                ops::axpy(
+                    &mut want[tt * c..(tt + 1) * c],
+                    dy[tt * v + o],
+                    &w[o * c..(o + 1) * c],
+                );
+            }
+        }
+        let split = bitlora_gpu::SplitTensor::f32(&g.device, "W", v, c, &w, (chunk * c * 4) as u64)
+            .unwrap();
+        let dyt = f32t("dy", &[t, v], &dy);
+        // Rows 2 .. 2+T of a taller dx.
+        let dx = zeros("dx", &[t + 3, c]);
+        run(|r| MatmulBackward::new(&g.device, c, v).encode_split(r, &dyt, &split, &dx, 2));
+        let got = read(&dx);
+        KERNEL_F32.assert_close(
+            &format!(
+                "matmul_backward T={t} V={v} C={c} in {} chunks",
+                split.chunks.len()
+            ),
+            &got[2 * c..(2 + t) * c],
+            &want,
+        );
+        assert!(
+            got[..2 * c]
+                .iter()
+                .chain(&got[(2 + t) * c..])
+                .all(|&x| x == 0.0)
+        );
+    }
 }

@@ -6,12 +6,14 @@ use crate::tensor::{DType, GpuTensor};
 
 pub const SOURCE: &str = include_str!("../../../../shaders/dropout.wgsl");
 
-/// LoRA dropout from a bit mask drawn on the CPU (`bitlora_core::train::dropout_draws`): bit
-/// `t*I + i` of the segment starting at mask word `word0` keeps input (t, i), which is then
-/// multiplied by `keep = 1/(1-p)`; a dropped input becomes 0.
+/// LoRA dropout with the CPU reference's random numbers: input (t, i) is kept when draw
+/// `t*I + i` of the stream starting at RNG state `state` (a `bitlora_core::rng::Rng` state) is
+/// not below `p`, as `bitlora_core::train::dropout_draws` draws them, and then multiplied by
+/// `1/(1-p)`; a dropped input becomes 0. The kernel computes each draw itself (SplitMix64 is
+/// counter-based); after the T*I draws the host moves its RNG on with `Rng::skip(T * I)`.
 ///
-/// Shapes: x (T, I) f32, mask (W) u32 with W >= word0 + ceil(T*I/32), out (T, I) f32
-/// (written by [`Dropout::encode`], added into by [`Dropout::encode_add`]).
+/// Shapes: x (T, I) f32, out (T, I) f32 (written by [`Dropout::encode`], added into by
+/// [`Dropout::encode_add`]).
 #[derive(Clone, Debug)]
 pub struct Dropout {
     kernel: Kernel,
@@ -50,12 +52,11 @@ impl Dropout {
         &self,
         rec: &mut Recorder,
         x: &GpuTensor,
-        mask: &GpuTensor,
-        word0: usize,
-        keep: f32,
+        state: u64,
+        p: f32,
         out: &GpuTensor,
     ) -> Result<(), GpuError> {
-        self.record(rec, &self.kernel, x, mask, word0, keep, out)
+        self.record(rec, &self.kernel, x, state, p, out)
     }
 
     /// out += x * m (the adapter's input gradient in the backward).
@@ -63,54 +64,45 @@ impl Dropout {
         &self,
         rec: &mut Recorder,
         x: &GpuTensor,
-        mask: &GpuTensor,
-        word0: usize,
-        keep: f32,
+        state: u64,
+        p: f32,
         out: &GpuTensor,
     ) -> Result<(), GpuError> {
-        self.record(rec, &self.kernel_add, x, mask, word0, keep, out)
+        self.record(rec, &self.kernel_add, x, state, p, out)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         rec: &mut Recorder,
         kernel: &Kernel,
         x: &GpuTensor,
-        mask: &GpuTensor,
-        word0: usize,
-        keep: f32,
+        state: u64,
+        p: f32,
         out: &GpuTensor,
     ) -> Result<(), GpuError> {
         const OP: &str = "dropout";
         let t = rows(OP, x, DType::F32, self.i)?;
         expect(OP, out, DType::F32, &[t, self.i])?;
-        let words = (t * self.i).div_ceil(32);
-        match mask.shape[..] {
-            [w] if mask.dtype == DType::U32 && w >= word0 + words => {}
-            _ => {
-                return Err(GpuError::Shape {
-                    op: OP,
-                    msg: format!(
-                        "mask `{}` is {:?} {:?}, expected U32 (W) with W >= {}",
-                        mask.name,
-                        mask.dtype,
-                        mask.shape,
-                        word0 + words
-                    ),
-                });
-            }
-        }
-        let fit = |v: usize| {
-            u32::try_from(v).map_err(|_| GpuError::Shape {
+        if u32::try_from(t * self.i).is_err() || !(0.0..1.0).contains(&p) {
+            return Err(GpuError::Shape {
                 op: OP,
-                msg: format!("{v} does not fit a u32 shader constant"),
-            })
-        };
-        let dims = rec.uniform([fit(t)?, fit(word0)?, keep.to_bits(), 0]);
+                msg: format!(
+                    "{t} x {} inputs with p = {p}: need T*I < 2^32, 0 <= p < 1",
+                    self.i
+                ),
+            });
+        }
+        let keep = bitlora_core::train::dropout_keep_factor(p);
+        let dims = rec.uniform_words(&[
+            t as u32,
+            keep.to_bits(),
+            p.to_bits(),
+            state as u32,
+            (state >> 32) as u32,
+        ]);
         rec.dispatch(
             kernel,
-            &[&dims, &x.buffer, &mask.buffer, &out.buffer],
+            &[&dims, &x.buffer, &out.buffer],
             [self.i.div_ceil(super::WG), t, 1],
         )
     }
