@@ -4,16 +4,21 @@
 //
 // W larger than one storage binding is split along O into chunks of consecutive rows (as for
 // the forward), one dispatch each: the chunk holds rows o0 .. o0+OC of W and reads columns
-// o0 .. o0+OC of dy; the first chunk writes dx (ACC = 0 in dims), the others add their partial
-// sums. dy is a window of a few rows of logits (the caller runs the head and the loss on
-// windows of rows so that no (T, V) buffer outgrows a binding), written to rows
-// dx_row0 .. dx_row0+T of dx.
+// o0 .. o0+OC of dy; the first chunk writes its sums (ACC = 0 in dims), the others add theirs.
+// dy is a window of a few rows of logits (the caller runs the head and the loss on windows of
+// rows so that no (T, V) buffer outgrows a binding).
+//
+// Split along O (for GPUs: T x C outputs are few, O = V is long): workgroup z of a dispatch
+// sums rows z*SL .. (z+1)*SL of the chunk only and writes its partial sums to slab z of a
+// scratch buffer (S, TP, I); matmul_backward_reduce.wgsl then adds the S slabs in order into
+// dx. Without the split (S = 1, CPU adapters) the sums go to rows dx_row0 .. dx_row0+T of dx
+// directly. Out index: z * slab_stride + (out_row0 + t) * I + i.
 //
 // One invocation per block of TI = 4 consecutive i and TT = 8 tokens: per o it loads 4 values
 // of W and 8 of dy for 32 multiply-adds (register blocking: CPU-emulated adapters such as
-// lavapipe pay for every load an invocation makes, real GPUs for the bandwidth). Each dx[t, i]
-// is one sum over o in ascending order, whatever the blocking.
-// Dispatch (ceil(ceil(I / TI) / WG), ceil(T / TT), 1).
+// lavapipe pay for every load an invocation makes, real GPUs for the bandwidth). Each sum runs
+// over o in ascending order.
+// Dispatch (ceil(ceil(I / TI) / WG), ceil(T / TT), S).
 
 override I: u32;        // in features (C)
 override O: u32;        // out features (V), dy's row width
@@ -22,21 +27,26 @@ const TT: u32 = 8u;     // tokens per invocation
 const TI: u32 = 4u;     // columns of dx per invocation
 
 struct Dims {
-    t: u32,       // T, rows of dy
-    dx_row0: u32, // first row of dx written
-    oc: u32,      // OC, rows of W in this chunk
-    o0: u32,      // the chunk's first row of W = first column of dy read
-    acc: u32,     // 1: add into dx
+    t: u32,           // T, rows of dy
+    out_row0: u32,    // first row written (dx_row0 without the split, 0 with it)
+    oc: u32,          // OC, rows of W in this chunk
+    o0: u32,          // the chunk's first row of W = first column of dy read
+    acc: u32,         // 1: add into the output
+    slab_rows: u32,   // SL, rows of the chunk per workgroup z (OC without the split)
+    slab_stride: u32, // TP * I between slabs of the scratch (0 without the split)
 }
 
 @group(0) @binding(0) var<uniform> dims: Dims;
-@group(0) @binding(1) var<storage, read> dy: array<f32>;       // (T, O)
-@group(0) @binding(2) var<storage, read> w: array<f32>;        // (OC, I): rows o0 .. o0+OC of (O, I)
-@group(0) @binding(3) var<storage, read_write> dx: array<f32>; // (R, I), R >= dx_row0 + T
+@group(0) @binding(1) var<storage, read> dy: array<f32>;        // (T, O)
+@group(0) @binding(2) var<storage, read> w: array<f32>;         // (OC, I): rows o0 .. o0+OC of (O, I)
+@group(0) @binding(3) var<storage, read_write> out: array<f32>; // dx (R, I), R >= dx_row0 + T; or scratch (S, TP, I)
 
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i0 = gid.x * TI;
+    let z = gid.z;
+    let o_begin = z * dims.slab_rows;
+    let o_end = min(o_begin + dims.slab_rows, dims.oc);
     let t0 = gid.y * TT;
     if i0 >= I || t0 >= dims.t {
         return;
@@ -64,7 +74,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var a5 = vec4<f32>();
     var a6 = vec4<f32>();
     var a7 = vec4<f32>();
-    for (var o = 0u; o < dims.oc; o++) {
+    for (var o = o_begin; o < o_end; o++) {
         let b = o * I;
         let wv = vec4<f32>(w[b + c0], w[b + c1], w[b + c2], w[b + c3]);
         a0 += dy[r0 + o] * wv;
@@ -81,11 +91,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ni = min(TI, I - i0);
     for (var tt = 0u; tt < nt; tt++) {
         for (var j = 0u; j < ni; j++) {
-            let idx = (dims.dx_row0 + t0 + tt) * I + i0 + j;
+            let idx = z * dims.slab_stride + (dims.out_row0 + t0 + tt) * I + i0 + j;
             if dims.acc == 1u {
-                dx[idx] += acc[tt][j];
+                out[idx] += acc[tt][j];
             } else {
-                dx[idx] = acc[tt][j];
+                out[idx] = acc[tt][j];
             }
         }
     }

@@ -9,9 +9,11 @@
 // gradients sum into one buffer; CPU: dx_q + dx_k + dx_v).
 //
 // One invocation per word column k (the four columns i = 4k .. 4k+3, whose codes share each
-// word) and TT = 4 tokens: per packed row p it loads one word and 4 x 4 values of dy for 64
-// multiply-adds (CPU-emulated adapters pay for every load; the blocks are spelled out in
-// variables, which such adapters keep in registers).
+// word) and TT tokens. With TT = 4 (CPU-emulated adapters, which pay for every load an
+// invocation makes) it loads one word and 4 x 4 values of dy per packed row p for 64
+// multiply-adds; with TT = 1 (GPUs, which need the invocations more than the reuse) one word
+// and 4 values for 16. The blocks are spelled out in variables (CPU adapters keep private
+// arrays indexed in loops in memory).
 // Dispatch (ceil(ceil(I / 4) / WG), ceil(T / TT), 1).
 
 override I: u32;                  // in features
@@ -20,7 +22,7 @@ override WG: u32 = 64u;           // workgroup size
 override ACC: u32 = 0u;           // 1: dx += result
 override O4: u32 = (O + 3u) / 4u; // packed rows
 override I4: u32 = (I + 3u) / 4u; // word columns
-const TT: u32 = 4u;               // tokens per invocation
+override TT: u32 = 4u;            // tokens per invocation: 4 or 1
 
 struct Dims {
     t: u32, // T
@@ -64,12 +66,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             let live = o < O;
             let c = slot(ww, s);
             a0 += select(0.0, dy[r0 + oc], live) * c;
-            a1 += select(0.0, dy[r1 + oc], live) * c;
-            a2 += select(0.0, dy[r2 + oc], live) * c;
-            a3 += select(0.0, dy[r3 + oc], live) * c;
+            if TT == 4u {
+                a1 += select(0.0, dy[r1 + oc], live) * c;
+                a2 += select(0.0, dy[r2 + oc], live) * c;
+                a3 += select(0.0, dy[r3 + oc], live) * c;
+            }
         }
     }
-    let acc = array<vec4<f32>, TT>(a0, a1, a2, a3);
+    let acc = array<vec4<f32>, 4>(a0, a1, a2, a3);
     let s_w = sw[0];
     let nt = min(TT, dims.t - t0);
     let ni = min(4u, I - 4u * k);

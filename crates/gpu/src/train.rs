@@ -35,6 +35,7 @@
 //!
 //! Everything that waits is `async` and never blocks (the web); natively use `pollster`.
 
+use bitlora_core::Config;
 use bitlora_core::data::Sequence;
 use bitlora_core::lora::{Lora, LoraConfig};
 use bitlora_core::model::projections;
@@ -329,6 +330,8 @@ pub struct GpuTrainer {
     staging_floats: usize,
     /// Bind groups and uniform buffers of the last steps: the same every step of a given T.
     bind_cache: Option<BindCache>,
+    /// The head backward's partial sums (S, W, C) when it splits the vocabulary (GPUs).
+    head_scratch: Option<GpuTensor>,
     grad_floats: usize,
     bytes: u64,
 }
@@ -427,6 +430,13 @@ impl GpuTrainer {
         // Rows of logits per window of the head: as many as one binding holds.
         let rows = ((model.max_binding / (4 * v as u64)) as usize).clamp(1, max_tokens);
         let logits = GpuTensor::zeros(&dev, "train logits window", &[rows, v], DType::F32)?;
+        // On a GPU the head's dX sums over the whole vocabulary for only T x C outputs: split
+        // that sum across workgroups (see ops::MatmulBackward). CPU adapters need no split.
+        let head_scratch = if dev.adapter_info().device_type == wgpu::DeviceType::Cpu {
+            None
+        } else {
+            Self::head_scratch(&dev, &model, rows, Self::head_slabs(&model.config, rows))?
+        };
 
         let bytes = acts.all().iter().map(|t| t.buffer.size()).sum::<u64>()
             + adapter
@@ -452,9 +462,46 @@ impl GpuTrainer {
             staging,
             staging_floats,
             bind_cache: None,
+            head_scratch,
             grad_floats,
             bytes,
         })
+    }
+
+    /// Slabs the head backward splits the vocabulary into on a GPU: enough workgroups to
+    /// fill a large GPU (~512), each slab at least 256 rows of the vocabulary.
+    fn head_slabs(cfg: &Config, rows: usize) -> usize {
+        let groups = cfg.hidden_size.div_ceil(4).div_ceil(crate::ops::WG) * rows.div_ceil(8);
+        512usize
+            .div_ceil(groups.max(1))
+            .min(cfg.vocab_size / 256)
+            .clamp(1, 64)
+    }
+
+    /// The scratch of a head backward in `slabs` slabs (None for 1), fewer if it would not
+    /// fit one binding.
+    fn head_scratch(
+        dev: &wgpu::Device,
+        model: &GpuModel,
+        rows: usize,
+        slabs: usize,
+    ) -> Result<Option<GpuTensor>, GpuError> {
+        let c = model.config.hidden_size;
+        let fit = (model.max_binding / (4 * (rows * c) as u64).max(1)) as usize;
+        let slabs = slabs.min(fit);
+        if slabs <= 1 {
+            return Ok(None);
+        }
+        GpuTensor::zeros(dev, "head backward slabs", &[slabs, rows, c], DType::F32).map(Some)
+    }
+
+    /// Splits the head backward's sum over the vocabulary into `slabs` workgroups (1: no
+    /// split). [`GpuTrainer::new`] splits on GPUs and not on CPU adapters; the result is the
+    /// same up to rounding either way (tests force the split on lavapipe).
+    pub fn set_head_slabs(&mut self, slabs: usize) -> Result<(), GpuError> {
+        let rows = self.logits.shape[0];
+        self.head_scratch = Self::head_scratch(&self.model.device, &self.model, rows, slabs)?;
+        Ok(())
     }
 
     /// The model (e.g. to generate with [`GpuModel::set_adapter`] after training).
@@ -479,7 +526,7 @@ impl GpuTrainer {
     /// Bytes of GPU memory the training step holds beyond the model's weights: saved
     /// activations, scratch, the adapter with its gradients and the logits window.
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.bytes + self.head_scratch.as_ref().map_or(0, |t| t.buffer.size())
     }
 
     /// One sequence's forward and backward, as `bitlora_core::train::forward_backward`:
@@ -966,7 +1013,12 @@ impl Step<'_> {
             ops.cross_entropy
                 .encode_rows(r, &logits, &a.targets, row0, weight, &a.loss)?;
             if backward {
-                ops.head_back.encode_split(r, &logits, w, &a.dx, row0)?;
+                match &self.tr.head_scratch {
+                    Some(scratch) => ops
+                        .head_back
+                        .encode_split_k(r, &logits, w, &a.dx, row0, scratch)?,
+                    None => ops.head_back.encode_split(r, &logits, w, &a.dx, row0)?,
+                }
             }
         }
         Ok(())

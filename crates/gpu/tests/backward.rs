@@ -30,12 +30,16 @@ fn ternary_backward_matches_reference() {
         let (dyt, dx) = (f32t("dy", &[t, o], &dy), zeros("dx", &[t, i]));
         let w = GpuTensor::ternary(&g.device, "W", &lin).unwrap();
         let sw = f32t("s_w", &[1], &[lin.w_scale]);
-        run(|r| TernaryBackward::new(&g.device, i, o).encode(r, &dyt, &w, &sw, &dx));
-        KERNEL_F32.assert_close(
-            &format!("ternary_backward T={t} I={i} O={o}"),
-            &read(&dx),
-            &train::ternary_backward(&lin, &dy),
-        );
+        // Both blockings (4 tokens per invocation on CPU adapters, 1 on GPUs): the same sums.
+        for tt in [1, 4] {
+            let op = TernaryBackward::with_tokens_per_invocation(&g.device, i, o, tt);
+            run(|r| op.encode(r, &dyt, &w, &sw, &dx));
+            KERNEL_F32.assert_close(
+                &format!("ternary_backward T={t} I={i} O={o} ({tt} tokens per invocation)"),
+                &read(&dx),
+                &train::ternary_backward(&lin, &dy),
+            );
+        }
     }
 }
 
@@ -471,6 +475,23 @@ fn matmul_backward_matches_reference() {
                 "matmul_backward T={t} V={v} C={c} in {} chunks",
                 split.chunks.len()
             ),
+            &got[2 * c..(2 + t) * c],
+            &want,
+        );
+        assert!(
+            got[..2 * c]
+                .iter()
+                .chain(&got[(2 + t) * c..])
+                .all(|&x| x == 0.0)
+        );
+        // The sum over V split into 3 slabs per chunk (as on GPUs), then reduced.
+        let dx = zeros("dx", &[t + 3, c]);
+        let scratch = zeros("scratch", &[3, t + 1, c]);
+        let op = MatmulBackward::new(&g.device, c, v);
+        run(|r| op.encode_split_k(r, &dyt, &split, &dx, 2, &scratch));
+        let got = read(&dx);
+        KERNEL_F32.assert_close(
+            &format!("matmul_backward in 3 slabs T={t} V={v} C={c}"),
             &got[2 * c..(2 + t) * c],
             &want,
         );

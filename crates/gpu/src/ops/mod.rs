@@ -65,6 +65,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("lora_matmul", lora_matmul::SOURCE),
     ("matmul", matmul::SOURCE),
     ("matmul_backward", matmul_backward::SOURCE),
+    ("matmul_backward_reduce", matmul_backward::SOURCE_REDUCE),
     ("residual_add", residual_add::SOURCE),
     ("rms_norm", rms_norm::SOURCE),
     ("rms_norm_backward", rms_norm_backward::SOURCE),

@@ -4,8 +4,8 @@ use crate::GpuError;
 use crate::record::{Kernel, Recorder, expect, rows};
 use crate::tensor::{DType, GpuTensor};
 
-/// Tokens per invocation (the shader's `TT`).
-const TT: usize = 4;
+/// Tokens per invocation (the shader's `TT`) on CPU-emulated adapters; GPUs take 1.
+const TT_CPU: usize = 4;
 
 pub const SOURCE: &str = include_str!("../../../../shaders/ternary_backward.wgsl");
 
@@ -20,10 +20,28 @@ pub struct TernaryBackward {
     kernel_add: Kernel,
     i: usize,
     o: usize,
+    tt: usize,
 }
 
 impl TernaryBackward {
+    /// The blocking suits the device: 4 tokens per invocation on a CPU-emulated adapter
+    /// (lavapipe, SwiftShader), 1 on a GPU.
     pub fn new(device: &wgpu::Device, i: usize, o: usize) -> TernaryBackward {
+        let cpu = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        Self::with_tokens_per_invocation(device, i, o, if cpu { TT_CPU } else { 1 })
+    }
+
+    /// With an explicit blocking `tt` (4 or 1); the results are the same either way.
+    pub fn with_tokens_per_invocation(
+        device: &wgpu::Device,
+        i: usize,
+        o: usize,
+        tt: usize,
+    ) -> TernaryBackward {
+        assert!(
+            tt == 1 || tt == 4,
+            "ternary_backward: 1 or 4 tokens per invocation"
+        );
         let k = |acc: f64| {
             Kernel::new(
                 device,
@@ -34,6 +52,7 @@ impl TernaryBackward {
                     ("O", super::c(o)),
                     ("WG", super::c(super::WG)),
                     ("ACC", acc),
+                    ("TT", super::c(tt)),
                 ],
             )
         };
@@ -42,6 +61,7 @@ impl TernaryBackward {
             kernel_add: k(1.0),
             i,
             o,
+            tt,
         }
     }
 
@@ -87,7 +107,11 @@ impl TernaryBackward {
         rec.dispatch(
             kernel,
             &[&dims, &dy.buffer, &w.buffer, &sw.buffer, &dx.buffer],
-            [self.i.div_ceil(4).div_ceil(super::WG), t.div_ceil(TT), 1],
+            [
+                self.i.div_ceil(4).div_ceil(super::WG),
+                t.div_ceil(self.tt),
+                1,
+            ],
         )
     }
 }
