@@ -346,6 +346,28 @@ impl GpuTrainer {
         lora_config: &LoraConfig,
         max_tokens: usize,
     ) -> Result<GpuTrainer, GpuError> {
+        Ok(Self::build(&model, lora_config, max_tokens)?(model))
+    }
+
+    /// As [`GpuTrainer::new`], but a failure gives the model back with the error (e.g. to
+    /// keep generating with it, or to retry with fewer tokens), instead of dropping it.
+    pub fn try_new(
+        model: GpuModel,
+        lora_config: &LoraConfig,
+        max_tokens: usize,
+    ) -> Result<GpuTrainer, (GpuError, GpuModel)> {
+        match Self::build(&model, lora_config, max_tokens) {
+            Ok(assemble) => Ok(assemble(model)),
+            Err(e) => Err((e, model)),
+        }
+    }
+
+    /// Everything [`GpuTrainer::new`] builds, then a function that puts the model in.
+    fn build(
+        model: &GpuModel,
+        lora_config: &LoraConfig,
+        max_tokens: usize,
+    ) -> Result<impl FnOnce(GpuModel) -> GpuTrainer + use<>, GpuError> {
         let cfg = model.config.clone();
         let dev = model.device.clone();
         let max_tokens = max_tokens.min(cfg.max_position_embeddings);
@@ -449,9 +471,10 @@ impl GpuTrainer {
                 .sum::<u64>()
             + logits.buffer.size();
         model.errors.take()?;
-        Ok(GpuTrainer {
+        let lora_config = lora_config.clone();
+        Ok(move |model| GpuTrainer {
             model,
-            lora_config: lora_config.clone(),
+            lora_config,
             max_tokens,
             ops,
             acts,
