@@ -355,10 +355,10 @@ impl GpuTrainer {
         model: GpuModel,
         lora_config: &LoraConfig,
         max_tokens: usize,
-    ) -> Result<GpuTrainer, (GpuError, GpuModel)> {
+    ) -> Result<GpuTrainer, Box<(GpuError, GpuModel)>> {
         match Self::build(&model, lora_config, max_tokens) {
             Ok(assemble) => Ok(assemble(model)),
-            Err(e) => Err((e, model)),
+            Err(e) => Err(Box::new((e, model))),
         }
     }
 
@@ -411,7 +411,7 @@ impl GpuTrainer {
             cross_entropy: CrossEntropy::new(&dev, v),
             head_back: MatmulBackward::new(&dev, c, v),
         };
-        let acts = Acts::new(&dev, &model, max_tokens, r, adapted)?;
+        let acts = Acts::new(&dev, model, max_tokens, r, adapted)?;
 
         // The adapter and its gradients; their places in the staging buffer after the
         // max_tokens per-row losses.
@@ -457,7 +457,7 @@ impl GpuTrainer {
         let head_scratch = if dev.adapter_info().device_type == wgpu::DeviceType::Cpu {
             None
         } else {
-            Self::head_scratch(&dev, &model, rows, Self::head_slabs(&model.config, rows))?
+            Self::head_scratch(&dev, model, rows, Self::head_slabs(&model.config, rows))?
         };
 
         let bytes = acts.all().iter().map(|t| t.buffer.size()).sum::<u64>()

@@ -317,9 +317,10 @@ fn gpu_trainer_refuses_bad_inputs_by_name() {
     );
     let gm = GpuModel::new(gpu(), &model).unwrap();
     // A trainer that cannot be built gives the model back.
-    let Err((e, gm)) = GpuTrainer::try_new(gm, &lora.config, 0) else {
+    let Err(failed) = GpuTrainer::try_new(gm, &lora.config, 0) else {
         panic!("a trainer for 0 tokens was built");
     };
+    let (e, gm) = *failed;
     assert!(e.to_string().contains("no tokens"), "{e}");
     let mut tr = GpuTrainer::new(gm, &lora.config, 8).unwrap();
     let mut grads = lora.zeros_like();
