@@ -262,34 +262,38 @@ fn lora_linear_forward_and_backward_match_reference() {
             r,
         );
 
-        let op = LoraMatmul::new(&g.device, i, o, r);
-        let (xt, at, bt, dyt) = (
-            f32t("x", &[t, i], &x),
-            f32t("A", &[r, i], &pair.a),
-            f32t("B", &[o, r], &pair.b),
-            f32t("dy", &[t, o], &dy),
-        );
-        // The base BitLinear output from the CPU: this test is about the LoRA products.
-        let y = f32t("y", &[t, o], &lin.forward(&x));
-        let (u, du) = (zeros("u", &[t, r]), zeros("du", &[t, r]));
-        let (da, db) = (f32t("dA", &[r, i], &grad0.a), f32t("dB", &[o, r], &grad0.b));
-        let dx = zeros("dx", &[t, i]);
-        let w = GpuTensor::ternary(&g.device, "W", &lin).unwrap();
-        let sw = f32t("s_w", &[1], &[lin.w_scale]);
-        run(|rec| {
-            op.down(rec, &xt, &at, &u)?;
-            op.up_add(rec, &u, &bt, scale, &y)?;
-            TernaryBackward::new(&g.device, i, o).encode(rec, &dyt, &w, &sw, &dx)?;
-            op.grad_b(rec, &dyt, &u, scale, &db)?;
-            op.grad_u(rec, &dyt, &bt, scale, &du)?;
-            op.grad_a(rec, &du, &xt, &da)?;
-            op.grad_x_add(rec, &du, &at, &dx)
-        });
-        let name = format!("lora T={t} I={i} O={o} R={r}");
-        KERNEL_F32.assert_close(&format!("{name} y"), &read(&y), &want_y);
-        KERNEL_F32.assert_close(&format!("{name} dX"), &read(&dx), &want_dx);
-        KERNEL_F32.assert_close(&format!("{name} dA"), &read(&da), &want_grad.a);
-        KERNEL_F32.assert_close(&format!("{name} dB"), &read(&db), &want_grad.b);
+        // Both forms of down and grad_u: one invocation per output (CPU adapters) and one
+        // workgroup per output splitting the sum (GPUs).
+        for reduce in [false, true] {
+            let op = LoraMatmul::with_reduce(&g.device, i, o, r, reduce);
+            let (xt, at, bt, dyt) = (
+                f32t("x", &[t, i], &x),
+                f32t("A", &[r, i], &pair.a),
+                f32t("B", &[o, r], &pair.b),
+                f32t("dy", &[t, o], &dy),
+            );
+            // The base BitLinear output from the CPU: this test is about the LoRA products.
+            let y = f32t("y", &[t, o], &lin.forward(&x));
+            let (u, du) = (zeros("u", &[t, r]), zeros("du", &[t, r]));
+            let (da, db) = (f32t("dA", &[r, i], &grad0.a), f32t("dB", &[o, r], &grad0.b));
+            let dx = zeros("dx", &[t, i]);
+            let w = GpuTensor::ternary(&g.device, "W", &lin).unwrap();
+            let sw = f32t("s_w", &[1], &[lin.w_scale]);
+            run(|rec| {
+                op.down(rec, &xt, &at, &u)?;
+                op.up_add(rec, &u, &bt, scale, &y)?;
+                TernaryBackward::new(&g.device, i, o).encode(rec, &dyt, &w, &sw, &dx)?;
+                op.grad_b(rec, &dyt, &u, scale, &db)?;
+                op.grad_u(rec, &dyt, &bt, scale, &du)?;
+                op.grad_a(rec, &du, &xt, &da)?;
+                op.grad_x_add(rec, &du, &at, &dx)
+            });
+            let name = format!("lora T={t} I={i} O={o} R={r} (split sums: {reduce})");
+            KERNEL_F32.assert_close(&format!("{name} y"), &read(&y), &want_y);
+            KERNEL_F32.assert_close(&format!("{name} dX"), &read(&dx), &want_dx);
+            KERNEL_F32.assert_close(&format!("{name} dA"), &read(&da), &want_grad.a);
+            KERNEL_F32.assert_close(&format!("{name} dB"), &read(&db), &want_grad.b);
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use crate::record::{Kernel, Recorder, at_least, expect, rows};
 use crate::tensor::{DType, GpuTensor};
 
 pub const SOURCE: &str = include_str!("../../../../shaders/lora_matmul.wgsl");
+pub const SOURCE_REDUCE: &str = include_str!("../../../../shaders/lora_matmul_reduce.wgsl");
 
 /// The LoRA products of one adapted projection with in features I, out features O, rank R
 /// and scale s, forward and backward (PEFT: `y = BitLinear(x) + s * (x A^T) B^T`):
@@ -24,7 +25,11 @@ pub const SOURCE: &str = include_str!("../../../../shaders/lora_matmul.wgsl");
 ///
 /// The `_set` and [`grad_x`] forms overwrite instead of adding: the GPU training step writes
 /// each projection's gradients once per call (no clearing pass) and adds them into the CPU's
-/// gradients after the readback. All f32. Dropout, when on, is applied by the caller to x (and to du A) elementwise.
+/// gradients after the readback. All f32.
+///
+/// On a GPU, [`down`] and [`grad_u`] (R outputs per token, a sum over I or O) run as
+/// `lora_matmul_reduce.wgsl`, one workgroup per output splitting the sum; CPU adapters keep
+/// the one-invocation-per-output kernel ([`LoraMatmul::with_reduce`] chooses explicitly). Dropout, when on, is applied by the caller to x (and to du A) elementwise.
 ///
 /// [`down`]: LoraMatmul::down
 /// [`up_add`]: LoraMatmul::up_add
@@ -45,13 +50,36 @@ pub struct LoraMatmul {
     tn_acc: Kernel,
     nn: Kernel,
     nn_acc: Kernel,
+    /// `lora_matmul_reduce.wgsl` for down (TB = 1) and grad_u (TB = 0), when on.
+    reduce: Option<(Kernel, Kernel)>,
     i: usize,
     o: usize,
     r: usize,
 }
 
 impl LoraMatmul {
+    /// The split-sum kernels on GPUs, the plain ones on CPU adapters (lavapipe, SwiftShader).
     pub fn new(device: &wgpu::Device, i: usize, o: usize, r: usize) -> LoraMatmul {
+        let gpu = device.adapter_info().device_type != wgpu::DeviceType::Cpu;
+        Self::with_reduce(device, i, o, r, gpu)
+    }
+
+    /// With `reduce`: down and grad_u split their sums across a workgroup per output.
+    pub fn with_reduce(
+        device: &wgpu::Device,
+        i: usize,
+        o: usize,
+        r: usize,
+        reduce: bool,
+    ) -> LoraMatmul {
+        let red = |tb: f64| {
+            Kernel::new(
+                device,
+                "lora_matmul_reduce",
+                SOURCE_REDUCE,
+                &[("TB", tb), ("ACC", 0.0), ("WG", super::c(super::WG))],
+            )
+        };
         let k = |ta: f64, tb: f64, acc: f64| {
             Kernel::new(
                 device,
@@ -72,6 +100,7 @@ impl LoraMatmul {
             tn_acc: k(1.0, 0.0, 1.0),
             nn: k(0.0, 0.0, 0.0),
             nn_acc: k(0.0, 0.0, 1.0),
+            reduce: reduce.then(|| (red(1.0), red(0.0))),
             i,
             o,
             r,
@@ -97,11 +126,13 @@ impl LoraMatmul {
             })
         };
         let dims = rec.uniform_words(&[fit(m)?, fit(n)?, fit(k)?, alpha.to_bits(), fit(out_row0)?]);
-        rec.dispatch(
-            kernel,
-            &[&dims, &a.buffer, &b.buffer, &out.buffer],
-            [n.div_ceil(super::WG), m, 1],
-        )
+        // lora_matmul_reduce.wgsl: a workgroup per output; lora_matmul.wgsl: an invocation.
+        let groups = if kernel.name == "lora_matmul_reduce" {
+            [n, m, 1]
+        } else {
+            [n.div_ceil(super::WG), m, 1]
+        };
+        rec.dispatch(kernel, &[&dims, &a.buffer, &b.buffer, &out.buffer], groups)
     }
 
     /// u (T, R) = x (T, I) . A^T, A (R, I).
@@ -116,7 +147,8 @@ impl LoraMatmul {
         let t = rows(OP, x, DType::F32, self.i)?;
         expect(OP, a, DType::F32, &[self.r, self.i])?;
         expect(OP, u, DType::F32, &[t, self.r])?;
-        self.product(rec, &self.nt, [t, self.r, self.i], 1.0, x, a, u, 0)
+        let kernel = self.reduce.as_ref().map_or(&self.nt, |(nt, _)| nt);
+        self.product(rec, kernel, [t, self.r, self.i], 1.0, x, a, u, 0)
     }
 
     /// y (T, O) += s u (T, R) . B^T, B (O, R).
@@ -237,7 +269,8 @@ impl LoraMatmul {
         let t = rows(OP, dy, DType::F32, self.o)?;
         expect(OP, b, DType::F32, &[self.o, self.r])?;
         expect(OP, du, DType::F32, &[t, self.r])?;
-        self.product(rec, &self.nn, [t, self.r, self.o], scale, dy, b, du, 0)
+        let kernel = self.reduce.as_ref().map_or(&self.nn, |(_, nn)| nn);
+        self.product(rec, kernel, [t, self.r, self.o], scale, dy, b, du, 0)
     }
 
     /// dA (R, I) += du (T, R)^T . x (T, I).

@@ -63,6 +63,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("gated_act", gated_act::SOURCE),
     ("gated_act_backward", gated_act_backward::SOURCE),
     ("lora_matmul", lora_matmul::SOURCE),
+    ("lora_matmul_reduce", lora_matmul::SOURCE_REDUCE),
     ("matmul", matmul::SOURCE),
     ("matmul_backward", matmul_backward::SOURCE),
     ("matmul_backward_reduce", matmul_backward::SOURCE_REDUCE),
