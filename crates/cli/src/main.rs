@@ -75,7 +75,7 @@ enum Command {
         /// Sampling runs on the CPU either way, with the same sampler.
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
-        /// A PEFT LoRA adapter directory, applied unmerged as PEFT runs it (CPU backend).
+        /// A PEFT LoRA adapter directory, applied unmerged as PEFT runs it (CPU or GPU backend).
         #[arg(long)]
         adapter: Option<PathBuf>,
         #[command(flatten)]
@@ -238,10 +238,6 @@ enum CliError {
         "bench: shape {0} has no model of its own (use 125m, 1b or 2b4t), or the prompt exceeds its context"
     )]
     Bench(&'static str),
-    #[error(
-        "--adapter runs on the CPU backend for now (GPU LoRA comes with GPU training); drop --backend gpu"
-    )]
-    GpuAdapter,
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),
 }
@@ -373,7 +369,6 @@ fn logits(
             &mut bitlora_core::KvCache::new(&model.config),
             lora.as_ref(),
         )?,
-        Backend::Gpu if lora.is_some() => return Err(CliError::GpuAdapter),
         Backend::Gpu => {
             model.check_tokens(tokens)?;
             let gpu = pollster::block_on(bitlora_gpu::Gpu::new())?;
@@ -381,7 +376,8 @@ fn logits(
                 "bitlora: GPU adapter {} ({})",
                 gpu.info.name, gpu.info.backend
             );
-            let gpu_model = bitlora_gpu::GpuModel::new(&gpu, &model)?;
+            let mut gpu_model = bitlora_gpu::GpuModel::new(&gpu, &model)?;
+            gpu_model.set_adapter(lora.as_ref())?;
             pollster::block_on(gpu_model.logits(tokens))?
         }
     };
@@ -427,9 +423,6 @@ fn generate(
     let lora = adapter
         .map(|a| bitlora_core::peft::load_dir(a, &model.config))
         .transpose()?;
-    if lora.is_some() && matches!(backend, Backend::Gpu) {
-        return Err(CliError::GpuAdapter);
-    }
     let mut stop_tokens = model.config.eos_token_ids.clone();
     stop_tokens.extend(args.stop.iter().flat_map(|s| s.0.iter().copied()));
 
@@ -495,7 +488,9 @@ fn generate(
                 "bitlora: GPU adapter {} ({})",
                 gpu.info.name, gpu.info.backend
             );
-            Some(bitlora_gpu::GpuModel::new(&gpu, &model)?)
+            let mut gpu_model = bitlora_gpu::GpuModel::new(&gpu, &model)?;
+            gpu_model.set_adapter(lora.as_ref())?;
+            Some(gpu_model)
         }
     };
     let mut stdout = std::io::stdout().lock();

@@ -105,10 +105,10 @@ pub fn hub_sources(hubs: &[String]) -> Result<Vec<String>, ServeError> {
         if !host_ok || authority.contains('@') {
             return Err(bad("the host may hold only letters, digits, '.' and '-'"));
         }
-        if let Some(p) = port {
-            if p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()) || p.parse::<u16>().is_err() {
-                return Err(bad("the port must be a number up to 65535"));
-            }
+        if let Some(p) = port
+            && (p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()) || p.parse::<u16>().is_err())
+        {
+            return Err(bad("the port must be a number up to 65535"));
         }
         let host = host.to_ascii_lowercase();
         let origin = match port {
@@ -235,7 +235,7 @@ impl StaticServer {
                         io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
                     ) =>
                 {
-                    continue
+                    continue;
                 }
                 Err(e) => return Err(ServeError::Accept(e)),
             };

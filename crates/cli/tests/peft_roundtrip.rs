@@ -93,6 +93,47 @@ fn peft_reproduces_bitlora_logits_and_bitlora_still_does() {
     );
 }
 
+/// The same adapter on the GPU backend (`logits --backend gpu --adapter`, LoRA applied
+/// unmerged by the GPU kernels) against PEFT's logits, under the same tolerance.
+#[test]
+fn the_gpu_backend_with_the_adapter_reproduces_peft() {
+    let rt = repo().join("tests/fixtures/peft-roundtrip");
+    let ours = json(&rt.join("bitlora_logits.json"));
+    let peft = json(&rt.join("peft_result.json"));
+    let tokens: Vec<String> = ours["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_bitlora"))
+        .args([
+            "logits",
+            "--backend",
+            "gpu",
+            "--model",
+            repo()
+                .join("tests/fixtures/formats/master-f32-untied")
+                .to_str()
+                .unwrap(),
+            "--adapter",
+            rt.join("adapter").to_str().unwrap(),
+            "--tokens",
+            &tokens.join(","),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    print!("{stderr}");
+    let gpu: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    HF_LOGITS.assert_close(
+        "GPU bitlora vs PEFT with the adapter",
+        &rows(&gpu["logits"]),
+        &rows(&peft["peft_logits"]),
+    );
+}
+
 #[test]
 fn a_fresh_export_has_the_committed_layout() {
     // Train two steps on the same base and compare the files' structure with the committed
