@@ -50,7 +50,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
         /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors),
-        /// applied unmerged as PEFT runs it (CPU backend).
+        /// applied unmerged as PEFT runs it (CPU or GPU backend).
         #[arg(long)]
         adapter: Option<PathBuf>,
     },
