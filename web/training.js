@@ -6,9 +6,10 @@
 // unit of work at a time (one sequence's forward + backward, or one validation sequence) and
 // then yields to the event loop (a MessageChannel round trip, which is not clamped like nested
 // timers), so 'trainControl' messages (pause, stop) and queued requests (generate, list) are
-// handled between two units. Pause, stop, checkpoints and adapter saves happen between two
-// steps, where the training state is whole; a pause therefore waits for the current step (and
-// its validation) to finish.
+// handled between two units. Pause, checkpoints and adapter saves happen at safe points, where
+// the training state is whole: between two steps, or between the validation sequences of a
+// finished step (a pause does not wait for a long validation; it goes on after resume). Stop
+// waits for the step's validation, so that the run's last report is complete.
 //
 // Events go to the page as { type: 'train', runId, event, data } messages:
 //   progress  ProgressEvent (web/bitlora.d.ts)      checkpoint  { step, bytes, error? }
@@ -277,7 +278,9 @@ async function loop(run) {
   };
   try {
     for (;;) {
-      if (wt.atStepBoundary()) {
+      // Safe points: between steps, and between the validation sequences of a finished step
+      // (a pause there does not wait for a long validation; it goes on after resume()).
+      if (wt.atSafePoint()) {
         for (const op of run.boundaryOps.splice(0)) {
           try { op.resolve(await withModel(op.fn)); } catch (err) { op.reject(err); }
         }
@@ -290,7 +293,7 @@ async function loop(run) {
           settle();
           return;
         }
-        if (run.want) {
+        if (run.want === 'pause' || (run.want === 'stop' && wt.atStepBoundary())) {
           const action = run.want;
           run.want = null;
           run.seconds = (run.seconds ?? 0) + (performance.now() - startedAt) / 1000;

@@ -59,6 +59,15 @@ async function waitReady(page, log) {
   assert.equal(state, 'ready', `${await page.textContent('#status')}\n${log.join('\n')}`);
 }
 
+/** `promise`, or a failure naming `what` (with the page's log) after `ms`: page.evaluate has no timeout. */
+function within(ms, what, promise, log) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms / 1000} s\n${log.slice(-40).join('\n')}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
 /** Parses a safetensors file: its JSON header and the data length. */
 function parseSafetensors(bytes) {
   const n = Number(bytes.readBigUInt64LE(0));
@@ -85,7 +94,7 @@ for (const webgpu of [true, false]) {
       console.log(`${label}: ${info.backend.label}; model ${info.model.name} (${info.model.backend})`);
 
       // ---- data and memory ----
-      const prep = await page.evaluate(async ({ DATA, CONFIG }) => {
+      const prep = await within(120_000, 'prepareData', page.evaluate(async ({ DATA, CONFIG }) => {
         const bl = window.bitlora;
         const summary = await bl.prepareData({ text: DATA, fileName: 'devil.jsonl' }, CONFIG);
         const bad = await bl.prepareData({ text: `${DATA.split('\n')[0]}\n{"prompt": "x", "completion": 3}\n`, fileName: 'bad.jsonl' })
@@ -93,7 +102,7 @@ for (const webgpu of [true, false]) {
         const badOption = await bl.prepareData({ text: DATA }, { context: 100000 }).then(() => null, (e) => e.message);
         const memory = await bl.estimateMemory(CONFIG);
         return { summary, bad, badOption, memory };
-      }, { DATA, CONFIG });
+      }, { DATA, CONFIG }), log);
       console.log(`${label}: prepareData ${JSON.stringify(prep.summary)}`);
       assert.equal(prep.summary.format, 'jsonl-prompt-completion');
       assert.equal(prep.summary.examples, 8);
@@ -115,7 +124,7 @@ for (const webgpu of [true, false]) {
 
       // ---- train: pause and resume, then reload mid-run ----
       const trainStart = Date.now();
-      const first = await page.evaluate(async ({ DATA, CONFIG }) => {
+      const first = await within(300_000, 'train until the first pause', page.evaluate(async ({ DATA, CONFIG }) => {
         const bl = window.bitlora;
         const t = await bl.createTrainer({ ...CONFIG, data: { text: DATA, fileName: 'devil.jsonl' }, name: 'api test' });
         window.__run = { id: t.runId, steps: 0, checkpoints: [], states: [] };
@@ -134,7 +143,7 @@ for (const webgpu of [true, false]) {
         // by the training step and generation: one pass at a time).
         const genDuring = await bl.generate('Define CAT.', { maxTokens: 4 }).result.then((r) => r.tokens.length, (e) => e.message);
         return { runId: t.runId, paused, stepAfterWait, genDuring, config: t.config, backend: t.backend, totalSteps: t.totalSteps };
-      }, { DATA, CONFIG });
+      }, { DATA, CONFIG }), log);
       console.log(`${label}: paused at step ${first.paused.step}; run on ${first.backend}`);
       assert.equal(first.backend, backend);
       assert.equal(first.totalSteps, 12);
@@ -160,7 +169,7 @@ for (const webgpu of [true, false]) {
       await waitReady(page, log);
       const resumeFrom = Date.now();
 
-      const second = await page.evaluate(async ({ runId }) => {
+      const second = await within(300_000, 'resume after the reload and finish', page.evaluate(async ({ runId }) => {
         const bl = window.bitlora;
         const listed = (await bl.listRuns()).find((r) => r.id === runId);
         const t = await bl.resumeTrainer(runId);
@@ -168,9 +177,8 @@ for (const webgpu of [true, false]) {
         const historyAtResume = t.history.map((p) => p.step);
         await t.start();
         const done = await t.finished;
-        const valBefore = null;
-        return { listed, resumedAt, historyAtResume, done, history: t.history, valBefore, runs: await bl.listRuns() };
-      }, { runId: first.runId });
+        return { listed, resumedAt, historyAtResume, done, history: t.history, runs: await bl.listRuns() };
+      }, { runId: first.runId }), log);
       const trainEnd = Date.now();
       console.log(`${label}: after the reload the run was ${second.listed.state} at checkpoint ${second.listed.checkpointStep}; resumed at step ${second.resumedAt}; done: ${JSON.stringify(second.done)}`);
       assert.equal(second.listed.state, 'interrupted');
@@ -201,21 +209,21 @@ for (const webgpu of [true, false]) {
 
       if (!webgpu) {
         // Bit-identical on the CPU: the same run trained straight through.
-        const straight = await page.evaluate(async ({ DATA, CONFIG }) => {
+        const straight = await within(300_000, 'the straight run', page.evaluate(async ({ DATA, CONFIG }) => {
           const t = await window.bitlora.createTrainer({ ...CONFIG, data: { text: DATA, fileName: 'devil.jsonl' }, checkpointEvery: 0 });
           await t.start();
           await t.finished;
           const h = t.history.map((p) => [p.loss, p.valLoss ?? null, p.gradNorm]);
           await window.bitlora.deleteRun(t.runId);
           return h;
-        }, { DATA, CONFIG });
+        }, { DATA, CONFIG }), log);
         assert.deepEqual(second.history.map((p) => [p.loss, p.valLoss ?? null, p.gradNorm]), straight,
           'a run resumed after a reload differs from the same run trained straight through');
         console.log(`${label}: resumed run equals the straight run bit for bit (12 losses, 2 validation losses, 12 gradient norms)`);
       }
 
       // ---- adapters: save, export, import, generate ----
-      const ad = await page.evaluate(async ({ runId, PROMPT_, N_ }) => {
+      const ad = await within(300_000, 'adapters and generation', page.evaluate(async ({ runId, PROMPT_, N_ }) => {
         const bl = window.bitlora;
         const t = await bl.resumeTrainer(runId); // the finished run, to save its adapter
         const saved = await t.saveAdapter('devil');
@@ -246,7 +254,7 @@ for (const webgpu of [true, false]) {
           tuned, base, streamed, tokens,
           files: files.map((f) => ({ name: f.name, b64: b64(f.bytes) })),
         };
-      }, { runId: first.runId, PROMPT_: PROMPT, N_: GEN_TOKENS }).catch((e) => { throw new Error(fail(e.message)); });
+      }, { runId: first.runId, PROMPT_: PROMPT, N_: GEN_TOKENS }).catch((e) => { throw new Error(fail(e.message)); }), log);
       console.log(`${label}: saved adapter ${JSON.stringify(ad.saved)}`);
       assert.equal(ad.saved.name, 'devil');
       assert.equal(ad.saved.step, 12);

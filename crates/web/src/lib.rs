@@ -171,7 +171,7 @@ enum GpuHolder {
         trainer: Box<bitlora_gpu::GpuTrainer>,
         owner: u64,
     },
-    /// A failed GpuTrainer::new took the model with it and a new upload failed too.
+    /// Only while a trainer is being built, or after uploading the model again failed.
     Empty,
 }
 
@@ -221,20 +221,18 @@ pub(crate) fn gpu_trainer<'a>(
                 bitlora_gpu::GpuModel::new(gpu, &loaded.model)
             }
         };
-        let built = model.and_then(|m| bitlora_gpu::GpuTrainer::new(m, lora, max_tokens));
-        match built {
+        let model = model.map_err(|e| GpuTrainError::Unusable(e.to_string()))?;
+        match bitlora_gpu::GpuTrainer::try_new(model, lora, max_tokens) {
             Ok(t) => {
                 s.holder = GpuHolder::Trainer {
                     trainer: Box::new(t),
                     owner,
                 }
             }
-            Err(e) => {
-                // The model went into the failed constructor: upload it again for inference.
-                s.adapter = None;
-                if let Ok(m) = bitlora_gpu::GpuModel::new(gpu, &loaded.model) {
-                    s.holder = GpuHolder::Model(Box::new(m));
-                }
+            Err(failed) => {
+                // The model comes back with the error and keeps serving inference.
+                let (e, model) = *failed;
+                s.holder = GpuHolder::Model(Box::new(model));
                 return Err(GpuTrainError::Unusable(e.to_string()));
             }
         }

@@ -1052,6 +1052,17 @@ impl WebTrainer {
         Ok(matches!(self.state()?.phase, Phase::Idle))
     }
 
+    /// Whether a checkpoint can be taken now: between steps, or while a finished step's
+    /// validation runs (validation changes nothing a checkpoint holds; a run resumed from such
+    /// a checkpoint continues with the next step, without that step's validation loss).
+    #[wasm_bindgen(js_name = atSafePoint)]
+    pub fn at_safe_point(&self) -> Result<bool, JsError> {
+        Ok(matches!(
+            self.state()?.phase,
+            Phase::Idle | Phase::Validate { .. }
+        ))
+    }
+
     /// Does one unit of work: one training sequence's forward and backward, or one validation
     /// sequence's loss. Resolves to the step's report (ProgressEvent fields without timing)
     /// when this unit finished a step (with its validation when due), else to `undefined`.
@@ -1068,14 +1079,13 @@ impl WebTrainer {
     }
 
     /// Resolves to the validation loss of the adapter as it is now (null without validation
-    /// sequences). Only between steps.
+    /// sequences).
     pub fn validate(&self) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
+            // Between units the adapter is whole (a step's update is applied at once), so this
+            // may run at any safe point, even between a step's own validation sequences.
             let mut s = inner.try_borrow_mut().map_err(|_| busy())?;
-            if !matches!(s.phase, Phase::Idle) {
-                return Err(JsError::new("internal: validate() in the middle of a step").into());
-            }
             let (mut sum, mut n) = (0f64, 0usize);
             for i in 0..s.trainer.data.val.len() {
                 let out = s.loss(i).await?;
@@ -1091,10 +1101,10 @@ impl WebTrainer {
     }
 
     /// The whole training state as one safetensors file (core's checkpoint format). Only
-    /// between steps (`atStepBoundary()`).
+    /// at a safe point (`atSafePoint()`).
     pub fn checkpoint(&self) -> Result<Vec<u8>, JsError> {
         let s = self.state()?;
-        if !matches!(s.phase, Phase::Idle) {
+        if matches!(s.phase, Phase::Train { .. }) {
             return Err(JsError::new(
                 "internal: a checkpoint was asked for in the middle of a step",
             ));
