@@ -181,6 +181,131 @@ pub struct TrainReport {
     /// in bytes (GPU backend only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_bytes: Option<u64>,
+    /// `--profile` (GPU backend): where a step's time goes, averaged over the timed steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<TrainProfile>,
+}
+
+/// `bench train --backend gpu --profile`: the mean per timed step of each host phase and of
+/// each kernel's GPU time (wgpu timestamp queries, one compute pass per dispatch while
+/// profiling, so the step itself runs a little slower than unprofiled).
+#[derive(serde::Serialize, Default)]
+pub struct TrainProfile {
+    /// Whether the device granted `TIMESTAMP_QUERY`; without it `kernels` is empty.
+    pub gpu_timestamps: bool,
+    pub upload_ms: f64,
+    pub record_ms: f64,
+    /// Submit until the readback is mapped (GPU work + round trip).
+    pub submit_to_readback_ms: f64,
+    pub unpack_ms: f64,
+    /// Core's AdamW (and its global-norm clipping when configured) on the CPU.
+    pub adamw_ms: f64,
+    /// Sum of every dispatch's GPU time.
+    pub gpu_kernels_ms: f64,
+    /// Per kernel label, in order of first dispatch.
+    pub kernels: Vec<KernelTime>,
+}
+
+#[derive(serde::Serialize, Clone)]
+pub struct KernelTime {
+    pub kernel: &'static str,
+    /// Dispatches per step.
+    pub dispatches: usize,
+    /// GPU milliseconds per step.
+    pub ms: f64,
+}
+
+impl TrainProfile {
+    /// Adds one step's profile (host phases and dispatches) and its AdamW time.
+    fn add(&mut self, p: &bitlora_gpu::StepProfile, adamw_s: f64) {
+        self.upload_ms += 1e3 * p.upload_s;
+        self.record_ms += 1e3 * p.record_s;
+        self.submit_to_readback_ms += 1e3 * p.wait_s;
+        self.unpack_ms += 1e3 * p.unpack_s;
+        self.adamw_ms += 1e3 * adamw_s;
+        for &(label, ns) in &p.dispatches {
+            let i = match self.kernels.iter().position(|k| k.kernel == label) {
+                Some(i) => i,
+                None => {
+                    self.kernels.push(KernelTime {
+                        kernel: label,
+                        dispatches: 0,
+                        ms: 0.0,
+                    });
+                    self.kernels.len() - 1
+                }
+            };
+            self.kernels[i].dispatches += 1;
+            self.kernels[i].ms += ns * 1e-6;
+        }
+    }
+
+    /// Divides the sums of `steps` steps into per-step means.
+    fn finish(&mut self, steps: usize) {
+        let n = steps.max(1) as f64;
+        for v in [
+            &mut self.upload_ms,
+            &mut self.record_ms,
+            &mut self.submit_to_readback_ms,
+            &mut self.unpack_ms,
+            &mut self.adamw_ms,
+        ] {
+            *v /= n;
+        }
+        for k in &mut self.kernels {
+            k.ms /= n;
+            k.dispatches = (k.dispatches as f64 / n).round() as usize;
+        }
+        self.gpu_kernels_ms = self.kernels.iter().map(|k| k.ms).sum();
+    }
+
+    /// The table `bench --profile` prints on stderr, kernels by time.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut kernels = self.kernels.clone();
+        kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        if self.gpu_timestamps {
+            let total = self.gpu_kernels_ms.max(1e-12);
+            let _ = writeln!(
+                out,
+                "{:<30} {:>10} {:>11} {:>7}",
+                "kernel", "dispatches", "ms / step", "share"
+            );
+            for k in &kernels {
+                let _ = writeln!(
+                    out,
+                    "{:<30} {:>10} {:>11.3} {:>6.1}%",
+                    k.kernel,
+                    k.dispatches,
+                    k.ms,
+                    100.0 * k.ms / total
+                );
+            }
+            let n: usize = kernels.iter().map(|k| k.dispatches).sum();
+            let _ = writeln!(
+                out,
+                "{:<30} {:>10} {:>11.3} {:>6.1}%",
+                "GPU total (sum of dispatches)", n, self.gpu_kernels_ms, 100.0
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "GPU timestamps: not available (the device has no TIMESTAMP_QUERY); host times only"
+            );
+        }
+        let _ = writeln!(out, "host, ms / step:");
+        for (what, ms) in [
+            ("upload (checks, tokens, adapter)", self.upload_ms),
+            ("record (dispatches, copies)", self.record_ms),
+            ("submit -> readback mapped", self.submit_to_readback_ms),
+            ("unpack (readback, grads +=)", self.unpack_ms),
+            ("CPU AdamW", self.adamw_ms),
+        ] {
+            let _ = writeln!(out, "  {what:<34} {ms:>10.3}");
+        }
+        out
+    }
 }
 
 /// The random model, adapter and optimizer of train-<shape>: LoRA r 8, alpha 16 on all seven
@@ -264,19 +389,23 @@ pub fn train_cpu(
         peak_rss_mib: peak_rss_mib(),
         adapter: None,
         gpu_bytes: None,
+        profile: None,
     })
 }
 
 /// train-<shape> on the GPU (`GpuTrainer`): the same model, adapter, data and AdamW as
 /// [`train_cpu`]. A step is the GPU forward + backward (one submission, one readback of the loss
 /// and the LoRA gradients, so the clock stops after the device has finished) and core's AdamW
-/// on the CPU. Ok(None) for an unknown shape.
+/// on the CPU. Ok(None) for an unknown shape. With `profile`, every step records one
+/// compute pass per dispatch with timestamps (where the device has them) and the report
+/// carries a [`TrainProfile`]; the step times are then those of the profiled steps.
 pub fn train_gpu(
     shape: &str,
     seq_len: usize,
     steps: usize,
     warmup: usize,
     seed: u64,
+    profile: bool,
 ) -> Result<Option<TrainReport>, GpuError> {
     let Some((model, mut lora, mut opt)) = train_setup(shape, steps + warmup, seed) else {
         return Ok(None);
@@ -284,7 +413,11 @@ pub fn train_gpu(
     if seq_len == 0 || seq_len > model.config.max_position_embeddings {
         return Ok(None);
     }
-    let gpu = pollster::block_on(Gpu::new())?;
+    let gpu = if profile {
+        pollster::block_on(Gpu::with_timestamps())?
+    } else {
+        pollster::block_on(Gpu::new())?
+    };
     eprintln!(
         "bitlora bench: GPU adapter {} ({})",
         gpu.info.name, gpu.info.backend
@@ -294,6 +427,15 @@ pub fn train_gpu(
         bitlora_gpu::GpuTrainer::new(GpuModel::new(&gpu, &model)?, &lora.config, seq_len)?;
     drop(model); // the GPU holds its own copy; keep peak RSS about the GPU run
     let gpu_bytes = trainer.model().weight_bytes() + trainer.bytes();
+    let mut prof = profile.then(|| TrainProfile {
+        gpu_timestamps: trainer.set_profiling(true),
+        ..Default::default()
+    });
+    if prof.as_ref().is_some_and(|p| !p.gpu_timestamps) {
+        eprintln!(
+            "bitlora bench: --profile: the device has no TIMESTAMP_QUERY, so no kernel times; host times only"
+        );
+    }
     let mut rng = Rng::new(seed ^ 0x7a1);
     let mut times = Vec::new();
     for step in 0..steps + warmup {
@@ -303,8 +445,13 @@ pub fn train_gpu(
         pollster::block_on(
             trainer.forward_backward(&lora, &toks, &targets, &mut grads, 1.0, &mut rng),
         )?;
+        let t_opt = Instant::now();
         opt.step(&mut lora, &mut grads);
+        let adamw_s = t_opt.elapsed().as_secs_f64();
         let secs = t0.elapsed().as_secs_f64();
+        if let Some(p) = prof.as_mut().filter(|_| step >= warmup) {
+            p.add(trainer.profile(), adamw_s);
+        }
         eprintln!(
             "bitlora bench: step {}{}: {secs:.3} s",
             step + 1,
@@ -315,6 +462,10 @@ pub fn train_gpu(
         }
     }
     let median = median(times);
+    if let Some(p) = prof.as_mut() {
+        p.finish(steps);
+        eprint!("{}", p.table());
+    }
     Ok(Some(TrainReport {
         workload: format!("train-{shape}"),
         backend: "gpu",
@@ -326,5 +477,6 @@ pub fn train_gpu(
         peak_rss_mib: peak_rss_mib(),
         adapter: Some(format!("{} ({})", gpu.info.name, gpu.info.backend)),
         gpu_bytes: Some(gpu_bytes),
+        profile: prof,
     }))
 }

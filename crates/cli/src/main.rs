@@ -104,6 +104,11 @@ enum Command {
         /// saved activations, adapter, gradients and scratch).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
+        /// train with --backend gpu: time every kernel with GPU timestamp queries (where the
+        /// device has TIMESTAMP_QUERY) and the host phases (upload, recording, submit to
+        /// readback, CPU AdamW); prints a table on stderr and adds `profile` to the report.
+        #[arg(long)]
+        profile: bool,
     },
     /// Fine-tunes a LoRA adapter on a text or JSONL file (CPU reference, or --backend gpu),
     /// with a progress bar, validation, checkpoints (Ctrl-C saves one) and PEFT adapter files
@@ -285,6 +290,7 @@ fn run(command: Command) -> Result<(), CliError> {
             gen_len,
             seed,
             backend,
+            profile: _,
         } => {
             let report = match backend {
                 Backend::Cpu => bench::decode_cpu(shape.name(), prompt_len, gen_len, seed),
@@ -312,12 +318,13 @@ fn run(command: Command) -> Result<(), CliError> {
             gen_len,
             seed,
             backend,
+            profile,
         } => {
             // For train, --prompt-len is the sequence length and --gen-len the timed steps.
             let (name, steps) = (shape.name(), gen_len.max(1));
             let report = match backend {
                 Backend::Cpu => bench::train_cpu(name, prompt_len, steps, 2, seed),
-                Backend::Gpu => bench::train_gpu(name, prompt_len, steps, 2, seed)?,
+                Backend::Gpu => bench::train_gpu(name, prompt_len, steps, 2, seed, profile)?,
             }
             .ok_or(CliError::Bench(name))?;
             eprintln!(

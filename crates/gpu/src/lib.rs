@@ -35,9 +35,9 @@ pub mod train;
 use std::sync::{Arc, Mutex};
 
 pub use model::{GpuKvCache, GpuModel};
-pub use record::Recorder;
+pub use record::{DispatchTimes, Profiler, Recorder};
 pub use tensor::{DType, GpuTensor, SplitTensor};
-pub use train::GpuTrainer;
+pub use train::{GpuTrainer, StepProfile};
 
 /// Errors of the GPU backend. Each names the tensor, op or adapter involved.
 #[derive(Debug, thiserror::Error)]
@@ -134,9 +134,21 @@ impl ErrorSink {
 impl Gpu {
     /// Asks for the best adapter and a device with the adapter's own limits (lavapipe: 128 MiB
     /// storage bindings; SwiftShader in Chromium: 1 GiB; the WebGPU defaults would cap every
-    /// adapter at 128 MiB). No optional features are requested. The backends can be narrowed
+    /// adapter at 128 MiB). No optional features are requested ([`Gpu::with_timestamps`] asks
+    /// for timestamp queries). The backends can be narrowed
     /// with `WGPU_BACKEND` (e.g. `vulkan`) natively.
     pub async fn new() -> Result<Gpu, GpuError> {
+        Self::with_features(wgpu::Features::empty()).await
+    }
+
+    /// As [`Gpu::new`], also asking for `Features::TIMESTAMP_QUERY` where the adapter has it
+    /// (for [`record::Profiler`]; whether it was granted shows in `device.features()`).
+    pub async fn with_timestamps() -> Result<Gpu, GpuError> {
+        Self::with_features(wgpu::Features::TIMESTAMP_QUERY).await
+    }
+
+    /// As [`Gpu::new`], asking for those of `wanted` the adapter has.
+    async fn with_features(wanted: wgpu::Features) -> Result<Gpu, GpuError> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = instance
@@ -152,7 +164,7 @@ impl Gpu {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("bitlora"),
-                required_features: wgpu::Features::empty(),
+                required_features: wanted & adapter.features(),
                 required_limits: adapter.limits(),
                 ..Default::default()
             })

@@ -77,6 +77,142 @@ impl BindCache {
     }
 }
 
+/// Per-dispatch GPU timing through timestamp queries (`bitlora bench --profile`).
+///
+/// Needs only `Features::TIMESTAMP_QUERY` (WebGPU's `timestamp-query`): a profiled
+/// [`Recorder`] ends its compute pass before every dispatch and opens a new one whose
+/// `timestamp_writes` bracket that single dispatch. wgpu already separates the dispatches of
+/// one pass with barriers (each reads the last one's writes), so the extra passes change the
+/// GPU's work little; the host's recording time does grow. Query sets of
+/// `QUERY_SET_MAX_QUERIES` (2,048 dispatches each) are allocated as needed and kept from
+/// step to step, as are the resolve and readback buffers.
+pub struct Profiler {
+    sets: Vec<wgpu::QuerySet>,
+    /// Label of each dispatch recorded since the last [`Profiler::read`].
+    labels: Vec<&'static str>,
+    resolve: Option<wgpu::Buffer>,
+    readback: Option<wgpu::Buffer>,
+    /// Nanoseconds per timestamp tick.
+    period_ns: f64,
+    resolved: usize,
+}
+
+/// Per-dispatch timings of one recording, in dispatch order: (kernel label, nanoseconds).
+pub type DispatchTimes = Vec<(&'static str, f64)>;
+
+impl Profiler {
+    const PER_SET: u32 = wgpu::QUERY_SET_MAX_QUERIES;
+
+    /// A profiler for `device`, or None when the device was created without
+    /// `Features::TIMESTAMP_QUERY` (the adapter lacks it, or it was not requested:
+    /// [`crate::Gpu::with_timestamps`]).
+    pub fn new(device: &wgpu::Device, queue: &wgpu::Queue) -> Option<Profiler> {
+        if !device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return None;
+        }
+        Some(Profiler {
+            sets: Vec::new(),
+            labels: Vec::new(),
+            resolve: None,
+            readback: None,
+            period_ns: queue.get_timestamp_period() as f64,
+            resolved: 0,
+        })
+    }
+
+    /// The query set and first query index of the next dispatch (its begin; +1 its end).
+    fn next(&mut self, device: &wgpu::Device, label: &'static str) -> (wgpu::QuerySet, u32) {
+        let q = 2 * self.labels.len() as u32;
+        let (set, idx) = ((q / Self::PER_SET) as usize, q % Self::PER_SET);
+        while self.sets.len() <= set {
+            self.sets
+                .push(device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("bitlora profile"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: Self::PER_SET,
+                }));
+        }
+        self.labels.push(label);
+        (self.sets[set].clone(), idx)
+    }
+
+    /// Records the resolution of every query written into the readback buffer (after the
+    /// last pass has ended).
+    fn resolve(&mut self, device: &wgpu::Device, encoder: &mut wgpu::CommandEncoder) {
+        let queries = 2 * self.labels.len() as u64;
+        if queries == 0 {
+            return;
+        }
+        let bytes = 8 * queries;
+        let big_enough = |b: &Option<wgpu::Buffer>| b.as_ref().is_some_and(|b| b.size() >= bytes);
+        if !big_enough(&self.resolve) || !big_enough(&self.readback) {
+            let size = 8 * self.sets.len() as u64 * Self::PER_SET as u64;
+            let buffer = |label, usage| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size,
+                    usage,
+                    mapped_at_creation: false,
+                })
+            };
+            self.resolve = Some(buffer(
+                "profile resolve",
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            ));
+            self.readback = Some(buffer(
+                "profile readback",
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            ));
+        }
+        let (Some(resolve), Some(readback)) = (&self.resolve, &self.readback) else {
+            return;
+        };
+        let mut left = queries as u32;
+        for (n, set) in self.sets.iter().enumerate() {
+            if left == 0 {
+                break;
+            }
+            let count = left.min(Self::PER_SET);
+            // Each set's place is a multiple of 32 KiB: QUERY_RESOLVE_BUFFER_ALIGNMENT holds.
+            encoder.resolve_query_set(set, 0..count, resolve, 8 * n as u64 * Self::PER_SET as u64);
+            left -= count;
+        }
+        encoder.copy_buffer_to_buffer(resolve, 0, readback, 0, bytes);
+        self.resolved = self.labels.len();
+    }
+
+    /// After the recording's submission: each dispatch's label and GPU time (end - begin
+    /// timestamp, ns), in dispatch order; forgets them for the next recording.
+    pub async fn read(&mut self, device: &wgpu::Device) -> Result<DispatchTimes, GpuError> {
+        let labels = std::mem::take(&mut self.labels);
+        let n = std::mem::take(&mut self.resolved);
+        let Some(readback) = self
+            .readback
+            .as_ref()
+            .filter(|_| n > 0 && n == labels.len())
+        else {
+            return Ok(Vec::new());
+        };
+        crate::tensor::map_read(device, readback, "profile readback").await?;
+        let ticks: Vec<u64> = {
+            let view = readback
+                .get_mapped_range(..(16 * n) as u64)
+                .map_err(|e| GpuError::Map {
+                    tensor: "profile readback".into(),
+                    msg: e.to_string(),
+                });
+            let out = view.map(|v| bytemuck::pod_collect_to_vec::<u8, u64>(&v));
+            readback.unmap();
+            out?
+        };
+        Ok(labels
+            .into_iter()
+            .zip(ticks.chunks_exact(2))
+            .map(|(l, t)| (l, t[1].saturating_sub(t[0]) as f64 * self.period_ns))
+            .collect())
+    }
+}
+
 /// One command encoder with an open compute pass.
 pub struct Recorder {
     device: wgpu::Device,
@@ -84,6 +220,7 @@ pub struct Recorder {
     pass: Option<wgpu::ComputePass<'static>>,
     cache: BindCache,
     max_groups: u32,
+    profiler: Option<Profiler>,
 }
 
 impl Recorder {
@@ -112,7 +249,14 @@ impl Recorder {
             pass: Some(pass),
             cache,
             max_groups: device.limits().max_compute_workgroups_per_dimension,
+            profiler: None,
         }
+    }
+
+    /// Times every dispatch recorded from now on with `profiler` (one compute pass each);
+    /// [`Recorder::finish_profiled`] gives it back with the queries resolved.
+    pub fn set_profiler(&mut self, profiler: Profiler) {
+        self.profiler = Some(profiler);
     }
 
     /// A uniform buffer holding a shader's `Dims` struct: up to four u32 (T and the row and
@@ -214,6 +358,23 @@ impl Recorder {
                 g
             }
         };
+        if let Some(prof) = self.profiler.as_mut() {
+            // A pass of its own whose begin and end timestamps bracket this dispatch.
+            let (set, idx) = prof.next(&self.device, kernel.name);
+            drop(self.pass.take());
+            self.pass = Some(
+                self.encoder
+                    .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some(kernel.name),
+                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                            query_set: &set,
+                            beginning_of_pass_write_index: Some(idx),
+                            end_of_pass_write_index: Some(idx + 1),
+                        }),
+                    })
+                    .forget_lifetime(),
+            );
+        }
         let pass = self.pass.as_mut().expect("the pass is open until submit");
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
@@ -227,9 +388,20 @@ impl Recorder {
     }
 
     /// Ends the pass; returns the encoder and the cache for the next recording.
-    pub fn finish_with_cache(mut self) -> (wgpu::CommandEncoder, BindCache) {
+    pub fn finish_with_cache(self) -> (wgpu::CommandEncoder, BindCache) {
+        let (encoder, cache, _) = self.finish_profiled();
+        (encoder, cache)
+    }
+
+    /// Ends the pass; returns the encoder (with the profiler's queries resolved into its
+    /// readback buffer: read it with [`Profiler::read`] after submitting), the cache and the
+    /// profiler.
+    pub fn finish_profiled(mut self) -> (wgpu::CommandEncoder, BindCache, Option<Profiler>) {
         drop(self.pass.take());
-        (self.encoder, self.cache)
+        if let Some(p) = self.profiler.as_mut() {
+            p.resolve(&self.device, &mut self.encoder);
+        }
+        (self.encoder, self.cache, self.profiler)
     }
 
     /// Ends the pass and submits everything recorded.

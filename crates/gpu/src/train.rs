@@ -50,7 +50,7 @@ use crate::ops::{
     AttentionBackward, CrossEntropy, Dropout, GatedActBackward, LoraMatmul, MatmulBackward,
     RmsNormBackward, RopeBackward, TernaryBackward,
 };
-use crate::record::{BindCache, Recorder};
+use crate::record::{BindCache, DispatchTimes, Profiler, Recorder};
 use crate::tensor::{self, DType, GpuTensor};
 
 /// One adapted projection's tensors on the GPU.
@@ -304,6 +304,34 @@ impl Acts {
     }
 }
 
+/// Where the time of the last [`GpuTrainer::forward_backward`] or [`GpuTrainer::loss`] went,
+/// kept while profiling ([`GpuTrainer::set_profiling`]). Host times are wall-clock seconds
+/// (`std::time::Instant`: native only, which is why profiling is off unless asked for).
+#[derive(Clone, Debug, Default)]
+pub struct StepProfile {
+    /// Checks, the token and target writes, the adapter comparison and its upload (queue
+    /// writes; the copies themselves run at submit).
+    pub upload_s: f64,
+    /// Recording the dispatches and the staging copies (and, profiled, one pass each).
+    pub record_s: f64,
+    /// From submit until the staging buffer is mapped: the GPU's work plus the round trip.
+    pub wait_s: f64,
+    /// Copying the readback out and adding the gradients into the caller's.
+    pub unpack_s: f64,
+    /// Each dispatch's GPU time (label, ns) in dispatch order; empty when the device has
+    /// no timestamp queries.
+    pub dispatches: DispatchTimes,
+}
+
+/// `Some(now)` while profiling: `Instant::now` panics on wasm32, where nothing profiles.
+fn clock(on: bool) -> Option<std::time::Instant> {
+    on.then(std::time::Instant::now)
+}
+
+fn secs(t: Option<std::time::Instant>) -> f64 {
+    t.map_or(0.0, |t| t.elapsed().as_secs_f64())
+}
+
 /// Each adapted projection's dropout stream: per layer, per projection, the RNG state its T*I
 /// draws start from (None: no dropout).
 type MaskPlan = Vec<[Option<u64>; 7]>;
@@ -334,6 +362,10 @@ pub struct GpuTrainer {
     head_scratch: Option<GpuTensor>,
     grad_floats: usize,
     bytes: u64,
+    /// Profiling on: host times, and GPU timestamps when `profiler` is Some.
+    profiling: bool,
+    profiler: Option<Profiler>,
+    profile: StepProfile,
 }
 
 impl GpuTrainer {
@@ -488,6 +520,9 @@ impl GpuTrainer {
             head_scratch,
             grad_floats,
             bytes,
+            profiling: false,
+            profiler: None,
+            profile: StepProfile::default(),
         })
     }
 
@@ -525,6 +560,25 @@ impl GpuTrainer {
         let rows = self.logits.shape[0];
         self.head_scratch = Self::head_scratch(&self.model.device, &self.model, rows, slabs)?;
         Ok(())
+    }
+
+    /// Turns profiling on or off: while on, every step keeps a [`StepProfile`]
+    /// ([`GpuTrainer::profile`]) with host times, and each dispatch's GPU time when the device
+    /// has `Features::TIMESTAMP_QUERY` ([`crate::Gpu::with_timestamps`]). Returns whether
+    /// GPU timestamps are available. Native only (host clocks).
+    pub fn set_profiling(&mut self, on: bool) -> bool {
+        self.profiling = on;
+        self.profiler = if on {
+            Profiler::new(&self.model.device, &self.model.queue)
+        } else {
+            None
+        };
+        self.profiler.is_some()
+    }
+
+    /// The last step's profile (all zero and empty unless profiling).
+    pub fn profile(&self) -> &StepProfile {
+        &self.profile
     }
 
     /// The model (e.g. to generate with [`GpuModel::set_adapter`] after training).
@@ -569,7 +623,9 @@ impl GpuTrainer {
         rng: &mut Rng,
     ) -> Result<StepLoss, GpuError> {
         self.check_adapter("gradients", grads)?;
+        let t0 = clock(self.profiling);
         let (counted, plan) = self.prepare(lora, tokens, targets, Some(rng))?;
+        self.profile.upload_s = secs(t0);
         let t = tokens.len();
         let weight = if counted > 0 {
             grad_scale / counted as f32
@@ -577,6 +633,7 @@ impl GpuTrainer {
             0.0
         };
         let values = self.run(lora, t, weight, &plan, true).await?;
+        let t0 = clock(self.profiling);
         // Add this call's gradients into the caller's, in the order they were staged.
         for (bufs, grad) in self.adapter.iter().zip(grads.layers.iter_mut()) {
             for (b, g) in bufs.iter().zip(grad.iter_mut()) {
@@ -590,6 +647,7 @@ impl GpuTrainer {
                 }
             }
         }
+        self.profile.unpack_s += secs(t0);
         Ok(mean(&values[..t], targets, counted))
     }
 
@@ -601,7 +659,9 @@ impl GpuTrainer {
         tokens: &[u32],
         targets: &[Option<u32>],
     ) -> Result<StepLoss, GpuError> {
+        let t0 = clock(self.profiling);
         let (counted, plan) = self.prepare(lora, tokens, targets, None)?;
+        self.profile.upload_s = secs(t0);
         let t = tokens.len();
         let values = self.run(lora, t, 0.0, &plan, false).await?;
         Ok(mean(&values[..t], targets, counted))
@@ -787,6 +847,8 @@ impl GpuTrainer {
             }
         };
         let cache = self.bind_cache.take().unwrap_or_default();
+        let profiler = self.profiler.take();
+        let t0 = clock(self.profiling);
         let step = Step {
             tr: self,
             a: &a,
@@ -801,17 +863,21 @@ impl GpuTrainer {
         let validation = dev.push_error_scope(wgpu::ErrorFilter::Validation);
         let recorded = (|| {
             let mut rec = Recorder::with_cache(dev, cache);
+            if let Some(p) = profiler {
+                rec.set_profiler(p);
+            }
             step.forward(&mut rec)?;
             step.head(&mut rec, weight, backward)?;
             if backward {
                 step.backward(&mut rec)?;
             }
-            Ok::<_, GpuError>(rec.finish_with_cache())
+            Ok::<_, GpuError>(rec.finish_profiled())
         })();
         let validation = validation.pop().await;
         let oom = oom.pop().await;
-        let (mut enc, cache) = recorded?;
+        let (mut enc, cache, profiler) = recorded?;
         self.bind_cache = Some(cache);
+        self.profiler = profiler;
         if let Some(e) = validation.or(oom) {
             return Err(GpuError::Device(e.to_string()));
         }
@@ -838,9 +904,14 @@ impl GpuTrainer {
             used = self.staging_floats;
         }
         debug_assert_eq!(self.staging_floats, self.max_tokens + self.grad_floats);
-        self.model.queue.submit([enc.finish()]);
+        let enc = enc.finish();
+        self.profile.record_s = secs(t0);
+        let t0 = clock(self.profiling);
+        self.model.queue.submit([enc]);
         let bytes = (4 * used) as u64;
         tensor::map_read(dev, &self.staging, "train readback").await?;
+        self.profile.wait_s = secs(t0);
+        let t0 = clock(self.profiling);
         let values = {
             let view = self
                 .staging
@@ -853,6 +924,10 @@ impl GpuTrainer {
             self.staging.unmap();
             out?
         };
+        self.profile.unpack_s = secs(t0);
+        if let Some(p) = self.profiler.as_mut() {
+            self.profile.dispatches = p.read(dev).await?;
+        }
         self.model.errors.take()?;
         Ok(values)
     }

@@ -80,10 +80,11 @@ impl LoraMatmul {
                 &[("TB", tb), ("ACC", 0.0), ("WG", super::c(super::WG))],
             )
         };
-        let k = |ta: f64, tb: f64, acc: f64| {
+        // Distinct labels per form, for `bench --profile`'s table.
+        let k = |name: &'static str, ta: f64, tb: f64, acc: f64| {
             Kernel::new(
                 device,
-                "lora_matmul",
+                name,
                 SOURCE,
                 &[
                     ("TA", ta),
@@ -94,12 +95,12 @@ impl LoraMatmul {
             )
         };
         LoraMatmul {
-            nt: k(0.0, 1.0, 0.0),
-            nt_acc: k(0.0, 1.0, 1.0),
-            tn: k(1.0, 0.0, 0.0),
-            tn_acc: k(1.0, 0.0, 1.0),
-            nn: k(0.0, 0.0, 0.0),
-            nn_acc: k(0.0, 0.0, 1.0),
+            nt: k("lora_matmul nt", 0.0, 1.0, 0.0),
+            nt_acc: k("lora_matmul nt acc", 0.0, 1.0, 1.0),
+            tn: k("lora_matmul tn", 1.0, 0.0, 0.0),
+            tn_acc: k("lora_matmul tn acc", 1.0, 0.0, 1.0),
+            nn: k("lora_matmul nn", 0.0, 0.0, 0.0),
+            nn_acc: k("lora_matmul nn acc", 0.0, 0.0, 1.0),
             reduce: reduce.then(|| (red(1.0), red(0.0))),
             i,
             o,
