@@ -3,9 +3,14 @@
 // the NH/NKV query heads of its group (bitlora_core::train::attention_backward):
 //   dv_j += P_ij do_i,  dk_j += P_ij (dP_ij - D_i) / sqrt(HS) q_i,  over heads h of the group
 //   (ascending) and rows i >= j (ascending), the CPU reference's order.
-// One invocation per (key row j, kv-head g): it owns dk[j, g] and dv[j, g], so no two
-// invocations write the same element (WGSL has no float atomics).
-// Dispatch (ceil(T / WG), NKV, 1).
+//
+// One workgroup per (key row j, kv-head g); it owns dk[j, g] and dv[j, g], so no two
+// workgroups write the same element (WGSL has no float atomics). Its WG invocations take the
+// query rows i a block of WG at a time, one row each (P_ij and ds_ij: dot products over d in
+// ascending d); then the invocation owning d (d = lid, lid + WG, ...) adds the block's terms
+// into dk[d] and dv[d] in ascending i: every sum in the order of the CPU reference (and of
+// this kernel's earlier one-invocation-per-key form).
+// Dispatch (T, NKV, 1).
 
 override NH: u32;       // query heads
 override NKV: u32;      // kv heads, dividing NH
@@ -28,37 +33,65 @@ struct Dims {
 @group(0) @binding(6) var<storage, read_write> dk: array<f32>; // (T, NKV*HS)
 @group(0) @binding(7) var<storage, read_write> dv: array<f32>; // (T, NKV*HS)
 
+var<workgroup> ks: array<f32, HS>;     // k_j of kv-head g
+var<workgroup> vs: array<f32, HS>;     // v_j of kv-head g
+var<workgroup> dk_acc: array<f32, HS>; // each d owned by invocation d % WG
+var<workgroup> dv_acc: array<f32, HS>;
+var<workgroup> pb: array<f32, WG>;     // P_ij of the block's rows
+var<workgroup> dsb: array<f32, WG>;    // P_ij (dP_ij - D_i) / sqrt(HS)
+
 @compute @workgroup_size(WG)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let j = gid.x;
-    let g = gid.y;
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let j = wid.x;
+    let g = wid.y;
     let t = dims.t;
-    if j >= t {
-        return;
-    }
     let scale = 1.0 / sqrt(f32(HS));
     let kb = j * KW + g * HS;
-    for (var d = 0u; d < HS; d++) {
-        dk[kb + d] = 0.0;
-        dv[kb + d] = 0.0;
+    for (var d = lid; d < HS; d += WG) {
+        ks[d] = k[kb + d];
+        vs[d] = v[kb + d];
+        dk_acc[d] = 0.0;
+        dv_acc[d] = 0.0;
     }
+    workgroupBarrier();
     for (var hh = 0u; hh < GROUP; hh++) {
         let h = g * GROUP + hh;
-        for (var i = j; i < t; i++) {
-            let qb = i * QW + h * HS;
-            var s = 0.0;
-            var dp = 0.0;
-            for (var d = 0u; d < HS; d++) {
-                s += q[qb + d] * k[kb + d];
-                dp += dout[qb + d] * v[kb + d];
+        for (var i0 = j; i0 < t; i0 += WG) {
+            let i = i0 + lid;
+            var p = 0.0;
+            var ds = 0.0;
+            if i < t {
+                let qb = i * QW + h * HS;
+                var s = 0.0;
+                var dp = 0.0;
+                for (var d = 0u; d < HS; d++) {
+                    s += q[qb + d] * ks[d];
+                    dp += dout[qb + d] * vs[d];
+                }
+                let sbase = (h * t + i) * 3u;
+                p = exp(s * scale - stats[sbase]) / stats[sbase + 1u];
+                ds = p * (dp - stats[sbase + 2u]) * scale;
             }
-            let sbase = (h * t + i) * 3u;
-            let p = exp(s * scale - stats[sbase]) / stats[sbase + 1u];
-            let ds = p * (dp - stats[sbase + 2u]) * scale;
-            for (var d = 0u; d < HS; d++) {
-                dv[kb + d] += p * dout[qb + d];
-                dk[kb + d] += ds * q[qb + d];
+            pb[lid] = p;
+            dsb[lid] = ds;
+            workgroupBarrier();
+            let n = min(WG, t - i0);
+            for (var d = lid; d < HS; d += WG) {
+                var av = dv_acc[d];
+                var ak = dk_acc[d];
+                for (var ii = 0u; ii < n; ii++) {
+                    let qb = (i0 + ii) * QW + h * HS;
+                    av += pb[ii] * dout[qb + d];
+                    ak += dsb[ii] * q[qb + d];
+                }
+                dv_acc[d] = av;
+                dk_acc[d] = ak;
             }
+            workgroupBarrier();
         }
+    }
+    for (var d = lid; d < HS; d += WG) {
+        dk[kb + d] = dk_acc[d];
+        dv[kb + d] = dv_acc[d];
     }
 }

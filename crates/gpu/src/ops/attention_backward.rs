@@ -10,6 +10,9 @@ pub const SOURCE_KV: &str = include_str!("../../../../shaders/attention_backward
 
 /// Causal GQA attention backward: dq, dk, dv from q, k (after RoPE), v and dout; the
 /// probabilities are recomputed, and dk, dv of a kv-head sum over its group of query heads.
+/// Pass 1 runs a workgroup per (query row, head), pass 2 one per (key row, kv-head), each
+/// splitting its loop over keys (rows) across the workgroup; every sum keeps the CPU
+/// reference's order.
 ///
 /// Shapes: q (T, NH*HS) f32, k (T, NKV*HS) f32, v (T, NKV*HS) f32, dout (T, NH*HS) f32,
 /// stats (NH, T, 3) f32 scratch (written by pass 1, read by pass 2), dq (T, NH*HS) f32,
@@ -69,7 +72,8 @@ impl AttentionBackward {
         expect(OP, dk, DType::F32, &[t, kw])?;
         expect(OP, dv, DType::F32, &[t, kw])?;
         let dims = rec.dims(OP, &[t])?;
-        let groups = t.div_ceil(super::WG);
+        // A workgroup per (row, head): see the shaders' headers.
+        let groups = t;
         rec.dispatch(
             &self.q_pass,
             &[
