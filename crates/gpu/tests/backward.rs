@@ -410,7 +410,7 @@ fn training_launchers_reject_wrong_shapes() {
 
 /// The dropout kernel draws the CPU's numbers itself (SplitMix64 emulated in u32 pairs): its
 /// masks equal `train::dropout_draws` from the same state bit for bit, the masked values are the
-/// CPU's products exactly, and the add form adds them.
+/// CPU's products exactly, and the add form adds them (to rounding: see below).
 #[test]
 fn dropout_kernel_draws_the_cpu_masks_exactly() {
     let g = gpu();
@@ -440,7 +440,10 @@ fn dropout_kernel_draws_the_cpu_masks_exactly() {
         let acc = f32t("acc", &[t, i], &x);
         run(|r| op.encode_add(r, &xt, state, p, &acc));
         let sum: Vec<f32> = x.iter().zip(&want).map(|(a, b)| a + b).collect();
-        assert_eq!(read(&acc), sum, "dropout add p={p}");
+        // `acc + x * keep`: a real GPU's compiler may fuse it into one FMA (SPIR-V allows the
+        // contraction; NVIDIA's does, lavapipe does not), one rounding instead of two, so the
+        // add form is within KERNEL_F32 of the CPU's, not equal. The masks above are exact.
+        KERNEL_F32.assert_close(&format!("dropout add p={p}"), &read(&acc), &sum);
         println!(
             "dropout p={p}: {dropped} of {} dropped, equal to the CPU's bit for bit",
             t * i
