@@ -307,6 +307,8 @@ for (const backend of ['webgpu', 'cpu']) {
     test('"Delete all my data" also deletes training runs and adapters', { timeout: 120_000 }, async () => {
       const adapters = (await page.evaluate(() => window.__bitlora.adapters.list)).length;
       assert.ok(adapters >= 1);
+      // The "Your data" panel says what the training store holds.
+      await page.waitForFunction((n) => new RegExp(`: \\d+ runs? and ${n} adapters?, `).test(document.getElementById('training-status').textContent), adapters, { timeout: 10_000 });
       page.once('dialog', (d) => d.accept());
       await page.click('#delete-all');
       await page.waitForFunction(() => /^(Deleted|Could not)/.test(document.getElementById('data-status').textContent), null, { timeout: 30_000 });
@@ -322,6 +324,7 @@ for (const backend of ['webgpu', 'cpu']) {
       await page.waitForFunction(() => window.__bitlora.training.storedRuns === 0, null, { timeout: 30_000 });
       assert.equal(await page.isHidden('#resume-offer'), true);
       assert.deepEqual(await page.evaluate(() => window.__bitlora.adapters.list), []);
+      await page.waitForFunction(() => /^No training runs or adapters are kept/.test(document.getElementById('training-status').textContent), null, { timeout: 10_000 });
       const crashes = log.filter((l) => /panicked|RuntimeError|unreachable|pageerror|worker restarted/i.test(l));
       assert.deepEqual(crashes, []);
     });

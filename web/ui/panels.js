@@ -12,7 +12,8 @@ import { mountDataPanel } from './data-panel.js';
 import { mountTrainPanel } from './train-panel.js';
 import { mountComparePanel } from './compare-panel.js';
 import { mountAdaptersPanel } from './adapters-panel.js';
-import { plural } from './format.js';
+import { plural, fmtBytes } from './format.js';
+import { debounce } from './dom.js';
 
 /**
  * `client()`: the Bitlora client or null while it starts; `model()`: the loaded ModelInfo or
@@ -26,6 +27,26 @@ export function mountPanels({ client, model, state, publish }) {
   app.compare = mountComparePanel(app);
   app.train = mountTrainPanel(app);
   app.adapters = mountAdaptersPanel(app);
+
+  // The "Your data" panel also says what the training store holds (#training-status).
+  const storage = debounce(async () => {
+    const c = client();
+    if (!c) return;
+    try {
+      const [runs, adapters] = await Promise.all([c.listRuns(), c.listAdapters()]);
+      const bytes = [...runs, ...adapters].reduce((n, x) => n + (x.bytes ?? 0), 0);
+      state.trainingStore = { runs: runs.length, adapters: adapters.length, bytes };
+      document.getElementById('training-status').textContent = runs.length || adapters.length
+        ? `Training runs (with their data and checkpoints) and adapters kept in this browser (IndexedDB): ` +
+          `${plural(runs.length, 'run')} and ${plural(adapters.length, 'adapter')}, ${fmtBytes(bytes)}.`
+        : 'No training runs or adapters are kept in this browser.';
+    } catch (err) {
+      document.getElementById('training-status').textContent = `The training store cannot be read: ${err.message}`;
+    }
+  }, 300);
+  for (const e of ['model', 'adapters', 'trained']) bus.addEventListener(e, storage);
+  bus.addEventListener('trainer', () => { if (app.trainer?.state !== 'running') storage(); });
+
   return {
     app,
     /** A model was loaded (the first one, or another picked later). */
@@ -46,6 +67,7 @@ export function mountPanels({ client, model, state, publish }) {
       await app.adapters.refresh();
       await app.train.offerResume();
       bus.dispatchEvent(new Event('adapters'));
+      storage.now();
       return `${plural(runs.length, 'training run')} and ${plural(adapters.length, 'adapter')}`;
     },
   };

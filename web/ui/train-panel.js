@@ -347,6 +347,7 @@ export function mountTrainPanel(app) {
         (d.loss != null ? ` · training loss ${fmtLoss(d.loss)}` : '') + (d.valLoss != null ? ` · validation loss ${fmtLoss(d.valLoss)}` : '') +
         ' · save the adapter below to keep it and chat with it.';
       setState(d.reason === 'done' ? 'done' : 'stopped');
+      describePreset(); // the time estimate now uses this run's measured speed
       app.bus.dispatchEvent(new Event('trained'));
     }, (err) => {
       if (trainer !== tr) return;
