@@ -128,6 +128,19 @@ enum Command {
         #[arg(long = "hub", value_name = "URL")]
         hubs: Vec<String>,
     },
+    /// Merges a PEFT LoRA adapter into a model with master (float) weights, as PEFT's
+    /// merge_and_unload does (W += scale * B . A), and writes the merged model to --out
+    /// (config.json, model.safetensors in f32, and the tokenizer files beside the model).
+    Merge {
+        #[arg(long, default_value = "web/models/default")]
+        model: PathBuf,
+        /// The PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory (created if missing; must not be the model's).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Writes a BitNet model with random bf16 master weights (config.json + model.safetensors).
     RandomModel {
         /// Output directory (created if missing).
@@ -343,6 +356,11 @@ fn run(command: Command) -> Result<(), CliError> {
         }
         Command::Train(args) => Ok(train_cmd::run(&args)?),
         Command::Serve { port, root, hubs } => Ok(serve::serve(&root, port, &hubs)?),
+        Command::Merge {
+            model,
+            adapter,
+            out,
+        } => merge(&model, &adapter, &out),
         Command::RandomModel { out, shape, seed } => {
             let config = match shape.name() {
                 "tiny" => Some(model::tiny_config()),
@@ -402,6 +420,76 @@ fn logits(
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer(&mut stdout, &out).map_err(|e| CliError::Stdout(e.into()))?;
     writeln!(stdout).map_err(CliError::Stdout)?;
+    Ok(())
+}
+
+fn merge(
+    dir: &std::path::Path,
+    adapter: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<(), CliError> {
+    let io = |p: &std::path::Path, source| {
+        CliError::Model(bitlora_core::Error::Io {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    if out.canonicalize().ok().is_some() && out.canonicalize().ok() == dir.canonicalize().ok() {
+        return Err(CliError::Model(bitlora_core::Error::Lora {
+            msg: "--out is the model's own directory; merge into a new one".into(),
+        }));
+    }
+    let model = Model::from_dir(dir)?;
+    let lora = bitlora_core::peft::load_dir(adapter, &model.config)?;
+    let index = dir.join("model.safetensors.index.json");
+    let names: Vec<std::path::PathBuf> = if index.exists() {
+        let v: serde_json::Value = serde_json::from_slice(&read_file(&index)?).map_err(|e| {
+            CliError::Model(bitlora_core::Error::Data {
+                file: index.display().to_string(),
+                msg: e.to_string(),
+            })
+        })?;
+        let mut files: Vec<String> = v["weight_map"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter_map(|f| f.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files.dedup();
+        files.into_iter().map(|f| dir.join(f)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let bytes: Vec<Vec<u8>> = names
+        .iter()
+        .map(|p| read_file(p))
+        .collect::<Result<_, _>>()?;
+    let labels: Vec<String> = names.iter().map(|p| p.display().to_string()).collect();
+    let files: Vec<(&str, &[u8])> = labels
+        .iter()
+        .map(String::as_str)
+        .zip(bytes.iter().map(Vec::as_slice))
+        .collect();
+    let weights = bitlora_core::weights::WeightFiles::parse(&files)?;
+    let merged = bitlora_core::merge::merge(&model.config, &weights, &lora)?;
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        let from = dir.join(f);
+        if from.exists() {
+            std::fs::copy(&from, out.join(f)).map_err(|e| io(&from, e))?;
+        }
+    }
+    let path = out.join("model.safetensors");
+    std::fs::write(&path, bitlora_core::weights::serialize(&merged)).map_err(|e| io(&path, e))?;
+    eprintln!(
+        "bitlora: merged {} ({} LoRA parameters) into {}",
+        adapter.display(),
+        lora.num_params(),
+        out.display()
+    );
     Ok(())
 }
 

@@ -7,6 +7,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -50,6 +50,21 @@ impl<'a> WeightFiles<'a> {
         self.index.contains_key(name)
     }
 
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut n: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        n.sort_unstable();
+        n
+    }
+
+    /// A tensor's shape and whether it holds floats (f32, bf16, f16) rather than packed bytes.
+    pub fn info(&self, name: &str) -> Result<(Vec<usize>, bool)> {
+        use safetensors::Dtype;
+        let (_, view) = self.view(name)?;
+        let float = matches!(view.dtype(), Dtype::F32 | Dtype::BF16 | Dtype::F16);
+        Ok((view.shape().to_vec(), float))
+    }
+
     fn view(&self, name: &str) -> Result<(&str, safetensors::tensor::TensorView<'a>)> {
         let Some(&i) = self.index.get(name) else {
             return Err(Error::MissingTensor {
