@@ -19,7 +19,8 @@
 //!   the page that is not on this list is refused by the browser, and the page says which flag
 //!   allows it. Only GETs of model files go there: the visitor's data never leaves the tab.
 //!
-//! Every request is answered on its own thread, so one slow client never holds up the others.
+//! Every connection is served on its own thread (a small HTTP/1.1 loop: GET and HEAD, keep-alive,
+//! always a Content-Length), so one slow client never holds up the others.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
