@@ -260,8 +260,9 @@ for (const backend of ['webgpu', 'cpu']) {
         const chartWidth = await page.evaluate(() => document.querySelector('#loss-chart svg').getBoundingClientRect().width);
         assert.ok(chartWidth <= viewport.width - 20, `chart ${chartWidth}px wide at ${viewport.width}px`);
         await page.screenshot({ path: path.join(ARTIFACTS, `ui-${backend}-${viewport.width}x${viewport.height}.png`), fullPage: true });
-        await page.locator('#train').screenshot({ path: path.join(ARTIFACTS, `ui-${backend}-train-${viewport.width}.png`) });
-        await page.locator('#compare').screenshot({ path: path.join(ARTIFACTS, `ui-${backend}-chat-${viewport.width}.png`) });
+        for (const [id, name] of [['dataset', 'data'], ['train', 'train'], ['compare', 'chat'], ['adapters', 'adapters']]) {
+          await page.locator(`#${id}`).screenshot({ path: path.join(ARTIFACTS, `ui-${backend}-${name}-${viewport.width}.png`) });
+        }
       }
       await page.setViewportSize({ width: 1280, height: 800 });
     });
