@@ -61,4 +61,6 @@ say "web/pkg/models.json (sizes and sha256 of web/models/*)"
   printf '\n}\n'
 } > web/pkg/models.json.tmp
 mv web/pkg/models.json.tmp web/pkg/models.json
+# The demo data the page offers ("Try the demo data"): the Devil's Dictionary training set.
+mkdir -p web/pkg/demo && cp data/devil/train.jsonl web/pkg/demo/devil.jsonl
 say "done: $(du -h web/pkg/bitlora_web_bg.wasm | cut -f1) web/pkg/bitlora_web_bg.wasm"

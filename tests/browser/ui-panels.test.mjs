@@ -163,3 +163,17 @@ test('panels: each bad setting is named at its field', async () => {
   assert.equal(created.data.fileName, 'pasted text');
   assert.deepEqual(errors, []);
 });
+
+test('panels: "Try the demo data" fetches the Devil\'s Dictionary set from the page\'s own server', async () => {
+  await page.click('#data-demo');
+  await page.waitForFunction(() => document.body.dataset.data === 'ok' && window.__bitlora.data.fileName === 'devil.jsonl');
+  const text = await page.inputValue('#data-text');
+  const lines = text.trim().split('\n');
+  assert.equal(lines.length, 893, 'all 893 training examples');
+  assert.equal(typeof JSON.parse(lines[0]).completion, 'string');
+  const call = (await page.evaluate(() => window.__calls)).filter((c) => c[0] === 'prepareData').at(-1);
+  assert.ok(call, 'the data was checked');
+  await page.click('#data-clear');
+  await page.fill('#data-text', 'Some plain text to train on. '.repeat(200));
+  await page.waitForFunction(() => document.body.dataset.data === 'ok');
+});

@@ -147,6 +147,29 @@ export function mountDataPanel(app) {
     schedule.now();
   });
 
+  // The demo set (tools/build-web.sh copies data/devil/train.jsonl beside the wasm): 893
+  // Devil's Dictionary definitions as prompt/completion pairs, fetched from this page's own
+  // server, once, when asked.
+  $('data-demo').addEventListener('click', async () => {
+    const name = 'devil.jsonl';
+    setState('checking');
+    $('data-summary').textContent = `Fetching the demo data (${name})…`;
+    try {
+      const res = await fetch(new URL('../pkg/demo/devil.jsonl', import.meta.url));
+      if (!res.ok) throw new Error(`the server answered ${res.status} ${res.statusText}`);
+      text = await res.text();
+    } catch (err) {
+      showError('data-error', `${name}: cannot fetch the demo data: ${message(err)}`);
+      setState('error');
+      return;
+    }
+    fileName = name;
+    preview = false;
+    area.readOnly = false;
+    area.value = text;
+    schedule.now();
+  });
+
   $('data-clear').addEventListener('click', () => {
     text = '';
     fileName = 'pasted text';
