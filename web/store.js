@@ -325,7 +325,7 @@ export async function importFiles({ id, name }, entries, onProgress) {
  * resumed), and on a failed chunk or hash forgets only the damaged file (resetFile), so a resume
  * fetches just that file again.
  */
-export async function readModel(id, onProgress, { onProblem = 'discard' } = {}) {
+export async function readModel(id, onProgress, { onProblem = 'discard', chunked = false } = {}) {
   const manifest = await getManifest(id);
   if (!manifest) return null;
   const problem = async (text, file) => {
@@ -342,25 +342,47 @@ export async function readModel(id, onProgress, { onProblem = 'discard' } = {}) 
   let read = 0;
   const files = [];
   for (const f of manifest.files) {
-    const bytes = new Uint8Array(f.size);
+    // chunked: the chunks as stored, hashed incrementally, never joined (see fileRange).
+    const bytes = chunked ? null : new Uint8Array(f.size);
+    const chunks = [];
+    const hash = chunked ? new Sha256() : null;
     let off = 0;
     for (let i = 0; i < f.chunks; i++) {
       const chunk = await result(db.transaction('chunks').objectStore('chunks').get(chunkKey(id, f.name, i)));
       if (!(chunk instanceof Uint8Array)) return problem(`chunk ${i} of ${f.name} is missing from the store`, f.name);
       if (off + chunk.length > f.size) return problem(`${f.name} is larger in the store than its manifest says`, f.name);
-      bytes.set(chunk, off);
+      if (chunked) { chunks.push(chunk); hash.update(chunk); } else bytes.set(chunk, off);
       off += chunk.length;
       read += chunk.length;
       onProgress?.({ done: read, total });
     }
     if (off !== f.size) return problem(`${f.name} is ${off} bytes in the store, its manifest says ${f.size}`, f.name);
-    const sha = await sha256Hex(bytes);
+    const sha = chunked ? hash.hex() : await sha256Hex(bytes);
     if (sha !== f.sha256) {
       return problem(`${f.name} failed its sha256 check (stored ${f.sha256.slice(0, 12)}…, read back ${sha.slice(0, 12)}…)`, f.name);
     }
-    files.push({ name: f.name, bytes });
+    files.push(chunked ? { name: f.name, size: f.size, chunks } : { name: f.name, bytes });
   }
   return { manifest, files };
+}
+
+/**
+ * Bytes [start, end) of a file read with `chunked` ({ size, chunks }): a view into the chunk
+ * when one chunk holds them all, else a copy of just those bytes.
+ */
+export function fileRange({ chunks }, start, end) {
+  let i = 0, base = 0;
+  while (i < chunks.length && base + chunks[i].length <= start) base += chunks[i++].length;
+  if (i < chunks.length && end <= base + chunks[i].length) return chunks[i].subarray(start - base, end - base);
+  const out = new Uint8Array(end - start);
+  for (let at = start; at < end; i++) {
+    const c = chunks[i];
+    const piece = c.subarray(at - base, Math.min(c.length, end - base));
+    out.set(piece, at - start);
+    at += piece.length;
+    base += c.length;
+  }
+  return out;
 }
 
 /** The sentence the page shows when readModel found a problem ({ problem, file, manifest }). */

@@ -177,6 +177,10 @@ async function dispatchType(type, args) {
       return loadStored(args);
     case 'importFiles':
       return importFiles(args);
+    case 'wasmMemory':
+      // Bytes of wasm linear memory (it only grows), and its marks during the last load
+      // ({ before, weights, after }): tests compare what loads take.
+      return { bytes: Session.wasmMemoryBytes(), load: session?.loadMemory() ?? null };
     case 'loadFiles':
       return loadFiles(args.files);
     case 'forward':
@@ -281,7 +285,7 @@ async function loadBundled({ id, model = 'default', fakeFree, persisted = false 
   // Sizes and sha256 of the files as this server has them (tools/build-web.sh writes the index).
   const expected = await bundledIndex(model);
   try {
-    const got = await store.readModel(storeId, ({ done, total }) => progress('read', done, total));
+    const got = await store.readModel(storeId, ({ done, total }) => progress('read', done, total), { chunked: true });
     if (got?.problem) notes.push(`The stored copy of this model was discarded: ${got.problem}. Fetching it again.`);
     else if (got && expected && got.manifest.files.some((f) => expected.get(f.name)?.sha256 !== f.sha256)) {
       await store.deleteModel(storeId);
@@ -346,45 +350,108 @@ async function loadBundled({ id, model = 'default', fakeFree, persisted = false 
       }
     }
   }
-  const { summary, config } = loadIntoSession(files, progress);
+  const { summary, config } = await loadIntoSession(files, progress);
   return {
     ...summary, key: storeId, storeId, name: spec.name, description: spec.description, params: countParams(config),
-    downloadBytes: files.reduce((n, f) => n + f.bytes.length, 0),
+    downloadBytes: files.reduce((n, f) => n + fileSize(f), 0),
     source: { from, stored, notes },
   };
 }
 
 /**
- * Loads a model folder ([{ name, bytes }]: config.json, *.safetensors, and tokenizer.json /
- * tokenizer_config.json when present; other files are ignored) into the session.
+ * Loads a model folder (config.json, *.safetensors, and tokenizer.json / tokenizer_config.json
+ * when present; other files are ignored) into the session; see loadModelFiles.
  */
-function loadIntoSession(files, progress) {
-  progress('build', 0, 1);
-  const byName = Object.fromEntries(files.map((f) => [f.name, f.bytes]));
-  const weightNames = files.map((f) => f.name).filter((f) => f.endsWith('.safetensors'));
-  const opt = (name) => (byName[name] ? name : undefined);
-  const summary = needSession().load('config.json', byName['config.json'], weightNames, weightNames.map((f) => byName[f]),
-    opt('tokenizer.json'), byName['tokenizer.json'], opt('tokenizer_config.json'), byName['tokenizer_config.json']);
-  progress('build', 1, 1);
-  return { summary, config: JSON.parse(new TextDecoder().decode(byName['config.json'])) };
+function loadIntoSession(files, progress, options) {
+  const byName = new Map(files.map((f) => [f.name, f]));
+  return loadModelFiles({
+    config: byName.get('config.json'),
+    weights: files.filter((f) => f.name.endsWith('.safetensors')),
+    tokenizer: byName.get('tokenizer.json'),
+    tokenizerConfig: byName.get('tokenizer_config.json'),
+  }, progress, options);
 }
+
+/**
+ * Loads a model into the session: `config`, `weights` (the safetensors files, in order) and the
+ * optional `tokenizer` / `tokenizerConfig`. Each file is { name, bytes }, { name, size, chunks }
+ * as store.readModel gives it with `chunked`, or a picked File. Resolves to the session's
+ * summary and the parsed config.
+ *
+ * The weights stream in tensor by tensor (Session beginLoad / addFile / addTensor / finishLoad):
+ * each tensor's bytes are cut from the chunks that hold them (a view when one chunk does) or
+ * read from the picked file, so wasm memory holds the model being built plus a 64 KiB piece of
+ * one tensor, never a whole file (nor does the JS heap, for stored and picked files).
+ * `wholeFiles` (tests only) takes the older path, Session.load, which copies every file whole
+ * into wasm memory.
+ */
+async function loadModelFiles({ config, weights, tokenizer, tokenizerConfig }, progress, { wholeFiles = false } = {}) {
+  if (!config) throw new Error('config.json is missing from the model\'s files');
+  const [configBytes, tokenizerBytes, tokenizerConfigBytes] =
+    await Promise.all([config, tokenizer, tokenizerConfig].map((f) => f && wholeBytes(f)));
+  const tokenizerArgs = [tokenizer?.name, tokenizerBytes, tokenizerConfig?.name, tokenizerConfigBytes];
+  const s = needSession();
+  let summary;
+  if (wholeFiles) {
+    progress('build', 0, 1);
+    const weightBytes = await Promise.all(weights.map(wholeBytes));
+    summary = s.load(config.name, configBytes, weights.map((f) => f.name), weightBytes, ...tokenizerArgs);
+    progress('build', 1, 1);
+  } else {
+    const total = weights.reduce((n, f) => n + fileSize(f), 0);
+    let done = 0;
+    progress('build', 0, total);
+    s.beginLoad(config.name, configBytes);
+    for (const f of weights) {
+      const size = fileSize(f);
+      // The 8-byte header length and the JSON header after it; at least the first 9 bytes, so
+      // that addFile can tell a file that is not safetensors (an absurd length, no '{') apart.
+      let headerEnd = Math.min(size, 9);
+      if (size >= 8) {
+        const head = await fileRange(f, 0, 8);
+        const n = new DataView(head.buffer, head.byteOffset, 8).getBigUint64(0, true);
+        if (n <= 100_000_000n) headerEnd = Math.max(headerEnd, Math.min(size, 8 + Number(n)));
+      }
+      for (const t of s.addFile(f.name, await fileRange(f, 0, headerEnd), size)) {
+        s.addTensor(t.name, await fileRange(f, t.start, t.end));
+        done += t.end - t.start;
+        progress('build', done, total);
+      }
+    }
+    summary = s.finishLoad(...tokenizerArgs);
+    progress('build', total, total);
+  }
+  return { summary, config: JSON.parse(new TextDecoder().decode(configBytes)) };
+}
+
+// A file as { name, bytes }, { name, size, chunks } (store.readModel's `chunked`) or a File.
+// (Not `f.bytes ?? ...`: a File has a bytes() method.)
+const inMemory = (f) => f.bytes instanceof Uint8Array;
+const fileSize = (f) => (inMemory(f) ? f.bytes.length : f.size);
+/** Bytes [start, end) of a file: a view where the bytes are in memory, else a copy of just those. */
+async function fileRange(f, start, end) {
+  if (inMemory(f)) return f.bytes.subarray(start, end);
+  if (f.chunks) return store.fileRange(f, start, end);
+  return new Uint8Array(await f.slice(start, end).arrayBuffer());
+}
+const wholeBytes = (f) => fileRange(f, 0, fileSize(f));
 
 const progressTo = (id) => (phase, done, total, file) =>
   self.postMessage({ id, type: 'progress', event: { phase, done, total, file, at: performance.timeOrigin + performance.now() } });
 
 /** Loads a model from the store (any source) into the session; see 'loadStored' above. */
-async function loadStored({ id, modelId }) {
+async function loadStored({ id, modelId, wholeFiles = false }) {
   const progress = progressTo(id);
   if (hub.isDownloading(modelId)) throw new Error(`${modelId} is still downloading: load it once it is complete`);
   const bundled = String(modelId).startsWith('bundled:');
   const got = await store.readModel(modelId, ({ done, total }) => progress('read', done, total),
-    { onProblem: bundled ? 'discard' : 'keep-partial' });
+    { onProblem: bundled ? 'discard' : 'keep-partial', chunked: true });
   if (!got) throw new Error(`${modelId} is not in this browser's storage (deleted meanwhile?)`);
   if (got.problem) throw new Error(store.problemMessage(got));
-  const { summary, config } = loadIntoSession(got.files, progress);
+  const { summary, config } = await loadIntoSession(got.files, progress, { wholeFiles });
   return {
     ...summary, key: modelId, storeId: modelId, name: got.manifest.name, params: countParams(config),
-    downloadBytes: got.files.reduce((n, f) => n + f.bytes.length, 0),
+    downloadBytes: got.files.reduce((n, f) => n + fileSize(f), 0),
     source: { from: 'store', stored: true, notes: [] },
   };
 }
@@ -506,19 +573,17 @@ async function loadFiles(files) {
     // e.g. model.safetensors.index.json: the shards name their own tensors.
     console.info(`bitlora: ignoring ${others.map((f) => f.name).join(', ')}`);
   }
-  // wasm32 memory ends at 4 GiB, and loading holds the raw files plus the unpacked f32 weights
-  // (bf16 doubles in size). Refuse early with a clear message rather than trap mid-load.
+  // wasm32 memory ends at 4 GiB and the weights are unpacked to f32 there (bf16 doubles in
+  // size). Refuse early with a clear message rather than trap mid-load.
   const total = list.reduce((n, f) => n + f.size, 0);
   if (total > MAX_PICKED_BYTES) {
     throw new Error(
       `the picked files total ${(total / 2 ** 30).toFixed(2)} GiB; this page can load models up to ` +
       `${MAX_PICKED_BYTES / 2 ** 30} GiB for now (streaming larger ones from disk is planned)`);
   }
-  const read = async (f) => (f ? new Uint8Array(await f.arrayBuffer()) : undefined);
-  const configBytes = await read(config);
-  const weightBytes = await Promise.all(weights.map(read));
-  return needSession().load(config.name, configBytes, weights.map((f) => f.name), weightBytes,
-    tokenizer?.name, await read(tokenizer), tokenizerConfig?.name, await read(tokenizerConfig));
+  // Streamed from disk tensor by tensor: neither the JS heap nor wasm memory holds a whole file.
+  const { summary } = await loadModelFiles({ config, weights, tokenizer, tokenizerConfig }, () => {});
+  return summary;
 }
 
 training.setup({

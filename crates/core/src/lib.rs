@@ -2,6 +2,7 @@
 //! them. Pure Rust: no GPU, no web. The GPU backend (bitlora-gpu) and the wasm API (bitlora-web)
 //! build on the types here, and every fast path is tested against the plain code in this crate.
 
+pub mod builder;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod train;
 pub mod trainer;
 pub mod weights;
 
+pub use builder::ModelBuilder;
 pub use config::{Activation, Config, Layout, WeightFormat};
 pub use error::{Error, Result};
 pub use generate::{SamplingOptions, generate, generate_with_adapter};

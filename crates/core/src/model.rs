@@ -148,26 +148,8 @@ impl Model {
         files: &[(&str, &[u8])],
     ) -> Result<Model> {
         let config = Config::from_json(config_name, config_json)?;
-        let w = WeightFiles::parse(files)?;
-        let (v, c) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = w.f32("model.embed_tokens.weight", &[v, c])?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|l| load_layer(&w, &config, l))
-            .collect::<Result<Vec<_>>>()?;
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(w.f32("lm_head.weight", &[v, c])?)
-        };
-        Ok(Model {
-            params: Params {
-                embed_tokens,
-                layers,
-                norm: w.f32("model.norm.weight", &[c])?,
-                lm_head,
-            },
-            config,
-        })
+        let mut w = WeightFiles::parse(files)?;
+        assemble(config, &mut w)
     }
 
     /// Checks token ids against the vocabulary and the context length.
@@ -407,16 +389,94 @@ fn lora_linear(
     y
 }
 
+/// Where loading takes tensors from: the parsed files ([`WeightFiles`]) or the tensors handed
+/// over one at a time ([`crate::builder::ModelBuilder`]). Each tensor is asked for once.
+pub(crate) trait TensorSource {
+    /// A float tensor as f32, its shape checked.
+    fn f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// A u8 tensor (packed ternary weights), its shape checked.
+    fn u8(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>>;
+    /// A master-weight projection (O, I), quantized to ternary.
+    fn master_linear(&mut self, name: &str, o: usize, i: usize) -> Result<TernaryLinear> {
+        Ok(TernaryLinear::from_master(&self.f32(name, &[o, i])?, o, i))
+    }
+    /// The file a tensor lives in (for error messages).
+    fn file_of(&self, name: &str) -> String;
+}
+
+impl TensorSource for WeightFiles<'_> {
+    fn f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        WeightFiles::f32(self, name, shape)
+    }
+    fn u8(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
+        WeightFiles::u8(self, name, shape).map(<[u8]>::to_vec)
+    }
+    fn file_of(&self, name: &str) -> String {
+        WeightFiles::file_of(self, name).to_string()
+    }
+}
+
+/// Every tensor of the model, in one order whatever the source, so the first problem
+/// reported is the same.
+pub(crate) fn assemble(config: Config, w: &mut impl TensorSource) -> Result<Model> {
+    let (v, c) = (config.vocab_size, config.hidden_size);
+    let embed_tokens = w.f32("model.embed_tokens.weight", &[v, c])?;
+    let layers = (0..config.num_hidden_layers)
+        .map(|l| load_layer(w, &config, l))
+        .collect::<Result<Vec<_>>>()?;
+    let lm_head = if config.tie_word_embeddings {
+        None
+    } else {
+        Some(w.f32("lm_head.weight", &[v, c])?)
+    };
+    Ok(Model {
+        params: Params {
+            embed_tokens,
+            layers,
+            norm: w.f32("model.norm.weight", &[c])?,
+            lm_head,
+        },
+        config,
+    })
+}
+
+/// The names of every tensor the model reads, for a config.
+pub(crate) fn tensor_names(cfg: &Config) -> Vec<String> {
+    let mut names = vec!["model.embed_tokens.weight".to_string()];
+    for l in 0..cfg.num_hidden_layers {
+        let pre = format!("model.layers.{l}.");
+        for norm in [
+            "input_layernorm",
+            cfg.layout.attn_sub_norm(),
+            "post_attention_layernorm",
+            cfg.layout.ffn_sub_norm(),
+        ] {
+            names.push(format!("{pre}{norm}.weight"));
+        }
+        for (name, _, _) in projections(cfg) {
+            names.push(format!("{pre}{name}.weight"));
+            if cfg.weight_format != WeightFormat::Master {
+                names.push(format!("{pre}{name}.weight_scale"));
+            }
+        }
+    }
+    if !cfg.tie_word_embeddings {
+        names.push("lm_head.weight".to_string());
+    }
+    names.push("model.norm.weight".to_string());
+    names
+}
+
 /// Loads one layer, quantizing master weights or unpacking packed ones per `weight_format`.
-fn load_layer(w: &WeightFiles<'_>, cfg: &Config, l: usize) -> Result<LayerParams> {
+fn load_layer(w: &mut impl TensorSource, cfg: &Config, l: usize) -> Result<LayerParams> {
     let pre = format!("model.layers.{l}.");
-    let norm = |name: &str, n: usize| w.f32(&format!("{pre}{name}.weight"), &[n]);
     let mut lin = projections(cfg)
         .iter()
         .map(|&(name, o, i)| load_linear(w, cfg, &format!("{pre}{name}"), o, i))
         .collect::<Result<Vec<_>>>()?
         .into_iter();
     let mut take = || lin.next().expect("projections() lists seven");
+    let mut norm = |name: &str, n: usize| w.f32(&format!("{pre}{name}.weight"), &[n]);
     Ok(LayerParams {
         input_layernorm: norm("input_layernorm", cfg.hidden_size)?,
         q_proj: take(),
@@ -434,7 +494,7 @@ fn load_layer(w: &WeightFiles<'_>, cfg: &Config, l: usize) -> Result<LayerParams
 
 /// One BitLinear projection `prefix.weight` of shape (O, I).
 fn load_linear(
-    w: &WeightFiles<'_>,
+    w: &mut impl TensorSource,
     cfg: &Config,
     prefix: &str,
     o: usize,
@@ -442,11 +502,11 @@ fn load_linear(
 ) -> Result<TernaryLinear> {
     let name = format!("{prefix}.weight");
     match cfg.weight_format {
-        WeightFormat::Master => Ok(TernaryLinear::from_master(&w.f32(&name, &[o, i])?, o, i)),
+        WeightFormat::Master => w.master_linear(&name, o, i),
         WeightFormat::PackedBitLinear | WeightFormat::PackedAutoBitLinear => {
             if !o.is_multiple_of(4) {
                 return Err(Error::TensorShape {
-                    file: w.file_of(&name).to_string(),
+                    file: w.file_of(&name),
                     name,
                     expected: vec![o.div_ceil(4), i],
                     actual: vec![o, i],
@@ -485,7 +545,7 @@ fn load_linear(
             Ok(TernaryLinear {
                 out_features: o,
                 in_features: i,
-                packed: packed.to_vec(),
+                packed,
                 w_scale,
             })
         }

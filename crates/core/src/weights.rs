@@ -90,28 +90,11 @@ impl<'a> WeightFiles<'a> {
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (file, view) = self.view(name)?;
         check_shape(file, name, view.shape(), shape)?;
-        let data = view.data();
-        Ok(match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(Error::TensorDtype {
-                    file: file.to_string(),
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                    expected: "F32, BF16 or F16",
-                });
-            }
+        decode_f32(view.dtype(), view.data()).ok_or_else(|| Error::TensorDtype {
+            file: file.to_string(),
+            name: name.to_string(),
+            dtype: format!("{:?}", view.dtype()),
+            expected: "F32, BF16 or F16",
         })
     }
 
@@ -143,7 +126,12 @@ impl<'a> WeightFiles<'a> {
     }
 }
 
-fn check_shape(file: &str, name: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
+pub(crate) fn check_shape(
+    file: &str,
+    name: &str,
+    actual: &[usize],
+    expected: &[usize],
+) -> Result<()> {
     // A scalar stored as shape [] or [1] is the same thing (HF writes weight_scale as [1]).
     let numel = |s: &[usize]| s.iter().product::<usize>();
     let same = actual == expected
@@ -217,6 +205,116 @@ fn parse_one<'a>(file: &str, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
         }
         Err(e) => Err(not_st(e.to_string())),
     }
+}
+
+/// One tensor of a safetensors header: its dtype, shape and where its bytes lie in the file
+/// (absolute offsets, the 8-byte length and the header included).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpan {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Parses a safetensors file's header from its first bytes (`prefix`: at least the 8-byte
+/// length and the JSON header when the file has them) and the file's full length, with the
+/// checks and messages of [`WeightFiles::parse`]: truncation is told apart from a file that is
+/// not safetensors. For loading tensor by tensor without the whole file in memory.
+pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Vec<TensorSpan>> {
+    let not_st = |msg: String| Error::NotSafetensors {
+        file: file.to_string(),
+        msg,
+    };
+    if file_len < 8 {
+        return Err(not_st(format!(
+            "only {file_len} bytes; a safetensors file starts with an 8-byte header length"
+        )));
+    }
+    if (prefix.len() as u64) < file_len.min(9) {
+        return Err(not_st(format!(
+            "only {} of its first {} bytes were given",
+            prefix.len(),
+            file_len.min(9)
+        )));
+    }
+    let n = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+    let looks_like_header = prefix.get(8) == Some(&b'{');
+    if !looks_like_header || !(2..=100_000_000).contains(&n) {
+        return Err(not_st(
+            "the header is not a JSON object after an 8-byte length".into(),
+        ));
+    }
+    let header_end = 8 + n;
+    if header_end > file_len {
+        return Err(Error::Truncated {
+            file: file.to_string(),
+            expected: header_end,
+            actual: file_len,
+        });
+    }
+    let Some(prefix) = prefix.get(..header_end as usize) else {
+        return Err(not_st(format!(
+            "only {} bytes of its {header_end}-byte header were given",
+            prefix.len()
+        )));
+    };
+    // read_metadata validates the header exactly as SafeTensors::deserialize does; with the
+    // header alone it ends on MetadataIncompleteBuffer once everything else has passed.
+    match SafeTensors::read_metadata(prefix) {
+        Ok(_) | Err(SafeTensorError::MetadataIncompleteBuffer) => {}
+        Err(e) => return Err(not_st(e.to_string())),
+    }
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_slice(&prefix[8..]).map_err(|e| not_st(e.to_string()))?;
+    let expected = header_end + meta.data_len() as u64;
+    if file_len < expected {
+        return Err(Error::Truncated {
+            file: file.to_string(),
+            expected,
+            actual: file_len,
+        });
+    }
+    if file_len > expected {
+        return Err(not_st(format!(
+            "{} bytes after the last tensor",
+            file_len - expected
+        )));
+    }
+    let mut spans: Vec<TensorSpan> = meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| TensorSpan {
+            name,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            start: header_end + info.data_offsets.0 as u64,
+            end: header_end + info.data_offsets.1 as u64,
+        })
+        .collect();
+    spans.sort_by_key(|s| s.start);
+    Ok(spans)
+}
+
+/// Converts a float tensor's little-endian bytes (f32, bf16 or f16) to f32; None for other
+/// dtypes.
+pub fn decode_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }
 
 /// One tensor to write: name, dtype, shape, little-endian bytes.

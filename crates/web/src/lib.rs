@@ -313,6 +313,39 @@ pub struct Session {
     /// Adapters for generation by the page's key (validated against `loaded`; cleared on load).
     adapters: HashMap<String, LoraAdapter>,
     next_serial: u64,
+    /// A model being loaded tensor by tensor (beginLoad .. finishLoad).
+    building: Option<Building>,
+    /// Wasm memory at the marks of the last successful load (`loadMemory`).
+    load_memory: Option<LoadMemory>,
+}
+
+/// Bytes of wasm linear memory when a load began, once its weights were built (before the
+/// tokenizer and the GPU upload) and when it ended. Linear memory only grows, so `weights`
+/// includes the peak of building the model: with `load`, the whole files copied in.
+#[derive(Serialize, Clone, Copy)]
+struct LoadMemory {
+    before: f64,
+    weights: f64,
+    after: f64,
+}
+
+/// A tensor to stream into `addTensor`: its byte range in the file.
+#[derive(Serialize)]
+struct TensorSpanJs {
+    name: String,
+    start: f64,
+    end: f64,
+}
+
+/// The state of a tensor-by-tensor load: the builder, and the file names and byte count the
+/// summary reports.
+struct Building {
+    builder: bitlora_core::ModelBuilder,
+    config_name: String,
+    names: Vec<String>,
+    bytes: usize,
+    /// Wasm memory at beginLoad.
+    memory_before: f64,
 }
 
 #[wasm_bindgen]
@@ -329,6 +362,8 @@ impl Session {
                 loaded: None,
                 adapters: HashMap::new(),
                 next_serial: 1,
+                building: None,
+                load_memory: None,
             }
         }
         #[cfg(not(feature = "gpu"))]
@@ -343,6 +378,8 @@ impl Session {
                 loaded: None,
                 adapters: HashMap::new(),
                 next_serial: 1,
+                building: None,
+                load_memory: None,
             }
         }
     }
@@ -376,7 +413,9 @@ impl Session {
                 files.len()
             )));
         }
-        // Copy each file into wasm memory once; core parses from these slices.
+        let memory_before = wasm_memory_bytes();
+        // Copy each file into wasm memory once; core parses from these slices. (Stored models
+        // load tensor by tensor instead: beginLoad / addFile / addTensor / finishLoad.)
         let bytes: Vec<Vec<u8>> = files.iter().map(|f| f.to_vec()).collect();
         let weights: Vec<(&str, &[u8])> = names
             .iter()
@@ -385,6 +424,148 @@ impl Session {
             .collect();
         let model = bitlora_core::Model::from_bytes(config_name, config_json, &weights)
             .map_err(|e| JsError::new(&e.to_string()))?;
+        let total = config_json.len() + bytes.iter().map(Vec::len).sum::<usize>();
+        drop(weights);
+        drop(bytes); // the model holds its own tensors; free the raw files before a GPU upload
+        self.install(
+            model,
+            memory_before,
+            config_name,
+            names,
+            total,
+            tokenizer_name,
+            tokenizer_json,
+            tokenizer_config_name,
+            tokenizer_config_json,
+        )
+    }
+
+    /// Starts loading a model tensor by tensor, so that wasm memory never holds a whole
+    /// safetensors file: `addFile` each file's header, `addTensor` the tensors it names, then
+    /// `finishLoad`. Fails on a bad config.json as `load` does.
+    #[wasm_bindgen(js_name = beginLoad)]
+    pub fn begin_load(&mut self, config_name: &str, config_json: &[u8]) -> Result<(), JsError> {
+        self.building = None;
+        let memory_before = wasm_memory_bytes();
+        let builder = bitlora_core::ModelBuilder::new(config_name, config_json)
+            .map_err(|e| JsError::new(&e.to_string()))?;
+        self.building = Some(Building {
+            builder,
+            config_name: config_name.to_string(),
+            names: Vec::new(),
+            bytes: config_json.len(),
+            memory_before,
+        });
+        Ok(())
+    }
+
+    /// Adds a safetensors file by its first bytes (`prefix`: the 8-byte length and the JSON
+    /// header, or the whole file when shorter) and its size. Returns the tensors the model
+    /// reads from it, `[{ name, start, end }]` (byte offsets in the file), for `addTensor`.
+    #[wasm_bindgen(js_name = addFile)]
+    pub fn add_file(&mut self, name: &str, prefix: &[u8], size: f64) -> Result<JsValue, JsError> {
+        let b = self.building_mut()?;
+        let spans = b
+            .builder
+            .add_file(name, prefix, size as u64)
+            .map_err(|e| JsError::new(&e.to_string()))?;
+        b.names.push(name.to_string());
+        b.bytes += size as usize;
+        let out: Vec<TensorSpanJs> = spans
+            .into_iter()
+            .map(|s| TensorSpanJs {
+                name: s.name,
+                start: s.start as f64,
+                end: s.end as f64,
+            })
+            .collect();
+        to_js(&out)
+    }
+
+    /// One tensor's bytes (its span of the last added file that declares it), converted as
+    /// they are copied in: packed bytes straight into the model, floats 64 KiB at a time, so
+    /// wasm memory never holds a raw copy of a whole tensor either.
+    #[wasm_bindgen(js_name = addTensor)]
+    pub fn add_tensor(&mut self, name: &str, bytes: &js_sys::Uint8Array) -> Result<(), JsError> {
+        let b = self.building_mut()?;
+        b.builder
+            .add_tensor_from(name, bytes.length() as u64, |at, out| {
+                bytes
+                    .subarray(at as u32, (at + out.len()) as u32)
+                    .copy_to(out)
+            })
+            .map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// Builds the model from the tensors added (checks as `load`), with its tokenizer, and
+    /// makes it the loaded model. Returns the summary `load` returns.
+    #[wasm_bindgen(js_name = finishLoad)]
+    pub fn finish_load(
+        &mut self,
+        tokenizer_name: Option<String>,
+        tokenizer_json: Option<js_sys::Uint8Array>,
+        tokenizer_config_name: Option<String>,
+        tokenizer_config_json: Option<js_sys::Uint8Array>,
+    ) -> Result<JsValue, JsError> {
+        let Some(b) = self.building.take() else {
+            return Err(JsError::new(
+                "finishLoad: no load was begun (call beginLoad first)",
+            ));
+        };
+        let model = b
+            .builder
+            .finish()
+            .map_err(|e| JsError::new(&e.to_string()))?;
+        self.install(
+            model,
+            b.memory_before,
+            &b.config_name,
+            b.names,
+            b.bytes,
+            tokenizer_name,
+            tokenizer_json,
+            tokenizer_config_name,
+            tokenizer_config_json,
+        )
+    }
+
+    /// Bytes of wasm linear memory now (it only grows): for tests of how much a load takes.
+    #[wasm_bindgen(js_name = wasmMemoryBytes)]
+    pub fn wasm_memory_bytes() -> f64 {
+        wasm_memory_bytes()
+    }
+
+    /// `{ before, weights, after }`: bytes of wasm memory when the last successful load began,
+    /// once its weights were built (before the tokenizer and the GPU upload) and when it
+    /// ended; null before any load. For tests of how much memory loading takes.
+    #[wasm_bindgen(js_name = loadMemory)]
+    pub fn load_memory(&self) -> Result<JsValue, JsError> {
+        to_js(&self.load_memory)
+    }
+}
+
+impl Session {
+    fn building_mut(&mut self) -> Result<&mut Building, JsError> {
+        self.building
+            .as_mut()
+            .ok_or_else(|| JsError::new("no load was begun (call beginLoad first)"))
+    }
+
+    /// Makes `model` the loaded model: its tokenizer, the GPU upload, the summary.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &mut self,
+        model: bitlora_core::Model,
+        memory_before: f64,
+        config_name: &str,
+        names: Vec<String>,
+        total_bytes: usize,
+        tokenizer_name: Option<String>,
+        tokenizer_json: Option<js_sys::Uint8Array>,
+        tokenizer_config_name: Option<String>,
+        tokenizer_config_json: Option<js_sys::Uint8Array>,
+    ) -> Result<JsValue, JsError> {
+        let memory_weights = wasm_memory_bytes();
         let has_tokenizer_config = tokenizer_config_json.is_some();
         let eos_text = tokenizer_config_json
             .as_ref()
@@ -403,8 +584,8 @@ impl Session {
         #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
         let mut summary = ModelSummary {
             config: config_name.to_string(),
-            files: names.clone(),
-            bytes: config_json.len() + bytes.iter().map(Vec::len).sum::<usize>(),
+            files: names,
+            bytes: total_bytes,
             vocab_size: model.config.vocab_size,
             hidden_size: model.config.hidden_size,
             num_hidden_layers: model.config.num_hidden_layers,
@@ -419,8 +600,6 @@ impl Session {
             eos_token_ids: model.config.eos_token_ids.clone(),
             max_positions: model.config.max_position_embeddings,
         };
-        drop(weights);
-        drop(bytes); // the model holds its own tensors; free the raw files before a GPU upload
         let train_eos = eos_text
             .and_then(|t| tokenizer.as_ref()?.token_to_id(&t))
             .or_else(|| model.config.eos_token_ids.first().copied())
@@ -460,9 +639,17 @@ impl Session {
         }));
         // Adapters were validated against the previous model.
         self.adapters.clear();
+        self.load_memory = Some(LoadMemory {
+            before: memory_before,
+            weights: memory_weights,
+            after: wasm_memory_bytes(),
+        });
         Ok(out)
     }
+}
 
+#[wasm_bindgen]
+impl Session {
     /// The summary of the loaded model, or null.
     pub fn model(&self) -> Result<JsValue, JsError> {
         match &self.loaded {
