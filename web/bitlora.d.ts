@@ -264,6 +264,8 @@ export interface Trainer {
   readonly adapterParams: number;
   /** Every progress event of the run so far (kept with its checkpoints, so a resumed run has its curve). */
   readonly history: ProgressEvent[];
+  /** The validation loss before the first step, once `validate()` measured it at step 0 (kept with the run). */
+  readonly initialValLoss: number | null;
   /** Where steps run. */
   readonly backend: BackendKind;
   /** Why a WebGPU session trains this run on the CPU (e.g. a buffer over the device's limit), else null. */
@@ -306,6 +308,8 @@ export interface RunSummary {
   checkpointStep: number | null;
   loss: number | null;
   valLoss: number | null;
+  /** The validation loss before the first step (from `validate()` at step 0), if measured. */
+  initialValLoss?: number | null;
   config: TrainConfig;
   data: { fileName: string; format: string; bytes: number };
   /** Bytes this run takes in IndexedDB (its data and checkpoint). */

@@ -247,6 +247,7 @@ class Trainer {
     this.backend = info.backend;
     this.backendNote = info.backendNote ?? null;
     this.history = info.history ?? [];
+    this.initialValLoss = info.initialValLoss ?? null;
     this.#newFinished();
   }
 
@@ -338,8 +339,11 @@ class Trainer {
     return this.#bl.request('trainSaveAdapter', { runId: this.runId, name });
   }
 
-  validate() {
-    return this.#bl.request('trainValidate', { runId: this.runId });
+  async validate() {
+    const step = this.step;
+    const v = await this.#bl.request('trainValidate', { runId: this.runId });
+    if (step === 0 && Number.isFinite(v)) this.initialValLoss = v; // the worker keeps it with the run
+    return v;
   }
 
   async dispose() {

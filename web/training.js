@@ -100,6 +100,7 @@ function publicInfo(run) {
     runId: run.id, state: run.state, config: { ...info.config, checkpointEvery: run.checkpointEvery, name: run.record.name },
     data: info.data, step: info.step, totalSteps: info.totalSteps, adapterParams: info.adapterParams,
     backend: info.backend, backendNote: info.backendNote ?? null, history: run.history,
+    initialValLoss: run.record.initialValLoss ?? null,
   };
 }
 
@@ -347,10 +348,20 @@ async function loop(run) {
   }
 }
 
-/** 'trainValidate': the validation loss of the adapter as it is now. */
-export function validate({ runId }) {
+/**
+ * 'trainValidate': the validation loss of the adapter as it is now. Before the first step that is
+ * the base model's (LoRA's B starts at zero): it is kept with the run as `initialValLoss`, so a
+ * run resumed after a reload still shows where it started from.
+ */
+export async function validate({ runId }) {
   const run = needRun(runId);
-  return atBoundary(run, () => run.wt.validate() ?? null);
+  const v = await atBoundary(run, () => run.wt.validate() ?? null);
+  if (run.wt.step === 0 && Number.isFinite(v) && run.record.initialValLoss !== v) {
+    run.record.initialValLoss = v;
+    // Only the record (no checkpoint): losing this write loses just the chart's first point.
+    await tstore.saveRun({ ...run.record, history: run.history }).catch(() => {});
+  }
+  return v;
 }
 
 /** 'trainDispose': frees the run's wasm memory (its stored record and checkpoint stay). */

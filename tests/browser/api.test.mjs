@@ -132,6 +132,8 @@ for (const webgpu of [true, false]) {
         t.on('checkpoint', (c) => window.__run.checkpoints.push(c));
         t.on('state', (s) => window.__run.states.push(s.state));
         t.on('error', (e) => { window.__run.error = e.message; });
+        // The base model's validation loss, before any step: kept with the run (initialValLoss).
+        window.__run.v0 = await t.validate();
         await t.start();
         await new Promise((resolve) => { const off = t.on('progress', (p) => { if (p.step >= 2) { off(); resolve(); } }); });
         await t.pause();
@@ -142,7 +144,7 @@ for (const webgpu of [true, false]) {
         // Requests are served between training units (on WebGPU the model's buffers are shared
         // by the training step and generation: one pass at a time).
         const genDuring = await bl.generate('Define CAT.', { maxTokens: 4 }).result.then((r) => r.tokens.length, (e) => e.message);
-        return { runId: t.runId, paused, stepAfterWait, genDuring, config: t.config, backend: t.backend, totalSteps: t.totalSteps };
+        return { runId: t.runId, paused, stepAfterWait, genDuring, config: t.config, backend: t.backend, totalSteps: t.totalSteps, v0: window.__run.v0, initial: t.initialValLoss };
       }, { DATA, CONFIG }), log);
       console.log(`${label}: paused at step ${first.paused.step}; run on ${first.backend}`);
       assert.equal(first.backend, backend);
@@ -175,9 +177,10 @@ for (const webgpu of [true, false]) {
         const t = await bl.resumeTrainer(runId);
         const resumedAt = t.step;
         const historyAtResume = t.history.map((p) => p.step);
+        const initialValLoss = t.initialValLoss;
         await t.start();
         const done = await t.finished;
-        return { listed, resumedAt, historyAtResume, done, history: t.history, runs: await bl.listRuns() };
+        return { listed, resumedAt, historyAtResume, initialValLoss, done, history: t.history, runs: await bl.listRuns() };
       }, { runId: first.runId }), log);
       const trainEnd = Date.now();
       console.log(`${label}: after the reload the run was ${second.listed.state} at checkpoint ${second.listed.checkpointStep}; resumed at step ${second.resumedAt}; done: ${JSON.stringify(second.done)}`);
@@ -186,6 +189,11 @@ for (const webgpu of [true, false]) {
       assert.ok(second.listed.checkpointStep >= 4 && second.listed.checkpointStep < 6, `checkpoint ${second.listed.checkpointStep}`);
       assert.equal(second.resumedAt, second.listed.checkpointStep);
       assert.deepEqual(second.historyAtResume, Array.from({ length: second.resumedAt }, (_, i) => i + 1));
+      // The step-0 validation loss survived the reload, with the run and on the resumed handle.
+      assert.ok(Number.isFinite(first.v0) && first.v0 > 0, `validate() at step 0 gave ${first.v0}`);
+      assert.equal(first.initial, first.v0);
+      assert.equal(second.listed.initialValLoss, first.v0);
+      assert.equal(second.initialValLoss, first.v0);
       assert.equal(second.done.reason, 'done');
       assert.equal(second.done.step, 12);
       assert.equal(second.runs.find((r) => r.id === first.runId).state, 'done');

@@ -298,6 +298,7 @@ export function mountTrainPanel(app) {
     });
     chart.clear();
     chart.setTotalSteps(tr.totalSteps);
+    if (Number.isFinite(tr.initialValLoss)) plot({ step: 0, valLoss: tr.initialValLoss });
     for (const p of tr.history ?? []) plot(p);
     t.points = chart.points;
     $('train-meter').hidden = false;
