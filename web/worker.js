@@ -579,7 +579,7 @@ async function loadFiles(files) {
   if (total > MAX_PICKED_BYTES) {
     throw new Error(
       `the picked files total ${(total / 2 ** 30).toFixed(2)} GiB; this page can load models up to ` +
-      `${MAX_PICKED_BYTES / 2 ** 30} GiB for now (streaming larger ones from disk is planned)`);
+      `${MAX_PICKED_BYTES / 2 ** 30} GiB (their weights are unpacked to 32-bit floats in the tab's 4 GiB of wasm memory)`);
   }
   // Streamed from disk tensor by tensor: neither the JS heap nor wasm memory holds a whole file.
   const { summary } = await loadModelFiles({ config, weights, tokenizer, tokenizerConfig }, () => {});
