@@ -8,7 +8,7 @@
 //   3. save the adapter; the chat panel streams tokens into both columns (base and adapted);
 //   4. export the adapter: both PEFT files download and parse (adapter_config.json,
 //      safetensors header with lora_A / lora_B tensors inside the file); importing them back
-//      lists the adapter;
+//      lists the adapter; deleting it (two clicks) removes just that one, from IndexedDB too;
 //   5. a run checkpointed mid-way survives a reload: the page offers to resume it and it
 //      continues from the checkpoint's step to the end;
 //   6. "Delete all my data" also deletes the training runs and adapters;
@@ -248,6 +248,28 @@ for (const backend of ['webgpu', 'cpu']) {
       const imported = await page.evaluate(() => window.__bitlora.adapters.list.find((a) => a.source === 'imported'));
       assert.equal(imported.r, 4);
       assert.match(await page.textContent('#adapter-status'), /^Imported “imported” \(rank 4 on q, v\)/);
+
+      // Deleting one adapter asks once in place (a second click), removes just that one from the
+      // list and from IndexedDB, and leaves the other.
+      const del = page.locator('#adapter-list li[data-name="imported"] .adapter-delete');
+      await del.click();
+      assert.match(await del.textContent(), /sure\? Click again/);
+      assert.ok((await page.evaluate(() => window.__bitlora.adapters.list)).some((a) => a.name === 'imported'), 'one click deleted the adapter');
+      await del.click();
+      await page.waitForFunction(() => !window.__bitlora.adapters.list.some((a) => a.name === 'imported'), null, { timeout: 30_000 });
+      assert.match(await page.textContent('#adapter-status'), /^Deleted “imported”\./);
+      assert.deepEqual(await page.evaluate(() => window.__bitlora.adapters.list.map((a) => a.name)), ['devil']);
+      assert.equal(await page.locator('#adapter-list li[data-name="imported"]').count(), 0);
+      const stored = await page.evaluate(() => new Promise((resolve, reject) => {
+        const req = indexedDB.open('bitlora-training');
+        req.onerror = () => reject(req.error);
+        req.onsuccess = () => {
+          const keys = req.result.transaction('adapters').objectStore('adapters').getAllKeys();
+          keys.onsuccess = () => { req.result.close(); resolve(keys.result); };
+          keys.onerror = () => reject(keys.error);
+        };
+      }));
+      assert.deepEqual(stored, ['devil']);
     });
 
     test('screenshots at 1280 and 390 px', { timeout: 60_000 }, async () => {
