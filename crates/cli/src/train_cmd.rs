@@ -394,6 +394,10 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
             || trainer.done()
             || (a.checkpoint_every > 0 && r.step.is_multiple_of(a.checkpoint_every))
         {
+            // The GPU keeps the adapter and Adam's moments: bring them back first.
+            if let Some(g) = gpu.as_mut() {
+                pollster::block_on(g.sync(&mut trainer))?;
+            }
             write_atomic(&ckpt_path, &trainer.checkpoint())?;
             save_adapter(&a.out, &trainer.lora, &model, &base)?;
         }

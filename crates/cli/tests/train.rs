@@ -1,6 +1,6 @@
 //! `bitlora train` end to end on the bundled tiny model with a byte-level tokenizer
 //! (tests/fixtures/byte-tokenizer): the adapter files, lower validation loss, the log,
-//! Ctrl-C saving a checkpoint, --resume, and errors for bad data.
+//! Ctrl-C saving a checkpoint, --resume (CPU and GPU backends), and errors for bad data.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -211,10 +211,30 @@ fn train_on_the_gpu_backend_matches_the_cpu_run() {
     );
 }
 
+/// The adapter file's tensors and the checkpoint's `adapter.` tensors, by PEFT name.
+fn saved_adapters(out: &Path) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    let file = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let ckpt = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+    let file = bitlora_core::weights::WeightFiles::parse(&[("adapter", &file)]).unwrap();
+    let ckpt = bitlora_core::weights::WeightFiles::parse(&[("checkpoint", &ckpt)]).unwrap();
+    file.names()
+        .into_iter()
+        .map(|n| {
+            let shape = file.info(n).unwrap().0;
+            let a = file.f32(n, &shape).unwrap();
+            let c = ckpt.f32(&format!("adapter.{n}"), &shape).unwrap();
+            (n.to_string(), a, c)
+        })
+        .collect()
+}
+
+/// Ctrl-C (SIGINT) stops `bitlora train --backend <backend>` after the current step with the
+/// checkpoint and the adapter saved; both hold the trained adapter (on the GPU: brought back
+/// from the GPU first, so lora_B is no longer PEFT's zeros), the same in both files; `--resume`
+/// then runs every remaining step exactly once.
 #[cfg(unix)]
-#[test]
-fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
-    let dir = model_dir("train-interrupt");
+fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(backend: &str) {
+    let dir = model_dir(&format!("train-interrupt-{backend}"));
     let data = dir.join("data.txt");
     std::fs::write(&data, TEXT.repeat(40)).unwrap();
     let out = dir.join("out");
@@ -233,6 +253,8 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
             "32",
             "--checkpoint-every",
             "0",
+            "--backend",
+            backend,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -264,6 +286,22 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
         out.join("checkpoint.safetensors").exists()
             && out.join("adapter_model.safetensors").exists()
     );
+    let saved = saved_adapters(&out);
+    assert!(!saved.is_empty());
+    for (name, file, ckpt) in &saved {
+        assert_eq!(
+            file, ckpt,
+            "{backend}: {name} differs between adapter and checkpoint"
+        );
+    }
+    let trained_b = saved
+        .iter()
+        .filter(|(n, ..)| n.contains("lora_B"))
+        .all(|(_, b, _)| b.iter().any(|&x| x != 0.0));
+    assert!(
+        trained_b,
+        "{backend}: a saved lora_B is still all zeros after {done} steps"
+    );
     let o = bitlora(
         &args(&["--resume"])
             .iter()
@@ -290,6 +328,25 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
         (1..=400).collect::<Vec<_>>(),
         "every step exactly once across the interruption"
     );
+    for (name, file, ckpt) in &saved_adapters(&out) {
+        assert_eq!(
+            file, ckpt,
+            "{backend}: {name} differs after the resumed run"
+        );
+    }
+    println!("{backend}: interrupted after {done} steps, resumed to 400; adapter == checkpoint");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run_cpu() {
+    ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run("cpu");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run_gpu() {
+    ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run("gpu");
 }
 
 #[test]

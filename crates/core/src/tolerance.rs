@@ -61,6 +61,30 @@ pub fn dot_f32_bound(n: usize, abs_sum: f32) -> f32 {
 /// relative error is meaningless for elements near zero). Issue 4's target: 1e-3.
 pub const LORA_GRAD_NORMWISE: f32 = 1e-3;
 
+/// A training step's loss, gradient norm or validation loss on two paths over the same GPU
+/// kernels (`GpuTrainer::step` with AdamW on the GPU vs the GPU's read-back gradients with
+/// core's AdamW), relative: the first step's values are the same bits but for the norm (an f32
+/// tree vs an f64 sum, 1 ulp); later ones come from adapters that differ in the last ulps
+/// (measured: at most 1.1e-7 after five steps on lavapipe).
+pub const TRAIN_STEP_SAME_KERNELS: f32 = 1e-5;
+
+/// A training step's loss, gradient norm or validation loss on two backends (the GPU vs core's
+/// `Trainer::step` on the CPU), relative: rounding in other summation orders (measured ~1e-7)
+/// and, now and then, an int8 activation code flipped by a last-ulp difference in front of the
+/// quantizer. One flip moves a row's logits by a few 1e-3 (see `MODEL_LOGITS`), a step's mean
+/// loss by about 1e-4 (measured: 5.3e-5 on one 23-token sequence with dropout on lavapipe);
+/// 1e-3 leaves room for a few, not for a wrong step.
+pub const TRAIN_STEP_BACKENDS: f32 = 1e-3;
+
+/// Adam's state (the adapter's update p - p0, m and v) after a few steps of the same optimizer
+/// on two paths over the same GPU gradient kernels (AdamW on the GPU vs core's AdamW on the
+/// GPU's read-back gradients), normwise per tensor as [`LORA_GRAD_NORMWISE`]. The first step's
+/// gradients are the same bits; the norms differ in the last ulp (an f32 tree vs an f64 sum),
+/// so later adapters, and with them the gradients, differ in the last ulps, which AdamW's
+/// normalisation passes on to the update about unchanged (measured: 4.6e-6 after five steps on
+/// lavapipe). A wrong lr, bias correction, clipping factor, decay or layout is 1e-3 or more.
+pub const ADAMW_STATE_NORMWISE: f32 = 1e-4;
+
 /// The largest violation of a tolerance, for reports.
 #[derive(Clone, Debug)]
 pub struct Comparison {

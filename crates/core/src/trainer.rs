@@ -22,6 +22,7 @@
 //! from it continues with bit-identical losses on the CPU.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Value, json};
 
@@ -80,7 +81,12 @@ pub struct Trainer {
     cursor: usize,
     order: Vec<usize>,
     rng: Rng,
+    /// [`Trainer::id`].
+    id: u64,
 }
+
+/// The next [`Trainer::id`].
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 impl Trainer {
     pub fn new(
@@ -115,7 +121,15 @@ impl Trainer {
             cursor: 0,
             order,
             rng,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// A number no other trainer made in this process (by [`Trainer::new`] or
+    /// [`Trainer::resume`]) has: a backend that keeps the adapter and the optimizer's state
+    /// itself (the GPU trainer) tells with it whether what it holds is this trainer's.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn done(&self) -> bool {
@@ -160,6 +174,37 @@ impl Trainer {
         seqs: &[usize],
         losses: &[train::StepLoss],
     ) -> StepReport {
+        let grad_norm = AdamW::grad_norm(&grads);
+        let report = self.finish_step_with_norm(grad_norm, seqs, losses, false);
+        if report.skipped.is_none() {
+            self.optimizer.step(&mut self.lora, &mut grads);
+        }
+        report
+    }
+
+    /// As [`Trainer::finish_step`], for a backend that keeps the adapter, its gradients and
+    /// Adam's moments itself (the GPU trainer) and applies the update there: `grad_norm` is
+    /// the global norm of the step's gradients it computed. Counts the step and, unless a
+    /// loss or the norm is not finite (`skipped`), the optimizer's step; the backend applies
+    /// AdamW for optimizer step `self.optimizer.step` as it was before this call (its lr and
+    /// bias corrections) exactly when the report is not skipped. `lora` and the moments here
+    /// are not touched: the backend brings them back when a checkpoint or export needs them.
+    pub fn finish_step_external(
+        &mut self,
+        grad_norm: f32,
+        seqs: &[usize],
+        losses: &[train::StepLoss],
+    ) -> StepReport {
+        self.finish_step_with_norm(grad_norm, seqs, losses, true)
+    }
+
+    fn finish_step_with_norm(
+        &mut self,
+        grad_norm: f32,
+        seqs: &[usize],
+        losses: &[train::StepLoss],
+        count_optimizer_step: bool,
+    ) -> StepReport {
         let mut bad = None;
         let (mut loss_sum, mut tokens) = (0f64, 0);
         for (&i, out) in seqs.iter().zip(losses) {
@@ -170,14 +215,13 @@ impl Trainer {
             tokens += out.tokens;
         }
         self.step += 1;
-        let grad_norm = AdamW::grad_norm(&grads);
         if bad.is_none() && !grad_norm.is_finite() {
             bad = Some(format!("the gradient norm is {grad_norm}"));
         }
         let lr = self.optimizer.config.lr_at(self.optimizer.step);
         // A non-finite step never reaches the adapter or the optimizer's moments.
-        if bad.is_none() {
-            self.optimizer.step(&mut self.lora, &mut grads);
+        if bad.is_none() && count_optimizer_step {
+            self.optimizer.step += 1;
         }
         StepReport {
             step: self.step,
@@ -539,6 +583,60 @@ mod tests {
             .for_each_mut(|_, _, v| finite &= v.iter().all(|x| x.is_finite()));
         assert!(finite, "a NaN reached the adapter");
         assert_eq!(t.optimizer.step, 12 - skipped);
+    }
+
+    /// `finish_step_external` (a backend that applies AdamW itself, the GPU trainer) reports
+    /// what `finish_step` reports for the same gradients' norm and counts the optimizer's step,
+    /// without touching the adapter or the moments; a non-finite norm is skipped and not
+    /// counted. Every trainer, a resumed one too, has its own id.
+    #[test]
+    fn finish_step_external_reports_and_counts_as_finish_step() {
+        let model = Model::random(tiny_config(), 42).0;
+        let (lora, data) = setup(&model);
+        let make = || {
+            Trainer::new(
+                &model.config,
+                lora.clone(),
+                optim(),
+                data.clone(),
+                options(),
+            )
+        };
+        let (mut reference, mut t) = (make().unwrap(), make().unwrap());
+        let want = reference.step(&model).unwrap();
+        let seqs = t.begin_step();
+        let mut grads = t.lora.zeros_like();
+        let scale = t.grad_scale();
+        let losses: Vec<train::StepLoss> = seqs
+            .iter()
+            .map(|&i| {
+                let s = &t.data.train[i];
+                let mut rng = t.rng.clone();
+                let out = train::forward_backward(
+                    &model, &t.lora, &s.tokens, &s.targets, &mut grads, scale, &mut rng,
+                );
+                t.rng = rng;
+                out.unwrap()
+            })
+            .collect();
+        let got = t.finish_step_external(AdamW::grad_norm(&grads), &seqs, &losses);
+        assert_eq!(got, want);
+        assert_eq!((t.step, t.optimizer.step), (1, 1));
+        assert_eq!(t.lora, lora, "the adapter was touched");
+        assert_eq!(t.optimizer.m, lora.zeros_like(), "the moments were touched");
+        assert_eq!(t.optimizer.v, lora.zeros_like(), "the moments were touched");
+        let seqs = t.begin_step();
+        let r = t.finish_step_external(f32::NAN, &seqs, &losses);
+        assert_eq!(r.skipped.as_deref(), Some("the gradient norm is NaN"));
+        assert_eq!((t.step, t.optimizer.step), (2, 1));
+        let resumed = Trainer::resume(
+            &model.config,
+            data.clone(),
+            "c.safetensors",
+            &t.checkpoint(),
+        )
+        .unwrap();
+        assert!(t.id() != reference.id() && resumed.id() != t.id());
     }
 
     #[test]

@@ -375,11 +375,36 @@ impl Recorder {
                     .forget_lifetime(),
             );
         }
-        let pass = self.pass.as_mut().expect("the pass is open until submit");
+        if self.pass.is_none() {
+            self.pass = Some(
+                self.encoder
+                    .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("bitlora"),
+                        timestamp_writes: None,
+                    })
+                    .forget_lifetime(),
+            );
+        }
+        let pass = self.pass.as_mut().expect("opened above");
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups[0] as u32, groups[1] as u32, groups[2] as u32);
         Ok(())
+    }
+
+    /// Records a buffer copy between dispatches (ending the compute pass; the next dispatch
+    /// opens another): `bytes` from `src` at `src_offset` into `dst` at `dst_offset`.
+    pub(crate) fn copy(
+        &mut self,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        dst: &wgpu::Buffer,
+        dst_offset: u64,
+        bytes: u64,
+    ) {
+        drop(self.pass.take());
+        self.encoder
+            .copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes);
     }
 
     /// Ends the pass and returns the encoder, e.g. to append copies before submitting.

@@ -33,6 +33,13 @@
 //! caller's [`Lora`] of gradients on the CPU after the readback, so accumulation over several
 //! sequences works as on the CPU.
 //!
+//! [`GpuTrainer::step`] (core's `Trainer` loop) reads no gradients back: it keeps the adapter,
+//! the gradients and Adam's moments in flat GPU buffers ([`OptState`]), copies each sequence's
+//! dA and dB into them (adding in the CPU's order), reduces the squared global norm there
+//! (`ops::SumSquares`) and reads back only that scalar with the losses; core decides (NaN
+//! guard, lr, bias corrections) and `ops::AdamWStep` updates in place. [`GpuTrainer::sync`]
+//! brings the state back for checkpoints and exports.
+//!
 //! Everything that waits is `async` and never blocks (the web); natively use `pollster`.
 
 use bitlora_core::Config;
@@ -47,8 +54,9 @@ use crate::GpuError;
 use crate::model::{GpuModel, Linear, cached};
 use crate::ops::cross_entropy::MASKED;
 use crate::ops::{
-    AttentionBackward, CrossEntropy, Dropout, GatedActBackward, LoraMatmul, MatmulBackward,
-    RmsNormBackward, RopeBackward, TernaryBackward,
+    AdamWScalars, AdamWStep, AttentionBackward, CrossEntropy, Dropout, GatedActBackward,
+    LoraMatmul, MatmulBackward, ResidualAdd, RmsNormBackward, RopeBackward, SumSquares,
+    TernaryBackward,
 };
 use crate::record::{BindCache, DispatchTimes, Profiler, Recorder};
 use crate::tensor::{self, DType, GpuTensor};
@@ -61,6 +69,71 @@ struct PairBufs {
     db: GpuTensor, // (O, R) this call's dB
     /// Offsets (in f32s) of dA and dB in the staging buffer.
     staging: (usize, usize),
+}
+
+/// Row width of the optimizer's flat buffers ([`OptState`]).
+const FLAT_ROW: usize = 4096;
+
+/// What a run does with the gradients of its backward.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Forward and loss only.
+    Loss,
+    /// Backward; every dA and dB is read back (for the caller's gradients on the CPU).
+    Staging,
+    /// Backward into the optimizer's flat gradients on the GPU: `first` sets them, a later
+    /// sequence adds into them (the CPU's accumulation order); `last` also reduces their
+    /// squared norm and reads it back with the losses.
+    Flat { first: bool, last: bool },
+}
+
+/// The optimizer's state on the GPU ([`GpuTrainer::step`]): the adapter, the step's gradients
+/// and Adam's moments, each one flat f32 buffer holding every pair's A then B, layer by layer,
+/// projections in `model::projections` order (the staging order), zero-padded to whole rows
+/// of [`FLAT_ROW`]. The pairs' own A and B buffers (which the kernels bind) are copies of `p`.
+struct OptState {
+    p: GpuTensor,
+    g: GpuTensor,
+    /// A later sequence's gradients before they are added into `g` (accumulation > 1).
+    g2: GpuTensor,
+    m: GpuTensor,
+    v: GpuTensor,
+    partials: GpuTensor, // (SumSquares::PARTIALS)
+    sumsq: GpuTensor,    // (1)
+    adamw: AdamWStep,
+    sum_squares: SumSquares,
+    add: ResidualAdd,
+    /// The trainer whose adapter and moments `p`, `m`, `v` hold ([`tag_of`]) as after the last
+    /// step here; None: none yet.
+    tag: Option<Tag>,
+    /// Whether the pairs' A and B buffers hold `p` (not another adapter a loss uploaded).
+    ab_current: bool,
+    /// Map-read buffer of [`GpuTrainer::sync`] (3 flat buffers), made when first needed.
+    readback: Option<wgpu::Buffer>,
+}
+
+impl OptState {
+    fn bytes(&self) -> u64 {
+        [&self.p, &self.g, &self.g2, &self.m, &self.v]
+            .iter()
+            .map(|t| t.buffer.size())
+            .sum()
+    }
+}
+
+/// Which trainer, at which step, the optimizer's buffers hold ([`tag_of`]).
+type Tag = (u64, usize, usize, usize);
+
+/// The tag of [`OptState::tag`] for `trainer` as it is now: its [`Trainer::id`], its step and
+/// optimizer step counts (a step on the CPU or a resumed state changes them) and the address
+/// of its adapter's layers (an adapter put in its place moves it).
+fn tag_of(trainer: &Trainer) -> Tag {
+    (
+        trainer.id(),
+        trainer.step,
+        trainer.optimizer.step,
+        trainer.lora.layers.as_ptr() as usize,
+    )
 }
 
 /// The pipelines of the backward and the adapter's products, one per shape.
@@ -362,6 +435,13 @@ pub struct GpuTrainer {
     head_scratch: Option<GpuTensor>,
     grad_floats: usize,
     bytes: u64,
+    /// The optimizer on the GPU, made by the first [`GpuTrainer::step`] (None before, or when
+    /// its buffers do not fit a binding: then steps run AdamW on the CPU).
+    opt: Option<OptState>,
+    opt_unavailable: bool,
+    /// Host seconds of the last step's optimizer (recording and submitting it; its GPU time
+    /// falls into the next submission's wait).
+    optimizer_s: f64,
     /// Profiling on: host times, and GPU timestamps when `profiler` is Some.
     profiling: bool,
     profiler: Option<Profiler>,
@@ -520,6 +600,9 @@ impl GpuTrainer {
             head_scratch,
             grad_floats,
             bytes,
+            opt: None,
+            opt_unavailable: false,
+            optimizer_s: 0.0,
             profiling: false,
             profiler: None,
             profile: StepProfile::default(),
@@ -603,7 +686,15 @@ impl GpuTrainer {
     /// Bytes of GPU memory the training step holds beyond the model's weights: saved
     /// activations, scratch, the adapter with its gradients and the logits window.
     pub fn bytes(&self) -> u64 {
-        self.bytes + self.head_scratch.as_ref().map_or(0, |t| t.buffer.size())
+        self.bytes
+            + self.head_scratch.as_ref().map_or(0, |t| t.buffer.size())
+            + self.opt.as_ref().map_or(0, OptState::bytes)
+    }
+
+    /// Host seconds the last [`GpuTrainer::step`] spent on the optimizer (recording and
+    /// submitting AdamW on the GPU, or AdamW itself on the CPU when it runs there).
+    pub fn optimizer_seconds(&self) -> f64 {
+        self.optimizer_s
     }
 
     /// One sequence's forward and backward, as `bitlora_core::train::forward_backward`:
@@ -624,7 +715,7 @@ impl GpuTrainer {
     ) -> Result<StepLoss, GpuError> {
         self.check_adapter("gradients", grads)?;
         let t0 = clock(self.profiling);
-        let (counted, plan) = self.prepare(lora, tokens, targets, Some(rng))?;
+        let (counted, plan) = self.prepare(lora, true, tokens, targets, Some(rng))?;
         self.profile.upload_s = secs(t0);
         let t = tokens.len();
         let weight = if counted > 0 {
@@ -632,7 +723,9 @@ impl GpuTrainer {
         } else {
             0.0
         };
-        let values = self.run(lora, t, weight, &plan, true).await?;
+        let values = self
+            .run(lora, t, weight, &plan, Mode::Staging, false)
+            .await?;
         let t0 = clock(self.profiling);
         // Add this call's gradients into the caller's, in the order they were staged.
         for (bufs, grad) in self.adapter.iter().zip(grads.layers.iter_mut()) {
@@ -660,10 +753,10 @@ impl GpuTrainer {
         targets: &[Option<u32>],
     ) -> Result<StepLoss, GpuError> {
         let t0 = clock(self.profiling);
-        let (counted, plan) = self.prepare(lora, tokens, targets, None)?;
+        let (counted, plan) = self.prepare(lora, true, tokens, targets, None)?;
         self.profile.upload_s = secs(t0);
         let t = tokens.len();
-        let values = self.run(lora, t, 0.0, &plan, false).await?;
+        let values = self.run(lora, t, 0.0, &plan, Mode::Loss, false).await?;
         Ok(mean(&values[..t], targets, counted))
     }
 
@@ -686,8 +779,85 @@ impl GpuTrainer {
     /// One optimizer step of `trainer` (bitlora_core's loop: accumulation, clipping, AdamW,
     /// the NaN guard, validation when due) with the gradients and losses computed here:
     /// `Trainer::step` with the GPU in place of the CPU reference. Dropout draws from the
-    /// trainer's RNG in the CPU's order, so checkpoints and resuming work as on the CPU.
+    /// trainer's RNG in the CPU's order.
+    ///
+    /// The adapter, the gradients and Adam's moments stay on the GPU: each sequence's dA and
+    /// dB are gathered into one flat gradient buffer (summed over the step's sequences in the
+    /// CPU's order), its squared norm is reduced on the GPU and read back as one scalar with
+    /// the per-row losses, core's [`Trainer::finish_step_external`] decides (a non-finite loss
+    /// or norm skips the step: the adapter and the moments are not touched) and AdamW runs on
+    /// the GPU, submitted without waiting. So after a step `trainer.lora` and
+    /// `trainer.optimizer.m` / `.v` are stale on the CPU: call [`GpuTrainer::sync`] before a
+    /// checkpoint, an export or anything else that reads them on the CPU. The GPU's state is
+    /// taken to be the trainer's while it is the same trainer ([`Trainer::id`]) with the step
+    /// counts and adapter allocation of the last step here; otherwise (another trainer, a
+    /// resumed one, a step on the CPU in between) the CPU's values are uploaded first. Values
+    /// changed in place on the CPU are not seen: sync, change, then step a resumed trainer.
+    /// Where the flat buffers do not fit one binding, AdamW runs on the CPU as before.
+    ///
+    /// One difference to the CPU: the squared norm is summed in f32 (the CPU sums in f64), so
+    /// gradients with a norm above ~1.8e19 overflow to inf here and the step is skipped where
+    /// the CPU would clip it; a run that far gone has diverged either way.
     pub async fn step(&mut self, trainer: &mut Trainer) -> Result<StepReport, GpuError> {
+        if !self.make_resident(trainer)? {
+            return self.step_on_cpu(trainer).await;
+        }
+        let seqs = trainer.begin_step();
+        let scale = trainer.grad_scale();
+        let mut rng = trainer.rng().clone();
+        let mut losses = Vec::with_capacity(seqs.len());
+        let mut sumsq = 0f32;
+        for (k, &i) in seqs.iter().enumerate() {
+            let seq = &trainer.data.train[i];
+            let t0 = clock(self.profiling);
+            let (counted, plan) = self.prepare(
+                &trainer.lora,
+                false,
+                &seq.tokens,
+                &seq.targets,
+                Some(&mut rng),
+            )?;
+            self.profile.upload_s = secs(t0);
+            let t = seq.tokens.len();
+            let weight = if counted > 0 {
+                scale / counted as f32
+            } else {
+                0.0
+            };
+            let last = k + 1 == seqs.len();
+            let mode = Mode::Flat {
+                first: k == 0,
+                last,
+            };
+            let values = self
+                .run(&trainer.lora, t, weight, &plan, mode, true)
+                .await?;
+            if last {
+                sumsq = values[self.max_tokens];
+            }
+            losses.push(mean(&values[..t], &seq.targets, counted));
+        }
+        *trainer.rng() = rng;
+        let t0 = clock(self.profiling);
+        let grad_norm = (sumsq as f64).sqrt() as f32;
+        let opt_step = trainer.optimizer.step;
+        let mut report = trainer.finish_step_external(grad_norm, &seqs, &losses);
+        if report.skipped.is_none() {
+            let s = AdamWScalars::new(&trainer.optimizer.config, opt_step, grad_norm);
+            self.apply_adamw(&s)?;
+        }
+        if let Some(o) = self.opt.as_mut() {
+            o.tag = Some(tag_of(trainer));
+        }
+        self.optimizer_s = secs(t0);
+        if trainer.validation_due() {
+            report.val_loss = self.validate(trainer).await?;
+        }
+        Ok(report)
+    }
+
+    /// [`GpuTrainer::step`] with the gradients read back and AdamW on the CPU.
+    async fn step_on_cpu(&mut self, trainer: &mut Trainer) -> Result<StepReport, GpuError> {
         let seqs = trainer.begin_step();
         let mut grads = trainer.lora.zeros_like();
         let scale = trainer.grad_scale();
@@ -708,16 +878,220 @@ impl GpuTrainer {
             );
         }
         *trainer.rng() = rng;
+        let t0 = clock(self.profiling);
         let mut report = trainer.finish_step(grads, &seqs, &losses);
+        self.optimizer_s = secs(t0);
         if trainer.validation_due() {
             report.val_loss = self.validate(trainer).await?;
         }
         Ok(report)
     }
 
-    /// The trainer's validation loss (`Trainer::validate` on the GPU).
+    /// Makes the optimizer's buffers hold `trainer`'s adapter and moments (uploading them
+    /// unless they already do). False when the flat buffers do not fit one binding (the
+    /// model's binding limit, [`GpuModel::with_max_binding`]).
+    fn make_resident(&mut self, trainer: &Trainer) -> Result<bool, GpuError> {
+        self.check_adapter("adapter", &trainer.lora)?;
+        if self.opt_unavailable {
+            return Ok(false);
+        }
+        if self.opt.is_none() {
+            let dev = &self.model.device;
+            let rows = self.grad_floats.div_ceil(FLAT_ROW).max(1);
+            if (4 * rows * FLAT_ROW) as u64 > self.model.max_binding {
+                self.opt_unavailable = true;
+                return Ok(false);
+            }
+            let flat = |what: &str| {
+                GpuTensor::zeros(
+                    dev,
+                    format!("optimizer {what}"),
+                    &[rows, FLAT_ROW],
+                    DType::F32,
+                )
+            };
+            let bufs = (|| {
+                Ok::<_, GpuError>((
+                    flat("adapter")?,
+                    flat("gradients")?,
+                    flat("gradients (next sequence)")?,
+                    flat("m")?,
+                    flat("v")?,
+                ))
+            })();
+            let (p, g, g2, m, v) = match bufs {
+                Ok(b) => b,
+                Err(GpuError::TooLarge { .. }) => {
+                    self.opt_unavailable = true;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            };
+            self.opt = Some(OptState {
+                p,
+                g,
+                g2,
+                m,
+                v,
+                partials: GpuTensor::zeros(
+                    dev,
+                    "grad norm partials",
+                    &[SumSquares::PARTIALS],
+                    DType::F32,
+                )?,
+                sumsq: GpuTensor::zeros(dev, "grad norm squared", &[1], DType::F32)?,
+                adamw: AdamWStep::new(dev),
+                sum_squares: SumSquares::new(dev),
+                add: ResidualAdd::new(dev, FLAT_ROW),
+                tag: None,
+                ab_current: false,
+                readback: None,
+            });
+            self.model.errors.take()?;
+        }
+        let o = self.opt.as_mut().expect("made above");
+        if o.tag == Some(tag_of(trainer)) {
+            return Ok(true);
+        }
+        let n = o.p.numel();
+        let pack = |l: &Lora| {
+            let mut flat = vec![0f32; n];
+            let mut k = 0;
+            l.clone().for_each_mut(|_, _, x| {
+                flat[k..k + x.len()].copy_from_slice(x);
+                k += x.len();
+            });
+            flat
+        };
+        let q = &self.model.queue;
+        for (t, l) in [
+            (&o.p, &trainer.lora),
+            (&o.m, &trainer.optimizer.m),
+            (&o.v, &trainer.optimizer.v),
+        ] {
+            q.write_buffer(&t.buffer, 0, bytemuck::cast_slice(&pack(l)));
+        }
+        o.tag = Some(tag_of(trainer));
+        o.ab_current = false;
+        self.uploaded = None;
+        Ok(true)
+    }
+
+    /// Records and submits AdamW over the flat buffers and the copies of the new adapter into
+    /// the pairs' A and B; nothing waits for it (the next submission runs after it).
+    fn apply_adamw(&mut self, s: &AdamWScalars) -> Result<(), GpuError> {
+        let o = self.opt.as_ref().expect("resident");
+        let dev = &self.model.device;
+        let mut rec = Recorder::new(dev);
+        o.adamw.encode(&mut rec, s, &o.p, &o.g, &o.m, &o.v)?;
+        let base = self.max_tokens;
+        for pair in self.adapter.iter().flatten().flatten() {
+            let (oa, ob) = pair.staging;
+            rec.copy(
+                &o.p.buffer,
+                (4 * (oa - base)) as u64,
+                &pair.a.buffer,
+                0,
+                pair.a.bytes(),
+            );
+            rec.copy(
+                &o.p.buffer,
+                (4 * (ob - base)) as u64,
+                &pair.b.buffer,
+                0,
+                pair.b.bytes(),
+            );
+        }
+        rec.submit(&self.model.queue);
+        self.uploaded = None;
+        Ok(())
+    }
+
+    /// Whether the optimizer's buffers hold `trainer`'s adapter (after [`GpuTrainer::step`]).
+    fn resident(&self, trainer: &Trainer) -> bool {
+        self.opt
+            .as_ref()
+            .is_some_and(|o| o.tag == Some(tag_of(trainer)))
+    }
+
+    /// Brings the adapter and Adam's moments that [`GpuTrainer::step`] keeps on the GPU back
+    /// into `trainer.lora` and `trainer.optimizer.m` / `.v` (one readback): call it before a
+    /// checkpoint, an export or CPU work on them. Nothing to do (and nothing read) when the GPU
+    /// does not hold this trainer's state.
+    pub async fn sync(&mut self, trainer: &mut Trainer) -> Result<(), GpuError> {
+        if !self.resident(trainer) {
+            return Ok(());
+        }
+        let dev = self.model.device.clone();
+        let o = self.opt.as_mut().expect("resident");
+        let n = o.p.buffer.size();
+        let readback = o
+            .readback
+            .get_or_insert_with(|| {
+                dev.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("optimizer readback"),
+                    size: 3 * n,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })
+            .clone();
+        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("optimizer sync"),
+        });
+        for (k, t) in [&o.p, &o.m, &o.v].into_iter().enumerate() {
+            enc.copy_buffer_to_buffer(&t.buffer, 0, &readback, k as u64 * n, n);
+        }
+        self.model.queue.submit([enc.finish()]);
+        tensor::map_read(&dev, &readback, "optimizer readback").await?;
+        let values = {
+            let view = readback.get_mapped_range(..).map_err(|e| GpuError::Map {
+                tensor: "optimizer readback".into(),
+                msg: e.to_string(),
+            });
+            let out = view.map(|v| bytemuck::pod_collect_to_vec::<u8, f32>(&v));
+            readback.unmap();
+            out?
+        };
+        let per = n as usize / 4;
+        for (k, l) in [
+            &mut trainer.lora,
+            &mut trainer.optimizer.m,
+            &mut trainer.optimizer.v,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut at = k * per;
+            l.for_each_mut(|_, _, x| {
+                let len = x.len();
+                x.copy_from_slice(&values[at..at + len]);
+                at += len;
+            });
+        }
+        self.model.errors.take()?;
+        Ok(())
+    }
+
+    /// The trainer's validation loss (`Trainer::validate` on the GPU), with the adapter the
+    /// GPU holds for it after [`GpuTrainer::step`] (no sync needed).
     pub async fn validate(&mut self, trainer: &Trainer) -> Result<Option<f32>, GpuError> {
-        self.mean_loss(&trainer.lora, &trainer.data.val).await
+        if !self.resident(trainer) {
+            return self.mean_loss(&trainer.lora, &trainer.data.val).await;
+        }
+        let (mut sum, mut n) = (0f64, 0usize);
+        for s in &trainer.data.val {
+            let (counted, plan) =
+                self.prepare(&trainer.lora, false, &s.tokens, &s.targets, None)?;
+            let t = s.tokens.len();
+            let values = self
+                .run(&trainer.lora, t, 0.0, &plan, Mode::Loss, true)
+                .await?;
+            let out = mean(&values[..t], &s.targets, counted);
+            sum += out.loss as f64 * out.tokens as f64;
+            n += out.tokens;
+        }
+        Ok((n > 0).then(|| (sum / n as f64) as f32))
     }
 
     /// Checks that `l` has the trainer's rank and targets and the model's shapes.
@@ -761,6 +1135,7 @@ impl GpuTrainer {
     fn prepare(
         &mut self,
         lora: &Lora,
+        upload: bool,
         tokens: &[u32],
         targets: &[Option<u32>],
         rng: Option<&mut Rng>,
@@ -781,7 +1156,10 @@ impl GpuTrainer {
         let ids: Vec<u32> = targets.iter().map(|y| y.unwrap_or(MASKED)).collect();
         queue.write_buffer(&self.acts.targets.buffer, 0, bytemuck::cast_slice(&ids));
 
-        if self.uploaded.as_ref() != Some(&lora.layers) {
+        if upload && self.uploaded.as_ref() != Some(&lora.layers) {
+            if let Some(o) = self.opt.as_mut() {
+                o.ab_current = false;
+            }
             for (bufs, pairs) in self.adapter.iter().zip(&lora.layers) {
                 for (b, p) in bufs.iter().zip(pairs) {
                     if let (Some(b), Some(p)) = (b, p) {
@@ -836,8 +1214,10 @@ impl GpuTrainer {
         t: usize,
         weight: f32,
         plan: &MaskPlan,
-        backward: bool,
+        mode: Mode,
+        resident: bool,
     ) -> Result<Vec<f32>, GpuError> {
+        let backward = mode != Mode::Loss;
         let a = match &self.views {
             Some(v) if v.tokens.shape[0] == t => v.clone(),
             _ => {
@@ -866,10 +1246,16 @@ impl GpuTrainer {
             if let Some(p) = profiler {
                 rec.set_profiler(p);
             }
+            if resident {
+                step.restore_adapter(&mut rec);
+            }
             step.forward(&mut rec)?;
             step.head(&mut rec, weight, backward)?;
             if backward {
                 step.backward(&mut rec)?;
+            }
+            if let Mode::Flat { first, last } = mode {
+                step.flat_grads(&mut rec, first, last)?;
             }
             Ok::<_, GpuError>(rec.finish_profiled())
         })();
@@ -883,7 +1269,18 @@ impl GpuTrainer {
         }
         enc.copy_buffer_to_buffer(&a.loss.buffer, 0, &self.staging, 0, (4 * t) as u64);
         let mut used = self.max_tokens;
-        if backward {
+        if resident && let Some(o) = self.opt.as_mut() {
+            // The pairs' A and B now hold the optimizer's adapter, not the last upload.
+            o.ab_current = true;
+            self.uploaded = None;
+        }
+        if let Mode::Flat { last: true, .. } = mode {
+            let o = self.opt.as_ref().expect("a flat run has the optimizer");
+            let at = (4 * self.max_tokens) as u64;
+            enc.copy_buffer_to_buffer(&o.sumsq.buffer, 0, &self.staging, at, 4);
+            used = self.max_tokens + 1;
+        }
+        if mode == Mode::Staging {
             for p in self.adapter.iter().flatten().flatten() {
                 let (oa, ob) = p.staging;
                 enc.copy_buffer_to_buffer(
@@ -958,6 +1355,66 @@ struct Step<'a> {
 }
 
 impl Step<'_> {
+    /// Copies the optimizer's adapter into the pairs' A and B when they hold another.
+    fn restore_adapter(&self, r: &mut Recorder) {
+        let Some(o) = self.tr.opt.as_ref().filter(|o| !o.ab_current) else {
+            return;
+        };
+        let base = self.tr.max_tokens;
+        for pair in self.tr.adapter.iter().flatten().flatten() {
+            let (oa, ob) = pair.staging;
+            r.copy(
+                &o.p.buffer,
+                (4 * (oa - base)) as u64,
+                &pair.a.buffer,
+                0,
+                pair.a.bytes(),
+            );
+            r.copy(
+                &o.p.buffer,
+                (4 * (ob - base)) as u64,
+                &pair.b.buffer,
+                0,
+                pair.b.bytes(),
+            );
+        }
+    }
+
+    /// Gathers this sequence's dA and dB into the optimizer's flat gradients (set by the
+    /// first sequence, added by later ones) and, after the last, reduces their squared norm.
+    fn flat_grads(&self, r: &mut Recorder, first: bool, last: bool) -> Result<(), GpuError> {
+        let o = self.tr.opt.as_ref().ok_or(GpuError::Shape {
+            op: "GpuTrainer",
+            msg: "a flat step without the optimizer's buffers".into(),
+        })?;
+        let dst = if first { &o.g } else { &o.g2 };
+        let base = self.tr.max_tokens;
+        for pair in self.tr.adapter.iter().flatten().flatten() {
+            let (oa, ob) = pair.staging;
+            r.copy(
+                &pair.da.buffer,
+                0,
+                &dst.buffer,
+                (4 * (oa - base)) as u64,
+                pair.da.bytes(),
+            );
+            r.copy(
+                &pair.db.buffer,
+                0,
+                &dst.buffer,
+                (4 * (ob - base)) as u64,
+                pair.db.bytes(),
+            );
+        }
+        if !first {
+            o.add.encode(r, &o.g, &o.g2)?;
+        }
+        if last {
+            o.sum_squares.encode(r, &o.g, &o.partials, &o.sumsq)?;
+        }
+        Ok(())
+    }
+
     /// The frozen BitLinear `y = x_q . W^T / (s_a s_w)` of projection `lin`.
     fn bitlinear(
         &self,

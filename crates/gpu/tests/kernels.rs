@@ -10,7 +10,8 @@ use bitlora_core::rng::Rng;
 use bitlora_core::tolerance::{KERNEL_F32, KERNEL_TRANSCENDENTAL};
 use bitlora_core::{Activation, ops};
 use bitlora_gpu::ops::{
-    ActQuant, Attention, Embedding, GatedAct, Matmul, ResidualAdd, RmsNorm, Rope, TernaryMatmul,
+    ActQuant, Attention, Embedding, GatedAct, Matmul, ResidualAdd, RmsNorm, Rope, SumSquares,
+    TernaryMatmul,
 };
 use bitlora_gpu::{DType, GpuError, GpuTensor, Recorder};
 use common::{block, codes, f32t, gpu, normal, read, run, ternary, zeros};
@@ -387,4 +388,70 @@ fn tensors_over_the_binding_limit_are_refused_by_name() {
         }
         other => panic!("expected TooLarge, got {other}"),
     }
+}
+
+/// The squared global gradient norm (`SumSquares`, two passes: G = 256 workgroups of WG = 256
+/// strided partial sums, then their tree) against `AdamW::grad_norm`'s f64 sum: n below one
+/// workgroup, n not a multiple of WG, and n above G * WG (each invocation sums several values).
+/// All terms are positive, so the f32 sum's relative error is at most its depth (the values
+/// one invocation adds, ceil(n / (G WG)), plus the two trees' log2(256) = 8 levels each)
+/// times f32::EPSILON; that derived bound is asserted next to KERNEL_F32. The order is fixed:
+/// a second run gives the same bits. A NaN or an inf anywhere reaches the total (the step's
+/// NaN/inf guard depends on it).
+#[test]
+fn sum_squares_matches_the_f64_sum() {
+    let g = gpu();
+    let kernel = SumSquares::new(&g.device);
+    let partials = zeros("partials", &[SumSquares::PARTIALS]);
+    let out = zeros("out", &[2]);
+    let mut rng = Rng::new(41);
+    let stride = 256 * 256;
+    for n in [1, 37, 1000, 4097, 3 * stride + 77] {
+        let x = normal(&mut rng, n, 0.3);
+        let xt = f32t("x", &[n], &x);
+        let sum = |xt: &GpuTensor| {
+            run(|r| kernel.encode(r, xt, &partials, &out));
+            read(&out)[0]
+        };
+        let got = sum(&xt);
+        let want = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+        let rel = ((got as f64 - want) / want).abs();
+        let depth = n.div_ceil(stride) + 16;
+        let bound = depth as f64 * f32::EPSILON as f64;
+        println!("sum_squares n={n}: GPU {got} vs f64 {want} (rel {rel:.1e}, bound {bound:.1e})");
+        KERNEL_F32.assert_close(&format!("sum_squares n={n}"), &[got], &[want as f32]);
+        assert!(
+            rel <= bound,
+            "sum_squares n={n}: relative error {rel:e} above {bound:e}"
+        );
+        assert_eq!(
+            sum(&xt).to_bits(),
+            got.to_bits(),
+            "n={n}: not deterministic"
+        );
+        // A non-finite value at an awkward place poisons the total.
+        for bad in [f32::NAN, f32::INFINITY, -f32::INFINITY] {
+            let mut y = x.clone();
+            y[n * 2 / 3] = bad;
+            let total = sum(&f32t("x poisoned", &[n], &y));
+            assert!(
+                !total.is_finite(),
+                "n={n}: a {bad} in x gave the sum {total}"
+            );
+        }
+    }
+    let mut rec = Recorder::new(&g.device);
+    let e = kernel
+        .encode(&mut rec, &partials, &zeros("few", &[255]), &out)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            GpuError::Shape {
+                op: "sum_squares",
+                ..
+            }
+        ),
+        "{e}"
+    );
 }

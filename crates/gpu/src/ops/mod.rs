@@ -23,6 +23,7 @@ pub mod rms_norm;
 pub mod rms_norm_backward;
 pub mod rope;
 pub mod rope_backward;
+pub mod sum_squares;
 pub mod ternary_backward;
 pub mod ternary_matmul;
 
@@ -43,6 +44,7 @@ pub use rms_norm::RmsNorm;
 pub use rms_norm_backward::RmsNormBackward;
 pub use rope::Rope;
 pub use rope_backward::RopeBackward;
+pub use sum_squares::SumSquares;
 pub use ternary_backward::TernaryBackward;
 pub use ternary_matmul::TernaryMatmul;
 
@@ -72,6 +74,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("rms_norm_backward", rms_norm_backward::SOURCE),
     ("rope", rope::SOURCE),
     ("rope_backward", rope_backward::SOURCE),
+    ("sum_squares", sum_squares::SOURCE),
     ("ternary_backward", ternary_backward::SOURCE),
     ("ternary_matmul", ternary_matmul::SOURCE),
 ];
