@@ -7,28 +7,41 @@
 // rows p read consecutive words.
 // x_q holds int8 codes packed four per u32 (act_quant.wgsl), zero in the padding columns.
 //
-// Each invocation owns one packed row p, i.e. the four output columns p + s*O4 (s = 0..3),
-// for TT consecutive tokens, so every weight word it loads serves 4 outputs x TT tokens.
-// The product is exact in i32: with codes c in {0, 1, 2},
-//   sum_i x_i (c_i - 1) = sum_i x_i c_i - sum_i x_i,
-// and |acc| <= 128 * I. Per word, slot s's four codes are (word >> 2s) & 0x03030303, four
-// bytes in 0..2, and dot4I8Packed multiplies them with the four int8 activations and sums:
-// integer arithmetic, exact in any order. Only the final scaling is floating point, in the
-// reference's order:
+// The product is exact in i32. Slot s (rows p + s*O4) of a word is u = (word >> 2s) &
+// 0x03030303, four codes c in 0..2, one per byte; the bytes c - 1 in {-1, 0, 1} come out of
+//   ((u | 0x80808080) - 0x01010101) ^ 0x80808080
+// (each byte is 0x80..0x82 before the subtraction, so no borrow crosses a byte), and
+// dot4I8Packed multiplies them with four int8 activations and sums. Every term is an integer
+// and |acc| <= 128 * I, so the sum is exact in any order: the K range can be split between
+// invocations and the parts added with atomics. Only the final scaling is floating point, in
+// the reference's order:
 //   y = f32(acc) / (s_a * s_w).
+//
+// Blocking. A workgroup is 32 x SPLIT invocations and owns 32 consecutive packed rows p (128
+// outputs) for TM consecutive tokens. Invocation (x, y) owns row p = 32*group + x and the words
+// k = y, y + SPLIT, y + 2*SPLIT, ...: per word it loads one weight word (coalesced along x:
+// 32 consecutive words) and TM activation words (the same address across x: one broadcast
+// load), and does 4 * TM dot4I8Packed. The SPLIT partial sums of each output are added in
+// workgroup memory (atomicAdd on i32: exact, order-free), then the workgroup writes its
+// 128 x TM outputs. Splitting K is what gives a GPU enough invocations at T = 128 (O4/32 *
+// T/TM workgroups alone would be ~100 for the 125m attention projections) and keeps each
+// invocation's serial loop short (I4/SPLIT words). The TM tokens are spelled out (a0..a7) so
+// that every compiler keeps them in registers; tokens past T are clamped to T - 1 (computed,
+// not written), as are rows past O4.
 // The T output rows go to rows y_row0 .. y_row0+T of y: the k and v projections write
 // straight into the KV cache after the tokens already there (y_row0 = 0 otherwise).
-// Dispatch (ceil(O4 / WG), ceil(T / TT), 1).
+// Dispatch (ceil(O4 / 32), ceil(T / TM), 1).
 
 // dot4I8Packed: a WGSL language extension (every WebGPU browser, naga); declared for portability.
 requires packed_4x8_integer_dot_product;
 
 override I: u32;                   // in features
 override O: u32;                   // out features
-override WG: u32 = 64u;            // workgroup size
+override TM: u32 = 8u;             // tokens per invocation: 1, 4 or 8
+override SPLIT: u32 = 8u;          // invocations sharing each output's K range (workgroup y)
 override O4: u32 = (O + 3u) / 4u;  // packed rows
 override I4: u32 = (I + 3u) / 4u;  // x_q words per token = weight words per packed row
-const TT: u32 = 4u;                // tokens per invocation
+const LANES: u32 = 32u;            // packed rows per workgroup (workgroup x)
 
 struct Dims {
     t: u32,      // T, tokens
@@ -42,44 +55,103 @@ struct Dims {
 @group(0) @binding(4) var<storage, read> sw: array<f32>;      // (1) s_w
 @group(0) @binding(5) var<storage, read_write> y: array<f32>; // (R, O), R >= y_row0 + T
 
-@compute @workgroup_size(WG)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let p = gid.x;
-    let t0 = gid.y * TT;
-    let t_count = dims.t;
-    if p >= O4 || t0 >= t_count {
-        return;
-    }
-    let nt = min(TT, t_count - t0);
+// [token j][slot s][lane x]: the workgroup's sums over its SPLIT parts.
+var<workgroup> part: array<atomic<i32>, TM * 4u * LANES>;
 
-    var acc: array<array<i32, 4>, TT>; // [token][slot] sum of x * code
-    var xsum: array<i32, TT>;          // [token] sum of x
-    for (var k = 0u; k < I4; k++) {
-        let ww = w[k * O4 + p];
-        let c0 = ww & 0x03030303u;
-        let c1 = (ww >> 2u) & 0x03030303u;
-        let c2 = (ww >> 4u) & 0x03030303u;
-        let c3 = (ww >> 6u) & 0x03030303u;
-        for (var tt = 0u; tt < nt; tt++) {
-            let xw = xq[(t0 + tt) * I4 + k];
-            xsum[tt] += dot4I8Packed(xw, 0x01010101u);
-            acc[tt][0] += dot4I8Packed(xw, c0);
-            acc[tt][1] += dot4I8Packed(xw, c1);
-            acc[tt][2] += dot4I8Packed(xw, c2);
-            acc[tt][3] += dot4I8Packed(xw, c3);
+// The four int8 dot products of activation word x with the four slots' signed codes c.
+fn dot4(x: u32, c: vec4<u32>) -> vec4<i32> {
+    return vec4<i32>(
+        dot4I8Packed(x, c.x),
+        dot4I8Packed(x, c.y),
+        dot4I8Packed(x, c.z),
+        dot4I8Packed(x, c.w),
+    );
+}
+
+// Token j's sums into the workgroup's totals.
+fn add_part(j: u32, lane: u32, a: vec4<i32>) {
+    let base = j * 4u * LANES + lane;
+    atomicAdd(&part[base], a.x);
+    atomicAdd(&part[base + LANES], a.y);
+    atomicAdd(&part[base + 2u * LANES], a.z);
+    atomicAdd(&part[base + 3u * LANES], a.w);
+}
+
+@compute @workgroup_size(LANES, SPLIT, 1)
+fn main(
+    @builtin(workgroup_id) group: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let n_t = dims.t;
+    let t0 = group.y * TM;
+    for (var e = li; e < TM * 4u * LANES; e += LANES * SPLIT) {
+        atomicStore(&part[e], 0);
+    }
+
+    // Row p (clamped: the rows past O4 of the last group compute row O4-1 and write nothing).
+    let pc = min(group.x * LANES + lid.x, O4 - 1u);
+    let last = n_t - 1u;
+    let r0 = min(t0, last) * I4;
+    let r1 = min(t0 + 1u, last) * I4;
+    let r2 = min(t0 + 2u, last) * I4;
+    let r3 = min(t0 + 3u, last) * I4;
+    let r4 = min(t0 + 4u, last) * I4;
+    let r5 = min(t0 + 5u, last) * I4;
+    let r6 = min(t0 + 6u, last) * I4;
+    let r7 = min(t0 + 7u, last) * I4;
+    var a0 = vec4<i32>(); // token t0, slots 0..3
+    var a1 = vec4<i32>();
+    var a2 = vec4<i32>();
+    var a3 = vec4<i32>();
+    var a4 = vec4<i32>();
+    var a5 = vec4<i32>();
+    var a6 = vec4<i32>();
+    var a7 = vec4<i32>();
+    for (var k = lid.y; k < I4; k += SPLIT) {
+        let ww = w[k * O4 + pc];
+        let u = (vec4<u32>(ww) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(0x03030303u);
+        let c = ((u | vec4<u32>(0x80808080u)) - vec4<u32>(0x01010101u)) ^ vec4<u32>(0x80808080u);
+        a0 += dot4(xq[r0 + k], c);
+        if TM > 1u {
+            a1 += dot4(xq[r1 + k], c);
+            a2 += dot4(xq[r2 + k], c);
+            a3 += dot4(xq[r3 + k], c);
+        }
+        if TM > 4u {
+            a4 += dot4(xq[r4 + k], c);
+            a5 += dot4(xq[r5 + k], c);
+            a6 += dot4(xq[r6 + k], c);
+            a7 += dot4(xq[r7 + k], c);
         }
     }
 
+    workgroupBarrier();
+    add_part(0u, lid.x, a0);
+    if TM > 1u {
+        add_part(1u, lid.x, a1);
+        add_part(2u, lid.x, a2);
+        add_part(3u, lid.x, a3);
+    }
+    if TM > 4u {
+        add_part(4u, lid.x, a4);
+        add_part(5u, lid.x, a5);
+        add_part(6u, lid.x, a6);
+        add_part(7u, lid.x, a7);
+    }
+    workgroupBarrier();
+
+    // The workgroup's TM x 4 x 32 outputs, consecutive invocations on consecutive rows p.
     let s_w = sw[0];
-    for (var tt = 0u; tt < nt; tt++) {
-        let t = t0 + tt;
-        let denom = sa[t] * s_w;
-        let row = dims.y_row0 + t;
-        for (var s = 0u; s < 4u; s++) {
-            let o = p + s * O4;
-            if o < O {
-                y[row * O + o] = f32(acc[tt][s] - xsum[tt]) / denom;
-            }
+    for (var e = li; e < TM * 4u * LANES; e += LANES * SPLIT) {
+        let x = e % LANES;
+        let s = (e / LANES) % 4u;
+        let t = t0 + e / (4u * LANES);
+        let p = group.x * LANES + x;
+        let o = p + s * O4;
+        if p < O4 && o < O && t < n_t {
+            let acc = atomicLoad(&part[e]);
+            y[(dims.y_row0 + t) * O + o] = f32(acc) / (sa[t] * s_w);
         }
     }
 }

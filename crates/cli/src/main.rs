@@ -5,6 +5,7 @@
 //! bitlora generate --model DIR (--prompt TEXT | --tokens 1,2) [--backend cpu|gpu] [sampling]
 //! bitlora bench decode [--shape 125m] [--backend cpu|gpu]           one JSON report on stdout
 //! bitlora bench train [--shape 125m] [--backend cpu|gpu]            one JSON report on stdout
+//! bitlora bench ternary [--shape 125m] --backend gpu                 ternary kernels at T = 128
 //! bitlora train --data FILE --out DIR [--backend cpu|gpu] [options] fine-tunes a LoRA adapter
 //! bitlora serve [--port N] [--root DIR] [--hub URL]...              serves the page
 //! bitlora random-model --out DIR [--shape tiny] [--seed N]          writes a random BitNet model
@@ -12,6 +13,7 @@
 //! Errors go to stderr as one `error: ...` line and exit with status 1; bad flags exit with 2.
 
 mod bench;
+mod bench_kernels;
 
 /// bitlora's own pretrained model (MODEL_CARD.md), relative to the repository root.
 pub const DEFAULT_MODEL: &str = "web/models/default";
@@ -192,6 +194,9 @@ enum Workload {
     Decode,
     /// LoRA training steps (r 8 on all seven projections, AdamW), one sequence per step.
     Train,
+    /// The ternary forward and backward kernels alone, per projection shape, at T =
+    /// --prompt-len (GPU only; --gen-len dispatches each, median).
+    Ternary,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -252,6 +257,8 @@ enum CliError {
     NoTokenizer(String),
     #[error("{0}: no chat_template in tokenizer_config.json (a base model?); drop --chat")]
     NoChatTemplate(String),
+    #[error("{0} runs on the GPU only: add --backend gpu")]
+    GpuOnly(&'static str),
     #[error(
         "bench: shape {0} has no model of its own (use 125m, 1b or 2b4t), or the prompt exceeds its context"
     )]
@@ -318,6 +325,27 @@ fn run(command: Command) -> Result<(), CliError> {
                 report.decode_tokens_per_s,
                 report.peak_rss_mib.unwrap_or(f64::NAN)
             );
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("a report serializes")
+            );
+            Ok(())
+        }
+        Command::Bench {
+            workload: Workload::Ternary,
+            shape,
+            prompt_len,
+            gen_len,
+            seed,
+            backend,
+            profile: _,
+        } => {
+            let name = shape.name();
+            if matches!(backend, Backend::Cpu) {
+                return Err(CliError::GpuOnly("bench ternary"));
+            }
+            let report = bench_kernels::ternary_gpu(name, prompt_len, gen_len.max(1), seed)?
+                .ok_or(CliError::Bench(name))?;
             println!(
                 "{}",
                 serde_json::to_string(&report).expect("a report serializes")

@@ -30,14 +30,29 @@ fn ternary_backward_matches_reference() {
         let (dyt, dx) = (f32t("dy", &[t, o], &dy), zeros("dx", &[t, i]));
         let w = GpuTensor::ternary(&g.device, "W", &lin).unwrap();
         let sw = f32t("s_w", &[1], &[lin.w_scale]);
-        // Both blockings (4 tokens per invocation on CPU adapters, 1 on GPUs): the same sums.
-        for tt in [1, 4] {
-            let op = TernaryBackward::with_tokens_per_invocation(&g.device, i, o, tt);
+        // Every blocking (1, 2 or 4 tokens per invocation, workgroups of 8 x 16 or 8 x 32):
+        // the same sums.
+        let one = f32t("s_w", &[1], &[1.0]);
+        let unit = TernaryLinear {
+            w_scale: 1.0,
+            ..lin.clone()
+        };
+        for (tt, tg) in [(1, 16), (2, 16), (4, 32)] {
+            let op = TernaryBackward::with_blocking(&g.device, i, o, tt, tg);
             run(|r| op.encode(r, &dyt, &w, &sw, &dx));
             KERNEL_F32.assert_close(
-                &format!("ternary_backward T={t} I={i} O={o} ({tt} tokens per invocation)"),
+                &format!(
+                    "ternary_backward T={t} I={i} O={o} ({tt} tokens per invocation, {tg} blocks)"
+                ),
                 &read(&dx),
                 &train::ternary_backward(&lin, &dy),
+            );
+            // With s_w = 1 the sums themselves: the reference's terms in its order, bit for bit.
+            run(|r| op.encode(r, &dyt, &w, &one, &dx));
+            assert_eq!(
+                read(&dx),
+                train::ternary_backward_reference(&unit, &dy),
+                "ternary_backward sums T={t} I={i} O={o} ({tt} tokens per invocation, {tg} blocks)"
             );
         }
     }

@@ -146,6 +146,13 @@ fn ternary_matmul_integer_product_is_exact() {
         let got: Vec<i32> = read(&y).iter().map(|&v| v as i32).collect();
         let want = quant::ternary_matmul_packed(&xq, &packed, t, i, o);
         assert_eq!(got, want, "integer accumulators T={t} I={i} O={o}");
+        // Other blockings (tokens per invocation, invocations splitting K): the same integers.
+        for (tm, split) in [(1, 1), (4, 3), (8, 8)] {
+            let op = TernaryMatmul::with_blocking(&g.device, i, o, Some(tm), split);
+            run(|r| op.encode(r, &xt, &sa, &wt, &sw, &y));
+            let got: Vec<i32> = read(&y).iter().map(|&v| v as i32).collect();
+            assert_eq!(got, want, "T={t} I={i} O={o}, TM {tm}, split {split}");
+        }
         let max = want.iter().map(|v| v.abs()).max().unwrap();
         println!(
             "ternary_matmul T={t} I={i} O={o}: {} accumulators equal (max |acc| {max})",

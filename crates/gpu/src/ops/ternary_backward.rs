@@ -4,8 +4,8 @@ use crate::GpuError;
 use crate::record::{Kernel, Recorder, expect, rows};
 use crate::tensor::{DType, GpuTensor};
 
-/// Tokens per invocation (the shader's `TT`) on CPU-emulated adapters; GPUs take 1.
-const TT_CPU: usize = 4;
+/// Word columns per workgroup (the shader's `KW`).
+const KW: usize = 8;
 
 pub const SOURCE: &str = include_str!("../../../../shaders/ternary_backward.wgsl");
 
@@ -20,27 +20,50 @@ pub struct TernaryBackward {
     kernel_add: Kernel,
     i: usize,
     o: usize,
-    tt: usize,
+    tm: usize,
+    tg: usize,
 }
 
 impl TernaryBackward {
-    /// The blocking suits the device: 4 tokens per invocation on a CPU-emulated adapter
-    /// (lavapipe, SwiftShader), 1 on a GPU.
+    /// The blocking suits the device: on a CPU-emulated adapter (lavapipe, SwiftShader), which
+    /// runs a workgroup's invocations one after another anyway, 4 tokens per invocation (the
+    /// least staging per multiply-add); on a GPU, 1 token per invocation in workgroups of
+    /// 8 x 16 (the most invocations: each output's sum is serial, so the parallelism at
+    /// T = 128 is in the outputs).
     pub fn new(device: &wgpu::Device, i: usize, o: usize) -> TernaryBackward {
         let cpu = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
-        Self::with_tokens_per_invocation(device, i, o, if cpu { TT_CPU } else { 1 })
+        let (tm, tg) = if cpu { (4, 32) } else { (1, 16) };
+        Self::with_blocking(device, i, o, tm, tg)
     }
 
-    /// With an explicit blocking `tt` (4 or 1); the results are the same either way.
+    /// With `tt` tokens per invocation (1, 2 or 4) in workgroups of 8 x 16 (1) or 8 x 32.
     pub fn with_tokens_per_invocation(
         device: &wgpu::Device,
         i: usize,
         o: usize,
         tt: usize,
     ) -> TernaryBackward {
+        Self::with_blocking(device, i, o, tt, if tt == 1 { 16 } else { 32 })
+    }
+
+    /// With an explicit blocking (benchmarks, tests): `tm` tokens per invocation (1, 2 or 4)
+    /// and `tg` token blocks per workgroup (16 or 32; workgroups of 8 x tg invocations), not
+    /// (1, 32), whose staging would pass WebGPU's 16 KiB of workgroup memory. The results are
+    /// the same, bit for bit, with any.
+    pub fn with_blocking(
+        device: &wgpu::Device,
+        i: usize,
+        o: usize,
+        tm: usize,
+        tg: usize,
+    ) -> TernaryBackward {
         assert!(
-            tt == 1 || tt == 4,
-            "ternary_backward: 1 or 4 tokens per invocation"
+            [1, 2, 4].contains(&tm),
+            "ternary_backward: 1, 2 or 4 tokens per invocation"
+        );
+        assert!(
+            [16, 32].contains(&tg) && (tm, tg) != (1, 32),
+            "ternary_backward: 16 or 32 token blocks per workgroup, 16 with 1 token per invocation"
         );
         let k = |acc: f64| {
             Kernel::new(
@@ -50,9 +73,9 @@ impl TernaryBackward {
                 &[
                     ("I", super::c(i)),
                     ("O", super::c(o)),
-                    ("WG", super::c(super::WG)),
                     ("ACC", acc),
-                    ("TT", super::c(tt)),
+                    ("TM", super::c(tm)),
+                    ("TG", super::c(tg)),
                 ],
             )
         };
@@ -61,7 +84,8 @@ impl TernaryBackward {
             kernel_add: k(1.0),
             i,
             o,
-            tt,
+            tm,
+            tg,
         }
     }
 
@@ -108,8 +132,8 @@ impl TernaryBackward {
             kernel,
             &[&dims, &dy.buffer, &w.buffer, &sw.buffer, &dx.buffer],
             [
-                self.i.div_ceil(4).div_ceil(super::WG),
-                t.div_ceil(self.tt),
+                self.i.div_ceil(4).div_ceil(KW),
+                t.div_ceil(self.tg * self.tm),
                 1,
             ],
         )
