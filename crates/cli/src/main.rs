@@ -108,7 +108,8 @@ enum Command {
         backend: Backend,
         /// train with --backend gpu: time every kernel with GPU timestamp queries (where the
         /// device has TIMESTAMP_QUERY) and the host phases (upload, recording, submit to
-        /// readback, CPU AdamW); prints a table on stderr and adds `profile` to the report.
+        /// readback, AdamW: its GPU submit, or core's on the CPU with
+        /// BITLORA_BENCH_CPU_ADAMW=1); prints a table on stderr and adds `profile` to the report.
         #[arg(long)]
         profile: bool,
     },
