@@ -3,9 +3,10 @@
 // One workgroup per row; invocation 0 forms both row sums serially in index order (the CPU
 // reference's order), then the row is written in parallel. With ACC = 1 dx is added into
 // (the residual stream's gradient, `dh += rms_norm_backward(..)` in the CPU's backward).
-// As in rms_norm.wgsl, the row goes a chunk of CH values at a time: all invocations form the
-// terms x*x and (w*dy)*x (each rounded alone, as on the CPU) into workgroup memory, then
-// invocation 0 adds them in index order; the last chunk is padded with zero terms. Same
+// As in rms_norm.wgsl, the row goes a chunk of values at a time: all invocations form the
+// terms x*x and (w*dy)*x (each rounded alone, as on the CPU) into workgroup memory, four
+// consecutive values' terms to a pair of vec4s, then invocation 0 adds them in index order,
+// one vec4 load per four dependent adds; the last vec4 is padded with zero terms. Same
 // terms, same order as the reference; the serial pass reads workgroup memory only.
 // Dispatch (T, 1, 1).
 
@@ -19,31 +20,45 @@ override ACC: u32 = 0u; // 1: dx += result
 @group(0) @binding(2) var<storage, read> dy: array<f32>;       // (T, C)
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>; // (T, C)
 
-override CH: u32 = WG * 4u; // chunk of the serial sums
+const CH4: u32 = 256u; // vec4s per chunk of the serial sums (1,024 values, 8 KiB)
 
 var<workgroup> stats: vec2<f32>; // (r, mean(w*dy*x))
-var<workgroup> terms: array<vec2<f32>, CH>; // (x*x, w*dy*x) of one chunk
+var<workgroup> sq: array<vec4<f32>, CH4>;  // x*x of one chunk, values 4k .. 4k+3 in [k]
+var<workgroup> wdyx: array<vec4<f32>, CH4>; // (w*dy)*x of the same values
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let base = wid.x * C;
     var ss = 0.0;
     var wdx = 0.0;
-    for (var c0 = 0u; c0 < C; c0 += CH) {
-        for (var cc = lid; cc < CH; cc += WG) {
-            var tm = vec2<f32>(0.0, 0.0);
-            let c = c0 + cc;
-            if c < C {
-                let v = x[base + c];
-                tm = vec2<f32>(v * v, w[c] * dy[base + c] * v);
+    for (var c0 = 0u; c0 < C; c0 += 4u * CH4) {
+        let n4 = min(CH4, (C - c0 + 3u) / 4u); // vec4s in this chunk
+        for (var k = lid; k < n4; k += WG) {
+            var v = vec4<f32>();
+            var g = vec4<f32>(); // w*dy
+            for (var j = 0u; j < 4u; j++) {
+                let c = c0 + 4u * k + j;
+                if c < C {
+                    v[j] = x[base + c];
+                    g[j] = w[c] * dy[base + c];
+                }
             }
-            terms[cc] = tm;
+            sq[k] = v * v;
+            wdyx[k] = g * v;
         }
         workgroupBarrier();
         if lid == 0u {
-            for (var cc = 0u; cc < CH; cc++) {
-                ss += terms[cc].x;
-                wdx += terms[cc].y;
+            for (var k = 0u; k < n4; k++) {
+                let q = sq[k];
+                let d = wdyx[k];
+                ss += q.x;
+                wdx += d.x;
+                ss += q.y;
+                wdx += d.y;
+                ss += q.z;
+                wdx += d.z;
+                ss += q.w;
+                wdx += d.w;
             }
         }
         workgroupBarrier();

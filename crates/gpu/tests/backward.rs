@@ -61,7 +61,8 @@ fn ternary_backward_matches_reference() {
 #[test]
 fn rms_norm_backward_matches_reference() {
     let mut rng = Rng::new(22);
-    for (t, c) in [(37, 1000), (1, 64), (70, 177)] {
+    // Widths past one chunk of the serial sums (1,024 values), and not a multiple of 4.
+    for (t, c) in [(37, 1000), (1, 64), (70, 177), (3, 3072), (2, 1030)] {
         let x = normal(&mut rng, t * c, 3.0);
         let w: Vec<f32> = normal(&mut rng, c, 0.1).iter().map(|v| 1.0 + v).collect();
         let dy = normal(&mut rng, t * c, 1.0);
