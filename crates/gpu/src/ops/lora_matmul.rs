@@ -131,7 +131,10 @@ impl LoraMatmul {
         let groups = if kernel.name == "lora_matmul_reduce" {
             [n, m, 1]
         } else {
-            [n.div_ceil(super::WG), m, 1]
+            // Outputs numbered row-major over the whole grid: G groups a row of the grid.
+            let total = (m * n).div_ceil(super::WG);
+            let g = total.clamp(1, 32_768);
+            [g, total.div_ceil(g), 1]
         };
         rec.dispatch(kernel, &[&dims, &a.buffer, &b.buffer, &out.buffer], groups)
     }
