@@ -27,12 +27,19 @@ pub struct TernaryBackward {
 impl TernaryBackward {
     /// The blocking suits the device: on a CPU-emulated adapter (lavapipe, SwiftShader), which
     /// runs a workgroup's invocations one after another anyway, 4 tokens per invocation (the
-    /// least staging per multiply-add); on a GPU, 1 token per invocation in workgroups of
-    /// 8 x 16 (the most invocations: each output's sum is serial, so the parallelism at
-    /// T = 128 is in the outputs).
+    /// least staging per multiply-add); on a GPU, workgroups of 8 x 16 with 1 token per
+    /// invocation where I is small (the most invocations: each output's sum is serial, so the
+    /// parallelism at T = 128 is in the outputs) and 2 where I >= 2048, which leaves enough
+    /// workgroups (I/32 x T/32 = 256 at T = 128) and halves the staging per multiply-add.
+    /// Measured on the H100 at T = 128 (`BITLORA_BENCH_SWEEP=1 bitlora bench ternary`): 2 is
+    /// 25-30% faster for I = 2048, 3072 and 3584, 1 is 12-14% faster for I = 768.
     pub fn new(device: &wgpu::Device, i: usize, o: usize) -> TernaryBackward {
         let cpu = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
-        let (tm, tg) = if cpu { (4, 32) } else { (1, 16) };
+        let (tm, tg) = match (cpu, i >= 2048) {
+            (true, _) => (4, 32),
+            (false, false) => (1, 16),
+            (false, true) => (2, 16),
+        };
         Self::with_blocking(device, i, o, tm, tg)
     }
 
