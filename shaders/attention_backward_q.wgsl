@@ -12,6 +12,11 @@
 // form's): the max is exact in any order; the denominator and D are summed over j in
 // ascending order by invocation 0 from the block's values in workgroup memory; dq[d] is
 // summed over j in ascending order by the invocation owning d (d = lid, lid + WG, ...).
+// The score s_j and dP_j of each key are computed once, in the first pass, and kept in
+// workgroup memory for the passes after it (each by the invocation that computed it, so no
+// barrier is needed for them) when the row has at most SMAX keys; longer rows recompute them
+// in each pass (4 dot products over HS for s_j, 2 for dP_j, each reading a row of k or v).
+// The values are the same either way: the same dot product in the same order.
 // Dispatch (T, NH, 1).
 
 override NH: u32;       // query heads
@@ -21,6 +26,7 @@ override WG: u32 = 64u; // workgroup size, a power of two
 override GROUP: u32 = NH / NKV;
 override QW: u32 = NH * HS;
 override KW: u32 = NKV * HS;
+override SMAX: u32 = 1024u; // keys whose s_j and dP_j are kept (8 KiB of workgroup memory)
 
 struct Dims {
     t: u32, // T, tokens
@@ -38,6 +44,8 @@ var<workgroup> qs: array<f32, HS>;     // q_i of head h
 var<workgroup> dos: array<f32, HS>;    // do_i of head h
 var<workgroup> dq_acc: array<f32, HS>; // dq_i, each d owned by invocation d % WG
 var<workgroup> blk: array<f32, WG>;    // one value per key of the current block
+var<workgroup> sc: array<f32, SMAX>;   // s_j, rows of at most SMAX keys
+var<workgroup> dpv: array<f32, SMAX>;  // dP_j, likewise
 var<workgroup> red: array<f32, WG>;    // max reduction
 var<workgroup> den_s: f32;
 var<workgroup> dsum_s: f32;
@@ -58,6 +66,22 @@ fn dprob(j: u32, kb: u32) -> f32 {
     return a;
 }
 
+// s_j: kept by this invocation in the first pass, or computed again.
+fn s_of(j: u32, kb: u32, scale: f32, cached: bool) -> f32 {
+    if cached {
+        return sc[j];
+    }
+    return score(j, kb, scale);
+}
+
+// dP_j, likewise.
+fn dp_of(j: u32, kb: u32, cached: bool) -> f32 {
+    if cached {
+        return dpv[j];
+    }
+    return dprob(j, kb);
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = wid.x;
@@ -73,10 +97,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     workgroupBarrier();
 
-    // The max score (exact in any order).
+    // The max score (exact in any order); s_j and dP_j kept where the row fits.
+    let cached = i < SMAX;
     var m = -3.402823e38;
     for (var j = lid; j <= i; j += WG) {
-        m = max(m, score(j, kb, scale));
+        let sj = score(j, kb, scale);
+        if cached {
+            sc[j] = sj;
+            dpv[j] = dprob(j, kb);
+        }
+        m = max(m, sj);
     }
     red[lid] = m;
     workgroupBarrier();
@@ -94,7 +124,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let j = j0 + lid;
         var e = 0.0;
         if j <= i {
-            e = exp(score(j, kb, scale) - mx);
+            e = exp(s_of(j, kb, scale, cached) - mx);
         }
         blk[lid] = e;
         workgroupBarrier();
@@ -118,8 +148,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let j = j0 + lid;
         var pd = 0.0;
         if j <= i {
-            let p = exp(score(j, kb, scale) - mx) / den;
-            pd = p * dprob(j, kb);
+            let p = exp(s_of(j, kb, scale, cached) - mx) / den;
+            pd = p * dp_of(j, kb, cached);
         }
         blk[lid] = pd;
         workgroupBarrier();
@@ -146,8 +176,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let j = j0 + lid;
         var ds = 0.0;
         if j <= i {
-            let p = exp(score(j, kb, scale) - mx) / den;
-            ds = p * (dprob(j, kb) - dsum) * scale;
+            let p = exp(s_of(j, kb, scale, cached) - mx) / den;
+            ds = p * (dp_of(j, kb, cached) - dsum) * scale;
         }
         blk[lid] = ds;
         workgroupBarrier();

@@ -172,6 +172,32 @@ fn attention_backward_matches_reference() {
         KERNEL_TRANSCENDENTAL.assert_close(&format!("{name} dq"), &read(&dq), &wq);
         KERNEL_TRANSCENDENTAL.assert_close(&format!("{name} dk"), &read(&dk), &wk);
         KERNEL_TRANSCENDENTAL.assert_close(&format!("{name} dv"), &read(&dv), &wv);
+        // Pass 1 keeping the scores of rows up to 5 keys only (recomputing them for longer
+        // rows): the same values, bit for bit.
+        let (dq2, dk2, dv2) = (
+            zeros("dq", &[t, nh * hs]),
+            zeros("dk", &[t, nkv * hs]),
+            zeros("dv", &[t, nkv * hs]),
+        );
+        run(|r| {
+            AttentionBackward::with_kept_keys(&gpu().device, nh, nkv, hs, 5)
+                .encode(r, &qt, &kt, &vt, &dot, &stats, &dq2, &dk2, &dv2)
+        });
+        assert_eq!(
+            read(&dq2),
+            read(&dq),
+            "{name} dq, scores recomputed past 5 keys"
+        );
+        assert_eq!(
+            read(&dk2),
+            read(&dk),
+            "{name} dk, scores recomputed past 5 keys"
+        );
+        assert_eq!(
+            read(&dv2),
+            read(&dv),
+            "{name} dv, scores recomputed past 5 keys"
+        );
     }
 }
 

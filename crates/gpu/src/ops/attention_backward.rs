@@ -26,9 +26,29 @@ pub struct AttentionBackward {
     hs: usize,
 }
 
+/// Keys per query row whose score and dP pass 1 keeps in workgroup memory (its `SMAX`).
+const KEPT_KEYS: usize = 1024;
+
 impl AttentionBackward {
     /// `nkv` must divide `nh`.
     pub fn new(device: &wgpu::Device, nh: usize, nkv: usize, hs: usize) -> AttentionBackward {
+        Self::with_kept_keys(device, nh, nkv, hs, KEPT_KEYS)
+    }
+
+    /// Pass 1 keeping the score and dP of rows of at most `kept` keys (1 ..= 1024) in
+    /// workgroup memory and recomputing them for longer rows (tests cover both: the values
+    /// are the same bit for bit).
+    pub fn with_kept_keys(
+        device: &wgpu::Device,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+        kept: usize,
+    ) -> AttentionBackward {
+        assert!(
+            (1..=KEPT_KEYS).contains(&kept),
+            "attention_backward: 1 ..= {KEPT_KEYS} kept keys"
+        );
         assert!(
             nkv > 0 && nh.is_multiple_of(nkv),
             "NKV = {nkv} must divide NH = {nh}"
@@ -39,8 +59,10 @@ impl AttentionBackward {
             ("HS", super::c(hs)),
             ("WG", super::c(super::WG)),
         ];
+        let mut q_consts = consts.to_vec();
+        q_consts.push(("SMAX", super::c(kept)));
         AttentionBackward {
-            q_pass: Kernel::new(device, "attention_backward_q", SOURCE_Q, &consts),
+            q_pass: Kernel::new(device, "attention_backward_q", SOURCE_Q, &q_consts),
             kv_pass: Kernel::new(device, "attention_backward_kv", SOURCE_KV, &consts),
             nh,
             nkv,
