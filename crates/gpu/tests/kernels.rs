@@ -13,7 +13,7 @@ use bitlora_gpu::ops::{
     ActQuant, Attention, Embedding, GatedAct, Matmul, ResidualAdd, RmsNorm, Rope, SumSquares,
     TernaryMatmul,
 };
-use bitlora_gpu::{DType, GpuError, GpuTensor, Recorder};
+use bitlora_gpu::{DType, GpuError, GpuTensor, Recorder, SplitTensor};
 use common::{block, codes, f32t, gpu, normal, read, run, ternary, zeros};
 
 #[test]
@@ -360,6 +360,71 @@ fn matmul_matches_reference() {
         run(|r| Matmul::new(&gpu().device, i, o).encode(r, &xt, &wt, &y));
         let want = ops::matmul_t(&x, &w, i, o);
         KERNEL_F32.assert_close(&format!("matmul T={t} I={i} O={o}"), &read(&y), &want);
+    }
+}
+
+/// The head's kernels agree bit for bit: the tiled one (many tokens on a GPU), the direct one
+/// (CPU adapters) and the one-token one (decoding, each row of x as a window of one), since
+/// each sums every output in the same order. Sizes that fill no tile: I not a multiple of the
+/// 16-value chunk (and below it), O not a multiple of the 128-output tile nor of 4, T not a
+/// multiple of 8 nor of the 64-token tile, a window of x's rows, W split along O into chunks.
+#[test]
+fn matmul_tilings_agree_bit_for_bit() {
+    let g = gpu();
+    let mut rng = Rng::new(11);
+    // (rows of x, the window read, I, O, rows of W per chunk)
+    for (height, rows, i, o, chunk) in [
+        (70, 3..70, 1000, 301, 301),
+        (9, 0..9, 33, 130, 61),
+        (5, 2..4, 17, 5, 2),
+        (131, 1..130, 64, 257, 200),
+        (20, 0..20, 7, 1, 1),
+    ] {
+        let t = rows.len();
+        let x = normal(&mut rng, height * i, 1.0);
+        let w = normal(&mut rng, o * i, 0.3);
+        let xt = f32t("x", &[height, i], &x);
+        let wt = SplitTensor::f32(&g.device, "W", o, i, &w, (chunk * i * 4) as u64).unwrap();
+        assert_eq!(wt.chunks.len(), o.div_ceil(chunk));
+        let case =
+            format!("matmul T={t} (rows {rows:?} of {height}) I={i} O={o} chunks of {chunk}");
+        let tiled = Matmul::with_tiling(&g.device, i, o, true);
+        let direct = Matmul::with_tiling(&g.device, i, o, false);
+        let (yt, yd) = (zeros("y tiled", &[t, o]), zeros("y direct", &[t, o]));
+        run(|r| tiled.encode_split(r, &xt, rows.clone(), &wt, &yt));
+        run(|r| direct.encode_split(r, &xt, rows.clone(), &wt, &yd));
+        let (got_t, got_d) = (read(&yt), read(&yd));
+        let want = ops::matmul_t(&x[rows.start * i..rows.end * i], &w, i, o);
+        KERNEL_F32.assert_close(&format!("{case} tiled"), &got_t, &want);
+        assert_same_bits(&format!("{case}: tiled vs direct"), &got_t, &got_d);
+        let y1 = zeros("y one token", &[1, o]);
+        for (n, row) in rows.clone().enumerate() {
+            run(|r| tiled.encode_split(r, &xt, row..row + 1, &wt, &y1));
+            let got = read(&y1);
+            assert_same_bits(
+                &format!("{case}: token {n} alone vs tiled"),
+                &got,
+                &got_t[n * o..(n + 1) * o],
+            );
+        }
+        println!("{case}: tiled, direct and one-token kernels agree bit for bit");
+    }
+}
+
+/// `got` equals `want` bit for bit; the failure names the first differing index.
+fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let diff: Vec<usize> = (0..got.len())
+        .filter(|&k| got[k].to_bits() != want[k].to_bits())
+        .collect();
+    if let Some(&k) = diff.first() {
+        panic!(
+            "{what}: {} of {} values differ, first at {k}: {} vs {}",
+            diff.len(),
+            got.len(),
+            got[k],
+            want[k]
+        );
     }
 }
 
