@@ -429,7 +429,6 @@ pub fn train_gpu(
     let mut trainer =
         bitlora_gpu::GpuTrainer::new(GpuModel::new(&gpu, &model)?, &lora.config, seq_len)?;
     drop(model); // the GPU holds its own copy; keep peak RSS about the GPU run
-    let gpu_bytes = trainer.model().weight_bytes() + trainer.bytes();
     let mut prof = profile.then(|| TrainProfile {
         gpu_timestamps: trainer.set_profiling(true),
         ..Default::default()
@@ -513,6 +512,8 @@ pub fn train_gpu(
         p.finish(steps);
         eprint!("{}", p.table());
     }
+    // After the steps: AdamW's buffers on the GPU are allocated at the first step.
+    let gpu_bytes = trainer.model().weight_bytes() + trainer.bytes();
     Ok(Some(TrainReport {
         workload: format!("train-{shape}"),
         backend: "gpu",

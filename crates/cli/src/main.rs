@@ -103,7 +103,7 @@ enum Command {
         seed: u64,
         /// Where to run it: the CPU reference or the GPU (wgpu). The GPU report adds the
         /// adapter and `gpu_bytes` (decode: weights + KV cache + activations; train: weights +
-        /// saved activations, adapter, gradients and scratch).
+        /// saved activations, adapter, gradients, scratch and AdamW's state).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
         /// train with --backend gpu: time every kernel with GPU timestamp queries (where the

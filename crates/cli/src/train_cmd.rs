@@ -308,12 +308,16 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
                 .max()
                 .unwrap_or(1);
             let gt = GpuTrainer::new(GpuModel::new(&g, &model)?, &trainer.lora.config, longest)?;
+            // AdamW's state (the adapter, its gradient, a second gradient for accumulation,
+            // m and v: 5 f32 per trainable parameter) is allocated on the GPU at the first step.
+            let adamw = 5 * 4 * trainer.lora.num_params();
             eprintln!(
-                "bitlora train: on the GPU {} ({}): {:.0} MiB of weights, {:.0} MiB for training",
+                "bitlora train: on the GPU {} ({}): {:.0} MiB of weights, {:.0} MiB for training, {:.1} MiB for AdamW's state",
                 g.info.name,
                 g.info.backend,
                 gt.model().weight_bytes() as f64 / (1 << 20) as f64,
-                gt.bytes() as f64 / (1 << 20) as f64
+                gt.bytes() as f64 / (1 << 20) as f64,
+                adamw as f64 / (1 << 20) as f64
             );
             Some(gt)
         }
