@@ -113,6 +113,23 @@ struct OptState {
 }
 
 impl OptState {
+    /// Records copies of the adapter held in `p` into the pairs' A and B buffers (`p` is laid
+    /// out as the staging buffer past its `base` loss rows).
+    fn copy_adapter_out(&self, rec: &mut Recorder, adapter: &[Vec<Option<PairBufs>>], base: usize) {
+        for pair in adapter.iter().flatten().flatten() {
+            let (oa, ob) = pair.staging;
+            for (off, t) in [(oa, &pair.a), (ob, &pair.b)] {
+                rec.copy(
+                    &self.p.buffer,
+                    (4 * (off - base)) as u64,
+                    &t.buffer,
+                    0,
+                    t.bytes(),
+                );
+            }
+        }
+    }
+
     fn bytes(&self) -> u64 {
         [&self.p, &self.g, &self.g2, &self.m, &self.v]
             .iter()
@@ -984,24 +1001,7 @@ impl GpuTrainer {
         let dev = &self.model.device;
         let mut rec = Recorder::new(dev);
         o.adamw.encode(&mut rec, s, &o.p, &o.g, &o.m, &o.v)?;
-        let base = self.max_tokens;
-        for pair in self.adapter.iter().flatten().flatten() {
-            let (oa, ob) = pair.staging;
-            rec.copy(
-                &o.p.buffer,
-                (4 * (oa - base)) as u64,
-                &pair.a.buffer,
-                0,
-                pair.a.bytes(),
-            );
-            rec.copy(
-                &o.p.buffer,
-                (4 * (ob - base)) as u64,
-                &pair.b.buffer,
-                0,
-                pair.b.bytes(),
-            );
-        }
+        o.copy_adapter_out(&mut rec, &self.adapter, self.max_tokens);
         rec.submit(&self.model.queue);
         self.uploaded = None;
         Ok(())
@@ -1360,24 +1360,7 @@ impl Step<'_> {
         let Some(o) = self.tr.opt.as_ref().filter(|o| !o.ab_current) else {
             return;
         };
-        let base = self.tr.max_tokens;
-        for pair in self.tr.adapter.iter().flatten().flatten() {
-            let (oa, ob) = pair.staging;
-            r.copy(
-                &o.p.buffer,
-                (4 * (oa - base)) as u64,
-                &pair.a.buffer,
-                0,
-                pair.a.bytes(),
-            );
-            r.copy(
-                &o.p.buffer,
-                (4 * (ob - base)) as u64,
-                &pair.b.buffer,
-                0,
-                pair.b.bytes(),
-            );
-        }
+        o.copy_adapter_out(r, &self.tr.adapter, self.tr.max_tokens);
     }
 
     /// Gathers this sequence's dA and dB into the optimizer's flat gradients (set by the
