@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use bitlora_core::tolerance::TRAIN_STEP_BACKENDS;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -168,9 +170,10 @@ fn train_on_the_gpu_backend_matches_the_cpu_run() {
         "{cpu_before} vs {before}"
     );
     assert_eq!(gpu.len(), 20);
-    // The first step starts from the same adapter: the backends agree to rounding. Later steps
+    // The first step starts from the same adapter: the backends agree to rounding, or to
+    // TRAIN_STEP_BACKENDS where a last-ulp difference flips an int8 activation code. Later steps
     // drift apart slowly (AdamW normalises tiny gradient differences into full-size updates,
-    // and now and then a rounding flips an int8 activation code), so the runs only track.
+    // and the flips carry on), so the runs only track.
     let rel = |c: &serde_json::Value, g: &serde_json::Value, key: &str| {
         let (a, b) = (c[key].as_f64().unwrap(), g[key].as_f64().unwrap());
         (a - b).abs() / a.abs().max(1e-6)
@@ -178,7 +181,7 @@ fn train_on_the_gpu_backend_matches_the_cpu_run() {
     for key in ["loss", "grad_norm"] {
         let r = rel(&cpu[0], &gpu[0], key);
         assert!(
-            r < 1e-5,
+            r <= TRAIN_STEP_BACKENDS as f64,
             "step 1: {key} CPU {} GPU {}",
             cpu[0][key],
             gpu[0][key]

@@ -76,6 +76,16 @@ pub const TRAIN_STEP_SAME_KERNELS: f32 = 1e-5;
 /// 1e-3 leaves room for a few, not for a wrong step.
 pub const TRAIN_STEP_BACKENDS: f32 = 1e-3;
 
+/// Adam's moments m and v after one step from the same state on two backends (the GPU vs
+/// core's `Trainer::step` on the CPU), normwise over the whole adapter: the largest difference
+/// of any element over the largest value of any tensor. Rounding alone leaves ~1e-6 (measured
+/// on lavapipe). An int8 activation code flipped by a last-ulp difference (see
+/// [`TRAIN_STEP_BACKENDS`]) changes the activations downstream of it for that token, and so
+/// that token's share of the step's gradients: measured up to 2.0e-3 of the adapter's largest m
+/// in the steps with a flip on lavapipe (one moved the step's loss by 7.5e-5). 1e-2 leaves room for a few flips;
+/// a wrong gradient, mask, clipping factor or learning rate is of the order of 1.
+pub const TRAIN_STATE_BACKENDS: f32 = 1e-2;
+
 /// Adam's state (the adapter's update p - p0, m and v) after a few steps of the same optimizer
 /// on two paths over the same GPU gradient kernels (AdamW on the GPU vs core's AdamW on the
 /// GPU's read-back gradients), normwise per tensor as [`LORA_GRAD_NORMWISE`]. The first step's

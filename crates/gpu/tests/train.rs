@@ -17,7 +17,8 @@ use bitlora_core::model::tiny_config;
 use bitlora_core::optim::{AdamW, AdamWConfig, Schedule};
 use bitlora_core::rng::Rng;
 use bitlora_core::tolerance::{
-    ADAMW_STATE_NORMWISE, LORA_GRAD_NORMWISE, TRAIN_STEP_BACKENDS, TRAIN_STEP_SAME_KERNELS,
+    ADAMW_STATE_NORMWISE, LORA_GRAD_NORMWISE, TRAIN_STATE_BACKENDS, TRAIN_STEP_BACKENDS,
+    TRAIN_STEP_SAME_KERNELS,
 };
 use bitlora_core::trainer::{StepReport, TrainOptions, Trainer};
 use bitlora_core::{Activation, Config, Model, Tokenizer, data, peft, train};
@@ -67,6 +68,27 @@ fn compare_grads(what: &str, ours: &Lora, reference: &Lora, tol: f32) -> (f32, S
         }
     }
     worst
+}
+
+/// Normwise relative error over the whole adapter: the largest |ours - ref| of any tensor over
+/// the largest |ref| of any tensor.
+fn whole_adapter_normwise(ours: &Lora, reference: &Lora) -> f32 {
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    ours.clone().for_each_mut(|_, _, t| xs.extend_from_slice(t));
+    reference
+        .clone()
+        .for_each_mut(|_, _, t| ys.extend_from_slice(t));
+    assert_eq!(xs.len(), ys.len(), "adapters of other shapes");
+    let scale = ys.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = xs
+        .iter()
+        .zip(&ys)
+        .fold(0f32, |m, (u, v)| m.max((u - v).abs()));
+    if err == 0.0 {
+        0.0
+    } else {
+        err / scale.max(f32::MIN_POSITIVE)
+    }
 }
 
 /// The adapter PEFT starts from and PEFT's gradients, with the fixture's model.
@@ -521,13 +543,183 @@ fn trainer_settings(steps: usize) -> (LoraConfig, AdamWConfig, TrainOptions) {
     (lc, optim, options)
 }
 
-/// `GpuTrainer::step` (AdamW, the adapter and Adam's moments on the GPU) against core's
-/// `Trainer::step` on the CPU and against the GPU's gradients with core's AdamW (twin), for five
-/// steps: losses, gradient norms (clipping active: norms ~10 against a maximum of 0.5) and
-/// validation losses every step; after `sync`, the adapter's update and the moments. One GPU
-/// trainer serves the resident run and the twin in turn, and a loss of another adapter in
-/// between: each must find its own adapter there. A checkpoint written after `sync` at step 3,
-/// resumed into a fresh `Trainer` and a fresh `GpuTrainer`, continues exactly as the run did.
+/// A CPU `Trainer` in `t`'s state, through a checkpoint as a resumed run would be (call
+/// `GpuTrainer::sync` first when the GPU holds `t`'s state).
+fn fork(model: &Model, t: &Trainer) -> Trainer {
+    Trainer::resume(
+        &model.config,
+        t.data.clone(),
+        "checkpoint.safetensors",
+        &t.checkpoint(),
+    )
+    .unwrap()
+}
+
+/// One step of the resident GPU trainer `res` against core's `Trainer::step` on the CPU (`cpu`)
+/// and against the GPU's read-back gradients with core's AdamW (`twin`), all three starting
+/// from the state the GPU holds (synced). Each step is compared from one shared state, never
+/// after the paths have run apart: AdamW turns last-ulp differences into full-size updates of
+/// the elements whose gradients are near zero, and a last-ulp difference in front of the int8
+/// quantizer flips a code now and then (more often on some GPUs than others: on an H100 one
+/// such flip, carried through five steps, moved the grad norm by 1.2e-3), so free-running
+/// paths drift apart by amounts no tolerance can bound. From a shared state the twin computes
+/// the same gradients bit for bit, so the moments and the update must agree with it to
+/// ADAMW_STATE_NORMWISE per tensor. Against the CPU the loss, norm and validation loss agree to
+/// TRAIN_STEP_BACKENDS, and m and v (linear in the gradient and its square) to
+/// TRAIN_STATE_BACKENDS over the whole adapter, which allows for a flipped code (this happens
+/// on lavapipe in `gpu_step_skips_a_non_finite_step_without_touching_the_state`'s step 2); the
+/// per-tensor differences are reported. So is the update against the CPU: an element whose
+/// gradient is within rounding of zero may move by +lr on one backend and -lr on the other.
+/// The gradients themselves are held to LORA_GRAD_NORMWISE per tensor against the CPU and
+/// PEFT by the tests above, on inputs where no code flips.
+/// Returns the GPU's report and the worst normwise differences (to the twin, to the CPU).
+fn step_against_cpu_and_twin(
+    what: &str,
+    model: &Model,
+    g: &mut GpuTrainer,
+    res: &mut Trainer,
+) -> (StepReport, f32, f32) {
+    block(g.sync(res)).unwrap();
+    let before = state(res);
+    let (mut cpu, mut twin) = (fork(model, res), fork(model, res));
+    let want = cpu.step(model).unwrap();
+    let got = block(g.step(res)).unwrap();
+    let tw = step_with_cpu_adamw(g, &mut twin);
+    println!(
+        "{what} (lr {}): loss CPU {} GPU {} twin {}; grad norm CPU {} GPU {} twin {}; val CPU {:?} GPU {:?} twin {:?}; skipped CPU {:?} GPU {:?}",
+        got.lr,
+        want.loss,
+        got.loss,
+        tw.loss,
+        want.grad_norm,
+        got.grad_norm,
+        tw.grad_norm,
+        want.val_loss,
+        got.val_loss,
+        tw.val_loss,
+        want.skipped,
+        got.skipped
+    );
+    assert_eq!(
+        (got.step, got.epoch, got.tokens, got.lr),
+        (want.step, want.epoch, want.tokens, want.lr),
+        "{what}"
+    );
+    assert_eq!(
+        (got.skipped.is_some(), tw.skipped.is_some()),
+        (want.skipped.is_some(), want.skipped.is_some()),
+        "{what}: skipped on one path only"
+    );
+    assert_eq!(
+        (got.val_loss.is_some(), tw.val_loss.is_some()),
+        (want.val_loss.is_some(), want.val_loss.is_some()),
+        "{what}: validation"
+    );
+    let mut pairs = vec![];
+    if got.skipped.is_none() {
+        pairs.push(("loss", got.loss, want.loss, tw.loss));
+        pairs.push(("grad norm", got.grad_norm, want.grad_norm, tw.grad_norm));
+    }
+    if let (Some(a), Some(b), Some(c)) = (got.val_loss, want.val_loss, tw.val_loss) {
+        pairs.push(("validation loss", a, b, c));
+    }
+    for (name, gpu_v, cpu_v, twin_v) in pairs {
+        let (r_cpu, r_twin) = (rel(gpu_v, cpu_v), rel(gpu_v, twin_v));
+        println!(
+            "  {name}: relative difference to the CPU {r_cpu:.1e} (TRAIN_STEP_BACKENDS {TRAIN_STEP_BACKENDS:.0e}), to the twin {r_twin:.1e} (TRAIN_STEP_SAME_KERNELS {TRAIN_STEP_SAME_KERNELS:.0e})"
+        );
+        assert!(
+            r_cpu <= TRAIN_STEP_BACKENDS && r_twin <= TRAIN_STEP_SAME_KERNELS,
+            "{what}: {name} GPU {gpu_v} CPU {cpu_v} twin {twin_v}"
+        );
+    }
+    block(g.sync(res)).unwrap();
+    let after = state(res);
+    assert_eq!((after.3, after.4), (cpu.step, cpu.optimizer.step), "{what}");
+    assert_eq!(
+        (after.3, after.4),
+        (twin.step, twin.optimizer.step),
+        "{what}"
+    );
+    if got.skipped.is_some() {
+        assert!(
+            after.0 == before.0 && after.1 == before.1 && after.2 == before.2,
+            "{what}: a skipped step changed the GPU's adapter or moments"
+        );
+        assert_eq!(
+            (after.3, after.4),
+            (before.3 + 1, before.4),
+            "{what}: counts"
+        );
+        return (got, 0.0, 0.0);
+    }
+    let (mut to_twin, mut to_cpu) = (0f32, 0f32);
+    for (name, ours, cpu_v, twin_v, asserted) in [
+        (
+            "adapter update",
+            minus(&res.lora, &before.0),
+            minus(&cpu.lora, &before.0),
+            minus(&twin.lora, &before.0),
+            false,
+        ),
+        (
+            "m",
+            res.optimizer.m.clone(),
+            cpu.optimizer.m.clone(),
+            twin.optimizer.m.clone(),
+            true,
+        ),
+        (
+            "v",
+            res.optimizer.v.clone(),
+            cpu.optimizer.v.clone(),
+            twin.optimizer.v.clone(),
+            true,
+        ),
+    ] {
+        let (w_twin, n_twin) = compare_grads(
+            &format!("{what}: {name} vs the twin"),
+            &ours,
+            &twin_v,
+            ADAMW_STATE_NORMWISE,
+        );
+        let (w_cpu, n_cpu) = compare_grads(
+            &format!("{what}: {name} vs the CPU"),
+            &ours,
+            &cpu_v,
+            f32::INFINITY,
+        );
+        let whole = whole_adapter_normwise(&ours, &cpu_v);
+        println!(
+            "  {name}: worst normwise difference to the twin {w_twin:.2e} ({n_twin}; ADAMW_STATE_NORMWISE {ADAMW_STATE_NORMWISE:.0e}); to the CPU {whole:.2e} over the whole adapter ({}), {w_cpu:.2e} in {n_cpu} (reported)",
+            if asserted {
+                format!("TRAIN_STATE_BACKENDS {TRAIN_STATE_BACKENDS:.0e}")
+            } else {
+                "reported".to_string()
+            }
+        );
+        assert!(
+            !asserted || whole <= TRAIN_STATE_BACKENDS,
+            "{what}: {name} vs the CPU: {whole:e} of the whole adapter's largest value (tolerance {TRAIN_STATE_BACKENDS:e})"
+        );
+        to_twin = to_twin.max(w_twin);
+        if asserted {
+            to_cpu = to_cpu.max(whole);
+        }
+    }
+    (got, to_twin, to_cpu)
+}
+
+/// `GpuTrainer::step` (AdamW, the adapter and Adam's moments on the GPU) for five steps: each
+/// step against core's `Trainer::step` on the CPU and against the GPU's gradients with core's
+/// AdamW (twin), from the state the GPU holds (`step_against_cpu_and_twin`): warmup, cosine,
+/// weight decay, clipping (norms ~10 against a maximum of 0.5), accumulation 2, dropout and
+/// validation every 2. One GPU trainer serves the resident run and the twin in turn, and a loss
+/// of another adapter in between: each must find its own adapter there. A second GPU trainer
+/// runs the same five steps with no sync at all (the adapter and the moments never leave the
+/// GPU): the same reports and, at the end, the same state bit for bit. A checkpoint written
+/// after `sync` at step 3, resumed into a fresh `Trainer` and a fresh `GpuTrainer`, continues
+/// exactly as the run did.
 #[test]
 fn gpu_step_keeps_adamw_on_the_gpu_and_matches_the_cpu_trainer() {
     const STEPS: usize = 5;
@@ -544,7 +736,7 @@ fn gpu_step_keeps_adamw_on_the_gpu_and_matches_the_cpu_trainer() {
         )
         .unwrap()
     };
-    let (mut cpu, mut res, mut twin) = (make(), make(), make());
+    let (mut res, mut free) = (make(), make());
     let longest = data
         .train
         .iter()
@@ -556,109 +748,35 @@ fn gpu_step_keeps_adamw_on_the_gpu_and_matches_the_cpu_trainer() {
         let gm = GpuModel::new(gpu(), &model).unwrap();
         GpuTrainer::new(gm, &lora.config, longest).unwrap()
     };
-    let mut g = new_gpu_trainer();
+    let (mut g, mut g_free) = (new_gpu_trainer(), new_gpu_trainer());
     let l0 = block(g.mean_loss(&lora, &data.val)).unwrap().unwrap();
     let mut reports = Vec::new();
     let mut checkpoint = None;
+    let (mut to_twin, mut to_cpu) = (0f32, 0f32);
     for step in 1..=STEPS {
-        let want = cpu.step(&model).unwrap();
-        let got = block(g.step(&mut res)).unwrap();
-        let tw = step_with_cpu_adamw(&mut g, &mut twin);
-        println!(
-            "step {step} (lr {}): loss CPU {} GPU {} twin {}; grad norm CPU {} GPU {} twin {}; val CPU {:?} GPU {:?} twin {:?}",
-            got.lr,
-            want.loss,
-            got.loss,
-            tw.loss,
-            want.grad_norm,
-            got.grad_norm,
-            tw.grad_norm,
-            want.val_loss,
-            got.val_loss,
-            tw.val_loss
-        );
-        assert_eq!(
-            (got.step, got.epoch, got.tokens, got.lr, &got.skipped),
-            (want.step, want.epoch, want.tokens, want.lr, &want.skipped),
-            "step {step}"
-        );
-        assert_eq!(
-            (got.val_loss.is_some(), tw.val_loss.is_some()),
-            (want.val_loss.is_some(), want.val_loss.is_some()),
-            "step {step}: validation"
-        );
+        let (got, w_twin, w_cpu) =
+            step_against_cpu_and_twin(&format!("step {step}"), &model, &mut g, &mut res);
         assert!(got.skipped.is_none(), "step {step}: {:?}", got.skipped);
         assert!(
             got.grad_norm > optim.max_grad_norm.unwrap(),
             "step {step}: clipping does not act"
         );
-        let mut pairs = vec![
-            ("loss", got.loss, want.loss, tw.loss),
-            ("grad norm", got.grad_norm, want.grad_norm, tw.grad_norm),
-        ];
-        if let (Some(a), Some(b), Some(c)) = (got.val_loss, want.val_loss, tw.val_loss) {
-            pairs.push(("validation loss", a, b, c));
-        }
-        for (what, gpu_v, cpu_v, twin_v) in pairs {
-            let (r_cpu, r_twin) = (rel(gpu_v, cpu_v), rel(gpu_v, twin_v));
-            println!(
-                "  {what}: relative difference to the CPU {r_cpu:.1e} (TRAIN_STEP_BACKENDS {TRAIN_STEP_BACKENDS:.0e}), to the twin {r_twin:.1e} (TRAIN_STEP_SAME_KERNELS {TRAIN_STEP_SAME_KERNELS:.0e})"
-            );
-            assert!(
-                r_cpu <= TRAIN_STEP_BACKENDS && r_twin <= TRAIN_STEP_SAME_KERNELS,
-                "step {step}: {what} GPU {gpu_v} CPU {cpu_v} twin {twin_v}"
-            );
-        }
+        (to_twin, to_cpu) = (to_twin.max(w_twin), to_cpu.max(w_cpu));
+        assert_eq!(
+            block(g_free.step(&mut free)).unwrap(),
+            got,
+            "step {step}: the run that never syncs"
+        );
         if step == 3 {
-            block(g.sync(&mut res)).unwrap();
             checkpoint = Some(res.checkpoint());
         }
         reports.push(got);
     }
-    block(g.sync(&mut res)).unwrap();
-    // Adam's state. Against the twin (the same gradient kernels): ADAMW_STATE_NORMWISE. Against
-    // the CPU: m and v are sums of the steps' (clipped) gradients and of their squares, each
-    // gradient within LORA_GRAD_NORMWISE of the CPU's, so they are too; the update divides
-    // one by the root of the other, whose relative errors add up to about that again.
-    for (what, ours, reference, other) in [
-        (
-            "adapter update",
-            minus(&res.lora, &lora),
-            minus(&cpu.lora, &lora),
-            minus(&twin.lora, &lora),
-        ),
-        (
-            "m",
-            res.optimizer.m.clone(),
-            cpu.optimizer.m.clone(),
-            twin.optimizer.m.clone(),
-        ),
-        (
-            "v",
-            res.optimizer.v.clone(),
-            cpu.optimizer.v.clone(),
-            twin.optimizer.v.clone(),
-        ),
-    ] {
-        let (w_cpu, n_cpu) = compare_grads(
-            &format!("{what} vs the CPU"),
-            &ours,
-            &reference,
-            LORA_GRAD_NORMWISE,
-        );
-        let (w_twin, n_twin) = compare_grads(
-            &format!("{what} vs the twin"),
-            &ours,
-            &other,
-            ADAMW_STATE_NORMWISE,
-        );
-        println!(
-            "after {STEPS} steps, {what}: worst normwise difference to the CPU {w_cpu:.2e} ({n_cpu}; LORA_GRAD_NORMWISE {LORA_GRAD_NORMWISE:.0e}), to the twin {w_twin:.2e} ({n_twin}; ADAMW_STATE_NORMWISE {ADAMW_STATE_NORMWISE:.0e})"
-        );
-    }
-    assert_eq!(
-        (res.step, res.optimizer.step),
-        (cpu.step, cpu.optimizer.step)
+    assert!(res.lora != lora, "the adapter did not train");
+    block(g_free.sync(&mut free)).unwrap();
+    assert!(
+        state(&free) == state(&res),
+        "the run that never synced ends in another state"
     );
 
     // Another adapter's loss between resident runs: the upload cache must not take the
@@ -684,15 +802,15 @@ fn gpu_step_keeps_adamw_on_the_gpu_and_matches_the_cpu_trainer() {
     }
     block(g2.sync(&mut resumed)).unwrap();
     assert!(state(&resumed) == state(&res), "resumed state differs");
-    println!("resumed from step 3 on a fresh GPU trainer: steps 4-5 and the state identical");
+    println!(
+        "{STEPS} steps, each from the GPU's state: worst normwise difference of the update, m and v to the twin {to_twin:.2e} (per tensor), of m and v to the CPU {to_cpu:.2e} (over the whole adapter); a run that never syncs gives the same reports and state; resumed from step 3 on a fresh GPU trainer: steps 4-5 and the state identical"
+    );
 }
 
 /// A step whose loss is not finite (a NaN in one token's embedding, in one training sequence)
-/// is skipped on the GPU as on the CPU: the adapter and the moments the GPU holds (read back
-/// with `sync` around the step) do not change, the optimizer's step is not counted, and the
-/// steps after it go on as the GPU's gradients with core's AdamW (the twin) go. Against the CPU
-/// only the skips must agree: this data has one sequence whose dropout masks flip an int8 code
-/// between the backends (see TRAIN_STEP_BACKENDS), which AdamW then carries into the adapter.
+/// is skipped on the GPU as on the CPU and the twin: the adapter and the moments the GPU holds
+/// (read back with `sync` around the step) do not change and the optimizer's step is not
+/// counted; the steps around it are compared as in `step_against_cpu_and_twin`.
 #[test]
 fn gpu_step_skips_a_non_finite_step_without_touching_the_state() {
     const STEPS: usize = 6;
@@ -705,95 +823,29 @@ fn gpu_step_skips_a_non_finite_step_without_touching_the_state() {
     data.train[2].tokens[4] = POISON;
     let c = model.config.hidden_size;
     model.params.embed_tokens[POISON as usize * c] = f32::NAN;
-    let make = || {
-        Trainer::new(
-            &model.config,
-            lora.clone(),
-            optim.clone(),
-            data.clone(),
-            options.clone(),
-        )
-        .unwrap()
-    };
-    let (mut cpu, mut res, mut twin) = (make(), make(), make());
+    let mut res = Trainer::new(
+        &model.config,
+        lora.clone(),
+        optim.clone(),
+        data.clone(),
+        options.clone(),
+    )
+    .unwrap();
     let longest = data.train.iter().map(|s| s.tokens.len()).max().unwrap();
     let gm = GpuModel::new(gpu(), &model).unwrap();
     let mut g = GpuTrainer::new(gm, &lora.config, longest).unwrap();
-    let mut skipped = 0;
+    let (mut skipped, mut to_twin, mut to_cpu) = (0, 0f32, 0f32);
     for step in 1..=STEPS {
-        block(g.sync(&mut res)).unwrap();
-        let before = state(&res);
-        let want = cpu.step(&model).unwrap();
-        let got = block(g.step(&mut res)).unwrap();
-        let tw = step_with_cpu_adamw(&mut g, &mut twin);
-        println!(
-            "step {step}: loss CPU {} GPU {} twin {}, grad norm CPU {} GPU {} twin {}, skipped CPU {:?} GPU {:?}",
-            want.loss,
-            got.loss,
-            tw.loss,
-            want.grad_norm,
-            got.grad_norm,
-            tw.grad_norm,
-            want.skipped,
-            got.skipped
-        );
-        assert_eq!(
-            (got.skipped.is_some(), tw.skipped.is_some()),
-            (want.skipped.is_some(), want.skipped.is_some()),
-            "step {step}: skipped on one path only"
-        );
-        if got.skipped.is_some() {
-            skipped += 1;
-            block(g.sync(&mut res)).unwrap();
-            let (lora_b, m_b, v_b, step_b, opt_b) = before;
-            let after = state(&res);
-            assert!(
-                after.0 == lora_b && after.1 == m_b && after.2 == v_b,
-                "step {step}: a skipped step changed the GPU's adapter or moments"
-            );
-            assert_eq!(
-                (after.3, after.4),
-                (step_b + 1, opt_b),
-                "step {step}: counts"
-            );
-        } else {
-            for (what, a, b, c) in [
-                ("loss", got.loss, want.loss, tw.loss),
-                ("grad norm", got.grad_norm, want.grad_norm, tw.grad_norm),
-            ] {
-                assert!(
-                    rel(a, b) <= TRAIN_STEP_BACKENDS && rel(a, c) <= TRAIN_STEP_SAME_KERNELS,
-                    "step {step}: {what} GPU {a} CPU {b} twin {c}"
-                );
-            }
-        }
+        let (got, w_twin, w_cpu) =
+            step_against_cpu_and_twin(&format!("step {step}"), &model, &mut g, &mut res);
+        skipped += got.skipped.is_some() as usize;
+        (to_twin, to_cpu) = (to_twin.max(w_twin), to_cpu.max(w_cpu));
     }
     assert!(skipped > 0, "the poisoned sequence was never drawn");
-    block(g.sync(&mut res)).unwrap();
-    let mut worst = 0f32;
-    for (what, ours, other) in [
-        (
-            "adapter update",
-            minus(&res.lora, &lora),
-            minus(&twin.lora, &lora),
-        ),
-        ("m", res.optimizer.m.clone(), twin.optimizer.m.clone()),
-        ("v", res.optimizer.v.clone(), twin.optimizer.v.clone()),
-    ] {
-        let what = format!("{what} vs the twin, with a skipped step");
-        worst = worst.max(compare_grads(&what, &ours, &other, ADAMW_STATE_NORMWISE).0);
-    }
-    // Reported, not asserted: see the doc comment.
-    let (w_cpu, _) = compare_grads(
-        "adapter update vs the CPU",
-        &minus(&res.lora, &lora),
-        &minus(&cpu.lora, &lora),
-        f32::INFINITY,
-    );
+    assert!(skipped < STEPS, "every step was skipped");
     assert_eq!(res.optimizer.step, STEPS - skipped);
-    assert_eq!(twin.optimizer.step, STEPS - skipped);
     println!(
-        "{skipped} of {STEPS} steps skipped on the GPU, the twin and the CPU; state vs the twin: worst normwise {worst:.2e} (ADAMW_STATE_NORMWISE {ADAMW_STATE_NORMWISE:.0e}); adapter update vs the CPU {w_cpu:.2e}"
+        "{skipped} of {STEPS} steps skipped on the GPU, the twin and the CPU; the others' state vs the twin: worst normwise {to_twin:.2e} (ADAMW_STATE_NORMWISE {ADAMW_STATE_NORMWISE:.0e}); m and v vs the CPU {to_cpu:.2e} over the whole adapter (TRAIN_STATE_BACKENDS {TRAIN_STATE_BACKENDS:.0e})"
     );
 }
 
