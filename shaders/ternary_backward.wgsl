@@ -6,7 +6,7 @@
 // The sum for each dx[t, i] runs over p = 0..O4-1 and s = 0..3 in the order of the CPU
 // reference (bitlora_core::train::ternary_backward), each term dy * {-1, 0, 1} exact (so a
 // fused multiply-add rounds it as the separate add does), rows past O contributing dy = 0; then
-// one division by s_w. With ACC = 1 the result is added into dx (the q, k and v projections'
+// one division by s_w. With dims.acc = 1 the result is added into dx (the q, k and v projections'
 // input gradients sum into one buffer; CPU: dx_q + dx_k + dx_v).
 //
 // Blocking. Each sum stays with one invocation, serial in that order, so the parallelism is
@@ -27,11 +27,19 @@
 // chunk whatever TM; the workgroup memory is PC * 16 * (4 KW + TW + 1) bytes: 12.4 KiB for
 // (TM, TG) = (1, 16) or (2, 32), 10.1 KiB for (4, 32), within WebGPU's 16 KiB.
 // Tokens past T and rows past O4 load zeros; columns past I compute and are not written.
-// Dispatch (ceil(ceil(I / 4) / KW), ceil(T / (TG * TM)), 1).
+//
+// Split sums (dims.ps = PS > 0). At T = 128 the outputs give few workgroups (I/32 x T/16: 96 for
+// I = 768), under one per SM on a large GPU, so the packed rows can be split too: workgroup z
+// sums rows z*PS .. z*PS + PS - 1 (PS a multiple of PC) in the same order and writes its raw
+// partial sum to dx as a scratch of shape (S, T, I); ternary_backward_reduce.wgsl then adds
+// the S partials in order z = 0, 1, ... and divides by s_w. That changes the order of dx's
+// sum against the CPU reference (within f32 rounding, dot_f32_bound): harmless here, as dx
+// feeds only gradients, no int8 quantizer. CPU-emulated adapters keep PS = 0. PS is a uniform,
+// not an override, so that one pipeline serves every T (the launcher picks S from T).
+// Dispatch (ceil(ceil(I / 4) / KW), ceil(T / (TG * TM)), S), S = 1 when PS = 0.
 
 override I: u32;                  // in features
 override O: u32;                  // out features
-override ACC: u32 = 0u;           // 1: dx += result
 override TM: u32 = 1u;            // tokens per invocation: 1, 2 or 4
 override TG: u32 = 32u;           // token blocks per workgroup (y): 16 or 32
 override O4: u32 = (O + 3u) / 4u; // packed rows
@@ -45,14 +53,16 @@ override DS: u32 = TW + 1u;
 const KW: u32 = 8u;               // word columns per workgroup (x)
 
 struct Dims {
-    t: u32, // T
+    t: u32,  // T
+    ps: u32, // PS, packed rows per split (a multiple of PC); 0: all, the result written to dx
+    acc: u32, // 1: dx += result (PS = 0 only; the reduce pass adds otherwise)
 }
 
 @group(0) @binding(0) var<uniform> dims: Dims;
 @group(0) @binding(1) var<storage, read> dy: array<f32>;       // (T, O)
 @group(0) @binding(2) var<storage, read> w: array<u32>;        // (ceil(I/4), ceil(O/4)) packed words
 @group(0) @binding(3) var<storage, read> sw: array<f32>;       // (1) s_w
-@group(0) @binding(4) var<storage, read_write> dx: array<f32>; // (T, I)
+@group(0) @binding(4) var<storage, read_write> dx: array<f32>; // (T, I); (S, T, I) partials if PS > 0
 
 var<workgroup> codes: array<vec4<f32>, PC * 4u * KW>; // [pp][s][x]
 var<workgroup> dys: array<vec4<f32>, PC * DS>;   // [pp][token of the workgroup], row stride DS
@@ -79,14 +89,24 @@ fn dy_store(e: u32, v: f32) {
 }
 
 // dx[t, 4k .. 4k+3] (= or +=) a / s_w, the columns below I.
-fn put(t: u32, k: u32, a: vec4<f32>, s_w: f32) {
+fn put(t: u32, k: u32, a: vec4<f32>, s_w: f32, z: u32) {
     if t >= dims.t || k >= I4 {
+        return;
+    }
+    if dims.ps > 0u {
+        // The raw partial sum of split z.
+        let idx = (z * dims.t + t) * I + 4u * k;
+        let ni = I - 4u * k;
+        dx[idx] = a.x;
+        if ni > 1u { dx[idx + 1u] = a.y; }
+        if ni > 2u { dx[idx + 2u] = a.z; }
+        if ni > 3u { dx[idx + 3u] = a.w; }
         return;
     }
     let r = a / s_w;
     let idx = t * I + 4u * k;
     let ni = I - 4u * k;
-    if ACC == 1u {
+    if dims.acc == 1u {
         dx[idx] += r.x;
         if ni > 1u { dx[idx + 1u] += r.y; }
         if ni > 2u { dx[idx + 2u] += r.z; }
@@ -107,6 +127,13 @@ fn main(
 ) {
     let k0 = group.x * KW;
     let tb = group.y * TW; // the workgroup's first token
+    // This workgroup's packed rows: pb .. pe - 1.
+    var pb = 0u;
+    var pe = O4;
+    if dims.ps > 0u {
+        pb = group.z * dims.ps;
+        pe = min(O4, pb + dims.ps);
+    }
     // The staged word of this invocation: (k0 + li % KW, p0 + li / KW), if li < PC * KW.
     let wk = k0 + li % KW;
     let wp = li / KW;
@@ -114,13 +141,13 @@ fn main(
     let w_base = min(wk, I4 - 1u) * O4 + wp;
     // Its 8 staged dy values per chunk: elements li + n * NI, n = 0..7 (8 = 4 PC TW / NI).
     var w_next = 0x55555555u; // codes 1: zeros
-    if w_live && wp < O4 {
-        w_next = w[w_base];
+    if w_live && pb + wp < O4 {
+        w_next = w[w_base + pb];
     }
-    var d_lo = vec4<f32>(dy_load(li, 0u, tb), dy_load(li + NI, 0u, tb),
-                         dy_load(li + 2u * NI, 0u, tb), dy_load(li + 3u * NI, 0u, tb));
-    var d_hi = vec4<f32>(dy_load(li + 4u * NI, 0u, tb), dy_load(li + 5u * NI, 0u, tb),
-                         dy_load(li + 6u * NI, 0u, tb), dy_load(li + 7u * NI, 0u, tb));
+    var d_lo = vec4<f32>(dy_load(li, pb, tb), dy_load(li + NI, pb, tb),
+                         dy_load(li + 2u * NI, pb, tb), dy_load(li + 3u * NI, pb, tb));
+    var d_hi = vec4<f32>(dy_load(li + 4u * NI, pb, tb), dy_load(li + 5u * NI, pb, tb),
+                         dy_load(li + 6u * NI, pb, tb), dy_load(li + 7u * NI, pb, tb));
 
     var a0 = vec4<f32>(); // token tb + TM*y, columns 4k .. 4k+3
     var a1 = vec4<f32>();
@@ -128,7 +155,7 @@ fn main(
     var a3 = vec4<f32>();
     let x = lid.x;
     let tl = lid.y * TM; // first token within the workgroup
-    for (var p0 = 0u; p0 < O4; p0 += PC) {
+    for (var p0 = pb; p0 < pe; p0 += PC) {
         workgroupBarrier(); // the last chunk's reads are done
         if li < PC * KW {
             let c = wp * 4u * KW + li % KW;
@@ -149,7 +176,7 @@ fn main(
 
         // The next chunk's loads, in flight while this one is summed.
         let p1 = p0 + PC;
-        if p1 < O4 {
+        if p1 < pe {
             w_next = 0x55555555u;
             if w_live && p1 + wp < O4 {
                 w_next = w[w_base + p1];
@@ -198,12 +225,13 @@ fn main(
     let k = k0 + x;
     let t = tb + tl;
     let s_w = sw[0];
-    put(t, k, a0, s_w);
+    let z = group.z;
+    put(t, k, a0, s_w, z);
     if TM > 1u {
-        put(t + 1u, k, a1, s_w);
+        put(t + 1u, k, a1, s_w, z);
     }
     if TM > 2u {
-        put(t + 2u, k, a2, s_w);
-        put(t + 3u, k, a3, s_w);
+        put(t + 2u, k, a2, s_w, z);
+        put(t + 3u, k, a3, s_w, z);
     }
 }

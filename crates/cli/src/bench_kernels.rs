@@ -202,10 +202,12 @@ pub fn ternary_gpu(
                     eprintln!("  sweep forward  tm {tm} split {split:>2}: {us:8.1} us");
                 }
             }
-            for (tm, tg) in [(1, 16), (2, 16), (2, 32), (4, 16), (4, 32)] {
-                let op = TernaryBackward::with_blocking(dev, i, o, tm, tg);
-                let us = time_us(&gpu, reps, |r| op.encode(r, &dyt, &wt, &sw, &dxt))?;
-                eprintln!("  sweep backward tm {tm} tg {tg}:   {us:8.1} us");
+            for (tm, tg) in [(1, 16), (2, 16), (2, 32), (4, 32)] {
+                for splits in [1, 2, 4, 8, 16] {
+                    let op = TernaryBackward::with_blocking(dev, i, o, tm, tg).with_splits(splits);
+                    let us = time_us(&gpu, reps, |r| op.encode(r, &dyt, &wt, &sw, &dxt))?;
+                    eprintln!("  sweep backward tm {tm} tg {tg} splits {splits:>2}: {us:8.1} us");
+                }
             }
         }
         report.shapes.push(ShapeReport {

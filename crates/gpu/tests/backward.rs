@@ -23,8 +23,14 @@ fn ternary_backward_matches_reference() {
     let mut rng = Rng::new(21);
     let g = gpu();
     // O not a multiple of 4 (padding rows of the last packed row), I odd (columns mid-word),
-    // T above the workgroup size, a single output.
-    for (t, i, o) in [(37, 1000, 37), (70, 37, 10), (5, 65, 177), (1, 5, 1)] {
+    // T above the workgroup size, a single output; O long enough to split 8 ways.
+    for (t, i, o) in [
+        (37, 1000, 37),
+        (70, 37, 10),
+        (5, 65, 177),
+        (1, 5, 1),
+        (20, 41, 603),
+    ] {
         let lin = TernaryLinear::from_master(&normal(&mut rng, o * i, 0.02), o, i);
         let dy = normal(&mut rng, t * o, 1.0);
         let (dyt, dx) = (f32t("dy", &[t, o], &dy), zeros("dx", &[t, i]));
@@ -54,8 +60,65 @@ fn ternary_backward_matches_reference() {
                 train::ternary_backward_reference(&unit, &dy),
                 "ternary_backward sums T={t} I={i} O={o} ({tt} tokens per invocation, {tg} blocks)"
             );
+            // The packed rows split n ways (as on GPUs): each split's terms in the reference's
+            // order, the partial sums added in split order, then divided by s_w; written, and
+            // added into what dx holds.
+            for n in [2, 3, 8] {
+                let split = op.clone().with_splits(n);
+                let what =
+                    format!("ternary_backward T={t} I={i} O={o} ({tt}, {tg}) split {n} ways");
+                run(|r| split.encode(r, &dyt, &w, &sw, &dx));
+                let want = split_sums(&lin, &dy, 16 / tt, n);
+                assert_same_bits(&what, &read(&dx), &want);
+                KERNEL_F32.assert_close(&what, &read(&dx), &train::ternary_backward(&lin, &dy));
+                run(|r| split.encode_add(r, &dyt, &w, &sw, &dx));
+                let twice: Vec<f32> = want.iter().map(|v| v + v).collect();
+                assert_same_bits(&format!("{what}, added"), &read(&dx), &twice);
+            }
         }
     }
+}
+
+/// Fails naming the first element where `got` and `want` differ (not printing all of them).
+fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(k) = (0..got.len()).find(|&k| got[k] != want[k]) {
+        panic!("{what}: element {k} is {} instead of {}", got[k], want[k]);
+    }
+}
+
+/// What ternary_backward.wgsl computes with its packed rows split `n` ways in chunks of `pc`
+/// rows: per split, the reference's terms (packed rows ascending, then the four slots) summed
+/// serially; the splits' sums added in order; divided by s_w.
+fn split_sums(lin: &TernaryLinear, dy: &[f32], pc: usize, n: usize) -> Vec<f32> {
+    let (o, i) = (lin.out_features, lin.in_features);
+    let (o4, t) = (o.div_ceil(4), dy.len() / o);
+    let want = n.min(o4.div_ceil(pc));
+    let ps = if want <= 1 {
+        o4
+    } else {
+        o4.div_ceil(want).div_ceil(pc) * pc
+    };
+    let mut dx = vec![0f32; t * i];
+    for tt in 0..t {
+        for col in 0..i {
+            let mut total = 0f32;
+            for z in 0..o4.div_ceil(ps) {
+                let mut part = 0f32;
+                for p in z * ps..((z + 1) * ps).min(o4) {
+                    let b = lin.packed[p * i + col];
+                    for slot in 0..4 {
+                        let row = p + slot * o4;
+                        let g = if row < o { dy[tt * o + row] } else { 0.0 };
+                        part += g * (((b >> (2 * slot)) & 3) as f32 - 1.0);
+                    }
+                }
+                total = if z == 0 { part } else { total + part };
+            }
+            dx[tt * i + col] = total / lin.w_scale;
+        }
+    }
+    dx
 }
 
 #[test]

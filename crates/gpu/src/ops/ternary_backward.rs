@@ -1,27 +1,49 @@
 //! Launcher for `shaders/ternary_backward.wgsl`.
 
+use std::sync::{Arc, Mutex};
+
 use crate::GpuError;
 use crate::record::{Kernel, Recorder, expect, rows};
 use crate::tensor::{DType, GpuTensor};
 
 /// Word columns per workgroup (the shader's `KW`).
 const KW: usize = 8;
+/// Invocations per workgroup of the reduce pass (its `WG`).
+const REDUCE_WG: usize = 64;
+/// Split the packed rows until a dispatch has about this many workgroups (a few per SM on a
+/// large GPU), at most [`MAX_SPLITS`] ways.
+const TARGET_GROUPS: usize = 512;
+const MAX_SPLITS: usize = 8;
 
 pub const SOURCE: &str = include_str!("../../../../shaders/ternary_backward.wgsl");
+pub const REDUCE_SOURCE: &str = include_str!("../../../../shaders/ternary_backward_reduce.wgsl");
 
 /// BitLinear backward to the input, straight-through on the activation quantizer:
 /// `dx = dy . W / s_w` from the forward's packed ternary weight (the transposed product).
 ///
 /// Shapes: dy (T, O) f32, W (O, I) [`DType::Ternary`], s_w (1) f32, dx (T, I) f32 (written by
 /// [`TernaryBackward::encode`], added into by [`TernaryBackward::encode_add`]).
+///
+/// Where the outputs alone give few workgroups (a GPU, not a CPU-emulated adapter), the packed
+/// rows are split across workgroups too and a second pass adds the partial sums in order
+/// (`ternary_backward_reduce.wgsl`); dx then equals the CPU reference within f32 rounding
+/// instead of bit for bit, which is harmless: it feeds only gradients, no int8 quantizer.
 #[derive(Clone, Debug)]
 pub struct TernaryBackward {
     kernel: Kernel,
-    kernel_add: Kernel,
+    reduce: Kernel,
+    reduce_add: Kernel,
     i: usize,
     o: usize,
     tm: usize,
     tg: usize,
+    /// Splits: None picks from T (GPUs) or never splits (CPU adapters); Some(n) forces n.
+    splits: Option<usize>,
+    split_on: bool,
+    /// The (S, T, I) partial sums, grown on demand; shared by the clones (one queue runs them
+    /// one after another).
+    scratch: Arc<Mutex<Option<GpuTensor>>>,
+    device: wgpu::Device,
 }
 
 impl TernaryBackward {
@@ -33,6 +55,9 @@ impl TernaryBackward {
     /// workgroups (I/32 x T/32 = 256 at T = 128) and halves the staging per multiply-add.
     /// Measured on the H100 at T = 128 (`BITLORA_BENCH_SWEEP=1 bitlora bench ternary`): 2 is
     /// 25-30% faster for I = 2048, 3072 and 3584, 1 is 12-14% faster for I = 768.
+    ///
+    /// On a GPU the packed rows are also split across workgroups (see the type's doc) where the
+    /// outputs give fewer than ~512 workgroups; a CPU-emulated adapter never splits.
     pub fn new(device: &wgpu::Device, i: usize, o: usize) -> TernaryBackward {
         let cpu = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
         let (tm, tg) = match (cpu, i >= 2048) {
@@ -40,7 +65,16 @@ impl TernaryBackward {
             (false, false) => (1, 16),
             (false, true) => (2, 16),
         };
-        Self::with_blocking(device, i, o, tm, tg)
+        let mut op = Self::with_blocking(device, i, o, tm, tg);
+        op.split_on = !cpu;
+        op
+    }
+
+    /// The same op with the packed rows split `n` ways (at most one split per chunk of rows;
+    /// 1: never), whatever the device (tests, benchmarks).
+    pub fn with_splits(mut self, n: usize) -> TernaryBackward {
+        self.splits = Some(n.max(1));
+        self
     }
 
     /// With `tt` tokens per invocation (1, 2 or 4) in workgroups of 8 x 16 (1) or 8 x 32.
@@ -56,7 +90,7 @@ impl TernaryBackward {
     /// With an explicit blocking (benchmarks, tests): `tm` tokens per invocation (1, 2 or 4)
     /// and `tg` token blocks per workgroup (16 or 32; workgroups of 8 x tg invocations), not
     /// (1, 32), whose staging would pass WebGPU's 16 KiB of workgroup memory. The results are
-    /// the same, bit for bit, with any.
+    /// the same, bit for bit, with any. Never splits the rows (see [`TernaryBackward::with_splits`]).
     pub fn with_blocking(
         device: &wgpu::Device,
         i: usize,
@@ -72,28 +106,58 @@ impl TernaryBackward {
             [16, 32].contains(&tg) && (tm, tg) != (1, 32),
             "ternary_backward: 16 or 32 token blocks per workgroup, 16 with 1 token per invocation"
         );
-        let k = |acc: f64| {
+        let reduce = |acc: f64| {
             Kernel::new(
+                device,
+                "ternary_backward_reduce",
+                REDUCE_SOURCE,
+                &[("I", super::c(i)), ("ACC", acc)],
+            )
+        };
+        TernaryBackward {
+            kernel: Kernel::new(
                 device,
                 "ternary_backward",
                 SOURCE,
                 &[
                     ("I", super::c(i)),
                     ("O", super::c(o)),
-                    ("ACC", acc),
                     ("TM", super::c(tm)),
                     ("TG", super::c(tg)),
                 ],
-            )
-        };
-        TernaryBackward {
-            kernel: k(0.0),
-            kernel_add: k(1.0),
+            ),
+            reduce: reduce(0.0),
+            reduce_add: reduce(1.0),
             i,
             o,
             tm,
             tg,
+            splits: None,
+            split_on: false,
+            scratch: Arc::new(Mutex::new(None)),
+            device: device.clone(),
         }
+    }
+
+    /// (S, PS) for `t` tokens: S workgroups along the packed rows of PS rows each (PS a
+    /// multiple of the shader's chunk PC = 16 / TM); (1, 0) unsplit.
+    fn split_for(&self, t: usize) -> (usize, usize) {
+        let o4 = self.o.div_ceil(4);
+        let pc = 16 / self.tm;
+        let want = match self.splits {
+            Some(n) => n,
+            None if self.split_on => {
+                let groups = self.i.div_ceil(4).div_ceil(KW) * t.div_ceil(self.tg * self.tm);
+                (TARGET_GROUPS / groups.max(1)).clamp(1, MAX_SPLITS)
+            }
+            None => 1,
+        };
+        let want = want.min(o4.div_ceil(pc));
+        if want <= 1 {
+            return (1, 0);
+        }
+        let ps = o4.div_ceil(want).div_ceil(pc) * pc;
+        (o4.div_ceil(ps), ps)
     }
 
     /// dx = dy . W / s_w.
@@ -105,7 +169,7 @@ impl TernaryBackward {
         sw: &GpuTensor,
         dx: &GpuTensor,
     ) -> Result<(), GpuError> {
-        self.record(rec, &self.kernel, dy, w, sw, dx)
+        self.record(rec, false, dy, w, sw, dx)
     }
 
     /// dx += dy . W / s_w.
@@ -117,13 +181,13 @@ impl TernaryBackward {
         sw: &GpuTensor,
         dx: &GpuTensor,
     ) -> Result<(), GpuError> {
-        self.record(rec, &self.kernel_add, dy, w, sw, dx)
+        self.record(rec, true, dy, w, sw, dx)
     }
 
     fn record(
         &self,
         rec: &mut Recorder,
-        kernel: &Kernel,
+        add: bool,
         dy: &GpuTensor,
         w: &GpuTensor,
         sw: &GpuTensor,
@@ -134,15 +198,45 @@ impl TernaryBackward {
         expect(OP, w, DType::Ternary, &[self.o, self.i])?;
         expect(OP, sw, DType::F32, &[1])?;
         expect(OP, dx, DType::F32, &[t, self.i])?;
-        let dims = rec.dims(OP, &[t])?;
+        let (splits, ps) = self.split_for(t);
+        let groups = [
+            self.i.div_ceil(4).div_ceil(KW),
+            t.div_ceil(self.tg * self.tm),
+            splits,
+        ];
+        if splits == 1 {
+            // One serial sum per output, divided by s_w and written (or added) in place.
+            let dims = rec.dims(OP, &[t, 0, usize::from(add)])?;
+            return rec.dispatch(
+                &self.kernel,
+                &[&dims, &dy.buffer, &w.buffer, &sw.buffer, &dx.buffer],
+                groups,
+            );
+        }
+        let part = {
+            let mut slot = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            let need = splits * t * self.i;
+            if slot.as_ref().is_none_or(|p| p.numel() < need) {
+                *slot = Some(GpuTensor::zeros(
+                    &self.device,
+                    "ternary_backward partial sums",
+                    &[need],
+                    DType::F32,
+                )?);
+            }
+            slot.as_ref().expect("made above").buffer.clone()
+        };
+        let dims = rec.dims(OP, &[t, ps, 0])?;
         rec.dispatch(
-            kernel,
-            &[&dims, &dy.buffer, &w.buffer, &sw.buffer, &dx.buffer],
-            [
-                self.i.div_ceil(4).div_ceil(KW),
-                t.div_ceil(self.tg * self.tm),
-                1,
-            ],
+            &self.kernel,
+            &[&dims, &dy.buffer, &w.buffer, &sw.buffer, &part],
+            groups,
+        )?;
+        let dims = rec.dims(OP, &[t, splits])?;
+        rec.dispatch(
+            if add { &self.reduce_add } else { &self.reduce },
+            &[&dims, &part, &sw.buffer, &dx.buffer],
+            [self.i.div_ceil(REDUCE_WG), t, 1],
         )
     }
 }
