@@ -1,5 +1,5 @@
-// Dense f32 y (T, O) = x (T, I) . W^T with W (O, I): the language-model head (tied: W is the
-// embedding table).
+// Dense y (T, O) = x (T, I) . W^T, W (O, I) f32 or bf16, summed in f32: the language-model
+// head (tied: W is the embedding table).
 //
 // Each output y[t, o] is one sum of x[t, k] * w[o, k] over k = 0, 1, ..., I-1 in order, the CPU
 // reference's summation order, whatever the blocking below: every kernel variant accumulates
@@ -46,6 +46,11 @@
 // and fills columns o0 .. o0+OC of y. x may be a window of rows (x_row0 .. x_row0+T) of a
 // taller buffer, e.g. only the last position when only the next token's logits are wanted.
 // Neither the chunking nor the window changes any output's summation.
+//
+// W is f32, or bf16 packed two per word (BF16: element 2k in the low half, 2k + 1 in the high
+// half; the model stores a bf16 checkpoint's embedding and head so, at half the bytes). w_at
+// widens a bf16 exactly to its f32, so both formats give the same products and sums, bit for
+// bit.
 // Dispatch: tiled (ceil(OC / BO), ceil(T / BT), 1); direct (ceil(ceil(OC / TO) / WG),
 // ceil(T / TT), 1).
 
@@ -55,6 +60,7 @@ override WG: u32 = 64u;   // workgroup size: 256 when tiled
 override TILED = false;   // the tiled kernel (WG = 256), else the direct one
 override TT: u32 = 8u;    // direct: tokens per invocation: 8, or 1 (then TO = 1)
 override TO: u32 = 4u;    // direct: outputs per invocation: 4, or 1 (with TT = 1)
+override BF16 = false;    // W is bf16 pairs, else f32 bits
 
 const KC: u32 = 16u;      // tiled: k per staged chunk
 const NO: u32 = 32u;      // tiled: invocations along the outputs (lid % NO)
@@ -75,8 +81,17 @@ struct Dims {
 
 @group(0) @binding(0) var<uniform> dims: Dims;
 @group(0) @binding(1) var<storage, read> x: array<f32>;       // (R, I), R >= x_row0 + T
-@group(0) @binding(2) var<storage, read> w: array<f32>;       // (OC, I): rows o0 .. o0+OC of (O, I)
+@group(0) @binding(2) var<storage, read> w: array<u32>;       // (OC, I) f32 or bf16: rows o0 .. o0+OC of (O, I)
 @group(0) @binding(3) var<storage, read_write> y: array<f32>; // (T, O)
+
+// Element i of the W chunk as f32 (bf16: its bits shifted up, exact).
+fn w_at(i: u32) -> f32 {
+    if BF16 {
+        let word = w[i >> 1u];
+        return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (i & 1u) == 1u));
+    }
+    return bitcast<f32>(w[i]);
+}
 
 var<workgroup> ws: array<vec4<f32>, WSN>; // tiled: [k][o4], row stride WS
 var<workgroup> xs: array<vec4<f32>, XSN>; // tiled: [k][t4], row stride XS
@@ -97,7 +112,7 @@ fn put(t: u32, o: u32, n: u32, a: vec4<f32>) {
 // Staging element e of the chunk at k0: W row ob0 + e / KC (clamped to the chunk), x row
 // tb0 + e / KC (clamped to T), k = k0 + e % KC (clamped to I: the copies are never summed).
 fn w_load(e: u32, k0: u32, ob0: u32) -> f32 {
-    return w[min(ob0 + e / KC, dims.oc - 1u) * I + min(k0 + e % KC, I - 1u)];
+    return w_at(min(ob0 + e / KC, dims.oc - 1u) * I + min(k0 + e % KC, I - 1u));
 }
 
 fn x_load(e: u32, k0: u32, tb0: u32) -> f32 {
@@ -224,9 +239,9 @@ fn direct(gid: vec2<u32>) {
     for (var k = 0u; k < I; k++) {
         var wv: vec4<f32>;
         if TO == 4u {
-            wv = vec4<f32>(w[w0 + k], w[w1 + k], w[w2 + k], w[w3 + k]);
+            wv = vec4<f32>(w_at(w0 + k), w_at(w1 + k), w_at(w2 + k), w_at(w3 + k));
         } else {
-            wv = vec4<f32>(w[w0 + k]);
+            wv = vec4<f32>(w_at(w0 + k));
         }
         a0 += x[x0 + k] * wv;
         if TT == 8u {

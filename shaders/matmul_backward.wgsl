@@ -1,4 +1,4 @@
-// Backward of matmul.wgsl to its input: dx (T, I) = dy (T, O) . W with W (O, I) dense f32: the
+// Backward of matmul.wgsl to its input: dx (T, I) = dy (T, O) . W with W (O, I) dense: the
 // language-model head's dX (W is the embedding when tied), from the cross-entropy's dlogits.
 // As bitlora_core::train::forward_backward's row-by-row `dxn[t] += dlogits[t, v] * head[v]`.
 //
@@ -18,11 +18,14 @@
 // of W and 8 of dy for 32 multiply-adds (register blocking: CPU-emulated adapters such as
 // lavapipe pay for every load an invocation makes, real GPUs for the bandwidth). Each sum runs
 // over o in ascending order.
+// W is f32, or bf16 packed two per word (BF16: element 2k in the low half, 2k + 1 in the high
+// half), widened exactly by w_at: the same sums either way.
 // Dispatch (ceil(ceil(I / TI) / WG), ceil(T / TT), S).
 
 override I: u32;        // in features (C)
 override O: u32;        // out features (V), dy's row width
 override WG: u32 = 64u; // workgroup size
+override BF16 = false;  // W is bf16 pairs, else f32 bits
 const TT: u32 = 8u;     // tokens per invocation
 const TI: u32 = 4u;     // columns of dx per invocation
 
@@ -38,8 +41,17 @@ struct Dims {
 
 @group(0) @binding(0) var<uniform> dims: Dims;
 @group(0) @binding(1) var<storage, read> dy: array<f32>;        // (T, O)
-@group(0) @binding(2) var<storage, read> w: array<f32>;         // (OC, I): rows o0 .. o0+OC of (O, I)
+@group(0) @binding(2) var<storage, read> w: array<u32>;         // (OC, I) f32 or bf16: rows o0 .. o0+OC of (O, I)
 @group(0) @binding(3) var<storage, read_write> out: array<f32>; // dx (R, I), R >= dx_row0 + T; or scratch (S, TP, I)
+
+// Element i of the W chunk as f32 (bf16: its bits shifted up, exact).
+fn w_at(i: u32) -> f32 {
+    if BF16 {
+        let word = w[i >> 1u];
+        return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (i & 1u) == 1u));
+    }
+    return bitcast<f32>(w[i]);
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -76,7 +88,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var a7 = vec4<f32>();
     for (var o = o_begin; o < o_end; o++) {
         let b = o * I;
-        let wv = vec4<f32>(w[b + c0], w[b + c1], w[b + c2], w[b + c3]);
+        let wv = vec4<f32>(w_at(b + c0), w_at(b + c1), w_at(b + c2), w_at(b + c3));
         a0 += dy[r0 + o] * wv;
         a1 += dy[r1 + o] * wv;
         a2 += dy[r2 + o] * wv;

@@ -27,6 +27,16 @@
 //! that fit one storage binding (one dispatch per chunk). A pass over more tokens than its
 //! (T, V) logits or (T, F) activations can hold in one binding is cut into several passes
 //! through the cache, which by the above gives the same logits.
+//!
+//! Storage of the embedding and the head: bf16 when every value is exactly a bf16 and C is
+//! even, else f32 ([`SplitTensor::upload`]). BitNet checkpoints store both tables in bf16 and
+//! the loader widens them to f32 exactly, so they take half the f32 bytes on the GPU (1b shape,
+//! V = 32002, C = 2048, untied: 2 x 131 MB instead of 2 x 262 MB), split at the rows where f32
+//! chunks would be (the head's backward sums chunk by chunk). embedding.wgsl, matmul.wgsl and
+//! matmul_backward.wgsl read a bf16 value as the same f32 (`bits << 16`) and do the same f32
+//! operations in the same order, so logits and gradients are bit-identical to f32 storage ([`GpuModel::with_f32_tables`] forces f32;
+//! tests/model.rs compares the two). The embedding and an untied head choose independently;
+//! the ops are built for the format of the tensor they read.
 
 use bitlora_core::lora::Lora;
 use bitlora_core::model::projections;
@@ -398,6 +408,27 @@ impl GpuModel {
         model: &Model,
         max_binding: u64,
     ) -> Result<GpuModel, GpuError> {
+        Self::build(gpu, model, max_binding, true)
+    }
+
+    /// As [`GpuModel::with_max_binding`], the embedding and the head stored as f32 even when
+    /// bf16 would be lossless: for tests (and measurements) comparing the two formats, which
+    /// give the same results bit for bit.
+    pub fn with_f32_tables(
+        gpu: &Gpu,
+        model: &Model,
+        max_binding: u64,
+    ) -> Result<GpuModel, GpuError> {
+        Self::build(gpu, model, max_binding, false)
+    }
+
+    /// `bf16_tables`: store the embedding and the head as bf16 where that is lossless.
+    fn build(
+        gpu: &Gpu,
+        model: &Model,
+        max_binding: u64,
+        bf16_tables: bool,
+    ) -> Result<GpuModel, GpuError> {
         let dev = &gpu.device;
         let cfg = &model.config;
         let p = &model.params;
@@ -435,18 +466,21 @@ impl GpuModel {
             })
         };
 
-        let embed_tokens = SplitTensor::f32(
-            dev,
-            "model.embed_tokens.weight",
-            v,
-            c,
-            &p.embed_tokens,
-            split,
-        )?;
+        let table = |name: &str, w: &[f32]| {
+            if bf16_tables {
+                SplitTensor::upload(dev, name, v, c, w, split)
+            } else {
+                SplitTensor::f32(dev, name, v, c, w, split)
+            }
+        };
+        let embed_tokens = table("model.embed_tokens.weight", &p.embed_tokens)?;
         let lm_head = match &p.lm_head {
-            Some(w) => Some(SplitTensor::f32(dev, "lm_head.weight", v, c, w, split)?),
+            Some(w) => Some(table("lm_head.weight", w)?),
             None => None,
         };
+        let head_w = lm_head.as_ref().unwrap_or(&embed_tokens);
+        let embedding = Embedding::with_bf16(dev, c, embed_tokens.dtype == DType::Bf16);
+        let head = Matmul::with_bf16(dev, c, v, head_w.dtype == DType::Bf16);
         let mut layers = Vec::with_capacity(p.layers.len());
         for (l, lp) in p.layers.iter().enumerate() {
             let n = |s: &str| format!("model.layers.{l}.{s}.weight");
@@ -517,7 +551,7 @@ impl GpuModel {
             lm_head,
             rope_cos,
             rope_sin,
-            embedding: Embedding::new(dev, c),
+            embedding,
             quant_c: ActQuant::new(dev, c),
             quant_q: ActQuant::new(dev, q_dim),
             quant_f: ActQuant::new(dev, f),
@@ -526,7 +560,7 @@ impl GpuModel {
             attention: Attention::new(dev, nh, nkv, hs),
             gated_act: GatedAct::new(dev, f, cfg.hidden_act),
             residual_add: ResidualAdd::new(dev, c),
-            head: Matmul::new(dev, c, v),
+            head,
             max_pass_tokens,
             max_binding: split,
             weight_bytes,
@@ -597,9 +631,24 @@ impl GpuModel {
     }
 
     /// Bytes of GPU memory the weights take (packed ternary projections, f32 norms,
-    /// embedding and head, RoPE tables). A [`GpuKvCache`] adds [`GpuKvCache::bytes`].
+    /// embedding and head (bf16 or f32), RoPE tables). A [`GpuKvCache`] adds
+    /// [`GpuKvCache::bytes`].
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+
+    /// How the embedding and the untied head (None when tied) are stored: [`DType::Bf16`]
+    /// when lossless, else [`DType::F32`] (see the module doc).
+    pub fn table_dtypes(&self) -> (DType, Option<DType>) {
+        (
+            self.embed_tokens.dtype,
+            self.lm_head.as_ref().map(|h| h.dtype),
+        )
+    }
+
+    /// The head's weight: the untied head, or the embedding when tied.
+    pub(crate) fn head_weight(&self) -> &SplitTensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
     /// Chunks the embedding (and the head, when untied) is split into along V.
@@ -829,7 +878,7 @@ impl GpuModel {
             lora(r, l, 6, &ws.ffn_n, &ws.proj, 0)?;
             self.residual_add.encode(r, &ws.h, &ws.proj)?;
         }
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let w = self.head_weight();
         let logits = match head {
             Head::Skip => None,
             Head::All => {

@@ -17,6 +17,11 @@ use crate::{Gpu, GpuError};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
+    /// bfloat16 packed two per u32 word along the flattened tensor: element 2k in the low
+    /// half, 2k + 1 in the high half (an odd count pads the last high half with 0). A value's
+    /// f32 is `bits << 16`, exact. Used for the embedding and the head when lossless
+    /// ([`SplitTensor::upload`]).
+    Bf16,
     U32,
     /// int8 codes packed four per u32 (little-endian) along the last dimension: a (R, K) tensor
     /// is stored as (R, ceil(K/4)) words, padding codes 0. Written by act_quant.wgsl.
@@ -41,6 +46,7 @@ impl DType {
         };
         let bytes = match self {
             DType::F32 | DType::U32 => 4 * n,
+            DType::Bf16 => 4 * n.div_ceil(2),
             DType::I8x4 => 4 * rows * last.div_ceil(4),
             DType::Ternary => {
                 // shape (O, I): rows == O, last == I; (I4, O4) words
@@ -153,6 +159,37 @@ impl GpuTensor {
         check_len(&name, shape, data.len())?;
         let data = if data.is_empty() { &[0f32][..] } else { data };
         Self::from_bytes(device, name, shape, DType::F32, bytemuck::cast_slice(data))
+    }
+
+    /// A [`DType::Bf16`] tensor of `shape` from row-major f32 data, every value of which must be
+    /// exactly a bf16 (the low 16 bits of its f32 bits zero; see [`bf16_exact`]): the upload is
+    /// lossless or refused.
+    pub fn bf16(
+        device: &wgpu::Device,
+        name: impl Into<String>,
+        shape: &[usize],
+        data: &[f32],
+    ) -> Result<GpuTensor, GpuError> {
+        let name = name.into();
+        check_len(&name, shape, data.len())?;
+        let mut words = vec![0u32; data.len().div_ceil(2).max(1)];
+        for (k, &v) in data.iter().enumerate() {
+            let bits = v.to_bits();
+            if bits & 0xffff != 0 {
+                return Err(GpuError::Shape {
+                    op: "upload",
+                    msg: format!("`{name}` value {k} ({v:e}) is not exactly a bf16"),
+                });
+            }
+            words[k / 2] |= (bits >> 16) << (16 * (k % 2));
+        }
+        Self::from_bytes(
+            device,
+            name,
+            shape,
+            DType::Bf16,
+            bytemuck::cast_slice(&words),
+        )
     }
 
     /// A u32 tensor of `shape` (token ids).
@@ -268,22 +305,27 @@ impl GpuTensor {
     }
 }
 
-/// A 2-D f32 tensor (R, C) split along R into chunks of consecutive rows, each small enough for
+/// A 2-D tensor (R, C) split along R into chunks of consecutive rows, each small enough for
 /// one storage binding: the embedding and the head of large-vocabulary models (2B-4T: 128256 x
 /// 2560 f32 = 1.3 GB, against 128 MiB on lavapipe and many phones). Kernels that read it take
-/// one dispatch per chunk (embedding.wgsl, matmul.wgsl). A tensor that fits is one chunk.
+/// one dispatch per chunk (embedding.wgsl, matmul.wgsl, matmul_backward.wgsl). A tensor that
+/// fits is one chunk. Every chunk has the same element type, [`DType::F32`] or, when that
+/// loses nothing, [`DType::Bf16`] ([`SplitTensor::upload`]).
 #[derive(Clone, Debug)]
 pub struct SplitTensor {
     pub name: String,
     pub rows: usize, // R
     pub cols: usize, // C
+    /// The chunks' element type: F32 or Bf16.
+    pub dtype: DType,
     /// (first row, the chunk (RC, C)), in order, covering 0..R.
     pub chunks: Vec<(usize, GpuTensor)>,
 }
 
 impl SplitTensor {
-    /// Uploads `data` (R, C) row-major in chunks of at most `max_chunk_bytes` (at least one row
-    /// per chunk; a single row larger than the device's binding limit is [`GpuError::TooLarge`]).
+    /// Uploads `data` (R, C) row-major as f32 in chunks of at most `max_chunk_bytes` (at least
+    /// one row per chunk; a single row larger than the device's binding limit is
+    /// [`GpuError::TooLarge`]).
     pub fn f32(
         device: &wgpu::Device,
         name: impl Into<String>,
@@ -292,10 +334,48 @@ impl SplitTensor {
         data: &[f32],
         max_chunk_bytes: u64,
     ) -> Result<SplitTensor, GpuError> {
+        Self::with_dtype(device, name, rows, cols, data, max_chunk_bytes, DType::F32)
+    }
+
+    /// As [`SplitTensor::f32`], stored as bf16 (half the bytes) when that is lossless: C is
+    /// even (rows start on a word) and every value is exactly a bf16 ([`bf16_exact`]), as in
+    /// checkpoints stored in bf16. Kernels widen each value back to the same f32, so results
+    /// do not depend on the choice.
+    ///
+    /// The chunks keep the rows f32 chunks would have (a bf16 chunk is half of
+    /// `max_chunk_bytes`, not twice the rows): the head's backward (matmul_backward.wgsl) sums
+    /// each chunk's rows, then adds the chunks, so the chunk boundaries group its sums, and the
+    /// same boundaries give the same bits.
+    pub fn upload(
+        device: &wgpu::Device,
+        name: impl Into<String>,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+        max_chunk_bytes: u64,
+    ) -> Result<SplitTensor, GpuError> {
+        let dtype = if cols.is_multiple_of(2) && bf16_exact(data) {
+            DType::Bf16
+        } else {
+            DType::F32
+        };
+        Self::with_dtype(device, name, rows, cols, data, max_chunk_bytes, dtype)
+    }
+
+    fn with_dtype(
+        device: &wgpu::Device,
+        name: impl Into<String>,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+        max_chunk_bytes: u64,
+        dtype: DType,
+    ) -> Result<SplitTensor, GpuError> {
         let name = name.into();
         check_len(&name, &[rows, cols], data.len())?;
-        let per_chunk =
-            ((max_chunk_bytes / (4 * cols.max(1) as u64)) as usize).clamp(1, rows.max(1));
+        // f32 rows whatever the dtype: the same chunk boundaries (see SplitTensor::upload).
+        let row_bytes = 4 * cols.max(1) as u64;
+        let per_chunk = ((max_chunk_bytes / row_bytes) as usize).clamp(1, rows.max(1));
         let mut chunks = Vec::with_capacity(rows.div_ceil(per_chunk));
         for row0 in (0..rows).step_by(per_chunk) {
             let n = per_chunk.min(rows - row0);
@@ -304,18 +384,18 @@ impl SplitTensor {
             } else {
                 format!("{name}[{row0}..{}]", row0 + n)
             };
-            let t = GpuTensor::f32(
-                device,
-                chunk_name,
-                &[n, cols],
-                &data[row0 * cols..(row0 + n) * cols],
-            )?;
+            let values = &data[row0 * cols..(row0 + n) * cols];
+            let t = match dtype {
+                DType::Bf16 => GpuTensor::bf16(device, chunk_name, &[n, cols], values)?,
+                _ => GpuTensor::f32(device, chunk_name, &[n, cols], values)?,
+            };
             chunks.push((row0, t));
         }
         Ok(SplitTensor {
             name,
             rows,
             cols,
+            dtype,
             chunks,
         })
     }
@@ -324,6 +404,12 @@ impl SplitTensor {
     pub fn bytes(&self) -> u64 {
         self.chunks.iter().map(|(_, t)| t.bytes()).sum()
     }
+}
+
+/// Whether every value is exactly a bfloat16: the low 16 bits of its f32 bits are zero (what a
+/// bf16 checkpoint converted to f32 gives).
+pub fn bf16_exact(data: &[f32]) -> bool {
+    data.iter().all(|v| v.to_bits() & 0xffff == 0)
 }
 
 fn check_len(name: &str, shape: &[usize], len: usize) -> Result<(), GpuError> {

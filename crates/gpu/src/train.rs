@@ -538,7 +538,12 @@ impl GpuTrainer {
             rope_back_k: RopeBackward::new(&dev, nkv, hs),
             attention_back: AttentionBackward::new(&dev, nh, nkv, hs),
             cross_entropy: CrossEntropy::new(&dev, v),
-            head_back: MatmulBackward::new(&dev, c, v),
+            head_back: MatmulBackward::with_bf16(
+                &dev,
+                c,
+                v,
+                model.head_weight().dtype == DType::Bf16,
+            ),
         };
         let acts = Acts::new(&dev, model, max_tokens, r, adapted)?;
 

@@ -10,8 +10,8 @@ use bitlora_core::rng::Rng;
 use bitlora_core::tolerance::{KERNEL_F32, KERNEL_TRANSCENDENTAL};
 use bitlora_core::{Activation, ops};
 use bitlora_gpu::ops::{
-    ActQuant, Attention, Embedding, GatedAct, Matmul, ResidualAdd, RmsNorm, Rope, SumSquares,
-    TernaryMatmul,
+    ActQuant, Attention, Embedding, GatedAct, Matmul, MatmulBackward, ResidualAdd, RmsNorm, Rope,
+    SumSquares, TernaryMatmul,
 };
 use bitlora_gpu::{DType, GpuError, GpuTensor, Recorder, SplitTensor};
 use common::{block, codes, f32t, gpu, normal, read, run, ternary, zeros};
@@ -363,6 +363,18 @@ fn matmul_matches_reference() {
     }
 }
 
+/// The head's shapes of the bit-for-bit tests: (rows of x, the window read, I, O, rows of W per
+/// chunk).
+fn head_shapes() -> [(usize, std::ops::Range<usize>, usize, usize, usize); 5] {
+    [
+        (70, 3..70, 1000, 301, 301),
+        (9, 0..9, 33, 130, 61),
+        (5, 2..4, 17, 5, 2),
+        (131, 1..130, 64, 257, 200),
+        (20, 0..20, 7, 1, 1),
+    ]
+}
+
 /// The head's kernels agree bit for bit: the tiled one (many tokens on a GPU), the direct one
 /// (CPU adapters) and the one-token one (decoding, each row of x as a window of one), since
 /// each sums every output in the same order. Sizes that fill no tile: I not a multiple of the
@@ -372,14 +384,7 @@ fn matmul_matches_reference() {
 fn matmul_tilings_agree_bit_for_bit() {
     let g = gpu();
     let mut rng = Rng::new(11);
-    // (rows of x, the window read, I, O, rows of W per chunk)
-    for (height, rows, i, o, chunk) in [
-        (70, 3..70, 1000, 301, 301),
-        (9, 0..9, 33, 130, 61),
-        (5, 2..4, 17, 5, 2),
-        (131, 1..130, 64, 257, 200),
-        (20, 0..20, 7, 1, 1),
-    ] {
+    for (height, rows, i, o, chunk) in head_shapes() {
         let t = rows.len();
         let x = normal(&mut rng, height * i, 1.0);
         let w = normal(&mut rng, o * i, 0.3);
@@ -409,6 +414,168 @@ fn matmul_tilings_agree_bit_for_bit() {
         }
         println!("{case}: tiled, direct and one-token kernels agree bit for bit");
     }
+}
+
+/// Rounds to the nearest bf16, ties to even (as `half::bf16::from_f32`; no NaN here): the
+/// values of a bf16 checkpoint.
+fn round_bf16(data: &[f32]) -> Vec<f32> {
+    data.iter()
+        .map(|x| {
+            let b = x.to_bits();
+            f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+        })
+        .collect()
+}
+
+/// `data` (R, C) as a bf16 [`SplitTensor`] in chunks of `chunk` rows, built by hand so that C
+/// may be odd (a row then starts mid-word within its chunk: the kernels index elements, not
+/// words).
+fn split_bf16(name: &str, rows: usize, cols: usize, data: &[f32], chunk: usize) -> SplitTensor {
+    let chunks = (0..rows)
+        .step_by(chunk)
+        .map(|r0| {
+            let n = chunk.min(rows - r0);
+            let vals = &data[r0 * cols..(r0 + n) * cols];
+            let t = GpuTensor::bf16(&gpu().device, format!("{name}[{r0}..]"), &[n, cols], vals);
+            (r0, t.unwrap())
+        })
+        .collect();
+    SplitTensor {
+        name: name.into(),
+        rows,
+        cols,
+        dtype: DType::Bf16,
+        chunks,
+    }
+}
+
+/// The bf16 storage of the embedding and the head: every kernel that reads it (embedding, the
+/// head's tiled, direct and one-token matmuls, the head's backward with and without the split
+/// over O) gives the f32 storage's results bit for bit, on the shapes of
+/// `matmul_tilings_agree_bit_for_bit` (odd I included) with W split into chunks. And
+/// `SplitTensor::upload` picks bf16 only when lossless: the values are exactly bf16 and C is
+/// even; its chunks then hold the rows f32 chunks would, at half the bytes.
+#[test]
+fn bf16_tables_read_as_their_f32_bit_for_bit() {
+    let g = gpu();
+    let mut rng = Rng::new(12);
+    for (height, rows, i, o, chunk) in head_shapes() {
+        let t = rows.len();
+        let case = format!("T={t} I={i} O={o} chunks of {chunk}");
+        let x = normal(&mut rng, height * i, 1.0);
+        let w = round_bf16(&normal(&mut rng, o * i, 0.3));
+        let xt = f32t("x", &[height, i], &x);
+        let wf = SplitTensor::f32(&g.device, "W", o, i, &w, (chunk * i * 4) as u64).unwrap();
+        let wb = split_bf16("W", o, i, &w, chunk);
+        assert_eq!(wb.chunks.len(), wf.chunks.len());
+        for ((_, b), (_, f)) in wb.chunks.iter().zip(&wf.chunks) {
+            // Odd chunk sizes round up to a whole word.
+            assert_eq!(b.bytes(), 4 * (b.numel() as u64).div_ceil(2), "{case}");
+            assert_eq!(f.bytes(), 4 * f.numel() as u64, "{case}");
+        }
+
+        // The head: the f32 tiled kernel against every bf16 one.
+        let want = zeros("y f32", &[t, o]);
+        run(|r| {
+            Matmul::with_tiling(&g.device, i, o, true).encode_split(
+                r,
+                &xt,
+                rows.clone(),
+                &wf,
+                &want,
+            )
+        });
+        let want = read(&want);
+        for tiled in [true, false] {
+            let y = zeros("y bf16", &[t, o]);
+            let op = Matmul::with_tiling_bf16(&g.device, i, o, tiled, true);
+            run(|r| op.encode_split(r, &xt, rows.clone(), &wb, &y));
+            assert_same_bits(
+                &format!("matmul {case} tiled {tiled}: bf16 vs f32"),
+                &read(&y),
+                &want,
+            );
+            let y1 = zeros("y one token", &[1, o]);
+            let row = rows.end - 1;
+            run(|r| op.encode_split(r, &xt, row..row + 1, &wb, &y1));
+            assert_same_bits(
+                &format!("matmul {case} one token: bf16 vs f32"),
+                &read(&y1),
+                &want[(t - 1) * o..],
+            );
+        }
+        // An f32 launcher refuses bf16 chunks (and the reverse).
+        let y = zeros("y", &[t, o]);
+        let mut rec = Recorder::new(&g.device);
+        let e = Matmul::new(&g.device, i, o)
+            .encode_split(&mut rec, &xt, rows.clone(), &wb, &y)
+            .unwrap_err();
+        assert!(e.to_string().contains("Bf16"), "{e}");
+        let e = Matmul::with_bf16(&g.device, i, o, true)
+            .encode_split(&mut rec, &xt, rows.clone(), &wf, &y)
+            .unwrap_err();
+        assert!(e.to_string().contains("F32"), "{e}");
+
+        // The head's backward: dx = dy . W, whole sums and the sum over O in 3 slabs.
+        let dy = f32t("dy", &[t, o], &normal(&mut rng, t * o, 1.0));
+        let scratch = zeros("scratch", &[3, t, i]);
+        let back_f = MatmulBackward::new(&g.device, i, o);
+        let back_b = MatmulBackward::with_bf16(&g.device, i, o, true);
+        let (dxf, dxb) = (zeros("dx f32", &[t + 1, i]), zeros("dx bf16", &[t + 1, i]));
+        run(|r| back_f.encode_split(r, &dy, &wf, &dxf, 1));
+        run(|r| back_b.encode_split(r, &dy, &wb, &dxb, 1));
+        assert_same_bits(
+            &format!("matmul_backward {case}: bf16 vs f32"),
+            &read(&dxb),
+            &read(&dxf),
+        );
+        run(|r| back_f.encode_split_k(r, &dy, &wf, &dxf, 1, &scratch));
+        run(|r| back_b.encode_split_k(r, &dy, &wb, &dxb, 1, &scratch));
+        assert_same_bits(
+            &format!("matmul_backward in 3 slabs {case}: bf16 vs f32"),
+            &read(&dxb),
+            &read(&dxf),
+        );
+
+        // The embedding, W as a table (V, C) = (O, I); every row, chunk boundaries included.
+        let tokens: Vec<u32> = (0..o as u32).rev().collect();
+        let tok = GpuTensor::u32(&g.device, "tokens", &[o], &tokens).unwrap();
+        let (ef, eb) = (zeros("rows f32", &[o, i]), zeros("rows bf16", &[o, i]));
+        run(|r| Embedding::new(&g.device, i).encode_split(r, &tok, &wf, &ef));
+        run(|r| Embedding::with_bf16(&g.device, i, true).encode_split(r, &tok, &wb, &eb));
+        let want: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&k| w[k as usize * i..(k as usize + 1) * i].to_vec())
+            .collect();
+        assert_same_bits(&format!("embedding {case} f32"), &read(&ef), &want);
+        assert_same_bits(&format!("embedding {case} bf16"), &read(&eb), &want);
+        println!("{case}: bf16 head, head backward and embedding equal f32 bit for bit");
+    }
+
+    // SplitTensor::upload: bf16 only when lossless, in the chunks f32 would have (half full).
+    let (v, c) = (509, 64);
+    let w = round_bf16(&normal(&mut rng, v * c, 0.5));
+    let limit = (64 * c * 4) as u64; // 64 rows of f32
+    let up = |data: &[f32], cols: usize| {
+        SplitTensor::upload(&g.device, "table", data.len() / cols, cols, data, limit).unwrap()
+    };
+    let b = up(&w, c);
+    assert_eq!(
+        (b.dtype, b.chunks.len(), b.bytes()),
+        (DType::Bf16, 8, (v * c * 2) as u64)
+    );
+    assert_eq!((b.chunks[1].0, b.chunks[1].1.bytes()), (64, 64 * 64 * 2));
+    let mut off = w.clone();
+    off[v * c - 1] = f32::from_bits(off[v * c - 1].to_bits() | 1); // one value not a bf16
+    let f = up(&off, c);
+    assert_eq!(
+        (f.dtype, f.chunks.len(), f.bytes()),
+        (DType::F32, 8, (v * c * 4) as u64)
+    );
+    let f = up(&w[..v * 63], 63); // odd C
+    assert_eq!(f.dtype, DType::F32);
+    let e = GpuTensor::bf16(&g.device, "not bf16", &[v, c], &off).unwrap_err();
+    assert!(e.to_string().contains("not exactly a bf16"), "{e}");
 }
 
 /// `got` equals `want` bit for bit; the failure names the first differing index.

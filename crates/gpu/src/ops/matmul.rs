@@ -21,9 +21,10 @@ const BT: usize = 64;
 
 /// Dense f32 `y = x . W^T`: the language-model head (W is the embedding when tied).
 ///
-/// Shapes: x (T, I) f32, W (O, I) f32, y (T, O) f32. With [`Matmul::encode_split`], W is split
-/// along O into chunks (OC, I) (one dispatch each, filling columns o0 .. o0+OC of y) and x may
-/// be a window `x_rows` of a taller (R, I) buffer, T = x_rows.len().
+/// Shapes: x (T, I) f32, W (O, I) f32 (or bf16: [`Matmul::with_bf16`], widened exactly, the
+/// same results), y (T, O) f32. With [`Matmul::encode_split`], W is split along O into chunks
+/// (OC, I) (one dispatch each, filling columns o0 .. o0+OC of y) and x may be a window
+/// `x_rows` of a taller (R, I) buffer, T = x_rows.len().
 ///
 /// One token (decoding) runs the direct kernel with one output per invocation. More tokens run
 /// the tiled kernel (W and x staged through workgroup memory in coalesced chunks) on a GPU, and
@@ -42,17 +43,35 @@ pub struct Matmul {
     kernel_one: Kernel,
     i: usize,
     o: usize,
+    /// W's element type: F32 or Bf16.
+    w: DType,
 }
 
 impl Matmul {
-    /// The tiled kernel for many tokens on GPUs, the direct one on CPU adapters.
+    /// The tiled kernel for many tokens on GPUs, the direct one on CPU adapters; W f32.
     pub fn new(device: &wgpu::Device, i: usize, o: usize) -> Matmul {
-        let gpu = device.adapter_info().device_type != wgpu::DeviceType::Cpu;
-        Self::with_tiling(device, i, o, gpu)
+        Self::with_bf16(device, i, o, false)
     }
 
-    /// With `tiled`: more than one token runs the tiled kernel, else the direct one.
+    /// As [`Matmul::new`], for a [`DType::Bf16`] W with `bf16`, else an f32 one.
+    pub fn with_bf16(device: &wgpu::Device, i: usize, o: usize, bf16: bool) -> Matmul {
+        let gpu = device.adapter_info().device_type != wgpu::DeviceType::Cpu;
+        Self::with_tiling_bf16(device, i, o, gpu, bf16)
+    }
+
+    /// With `tiled`: more than one token runs the tiled kernel, else the direct one; W f32.
     pub fn with_tiling(device: &wgpu::Device, i: usize, o: usize, tiled: bool) -> Matmul {
+        Self::with_tiling_bf16(device, i, o, tiled, false)
+    }
+
+    /// With `tiled` as [`Matmul::with_tiling`], for a [`DType::Bf16`] W with `bf16`.
+    pub fn with_tiling_bf16(
+        device: &wgpu::Device,
+        i: usize,
+        o: usize,
+        tiled: bool,
+        bf16: bool,
+    ) -> Matmul {
         let k = |wg: usize, tiled: bool, tt: usize, to: usize| {
             Kernel::new(
                 device,
@@ -65,6 +84,7 @@ impl Matmul {
                     ("TILED", f64::from(u8::from(tiled))),
                     ("TT", super::c(tt)),
                     ("TO", super::c(to)),
+                    ("BF16", f64::from(u8::from(bf16))),
                 ],
             )
         };
@@ -78,6 +98,7 @@ impl Matmul {
             kernel_one: k(super::WG, false, 1, 1),
             i,
             o,
+            w: if bf16 { DType::Bf16 } else { DType::F32 },
         }
     }
 
@@ -90,7 +111,7 @@ impl Matmul {
         y: &GpuTensor,
     ) -> Result<(), GpuError> {
         let t = rows("matmul", x, DType::F32, self.i)?;
-        expect("matmul", w, DType::F32, &[self.o, self.i])?;
+        expect("matmul", w, self.w, &[self.o, self.i])?;
         self.encode_chunk(rec, x, 0..t, w, 0, y)
     }
 
@@ -131,7 +152,7 @@ impl Matmul {
         const OP: &str = "matmul";
         let t = x_rows.len();
         at_least(OP, x, DType::F32, x_rows.end, self.i)?;
-        let oc = at_least(OP, w_chunk, DType::F32, 1, self.i)?;
+        let oc = at_least(OP, w_chunk, self.w, 1, self.i)?;
         if t == 0 || o0 + oc > self.o {
             return Err(GpuError::Shape {
                 op: OP,

@@ -15,8 +15,9 @@ const TI: usize = 4;
 /// The backward of [`super::Matmul`] to its input: `dx = dy . W`, the language-model head's
 /// dX from dlogits (W is the embedding when tied).
 ///
-/// Shapes: dy (T, O) f32, W (O, I) f32 as a [`SplitTensor`] (chunks along O, one dispatch
-/// each), dx (R, I) f32 with rows `dx_row0 .. dx_row0 + T` written (R >= dx_row0 + T): a
+/// Shapes: dy (T, O) f32, W (O, I) f32 (or bf16: [`MatmulBackward::with_bf16`], widened
+/// exactly, the same results) as a [`SplitTensor`] (chunks along O, one dispatch each),
+/// dx (R, I) f32 with rows `dx_row0 .. dx_row0 + T` written (R >= dx_row0 + T): a
 /// window of rows of logits gives the dX of those rows.
 ///
 /// [`MatmulBackward::encode_split`] sums each output in one invocation (CPU adapters).
@@ -29,14 +30,23 @@ pub struct MatmulBackward {
     reduce: Kernel,
     i: usize,
     o: usize,
+    /// W's element type: F32 or Bf16.
+    w: DType,
 }
 
 impl MatmulBackward {
+    /// For an f32 W.
     pub fn new(device: &wgpu::Device, i: usize, o: usize) -> MatmulBackward {
+        Self::with_bf16(device, i, o, false)
+    }
+
+    /// For a [`DType::Bf16`] W with `bf16`, else an f32 one.
+    pub fn with_bf16(device: &wgpu::Device, i: usize, o: usize, bf16: bool) -> MatmulBackward {
         let consts = [
             ("I", super::c(i)),
             ("O", super::c(o)),
             ("WG", super::c(super::WG)),
+            ("BF16", f64::from(u8::from(bf16))),
         ];
         MatmulBackward {
             kernel: Kernel::new(device, "matmul_backward", SOURCE, &consts),
@@ -48,6 +58,7 @@ impl MatmulBackward {
             ),
             i,
             o,
+            w: if bf16 { DType::Bf16 } else { DType::F32 },
         }
     }
 
@@ -135,7 +146,7 @@ impl MatmulBackward {
             })
         };
         for (k, (o0, chunk)) in w.chunks.iter().enumerate() {
-            let oc = at_least(OP, chunk, DType::F32, 1, self.i)?;
+            let oc = at_least(OP, chunk, self.w, 1, self.i)?;
             if o0 + oc > self.o {
                 return Err(GpuError::Shape {
                     op: OP,
