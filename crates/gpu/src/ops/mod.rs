@@ -76,6 +76,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("rope_backward", rope_backward::SOURCE),
     ("sum_squares", sum_squares::SOURCE),
     ("ternary_backward", ternary_backward::SOURCE),
+    ("ternary_backward_reduce", ternary_backward::REDUCE_SOURCE),
     ("ternary_matmul", ternary_matmul::SOURCE),
 ];
 

@@ -10,9 +10,9 @@ use crate::tensor::{DType, GpuTensor};
 const KW: usize = 8;
 /// Invocations per workgroup of the reduce pass (its `WG`).
 const REDUCE_WG: usize = 64;
-/// Split the packed rows until a dispatch has about this many workgroups (a few per SM on a
+/// Split the packed rows until a dispatch has about this many workgroups (several per SM on a
 /// large GPU), at most [`MAX_SPLITS`] ways.
-const TARGET_GROUPS: usize = 512;
+const TARGET_GROUPS: usize = 1024;
 const MAX_SPLITS: usize = 8;
 
 pub const SOURCE: &str = include_str!("../../../../shaders/ternary_backward.wgsl");
@@ -49,22 +49,14 @@ pub struct TernaryBackward {
 impl TernaryBackward {
     /// The blocking suits the device: on a CPU-emulated adapter (lavapipe, SwiftShader), which
     /// runs a workgroup's invocations one after another anyway, 4 tokens per invocation (the
-    /// least staging per multiply-add); on a GPU, workgroups of 8 x 16 with 1 token per
-    /// invocation where I is small (the most invocations: each output's sum is serial, so the
-    /// parallelism at T = 128 is in the outputs) and 2 where I >= 2048, which leaves enough
-    /// workgroups (I/32 x T/32 = 256 at T = 128) and halves the staging per multiply-add.
-    /// Measured on the H100 at T = 128 (`BITLORA_BENCH_SWEEP=1 bitlora bench ternary`): 2 is
-    /// 25-30% faster for I = 2048, 3072 and 3584, 1 is 12-14% faster for I = 768.
-    ///
-    /// On a GPU the packed rows are also split across workgroups (see the type's doc) where the
-    /// outputs give fewer than ~512 workgroups; a CPU-emulated adapter never splits.
+    /// least staging per multiply-add), never split; on a GPU, workgroups of 8 x 32 with 2
+    /// tokens per invocation and the packed rows split (see the type's doc) up to 8 ways, until
+    /// a dispatch has about 1,024 workgroups. Measured on the H100 at T = 128
+    /// (`BITLORA_BENCH_SWEEP=1 bitlora bench ternary`, every blocking 1-16 ways): this is the
+    /// fastest or within 8% of it at all six 125m and 1b shapes, 1.4-1.9x the unsplit best.
     pub fn new(device: &wgpu::Device, i: usize, o: usize) -> TernaryBackward {
         let cpu = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
-        let (tm, tg) = match (cpu, i >= 2048) {
-            (true, _) => (4, 32),
-            (false, false) => (1, 16),
-            (false, true) => (2, 16),
-        };
+        let (tm, tg) = if cpu { (4, 32) } else { (2, 32) };
         let mut op = Self::with_blocking(device, i, o, tm, tg);
         op.split_on = !cpu;
         op
