@@ -1,6 +1,6 @@
 //! Launcher for `shaders/ternary_backward.wgsl`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use crate::GpuError;
 use crate::record::{Kernel, Recorder, expect, rows};
@@ -28,7 +28,7 @@ pub const REDUCE_SOURCE: &str = include_str!("../../../../shaders/ternary_backwa
 /// rows are split across workgroups too and a second pass adds the partial sums in order
 /// (`ternary_backward_reduce.wgsl`); dx then equals the CPU reference within f32 rounding
 /// instead of bit for bit, which is harmless: it feeds only gradients, no int8 quantizer.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct TernaryBackward {
     kernel: Kernel,
     reduce: Kernel,
@@ -40,10 +40,23 @@ pub struct TernaryBackward {
     /// Splits: None picks from T (GPUs) or never splits (CPU adapters); Some(n) forces n.
     splits: Option<usize>,
     split_on: bool,
-    /// The (S, T, I) partial sums, grown on demand; shared by the clones (one queue runs them
-    /// one after another).
-    scratch: Arc<Mutex<Option<GpuTensor>>>,
+    /// The (S, T, I) partial sums, grown on demand (the queue runs this op's dispatches one
+    /// after another); a clone makes its own.
+    scratch: Mutex<Option<GpuTensor>>,
     device: wgpu::Device,
+}
+
+impl Clone for TernaryBackward {
+    fn clone(&self) -> TernaryBackward {
+        TernaryBackward {
+            kernel: self.kernel.clone(),
+            reduce: self.reduce.clone(),
+            reduce_add: self.reduce_add.clone(),
+            scratch: Mutex::new(None),
+            device: self.device.clone(),
+            ..*self
+        }
+    }
 }
 
 impl TernaryBackward {
@@ -126,7 +139,7 @@ impl TernaryBackward {
             tg,
             splits: None,
             split_on: false,
-            scratch: Arc::new(Mutex::new(None)),
+            scratch: Mutex::new(None),
             device: device.clone(),
         }
     }
