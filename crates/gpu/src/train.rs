@@ -94,8 +94,9 @@ enum Mode {
 struct OptState {
     p: GpuTensor,
     g: GpuTensor,
-    /// A later sequence's gradients before they are added into `g` (accumulation > 1).
-    g2: GpuTensor,
+    /// A later sequence's gradients before they are added into `g`: made by the first step
+    /// of a trainer that accumulates (none for one sequence per step).
+    g2: Option<GpuTensor>,
     m: GpuTensor,
     v: GpuTensor,
     partials: GpuTensor, // (SumSquares::PARTIALS)
@@ -131,8 +132,9 @@ impl OptState {
     }
 
     fn bytes(&self) -> u64 {
-        [&self.p, &self.g, &self.g2, &self.m, &self.v]
-            .iter()
+        [&self.p, &self.g, &self.m, &self.v]
+            .into_iter()
+            .chain(&self.g2)
             .map(|t| t.buffer.size())
             .sum()
     }
@@ -933,15 +935,9 @@ impl GpuTrainer {
                 )
             };
             let bufs = (|| {
-                Ok::<_, GpuError>((
-                    flat("adapter")?,
-                    flat("gradients")?,
-                    flat("gradients (next sequence)")?,
-                    flat("m")?,
-                    flat("v")?,
-                ))
+                Ok::<_, GpuError>((flat("adapter")?, flat("gradients")?, flat("m")?, flat("v")?))
             })();
-            let (p, g, g2, m, v) = match bufs {
+            let (p, g, m, v) = match bufs {
                 Ok(b) => b,
                 Err(GpuError::TooLarge { .. }) => {
                     self.opt_unavailable = true;
@@ -952,7 +948,7 @@ impl GpuTrainer {
             self.opt = Some(OptState {
                 p,
                 g,
-                g2,
+                g2: None,
                 m,
                 v,
                 partials: GpuTensor::zeros(
@@ -972,6 +968,15 @@ impl GpuTrainer {
             self.model.errors.take()?;
         }
         let o = self.opt.as_mut().expect("made above");
+        if trainer.options.accumulation > 1 && o.g2.is_none() {
+            let g = &o.g;
+            o.g2 = Some(GpuTensor::zeros(
+                &self.model.device,
+                "optimizer gradients (next sequence)",
+                &g.shape,
+                DType::F32,
+            )?);
+        }
         if o.tag == Some(tag_of(trainer)) {
             return Ok(true);
         }
@@ -1375,7 +1380,14 @@ impl Step<'_> {
             op: "GpuTrainer",
             msg: "a flat step without the optimizer's buffers".into(),
         })?;
-        let dst = if first { &o.g } else { &o.g2 };
+        let dst = if first {
+            &o.g
+        } else {
+            o.g2.as_ref().ok_or(GpuError::Shape {
+                op: "GpuTrainer",
+                msg: "a step of several sequences by a trainer made for one".into(),
+            })?
+        };
         let base = self.tr.max_tokens;
         for pair in self.tr.adapter.iter().flatten().flatten() {
             let (oa, ob) = pair.staging;
@@ -1395,7 +1407,7 @@ impl Step<'_> {
             );
         }
         if !first {
-            o.add.encode(r, &o.g, &o.g2)?;
+            o.add.encode(r, &o.g, dst)?;
         }
         if last {
             o.sum_squares.encode(r, &o.g, &o.partials, &o.sumsq)?;
