@@ -37,9 +37,8 @@ pub struct TernaryBackward {
     o: usize,
     tm: usize,
     tg: usize,
-    /// Splits: None picks from T (GPUs) or never splits (CPU adapters); Some(n) forces n.
+    /// Splits of the packed rows: Some(n) n ways (1: never), None chosen from T (GPUs).
     splits: Option<usize>,
-    split_on: bool,
     /// The (S, T, I) partial sums, grown on demand (the queue runs this op's dispatches one
     /// after another); a clone makes its own.
     scratch: Mutex<Option<GpuTensor>>,
@@ -71,7 +70,9 @@ impl TernaryBackward {
         let cpu = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
         let (tm, tg) = if cpu { (4, 32) } else { (2, 32) };
         let mut op = Self::with_blocking(device, i, o, tm, tg);
-        op.split_on = !cpu;
+        if !cpu {
+            op.splits = None;
+        }
         op
     }
 
@@ -137,8 +138,7 @@ impl TernaryBackward {
             o,
             tm,
             tg,
-            splits: None,
-            split_on: false,
+            splits: Some(1),
             scratch: Mutex::new(None),
             device: device.clone(),
         }
@@ -151,11 +151,10 @@ impl TernaryBackward {
         let pc = 16 / self.tm;
         let want = match self.splits {
             Some(n) => n,
-            None if self.split_on => {
+            None => {
                 let groups = self.i.div_ceil(4).div_ceil(KW) * t.div_ceil(self.tg * self.tm);
                 (TARGET_GROUPS / groups.max(1)).clamp(1, MAX_SPLITS)
             }
-            None => 1,
         };
         let want = want.min(o4.div_ceil(pc));
         if want <= 1 {
