@@ -215,6 +215,12 @@ export interface ProgressEvent {
   ms: number;
   /** Where the step ran. */
   backend: BackendKind;
+  /**
+   * Bytes the step's training passes read back from the GPU: on WebGPU the per-row losses and
+   * the squared gradient norm (the adapter, its gradients and Adam's moments stay on the GPU);
+   * 0 on the CPU.
+   */
+  readBytes: number;
   /** Epoch milliseconds when the step ended. */
   at: number;
 }

@@ -121,7 +121,7 @@ export async function create({ data, config = {} }) {
     config: { ...config, data: undefined }, resolved: info.config,
     data: { fileName, format: info.data.format, bytes: bytes.length }, history: [], bytes: 0,
   };
-  const ckpt = wt.checkpoint();
+  const ckpt = await wt.checkpoint();
   record.bytes = bytes.length + ckpt.length;
   try {
     await tstore.createRun(record, bytes, { step: 0, bytes: ckpt });
@@ -186,7 +186,9 @@ async function persist(run, state = run.state, force = false) {
   });
   let checkpoint = null;
   if (force || wt.step !== run.lastCheckpoint || r.checkpointStep == null) {
-    const bytes = wt.checkpoint();
+    // On WebGPU the adapter and Adam's moments are read back for it (the only time they are;
+    // the read uses the run's own buffers, not the model slot, so it needs no withModel).
+    const bytes = await wt.checkpoint();
     checkpoint = { step: wt.step, bytes };
     r.checkpointStep = wt.step;
     r.bytes = r.data.bytes + bytes.length;
@@ -424,8 +426,8 @@ function checkName(name) {
 export async function saveAdapter({ runId, name }) {
   const run = needRun(runId);
   name = checkName(name);
-  const entry = await atBoundary(run, () => {
-    const files = run.wt.adapterFiles(run.record.model.name ?? '');
+  const entry = await atBoundary(run, async () => {
+    const files = await run.wt.adapterFiles(run.record.model.name ?? '');
     const info = run.wt.info();
     return {
       name, source: 'trained', createdAt: Date.now(), model: run.record.model,

@@ -18,8 +18,9 @@ use std::time::Instant;
 
 use bitlora_core::model::{self, Model};
 use bitlora_core::rng::Rng;
+use bitlora_core::trainer::{Backend, CpuBackend, TrainOptions, Trainer};
 use bitlora_core::{KvCache, SamplingOptions, generate};
-use bitlora_gpu::{Gpu, GpuError, GpuKvCache, GpuModel};
+use bitlora_gpu::{Gpu, GpuBackend, GpuError, GpuKvCache, GpuModel, GpuTrainer, Placement};
 
 #[derive(serde::Serialize)]
 pub struct DecodeReport {
@@ -354,8 +355,71 @@ fn median(mut times: Vec<f64>) -> f64 {
     times[times.len() / 2]
 }
 
+/// The run of train-<shape>: `n` random sequences of `seq_len` tokens, one per optimizer step,
+/// no validation; the adapter and AdamW of [`train_setup`].
+fn train_run<B: Backend>(
+    backend: B,
+    model: &bitlora_core::Config,
+    lora: bitlora_core::lora::Lora,
+    optim: bitlora_core::optim::AdamWConfig,
+    seq_len: usize,
+    n: usize,
+    seed: u64,
+) -> Result<Trainer<B>, B::Error> {
+    let mut rng = Rng::new(seed ^ 0x7a1);
+    let train = (0..n)
+        .map(|_| {
+            let (tokens, targets) = random_sequence(&mut rng, seq_len, model.vocab_size);
+            bitlora_core::data::Sequence { tokens, targets }
+        })
+        .collect();
+    let data = bitlora_core::data::Dataset {
+        train,
+        val: Vec::new(),
+        format: "random",
+        truncated: 0,
+    };
+    let options = TrainOptions {
+        steps: n,
+        accumulation: 1,
+        eval_every: 0,
+        seed,
+    };
+    Trainer::new(backend, model, lora, optim, data, options)
+}
+
+/// Runs `steps + warmup` steps of core's loop and returns the timed steps' seconds; `each`
+/// sees every step after it ran (its index and the trainer).
+fn timed_steps<B: Backend>(
+    trainer: &mut Trainer<B>,
+    steps: usize,
+    warmup: usize,
+    mut each: impl FnMut(usize, &Trainer<B>),
+) -> Result<Vec<f64>, B::Error> {
+    let mut times = Vec::new();
+    for step in 0..steps + warmup {
+        let t0 = Instant::now();
+        let r = pollster::block_on(trainer.step())?;
+        let secs = t0.elapsed().as_secs_f64();
+        if let Some(why) = r.skipped {
+            eprintln!("bitlora bench: step {}: skipped, {why}", step + 1);
+        }
+        each(step, trainer);
+        eprintln!(
+            "bitlora bench: step {}{}: {secs:.3} s",
+            step + 1,
+            if step < warmup { " (warm-up)" } else { "" }
+        );
+        if step >= warmup {
+            times.push(secs);
+        }
+    }
+    Ok(times)
+}
+
 /// train-<shape> on the CPU reference: LoRA r 8, alpha 16 on all seven projections, one
-/// sequence of `seq_len` random tokens per optimizer step, AdamW; `warmup` untimed steps.
+/// sequence of `seq_len` random tokens per optimizer step, AdamW (core's loop with the CPU
+/// backend); `warmup` untimed steps.
 pub fn train_cpu(
     shape: &str,
     seq_len: usize,
@@ -363,23 +427,21 @@ pub fn train_cpu(
     warmup: usize,
     seed: u64,
 ) -> Option<TrainReport> {
-    let (model, mut lora, mut opt) = train_setup(shape, steps + warmup, seed)?;
-    let mut rng = Rng::new(seed ^ 0x7a1);
-    let mut times = Vec::new();
-    for step in 0..steps + warmup {
-        let (toks, targets) = random_sequence(&mut rng, seq_len, model.config.vocab_size);
-        let t0 = Instant::now();
-        let mut grads = lora.zeros_like();
-        bitlora_core::train::forward_backward(
-            &model, &lora, &toks, &targets, &mut grads, 1.0, &mut rng,
-        )
-        .ok()?;
-        opt.step(&mut lora, &mut grads);
-        if step >= warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    let median = median(times);
+    let (model, lora, opt) = train_setup(shape, steps + warmup, seed)?;
+    let num_params = lora.num_params();
+    let config = model.config.clone();
+    let backend = CpuBackend::new(&model);
+    let mut trainer = train_run(
+        backend,
+        &config,
+        lora,
+        opt.config,
+        seq_len,
+        steps + warmup,
+        seed,
+    )
+    .ok()?;
+    let median = median(timed_steps(&mut trainer, steps, warmup, |_, _| {}).ok()?);
     Some(TrainReport {
         workload: format!("train-{shape}"),
         backend: "cpu",
@@ -387,7 +449,7 @@ pub fn train_cpu(
         steps_timed: steps,
         tokens_per_s_median: seq_len as f64 / median,
         step_seconds_median: median,
-        trainable_parameters: lora.num_params(),
+        trainable_parameters: num_params,
         peak_rss_mib: peak_rss_mib(),
         adapter: None,
         gpu_bytes: None,
@@ -395,12 +457,14 @@ pub fn train_cpu(
     })
 }
 
-/// train-<shape> on the GPU (`GpuTrainer`): the same model, adapter, data and AdamW as
-/// [`train_cpu`]. A step is the GPU forward + backward (one submission, one readback of the loss
-/// and the LoRA gradients, so the clock stops after the device has finished) and core's AdamW
-/// on the CPU. Ok(None) for an unknown shape. With `profile`, every step records one
-/// compute pass per dispatch with timestamps (where the device has them) and the report
-/// carries a [`TrainProfile`]; the step times are then those of the profiled steps.
+/// train-<shape> on the GPU: the same model, adapter, data and AdamW as [`train_cpu`], core's
+/// loop with [`GpuBackend`] (the adapter, its gradients and Adam's moments resident on the GPU;
+/// a step reads back the losses and the squared gradient norm, so the clock stops after the
+/// device has finished the step's passes). BITLORA_BENCH_CPU_ADAMW=1 keeps them on the host
+/// instead (every gradient read back, AdamW on the CPU), for before/after figures from one
+/// binary. Ok(None) for an unknown shape. With `profile`, every step records one compute pass
+/// per dispatch with timestamps (where the device has them) and the report carries a
+/// [`TrainProfile`]; the step times are then those of the profiled steps.
 pub fn train_gpu(
     shape: &str,
     seq_len: usize,
@@ -409,7 +473,7 @@ pub fn train_gpu(
     seed: u64,
     profile: bool,
 ) -> Result<Option<TrainReport>, GpuError> {
-    let Some((model, mut lora, mut opt)) = train_setup(shape, steps + warmup, seed) else {
+    let Some((model, lora, opt)) = train_setup(shape, steps + warmup, seed) else {
         return Ok(None);
     };
     if seq_len == 0 || seq_len > model.config.max_position_embeddings {
@@ -424,13 +488,11 @@ pub fn train_gpu(
         "bitlora bench: GPU adapter {} ({})",
         gpu.info.name, gpu.info.backend
     );
-    let vocab = model.config.vocab_size;
     let config = model.config.clone();
-    let mut trainer =
-        bitlora_gpu::GpuTrainer::new(GpuModel::new(&gpu, &model)?, &lora.config, seq_len)?;
+    let mut gt = GpuTrainer::new(GpuModel::new(&gpu, &model)?, &lora.config, seq_len)?;
     drop(model); // the GPU holds its own copy; keep peak RSS about the GPU run
     let mut prof = profile.then(|| TrainProfile {
-        gpu_timestamps: trainer.set_profiling(true),
+        gpu_timestamps: gt.set_profiling(true),
         ..Default::default()
     });
     if prof.as_ref().is_some_and(|p| !p.gpu_timestamps) {
@@ -438,82 +500,36 @@ pub fn train_gpu(
             "bitlora bench: --profile: the device has no TIMESTAMP_QUERY, so no kernel times; host times only"
         );
     }
-    let mut rng = Rng::new(seed ^ 0x7a1);
-    let mut times = Vec::new();
-    // GpuTrainer::step with core's Trainer (AdamW on the GPU, the adapter and moments kept
-    // there); BITLORA_BENCH_CPU_ADAMW=1 times the earlier loop instead (every gradient read
-    // back, AdamW on the CPU), for before/after figures from one binary.
     let cpu_adamw = std::env::var_os("BITLORA_BENCH_CPU_ADAMW").is_some_and(|v| v == "1");
-    let num_params = lora.num_params();
-    let mut core = if cpu_adamw {
-        None
+    let placement = if cpu_adamw {
+        Placement::Host
     } else {
-        let train = (0..steps + warmup)
-            .map(|_| {
-                let (tokens, targets) = random_sequence(&mut rng, seq_len, vocab);
-                bitlora_core::data::Sequence { tokens, targets }
-            })
-            .collect();
-        let data = bitlora_core::data::Dataset {
-            train,
-            val: Vec::new(),
-            format: "random",
-            truncated: 0,
-        };
-        let options = bitlora_core::trainer::TrainOptions {
-            steps: steps + warmup,
-            accumulation: 1,
-            eval_every: 0,
-            seed,
-        };
-        let zeros = lora.zeros_like();
-        let lora = std::mem::replace(&mut lora, zeros);
-        Some(
-            bitlora_core::trainer::Trainer::new(&config, lora, opt.config.clone(), data, options)
-                .map_err(GpuError::Model)?,
-        )
+        Placement::Auto
     };
-    for step in 0..steps + warmup {
-        let t0 = Instant::now();
-        let adamw_s = match core.as_mut() {
-            Some(core) => {
-                let r = pollster::block_on(trainer.step(core))?;
-                if let Some(why) = r.skipped {
-                    eprintln!("bitlora bench: step {}: skipped, {why}", step + 1);
-                }
-                trainer.optimizer_seconds()
-            }
-            None => {
-                let (toks, targets) = random_sequence(&mut rng, seq_len, vocab);
-                let mut grads = lora.zeros_like();
-                pollster::block_on(
-                    trainer.forward_backward(&lora, &toks, &targets, &mut grads, 1.0, &mut rng),
-                )?;
-                let t_opt = Instant::now();
-                opt.step(&mut lora, &mut grads);
-                t_opt.elapsed().as_secs_f64()
-            }
-        };
-        let secs = t0.elapsed().as_secs_f64();
+    let num_params = lora.num_params();
+    let backend = GpuBackend::with_placement(gt, placement);
+    let mut trainer = train_run(
+        backend,
+        &config,
+        lora,
+        opt.config,
+        seq_len,
+        steps + warmup,
+        seed,
+    )?;
+    let times = timed_steps(&mut trainer, steps, warmup, |step, t| {
         if let Some(p) = prof.as_mut().filter(|_| step >= warmup) {
-            p.add(trainer.profile(), adamw_s);
+            let b = t.backend();
+            p.add(b.trainer().profile(), b.update_seconds());
         }
-        eprintln!(
-            "bitlora bench: step {}{}: {secs:.3} s",
-            step + 1,
-            if step < warmup { " (warm-up)" } else { "" }
-        );
-        if step >= warmup {
-            times.push(secs);
-        }
-    }
+    })?;
     let median = median(times);
     if let Some(p) = prof.as_mut() {
         p.finish(steps);
         eprint!("{}", p.table());
     }
-    // After the steps: AdamW's buffers on the GPU are allocated at the first step.
-    let gpu_bytes = trainer.model().weight_bytes() + trainer.bytes();
+    let b = trainer.backend();
+    let gpu_bytes = b.trainer().model().weight_bytes() + b.bytes();
     Ok(Some(TrainReport {
         workload: format!("train-{shape}"),
         backend: "gpu",

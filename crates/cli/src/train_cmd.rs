@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use bitlora_core::data::Dataset;
 use bitlora_core::data::{self, DataOptions};
 use bitlora_core::lora::{Lora, LoraConfig};
 use bitlora_core::optim::{AdamWConfig, Schedule};
-use bitlora_core::trainer::{TrainOptions, Trainer};
+use bitlora_core::trainer::{Backend, Checkpoint, CpuBackend, TrainOptions, Trainer};
 use bitlora_core::{ChatTemplate, Error, Model, Tokenizer, peft};
-use bitlora_gpu::{Gpu, GpuError, GpuModel, GpuTrainer};
+use bitlora_gpu::{Gpu, GpuBackend, GpuError, GpuModel, GpuTrainer};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -234,21 +235,18 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
     std::fs::create_dir_all(&a.out)
         .map_err(|e| TrainError::Write(a.out.display().to_string(), e))?;
     let ckpt_path = a.out.join("checkpoint.safetensors");
-    let mut trainer = if a.resume {
+    let start = if a.resume {
         if !ckpt_path.exists() {
             return Err(TrainError::NoCheckpoint(a.out.display().to_string()));
         }
-        let t = Trainer::resume(
+        let ckpt = Checkpoint::read(
             &model.config,
-            dataset,
             &ckpt_path.display().to_string(),
             &read(&ckpt_path)?,
         )?;
-        eprintln!(
-            "bitlora train: resuming at step {} of {}",
-            t.step, t.options.steps
-        );
-        t
+        let (step, steps) = ckpt.steps();
+        eprintln!("bitlora train: resuming at step {step} of {steps}");
+        Start::Resume(ckpt)
     } else {
         let targets: Vec<&str> = a.targets.split(',').map(str::trim).collect();
         let lcfg = LoraConfig::new(a.rank, a.alpha, a.dropout, a.rslora, &targets)?;
@@ -279,57 +277,93 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
             a.targets,
             lora.num_params()
         );
-        Trainer::new(
-            &model.config,
-            lora,
-            optim,
-            dataset,
-            TrainOptions {
-                steps,
-                accumulation: per_step,
-                eval_every: a.eval_every,
-                seed: a.seed,
-            },
-        )?
+        let options = TrainOptions {
+            steps,
+            accumulation: per_step,
+            eval_every: a.eval_every,
+            seed: a.seed,
+        };
+        Start::New(lora, optim, options)
     };
 
-    // The GPU backend: the model's weights and the training step's buffers on the GPU, sized
-    // for the longest sequence.
-    let mut gpu = match a.backend {
-        crate::Backend::Cpu => None,
+    match a.backend {
+        crate::Backend::Cpu => drive(
+            a,
+            &model,
+            start.into_trainer(CpuBackend::new(&model), &model, dataset)?,
+        ),
         crate::Backend::Gpu => {
+            // The model's weights and the training step's buffers on the GPU, sized for the
+            // longest sequence; the adapter and AdamW's state stay there too.
             let g = pollster::block_on(Gpu::new())?;
-            let longest = trainer
-                .data
+            let longest = dataset
                 .train
                 .iter()
-                .chain(&trainer.data.val)
+                .chain(&dataset.val)
                 .map(|s| s.tokens.len())
                 .max()
                 .unwrap_or(1);
-            let gt = GpuTrainer::new(GpuModel::new(&g, &model)?, &trainer.lora.config, longest)?;
-            // AdamW's state (the adapter, its gradient, a second gradient for accumulation,
-            // m and v: 5 f32 per trainable parameter) is allocated on the GPU at the first step.
-            let adamw = 5 * 4 * trainer.lora.num_params();
+            let gt = GpuTrainer::new(GpuModel::new(&g, &model)?, start.lora_config(), longest)?;
+            let trainer = start.into_trainer(GpuBackend::new(gt), &model, dataset)?;
+            let b = trainer.backend();
             eprintln!(
-                "bitlora train: on the GPU {} ({}): {:.0} MiB of weights, {:.0} MiB for training, {:.1} MiB for AdamW's state",
+                "bitlora train: on the GPU {} ({}): {:.0} MiB of weights, {:.0} MiB for training, {:.1} MiB for the adapter and AdamW's state{}",
                 g.info.name,
                 g.info.backend,
-                gt.model().weight_bytes() as f64 / (1 << 20) as f64,
-                gt.bytes() as f64 / (1 << 20) as f64,
-                adamw as f64 / (1 << 20) as f64
+                b.trainer().model().weight_bytes() as f64 / (1 << 20) as f64,
+                b.trainer().bytes() as f64 / (1 << 20) as f64,
+                (b.bytes() - b.trainer().bytes()) as f64 / (1 << 20) as f64,
+                if b.resident() {
+                    ""
+                } else {
+                    " (kept on the CPU: too large for one GPU binding)"
+                }
             );
-            Some(gt)
+            drive(a, &model, trainer)
         }
-    };
-    let validate =
-        |trainer: &Trainer, gpu: Option<&mut GpuTrainer>| -> Result<Option<f32>, TrainError> {
-            Ok(match gpu {
-                Some(g) => pollster::block_on(g.validate(trainer))?,
-                None => trainer.validate(&model)?,
-            })
-        };
+    }
+}
 
+/// How a run starts: from scratch, or from a checkpoint.
+enum Start {
+    New(Lora, AdamWConfig, TrainOptions),
+    Resume(Checkpoint),
+}
+
+impl Start {
+    fn lora_config(&self) -> &LoraConfig {
+        match self {
+            Start::New(lora, ..) => &lora.config,
+            Start::Resume(c) => c.lora_config(),
+        }
+    }
+
+    fn into_trainer<B: Backend>(
+        self,
+        backend: B,
+        model: &Model,
+        data: Dataset,
+    ) -> Result<Trainer<B>, B::Error> {
+        match self {
+            Start::New(lora, optim, options) => {
+                Trainer::new(backend, &model.config, lora, optim, data, options)
+            }
+            Start::Resume(c) => Trainer::resume(backend, &model.config, data, c),
+        }
+    }
+}
+
+/// Runs `trainer` to the end (or Ctrl-C, or the time budget) with a progress bar, a JSONL log
+/// and checkpoints: the CLI's driver around core's loop, the same for every backend.
+fn drive<B: Backend>(
+    a: &TrainArgs,
+    model: &Model,
+    mut trainer: Trainer<B>,
+) -> Result<(), TrainError>
+where
+    TrainError: From<B::Error>,
+{
+    let ckpt_path = a.out.join("checkpoint.safetensors");
     // Ctrl-C asks the loop to stop after the current step and save.
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -356,7 +390,7 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
     let (start, mut tokens, mut last_val) = (Instant::now(), 0usize, None);
     if trainer.options.eval_every > 0
         && trainer.step == 0
-        && let Some(v) = validate(&trainer, gpu.as_mut())?
+        && let Some(v) = pollster::block_on(trainer.validate())?
     {
         eprintln!(
             "bitlora train: validation loss before training {v:.4} (perplexity {:.2})",
@@ -367,10 +401,7 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         .max_minutes
         .map(|m| std::time::Duration::from_secs_f64(m * 60.0));
     while !trainer.done() {
-        let r = match gpu.as_mut() {
-            Some(g) => pollster::block_on(g.step(&mut trainer))?,
-            None => trainer.step(&model)?,
-        };
+        let r = pollster::block_on(trainer.step())?;
         tokens += r.tokens;
         last_val = r.val_loss.or(last_val);
         let tps = tokens as f64 / start.elapsed().as_secs_f64();
@@ -398,12 +429,10 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
             || trainer.done()
             || (a.checkpoint_every > 0 && r.step.is_multiple_of(a.checkpoint_every))
         {
-            // The GPU keeps the adapter and Adam's moments: bring them back first.
-            if let Some(g) = gpu.as_mut() {
-                pollster::block_on(g.sync(&mut trainer))?;
-            }
-            write_atomic(&ckpt_path, &trainer.checkpoint())?;
-            save_adapter(&a.out, &trainer.lora, &model, &base)?;
+            // One read of the adapter and Adam's moments (from the GPU, where they stay).
+            let (checkpoint, adapter) = pollster::block_on(trainer.checkpoint_and_adapter())?;
+            write_atomic(&ckpt_path, &checkpoint)?;
+            save_adapter(&a.out, &adapter, model, &base)?;
         }
         if interrupted {
             bar.abandon();
@@ -419,7 +448,7 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         }
     }
     bar.finish();
-    let val = validate(&trainer, gpu.as_mut())?;
+    let val = pollster::block_on(trainer.validate())?;
     eprintln!(
         "bitlora train: done: {} steps, {tokens} tokens in {:.1} s ({:.0} tok/s){}; adapter in {}",
         trainer.step,

@@ -82,18 +82,99 @@ pub struct Model {
     pub params: Params,
 }
 
+/// One of a layer's seven BitLinear projections. Its weight ([`LayerParams::proj`]), its
+/// adapter (`lora.layers[l][p]`), its GPU launchers and its gradient all come from this one
+/// value: a projection is `Proj::Down`, never a number kept in step by hand. The order of
+/// [`Proj::ALL`] is the order of [`crate::lora::TARGETS`], of checkpoints and of the dropout
+/// streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The tensor name inside a layer (`model.layers.{l}.{name}`), as in HF checkpoints.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// PEFT's target-module name (`q_proj`).
+    pub fn target(self) -> &'static str {
+        crate::lora::TARGETS[self as usize]
+    }
+
+    /// (O, I): output and input features.
+    pub fn shape(self, c: &Config) -> (usize, usize) {
+        let (hid, ffn, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        match self {
+            Proj::Q => (q, hid),
+            Proj::K | Proj::V => (kv, hid),
+            Proj::O => (hid, q),
+            Proj::Gate | Proj::Up => (ffn, hid),
+            Proj::Down => (hid, ffn),
+        }
+    }
+}
+
+/// Per-projection arrays (`[T; 7]`, [`Proj::ALL`] order) are indexed by a [`Proj`].
+impl<T> std::ops::Index<Proj> for [T; 7] {
+    type Output = T;
+    fn index(&self, p: Proj) -> &T {
+        &self[p as usize]
+    }
+}
+
+impl<T> std::ops::IndexMut<Proj> for [T; 7] {
+    fn index_mut(&mut self, p: Proj) -> &mut T {
+        &mut self[p as usize]
+    }
+}
+
 /// The seven BitLinear projections of a layer, by their HF names, with (O, I) from the config.
 pub fn projections(c: &Config) -> [(&'static str, usize, usize); 7] {
-    let (hid, ffn, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
-    [
-        ("self_attn.q_proj", q, hid),
-        ("self_attn.k_proj", kv, hid),
-        ("self_attn.v_proj", kv, hid),
-        ("self_attn.o_proj", hid, q),
-        ("mlp.gate_proj", ffn, hid),
-        ("mlp.up_proj", ffn, hid),
-        ("mlp.down_proj", hid, ffn),
-    ]
+    Proj::ALL.map(|p| {
+        let (o, i) = p.shape(c);
+        (p.hf_name(), o, i)
+    })
+}
+
+impl LayerParams {
+    /// The weight of projection `p`.
+    pub fn proj(&self, p: Proj) -> &TernaryLinear {
+        match p {
+            Proj::Q => &self.q_proj,
+            Proj::K => &self.k_proj,
+            Proj::V => &self.v_proj,
+            Proj::O => &self.o_proj,
+            Proj::Gate => &self.gate_proj,
+            Proj::Up => &self.up_proj,
+            Proj::Down => &self.down_proj,
+        }
+    }
 }
 
 impl Model {
@@ -226,24 +307,24 @@ impl Model {
         {
             // Attention block.
             let x = ops::rms_norm(&h, &layer.input_layernorm, cfg.rms_norm_eps); // (T, C)
-            let mut q = lora_linear(&layer.q_proj, lora, l, 0, &x); // (T, NH*HS)
-            let mut k = lora_linear(&layer.k_proj, lora, l, 1, &x); // (T, NKV*HS)
-            let v = lora_linear(&layer.v_proj, lora, l, 2, &x); // (T, NKV*HS)
+            let mut q = lora_linear(layer, Proj::Q, lora, l, &x); // (T, NH*HS)
+            let mut k = lora_linear(layer, Proj::K, lora, l, &x); // (T, NKV*HS)
+            let v = lora_linear(layer, Proj::V, lora, l, &x); // (T, NKV*HS)
             ops::rope(&mut q, nh, hs, &cos, &sin);
             ops::rope(&mut k, nkv, hs, &cos, &sin);
             k_cache.extend_from_slice(&k); // (past+T, NKV*HS)
             v_cache.extend_from_slice(&v); // (past+T, NKV*HS)
             let a = ops::attention_cached(&q, k_cache, v_cache, t, past + t, nh, nkv, hs); // (T, NH*HS)
             let a = ops::rms_norm(&a, &layer.attn_sub_norm, cfg.rms_norm_eps); // (T, NH*HS)
-            ops::add_in_place(&mut h, &lora_linear(&layer.o_proj, lora, l, 3, &a)); // (T, C)
+            ops::add_in_place(&mut h, &lora_linear(layer, Proj::O, lora, l, &a)); // (T, C)
 
             // FFN block.
             let x = ops::rms_norm(&h, &layer.post_attention_layernorm, cfg.rms_norm_eps); // (T, C)
-            let gate = lora_linear(&layer.gate_proj, lora, l, 4, &x); // (T, F)
-            let up = lora_linear(&layer.up_proj, lora, l, 5, &x); // (T, F)
+            let gate = lora_linear(layer, Proj::Gate, lora, l, &x); // (T, F)
+            let up = lora_linear(layer, Proj::Up, lora, l, &x); // (T, F)
             let f = ops::gated_act(&gate, &up, cfg.hidden_act); // (T, F)
             let f = ops::rms_norm(&f, &layer.ffn_sub_norm, cfg.rms_norm_eps); // (T, F)
-            ops::add_in_place(&mut h, &lora_linear(&layer.down_proj, lora, l, 6, &f)); // (T, C)
+            ops::add_in_place(&mut h, &lora_linear(layer, Proj::Down, lora, l, &f)); // (T, C)
         }
         cache.len += t;
 
@@ -368,14 +449,9 @@ pub fn shard_names(file: &str, index_json: &[u8]) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Projection `p` (TARGETS order) of layer `l` on x: BitLinear, plus the adapter if it has one.
-fn lora_linear(
-    lin: &TernaryLinear,
-    lora: Option<&Lora>,
-    l: usize,
-    p: usize,
-    x: &[f32],
-) -> Vec<f32> {
+/// Projection `p` of layer `l` on x: BitLinear, plus the adapter if it has one.
+fn lora_linear(layer: &LayerParams, p: Proj, lora: Option<&Lora>, l: usize, x: &[f32]) -> Vec<f32> {
+    let lin = layer.proj(p);
     let mut y = lin.forward(x);
     if let Some(pair) = lora.and_then(|a| a.layers[l][p].as_ref()) {
         let lora = lora.expect("pair came from it");

@@ -108,53 +108,93 @@ impl AdamW {
 
     /// Clips `grads` in place, updates `params`; the caller zeroes `grads` afterwards.
     pub fn step(&mut self, params: &mut Lora, grads: &mut Lora) -> StepInfo {
-        let c = self.config.clone();
         let norm = Self::grad_norm(grads);
-        if let Some(max) = c.max_grad_norm {
-            let coef = max / (norm + 1e-6);
-            if coef < 1.0 {
-                grads.for_each_mut(|_, _, t| t.iter_mut().for_each(|x| *x *= coef));
-            }
-        }
-        let lr = c.lr_at(self.step);
+        let s = AdamWScalars::new(&self.config, self.step, norm);
         self.step += 1;
-        let t = self.step as i32;
-        let bc1 = 1.0 - (c.beta1 as f64).powi(t);
-        let bc2 = 1.0 - (c.beta2 as f64).powi(t);
-        let step_size = (lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        // Walk the four trees in step: params, grads, m, v share one shape.
-        let mut flat_g = Vec::new();
-        grads.for_each_mut(|_, _, g| flat_g.push(std::mem::take(g)));
-        let mut flat_m = Vec::new();
-        self.m
-            .for_each_mut(|_, _, m| flat_m.push(std::mem::take(m)));
-        let mut flat_v = Vec::new();
-        self.v
-            .for_each_mut(|_, _, v| flat_v.push(std::mem::take(v)));
-        let mut k = 0;
-        params.for_each_mut(|_, _, p| {
-            let (g, m, v) = (&flat_g[k], &mut flat_m[k], &mut flat_v[k]);
-            for j in 0..p.len() {
-                p[j] *= 1.0 - lr * c.weight_decay;
-                m[j] = c.beta1 * m[j] + (1.0 - c.beta1) * g[j];
-                v[j] = c.beta2 * v[j] + (1.0 - c.beta2) * g[j] * g[j];
-                let denom = v[j].sqrt() / bc2_sqrt + c.eps;
-                p[j] -= step_size * m[j] / denom;
-            }
-            k += 1;
-        });
-        let mut it = flat_g.into_iter();
-        grads.for_each_mut(|_, _, g| *g = it.next().expect("same shapes"));
-        let mut it = flat_m.into_iter();
-        self.m
-            .for_each_mut(|_, _, m| *m = it.next().expect("same shapes"));
-        let mut it = flat_v.into_iter();
-        self.v
-            .for_each_mut(|_, _, v| *v = it.next().expect("same shapes"));
+        adamw_update(&s, params, grads, &mut self.m, &mut self.v);
         StepInfo {
-            lr,
+            lr: s.lr,
             grad_norm: norm,
         }
+    }
+}
+
+/// The scalars of one AdamW step: the learning rate of optimizer step `step`, the bias
+/// corrections (in f64, as PyTorch) and the clipping factor. Every backend's update takes them
+/// from here ([`adamw_update`] on the CPU, the `adamw` kernel on the GPU).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWScalars {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// lr / (1 - beta1^t)
+    pub step_size: f32,
+    /// sqrt(1 - beta2^t)
+    pub bc2_sqrt: f32,
+    /// Clipping factor on the gradients (1: none), `max / (norm + 1e-6)` when below 1.
+    pub coef: f32,
+}
+
+impl AdamWScalars {
+    /// For optimizer step `step` (0-based: the number of steps taken before this one) with
+    /// global gradient norm `grad_norm` (before clipping).
+    pub fn new(config: &AdamWConfig, step: usize, grad_norm: f32) -> AdamWScalars {
+        let coef = match config.max_grad_norm {
+            Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
+            None => 1.0,
+        };
+        let lr = config.lr_at(step);
+        let t = (step + 1) as i32;
+        let bc1 = 1.0 - (config.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (config.beta2 as f64).powi(t);
+        AdamWScalars {
+            lr,
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: config.eps,
+            weight_decay: config.weight_decay,
+            step_size: (lr as f64 / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            coef,
+        }
+    }
+}
+
+/// One AdamW update of `params` with `grads` (clipped in place by `s.coef` when it is below
+/// 1) and the moments `m`, `v`; all four share one shape.
+pub fn adamw_update(
+    s: &AdamWScalars,
+    params: &mut Lora,
+    grads: &mut Lora,
+    m: &mut Lora,
+    v: &mut Lora,
+) {
+    if s.coef < 1.0 {
+        grads.for_each_mut(|_, _, t| t.iter_mut().for_each(|x| *x *= s.coef));
+    }
+    // Walk the four trees in step.
+    let flat = |l: &mut Lora| {
+        let mut out = Vec::new();
+        l.for_each_mut(|_, _, t| out.push(std::mem::take(t)));
+        out
+    };
+    let (flat_g, mut flat_m, mut flat_v) = (flat(grads), flat(m), flat(v));
+    let mut k = 0;
+    params.for_each_mut(|_, _, p| {
+        let (g, m, v) = (&flat_g[k], &mut flat_m[k], &mut flat_v[k]);
+        for j in 0..p.len() {
+            p[j] *= 1.0 - s.lr * s.weight_decay;
+            m[j] = s.beta1 * m[j] + (1.0 - s.beta1) * g[j];
+            v[j] = s.beta2 * v[j] + (1.0 - s.beta2) * g[j] * g[j];
+            let denom = v[j].sqrt() / s.bc2_sqrt + s.eps;
+            p[j] -= s.step_size * m[j] / denom;
+        }
+        k += 1;
+    });
+    for (l, flat) in [(grads, flat_g), (m, flat_m), (v, flat_v)] {
+        let mut it = flat.into_iter();
+        l.for_each_mut(|_, _, t| *t = it.next().expect("same shapes"));
     }
 }

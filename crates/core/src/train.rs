@@ -15,7 +15,7 @@
 use crate::config::{Activation, Config};
 use crate::error::{Error, Result};
 use crate::lora::{Lora, LoraPair};
-use crate::model::Model;
+use crate::model::{Model, Proj};
 use crate::ops;
 use crate::quant::TernaryLinear;
 use crate::rng::Rng;
@@ -45,7 +45,7 @@ struct LayerActs {
     up: Vec<f32>,         // (T, F)
     f: Vec<f32>,          // (T, F) act(gate) * up
     fnorm: Vec<f32>,      // (T, F) ffn_sub_norm(f)
-    lin: [LinearActs; 7], // per projection, model::projections order
+    lin: [LinearActs; 7], // per projection, indexed by Proj
 }
 
 /// The result of one forward + backward: the mean loss over the counted targets.
@@ -489,36 +489,35 @@ fn forward_saving(
     let (cos, sin) = rope;
     let mut saved = Vec::with_capacity(p.layers.len());
     for (layer, adapters) in p.layers.iter().zip(&lora.layers) {
-        let lins = [
-            &layer.q_proj,
-            &layer.k_proj,
-            &layer.v_proj,
-            &layer.o_proj,
-            &layer.gate_proj,
-            &layer.up_proj,
-            &layer.down_proj,
-        ];
-        let mut run = |idx: usize, x: &[f32]| {
-            linear_forward(lins[idx], adapters[idx].as_ref(), x, scale, r, dropout, rng)
+        let mut run = |p: Proj, x: &[f32]| {
+            linear_forward(
+                layer.proj(p),
+                adapters[p].as_ref(),
+                x,
+                scale,
+                r,
+                dropout,
+                rng,
+            )
         };
         let h_in = h.clone();
         let xn1 = ops::rms_norm(&h, &layer.input_layernorm, eps); // (T, C)
-        let (mut q, aq) = run(0, &xn1); // (T, NH*HS)
-        let (mut k, ak) = run(1, &xn1); // (T, NKV*HS)
-        let (vv, av) = run(2, &xn1); // (T, NKV*HS)
+        let (mut q, aq) = run(Proj::Q, &xn1); // (T, NH*HS)
+        let (mut k, ak) = run(Proj::K, &xn1); // (T, NKV*HS)
+        let (vv, av) = run(Proj::V, &xn1); // (T, NKV*HS)
         ops::rope(&mut q, nh, hs, cos, sin);
         ops::rope(&mut k, nkv, hs, cos, sin);
         let (att, probs) = attention_forward(&q, &k, &vv, t, nh, nkv, hs); // (T, NH*HS), (NH, T, T)
         let an = ops::rms_norm(&att, &layer.attn_sub_norm, eps);
-        let (o, ao) = run(3, &an); // (T, C)
+        let (o, ao) = run(Proj::O, &an); // (T, C)
         ops::add_in_place(&mut h, &o);
         let h_mid = h.clone();
         let xn2 = ops::rms_norm(&h, &layer.post_attention_layernorm, eps); // (T, C)
-        let (gate, ag) = run(4, &xn2); // (T, F)
-        let (up, au) = run(5, &xn2); // (T, F)
+        let (gate, ag) = run(Proj::Gate, &xn2); // (T, F)
+        let (up, au) = run(Proj::Up, &xn2); // (T, F)
         let f = ops::gated_act(&gate, &up, cfg.hidden_act); // (T, F)
         let fnorm = ops::rms_norm(&f, &layer.ffn_sub_norm, eps);
-        let (down, ad) = run(6, &fnorm); // (T, C)
+        let (down, ad) = run(Proj::Down, &fnorm); // (T, C)
         ops::add_in_place(&mut h, &down);
         saved.push(LayerActs {
             h_in,
@@ -535,7 +534,7 @@ fn forward_saving(
             up,
             f,
             fnorm,
-            lin: [aq, ak, av, ao, ag, au, ad],
+            lin: [aq, ak, av, ao, ag, au, ad], // Proj::ALL order
         });
     }
     (h, saved)
@@ -671,22 +670,13 @@ pub fn forward_backward(
         .zip(saved.iter().zip(grads.layers.iter_mut()))
         .rev()
     {
-        let lins = [
-            &layer.q_proj,
-            &layer.k_proj,
-            &layer.v_proj,
-            &layer.o_proj,
-            &layer.gate_proj,
-            &layer.up_proj,
-            &layer.down_proj,
-        ];
-        let [gq, gk, gv, go, gg, gu, gd] = grad_layer;
-        let back = |idx: usize, grad: &mut Option<LoraPair>, x: &[f32], dy: &[f32]| {
+        let [gq, gk, gv, go, gg, gu, gd] = grad_layer; // Proj::ALL order
+        let back = |p: Proj, grad: &mut Option<LoraPair>, x: &[f32], dy: &[f32]| {
             linear_backward(
-                lins[idx],
-                adapters[idx].as_ref(),
+                layer.proj(p),
+                adapters[p].as_ref(),
                 grad.as_mut(),
-                &acts.lin[idx],
+                &acts.lin[p],
                 x,
                 dy,
                 scale,
@@ -695,18 +685,18 @@ pub fn forward_backward(
         };
 
         // FFN block: h += down(ffn_sub_norm(act(gate(x)) * up(x))), x = post_attention_layernorm(h_mid)
-        let dfnorm = back(6, gd, &acts.fnorm, &dh);
+        let dfnorm = back(Proj::Down, gd, &acts.fnorm, &dh);
         let df = rms_norm_backward(&acts.f, &layer.ffn_sub_norm, eps, &dfnorm);
         let (dgate, dup) = gated_act_backward(&acts.gate, &acts.up, &df, cfg.hidden_act);
-        let mut dxn2 = back(4, gg, &acts.xn2, &dgate);
-        ops::add_in_place(&mut dxn2, &back(5, gu, &acts.xn2, &dup));
+        let mut dxn2 = back(Proj::Gate, gg, &acts.xn2, &dgate);
+        ops::add_in_place(&mut dxn2, &back(Proj::Up, gu, &acts.xn2, &dup));
         ops::add_in_place(
             &mut dh,
             &rms_norm_backward(&acts.h_mid, &layer.post_attention_layernorm, eps, &dxn2),
         );
 
         // Attention block: h += o(attn_sub_norm(attn(rope(q(x)), rope(k(x)), v(x)))), x = input_layernorm(h_in)
-        let dan = back(3, go, &acts.an, &dh);
+        let dan = back(Proj::O, go, &acts.an, &dh);
         let datt = rms_norm_backward(&acts.att, &layer.attn_sub_norm, eps, &dan);
         let (mut dq, mut dk, dv) = attention_backward(
             &acts.q,
@@ -721,9 +711,9 @@ pub fn forward_backward(
         );
         rope_backward(&mut dq, nh, hs, cos, sin);
         rope_backward(&mut dk, nkv, hs, cos, sin);
-        let mut dxn1 = back(0, gq, &acts.xn1, &dq);
-        ops::add_in_place(&mut dxn1, &back(1, gk, &acts.xn1, &dk));
-        ops::add_in_place(&mut dxn1, &back(2, gv, &acts.xn1, &dv));
+        let mut dxn1 = back(Proj::Q, gq, &acts.xn1, &dq);
+        ops::add_in_place(&mut dxn1, &back(Proj::K, gk, &acts.xn1, &dk));
+        ops::add_in_place(&mut dxn1, &back(Proj::V, gv, &acts.xn1, &dv));
         ops::add_in_place(
             &mut dh,
             &rms_norm_backward(&acts.h_in, &layer.input_layernorm, eps, &dxn1),
@@ -1044,12 +1034,12 @@ mod tests {
         for (which, name) in [(0, "A"), (1, "B")] {
             let base = lora.clone();
             let get = |l: &Lora| -> Vec<f32> {
-                let p = l.layers[last][6].as_ref().unwrap();
+                let p = l.layers[last][Proj::Down].as_ref().unwrap();
                 if which == 0 { p.a.clone() } else { p.b.clone() }
             };
             let f = |v: &[f32]| {
                 let mut l = base.clone();
-                let p = l.layers[last][6].as_mut().unwrap();
+                let p = l.layers[last][Proj::Down].as_mut().unwrap();
                 if which == 0 {
                     p.a = v.to_vec()
                 } else {
@@ -1102,7 +1092,7 @@ mod tests {
             &mut Rng::new(0),
         )
         .unwrap();
-        let down = g1.layers[1][6].as_ref().unwrap();
+        let down = g1.layers[1][Proj::Down].as_ref().unwrap();
         assert!(down.a.iter().all(|&x| x == 0.0) && down.b.iter().any(|&x| x != 0.0));
         let mut g2 = lora.zeros_like();
         for _ in 0..2 {
@@ -1121,7 +1111,7 @@ mod tests {
         let doubled: Vec<f32> = down.b.iter().map(|x| x * 2.0).collect();
         crate::tolerance::KERNEL_F32.assert_close(
             "accumulated dB",
-            &g2.layers[1][6].as_ref().unwrap().b,
+            &g2.layers[1][Proj::Down].as_ref().unwrap().b,
             &doubled,
         );
     }

@@ -1,28 +1,35 @@
-//! The training loop around [`crate::train`]: gradient accumulation, AdamW, validation, NaN/inf
-//! guarding and checkpoints. The CLI, the page and the tests all drive this one loop.
-//!
-//! The trainer holds the adapter, the optimizer, the data and its cursor, but not the model:
-//! whichever backend computes the gradients (the CPU reference here, the GPU in bitlora-gpu,
-//! synchronously or awaited in a browser) plugs in between the two halves of a step:
+//! The training loop, written once: accumulation, validation, the NaN/inf guard, schedules,
+//! checkpoints and pauses between sequences. The CPU reference, the GPU (natively and in the
+//! page) and every caller (CLI, `bench train`, the page's worker, the tests) drive this loop
+//! through a [`Backend`]; no other copy of it exists.
 //!
 //! ```text
-//! let seqs = trainer.begin_step();              // the sequence indices of this step
-//! let mut grads = trainer.lora.zeros_like();
-//! for &i in &seqs { losses.push(backend.forward_backward(&trainer.lora, &trainer.data.train[i],
-//!                                 &mut grads, trainer.grad_scale(), trainer.rng())) }
-//! let mut report = trainer.finish_step(grads, &seqs, &losses); // clip, AdamW, NaN guard
-//! if trainer.validation_due() { report.val_loss = backend.mean_loss(&trainer.lora, &trainer.data.val) }
+//!                      Trainer<B>  (this file: owns the loop and the run's state)
+//!   data order, cursor, RNG ---+--- per sequence: B::forward_backward(seq, first, last) -> loss
+//!   step counts, schedule      |                  (last: + the step's gradient norm)
+//!   NaN guard, validation      +--- per step:     B::update(AdamWScalars)   (unless skipped)
+//!   checkpoints                +--- validation:   B::loss(seq)
+//!                              +--- checkpoint / export: B::state()  (adapter + Adam's moments)
+//!
+//!   B = CpuBackend (here)      the reference; adapter, gradients and moments in host memory
+//!     | GpuBackend (gpu)       adapter, gradients and moments resident in GPU buffers; a step
+//!     |                        reads back only the losses and the squared gradient norm
+//!     | WebBackend (web)       the page: WebGPU's resident path, or the CPU
 //! ```
 //!
-//! [`Trainer::step`] is exactly that with the CPU reference.
+//! The backend owns the optimizer state (the adapter and Adam's moments): the loop never
+//! reads it except through [`Backend::state`] for a checkpoint or an export. A unit of work
+//! ([`Trainer::advance`]) is one training sequence's forward and backward, or one validation
+//! sequence's loss, so a caller (the browser's worker) can yield, pause or stop between them;
+//! [`Trainer::step`] runs units until a step (and its validation, when due) is done.
 //!
 //! A checkpoint is one safetensors file: the adapter (`adapter.` + PEFT names), Adam's moments
 //! (`adam.m.` / `adam.v.` + PEFT names) and, in the header's metadata under `bitlora`, the JSON
 //! state (configs, step counts, data cursor, RNG state, a fingerprint of the data). Resuming
-//! from it continues with bit-identical losses on the CPU.
+//! from it continues with bit-identical losses on the same backend.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::Deref;
 
 use serde_json::{Value, json};
 
@@ -31,10 +38,10 @@ use crate::data::{Dataset, Sequence, epoch_order};
 use crate::error::{Error, Result};
 use crate::lora::{Lora, LoraConfig};
 use crate::model::Model;
-use crate::optim::{AdamW, AdamWConfig, Schedule};
+use crate::optim::{AdamW, AdamWConfig, AdamWScalars, Schedule, adamw_update};
 use crate::peft;
 use crate::rng::Rng;
-use crate::train;
+use crate::train::{self, StepLoss};
 use crate::weights::{self, OwnedTensor, WeightFiles};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -49,7 +56,7 @@ pub struct TrainOptions {
     pub seed: u64,
 }
 
-/// What one step ([`Trainer::step`], or [`Trainer::finish_step`]) did.
+/// What one step did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepReport {
     /// Steps done so far, this one included (1-based).
@@ -67,11 +74,207 @@ pub struct StepReport {
     pub skipped: Option<String>,
 }
 
-pub struct Trainer {
+/// The optimizer's state: the adapter and Adam's moments (all of one shape).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterState {
+    pub lora: Lora,
+    pub m: Lora,
+    pub v: Lora,
+}
+
+impl AdapterState {
+    /// A fresh run's state: `lora` with zero moments.
+    pub fn new(lora: Lora) -> AdapterState {
+        let m = lora.zeros_like();
+        AdapterState {
+            v: m.clone(),
+            m,
+            lora,
+        }
+    }
+}
+
+/// Where a sequence's gradient goes in the step's gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accumulate {
+    /// The step's first sequence: its gradient replaces what the last step left.
+    pub first: bool,
+    /// The step's last sequence: the backend also returns the global gradient norm.
+    pub last: bool,
+}
+
+/// One training sequence's result from [`Backend::forward_backward`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SequenceResult {
+    pub loss: StepLoss,
+    /// After the step's last sequence: the global L2 norm of the step's summed gradients.
+    pub grad_norm: Option<f32>,
+}
+
+/// What the loop needs from a device: one sequence's forward and backward, one sequence's loss,
+/// and AdamW applied where the backend keeps the adapter and the moments. The op-level kernels
+/// behind it (core's `train` functions, the GPU's launchers) stay separate twins; only this
+/// orchestration is shared.
+///
+/// The futures are not `Send` (the browser's are not); native callers block on them.
+#[allow(async_fn_in_trait)]
+pub trait Backend {
+    type Error: From<Error>;
+
+    /// "cpu", "gpu" or "webgpu": for reports and logs.
+    fn name(&self) -> &'static str;
+
+    /// Takes `state` as the adapter and moments the next step starts from (a new run, or a
+    /// resumed one). Its rank and targets must be those the backend was built for.
+    fn load(&mut self, state: AdapterState) -> std::result::Result<(), Self::Error>;
+
+    /// Forward and backward of `seq` with the backend's adapter: returns its mean loss over the
+    /// counted targets, and sets (`acc.first`) or adds `scale` times its gradient into the
+    /// step's gradients; with `acc.last` also their global norm. Dropout draws from `rng` in
+    /// the CPU reference's order.
+    async fn forward_backward(
+        &mut self,
+        seq: &Sequence,
+        acc: Accumulate,
+        scale: f32,
+        rng: &mut Rng,
+    ) -> std::result::Result<SequenceResult, Self::Error>;
+
+    /// The mean loss of `seq` with the backend's adapter, forward only, dropout off.
+    async fn loss(&mut self, seq: &Sequence) -> std::result::Result<StepLoss, Self::Error>;
+
+    /// One AdamW update with the step's gradients (clipped by `s.coef`).
+    fn update(&mut self, s: &AdamWScalars) -> std::result::Result<(), Self::Error>;
+
+    /// A copy of the adapter and the moments (for a checkpoint or an export; a device backend
+    /// reads them back here and only here).
+    async fn state(&mut self) -> std::result::Result<AdapterState, Self::Error>;
+}
+
+/// The CPU reference backend: core's `train::forward_backward` and `train::loss`, AdamW on the
+/// host. `M` is how the caller holds the model (`&Model`, `Rc<Model>`, ...).
+pub struct CpuBackend<M> {
+    model: M,
+    state: Option<AdapterState>,
+    grads: Option<Lora>,
+}
+
+impl<M: Deref<Target = Model>> CpuBackend<M> {
+    pub fn new(model: M) -> CpuBackend<M> {
+        CpuBackend {
+            model,
+            state: None,
+            grads: None,
+        }
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The adapter as it is now (no copy: the CPU holds it).
+    pub fn adapter(&self) -> Option<&Lora> {
+        self.state.as_ref().map(|s| &s.lora)
+    }
+
+    fn held(state: &mut Option<AdapterState>) -> Result<&mut AdapterState> {
+        state.as_mut().ok_or(Error::Lora {
+            msg: "the CPU backend holds no adapter yet (load one first)".into(),
+        })
+    }
+}
+
+impl<M: Deref<Target = Model>> Backend for CpuBackend<M> {
+    type Error = Error;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn load(&mut self, state: AdapterState) -> Result<()> {
+        self.grads = None;
+        self.state = Some(state);
+        Ok(())
+    }
+
+    async fn forward_backward(
+        &mut self,
+        seq: &Sequence,
+        acc: Accumulate,
+        scale: f32,
+        rng: &mut Rng,
+    ) -> Result<SequenceResult> {
+        let lora = &Self::held(&mut self.state)?.lora;
+        let mut grads = match self.grads.take() {
+            Some(g) if !acc.first => g,
+            _ => lora.zeros_like(),
+        };
+        let out = train::forward_backward(
+            &self.model,
+            lora,
+            &seq.tokens,
+            &seq.targets,
+            &mut grads,
+            scale,
+            rng,
+        );
+        let grad_norm = acc.last.then(|| AdamW::grad_norm(&grads));
+        self.grads = Some(grads);
+        Ok(SequenceResult {
+            loss: out?,
+            grad_norm,
+        })
+    }
+
+    async fn loss(&mut self, seq: &Sequence) -> Result<StepLoss> {
+        let lora = &Self::held(&mut self.state)?.lora;
+        train::loss(&self.model, lora, &seq.tokens, &seq.targets)
+    }
+
+    fn update(&mut self, s: &AdamWScalars) -> Result<()> {
+        let mut grads = self.grads.take().ok_or(Error::Lora {
+            msg: "an optimizer update without a step's gradients".into(),
+        })?;
+        let st = Self::held(&mut self.state)?;
+        adamw_update(s, &mut st.lora, &mut grads, &mut st.m, &mut st.v);
+        Ok(())
+    }
+
+    async fn state(&mut self) -> Result<AdapterState> {
+        Ok(Self::held(&mut self.state)?.clone())
+    }
+}
+
+/// Where the loop is within a step.
+#[derive(Clone, Debug)]
+enum Phase {
+    /// Between steps: a checkpoint can be taken.
+    Idle,
+    /// The step's sequences (`seqs`) are running; `losses` holds those done. `rng` is the RNG
+    /// as the step began: a failed sequence restarts the step from its first sequence.
+    Train {
+        seqs: Vec<usize>,
+        losses: Vec<StepLoss>,
+        rng: Rng,
+    },
+    /// The step is applied; validation sequence `next` is the next to run.
+    Validate {
+        report: StepReport,
+        next: usize,
+        sum: f64,
+        tokens: usize,
+    },
+}
+
+/// A training run: the data and its order, the step counts, the RNG and the schedule, driving
+/// a [`Backend`] that holds the adapter and the optimizer's moments.
+pub struct Trainer<B> {
     /// The base model's config (shapes for checkpoints).
     model: Config,
-    pub lora: Lora,
-    pub optimizer: AdamW,
+    lora_config: LoraConfig,
+    /// The optimizer's settings; `opt_step` counts the updates applied (skipped steps not).
+    optim: AdamWConfig,
+    opt_step: usize,
     pub data: Dataset,
     pub options: TrainOptions,
     /// Steps taken (including skipped ones).
@@ -81,39 +284,43 @@ pub struct Trainer {
     cursor: usize,
     order: Vec<usize>,
     rng: Rng,
-    /// [`Trainer::id`].
-    id: u64,
+    phase: Phase,
+    backend: B,
 }
 
-/// The next [`Trainer::id`].
-static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-
-impl Trainer {
+impl<B: Backend> Trainer<B> {
+    /// A new run of `lora` (PEFT-initialised) on `data`; the backend takes the adapter with
+    /// zero moments.
     pub fn new(
+        mut backend: B,
         model: &Config,
         lora: Lora,
         optim: AdamWConfig,
         data: Dataset,
         options: TrainOptions,
-    ) -> Result<Trainer> {
+    ) -> std::result::Result<Trainer<B>, B::Error> {
         if data.train.is_empty() {
             return Err(Error::Data {
                 file: "training data".into(),
                 msg: "has no training sequences".into(),
-            });
+            }
+            .into());
         }
         if options.accumulation == 0 || options.steps == 0 {
             return Err(Error::Lora {
                 msg: "steps and accumulation must be at least 1".into(),
-            });
+            }
+            .into());
         }
         let order = epoch_order(data.train.len(), options.seed, 0);
         let rng = Rng::new(options.seed ^ 0xd00d);
-        let optimizer = AdamW::new(optim, &lora);
+        let lora_config = lora.config.clone();
+        backend.load(AdapterState::new(lora))?;
         Ok(Trainer {
             model: model.clone(),
-            lora,
-            optimizer,
+            lora_config,
+            optim,
+            opt_step: 0,
             data,
             options,
             step: 0,
@@ -121,19 +328,51 @@ impl Trainer {
             cursor: 0,
             order,
             rng,
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            phase: Phase::Idle,
+            backend,
         })
     }
 
-    /// A number no other trainer made in this process (by [`Trainer::new`] or
-    /// [`Trainer::resume`]) has: a backend that keeps the adapter and the optimizer's state
-    /// itself (the GPU trainer) tells with it whether what it holds is this trainer's.
-    pub fn id(&self) -> u64 {
-        self.id
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Ends the run and gives the backend back (with the adapter it holds).
+    pub fn into_backend(self) -> B {
+        self.backend
+    }
+
+    pub fn lora_config(&self) -> &LoraConfig {
+        &self.lora_config
+    }
+
+    pub fn optimizer_config(&self) -> &AdamWConfig {
+        &self.optim
+    }
+
+    /// Optimizer updates applied so far (steps skipped for a non-finite loss are not counted).
+    pub fn optimizer_steps(&self) -> usize {
+        self.opt_step
     }
 
     pub fn done(&self) -> bool {
-        self.step >= self.options.steps
+        self.step >= self.options.steps && matches!(self.phase, Phase::Idle)
+    }
+
+    /// Between two steps: where checkpoints are taken.
+    pub fn at_step_boundary(&self) -> bool {
+        matches!(self.phase, Phase::Idle)
+    }
+
+    /// Between steps, or while a finished step's validation runs: validation changes nothing a
+    /// checkpoint holds, so a checkpoint may be taken (a run resumed from it continues with
+    /// the next step, without that step's validation loss).
+    pub fn at_safe_point(&self) -> bool {
+        matches!(self.phase, Phase::Idle | Phase::Validate { .. })
     }
 
     fn next_sequence(&mut self) -> usize {
@@ -146,65 +385,139 @@ impl Trainer {
         self.order[self.cursor - 1]
     }
 
-    /// The training sequences of the next step (indices into `data.train`): `accumulation` of
-    /// them, in this epoch's order, moving the data cursor on.
-    pub fn begin_step(&mut self) -> Vec<usize> {
-        (0..self.options.accumulation)
-            .map(|_| self.next_sequence())
-            .collect()
+    /// Whether the step just finished should be followed by validation (every `eval_every`
+    /// steps, and after the last one).
+    fn validation_due(&self) -> bool {
+        let eval = self.options.eval_every;
+        eval > 0
+            && self.step > 0
+            && !self.data.val.is_empty()
+            && (self.step.is_multiple_of(eval) || self.step >= self.options.steps)
     }
 
-    /// The factor each sequence's gradient is scaled by (the mean over the step's sequences).
-    pub fn grad_scale(&self) -> f32 {
-        1.0 / self.options.accumulation as f32
-    }
-
-    /// The RNG that dropout draws from; a backend must draw in the CPU reference's order.
-    pub fn rng(&mut self) -> &mut Rng {
-        &mut self.rng
-    }
-
-    /// Ends a step begun by [`Trainer::begin_step`]: `grads` holds the sum of the scaled
-    /// gradients of `seqs`, whose losses are `losses`. Applies AdamW (with clipping), unless
-    /// a loss or the gradient is not finite: then the step is counted and reported as
-    /// skipped, and neither the adapter nor the optimizer's moments change.
-    pub fn finish_step(
-        &mut self,
-        mut grads: Lora,
-        seqs: &[usize],
-        losses: &[train::StepLoss],
-    ) -> StepReport {
-        let grad_norm = AdamW::grad_norm(&grads);
-        let report = self.finish_step_with_norm(grad_norm, seqs, losses, false);
-        if report.skipped.is_none() {
-            self.optimizer.step(&mut self.lora, &mut grads);
+    /// One unit of work: one training sequence's forward and backward, or one validation
+    /// sequence's loss. Returns the step's report when this unit finished a step (with its
+    /// validation loss when validation was due). An error leaves the run where it was: a
+    /// failed training sequence restarts its step from the step's first sequence (never a
+    /// half-summed gradient), a failed validation sequence runs again.
+    pub async fn advance(&mut self) -> std::result::Result<Option<StepReport>, B::Error> {
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Idle => {
+                if self.step >= self.options.steps {
+                    return Err(Error::Lora {
+                        msg: format!(
+                            "the run is complete: all {} steps have run",
+                            self.options.steps
+                        ),
+                    }
+                    .into());
+                }
+                let seqs = (0..self.options.accumulation)
+                    .map(|_| self.next_sequence())
+                    .collect::<Vec<_>>();
+                let losses = Vec::with_capacity(seqs.len());
+                let rng = self.rng.clone();
+                self.phase = Phase::Train { seqs, losses, rng };
+                self.train_sequence().await
+            }
+            phase @ Phase::Train { .. } => {
+                self.phase = phase;
+                self.train_sequence().await
+            }
+            Phase::Validate {
+                mut report,
+                next,
+                mut sum,
+                mut tokens,
+            } => {
+                let out = match self.backend.loss(&self.data.val[next]).await {
+                    Ok(out) => out,
+                    Err(e) => {
+                        self.phase = Phase::Validate {
+                            report,
+                            next,
+                            sum,
+                            tokens,
+                        };
+                        return Err(e);
+                    }
+                };
+                // Weighted by counted tokens, summed in f64 in order.
+                sum += out.loss as f64 * out.tokens as f64;
+                tokens += out.tokens;
+                if next + 1 < self.data.val.len() {
+                    self.phase = Phase::Validate {
+                        report,
+                        next: next + 1,
+                        sum,
+                        tokens,
+                    };
+                    return Ok(None);
+                }
+                report.val_loss = (tokens > 0).then(|| (sum / tokens as f64) as f32);
+                Ok(Some(report))
+            }
         }
-        report
     }
 
-    /// As [`Trainer::finish_step`], for a backend that keeps the adapter, its gradients and
-    /// Adam's moments itself (the GPU trainer) and applies the update there: `grad_norm` is
-    /// the global norm of the step's gradients it computed. Counts the step and, unless a
-    /// loss or the norm is not finite (`skipped`), the optimizer's step; the backend applies
-    /// AdamW for optimizer step `self.optimizer.step` as it was before this call (its lr and
-    /// bias corrections) exactly when the report is not skipped. `lora` and the moments here
-    /// are not touched: the backend brings them back when a checkpoint or export needs them.
-    pub fn finish_step_external(
+    /// The next sequence of the step in `self.phase` (Phase::Train).
+    async fn train_sequence(&mut self) -> std::result::Result<Option<StepReport>, B::Error> {
+        let Phase::Train { seqs, losses, rng } = &mut self.phase else {
+            unreachable!("called in the Train phase");
+        };
+        let k = losses.len();
+        let acc = Accumulate {
+            first: k == 0,
+            last: k + 1 == seqs.len(),
+        };
+        let scale = 1.0 / self.options.accumulation as f32;
+        let seq = &self.data.train[seqs[k]];
+        let out = match self
+            .backend
+            .forward_backward(seq, acc, scale, &mut self.rng)
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                // Start the step again from its first sequence, with the RNG as it began.
+                self.rng = rng.clone();
+                losses.clear();
+                return Err(e);
+            }
+        };
+        losses.push(out.loss);
+        if !acc.last {
+            return Ok(None);
+        }
+        let Phase::Train { seqs, losses, .. } = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
+            unreachable!("matched above");
+        };
+        let grad_norm = out.grad_norm.ok_or(Error::Lora {
+            msg: "the backend returned no gradient norm after a step's last sequence".into(),
+        })?;
+        let report = self.finish_step(grad_norm, &seqs, &losses)?;
+        if self.validation_due() {
+            self.phase = Phase::Validate {
+                report,
+                next: 0,
+                sum: 0.0,
+                tokens: 0,
+            };
+            return Ok(None);
+        }
+        Ok(Some(report))
+    }
+
+    /// Counts the step; applies AdamW on the backend unless a loss or the gradient norm is not
+    /// finite (then the step is reported as skipped, and neither the adapter nor the moments
+    /// change).
+    fn finish_step(
         &mut self,
         grad_norm: f32,
         seqs: &[usize],
-        losses: &[train::StepLoss],
-    ) -> StepReport {
-        self.finish_step_with_norm(grad_norm, seqs, losses, true)
-    }
-
-    fn finish_step_with_norm(
-        &mut self,
-        grad_norm: f32,
-        seqs: &[usize],
-        losses: &[train::StepLoss],
-        count_optimizer_step: bool,
-    ) -> StepReport {
+        losses: &[StepLoss],
+    ) -> std::result::Result<StepReport, B::Error> {
         let mut bad = None;
         let (mut loss_sum, mut tokens) = (0f64, 0);
         for (&i, out) in seqs.iter().zip(losses) {
@@ -218,12 +531,14 @@ impl Trainer {
         if bad.is_none() && !grad_norm.is_finite() {
             bad = Some(format!("the gradient norm is {grad_norm}"));
         }
-        let lr = self.optimizer.config.lr_at(self.optimizer.step);
+        let lr = self.optim.lr_at(self.opt_step);
         // A non-finite step never reaches the adapter or the optimizer's moments.
-        if bad.is_none() && count_optimizer_step {
-            self.optimizer.step += 1;
+        if bad.is_none() {
+            let s = AdamWScalars::new(&self.optim, self.opt_step, grad_norm);
+            self.backend.update(&s)?;
+            self.opt_step += 1;
         }
-        StepReport {
+        Ok(StepReport {
             step: self.step,
             epoch: self.epoch,
             loss: (loss_sum / losses.len().max(1) as f64) as f32,
@@ -232,177 +547,262 @@ impl Trainer {
             grad_norm,
             val_loss: None,
             skipped: bad,
+        })
+    }
+
+    /// One optimizer step over `accumulation` sequences, with its validation when due
+    /// ([`Trainer::advance`] until the step is done).
+    pub async fn step(&mut self) -> std::result::Result<StepReport, B::Error> {
+        loop {
+            if let Some(report) = self.advance().await? {
+                return Ok(report);
+            }
         }
     }
 
-    /// Whether the step just finished should be followed by validation (every `eval_every`
-    /// steps, and after the last one).
-    pub fn validation_due(&self) -> bool {
-        let eval = self.options.eval_every;
-        eval > 0 && self.step > 0 && (self.step.is_multiple_of(eval) || self.done())
-    }
-
-    /// One optimizer step over `accumulation` sequences on the CPU reference.
-    pub fn step(&mut self, model: &Model) -> Result<StepReport> {
-        let seqs = self.begin_step();
-        let mut grads = self.lora.zeros_like();
-        let scale = self.grad_scale();
-        let mut losses = Vec::with_capacity(seqs.len());
-        for &i in &seqs {
-            let seq = &self.data.train[i];
-            losses.push(train::forward_backward(
-                model,
-                &self.lora,
-                &seq.tokens,
-                &seq.targets,
-                &mut grads,
-                scale,
-                &mut self.rng,
-            )?);
+    /// Mean loss over the validation sequences, weighted by their counted tokens, with the
+    /// adapter as it is now (None without counted targets). May run at any safe point.
+    pub async fn validate(&mut self) -> std::result::Result<Option<f32>, B::Error> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for s in &self.data.val {
+            let out = self.backend.loss(s).await?;
+            sum += out.loss as f64 * out.tokens as f64;
+            n += out.tokens;
         }
-        let mut report = self.finish_step(grads, &seqs, &losses);
-        if self.validation_due() {
-            report.val_loss = self.validate(model)?;
+        Ok((n > 0).then(|| (sum / n as f64) as f32))
+    }
+
+    /// The adapter and Adam's moments as they are now (read back from the backend's device).
+    pub async fn state(&mut self) -> std::result::Result<AdapterState, B::Error> {
+        self.backend.state().await
+    }
+
+    /// The adapter as it is now.
+    pub async fn adapter(&mut self) -> std::result::Result<Lora, B::Error> {
+        Ok(self.backend.state().await?.lora)
+    }
+
+    /// The whole training state as the bytes of one safetensors file; only at a safe point
+    /// ([`Trainer::at_safe_point`]).
+    pub async fn checkpoint(&mut self) -> std::result::Result<Vec<u8>, B::Error> {
+        Ok(self.checkpoint_and_adapter().await?.0)
+    }
+
+    /// [`Trainer::checkpoint`] and the adapter it holds, from one read of the backend's state.
+    pub async fn checkpoint_and_adapter(
+        &mut self,
+    ) -> std::result::Result<(Vec<u8>, Lora), B::Error> {
+        if !self.at_safe_point() {
+            return Err(Error::Lora {
+                msg: "a checkpoint was asked for in the middle of a step".into(),
+            }
+            .into());
         }
-        Ok(report)
+        let state = self.backend.state().await?;
+        Ok((self.checkpoint_bytes(&state), state.lora))
     }
 
-    /// Mean loss over the validation sequences, weighted by their counted tokens.
-    pub fn validate(&self, model: &Model) -> Result<Option<f32>> {
-        mean_loss(model, &self.lora, &self.data.val)
-    }
-
-    /// The whole training state as the bytes of one safetensors file.
-    pub fn checkpoint(&self) -> Vec<u8> {
+    fn checkpoint_bytes(&self, state: &AdapterState) -> Vec<u8> {
         let c = &self.model;
         let mut tensors: Vec<OwnedTensor> = Vec::new();
         for (prefix, l) in [
-            ("adapter.", &self.lora),
-            ("adam.m.", &self.optimizer.m),
-            ("adam.v.", &self.optimizer.v),
+            ("adapter.", &state.lora),
+            ("adam.m.", &state.m),
+            ("adam.v.", &state.v),
         ] {
             tensors.extend(peft::adapter_tensors(l, c).into_iter().map(|mut t| {
                 t.name = format!("{prefix}{}", t.name);
                 t
             }));
         }
-        let o = &self.optimizer.config;
-        let state = json!({
+        let o = &self.optim;
+        let json = json!({
             "version": 1,
-            "lora": peft::adapter_config_json(&self.lora.config, ""),
+            "lora": peft::adapter_config_json(&state.lora.config, ""),
             "optimizer": {"lr": o.lr, "beta1": o.beta1, "beta2": o.beta2, "eps": o.eps, "weight_decay": o.weight_decay,
                           "max_grad_norm": o.max_grad_norm, "schedule": format!("{:?}", o.schedule), "warmup_steps": o.warmup_steps,
-                          "total_steps": o.total_steps, "step": self.optimizer.step},
+                          "total_steps": o.total_steps, "step": self.opt_step},
             "train": {"steps": self.options.steps, "accumulation": self.options.accumulation, "eval_every": self.options.eval_every,
                       "seed": self.options.seed.to_string()},
             "step": self.step, "epoch": self.epoch, "cursor": self.cursor, "rng": self.rng.state().to_string(),
             "data_fingerprint": fingerprint(&self.data).to_string(),
         });
-        let meta = HashMap::from([("bitlora".to_string(), state.to_string())]);
+        let meta = HashMap::from([("bitlora".to_string(), json.to_string())]);
         weights::serialize_with_metadata(&tensors, Some(meta))
     }
 
-    /// Continues a run from [`Trainer::checkpoint`]'s bytes, on the same model and data.
-    pub fn resume(model: &Config, data: Dataset, file: &str, bytes: &[u8]) -> Result<Trainer> {
-        let bad = |msg: String| Error::Data {
-            file: file.to_string(),
-            msg,
-        };
-        let w = WeightFiles::parse(&[(file, bytes)])?;
-        let state: Value = w
-            .metadata("bitlora")
-            .ok_or_else(|| {
-                bad("is not a bitlora training checkpoint (no `bitlora` metadata)".into())
-            })
-            .and_then(|s| {
-                serde_json::from_str(s)
-                    .map_err(|e| bad(format!("checkpoint state is not JSON: {e}")))
-            })?;
-        if state["version"] != 1 {
-            return Err(bad(format!(
-                "checkpoint version {} is not supported",
-                state["version"]
-            )));
+    /// Continues a run from a checkpoint ([`Checkpoint::read`] of [`Trainer::checkpoint`]'s
+    /// bytes), on the same model and data; the backend takes the checkpoint's adapter and
+    /// moments.
+    pub fn resume(
+        backend: B,
+        model: &Config,
+        data: Dataset,
+        checkpoint: Checkpoint,
+    ) -> std::result::Result<Trainer<B>, B::Error> {
+        let r = checkpoint;
+        if r.fingerprint != fingerprint(&data) {
+            return Err(Error::Data {
+                file: r.file,
+                msg: "was made with different training data (or data options); resume with the same data file and options".into(),
+            }
+            .into());
         }
-        if state["data_fingerprint"].as_str() != Some(&fingerprint(&data).to_string()) {
-            return Err(bad("was made with different training data (or data options); resume with the same data file and options".into()));
-        }
-        let lora_cfg: LoraConfig =
-            peft::read_adapter_config(file, state["lora"].to_string().as_bytes())?;
-        // Tensors come back through the PEFT reader, which checks every shape against the model.
-        let read = |prefix: &str| -> Result<Lora> {
-            let tensors: Vec<OwnedTensor> =
-                peft::adapter_tensors(&Lora::init(model, lora_cfg.clone(), 0), model)
-                    .into_iter()
-                    .map(|t| {
-                        let shape = t.shape.clone();
-                        w.f32(&format!("{prefix}{}", t.name), &shape)
-                            .map(|v| OwnedTensor::f32(t.name, &shape, &v))
-                    })
-                    .collect::<Result<_>>()?;
-            peft::read_adapter(lora_cfg.clone(), model, file, &weights::serialize(&tensors))
-        };
-        let num = |v: &Value, what: &str| {
-            v.as_f64()
-                .ok_or_else(|| bad(format!("checkpoint field {what} is missing")))
-        };
-        let int = |v: &Value, what: &str| {
-            v.as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| bad(format!("checkpoint field {what} is missing")))
-        };
-        let big = |v: &Value, what: &str| {
-            v.as_str()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| bad(format!("checkpoint field {what} is missing")))
-        };
-        let o = &state["optimizer"];
-        let schedule = match o["schedule"].as_str() {
-            Some("Constant") => Schedule::Constant,
-            Some("Linear") => Schedule::Linear,
-            _ => Schedule::Cosine,
-        };
-        let optim = AdamWConfig {
-            lr: num(&o["lr"], "lr")? as f32,
-            beta1: num(&o["beta1"], "beta1")? as f32,
-            beta2: num(&o["beta2"], "beta2")? as f32,
-            eps: num(&o["eps"], "eps")? as f32,
-            weight_decay: num(&o["weight_decay"], "weight_decay")? as f32,
-            max_grad_norm: o["max_grad_norm"].as_f64().map(|x| x as f32),
-            schedule,
-            warmup_steps: int(&o["warmup_steps"], "warmup_steps")?,
-            total_steps: int(&o["total_steps"], "total_steps")?,
-        };
-        let t = &state["train"];
-        let options = TrainOptions {
-            steps: int(&t["steps"], "steps")?,
-            accumulation: int(&t["accumulation"], "accumulation")?,
-            eval_every: int(&t["eval_every"], "eval_every")?,
-            seed: big(&t["seed"], "seed")?,
-        };
-        let mut trainer = Trainer::new(model, read("adapter.")?, optim, data, options)?;
-        trainer.optimizer.m = read("adam.m.")?;
-        trainer.optimizer.v = read("adam.v.")?;
-        trainer.optimizer.step = int(&o["step"], "optimizer step")?;
-        trainer.step = int(&state["step"], "step")?;
-        trainer.epoch = int(&state["epoch"], "epoch")? as u64;
-        trainer.cursor = int(&state["cursor"], "cursor")?;
+        let mut trainer = Trainer::new(
+            backend,
+            model,
+            r.state.lora.clone(),
+            r.optim,
+            data,
+            r.options,
+        )?;
+        trainer.backend.load(r.state)?;
+        trainer.opt_step = r.opt_step;
+        trainer.step = r.step;
+        trainer.epoch = r.epoch;
+        trainer.cursor = r.cursor;
         trainer.order = epoch_order(
             trainer.data.train.len(),
             trainer.options.seed,
             trainer.epoch,
         );
-        trainer.rng = Rng::new(big(&state["rng"], "rng")?);
+        trainer.rng = r.rng;
         if trainer.cursor > trainer.order.len() {
-            return Err(bad(
-                "checkpoint data cursor is past the end of the data".into()
-            ));
+            return Err(Error::Data {
+                file: r.file,
+                msg: "checkpoint data cursor is past the end of the data".into(),
+            }
+            .into());
         }
         Ok(trainer)
     }
 }
 
-/// Mean loss of `lora` over `seqs`, weighted by counted tokens; None when there are none.
+/// A checkpoint's contents, read and checked against the model ([`Checkpoint::read`]), ready
+/// for [`Trainer::resume`] (which checks it against the data).
+pub struct Checkpoint {
+    file: String,
+    fingerprint: u64,
+    state: AdapterState,
+    optim: AdamWConfig,
+    options: TrainOptions,
+    opt_step: usize,
+    step: usize,
+    epoch: u64,
+    cursor: usize,
+    rng: Rng,
+}
+
+impl Checkpoint {
+    /// The adapter's rank, alpha, dropout and targets (what a backend is built for).
+    pub fn lora_config(&self) -> &LoraConfig {
+        &self.state.lora.config
+    }
+
+    /// Steps taken and steps in all.
+    pub fn steps(&self) -> (usize, usize) {
+        (self.step, self.options.steps)
+    }
+
+    /// Reads a checkpoint made by [`Trainer::checkpoint`] for `model`; `file` names it in
+    /// errors.
+    pub fn read(model: &Config, file: &str, bytes: &[u8]) -> Result<Checkpoint> {
+        read_checkpoint(model, file, bytes)
+    }
+}
+
+fn read_checkpoint(model: &Config, file: &str, bytes: &[u8]) -> Result<Checkpoint> {
+    let bad = |msg: String| Error::Data {
+        file: file.to_string(),
+        msg,
+    };
+    let w = WeightFiles::parse(&[(file, bytes)])?;
+    let state: Value = w
+        .metadata("bitlora")
+        .ok_or_else(|| bad("is not a bitlora training checkpoint (no `bitlora` metadata)".into()))
+        .and_then(|s| {
+            serde_json::from_str(s).map_err(|e| bad(format!("checkpoint state is not JSON: {e}")))
+        })?;
+    if state["version"] != 1 {
+        return Err(bad(format!(
+            "checkpoint version {} is not supported",
+            state["version"]
+        )));
+    }
+    let lora_cfg: LoraConfig =
+        peft::read_adapter_config(file, state["lora"].to_string().as_bytes())?;
+    // Tensors come back through the PEFT reader, which checks every shape against the model.
+    let read = |prefix: &str| -> Result<Lora> {
+        let tensors: Vec<OwnedTensor> =
+            peft::adapter_tensors(&Lora::init(model, lora_cfg.clone(), 0), model)
+                .into_iter()
+                .map(|t| {
+                    let shape = t.shape.clone();
+                    w.f32(&format!("{prefix}{}", t.name), &shape)
+                        .map(|v| OwnedTensor::f32(t.name, &shape, &v))
+                })
+                .collect::<Result<_>>()?;
+        peft::read_adapter(lora_cfg.clone(), model, file, &weights::serialize(&tensors))
+    };
+    let num = |v: &Value, what: &str| {
+        v.as_f64()
+            .ok_or_else(|| bad(format!("checkpoint field {what} is missing")))
+    };
+    let int = |v: &Value, what: &str| {
+        v.as_u64()
+            .map(|x| x as usize)
+            .ok_or_else(|| bad(format!("checkpoint field {what} is missing")))
+    };
+    let big = |v: &Value, what: &str| {
+        v.as_str()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| bad(format!("checkpoint field {what} is missing")))
+    };
+    let fingerprint = big(&state["data_fingerprint"], "data_fingerprint")?;
+    let o = &state["optimizer"];
+    let schedule = match o["schedule"].as_str() {
+        Some("Constant") => Schedule::Constant,
+        Some("Linear") => Schedule::Linear,
+        _ => Schedule::Cosine,
+    };
+    let optim = AdamWConfig {
+        lr: num(&o["lr"], "lr")? as f32,
+        beta1: num(&o["beta1"], "beta1")? as f32,
+        beta2: num(&o["beta2"], "beta2")? as f32,
+        eps: num(&o["eps"], "eps")? as f32,
+        weight_decay: num(&o["weight_decay"], "weight_decay")? as f32,
+        max_grad_norm: o["max_grad_norm"].as_f64().map(|x| x as f32),
+        schedule,
+        warmup_steps: int(&o["warmup_steps"], "warmup_steps")?,
+        total_steps: int(&o["total_steps"], "total_steps")?,
+    };
+    let t = &state["train"];
+    let options = TrainOptions {
+        steps: int(&t["steps"], "steps")?,
+        accumulation: int(&t["accumulation"], "accumulation")?,
+        eval_every: int(&t["eval_every"], "eval_every")?,
+        seed: big(&t["seed"], "seed")?,
+    };
+    Ok(Checkpoint {
+        file: file.to_string(),
+        fingerprint,
+        state: AdapterState {
+            lora: read("adapter.")?,
+            m: read("adam.m.")?,
+            v: read("adam.v.")?,
+        },
+        optim,
+        options,
+        opt_step: int(&o["step"], "optimizer step")?,
+        step: int(&state["step"], "step")?,
+        epoch: int(&state["epoch"], "epoch")? as u64,
+        cursor: int(&state["cursor"], "cursor")?,
+        rng: Rng::new(big(&state["rng"], "rng")?),
+    })
+}
+
+/// Mean loss of `lora` over `seqs` on the CPU reference, weighted by counted tokens; None when
+/// there are none (a model's loss outside a run: tests, the CLI's reports).
 pub fn mean_loss(model: &Model, lora: &Lora, seqs: &[Sequence]) -> Result<Option<f32>> {
     let (mut sum, mut n) = (0f64, 0usize);
     for s in seqs {
@@ -436,6 +836,7 @@ fn fingerprint(data: &Dataset) -> u64 {
 mod tests {
     use super::*;
     use crate::model::tiny_config;
+    use pollster::block_on;
 
     fn setup(model: &Model) -> (Lora, Dataset) {
         let lora = Lora::init(
@@ -486,35 +887,81 @@ mod tests {
         }
     }
 
+    type Cpu<'a> = Trainer<CpuBackend<&'a Model>>;
+
+    fn trainer<'a>(model: &'a Model, lora: Lora, data: Dataset, options: TrainOptions) -> Cpu<'a> {
+        Trainer::new(
+            CpuBackend::new(model),
+            &model.config,
+            lora,
+            optim(),
+            data,
+            options,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn resume_continues_bit_identically() {
         let model = Model::random(tiny_config(), 42).0;
         let (lora, data) = setup(&model);
-        let mut straight = Trainer::new(
-            &model.config,
-            lora.clone(),
-            optim(),
-            data.clone(),
-            options(),
-        )
-        .unwrap();
-        let reports: Vec<StepReport> = (0..8).map(|_| straight.step(&model).unwrap()).collect();
-        let mut first =
-            Trainer::new(&model.config, lora, optim(), data.clone(), options()).unwrap();
+        let mut straight = trainer(&model, lora.clone(), data.clone(), options());
+        let reports: Vec<StepReport> = (0..8).map(|_| block_on(straight.step()).unwrap()).collect();
+        assert!(reports[3].val_loss.is_some() && reports[7].val_loss.is_some());
+        let mut first = trainer(&model, lora, data.clone(), options());
         for _ in 0..3 {
-            first.step(&model).unwrap();
+            block_on(first.step()).unwrap();
         }
-        let bytes = first.checkpoint();
+        let bytes = block_on(first.checkpoint()).unwrap();
         drop(first);
-        let mut resumed = Trainer::resume(&model.config, data, "ckpt.safetensors", &bytes).unwrap();
+        let ckpt = Checkpoint::read(&model.config, "ckpt.safetensors", &bytes).unwrap();
+        let mut resumed =
+            Trainer::resume(CpuBackend::new(&model), &model.config, data, ckpt).unwrap();
         for want in &reports[3..] {
-            assert_eq!(&resumed.step(&model).unwrap(), want);
+            assert_eq!(&block_on(resumed.step()).unwrap(), want);
         }
         assert_eq!(
-            resumed.lora, straight.lora,
-            "adapters differ after resuming"
+            block_on(resumed.state()).unwrap(),
+            block_on(straight.state()).unwrap(),
+            "adapters or moments differ after resuming"
         );
         assert!(resumed.done());
+    }
+
+    /// The loop with the CPU backend computes what core's functions compute by hand:
+    /// forward_backward over the step's sequences (gradients summed, each scaled by
+    /// 1/accumulation), the norm, clipping and AdamW with the schedule's lr.
+    #[test]
+    fn a_step_is_forward_backward_then_adamw() {
+        let model = Model::random(tiny_config(), 42).0;
+        let (lora, data) = setup(&model);
+        let mut t = trainer(&model, lora.clone(), data.clone(), options());
+        let got = block_on(t.step()).unwrap();
+
+        let order = epoch_order(data.train.len(), 3, 0);
+        let mut rng = Rng::new(3 ^ 0xd00d);
+        let mut grads = lora.zeros_like();
+        let mut losses = Vec::new();
+        for &i in &order[..2] {
+            let s = &data.train[i];
+            let out = train::forward_backward(
+                &model, &lora, &s.tokens, &s.targets, &mut grads, 0.5, &mut rng,
+            )
+            .unwrap();
+            losses.push(out);
+        }
+        let mut opt = AdamW::new(optim(), &lora);
+        let mut want_lora = lora.clone();
+        let info = opt.step(&mut want_lora, &mut grads);
+        assert_eq!(got.grad_norm, info.grad_norm);
+        assert_eq!(got.lr, info.lr);
+        let mean = (losses[0].loss as f64 + losses[1].loss as f64) / 2.0;
+        assert_eq!(got.loss, mean as f32);
+        assert_eq!(got.tokens, losses[0].tokens + losses[1].tokens);
+        let state = block_on(t.state()).unwrap();
+        assert_eq!(state.lora, want_lora);
+        assert_eq!((state.m, state.v), (opt.m, opt.v));
+        assert_eq!(t.optimizer_steps(), 1);
     }
 
     #[test]
@@ -522,6 +969,7 @@ mod tests {
         let model = Model::random(tiny_config(), 42).0;
         let (lora, data) = setup(&model);
         let mut t = Trainer::new(
+            CpuBackend::new(&model),
             &model.config,
             lora,
             AdamWConfig {
@@ -538,11 +986,11 @@ mod tests {
             },
         )
         .unwrap();
-        let before = t.validate(&model).unwrap().unwrap();
+        let before = block_on(t.validate()).unwrap().unwrap();
         while !t.done() {
-            t.step(&model).unwrap();
+            block_on(t.step()).unwrap();
         }
-        let after = t.validate(&model).unwrap().unwrap();
+        let after = block_on(t.validate()).unwrap().unwrap();
         println!("validation loss {before:.4} -> {after:.4}");
         assert!(after < before - 0.5, "validation loss {before} -> {after}");
     }
@@ -555,22 +1003,16 @@ mod tests {
         let poisoned = data.train[0].tokens[0] as usize;
         let c = model.config.hidden_size;
         model.params.embed_tokens[poisoned * c] = f32::NAN;
-        let mut t = Trainer::new(
-            &model.config,
-            lora.clone(),
-            optim(),
-            data,
-            TrainOptions {
-                steps: 12,
-                accumulation: 1,
-                eval_every: 0,
-                seed: 3,
-            },
-        )
-        .unwrap();
+        let options = TrainOptions {
+            steps: 12,
+            accumulation: 1,
+            eval_every: 0,
+            seed: 3,
+        };
+        let mut t = trainer(&model, lora, data, options);
         let mut skipped = 0;
         while !t.done() {
-            let r = t.step(&model).unwrap();
+            let r = block_on(t.step()).unwrap();
             if let Some(why) = &r.skipped {
                 skipped += 1;
                 assert!(why.contains("NaN") || why.contains("nan"), "{why}");
@@ -578,82 +1020,59 @@ mod tests {
         }
         assert!(skipped > 0, "the poisoned sequence was never drawn");
         let mut finite = true;
-        t.lora
-            .clone()
+        block_on(t.adapter())
+            .unwrap()
             .for_each_mut(|_, _, v| finite &= v.iter().all(|x| x.is_finite()));
         assert!(finite, "a NaN reached the adapter");
-        assert_eq!(t.optimizer.step, 12 - skipped);
+        assert_eq!(t.optimizer_steps(), 12 - skipped);
     }
 
-    /// `finish_step_external` (a backend that applies AdamW itself, the GPU trainer) reports
-    /// what `finish_step` reports for the same gradients' norm and counts the optimizer's step,
-    /// without touching the adapter or the moments; a non-finite norm is skipped and not
-    /// counted. Every trainer, a resumed one too, has its own id.
+    /// `advance` does one unit at a time: a step of two sequences and its validation over two
+    /// sequences take four calls, with checkpoints refused mid-step and allowed during
+    /// validation; the result equals `step`'s.
     #[test]
-    fn finish_step_external_reports_and_counts_as_finish_step() {
+    fn advance_runs_one_sequence_per_call() {
         let model = Model::random(tiny_config(), 42).0;
         let (lora, data) = setup(&model);
-        let make = || {
-            Trainer::new(
-                &model.config,
-                lora.clone(),
-                optim(),
-                data.clone(),
-                options(),
-            )
+        let opts = TrainOptions {
+            eval_every: 1,
+            ..options()
         };
-        let (mut reference, mut t) = (make().unwrap(), make().unwrap());
-        let want = reference.step(&model).unwrap();
-        let seqs = t.begin_step();
-        let mut grads = t.lora.zeros_like();
-        let scale = t.grad_scale();
-        let losses: Vec<train::StepLoss> = seqs
-            .iter()
-            .map(|&i| {
-                let s = &t.data.train[i];
-                let mut rng = t.rng.clone();
-                let out = train::forward_backward(
-                    &model, &t.lora, &s.tokens, &s.targets, &mut grads, scale, &mut rng,
-                );
-                t.rng = rng;
-                out.unwrap()
-            })
-            .collect();
-        let got = t.finish_step_external(AdamW::grad_norm(&grads), &seqs, &losses);
+        let mut whole = trainer(&model, lora.clone(), data.clone(), opts.clone());
+        let want = block_on(whole.step()).unwrap();
+        let mut t = trainer(&model, lora, data, opts);
+        assert!(block_on(t.advance()).unwrap().is_none());
+        assert!(!t.at_safe_point());
+        assert!(block_on(t.checkpoint()).is_err());
+        assert!(block_on(t.advance()).unwrap().is_none());
+        assert!(t.at_safe_point() && !t.at_step_boundary());
+        assert!(block_on(t.advance()).unwrap().is_none());
+        let got = block_on(t.advance())
+            .unwrap()
+            .expect("the step and its validation");
         assert_eq!(got, want);
-        assert_eq!((t.step, t.optimizer.step), (1, 1));
-        assert_eq!(t.lora, lora, "the adapter was touched");
-        assert_eq!(t.optimizer.m, lora.zeros_like(), "the moments were touched");
-        assert_eq!(t.optimizer.v, lora.zeros_like(), "the moments were touched");
-        let seqs = t.begin_step();
-        let r = t.finish_step_external(f32::NAN, &seqs, &losses);
-        assert_eq!(r.skipped.as_deref(), Some("the gradient norm is NaN"));
-        assert_eq!((t.step, t.optimizer.step), (2, 1));
-        let resumed = Trainer::resume(
-            &model.config,
-            data.clone(),
-            "c.safetensors",
-            &t.checkpoint(),
-        )
-        .unwrap();
-        assert!(t.id() != reference.id() && resumed.id() != t.id());
+        assert!(t.at_step_boundary());
     }
 
     #[test]
     fn checkpoints_from_other_data_or_garbage_are_refused() {
         let model = Model::random(tiny_config(), 42).0;
         let (lora, data) = setup(&model);
-        let t = Trainer::new(&model.config, lora, optim(), data.clone(), options()).unwrap();
-        let bytes = t.checkpoint();
+        let mut t = trainer(&model, lora, data.clone(), options());
+        let bytes = block_on(t.checkpoint()).unwrap();
         let mut other = data.clone();
         other.train.pop();
-        let e = Trainer::resume(&model.config, other, "c.safetensors", &bytes)
-            .err()
-            .unwrap();
+        let resume = |d: Dataset, b: &[u8]| -> Error {
+            match Checkpoint::read(&model.config, "c.safetensors", b) {
+                Ok(c) => Trainer::resume(CpuBackend::new(&model), &model.config, d, c)
+                    .err()
+                    .unwrap(),
+                Err(e) => e,
+            }
+        };
+        let e = resume(other, &bytes);
         assert!(e.to_string().contains("different training data"), "{e}");
-        let e = Trainer::resume(&model.config, data, "c.safetensors", b"nonsense")
-            .err()
-            .unwrap();
+        let e = resume(data, b"nonsense");
         assert!(e.to_string().contains("not a safetensors file"), "{e}");
     }
 }

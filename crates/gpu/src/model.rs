@@ -39,7 +39,7 @@
 //! the ops are built for the format of the tensor they read.
 
 use bitlora_core::lora::Lora;
-use bitlora_core::model::projections;
+use bitlora_core::model::{Proj, projections};
 use bitlora_core::quant::TernaryLinear;
 use bitlora_core::{Config, Model, ops as cpu_ops};
 
@@ -78,6 +78,21 @@ pub(crate) struct Layer {
     pub(crate) up_proj: Linear,
     pub(crate) ffn_sub_norm: Norm,
     pub(crate) down_proj: Linear,
+}
+
+impl Layer {
+    /// The weight and launcher of projection `p`.
+    pub(crate) fn proj(&self, p: Proj) -> &Linear {
+        match p {
+            Proj::Q => &self.q_proj,
+            Proj::K => &self.k_proj,
+            Proj::V => &self.v_proj,
+            Proj::O => &self.o_proj,
+            Proj::Gate => &self.gate_proj,
+            Proj::Up => &self.up_proj,
+            Proj::Down => &self.down_proj,
+        }
+    }
 }
 
 /// One adapted projection: A (R, I) and B (O, R) with the launcher for its shape.
@@ -520,15 +535,7 @@ impl GpuModel {
             + layers
                 .iter()
                 .map(|l| {
-                    let lin = [
-                        &l.q_proj,
-                        &l.k_proj,
-                        &l.v_proj,
-                        &l.o_proj,
-                        &l.gate_proj,
-                        &l.up_proj,
-                        &l.down_proj,
-                    ];
+                    let lin = Proj::ALL.map(|p| l.proj(p));
                     let norms = [
                         &l.input_layernorm,
                         &l.attn_sub_norm,
@@ -818,7 +825,7 @@ impl GpuModel {
         let u = adapter.map(|a| a.u.rows_view(t)).transpose()?;
         let lora = |r: &mut Recorder,
                     l: usize,
-                    p: usize,
+                    p: Proj,
                     x: &GpuTensor,
                     y: &GpuTensor,
                     row0: usize|
@@ -846,11 +853,11 @@ impl GpuModel {
             n.op.encode(r, &ws.h, &n.w, &ws.x)?;
             self.quant_c.encode(r, &ws.x, &ws.xq_c, s_a)?;
             bitlinear(r, &ws.xq_c, &layer.q_proj, &ws.q)?;
-            lora(r, l, 0, &ws.x, &ws.q, 0)?;
+            lora(r, l, Proj::Q, &ws.x, &ws.q, 0)?;
             into_cache(r, &ws.xq_c, &layer.k_proj, kc)?;
-            lora(r, l, 1, &ws.x, kc, past)?;
+            lora(r, l, Proj::K, &ws.x, kc, past)?;
             into_cache(r, &ws.xq_c, &layer.v_proj, vc)?;
-            lora(r, l, 2, &ws.x, vc, past)?;
+            lora(r, l, Proj::V, &ws.x, vc, past)?;
             self.rope_q.encode_rows(r, &ws.q, 0..t, past, cos, sin)?;
             self.rope_k.encode_rows(r, kc, past..t_kv, past, cos, sin)?;
             self.attention
@@ -859,7 +866,7 @@ impl GpuModel {
             n.op.encode(r, &ws.att, &n.w, &ws.att_n)?;
             self.quant_q.encode(r, &ws.att_n, &ws.xq_q, s_a)?;
             bitlinear(r, &ws.xq_q, &layer.o_proj, &ws.proj)?;
-            lora(r, l, 3, &ws.att_n, &ws.proj, 0)?;
+            lora(r, l, Proj::O, &ws.att_n, &ws.proj, 0)?;
             self.residual_add.encode(r, &ws.h, &ws.proj)?;
 
             // FFN block.
@@ -867,15 +874,15 @@ impl GpuModel {
             n.op.encode(r, &ws.h, &n.w, &ws.x)?;
             self.quant_c.encode(r, &ws.x, &ws.xq_c, s_a)?;
             bitlinear(r, &ws.xq_c, &layer.gate_proj, &ws.gate)?;
-            lora(r, l, 4, &ws.x, &ws.gate, 0)?;
+            lora(r, l, Proj::Gate, &ws.x, &ws.gate, 0)?;
             bitlinear(r, &ws.xq_c, &layer.up_proj, &ws.up)?;
-            lora(r, l, 5, &ws.x, &ws.up, 0)?;
+            lora(r, l, Proj::Up, &ws.x, &ws.up, 0)?;
             self.gated_act.encode(r, &ws.gate, &ws.up, &ws.ffn)?;
             let n = &layer.ffn_sub_norm;
             n.op.encode(r, &ws.ffn, &n.w, &ws.ffn_n)?;
             self.quant_f.encode(r, &ws.ffn_n, &ws.xq_f, s_a)?;
             bitlinear(r, &ws.xq_f, &layer.down_proj, &ws.proj)?;
-            lora(r, l, 6, &ws.ffn_n, &ws.proj, 0)?;
+            lora(r, l, Proj::Down, &ws.ffn_n, &ws.proj, 0)?;
             self.residual_add.encode(r, &ws.h, &ws.proj)?;
         }
         let w = self.head_weight();

@@ -39,6 +39,8 @@ use std::rc::Rc;
 
 pub use train::WebTrainer;
 
+mod backend;
+
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
@@ -177,6 +179,14 @@ enum GpuHolder {
 
 #[cfg(feature = "gpu")]
 impl GpuSlot {
+    /// Bytes the GPU trainer's last pass read back, when a trainer is there.
+    fn trainer_read_bytes(&self) -> Option<u64> {
+        match &self.holder {
+            GpuHolder::Trainer { trainer, .. } => Some(trainer.read_bytes()),
+            _ => None,
+        }
+    }
+
     fn model_mut(&mut self) -> Option<&mut bitlora_gpu::GpuModel> {
         match &mut self.holder {
             GpuHolder::Model(m) => Some(m),

@@ -1,12 +1,9 @@
-//! Training for the page: data preparation, a memory estimate, and [`WebTrainer`], core's
-//! [`Trainer`] driven one sequence at a time so that the worker can yield to its event loop
-//! between sequences (pause and stop messages get through while a CPU step runs synchronously).
-//!
-//! The maths is core's: `data::parse` + `data::build` for the data, `train::forward_backward` and
-//! `train::loss` for the gradients and the validation loss, `Trainer::finish_step` for clipping,
-//! AdamW and the NaN guard, `Trainer::checkpoint` / `Trainer::resume` for checkpoints. A step
-//! driven here equals `Trainer::step` bit for bit (same sequences, same RNG draws, same sums), so
-//! a run resumed from a checkpoint continues exactly as the CLI's would.
+//! Training for the page: data preparation, a memory estimate, and [`WebTrainer`]: core's
+//! [`Trainer`] (the one training loop) over the page's backend (`backend.rs`: WebGPU's resident
+//! path, or the CPU), advanced one unit at a time (a training sequence's forward and backward,
+//! or a validation sequence's loss) so that the worker can yield to its event loop between
+//! units (pause and stop messages get through while a CPU step runs synchronously). A run
+//! resumed from a checkpoint continues exactly as the CLI's would: same loop, same checkpoint.
 //!
 //! Options come as a plain object with camelCase names (web/bitlora.d.ts, `TrainConfig`); unknown
 //! names are errors, so a typo never silently means "default".
@@ -17,12 +14,12 @@ use std::rc::Rc;
 use bitlora_core::data::{self, DataOptions, Dataset};
 use bitlora_core::lora::{Lora, LoraConfig, TARGETS};
 use bitlora_core::optim::{AdamWConfig, Schedule};
-use bitlora_core::train::{self, StepLoss};
-use bitlora_core::trainer::{StepReport, TrainOptions, Trainer};
+use bitlora_core::trainer::{Checkpoint, StepReport, TrainOptions, Trainer};
 use bitlora_core::{Config, peft};
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
+use crate::backend::WebBackend;
 use crate::{Loaded, to_js};
 
 /// Largest integer a JavaScript number holds exactly (2^53 - 1).
@@ -625,42 +622,14 @@ pub(crate) fn estimate_memory(
     to_js(&estimate)
 }
 
-/// Where a step is in its sequences (see the module doc).
-enum Phase {
-    /// Between steps: a checkpoint can be taken.
-    Idle,
-    /// Gradients of the step's sequences are being summed.
-    Train {
-        seqs: Vec<usize>,
-        grads: Lora,
-        losses: Vec<StepLoss>,
-    },
-    /// The step is applied; the validation loss is being summed.
-    Validate {
-        report: StepReport,
-        next: usize,
-        sum: f64,
-        tokens: usize,
-    },
-}
-
-/// Which backend computes a run's gradients.
-enum Device {
-    Cpu,
-    /// WebGPU: a `GpuTrainer` over the loaded model's GPU weights (lib.rs `GpuSlot`), built at
-    /// the first step. `owner` tells the slot which run its trainer was built for.
-    #[cfg(feature = "gpu")]
-    Gpu {
-        gpu: Rc<bitlora_gpu::Gpu>,
-        owner: u64,
-    },
-}
-
 /// A training run over the loaded model: `Session.createTrainer` / `Session.resumeTrainer`.
+/// Core's [`Trainer`] with the page's backend ([`WebBackend`]: WebGPU's resident path, or the
+/// CPU); this type only adapts it to JavaScript.
 ///
-/// The state sits in an `Rc<RefCell>` so that `advance` and `validate` can return Promises
-/// that own it while they await the GPU; the worker calls one method at a time (its training
-/// loop awaits each `advance`), and a call that finds the state taken is an error, not a panic.
+/// The state sits in an `Rc<RefCell>` so that `advance`, `validate`, `checkpoint` and
+/// `adapterFiles` can return Promises that own it while they await the GPU; the worker calls
+/// one method at a time (its training loop awaits each `advance`), and a call that finds the
+/// state taken is an error, not a panic.
 #[wasm_bindgen]
 pub struct WebTrainer {
     inner: Rc<RefCell<Inner>>,
@@ -668,13 +637,12 @@ pub struct WebTrainer {
 
 struct Inner {
     loaded: Rc<Loaded>,
-    trainer: Trainer,
+    trainer: Trainer<WebBackend>,
     spec: TrainSpec,
     summary: DataSummary,
-    phase: Phase,
-    device: Device,
-    /// Why a WebGPU session trains this run on the CPU (set when the GPU trainer failed).
-    device_note: Option<String>,
+    adapter_params: usize,
+    /// Bytes read back from the GPU during the current step's training sequences.
+    step_read_bytes: u64,
 }
 
 /// The run's description (`info()`): the resolved config and the data.
@@ -704,36 +672,12 @@ struct Report {
     tokens: usize,
     skipped: Option<String>,
     backend: &'static str,
-}
-
-thread_local! {
-    static NEXT_OWNER: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
-}
-
-/// The device a new run trains on: WebGPU when the session has it and the model is on it.
-#[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
-fn pick_device(loaded: &Loaded, gpu: Option<Rc<crate::GpuHandle>>) -> Device {
-    #[cfg(feature = "gpu")]
-    if let (Some(gpu), Some(_)) = (gpu, &loaded.gpu_model) {
-        let owner = NEXT_OWNER.with(|n| {
-            let v = n.get();
-            n.set(v + 1);
-            v
-        });
-        return Device::Gpu { gpu, owner };
-    }
-    Device::Cpu
+    /// Bytes read back from the GPU by the step's training sequences (0 on the CPU): the
+    /// per-row losses and the squared gradient norm on WebGPU's resident path.
+    read_bytes: u64,
 }
 
 impl Inner {
-    fn backend(&self) -> &'static str {
-        match self.device {
-            Device::Cpu => "cpu",
-            #[cfg(feature = "gpu")]
-            Device::Gpu { .. } => "webgpu",
-        }
-    }
-
     fn report(&self, r: &StepReport) -> Report {
         Report {
             step: r.step,
@@ -745,177 +689,9 @@ impl Inner {
             grad_norm: r.grad_norm,
             tokens: r.tokens,
             skipped: r.skipped.clone(),
-            backend: self.backend(),
+            backend: self.trainer.backend().label(),
+            read_bytes: self.step_read_bytes,
         }
-    }
-
-    /// Moves this run to the CPU after the GPU trainer could not be built for it.
-    #[cfg(feature = "gpu")]
-    fn fall_back_to_cpu(&mut self, why: String) {
-        self.device = Device::Cpu;
-        self.device_note = Some(format!(
-            "WebGPU cannot train this run ({why}); it trains on the CPU"
-        ));
-    }
-
-    /// One training sequence's loss, adding its gradient into `grads`, on the run's device.
-    async fn forward_backward(
-        &mut self,
-        seq: usize,
-        grads: &mut Lora,
-    ) -> Result<StepLoss, JsError> {
-        let scale = self.trainer.grad_scale();
-        // The RNG is taken out and put back so the adapter can be borrowed meanwhile; the
-        // draws are exactly those of Trainer::step.
-        let mut rng = self.trainer.rng().clone();
-        #[cfg(feature = "gpu")]
-        if let Device::Gpu { gpu, owner } = &self.device {
-            let (gpu, owner, loaded) = (gpu.clone(), *owner, self.loaded.clone());
-            let lora_cfg = self.trainer.lora.config.clone();
-            match crate::gpu_trainer(&loaded, &gpu, owner, &lora_cfg, self.spec.context) {
-                Ok(mut gt) => {
-                    let s = &self.trainer.data.train[seq];
-                    let out = gt
-                        .forward_backward(
-                            &self.trainer.lora,
-                            &s.tokens,
-                            &s.targets,
-                            grads,
-                            scale,
-                            &mut rng,
-                        )
-                        .await
-                        .map_err(|e| JsError::new(&format!("WebGPU training step failed: {e}")))?;
-                    drop(gt);
-                    *self.trainer.rng() = rng;
-                    return Ok(out);
-                }
-                Err(crate::GpuTrainError::Busy) => return Err(busy()),
-                Err(crate::GpuTrainError::Unusable(why)) => self.fall_back_to_cpu(why),
-            }
-        }
-        let s = &self.trainer.data.train[seq];
-        let out = train::forward_backward(
-            &self.loaded.model,
-            &self.trainer.lora,
-            &s.tokens,
-            &s.targets,
-            grads,
-            scale,
-            &mut rng,
-        )
-        .map_err(|e| JsError::new(&format!("training step failed: {e}")))?;
-        *self.trainer.rng() = rng;
-        Ok(out)
-    }
-
-    /// One validation sequence's loss (dropout off) on the run's device.
-    async fn loss(&mut self, seq: usize) -> Result<StepLoss, JsError> {
-        #[cfg(feature = "gpu")]
-        if let Device::Gpu { gpu, owner } = &self.device {
-            let (gpu, owner, loaded) = (gpu.clone(), *owner, self.loaded.clone());
-            let lora_cfg = self.trainer.lora.config.clone();
-            match crate::gpu_trainer(&loaded, &gpu, owner, &lora_cfg, self.spec.context) {
-                Ok(mut gt) => {
-                    let s = &self.trainer.data.val[seq];
-                    return gt
-                        .loss(&self.trainer.lora, &s.tokens, &s.targets)
-                        .await
-                        .map_err(|e| JsError::new(&format!("WebGPU validation failed: {e}")));
-                }
-                Err(crate::GpuTrainError::Busy) => return Err(busy()),
-                Err(crate::GpuTrainError::Unusable(why)) => self.fall_back_to_cpu(why),
-            }
-        }
-        let s = &self.trainer.data.val[seq];
-        train::loss(
-            &self.loaded.model,
-            &self.trainer.lora,
-            &s.tokens,
-            &s.targets,
-        )
-        .map_err(|e| JsError::new(&format!("validation failed: {e}")))
-    }
-
-    /// See [`WebTrainer::advance`].
-    async fn advance(&mut self) -> Result<Option<Report>, JsError> {
-        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let next = match phase {
-            Phase::Idle => {
-                if self.trainer.done() {
-                    return Err(JsError::new(&format!(
-                        "the run is complete: all {} steps have run",
-                        self.trainer.options.steps
-                    )));
-                }
-                let seqs = self.trainer.begin_step();
-                let grads = self.trainer.lora.zeros_like();
-                Phase::Train {
-                    losses: Vec::with_capacity(seqs.len()),
-                    seqs,
-                    grads,
-                }
-            }
-            Phase::Train {
-                seqs,
-                mut grads,
-                mut losses,
-            } => {
-                let out = match self.forward_backward(seqs[losses.len()], &mut grads).await {
-                    Ok(out) => out,
-                    Err(e) => {
-                        // The step starts again from its first sequence after an error is
-                        // reported: never a half-summed gradient.
-                        self.phase = Phase::Idle;
-                        return Err(e);
-                    }
-                };
-                losses.push(out);
-                if losses.len() < seqs.len() {
-                    Phase::Train {
-                        seqs,
-                        grads,
-                        losses,
-                    }
-                } else {
-                    let report = self.trainer.finish_step(grads, &seqs, &losses);
-                    if self.trainer.validation_due() && !self.trainer.data.val.is_empty() {
-                        Phase::Validate {
-                            report,
-                            next: 0,
-                            sum: 0.0,
-                            tokens: 0,
-                        }
-                    } else {
-                        return Ok(Some(self.report(&report)));
-                    }
-                }
-            }
-            Phase::Validate {
-                mut report,
-                next,
-                mut sum,
-                mut tokens,
-            } => {
-                // The same sum as trainer::mean_loss, in the same order.
-                let out = self.loss(next).await?;
-                sum += out.loss as f64 * out.tokens as f64;
-                tokens += out.tokens;
-                if next + 1 < self.trainer.data.val.len() {
-                    Phase::Validate {
-                        report,
-                        next: next + 1,
-                        sum,
-                        tokens,
-                    }
-                } else {
-                    report.val_loss = (tokens > 0).then(|| (sum / tokens as f64) as f32);
-                    return Ok(Some(self.report(&report)));
-                }
-            }
-        };
-        self.phase = next;
-        Ok(None)
     }
 }
 
@@ -959,17 +735,17 @@ impl WebTrainer {
             eval_every: spec.eval_every,
             seed: spec.seed,
         };
-        let trainer = Trainer::new(c, lora, optim, dataset, options)
-            .map_err(|e| JsError::new(&format!("{file}: {e}")))?;
-        let device = pick_device(&loaded, gpu);
+        let adapter_params = lora.num_params();
+        let backend = WebBackend::new(loaded.clone(), gpu, &lora.config, spec.context);
+        let trainer = Trainer::new(backend, c, lora, optim, dataset, options)
+            .map_err(|e| JsError::new(&format!("{file}: {}", js_message(e))))?;
         Ok(WebTrainer::new(Inner {
             loaded,
             trainer,
             spec,
             summary,
-            phase: Phase::Idle,
-            device,
-            device_note: None,
+            adapter_params,
+            step_read_bytes: 0,
         }))
     }
 
@@ -986,24 +762,35 @@ impl WebTrainer {
         let mut spec = parse_config(c, config)?;
         let (dataset, examples) = build_dataset(&loaded, file, bytes, &spec)?;
         let summary = summarize(file, bytes.len(), examples, &dataset, &spec);
-        let trainer = Trainer::resume(c, dataset, "checkpoint.safetensors", checkpoint)
-            .map_err(|e| JsError::new(&format!("cannot resume this run: {e}")))?;
+        let cannot = |e: bitlora_core::Error| JsError::new(&format!("cannot resume this run: {e}"));
+        let ckpt = Checkpoint::read(c, "checkpoint.safetensors", checkpoint).map_err(cannot)?;
+        let adapter_params = Lora::init(c, ckpt.lora_config().clone(), 0).num_params();
+        let backend = WebBackend::new(loaded.clone(), gpu, ckpt.lora_config(), spec.context);
+        let trainer = Trainer::resume(backend, c, dataset, ckpt)
+            .map_err(|e| JsError::new(&format!("cannot resume this run: {}", js_message(e))))?;
         spec.steps = Some(trainer.options.steps);
-        let device = pick_device(&loaded, gpu);
         Ok(WebTrainer::new(Inner {
             loaded,
             trainer,
             spec,
             summary,
-            phase: Phase::Idle,
-            device,
-            device_note: None,
+            adapter_params,
+            step_read_bytes: 0,
         }))
     }
 
     fn state(&self) -> Result<std::cell::Ref<'_, Inner>, JsError> {
         self.inner.try_borrow().map_err(|_| busy())
     }
+}
+
+/// A JsError's message (to prefix it with context).
+fn js_message(e: JsError) -> String {
+    let v: JsValue = e.into();
+    js_sys::Reflect::get(&v, &JsValue::from_str("message"))
+        .ok()
+        .and_then(|m| m.as_string())
+        .unwrap_or_else(|| "unknown error".into())
 }
 
 fn busy() -> JsError {
@@ -1018,14 +805,15 @@ impl WebTrainer {
     /// backendNote }`.
     pub fn info(&self) -> Result<JsValue, JsError> {
         let s = self.state()?;
+        let backend = s.trainer.backend();
         to_js(&TrainerInfo {
             config: &s.spec,
             data: &s.summary,
             step: s.trainer.step,
             total_steps: s.trainer.options.steps,
-            adapter_params: s.trainer.lora.num_params(),
-            backend: s.backend(),
-            backend_note: s.device_note.as_deref(),
+            adapter_params: s.adapter_params,
+            backend: backend.label(),
+            backend_note: backend.note.as_deref(),
         })
     }
 
@@ -1042,14 +830,13 @@ impl WebTrainer {
 
     /// Whether every step has run (and the last one's validation, if any).
     pub fn done(&self) -> Result<bool, JsError> {
-        let s = self.state()?;
-        Ok(s.trainer.done() && matches!(s.phase, Phase::Idle))
+        Ok(self.state()?.trainer.done())
     }
 
     /// Whether the run is between two steps (where checkpoints are taken).
     #[wasm_bindgen(js_name = atStepBoundary)]
     pub fn at_step_boundary(&self) -> Result<bool, JsError> {
-        Ok(matches!(self.state()?.phase, Phase::Idle))
+        Ok(self.state()?.trainer.at_step_boundary())
     }
 
     /// Whether a checkpoint can be taken now: between steps, or while a finished step's
@@ -1057,22 +844,29 @@ impl WebTrainer {
     /// a checkpoint continues with the next step, without that step's validation loss).
     #[wasm_bindgen(js_name = atSafePoint)]
     pub fn at_safe_point(&self) -> Result<bool, JsError> {
-        Ok(matches!(
-            self.state()?.phase,
-            Phase::Idle | Phase::Validate { .. }
-        ))
+        Ok(self.state()?.trainer.at_safe_point())
     }
 
     /// Does one unit of work: one training sequence's forward and backward, or one validation
-    /// sequence's loss. Resolves to the step's report (ProgressEvent fields without timing)
-    /// when this unit finished a step (with its validation when due), else to `undefined`.
-    /// On the CPU the work runs synchronously inside the call; on WebGPU it awaits the GPU.
+    /// sequence's loss (core's `Trainer::advance`). Resolves to the step's report
+    /// (ProgressEvent fields without timing) when this unit finished a step (with its
+    /// validation when due), else to `undefined`. On the CPU the work runs synchronously
+    /// inside the call; on WebGPU it awaits the GPU.
     pub fn advance(&self) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let mut s = inner.try_borrow_mut().map_err(|_| busy())?;
-            match s.advance().await? {
-                Some(report) => Ok(to_js(&report)?),
+            if s.trainer.at_step_boundary() {
+                s.step_read_bytes = 0;
+            }
+            let training = !s.trainer.at_safe_point() || s.trainer.at_step_boundary();
+            let out = s.trainer.advance().await?;
+            if training {
+                let read = s.trainer.backend().read_bytes();
+                s.step_read_bytes += read;
+            }
+            match out {
+                Some(report) => Ok(to_js(&s.report(&report))?),
                 None => Ok(JsValue::UNDEFINED),
             }
         })
@@ -1083,42 +877,37 @@ impl WebTrainer {
     pub fn validate(&self) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            // Between units the adapter is whole (a step's update is applied at once), so this
-            // may run at any safe point, even between a step's own validation sequences.
             let mut s = inner.try_borrow_mut().map_err(|_| busy())?;
-            let (mut sum, mut n) = (0f64, 0usize);
-            for i in 0..s.trainer.data.val.len() {
-                let out = s.loss(i).await?;
-                sum += out.loss as f64 * out.tokens as f64;
-                n += out.tokens;
-            }
-            Ok(if n > 0 {
-                JsValue::from_f64((sum / n as f64) as f32 as f64)
-            } else {
-                JsValue::NULL
+            Ok(match s.trainer.validate().await? {
+                Some(v) => JsValue::from_f64(v as f64),
+                None => JsValue::NULL,
             })
         })
     }
 
-    /// The whole training state as one safetensors file (core's checkpoint format). Only
-    /// at a safe point (`atSafePoint()`).
-    pub fn checkpoint(&self) -> Result<Vec<u8>, JsError> {
-        let s = self.state()?;
-        if matches!(s.phase, Phase::Train { .. }) {
-            return Err(JsError::new(
-                "internal: a checkpoint was asked for in the middle of a step",
-            ));
-        }
-        Ok(s.trainer.checkpoint())
+    /// Resolves to the whole training state as one safetensors file (core's checkpoint
+    /// format; on WebGPU the adapter and Adam's moments are read back for it). Only at a safe
+    /// point (`atSafePoint()`).
+    pub fn checkpoint(&self) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut s = inner.try_borrow_mut().map_err(|_| busy())?;
+            let bytes = s.trainer.checkpoint().await?;
+            Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
+        })
     }
 
-    /// The adapter as PEFT files: `{ config: string (adapter_config.json), weights:
-    /// Uint8Array (adapter_model.safetensors) }`. `base_model` goes into the config's
+    /// Resolves to the adapter as PEFT files: `{ config: string (adapter_config.json),
+    /// weights: Uint8Array (adapter_model.safetensors) }`. `base_model` goes into the config's
     /// base_model_name_or_path.
     #[wasm_bindgen(js_name = adapterFiles)]
-    pub fn adapter_files(&self, base_model: &str) -> Result<JsValue, JsError> {
-        let s = self.state()?;
-        peft_files(&s.trainer.lora, &s.loaded.model.config, base_model)
+    pub fn adapter_files(&self, base_model: String) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut s = inner.try_borrow_mut().map_err(|_| busy())?;
+            let lora = s.trainer.adapter().await?;
+            Ok(peft_files(&lora, &s.loaded.model.config, &base_model)?)
+        })
     }
 }
 
