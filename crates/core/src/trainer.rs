@@ -292,9 +292,28 @@ impl<B: Backend> Trainer<B> {
     /// A new run of `lora` (PEFT-initialised) on `data`; the backend takes the adapter with
     /// zero moments.
     pub fn new(
-        mut backend: B,
+        backend: B,
         model: &Config,
         lora: Lora,
+        optim: AdamWConfig,
+        data: Dataset,
+        options: TrainOptions,
+    ) -> std::result::Result<Trainer<B>, B::Error> {
+        Trainer::start(
+            backend,
+            model,
+            AdapterState::new(lora),
+            optim,
+            data,
+            options,
+        )
+    }
+
+    /// A run at step 0 whose backend takes `state`.
+    fn start(
+        mut backend: B,
+        model: &Config,
+        state: AdapterState,
         optim: AdamWConfig,
         data: Dataset,
         options: TrainOptions,
@@ -314,8 +333,8 @@ impl<B: Backend> Trainer<B> {
         }
         let order = epoch_order(data.train.len(), options.seed, 0);
         let rng = Rng::new(options.seed ^ 0xd00d);
-        let lora_config = lora.config.clone();
-        backend.load(AdapterState::new(lora))?;
+        let lora_config = state.lora.config.clone();
+        backend.load(state)?;
         Ok(Trainer {
             model: model.clone(),
             lora_config,
@@ -489,14 +508,33 @@ impl<B: Backend> Trainer<B> {
         if !acc.last {
             return Ok(None);
         }
-        let Phase::Train { seqs, losses, .. } = std::mem::replace(&mut self.phase, Phase::Idle)
+        let Phase::Train { seqs, losses, rng } = std::mem::replace(&mut self.phase, Phase::Idle)
         else {
             unreachable!("matched above");
         };
-        let grad_norm = out.grad_norm.ok_or(Error::Lora {
-            msg: "the backend returned no gradient norm after a step's last sequence".into(),
-        })?;
-        let report = self.finish_step(grad_norm, &seqs, &losses)?;
+        let finished = out
+            .grad_norm
+            .ok_or_else(|| {
+                Error::Lora {
+                    msg: "the backend returned no gradient norm after a step's last sequence"
+                        .into(),
+                }
+                .into()
+            })
+            .and_then(|norm| self.finish_step(norm, &seqs, &losses));
+        let report = match finished {
+            Ok(report) => report,
+            Err(e) => {
+                // Nothing was counted or applied: the step runs again from its first sequence.
+                self.rng = rng.clone();
+                self.phase = Phase::Train {
+                    seqs,
+                    losses: Vec::new(),
+                    rng,
+                };
+                return Err(e);
+            }
+        };
         if self.validation_due() {
             self.phase = Phase::Validate {
                 report,
@@ -527,7 +565,6 @@ impl<B: Backend> Trainer<B> {
             loss_sum += out.loss as f64;
             tokens += out.tokens;
         }
-        self.step += 1;
         if bad.is_none() && !grad_norm.is_finite() {
             bad = Some(format!("the gradient norm is {grad_norm}"));
         }
@@ -538,6 +575,7 @@ impl<B: Backend> Trainer<B> {
             self.backend.update(&s)?;
             self.opt_step += 1;
         }
+        self.step += 1;
         Ok(StepReport {
             step: self.step,
             epoch: self.epoch,

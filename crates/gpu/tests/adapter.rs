@@ -6,7 +6,7 @@
 mod common;
 
 use bitlora_core::lora::{Lora, LoraConfig};
-use bitlora_core::model::{KvCache, tiny_config};
+use bitlora_core::model::{KvCache, Proj, tiny_config};
 use bitlora_core::rng::Rng;
 use bitlora_core::tolerance::MODEL_LOGITS;
 use bitlora_core::{Activation, Config, Model};
@@ -94,7 +94,7 @@ fn mismatched_adapter_is_refused_by_name() {
         LoraConfig::new(2, 4.0, 0.0, false, &["o_proj"]).unwrap(),
         1,
     );
-    lora.layers[1][3].as_mut().unwrap().a.pop();
+    lora.layers[1][Proj::O].as_mut().unwrap().a.pop();
     let e = gm.set_adapter(Some(&lora)).unwrap_err().to_string();
     assert!(e.contains("model.layers.1.self_attn.o_proj"), "{e}");
     lora.layers.pop();

@@ -1,28 +1,37 @@
-//! GPU LoRA training (`GpuTrainer`) against PyTorch + PEFT's gradients (tests/fixtures/lora)
-//! and against the CPU reference (`bitlora_core::train`) with dropout, masked targets,
-//! accumulation, tied and untied heads, and a head split along the vocabulary; and training on
-//! real text through the GPU step + core's AdamW lowers the validation loss; and
-//! `GpuTrainer::step` (AdamW, the adapter and Adam's moments resident on the GPU) against core's
-//! `Trainer::step` on the CPU, against GPU gradients with core's AdamW, through `sync`,
-//! checkpoints and resuming, and the NaN guard. Fails, never skips, without a GPU adapter
-//! (tests/common's `gpu()`).
+//! GPU LoRA training. The op-level twin (`GpuTrainer::forward_backward`, `loss`) against
+//! PyTorch + PEFT's gradients (tests/fixtures/lora) and against the CPU reference
+//! (`bitlora_core::train`) with dropout, masked targets, accumulation, tied and untied heads,
+//! and a head split along the vocabulary; training on real text through it with core's AdamW
+//! lowers the validation loss. Core's training loop (`Trainer`) on the GPU backend
+//! (`GpuBackend`: AdamW, the adapter and Adam's moments resident on the GPU) against the same
+//! loop on the CPU reference (`CpuBackend`) and against a twin backend (the GPU's read-back
+//! gradients with core's `AdamW::step`), each step from the GPU's state through a checkpoint;
+//! a run whose state is never read, a checkpoint resumed on a fresh GPU trainer, accumulation
+//! of three sequences, the NaN guard, the bytes a resident step reads back (only the losses
+//! and the norm) against `Placement::Host`, and the host fallback when the state does not fit
+//! a binding. Fails, never skips, without a GPU adapter (tests/common's `gpu()`).
 
 mod common;
 
+use std::borrow::BorrowMut;
 use std::path::{Path, PathBuf};
 
-use bitlora_core::data::{Dataset, Sequence};
+use bitlora_core::data::{Dataset, Sequence, epoch_order};
 use bitlora_core::lora::{Lora, LoraConfig};
 use bitlora_core::model::tiny_config;
-use bitlora_core::optim::{AdamW, AdamWConfig, Schedule};
+use bitlora_core::optim::{AdamW, AdamWConfig, AdamWScalars, Schedule};
 use bitlora_core::rng::Rng;
 use bitlora_core::tolerance::{
     ADAMW_STATE_NORMWISE, LORA_GRAD_NORMWISE, TRAIN_STATE_BACKENDS, TRAIN_STEP_BACKENDS,
     TRAIN_STEP_SAME_KERNELS,
 };
-use bitlora_core::trainer::{StepReport, TrainOptions, Trainer};
+use bitlora_core::train::StepLoss;
+use bitlora_core::trainer::{
+    Accumulate, AdapterState, Backend, Checkpoint, CpuBackend, SequenceResult, StepReport,
+    TrainOptions, Trainer,
+};
 use bitlora_core::{Activation, Config, Model, Tokenizer, data, peft, train};
-use bitlora_gpu::{GpuModel, GpuTrainer};
+use bitlora_gpu::{GpuBackend, GpuError, GpuModel, GpuTrainer, Placement};
 use common::{block, gpu};
 
 fn root() -> PathBuf {
@@ -469,28 +478,188 @@ fn dataset(rng: &mut Rng, v: usize, n_train: usize, n_val: usize) -> Dataset {
     }
 }
 
-/// A `Trainer` step with the GPU's gradients (`forward_backward`, read back every sequence)
-/// and core's AdamW on the CPU (`finish_step`), validation on the GPU from the CPU's adapter:
-/// `GpuTrainer::step` before the optimizer moved to the GPU, written with public calls only.
-fn step_with_cpu_adamw(g: &mut GpuTrainer, t: &mut Trainer) -> StepReport {
-    let seqs = t.begin_step();
-    let mut grads = t.lora.zeros_like();
-    let scale = t.grad_scale();
-    let mut rng = t.rng().clone();
-    let mut losses = Vec::new();
-    for &i in &seqs {
-        let s = &t.data.train[i];
-        losses.push(
-            block(g.forward_backward(&t.lora, &s.tokens, &s.targets, &mut grads, scale, &mut rng))
-                .unwrap(),
+/// The twin of the resident GPU backend, as a backend of core's loop: the GPU's gradients
+/// (`GpuTrainer::forward_backward`, every dA and dB read back each sequence, summed on the
+/// host) and core's `AdamW::step` on the CPU, validation with `GpuTrainer::loss` from the host's
+/// adapter. `G` is how it holds the GPU trainer: borrowed from a resident run (one GPU trainer
+/// serving both in turn) or its own.
+struct Twin<G> {
+    gpu: G,
+    optim: AdamWConfig,
+    /// The adapter and the optimizer (moments and step count), on the host.
+    held: Option<(Lora, AdamW)>,
+    /// The step's gradients so far.
+    grads: Option<Lora>,
+}
+
+impl<G: BorrowMut<GpuTrainer>> Twin<G> {
+    fn new(gpu: G, optim: &AdamWConfig) -> Twin<G> {
+        Twin {
+            gpu,
+            optim: optim.clone(),
+            held: None,
+            grads: None,
+        }
+    }
+}
+
+impl<G: BorrowMut<GpuTrainer>> Backend for Twin<G> {
+    type Error = GpuError;
+
+    fn name(&self) -> &'static str {
+        "twin"
+    }
+
+    fn load(&mut self, state: AdapterState) -> Result<(), GpuError> {
+        let step = self.held.as_ref().map_or(0, |h| h.1.step);
+        self.grads = None;
+        let opt = AdamW {
+            config: self.optim.clone(),
+            m: state.m,
+            v: state.v,
+            step,
+        };
+        self.held = Some((state.lora, opt));
+        Ok(())
+    }
+
+    async fn forward_backward(
+        &mut self,
+        seq: &Sequence,
+        acc: Accumulate,
+        scale: f32,
+        rng: &mut Rng,
+    ) -> Result<SequenceResult, GpuError> {
+        let Twin {
+            gpu, held, grads, ..
+        } = self;
+        let lora = &held.as_ref().expect("the twin holds an adapter").0;
+        let mut g = match grads.take() {
+            Some(g) if !acc.first => g,
+            _ => lora.zeros_like(),
+        };
+        let loss = gpu
+            .borrow_mut()
+            .forward_backward(lora, &seq.tokens, &seq.targets, &mut g, scale, rng)
+            .await?;
+        let grad_norm = acc.last.then(|| AdamW::grad_norm(&g));
+        *grads = Some(g);
+        Ok(SequenceResult { loss, grad_norm })
+    }
+
+    async fn loss(&mut self, seq: &Sequence) -> Result<StepLoss, GpuError> {
+        let lora = &self.held.as_ref().expect("the twin holds an adapter").0;
+        self.gpu
+            .borrow_mut()
+            .loss(lora, &seq.tokens, &seq.targets)
+            .await
+    }
+
+    /// `AdamW::step` with the twin's own step count and gradient norm; the loop's scalars must
+    /// be the ones they give.
+    fn update(&mut self, s: &AdamWScalars) -> Result<(), GpuError> {
+        let mut grads = self
+            .grads
+            .take()
+            .expect("an update after a step's gradients");
+        let (lora, opt) = self.held.as_mut().expect("the twin holds an adapter");
+        let own = AdamWScalars::new(&opt.config, opt.step, AdamW::grad_norm(&grads));
+        assert_eq!(
+            *s, own,
+            "the loop's AdamW scalars are not those of the twin's step count and norm"
         );
+        opt.step(lora, &mut grads);
+        Ok(())
     }
-    *t.rng() = rng;
-    let mut r = t.finish_step(grads, &seqs, &losses);
-    if t.validation_due() {
-        r.val_loss = block(g.mean_loss(&t.lora, &t.data.val)).unwrap();
+
+    async fn state(&mut self) -> Result<AdapterState, GpuError> {
+        let (lora, opt) = self.held.as_ref().expect("the twin holds an adapter");
+        Ok(AdapterState {
+            lora: lora.clone(),
+            m: opt.m.clone(),
+            v: opt.v.clone(),
+        })
     }
-    r
+}
+
+/// A run on the CPU reference.
+type CpuRun<'a> = Trainer<CpuBackend<&'a Model>>;
+/// A run on the GPU backend (resident unless the state does not fit or `Placement::Host`).
+type GpuRun = Trainer<GpuBackend>;
+
+/// The longest sequence of `data` (what a GPU trainer for it must hold).
+fn longest(data: &Dataset) -> usize {
+    data.train
+        .iter()
+        .chain(&data.val)
+        .map(|s| s.tokens.len())
+        .max()
+        .unwrap()
+}
+
+/// A GPU run of `lora` on `data` over `gm` (`model` on the GPU), its state placed as
+/// `placement` says.
+fn gpu_run(
+    model: &Model,
+    gm: GpuModel,
+    lora: &Lora,
+    optim: &AdamWConfig,
+    data: &Dataset,
+    options: &TrainOptions,
+    placement: Placement,
+) -> GpuRun {
+    let gt = GpuTrainer::new(gm, &lora.config, longest(data)).unwrap();
+    Trainer::new(
+        GpuBackend::with_placement(gt, placement),
+        &model.config,
+        lora.clone(),
+        optim.clone(),
+        data.clone(),
+        options.clone(),
+    )
+    .unwrap()
+}
+
+/// Reads a checkpoint of a run on `model`.
+fn read_checkpoint(model: &Model, bytes: &[u8]) -> Checkpoint {
+    Checkpoint::read(&model.config, "checkpoint.safetensors", bytes).unwrap()
+}
+
+/// A CPU run resumed from `bytes` (a checkpoint of a run on `data`).
+fn fork_cpu<'a>(model: &'a Model, data: &Dataset, bytes: &[u8]) -> CpuRun<'a> {
+    Trainer::resume(
+        CpuBackend::new(model),
+        &model.config,
+        data.clone(),
+        read_checkpoint(model, bytes),
+    )
+    .unwrap()
+}
+
+/// The twin resumed from `bytes`, on the GPU trainer `gpu`, its optimizer at the checkpoint's
+/// step count.
+fn fork_twin<G: BorrowMut<GpuTrainer>>(
+    gpu: G,
+    model: &Model,
+    optim: &AdamWConfig,
+    data: &Dataset,
+    bytes: &[u8],
+) -> Trainer<Twin<G>> {
+    let mut t = Trainer::resume(
+        Twin::new(gpu, optim),
+        &model.config,
+        data.clone(),
+        read_checkpoint(model, bytes),
+    )
+    .unwrap();
+    let n = t.optimizer_steps();
+    t.backend_mut().held.as_mut().unwrap().1.step = n;
+    t
+}
+
+/// Steps taken and optimizer updates applied.
+fn counts<B: Backend>(t: &Trainer<B>) -> (usize, usize) {
+    (t.step, t.optimizer_steps())
 }
 
 /// Every tensor of `a` minus `b`'s.
@@ -508,17 +677,6 @@ fn minus(a: &Lora, b: &Lora) -> Lora {
 
 fn rel(a: f32, b: f32) -> f32 {
     (a - b).abs() / b.abs().max(1e-12)
-}
-
-/// The state of a trainer that the GPU may hold: adapter, m, v and the step counts.
-fn state(t: &Trainer) -> (Lora, Lora, Lora, usize, usize) {
-    (
-        t.lora.clone(),
-        t.optimizer.m.clone(),
-        t.optimizer.v.clone(),
-        t.step,
-        t.optimizer.step,
-    )
 }
 
 /// The settings of the `Trainer` tests: warmup then cosine, weight decay, clipping that acts
@@ -543,48 +701,63 @@ fn trainer_settings(steps: usize) -> (LoraConfig, AdamWConfig, TrainOptions) {
     (lc, optim, options)
 }
 
-/// A CPU `Trainer` in `t`'s state, through a checkpoint as a resumed run would be (call
-/// `GpuTrainer::sync` first when the GPU holds `t`'s state).
-fn fork(model: &Model, t: &Trainer) -> Trainer {
-    Trainer::resume(
-        &model.config,
-        t.data.clone(),
-        "checkpoint.safetensors",
-        &t.checkpoint(),
-    )
-    .unwrap()
-}
-
-/// One step of the resident GPU trainer `res` against core's `Trainer::step` on the CPU (`cpu`)
-/// and against the GPU's read-back gradients with core's AdamW (`twin`), all three starting
-/// from the state the GPU holds (synced). Each step is compared from one shared state, never
-/// after the paths have run apart: AdamW turns last-ulp differences into full-size updates of
-/// the elements whose gradients are near zero, and a last-ulp difference in front of the int8
-/// quantizer flips a code now and then (more often on some GPUs than others: on an H100 one
-/// such flip, carried through five steps, moved the grad norm by 1.2e-3), so free-running
-/// paths drift apart by amounts no tolerance can bound. From a shared state the twin computes
-/// the same gradients bit for bit, so the moments and the update must agree with it to
-/// ADAMW_STATE_NORMWISE per tensor. Against the CPU the loss, norm and validation loss agree to
-/// TRAIN_STEP_BACKENDS, and m and v (linear in the gradient and its square) to
-/// TRAIN_STATE_BACKENDS over the whole adapter, which allows for a flipped code (this happens
-/// on lavapipe in `gpu_step_skips_a_non_finite_step_without_touching_the_state`'s step 2); the
-/// per-tensor differences are reported. So is the update against the CPU: an element whose
-/// gradient is within rounding of zero may move by +lr on one backend and -lr on the other.
-/// The gradients themselves are held to LORA_GRAD_NORMWISE per tensor against the CPU and
-/// PEFT by the tests above, on inputs where no code flips.
+/// One step of the resident GPU run `res` (`Trainer<GpuBackend>`) against core's loop on the
+/// CPU (`Trainer<CpuBackend>`) and against the twin (the GPU's read-back gradients with core's
+/// AdamW, `Twin`), both resumed from a checkpoint of the state the GPU holds before the step
+/// (read back from it). The twin runs on `res`'s own GPU trainer, so the resident run finds the
+/// twin's adapter in the trainer's buffers at its next step and must restore its own. Each step
+/// is compared from one shared state, never after the paths have run apart: AdamW turns
+/// last-ulp differences into full-size updates of the elements whose gradients are near zero,
+/// and a last-ulp difference in front of the int8 quantizer flips a code now and then (more
+/// often on some GPUs than others: on an H100 one such flip, carried through five steps, moved
+/// the grad norm by 1.2e-3), so free-running paths drift apart by amounts no tolerance can
+/// bound. From a shared state the twin computes the same gradients bit for bit, so the moments
+/// and the update must agree with it to ADAMW_STATE_NORMWISE per tensor. Against the CPU the
+/// loss, norm and validation loss agree to TRAIN_STEP_BACKENDS, and m and v (linear in the
+/// gradient and its square) to TRAIN_STATE_BACKENDS over the whole adapter, which allows for a
+/// flipped code (this happens on lavapipe in
+/// `gpu_backend_skips_a_non_finite_step_without_touching_the_state`'s step 2); the per-tensor
+/// differences are reported. So is the update against the CPU: an element whose gradient is
+/// within rounding of zero may move by +lr on one backend and -lr on the other. The gradients
+/// themselves are held to LORA_GRAD_NORMWISE per tensor against the CPU and PEFT by the tests
+/// above, on inputs where no code flips. A skipped step must leave the adapter and the moments
+/// bit for bit as they were on all three.
 /// Returns the GPU's report and the worst normwise differences (to the twin, to the CPU).
 fn step_against_cpu_and_twin(
     what: &str,
     model: &Model,
-    g: &mut GpuTrainer,
-    res: &mut Trainer,
+    res: &mut GpuRun,
 ) -> (StepReport, f32, f32) {
-    block(g.sync(res)).unwrap();
-    let before = state(res);
-    let (mut cpu, mut twin) = (fork(model, res), fork(model, res));
-    let want = cpu.step(model).unwrap();
-    let got = block(g.step(res)).unwrap();
-    let tw = step_with_cpu_adamw(g, &mut twin);
+    assert!(
+        res.backend().resident(),
+        "{what}: the GPU run is not resident"
+    );
+    let before = block(res.state()).unwrap();
+    let counts_before = counts(res);
+    let bytes = block(res.checkpoint()).unwrap();
+    let (optim, data) = (res.optimizer_config().clone(), res.data.clone());
+    let mut cpu = fork_cpu(model, &data, &bytes);
+    assert!(
+        block(cpu.state()).unwrap() == before && counts(&cpu) == counts_before,
+        "{what}: the CPU run forked through the checkpoint is not in the GPU's state"
+    );
+    let want = block(cpu.step()).unwrap();
+    let got = block(res.step()).unwrap();
+    let (tw, tw_state, tw_counts) = {
+        let mut twin = fork_twin(
+            res.backend_mut().trainer_mut(),
+            model,
+            &optim,
+            &data,
+            &bytes,
+        );
+        assert!(
+            block(twin.state()).unwrap() == before && counts(&twin) == counts_before,
+            "{what}: the twin forked through the checkpoint is not in the GPU's state"
+        );
+        let r = block(twin.step()).unwrap();
+        (r, block(twin.state()).unwrap(), counts(&twin))
+    };
     println!(
         "{what} (lr {}): loss CPU {} GPU {} twin {}; grad norm CPU {} GPU {} twin {}; val CPU {:?} GPU {:?} twin {:?}; skipped CPU {:?} GPU {:?}",
         got.lr,
@@ -600,11 +773,13 @@ fn step_against_cpu_and_twin(
         want.skipped,
         got.skipped
     );
-    assert_eq!(
-        (got.step, got.epoch, got.tokens, got.lr),
-        (want.step, want.epoch, want.tokens, want.lr),
-        "{what}"
-    );
+    for (name, r) in [("the CPU", &want), ("the twin", &tw)] {
+        assert_eq!(
+            (got.step, got.epoch, got.tokens, got.lr),
+            (r.step, r.epoch, r.tokens, r.lr),
+            "{what}: step, epoch, tokens, lr of the GPU vs {name}"
+        );
+    }
     assert_eq!(
         (got.skipped.is_some(), tw.skipped.is_some()),
         (want.skipped.is_some(), want.skipped.is_some()),
@@ -633,47 +808,58 @@ fn step_against_cpu_and_twin(
             "{what}: {name} GPU {gpu_v} CPU {cpu_v} twin {twin_v}"
         );
     }
-    block(g.sync(res)).unwrap();
-    let after = state(res);
-    assert_eq!((after.3, after.4), (cpu.step, cpu.optimizer.step), "{what}");
+    let after = block(res.state()).unwrap();
+    let cpu_after = block(cpu.state()).unwrap();
     assert_eq!(
-        (after.3, after.4),
-        (twin.step, twin.optimizer.step),
-        "{what}"
+        counts(res),
+        counts(&cpu),
+        "{what}: counts of the GPU vs the CPU"
+    );
+    assert_eq!(
+        counts(res),
+        tw_counts,
+        "{what}: counts of the GPU vs the twin"
     );
     if got.skipped.is_some() {
-        assert!(
-            after.0 == before.0 && after.1 == before.1 && after.2 == before.2,
-            "{what}: a skipped step changed the GPU's adapter or moments"
-        );
+        for (name, s) in [("GPU", &after), ("CPU", &cpu_after), ("twin", &tw_state)] {
+            assert!(
+                s == &before,
+                "{what}: a skipped step changed the {name}'s adapter or moments"
+            );
+        }
         assert_eq!(
-            (after.3, after.4),
-            (before.3 + 1, before.4),
-            "{what}: counts"
+            counts(res),
+            (counts_before.0 + 1, counts_before.1),
+            "{what}: a skipped step's counts"
         );
         return (got, 0.0, 0.0);
     }
+    assert_eq!(
+        counts(res),
+        (counts_before.0 + 1, counts_before.1 + 1),
+        "{what}: an applied step's counts"
+    );
     let (mut to_twin, mut to_cpu) = (0f32, 0f32);
     for (name, ours, cpu_v, twin_v, asserted) in [
         (
             "adapter update",
-            minus(&res.lora, &before.0),
-            minus(&cpu.lora, &before.0),
-            minus(&twin.lora, &before.0),
+            minus(&after.lora, &before.lora),
+            minus(&cpu_after.lora, &before.lora),
+            minus(&tw_state.lora, &before.lora),
             false,
         ),
         (
             "m",
-            res.optimizer.m.clone(),
-            cpu.optimizer.m.clone(),
-            twin.optimizer.m.clone(),
+            after.m.clone(),
+            cpu_after.m.clone(),
+            tw_state.m.clone(),
             true,
         ),
         (
             "v",
-            res.optimizer.v.clone(),
-            cpu.optimizer.v.clone(),
-            twin.optimizer.v.clone(),
+            after.v.clone(),
+            cpu_after.v.clone(),
+            tw_state.v.clone(),
             true,
         ),
     ] {
@@ -710,52 +896,37 @@ fn step_against_cpu_and_twin(
     (got, to_twin, to_cpu)
 }
 
-/// `GpuTrainer::step` (AdamW, the adapter and Adam's moments on the GPU) for five steps: each
-/// step against core's `Trainer::step` on the CPU and against the GPU's gradients with core's
-/// AdamW (twin), from the state the GPU holds (`step_against_cpu_and_twin`): warmup, cosine,
-/// weight decay, clipping (norms ~10 against a maximum of 0.5), accumulation 2, dropout and
-/// validation every 2. One GPU trainer serves the resident run and the twin in turn, and a loss
-/// of another adapter in between: each must find its own adapter there. A second GPU trainer
-/// runs the same five steps with no sync at all (the adapter and the moments never leave the
+/// Core's loop on the resident GPU backend (AdamW, the adapter and Adam's moments in GPU
+/// buffers) for five steps: each step against the CPU reference's run and against the twin,
+/// from the state the GPU holds (`step_against_cpu_and_twin`): warmup, cosine, weight decay,
+/// clipping (norms ~10 against a maximum of 0.5), accumulation 2, dropout and validation every
+/// 2. One GPU trainer serves the resident run and the twin in turn, and a loss of another
+/// adapter in between: each must find its own adapter there. A second resident run does the
+/// same five steps with no state read at all (the adapter and the moments never leave the
 /// GPU): the same reports and, at the end, the same state bit for bit. A checkpoint written
-/// after `sync` at step 3, resumed into a fresh `Trainer` and a fresh `GpuTrainer`, continues
-/// exactly as the run did.
+/// after step 3, resumed into a fresh run on a fresh `GpuTrainer`, continues exactly as the run
+/// did.
 #[test]
-fn gpu_step_keeps_adamw_on_the_gpu_and_matches_the_cpu_trainer() {
+fn gpu_backend_keeps_adamw_on_the_gpu_and_matches_the_cpu_trainer() {
     const STEPS: usize = 5;
     let (lc, optim, options) = trainer_settings(STEPS);
     let (model, lora) = setup(tiny_config(), lc, 21);
     let data = dataset(&mut Rng::new(22), model.config.vocab_size, 7, 2);
     let make = || {
-        Trainer::new(
-            &model.config,
-            lora.clone(),
-            optim.clone(),
-            data.clone(),
-            options.clone(),
-        )
-        .unwrap()
+        let gm = GpuModel::new(gpu(), &model).unwrap();
+        gpu_run(&model, gm, &lora, &optim, &data, &options, Placement::Auto)
     };
     let (mut res, mut free) = (make(), make());
-    let longest = data
-        .train
-        .iter()
-        .chain(&data.val)
-        .map(|s| s.tokens.len())
-        .max()
+    assert!(res.backend().resident() && free.backend().resident());
+    let l0 = block(res.backend_mut().trainer_mut().mean_loss(&lora, &data.val))
+        .unwrap()
         .unwrap();
-    let new_gpu_trainer = || {
-        let gm = GpuModel::new(gpu(), &model).unwrap();
-        GpuTrainer::new(gm, &lora.config, longest).unwrap()
-    };
-    let (mut g, mut g_free) = (new_gpu_trainer(), new_gpu_trainer());
-    let l0 = block(g.mean_loss(&lora, &data.val)).unwrap().unwrap();
     let mut reports = Vec::new();
     let mut checkpoint = None;
     let (mut to_twin, mut to_cpu) = (0f32, 0f32);
     for step in 1..=STEPS {
         let (got, w_twin, w_cpu) =
-            step_against_cpu_and_twin(&format!("step {step}"), &model, &mut g, &mut res);
+            step_against_cpu_and_twin(&format!("step {step}"), &model, &mut res);
         assert!(got.skipped.is_none(), "step {step}: {:?}", got.skipped);
         assert!(
             got.grad_norm > optim.max_grad_norm.unwrap(),
@@ -763,56 +934,252 @@ fn gpu_step_keeps_adamw_on_the_gpu_and_matches_the_cpu_trainer() {
         );
         (to_twin, to_cpu) = (to_twin.max(w_twin), to_cpu.max(w_cpu));
         assert_eq!(
-            block(g_free.step(&mut free)).unwrap(),
+            block(free.step()).unwrap(),
             got,
-            "step {step}: the run that never syncs"
+            "step {step}: the run whose state is never read"
         );
         if step == 3 {
-            checkpoint = Some(res.checkpoint());
+            checkpoint = Some(block(res.checkpoint()).unwrap());
         }
         reports.push(got);
     }
-    assert!(res.lora != lora, "the adapter did not train");
-    block(g_free.sync(&mut free)).unwrap();
+    let end = block(res.state()).unwrap();
+    assert!(end.lora != lora, "the adapter did not train");
     assert!(
-        state(&free) == state(&res),
-        "the run that never synced ends in another state"
+        block(free.state()).unwrap() == end && counts(&free) == counts(&res),
+        "the run whose state was never read ends in another state"
     );
 
-    // Another adapter's loss between resident runs: the upload cache must not take the
-    // optimizer's adapter (restored into the pairs' buffers by the validation) for it.
+    // Another adapter's loss between resident passes: the trainer's adapter buffers must not
+    // be taken for the run's (the run's validation restores its own from the flat buffers).
+    let g = res.backend_mut().trainer_mut();
     assert_eq!(block(g.mean_loss(&lora, &data.val)).unwrap(), Some(l0));
-    let v = block(g.validate(&res)).unwrap();
-    assert_eq!(v, reports[STEPS - 1].val_loss, "validation after sync");
+    let v = block(res.validate()).unwrap();
+    assert_eq!(v, reports[STEPS - 1].val_loss, "validation after the run");
+    let g = res.backend_mut().trainer_mut();
     assert_eq!(block(g.mean_loss(&lora, &data.val)).unwrap(), Some(l0));
 
-    // Resume the step-3 checkpoint into a fresh Trainer and a fresh GpuTrainer: the same
-    // reports bit for bit, and the same state after sync.
-    let bytes = checkpoint.unwrap();
+    // Resume the step-3 checkpoint into a fresh run on a fresh GpuTrainer: the same reports
+    // bit for bit, and the same state at the end.
+    let gm = GpuModel::new(gpu(), &model).unwrap();
+    let gt = GpuTrainer::new(gm, &lora.config, longest(&data)).unwrap();
     let mut resumed = Trainer::resume(
+        GpuBackend::new(gt),
         &model.config,
         data.clone(),
-        "checkpoint.safetensors",
-        &bytes,
+        read_checkpoint(&model, &checkpoint.unwrap()),
     )
     .unwrap();
-    let mut g2 = new_gpu_trainer();
+    assert!(resumed.backend().resident());
+    assert_eq!(counts(&resumed), (3, 3));
     for want in &reports[3..] {
-        assert_eq!(&block(g2.step(&mut resumed)).unwrap(), want, "resumed");
+        assert_eq!(&block(resumed.step()).unwrap(), want, "resumed");
     }
-    block(g2.sync(&mut resumed)).unwrap();
-    assert!(state(&resumed) == state(&res), "resumed state differs");
+    assert!(resumed.done());
+    assert!(
+        block(resumed.state()).unwrap() == end && counts(&resumed) == counts(&res),
+        "resumed state differs"
+    );
     println!(
-        "{STEPS} steps, each from the GPU's state: worst normwise difference of the update, m and v to the twin {to_twin:.2e} (per tensor), of m and v to the CPU {to_cpu:.2e} (over the whole adapter); a run that never syncs gives the same reports and state; resumed from step 3 on a fresh GPU trainer: steps 4-5 and the state identical"
+        "{STEPS} steps, each from the GPU's state: worst normwise difference of the update, m and v to the twin {to_twin:.2e} (per tensor), of m and v to the CPU {to_cpu:.2e} (over the whole adapter); a run whose state is never read gives the same reports and state; resumed from step 3 on a fresh GPU trainer: steps 4-5 and the state identical"
+    );
+}
+
+/// Accumulation of three sequences of different lengths per step on the resident path (the
+/// first sequence sets the flat gradients, the others add into them, the last reduces the
+/// norm), an epoch boundary inside step 3 and validation every step: each step against the CPU
+/// and the twin (`step_against_cpu_and_twin`). A second resident run, driven one unit at a
+/// time (`Trainer::advance`), reads back per unit only the per-row losses (4 T bytes), plus
+/// the squared norm after a step's last sequence (4 (T + 1)), gives the same reports and ends
+/// in the same state bit for bit.
+#[test]
+fn gpu_backend_accumulates_three_sequences_as_the_cpu_trainer() {
+    const STEPS: usize = 3;
+    let (lc, optim, mut options) = trainer_settings(STEPS);
+    options.accumulation = 3;
+    options.eval_every = 1;
+    let (model, lora) = setup(tiny_config(), lc, 61);
+    let data = dataset(&mut Rng::new(62), model.config.vocab_size, 7, 2);
+    let make = || {
+        let gm = GpuModel::new(gpu(), &model).unwrap();
+        gpu_run(&model, gm, &lora, &optim, &data, &options, Placement::Auto)
+    };
+    let (mut res, mut units) = (make(), make());
+    let n = data.train.len();
+    let (mut drawn, mut epoch) = (0usize, 0);
+    let (mut to_twin, mut to_cpu) = (0f32, 0f32);
+    for step in 1..=STEPS {
+        let (got, w_twin, w_cpu) =
+            step_against_cpu_and_twin(&format!("step {step}"), &model, &mut res);
+        assert!(got.skipped.is_none(), "step {step}: {:?}", got.skipped);
+        assert!(got.val_loss.is_some(), "step {step}: no validation");
+        epoch = got.epoch;
+        (to_twin, to_cpu) = (to_twin.max(w_twin), to_cpu.max(w_cpu));
+        // The same step one unit at a time; the data order as the loop draws it.
+        let mut k = 0;
+        let report = loop {
+            let out = block(units.advance()).unwrap();
+            let read = units.backend().trainer().read_bytes();
+            let (what, t, norm) = if k < options.accumulation {
+                let i = epoch_order(n, options.seed, (drawn / n) as u64)[drawn % n];
+                drawn += 1;
+                let last = k + 1 == options.accumulation;
+                (
+                    format!("training sequence {i}"),
+                    data.train[i].tokens.len(),
+                    last,
+                )
+            } else {
+                let j = k - options.accumulation;
+                (
+                    format!("validation sequence {j}"),
+                    data.val[j].tokens.len(),
+                    false,
+                )
+            };
+            let want = 4 * (t + norm as usize) as u64;
+            assert_eq!(
+                read,
+                want,
+                "step {step} unit {k} ({what}, T = {t}): bytes read back (want the losses{})",
+                if norm { " and the norm" } else { "" }
+            );
+            k += 1;
+            if let Some(r) = out {
+                break r;
+            }
+        };
+        assert_eq!(
+            k,
+            options.accumulation + data.val.len(),
+            "step {step}: units"
+        );
+        assert_eq!(report, got, "step {step}: the run driven unit by unit");
+    }
+    assert_eq!(epoch, 1, "the run did not cross an epoch");
+    assert!(
+        block(units.state()).unwrap() == block(res.state()).unwrap(),
+        "the run driven unit by unit ends in another state"
+    );
+    println!(
+        "{STEPS} steps of 3 sequences, each from the GPU's state: worst normwise difference of the update, m and v to the twin {to_twin:.2e} (per tensor), of m and v to the CPU {to_cpu:.2e} (over the whole adapter); unit by unit: only the losses (and the norm) read back, the same reports and state"
+    );
+}
+
+/// What a step reads back from the GPU. Resident: after a step of one sequence of T tokens,
+/// only the T per-row losses and the squared gradient norm (4 (T + 1) bytes), and a validation
+/// pass only its losses (4 T); never the adapter or its gradients. `Placement::Host` (AdamW on
+/// the CPU) reads back every dA and dB as well: exactly 4 (max_tokens + the adapter's floats)
+/// bytes. The two placements give the same reports: step 1's loss bit for bit (the same
+/// adapter through the same kernels), its norm to TRAIN_STEP_SAME_KERNELS (an f32 tree on the
+/// GPU, an f64 sum on the host), the later steps' losses and norms and the validation loss to
+/// TRAIN_STEP_BACKENDS.
+#[test]
+fn resident_step_reads_back_only_the_losses_and_the_norm() {
+    const STEPS: usize = 3;
+    let (lc, optim, mut options) = trainer_settings(STEPS);
+    options.accumulation = 1;
+    options.eval_every = 0;
+    let (model, lora) = setup(tiny_config(), lc, 51);
+    // One training sequence (T = 9) and a longer validation one (the trainer holds 16 rows).
+    let data = dataset(&mut Rng::new(52), model.config.vocab_size, 1, 1);
+    let (t, t_val) = (data.train[0].tokens.len(), data.val[0].tokens.len());
+    assert!(t < t_val);
+    let make = |placement| {
+        let gm = GpuModel::new(gpu(), &model).unwrap();
+        gpu_run(&model, gm, &lora, &optim, &data, &options, placement)
+    };
+    let (mut res, mut host) = (make(Placement::Auto), make(Placement::Host));
+    assert!(
+        res.backend().resident(),
+        "the resident placement is on the host"
+    );
+    assert!(!host.backend().resident(), "Placement::Host is resident");
+    let host_bytes = 4 * (host.backend().trainer().max_tokens() + lora.num_params()) as u64;
+    for step in 1..=STEPS {
+        let r = block(res.step()).unwrap();
+        let read = res.backend().trainer().read_bytes();
+        let h = block(host.step()).unwrap();
+        let host_read = host.backend().trainer().read_bytes();
+        println!(
+            "step {step}: read back {read} bytes resident, {host_read} on the host; loss {} / {}, grad norm {} / {}",
+            r.loss, h.loss, r.grad_norm, h.grad_norm
+        );
+        assert_eq!(
+            read,
+            4 * (t + 1) as u64,
+            "step {step}: the resident step read back more than its {t} losses and the norm"
+        );
+        assert_eq!(
+            host_read, host_bytes,
+            "step {step}: the host placement's readback (losses and every dA, dB)"
+        );
+        assert!(host_read > read);
+        assert_eq!(
+            (r.step, r.epoch, r.tokens, r.lr),
+            (h.step, h.epoch, h.tokens, h.lr),
+            "step {step}"
+        );
+        assert!(
+            r.skipped.is_none() && h.skipped.is_none(),
+            "step {step}: {:?} {:?}",
+            r.skipped,
+            h.skipped
+        );
+        if step == 1 {
+            assert_eq!(r.loss, h.loss, "step 1: the loss of the same adapter");
+            assert!(
+                rel(r.grad_norm, h.grad_norm) <= TRAIN_STEP_SAME_KERNELS,
+                "step 1: grad norm resident {} host {}",
+                r.grad_norm,
+                h.grad_norm
+            );
+        }
+        for (name, a, b) in [
+            ("loss", r.loss, h.loss),
+            ("grad norm", r.grad_norm, h.grad_norm),
+        ] {
+            println!(
+                "  {name}: relative difference {:.1e} (TRAIN_STEP_BACKENDS {TRAIN_STEP_BACKENDS:.0e})",
+                rel(a, b)
+            );
+            assert!(
+                rel(a, b) <= TRAIN_STEP_BACKENDS,
+                "step {step}: {name} resident {a} host {b}"
+            );
+        }
+    }
+    let v = block(res.validate()).unwrap().unwrap();
+    let read = res.backend().trainer().read_bytes();
+    let hv = block(host.validate()).unwrap().unwrap();
+    let host_read = host.backend().trainer().read_bytes();
+    assert_eq!(
+        read,
+        4 * t_val as u64,
+        "a resident validation pass reads back its losses only"
+    );
+    assert_eq!(
+        host_read,
+        4 * t_val as u64,
+        "a validation pass on the host placement"
+    );
+    assert!(
+        rel(v, hv) <= TRAIN_STEP_BACKENDS,
+        "validation loss resident {v} host {hv}"
+    );
+    println!(
+        "a resident step of T = {t} read back {} bytes (the losses and the norm), the host placement {host_bytes}; validation {read} bytes; validation loss resident {v} host {hv} (rel {:.1e})",
+        4 * (t + 1),
+        rel(v, hv)
     );
 }
 
 /// A step whose loss is not finite (a NaN in one token's embedding, in one training sequence)
-/// is skipped on the GPU as on the CPU and the twin: the adapter and the moments the GPU holds
-/// (read back with `sync` around the step) do not change and the optimizer's step is not
-/// counted; the steps around it are compared as in `step_against_cpu_and_twin`.
+/// is skipped on the GPU as on the CPU and the twin: the adapter and the moments (the GPU's
+/// read back around the step) stay bit for bit as they were on all three and the optimizer's
+/// step is not counted; the steps around it are compared as in `step_against_cpu_and_twin`.
 #[test]
-fn gpu_step_skips_a_non_finite_step_without_touching_the_state() {
+fn gpu_backend_skips_a_non_finite_step_without_touching_the_state() {
     const STEPS: usize = 6;
     let (lc, optim, mut options) = trainer_settings(STEPS);
     options.eval_every = 0;
@@ -823,7 +1190,51 @@ fn gpu_step_skips_a_non_finite_step_without_touching_the_state() {
     data.train[2].tokens[4] = POISON;
     let c = model.config.hidden_size;
     model.params.embed_tokens[POISON as usize * c] = f32::NAN;
-    let mut res = Trainer::new(
+    let gm = GpuModel::new(gpu(), &model).unwrap();
+    let mut res = gpu_run(&model, gm, &lora, &optim, &data, &options, Placement::Auto);
+    let (mut skipped, mut to_twin, mut to_cpu) = (0, 0f32, 0f32);
+    for step in 1..=STEPS {
+        let (got, w_twin, w_cpu) =
+            step_against_cpu_and_twin(&format!("step {step}"), &model, &mut res);
+        skipped += got.skipped.is_some() as usize;
+        (to_twin, to_cpu) = (to_twin.max(w_twin), to_cpu.max(w_cpu));
+    }
+    assert!(skipped > 0, "the poisoned sequence was never drawn");
+    assert!(skipped < STEPS, "every step was skipped");
+    assert_eq!(res.optimizer_steps(), STEPS - skipped);
+    println!(
+        "{skipped} of {STEPS} steps skipped on the GPU, the twin and the CPU; the others' state vs the twin: worst normwise {to_twin:.2e} (ADAMW_STATE_NORMWISE {ADAMW_STATE_NORMWISE:.0e}); m and v vs the CPU {to_cpu:.2e} over the whole adapter (TRAIN_STATE_BACKENDS {TRAIN_STATE_BACKENDS:.0e})"
+    );
+}
+
+/// Where the optimizer's flat buffers do not fit one binding (here a model limited to 8 KiB
+/// bindings, as the split-head test above), `GpuBackend` keeps the state on the host: it reads
+/// the gradients back and runs core's AdamW, exactly as the twin does (on a GPU trainer of its
+/// own, both free-running from the start): the same reports and states bit for bit.
+#[test]
+fn gpu_backend_falls_back_to_cpu_adamw_when_the_state_does_not_fit_a_binding() {
+    const STEPS: usize = 3;
+    let (lc, optim, options) = trainer_settings(STEPS);
+    let (model, lora) = setup(tiny_config(), lc, 41);
+    let data = dataset(&mut Rng::new(42), model.config.vocab_size, 4, 1);
+    let v = model.config.vocab_size;
+    let small = || GpuModel::with_max_binding(gpu(), &model, (4 * v * 4) as u64).unwrap();
+    let mut res = gpu_run(
+        &model,
+        small(),
+        &lora,
+        &optim,
+        &data,
+        &options,
+        Placement::Auto,
+    );
+    assert!(
+        !res.backend().resident(),
+        "the state was placed in one binding of 8 KiB"
+    );
+    let gt = GpuTrainer::new(small(), &lora.config, longest(&data)).unwrap();
+    let mut twin = Trainer::new(
+        Twin::new(gt, &optim),
         &model.config,
         lora.clone(),
         optim.clone(),
@@ -831,54 +1242,19 @@ fn gpu_step_skips_a_non_finite_step_without_touching_the_state() {
         options.clone(),
     )
     .unwrap();
-    let longest = data.train.iter().map(|s| s.tokens.len()).max().unwrap();
-    let gm = GpuModel::new(gpu(), &model).unwrap();
-    let mut g = GpuTrainer::new(gm, &lora.config, longest).unwrap();
-    let (mut skipped, mut to_twin, mut to_cpu) = (0, 0f32, 0f32);
     for step in 1..=STEPS {
-        let (got, w_twin, w_cpu) =
-            step_against_cpu_and_twin(&format!("step {step}"), &model, &mut g, &mut res);
-        skipped += got.skipped.is_some() as usize;
-        (to_twin, to_cpu) = (to_twin.max(w_twin), to_cpu.max(w_cpu));
-    }
-    assert!(skipped > 0, "the poisoned sequence was never drawn");
-    assert!(skipped < STEPS, "every step was skipped");
-    assert_eq!(res.optimizer.step, STEPS - skipped);
-    println!(
-        "{skipped} of {STEPS} steps skipped on the GPU, the twin and the CPU; the others' state vs the twin: worst normwise {to_twin:.2e} (ADAMW_STATE_NORMWISE {ADAMW_STATE_NORMWISE:.0e}); m and v vs the CPU {to_cpu:.2e} over the whole adapter (TRAIN_STATE_BACKENDS {TRAIN_STATE_BACKENDS:.0e})"
-    );
-}
-
-/// Where the optimizer's flat buffers do not fit one binding (here a model limited to 8 KiB
-/// bindings, as the split-head test above), `GpuTrainer::step` reads the gradients back and
-/// runs core's AdamW, exactly as the twin does; `sync` then has nothing to bring back.
-#[test]
-fn gpu_step_falls_back_to_cpu_adamw_when_the_state_does_not_fit_a_binding() {
-    const STEPS: usize = 3;
-    let (lc, optim, options) = trainer_settings(STEPS);
-    let (model, lora) = setup(tiny_config(), lc, 41);
-    let data = dataset(&mut Rng::new(42), model.config.vocab_size, 4, 1);
-    let make = || {
-        Trainer::new(
-            &model.config,
-            lora.clone(),
-            optim.clone(),
-            data.clone(),
-            options.clone(),
-        )
-        .unwrap()
-    };
-    let (mut res, mut twin) = (make(), make());
-    let v = model.config.vocab_size;
-    let gm = GpuModel::with_max_binding(gpu(), &model, (4 * v * 4) as u64).unwrap();
-    let mut g = GpuTrainer::new(gm, &lora.config, 40).unwrap();
-    for step in 1..=STEPS {
-        let got = block(g.step(&mut res)).unwrap();
-        let want = step_with_cpu_adamw(&mut g, &mut twin);
+        let got = block(res.step()).unwrap();
+        let want = block(twin.step()).unwrap();
         assert_eq!(got, want, "step {step}");
-        block(g.sync(&mut res)).unwrap();
-        assert!(state(&res) == state(&twin), "step {step}: state");
+        assert!(
+            block(res.state()).unwrap() == block(twin.state()).unwrap(),
+            "step {step}: state"
+        );
+        assert_eq!(counts(&res), counts(&twin), "step {step}: counts");
     }
-    assert!(res.lora != lora, "the adapter did not train");
+    assert!(
+        block(res.adapter()).unwrap() != lora,
+        "the adapter did not train"
+    );
     println!("{STEPS} steps with AdamW on the CPU (state over the binding limit): as the twin");
 }

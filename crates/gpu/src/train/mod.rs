@@ -376,8 +376,8 @@ pub struct GpuTrainer {
     /// The cached views of `acts` for the last T.
     views: Option<Acts>,
     adapter: Vec<[Option<PairBufs>; 7]>, // L x 7
-    /// The [`GpuState::id`] of the adapter the pairs' A and B hold (None: another, e.g. one
-    /// uploaded by [`GpuTrainer::forward_backward`], or none yet).
+    /// The (serial, version) of the [`GpuState`] whose adapter the pairs' A and B hold (None:
+    /// another, e.g. one uploaded by [`GpuTrainer::forward_backward`], or none yet).
     holds: Option<(u64, u64)>,
     /// The last rows of logits a window of the head holds: (W, V).
     logits: GpuTensor,

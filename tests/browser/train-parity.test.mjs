@@ -1,0 +1,111 @@
+// The page trains on WebGPU's resident path, and its steps are the CLI's (issue 12):
+// - the same data, config and seed trained by the page on WebGPU (SwiftShader) through the JS
+//   API and by `bitlora train --backend gpu` (native wgpu on lavapipe) give the same per-step
+//   losses and gradient norms, within TRAIN_STEP_BACKENDS (crates/core/src/tolerance.rs: an int8
+//   activation code flipped by a last-ulp difference between the two emulators moves a step's
+//   loss by ~1e-4; a wrong step moves it by far more);
+// - each step reads back only the per-row losses and the squared gradient norm: 4 * (T + 1)
+//   bytes for one sequence of T tokens, never the adapter or its gradients (which would be
+//   4 * adapterParams bytes or more); the bytes are logged per step.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, writeFileSync, rmSync, mkdirSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import os from 'node:os';
+import path from 'node:path';
+import { REPO, BIN, DEFAULT_MODEL, startServer, launchBrowser } from './helpers.mjs';
+
+/** crates/core/src/tolerance.rs TRAIN_STEP_BACKENDS: relative, per step. */
+const TRAIN_STEP_BACKENDS = 1e-3;
+
+const DATA = readFileSync(path.join(REPO, 'data/devil/train.jsonl'), 'utf8').split('\n').slice(0, 12).join('\n');
+const STEPS = 8;
+const CONTEXT = 32;
+const CONFIG = {
+  steps: STEPS, context: CONTEXT, rank: 8, alpha: 16, lr: 1e-2, schedule: 'constant', batch: 1, evalEvery: 0,
+  valFraction: 0.25, completionOnly: true, seed: 11, checkpointEvery: 0,
+};
+
+let server;
+before(async () => { server = await startServer(); });
+after(async () => { await server?.stop(); });
+
+/** `bitlora train --backend gpu` on lavapipe with CONFIG: the per-step lines of train_log.jsonl. */
+function nativeRun() {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'bitlora-parity-'));
+  try {
+    const data = path.join(dir, 'devil.jsonl');
+    writeFileSync(data, DATA);
+    const xdg = path.join(dir, 'xdg');
+    mkdirSync(xdg, { mode: 0o700 });
+    execFileSync(BIN, [
+      'train', '--model', DEFAULT_MODEL, '--data', data, '--out', path.join(dir, 'out'), '--backend', 'gpu',
+      '--steps', String(STEPS), '--context', String(CONTEXT), '--rank', '8', '--alpha', '16', '--lr', '1e-2',
+      '--schedule', 'constant', '--batch', '1', '--eval-every', '0', '--val-fraction', '0.25',
+      '--completions-only', '--seed', '11', '--checkpoint-every', '0',
+    ], { cwd: REPO, env: { ...process.env, XDG_RUNTIME_DIR: xdg }, stdio: ['ignore', 'ignore', 'pipe'] });
+    return readFileSync(path.join(dir, 'out', 'train_log.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test('WebGPU: the page trains on the resident path, with the steps of `bitlora train --backend gpu`', { timeout: 900_000 }, async () => {
+  const native = nativeRun();
+  assert.equal(native.length, STEPS, 'native steps');
+
+  const browser = await launchBrowser({ webgpu: true });
+  const log = [];
+  try {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    page.on('console', (m) => log.push(`[console.${m.type()}] ${m.text()}`));
+    page.on('worker', (w) => w.on('console', (m) => log.push(`[worker console.${m.type()}] ${m.text()}`)));
+    await page.goto(`${server.url}web/examples/train.html`);
+    await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.state), null, { timeout: 120_000 });
+    assert.equal(await page.evaluate(() => document.body.dataset.state), 'ready', log.join('\n'));
+
+    const run = await page.evaluate(async ({ DATA, CONFIG }) => {
+      const bl = window.bitlora;
+      const t = await bl.createTrainer({ ...CONFIG, data: { text: DATA, fileName: 'devil.jsonl' }, name: 'parity' });
+      const steps = [];
+      t.on('progress', (p) => steps.push({ step: p.step, loss: p.loss, gradNorm: p.gradNorm, readBytes: p.readBytes, backend: p.backend, tokensPerSec: p.tokensPerSec }));
+      const done = new Promise((resolve, reject) => {
+        t.on('done', resolve);
+        t.on('error', (e) => reject(new Error(e.message)));
+      });
+      await t.start();
+      await done;
+      return { steps, adapterParams: t.adapterParams ?? null, backend: t.backend };
+    }, { DATA, CONFIG });
+
+    assert.equal(run.backend, 'webgpu', `the run trained on ${run.backend}`);
+    assert.equal(run.steps.length, STEPS);
+    let worst = 0;
+    for (const [k, s] of run.steps.entries()) {
+      const n = native[k];
+      assert.equal(s.step, n.step);
+      for (const [what, a, b] of [['loss', s.loss, n.loss], ['grad norm', s.gradNorm, n.grad_norm]]) {
+        const rel = Math.abs(a - b) / Math.max(Math.abs(b), 1e-6);
+        worst = Math.max(worst, rel);
+        assert.ok(rel <= TRAIN_STEP_BACKENDS, `step ${s.step}: page ${what} ${a} vs bitlora train --backend gpu ${b} (relative ${rel.toExponential(2)} > ${TRAIN_STEP_BACKENDS})`);
+      }
+      // One sequence per step: its T losses and the squared norm, 4 bytes each.
+      assert.ok(s.readBytes > 4 && s.readBytes <= 4 * (CONTEXT + 1) && s.readBytes % 4 === 0,
+        `step ${s.step} read back ${s.readBytes} bytes; the losses and the norm of ${CONTEXT} tokens at most are ${4 * (CONTEXT + 1)}`);
+    }
+    const adapterBytes = 4 * (run.adapterParams ?? 0);
+    if (run.adapterParams != null) {
+      assert.ok(Math.max(...run.steps.map((s) => s.readBytes)) < adapterBytes, 'a step read back as much as the adapter');
+    }
+    console.log(`# page vs bitlora train --backend gpu over ${STEPS} steps: worst relative difference ${worst.toExponential(2)} (TRAIN_STEP_BACKENDS ${TRAIN_STEP_BACKENDS})`);
+    console.log(`# bytes read back per step: ${run.steps.map((s) => s.readBytes).join(', ')} (the adapter alone: ${adapterBytes} bytes)`);
+    console.log(`# page training on WebGPU (SwiftShader): ${run.steps.at(-1).tokensPerSec.toFixed(1)} target tok/s`);
+  } catch (e) {
+    e.message += `\n${log.slice(-30).join('\n')}`;
+    throw e;
+  } finally {
+    await browser.close();
+  }
+});
