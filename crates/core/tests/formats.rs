@@ -301,9 +301,9 @@ fn check(name: &str) {
         if pos < flip_from {
             HF_LOGITS.assert_close(&format!("{name} logits[{pos}]"), mine, r);
         } else {
-            // One int8 code rounded the other way at token `flip_from`, shown above: when it is
-            // in a key or value it reaches every later position through attention, so these
-            // rows move by about one code's worth, and never more.
+            // One int8 code rounded the other way at token `flip_from`, shown above: it moves
+            // that token's hidden state, and through the later layers' keys and values every
+            // later position, so these rows move by about one code's worth, and never more.
             ONE_FLIP.assert_close(&format!("{name} logits[{pos}] (after the flip)"), mine, r);
         }
     }
