@@ -21,7 +21,9 @@
 // - A download writes each chunk in ONE transaction together with its file's `have` count and
 //   running hash in the manifest, so a tab closed or a quota error at any point leaves a manifest
 //   that describes exactly the chunks stored: the download resumes from there.
-// - Reading re-computes each file's sha256 (crypto.subtle) before the model is used.
+// - Reading (openModel, StoredFile) streams each file front to back, one chunk at a time, and
+//   re-computes its sha256 as it goes; a file whose hash or size differs from its manifest fails
+//   the load, naming the file, before the model is finished (worker.js loadModelFiles).
 // - Bundled models are written in one go (storeModel): a visit that finds one incomplete
 //   discards it and fetches it again (the page's own server is fast and always there).
 
@@ -316,76 +318,193 @@ export async function importFiles({ id, name }, entries, onProgress) {
 }
 
 /**
- * Reads model `id` back: resolves to { manifest, files: [{ name, bytes }] }, or to
- * { problem: '...' } (incomplete, missing chunk, size or sha256 mismatch), or to null when
- * nothing is stored. `onProgress({ done, total })` in bytes.
+ * A problem with a stored model, found while opening or reading it: `problem` says what (a
+ * phrase that names the file when one is at fault), `file` names the damaged file (absent when
+ * the model as a whole is incomplete), `manifest` is the model's. problemMessage() gives the
+ * page's sentence. When it is thrown, the store has already dealt with the bad copy as
+ * openModel's `onProblem` asked.
+ */
+export class StoreProblem extends Error {
+  constructor(problem, file, manifest) {
+    super(problem);
+    this.name = 'StoreProblem';
+    Object.assign(this, { problem, file, manifest });
+  }
+}
+
+/**
+ * Opens model `id` for reading file by file: resolves to { manifest, files: StoredFile[] } (the
+ * manifest's files in order; nothing is read yet), or to null when nothing is stored. Throws a
+ * StoreProblem when the model is incomplete; its files throw one when a chunk is missing, a size
+ * is wrong or a sha256 fails.
  *
  * What happens to a bad copy: `onProblem: 'discard'` (the bundled models) deletes it;
  * 'keep-partial' (downloads and imports) leaves an incomplete download alone (it can be
  * resumed), and on a failed chunk or hash forgets only the damaged file (resetFile), so a resume
  * fetches just that file again.
  */
-export async function readModel(id, onProgress, { onProblem = 'discard', chunked = false } = {}) {
+export async function openModel(id, { onProblem = 'discard' } = {}) {
   const manifest = await getManifest(id);
   if (!manifest) return null;
-  const problem = async (text, file) => {
+  const fail = async (text, file) => {
     if (onProblem === 'discard') await deleteModel(id);
     else if (file) await resetFile(id, file);
-    return { problem: text, file, manifest };
+    return new StoreProblem(text, file, manifest);
   };
   if (!manifest.complete) {
-    if (onProblem === 'discard') return problem('the stored copy was incomplete (an earlier visit was interrupted while storing it)');
-    return { problem: 'it is only partly downloaded', manifest };
+    if (onProblem === 'discard') throw await fail('the stored copy was incomplete (an earlier visit was interrupted while storing it)');
+    throw new StoreProblem('it is only partly downloaded', undefined, manifest);
   }
-  const db = await openDb();
-  const total = manifest.files.reduce((n, f) => n + f.size, 0);
-  let read = 0;
-  const files = [];
-  for (const f of manifest.files) {
-    // chunked: the chunks as stored, hashed incrementally, never joined (see fileRange).
-    const bytes = chunked ? null : new Uint8Array(f.size);
-    const chunks = [];
-    const hash = chunked ? new Sha256() : null;
-    let off = 0;
-    for (let i = 0; i < f.chunks; i++) {
-      const chunk = await result(db.transaction('chunks').objectStore('chunks').get(chunkKey(id, f.name, i)));
-      if (!(chunk instanceof Uint8Array)) return problem(`chunk ${i} of ${f.name} is missing from the store`, f.name);
-      if (off + chunk.length > f.size) return problem(`${f.name} is larger in the store than its manifest says`, f.name);
-      if (chunked) { chunks.push(chunk); hash.update(chunk); } else bytes.set(chunk, off);
-      off += chunk.length;
-      read += chunk.length;
-      onProgress?.({ done: read, total });
-    }
-    if (off !== f.size) return problem(`${f.name} is ${off} bytes in the store, its manifest says ${f.size}`, f.name);
-    const sha = chunked ? hash.hex() : await sha256Hex(bytes);
-    if (sha !== f.sha256) {
-      return problem(`${f.name} failed its sha256 check (stored ${f.sha256.slice(0, 12)}…, read back ${sha.slice(0, 12)}…)`, f.name);
-    }
-    files.push(chunked ? { name: f.name, size: f.size, chunks } : { name: f.name, bytes });
+  return { manifest, files: manifest.files.map((f) => new StoredFile(id, f, fail)) };
+}
+
+/** Chunk `index` of a stored file as IndexedDB gives it back (undefined when it is missing). */
+async function getChunk(id, name, index) {
+  let chunk;
+  try {
+    const db = await openDb();
+    chunk = await result(db.transaction('chunks').objectStore('chunks').get(chunkKey(id, name, index)));
+  } catch (err) {
+    // Not a damaged copy: the store cannot be read (a bundled model is then fetched again).
+    throw Object.assign(new Error(`${name}: chunk ${index} cannot be read from the store: ${err?.message ?? err}`), { storeError: true });
   }
-  return { manifest, files };
+  if (chunk instanceof Uint8Array) heldBytes.watch(chunk.buffer, 'chunk', `${name}/${index}`);
+  return chunk;
 }
 
 /**
- * Bytes [start, end) of a file read with `chunked` ({ size, chunks }): a view into the chunk
- * when one chunk holds them all, else a copy of just those bytes.
+ * One file of a stored model, read front to back a chunk at a time: worker.js streams it into
+ * wasm tensor by tensor. Each chunk is fetched from IndexedDB once, added to the file's running
+ * SHA-256 (sha256.js) and let go as soon as the reads have moved past it, so the JS heap holds
+ * the chunk in hand plus the copy a read makes of a range that crosses chunks (the tensor in
+ * flight), never the whole file. finish() reads what is left and checks the size and the
+ * sha256 against the manifest: a damaged file fails there, naming itself, before the model it
+ * fed is finished (the tensors already handed over are thrown away with the failed load).
  */
-export function fileRange({ chunks }, start, end) {
-  let i = 0, base = 0;
-  while (i < chunks.length && base + chunks[i].length <= start) base += chunks[i++].length;
-  if (i < chunks.length && end <= base + chunks[i].length) return chunks[i].subarray(start - base, end - base);
-  const out = new Uint8Array(end - start);
-  for (let at = start; at < end; i++) {
-    const c = chunks[i];
-    const piece = c.subarray(at - base, Math.min(c.length, end - base));
-    out.set(piece, at - start);
-    at += piece.length;
-    base += c.length;
+export class StoredFile {
+  #id;
+  #entry; // the manifest's { name, size, sha256, chunks }
+  #fail; // openModel's: deals with the bad copy, returns the StoreProblem to throw
+  #hash = new Sha256();
+  #chunk = null; // the chunk in hand, bytes [#base, #end) of the file
+  #base = 0;
+  #end = 0; // also: bytes fetched and hashed so far
+  #next = 0; // index of the next chunk to fetch
+  #verified = false;
+
+  constructor(id, entry, fail) {
+    this.#id = id;
+    this.#entry = entry;
+    this.#fail = fail;
+    this.name = entry.name;
+    this.size = entry.size;
   }
-  return out;
+
+  /** Fetches the next chunk, hashes it, and makes it the chunk in hand. */
+  async #advance() {
+    const { name, size, chunks } = this.#entry;
+    const i = this.#next;
+    if (i >= chunks) throw await this.#fail(`${name} is ${this.#end} bytes in the store, its manifest says ${size}`, name);
+    this.#chunk = null; // let the one in hand go before the next arrives
+    const chunk = await getChunk(this.#id, name, i);
+    if (!(chunk instanceof Uint8Array)) throw await this.#fail(`chunk ${i} of ${name} is missing from the store`, name);
+    if (this.#end + chunk.length > size) throw await this.#fail(`${name} is larger in the store than its manifest says`, name);
+    this.#hash.update(chunk);
+    this.#chunk = chunk;
+    this.#base = this.#end;
+    this.#end += chunk.length;
+    this.#next = i + 1;
+    await heldBytes.sample();
+  }
+
+  /**
+   * Bytes [start, end) of the file: a view into the chunk in hand when it holds them all, else a
+   * copy of just those bytes. Reads go front to back: `start` may not lie before the chunk in
+   * hand (tensors come in file order; safetensors forbids overlapping ones).
+   */
+  async read(start, end) {
+    if (!(start >= this.#base && start <= end && end <= this.size)) {
+      throw new Error(`${this.name}: cannot read bytes ${start}..${end} of ${this.size}: the file is read front to back and is at ${this.#base}`);
+    }
+    if (start === end) return new Uint8Array(0);
+    while (this.#end <= start) await this.#advance();
+    if (end <= this.#end) return this.#chunk.subarray(start - this.#base, end - this.#base);
+    const out = new Uint8Array(end - start);
+    heldBytes.watch(out.buffer, 'copy', `${this.name}[${start}..${end})`);
+    // No view into the chunk in a local across the await: a suspended async function keeps its
+    // locals alive, and a view would keep the chunk it has just moved past.
+    for (let at = start; ;) {
+      const n = Math.min(end, this.#end) - at;
+      out.set(this.#chunk.subarray(at - this.#base, at - this.#base + n), at - start);
+      at += n;
+      if (at === end) return out;
+      await this.#advance();
+    }
+  }
+
+  /** Reads the rest of the file and checks its size and sha256 (StoreProblem if they differ). */
+  async finish() {
+    if (this.#verified) return;
+    const { name, size, sha256, chunks } = this.#entry;
+    while (this.#next < chunks) await this.#advance();
+    this.#chunk = null;
+    if (this.#end !== size) throw await this.#fail(`${name} is ${this.#end} bytes in the store, its manifest says ${size}`, name);
+    const sha = this.#hash.hex();
+    if (sha !== sha256) {
+      throw await this.#fail(`${name} failed its sha256 check (stored ${sha256.slice(0, 12)}…, read back ${sha.slice(0, 12)}…)`, name);
+    }
+    this.#verified = true;
+  }
 }
 
-/** The sentence the page shows when readModel found a problem ({ problem, file, manifest }). */
+/**
+ * Test instrumentation (tests/browser/stream-load.test.mjs): the most bytes of model data the JS
+ * heap held at once while a stored model was read. Every chunk fetched from the store and every
+ * copy a StoredFile read makes is watched through a WeakRef on its ArrayBuffer; sample() runs a
+ * full garbage collection (`gc`, which Chromium offers with --js-flags=--expose-gc) and adds up
+ * the buffers still alive, so it measures what is actually held, whoever holds it, not what the
+ * code meant to hold. Samples are taken at each chunk fetched and each tensor handed to wasm.
+ * Off (and free) unless start() was called.
+ */
+export const heldBytes = {
+  watched: null, // [{ ref: WeakRef<ArrayBuffer>, kind: 'chunk' | 'copy', what, bytes }] while on
+  peak: null,
+
+  start() {
+    if (typeof globalThis.gc !== 'function') throw new Error('heldBytes needs gc(): launch Chromium with --js-flags=--expose-gc');
+    this.watched = [];
+    this.peak = { bytes: 0, chunkBytes: 0, chunks: 0, samples: 0, held: [] };
+  },
+
+  watch(buffer, kind, what) {
+    this.watched?.push({ ref: new WeakRef(buffer), kind, what, bytes: buffer.byteLength });
+  },
+
+  async sample() {
+    if (!this.watched) return;
+    // A GC run as its own task, with no stack to scan conservatively: only what is reachable stays.
+    await globalThis.gc({ type: 'major', execution: 'async' });
+    this.watched = this.watched.filter((w) => w.ref.deref() !== undefined);
+    const chunks = this.watched.filter((w) => w.kind === 'chunk');
+    const p = this.peak;
+    const bytes = this.watched.reduce((n, w) => n + w.bytes, 0);
+    // What was alive at the largest sample, for a failing test to show.
+    if (bytes > p.bytes) p.held = this.watched.map((w) => `${w.what} (${w.bytes} bytes)`);
+    p.bytes = Math.max(p.bytes, bytes);
+    p.chunkBytes = Math.max(p.chunkBytes, chunks.reduce((n, w) => n + w.bytes, 0));
+    p.chunks = Math.max(p.chunks, chunks.length);
+    p.samples++;
+  },
+
+  /** Stops watching; returns the peak { bytes, chunkBytes, chunks, samples, held: what at most bytes }. */
+  stop() {
+    const p = this.peak;
+    this.watched = null;
+    return p;
+  },
+};
+
+/** The sentence the page shows for a StoreProblem ({ problem, file, manifest }). */
 export function problemMessage({ problem, file, manifest: m }) {
   if (m.source === 'hub') {
     return file

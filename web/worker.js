@@ -37,7 +37,13 @@
 //      chunks) or, with discard, cancels and deletes the partial model
 //   -> { id, type: 'deleteModel', modelId }       <- { deleted: summary|null } (stops its download first)
 //   -> { id, type: 'loadStored', modelId }        <- model (as loadBundled; source.from 'store', key = modelId)
-//        <- progress { phase: 'read'|'build' } meanwhile
+//        <- progress { phase: 'read'|'build' } meanwhile: 'read' while the files stream from the
+//        store into wasm (one file at a time, one 4 MiB chunk at a time, each file's sha256
+//        checked at its end), 'build' while the model is finished (tokenizer, GPU upload)
+//      Tests only: wholeFiles (the older Session.load path), measureHeldBytes (store.heldBytes:
+//      needs Chromium's --js-flags=--expose-gc)
+//   -> { id, type: 'heldBytes' }  <- the last measured load's peak { bytes, chunkBytes, chunks, samples, held }
+//   -> { id, type: 'wasmMemory' } <- { bytes, load: Session.loadMemory() }  (tests)
 //   -> { id, type: 'importFiles', files: File[], persisted?, fakeFree? }  <- model, with storeId and
 //      source: { from: 'files', stored, notes }: loadFiles, then the files are kept in the store
 //      (config.json, *.safetensors, tokenizer.json, tokenizer_config.json) so they survive a reload
@@ -96,6 +102,8 @@ let session = null;
 // The loaded model's { key, name } (ModelInfo.key: the store id), which runs and adapters record.
 let currentModel = null;
 let poisoned = null;
+// What the last 'loadStored' with measureHeldBytes measured (store.heldBytes; tests only).
+let lastHeldBytes = null;
 
 // Generations asked to stop (by request id), see 'stop' above.
 const stopRequested = new Set();
@@ -177,6 +185,8 @@ async function dispatchType(type, args) {
       return loadStored(args);
     case 'importFiles':
       return importFiles(args);
+    case 'heldBytes':
+      return lastHeldBytes;
     case 'wasmMemory':
       // Bytes of wasm linear memory (it only grows), and its marks during the last load
       // ({ before, weights, after }): tests compare what loads take.
@@ -284,20 +294,35 @@ async function loadBundled({ id, model = 'default', fakeFree, persisted = false 
   let storeOk = true;
   // Sizes and sha256 of the files as this server has them (tools/build-web.sh writes the index).
   const expected = await bundledIndex(model);
-  try {
-    const got = await store.readModel(storeId, ({ done, total }) => progress('read', done, total), { chunked: true });
-    if (got?.problem) notes.push(`The stored copy of this model was discarded: ${got.problem}. Fetching it again.`);
-    else if (got && expected && got.manifest.files.some((f) => expected.get(f.name)?.sha256 !== f.sha256)) {
-      await store.deleteModel(storeId);
-      notes.push('The stored copy of this model is of an older version; it was discarded and the current one fetched.');
-    } else if (got) {
-      files = got.files;
-      from = 'store';
-      stored = true;
-    }
-  } catch (err) {
+  const discarded = (err) => notes.push(`The stored copy of this model was discarded: ${err.problem}. Fetching it again.`);
+  const noStore = (err) => {
     storeOk = false;
     notes.push(`The model store (IndexedDB) cannot be used here (${describe(err)}); the model runs from memory and is fetched on every visit.`);
+  };
+  let opened = null;
+  try {
+    opened = await store.openModel(storeId, { onProblem: 'discard' });
+    if (opened && expected && opened.manifest.files.some((f) => expected.get(f.name)?.sha256 !== f.sha256)) {
+      opened = null;
+      await store.deleteModel(storeId);
+      notes.push('The stored copy of this model is of an older version; it was discarded and the current one fetched.');
+    }
+  } catch (err) {
+    if (err instanceof store.StoreProblem) discarded(err); else noStore(err);
+  }
+  let loaded = null;
+  if (opened) {
+    // Streamed from the store into the session file by file, each file's sha256 checked at its end.
+    try {
+      loaded = await loadIntoSession(opened.files, progress, { phase: 'read' });
+      files = opened.files;
+      from = 'store';
+      stored = true;
+    } catch (err) {
+      if (err instanceof store.StoreProblem) discarded(err);
+      else if (err?.storeError) noStore(err);
+      else throw err;
+    }
   }
   if (!files) {
     // Room is checked before the download when the index gives the total, else after it.
@@ -350,7 +375,7 @@ async function loadBundled({ id, model = 'default', fakeFree, persisted = false 
       }
     }
   }
-  const { summary, config } = await loadIntoSession(files, progress);
+  const { summary, config } = loaded ?? await loadIntoSession(files, progress);
   return {
     ...summary, key: storeId, storeId, name: spec.name, description: spec.description, params: countParams(config),
     downloadBytes: files.reduce((n, f) => n + fileSize(f), 0),
@@ -374,86 +399,135 @@ function loadIntoSession(files, progress, options) {
 
 /**
  * Loads a model into the session: `config`, `weights` (the safetensors files, in order) and the
- * optional `tokenizer` / `tokenizerConfig`. Each file is { name, bytes }, { name, size, chunks }
- * as store.readModel gives it with `chunked`, or a picked File. Resolves to the session's
- * summary and the parsed config.
+ * optional `tokenizer` / `tokenizerConfig`. Each file is { name, bytes } (fetched), a
+ * store.StoredFile or a picked File. Resolves to the session's summary and the parsed config.
  *
- * The weights stream in tensor by tensor (Session beginLoad / addFile / addTensor / finishLoad):
- * each tensor's bytes are cut from the chunks that hold them (a view when one chunk does) or
- * read from the picked file, so wasm memory holds the model being built plus a 64 KiB piece of
- * one tensor, never a whole file (nor does the JS heap, for stored and picked files).
+ * The weights stream in one file at a time, tensor by tensor (Session beginLoad / addFile /
+ * addTensor / finishLoad; see streamFile): wasm memory holds the model being built plus a
+ * 64 KiB piece of one tensor, never a whole file. A stored file is read from IndexedDB one 4 MiB
+ * chunk at a time and hashed as it goes, a picked file one tensor at a time, so the JS heap
+ * holds a chunk and the tensor in flight, not the file. Progress is reported as `phase` (the
+ * store's 'read': reading and building are one pass; 'build' for fetched or picked files), over
+ * the weights' bytes, then 'build' for finishLoad (the tokenizer, the GPU upload).
  * `wholeFiles` (tests only) takes the older path, Session.load, which copies every file whole
  * into wasm memory.
  */
-async function loadModelFiles({ config, weights, tokenizer, tokenizerConfig }, progress, { wholeFiles = false } = {}) {
+async function loadModelFiles({ config, weights, tokenizer, tokenizerConfig }, progress, { wholeFiles = false, phase = 'build' } = {}) {
   if (!config) throw new Error('config.json is missing from the model\'s files');
-  const [configBytes, tokenizerBytes, tokenizerConfigBytes] =
-    await Promise.all([config, tokenizer, tokenizerConfig].map((f) => f && wholeBytes(f)));
-  const tokenizerArgs = [tokenizer?.name, tokenizerBytes, tokenizerConfig?.name, tokenizerConfigBytes];
+  const configBytes = await wholeBytes(config);
+  // The tokenizer files are read after the weights, when finishLoad needs them.
+  const tokenizerArgs = async () => [tokenizer?.name, tokenizer && await wholeBytes(tokenizer),
+    tokenizerConfig?.name, tokenizerConfig && await wholeBytes(tokenizerConfig)];
   const s = needSession();
   let summary;
   if (wholeFiles) {
     progress('build', 0, 1);
-    const weightBytes = await Promise.all(weights.map(wholeBytes));
-    summary = s.load(config.name, configBytes, weights.map((f) => f.name), weightBytes, ...tokenizerArgs);
+    const weightBytes = [];
+    for (const f of weights) weightBytes.push(await wholeBytes(f));
+    summary = s.load(config.name, configBytes, weights.map((f) => f.name), weightBytes, ...await tokenizerArgs());
     progress('build', 1, 1);
   } else {
     const total = weights.reduce((n, f) => n + fileSize(f), 0);
     let done = 0;
-    progress('build', 0, total);
+    progress(phase, 0, total);
     s.beginLoad(config.name, configBytes);
     for (const f of weights) {
-      const size = fileSize(f);
-      // The 8-byte header length and the JSON header after it; at least the first 9 bytes, so
-      // that addFile can tell a file that is not safetensors (an absurd length, no '{') apart.
-      let headerEnd = Math.min(size, 9);
-      if (size >= 8) {
-        const head = await fileRange(f, 0, 8);
-        const n = new DataView(head.buffer, head.byteOffset, 8).getBigUint64(0, true);
-        if (n <= 100_000_000n) headerEnd = Math.max(headerEnd, Math.min(size, 8 + Number(n)));
-      }
-      for (const t of s.addFile(f.name, await fileRange(f, 0, headerEnd), size)) {
-        s.addTensor(t.name, await fileRange(f, t.start, t.end));
-        done += t.end - t.start;
-        progress('build', done, total);
-      }
+      await streamFile(s, f, (n) => {
+        done += n;
+        progress(phase, done, total);
+      });
     }
-    summary = s.finishLoad(...tokenizerArgs);
-    progress('build', total, total);
+    const args = await tokenizerArgs();
+    if (phase !== 'build') progress('build', 0, 1);
+    summary = s.finishLoad(...args);
+    progress('build', 1, 1);
   }
   return { summary, config: JSON.parse(new TextDecoder().decode(configBytes)) };
 }
 
-// A file as { name, bytes }, { name, size, chunks } (store.readModel's `chunked`) or a File.
+/**
+ * One safetensors file into the session being built: its header (addFile), then each tensor the
+ * model reads from it, in file order (addTensor), then, for a stored file, the check of its
+ * size and sha256 at its end. `onBytes(n)` after each tensor.
+ */
+async function streamFile(s, f, onBytes) {
+  const size = fileSize(f);
+  // Views into a store chunk are not kept in locals across an await: a suspended async
+  // function keeps its locals, and with them the whole chunk, alive.
+  try {
+    const spans = await addHeader(s, f, size);
+    for (const t of spans) {
+      let bytes = await fileRange(f, t.start, t.end);
+      await store.heldBytes.sample();
+      s.addTensor(t.name, bytes);
+      bytes = null; // let the tensor go before the next one is read
+      onBytes(t.end - t.start);
+    }
+  } catch (err) {
+    // A damaged stored file can fail as anything (a header that is not JSON, a tensor of the
+    // wrong size): check its sha256 first, so that the error names the real cause.
+    if (f instanceof store.StoredFile && !(err instanceof store.StoreProblem)) await f.finish();
+    throw err;
+  }
+  if (f instanceof store.StoredFile) await f.finish();
+}
+
+/**
+ * Hands the session a safetensors file's header: the 8-byte length and the JSON header after
+ * it; at least the first 9 bytes, so that addFile can tell a file that is not safetensors (an
+ * absurd length, no '{') apart. Resolves to the tensors to add, in file order.
+ */
+async function addHeader(s, f, size) {
+  let end = Math.min(size, 9);
+  if (size >= 8) {
+    const head = await fileRange(f, 0, 8);
+    const n = new DataView(head.buffer, head.byteOffset, 8).getBigUint64(0, true);
+    if (n <= 100_000_000n) end = Math.max(end, Math.min(size, 8 + Number(n)));
+  }
+  return s.addFile(f.name, await fileRange(f, 0, end), size).sort((a, b) => a.start - b.start);
+}
+
+// A file as { name, bytes } (in memory), a store.StoredFile or a File.
 // (Not `f.bytes ?? ...`: a File has a bytes() method.)
 const inMemory = (f) => f.bytes instanceof Uint8Array;
 const fileSize = (f) => (inMemory(f) ? f.bytes.length : f.size);
 /** Bytes [start, end) of a file: a view where the bytes are in memory, else a copy of just those. */
 async function fileRange(f, start, end) {
   if (inMemory(f)) return f.bytes.subarray(start, end);
-  if (f.chunks) return store.fileRange(f, start, end);
+  if (f instanceof store.StoredFile) return f.read(start, end);
   return new Uint8Array(await f.slice(start, end).arrayBuffer());
 }
-const wholeBytes = (f) => fileRange(f, 0, fileSize(f));
+/** A whole file (config, tokenizer, or weights for Session.load); a stored one is verified. */
+async function wholeBytes(f) {
+  const bytes = await fileRange(f, 0, fileSize(f));
+  if (f instanceof store.StoredFile) await f.finish();
+  return bytes;
+}
 
 const progressTo = (id) => (phase, done, total, file) =>
   self.postMessage({ id, type: 'progress', event: { phase, done, total, file, at: performance.timeOrigin + performance.now() } });
 
 /** Loads a model from the store (any source) into the session; see 'loadStored' above. */
-async function loadStored({ id, modelId, wholeFiles = false }) {
+async function loadStored({ id, modelId, wholeFiles = false, measureHeldBytes = false }) {
   const progress = progressTo(id);
   if (hub.isDownloading(modelId)) throw new Error(`${modelId} is still downloading: load it once it is complete`);
   const bundled = String(modelId).startsWith('bundled:');
-  const got = await store.readModel(modelId, ({ done, total }) => progress('read', done, total),
-    { onProblem: bundled ? 'discard' : 'keep-partial', chunked: true });
-  if (!got) throw new Error(`${modelId} is not in this browser's storage (deleted meanwhile?)`);
-  if (got.problem) throw new Error(store.problemMessage(got));
-  const { summary, config } = await loadIntoSession(got.files, progress, { wholeFiles });
-  return {
-    ...summary, key: modelId, storeId: modelId, name: got.manifest.name, params: countParams(config),
-    downloadBytes: got.files.reduce((n, f) => n + fileSize(f), 0),
-    source: { from: 'store', stored: true, notes: [] },
-  };
+  if (measureHeldBytes) store.heldBytes.start();
+  try {
+    const opened = await store.openModel(modelId, { onProblem: bundled ? 'discard' : 'keep-partial' });
+    if (!opened) throw new Error(`${modelId} is not in this browser's storage (deleted meanwhile?)`);
+    const { summary, config } = await loadIntoSession(opened.files, progress, { wholeFiles, phase: 'read' });
+    return {
+      ...summary, key: modelId, storeId: modelId, name: opened.manifest.name, params: countParams(config),
+      downloadBytes: opened.files.reduce((n, f) => n + f.size, 0),
+      source: { from: 'store', stored: true, notes: [] },
+    };
+  } catch (err) {
+    if (err instanceof store.StoreProblem) throw new Error(store.problemMessage(err));
+    throw err;
+  } finally {
+    if (measureHeldBytes) lastHeldBytes = store.heldBytes.stop();
+  }
 }
 
 /** 'importFiles': loads the picked files (every check of loadFiles), then keeps them in the store. */

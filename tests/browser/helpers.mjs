@@ -73,11 +73,11 @@ const BASE_FLAGS = [
 /**
  * Launches headless Chromium. Playwright gives every launch a fresh temporary --user-data-dir.
  * `webgpu: false` leaves out --enable-unsafe-webgpu: headless Chromium on Linux then grants no
- * adapter, which is the real fallback path the CPU test exercises.
+ * adapter, which is the real fallback path the CPU test exercises. `args`: more flags.
  */
-export async function launchBrowser({ webgpu }) {
-  const args = webgpu ? ['--enable-unsafe-webgpu', ...BASE_FLAGS] : [...BASE_FLAGS];
-  return chromium.launch({ executablePath: CHROMIUM, headless: true, args });
+export async function launchBrowser({ webgpu, args = [] }) {
+  const flags = webgpu ? ['--enable-unsafe-webgpu', ...BASE_FLAGS] : [...BASE_FLAGS];
+  return chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...flags, ...args] });
 }
 
 /**
