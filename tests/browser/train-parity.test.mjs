@@ -1,9 +1,14 @@
 // The page trains on WebGPU's resident path, and its steps are the CLI's (issue 12):
 // - the same data, config and seed trained by the page on WebGPU (SwiftShader) through the JS
-//   API and by `bitlora train --backend gpu` (native wgpu on lavapipe) give the same per-step
-//   losses and gradient norms, within TRAIN_STEP_BACKENDS (crates/core/src/tolerance.rs: an int8
-//   activation code flipped by a last-ulp difference between the two emulators moves a step's
-//   loss by ~1e-4; a wrong step moves it by far more);
+//   API and by `bitlora train --backend gpu` (native wgpu on lavapipe) run the same sequences
+//   (same target tokens per step) with the same losses and gradient norms within
+//   EMULATORS_FREE_RUNNING. Not TRAIN_STEP_BACKENDS (1e-3, crates/core/src/tolerance.rs): the
+//   two emulators' WGSL differs by ulps (exp, FMA contraction), which flips int8 activation
+//   codes; measured 1.1e-3 relative on step 1's loss already (lavapipe vs the native CPU:
+//   1.4e-4), and free-running runs drift through AdamW to 5e-3 by step 5. A wrong step (a
+//   stale adapter, a missed update, wrong gradients) moves the loss by 1e-1 or more.
+//   The GPU-vs-CPU tests that hold TRAIN_STEP_BACKENDS fork both from one state at every step
+//   (crates/gpu/tests/train.rs); the page cannot be forked that way yet.
 // - each step reads back only the per-row losses and the squared gradient norm: 4 * (T + 1)
 //   bytes for one sequence of T tokens, never the adapter or its gradients (which would be
 //   4 * adapterParams bytes or more); the bytes are logged per step.
@@ -16,8 +21,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { REPO, BIN, DEFAULT_MODEL, startServer, launchBrowser } from './helpers.mjs';
 
-/** crates/core/src/tolerance.rs TRAIN_STEP_BACKENDS: relative, per step. */
-const TRAIN_STEP_BACKENDS = 1e-3;
+/** Relative, per step, over 8 free-running steps (see the header): measured up to 5.0e-3. */
+const EMULATORS_FREE_RUNNING = 2e-2;
 
 const DATA = readFileSync(path.join(REPO, 'data/devil/train.jsonl'), 'utf8').split('\n').slice(0, 12).join('\n');
 const STEPS = 8;
@@ -70,7 +75,7 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
       const bl = window.bitlora;
       const t = await bl.createTrainer({ ...CONFIG, data: { text: DATA, fileName: 'devil.jsonl' }, name: 'parity' });
       const steps = [];
-      t.on('progress', (p) => steps.push({ step: p.step, loss: p.loss, gradNorm: p.gradNorm, readBytes: p.readBytes, backend: p.backend, tokensPerSec: p.tokensPerSec }));
+      t.on('progress', (p) => steps.push({ step: p.step, tokens: p.tokens, loss: p.loss, gradNorm: p.gradNorm, readBytes: p.readBytes, backend: p.backend, tokensPerSec: p.tokensPerSec }));
       const done = new Promise((resolve, reject) => {
         t.on('done', resolve);
         t.on('error', (e) => reject(new Error(e.message)));
@@ -82,14 +87,17 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
 
     assert.equal(run.backend, 'webgpu', `the run trained on ${run.backend}`);
     assert.equal(run.steps.length, STEPS);
+    console.log(`# page:   ${run.steps.map((s) => `${s.step}: ${s.tokens} tok, loss ${s.loss}, norm ${s.gradNorm}`).join('; ')}`);
+    console.log(`# native: ${native.map((n) => `${n.step}: ${n.tokens} tok, loss ${n.loss}, norm ${n.grad_norm}`).join('; ')}`);
     let worst = 0;
     for (const [k, s] of run.steps.entries()) {
       const n = native[k];
       assert.equal(s.step, n.step);
+      assert.equal(s.tokens, n.tokens, `step ${s.step}: the page and the CLI trained on different sequences`);
       for (const [what, a, b] of [['loss', s.loss, n.loss], ['grad norm', s.gradNorm, n.grad_norm]]) {
         const rel = Math.abs(a - b) / Math.max(Math.abs(b), 1e-6);
         worst = Math.max(worst, rel);
-        assert.ok(rel <= TRAIN_STEP_BACKENDS, `step ${s.step}: page ${what} ${a} vs bitlora train --backend gpu ${b} (relative ${rel.toExponential(2)} > ${TRAIN_STEP_BACKENDS})`);
+        assert.ok(rel <= EMULATORS_FREE_RUNNING, `step ${s.step}: page ${what} ${a} vs bitlora train --backend gpu ${b} (relative ${rel.toExponential(2)} > ${EMULATORS_FREE_RUNNING})`);
       }
       // One sequence per step: its T losses and the squared norm, 4 bytes each.
       assert.ok(s.readBytes > 4 && s.readBytes <= 4 * (CONTEXT + 1) && s.readBytes % 4 === 0,
@@ -99,7 +107,7 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
     if (run.adapterParams != null) {
       assert.ok(Math.max(...run.steps.map((s) => s.readBytes)) < adapterBytes, 'a step read back as much as the adapter');
     }
-    console.log(`# page vs bitlora train --backend gpu over ${STEPS} steps: worst relative difference ${worst.toExponential(2)} (TRAIN_STEP_BACKENDS ${TRAIN_STEP_BACKENDS})`);
+    console.log(`# page vs bitlora train --backend gpu over ${STEPS} steps: worst relative difference ${worst.toExponential(2)} (allowed ${EMULATORS_FREE_RUNNING}); step 1 (same start) ${(Math.abs(run.steps[0].loss - native[0].loss) / native[0].loss).toExponential(2)}`);
     console.log(`# bytes read back per step: ${run.steps.map((s) => s.readBytes).join(', ')} (the adapter alone: ${adapterBytes} bytes)`);
     console.log(`# page training on WebGPU (SwiftShader): ${run.steps.at(-1).tokensPerSec.toFixed(1)} target tok/s`);
   } catch (e) {
