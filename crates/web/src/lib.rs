@@ -40,6 +40,7 @@ use std::rc::Rc;
 pub use train::WebTrainer;
 
 mod backend;
+mod memory;
 
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
@@ -893,7 +894,7 @@ impl Session {
     #[wasm_bindgen(js_name = estimateMemory)]
     pub fn estimate_memory(&self, config: JsValue) -> Result<JsValue, JsError> {
         let loaded = self.need_model("estimate memory")?;
-        train::estimate_memory(
+        memory::estimate_memory(
             loaded,
             &config,
             wasm_memory_bytes(),
@@ -1008,7 +1009,7 @@ impl Session {
 
 impl Session {
     /// What WebGPU offers training with the loaded model, when runs train there.
-    fn gpu_budget(&self, loaded: &Loaded) -> Option<train::GpuBudget> {
+    fn gpu_budget(&self, loaded: &Loaded) -> Option<memory::GpuBudget> {
         #[cfg(feature = "gpu")]
         {
             let gpu = self.gpu.as_ref()?;
@@ -1017,7 +1018,7 @@ impl Session {
                 Ok(mut slot) => slot.model_mut()?.weight_bytes() as f64,
                 Err(_) => return None,
             };
-            Some(train::GpuBudget {
+            Some(memory::GpuBudget {
                 weight_bytes,
                 max_binding: gpu.info.max_storage_buffer_binding_size as f64,
             })
