@@ -221,6 +221,11 @@ export interface ProgressEvent {
    * 0 on the CPU.
    */
   readBytes: number;
+  /**
+   * GPU bytes the run holds after the step (the model's weights, the training buffers and the
+   * optimizer state): what `estimateMemory` predicts. Absent on the CPU.
+   */
+  gpuBytes?: number;
   /** Epoch milliseconds when the step ended. */
   at: number;
 }

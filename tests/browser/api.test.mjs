@@ -120,9 +120,11 @@ for (const webgpu of [true, false]) {
       assert.equal(prep.memory.adapterParams, 325632);
       assert.ok(prep.memory.weights > 1e6 && prep.memory.activations > 0);
       // CPU (wasm memory): A, B, gradients, AdamW's m and v, validation's copy. WebGPU (all on the
-      // GPU): A, B and their gradients as the kernels bind them, plus the resident optimizer's
-      // adapter, gradients, m and v (batch 1: no second gradient buffer).
-      assert.equal(prep.memory.adapter, (webgpu ? 8 : 5) * 4 * prep.memory.adapterParams);
+      // GPU, from the trainer's table of buffers): A, B and their gradients as the kernels bind
+      // them, the resident optimizer's adapter, gradients, m and v, and the readbacks; that the
+      // table is what gets allocated is train-parity.test.mjs's and crates/gpu/tests/memory.rs's.
+      if (webgpu) assert.ok(prep.memory.adapter >= 8 * 4 * prep.memory.adapterParams, `adapter ${prep.memory.adapter}`);
+      else assert.equal(prep.memory.adapter, 5 * 4 * prep.memory.adapterParams);
 
       // ---- train: pause and resume, then reload mid-run ----
       const trainStart = Date.now();

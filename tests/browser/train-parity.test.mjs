@@ -11,7 +11,8 @@
 //   (crates/gpu/tests/train.rs); the page cannot be forked that way yet.
 // - each step reads back only the per-row losses and the squared gradient norm: 4 * (T + 1)
 //   bytes for one sequence of T tokens, never the adapter or its gradients (which would be
-//   4 * adapterParams bytes or more); the bytes are logged per step.
+//   4 * adapterParams bytes or more); the bytes are logged per step;
+// - estimateMemory's total is the GPU bytes the run allocated, within 1%.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -73,16 +74,17 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
 
     const run = await page.evaluate(async ({ DATA, CONFIG }) => {
       const bl = window.bitlora;
+      const estimate = await bl.estimateMemory(CONFIG);
       const t = await bl.createTrainer({ ...CONFIG, data: { text: DATA, fileName: 'devil.jsonl' }, name: 'parity' });
       const steps = [];
-      t.on('progress', (p) => steps.push({ step: p.step, tokens: p.tokens, loss: p.loss, gradNorm: p.gradNorm, readBytes: p.readBytes, backend: p.backend, tokensPerSec: p.tokensPerSec }));
+      t.on('progress', (p) => steps.push({ step: p.step, tokens: p.tokens, gpuBytes: p.gpuBytes, loss: p.loss, gradNorm: p.gradNorm, readBytes: p.readBytes, backend: p.backend, tokensPerSec: p.tokensPerSec }));
       const done = new Promise((resolve, reject) => {
         t.on('done', resolve);
         t.on('error', (e) => reject(new Error(e.message)));
       });
       await t.start();
       await done;
-      return { steps, adapterParams: t.adapterParams ?? null, backend: t.backend };
+      return { steps, estimate, adapterParams: t.adapterParams ?? null, backend: t.backend };
     }, { DATA, CONFIG });
 
     assert.equal(run.backend, 'webgpu', `the run trained on ${run.backend}`);
@@ -107,6 +109,12 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
     if (run.adapterParams != null) {
       assert.ok(Math.max(...run.steps.map((s) => s.readBytes)) < adapterBytes, 'a step read back as much as the adapter');
     }
+    // The page's memory estimate is the GPU bytes the run allocated (weights, the training
+    // buffers' table, the resident optimizer state): within 1%.
+    const allocated = run.steps.at(-1).gpuBytes;
+    const rel = Math.abs(run.estimate.total - allocated) / allocated;
+    console.log(`# estimateMemory ${run.estimate.total} B vs ${allocated} B allocated on WebGPU (relative ${rel.toExponential(1)})`);
+    assert.ok(rel <= 0.01, `estimateMemory says ${run.estimate.total} B, the run allocated ${allocated} B`);
     console.log(`# page vs bitlora train --backend gpu over ${STEPS} steps: worst relative difference ${worst.toExponential(2)} (allowed ${EMULATORS_FREE_RUNNING}); step 1 (same start) ${(Math.abs(run.steps[0].loss - native[0].loss) / native[0].loss).toExponential(2)}`);
     console.log(`# bytes read back per step: ${run.steps.map((s) => s.readBytes).join(', ')} (the adapter alone: ${adapterBytes} bytes)`);
     console.log(`# page training on WebGPU (SwiftShader): ${run.steps.at(-1).tokensPerSec.toFixed(1)} target tok/s`);

@@ -37,7 +37,9 @@ use std::sync::{Arc, Mutex};
 pub use model::{GpuKvCache, GpuModel};
 pub use record::{DispatchTimes, Profiler, Recorder};
 pub use tensor::{DType, GpuTensor, SplitTensor};
-pub use train::{GpuBackend, GpuState, GpuTrainer, Placement, StepProfile};
+pub use train::{
+    GpuBackend, GpuState, GpuTrainer, Placement, PlanOptions, Planned, Role, StepProfile, TrainPlan,
+};
 
 /// Errors of the GPU backend. Each names the tensor, op or adapter involved.
 #[derive(Debug, thiserror::Error)]

@@ -637,6 +637,23 @@ impl GpuModel {
         &self.config
     }
 
+    /// The largest storage binding this model's buffers may use (the device's, or a lower
+    /// limit set for tests), in bytes.
+    pub fn max_binding(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// The options of a training run's table of buffers ([`crate::TrainPlan`]) on this model's
+    /// device: `max_tokens` per pass, and whether steps sum several sequences.
+    pub fn train_plan_options(&self, max_tokens: usize, accumulate: bool) -> crate::PlanOptions {
+        crate::PlanOptions {
+            max_tokens,
+            max_binding: self.max_binding,
+            split_head: self.device.adapter_info().device_type != wgpu::DeviceType::Cpu,
+            accumulate,
+        }
+    }
+
     /// Bytes of GPU memory the weights take (packed ternary projections, f32 norms,
     /// embedding and head (bf16 or f32), RoPE tables). A [`GpuKvCache`] adds
     /// [`GpuKvCache::bytes`].

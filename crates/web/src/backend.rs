@@ -106,6 +106,20 @@ impl WebBackend {
         }
     }
 
+    /// GPU bytes the run holds now (the model's weights, the GPU trainer's buffers and the
+    /// run's optimizer state); None on the CPU or before the first pass.
+    pub(crate) fn gpu_bytes(&self) -> Option<u64> {
+        match &self.device {
+            Device::Cpu(_) => None,
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => {
+                let state = g.state.as_ref()?.bytes();
+                let slot = g.loaded.gpu_model.as_ref()?.try_borrow().ok()?;
+                Some(slot.trainer_bytes()? + state)
+            }
+        }
+    }
+
     /// Bytes the last pass read back from the GPU (0 on the CPU).
     pub(crate) fn read_bytes(&self) -> u64 {
         match &self.device {

@@ -180,6 +180,16 @@ enum GpuHolder {
 
 #[cfg(feature = "gpu")]
 impl GpuSlot {
+    /// GPU bytes of the model's weights and the GPU trainer's buffers, when a trainer is there.
+    fn trainer_bytes(&self) -> Option<u64> {
+        match &self.holder {
+            GpuHolder::Trainer { trainer, .. } => {
+                Some(trainer.model().weight_bytes() + trainer.bytes())
+            }
+            _ => None,
+        }
+    }
+
     /// Bytes the GPU trainer's last pass read back, when a trainer is there.
     fn trainer_read_bytes(&self) -> Option<u64> {
         match &self.holder {
@@ -1008,25 +1018,49 @@ impl Session {
 }
 
 impl Session {
-    /// What WebGPU offers training with the loaded model, when runs train there.
-    fn gpu_budget(&self, loaded: &Loaded) -> Option<memory::GpuBudget> {
+    /// What a WebGPU run of (adapter shape, context, accumulating) needs with the loaded model,
+    /// from the GPU trainer's table of buffers; None when runs train on the CPU.
+    #[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
+    fn gpu_budget(
+        &self,
+        loaded: &Loaded,
+    ) -> Option<impl FnOnce(&bitlora_core::lora::LoraConfig, usize, bool) -> memory::GpuBudget>
+    {
         #[cfg(feature = "gpu")]
         {
-            let gpu = self.gpu.as_ref()?;
+            self.gpu.as_ref()?;
             // The worker asks between passes (web/training.js withModel), so the slot is free.
-            let weight_bytes = match loaded.gpu_model.as_ref()?.try_borrow_mut() {
-                Ok(mut slot) => slot.model_mut()?.weight_bytes() as f64,
-                Err(_) => return None,
-            };
-            Some(memory::GpuBudget {
-                weight_bytes,
-                max_binding: gpu.info.max_storage_buffer_binding_size as f64,
-            })
+            let mut slot = loaded.gpu_model.as_ref()?.try_borrow_mut().ok()?;
+            let model = slot.model_mut()?;
+            let weight_bytes = model.weight_bytes() as f64;
+            let max_binding = model.max_binding() as f64;
+            let base = model.train_plan_options(0, false);
+            Some(
+                move |lora: &bitlora_core::lora::LoraConfig, context: usize, accumulate: bool| {
+                    use bitlora_gpu::{Role, TrainPlan};
+                    let opts = bitlora_gpu::PlanOptions {
+                        max_tokens: context,
+                        accumulate,
+                        ..base
+                    };
+                    let plan = TrainPlan::new(&loaded.model.config, lora, &opts);
+                    let of = |roles: &[Role]| {
+                        roles.iter().map(|&r| plan.bytes_of(r)).sum::<u64>() as f64
+                    };
+                    memory::GpuBudget {
+                        weight_bytes,
+                        max_binding,
+                        activations: of(&[Role::Saved, Role::Scratch, Role::Head]),
+                        adapter: of(&[Role::Adapter, Role::Optimizer, Role::Readback]),
+                        largest: plan.largest() as f64,
+                    }
+                },
+            )
         }
         #[cfg(not(feature = "gpu"))]
         {
             let _ = loaded;
-            None
+            None::<fn(&bitlora_core::lora::LoraConfig, usize, bool) -> memory::GpuBudget>
         }
     }
 

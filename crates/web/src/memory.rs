@@ -81,39 +81,27 @@ fn activation_floats(c: &Config, t: usize, lora: &LoraConfig) -> (f64, f64) {
 pub(crate) struct GpuBudget {
     pub weight_bytes: f64,
     pub max_binding: f64,
+    /// The run's buffers from the GPU trainer's table: the saved activations, scratch and head
+    /// window; the adapter's buffers, the resident optimizer state and the readbacks; the
+    /// largest one.
+    pub activations: f64,
+    pub adapter: f64,
+    pub largest: f64,
 }
 
-/// GPU training's activations (`GpuTrainer`'s saved tensors and scratch: attention
-/// probabilities and the normed activations are recomputed, the head runs in windows of rows
-/// that fit one binding) and its largest buffer, in bytes.
-fn gpu_activation_bytes(c: &Config, t: usize, lora: &LoraConfig, max_binding: f64) -> (f64, f64) {
-    let (h, f, q, kv, v) = (
-        c.hidden_size as f64,
-        c.intermediate_size as f64,
-        c.q_dim() as f64,
-        c.kv_dim() as f64,
-        c.vocab_size as f64,
-    );
-    let (tf, r) = (t as f64, lora.r as f64);
-    let adapted = lora.targets.iter().filter(|&&on| on).count() as f64;
-    let per_layer = tf * (2.0 * h + 2.0 * q + 2.0 * kv + 2.0 * f + r * adapted);
-    let widest = h.max(f).max(q);
-    let window = (max_binding / (4.0 * v)).floor().clamp(1.0, tf) * v;
-    let floats = c.num_hidden_layers as f64 * per_layer + 8.0 * tf * widest + window;
-    (4.0 * floats, 4.0 * (tf * widest).max(window))
-}
-
-/// `Session.estimateMemory`. `memory_in_use`: the wasm memory's size now, in bytes; `gpu`: set
-/// when runs train on WebGPU.
+/// `Session.estimateMemory`. `memory_in_use`: the wasm memory's size now, in bytes; `gpu`: when
+/// runs train on WebGPU, what a run of (adapter shape, context, whether steps sum several
+/// sequences) takes there.
 pub(crate) fn estimate_memory(
     loaded: &Loaded,
     config: &JsValue,
     memory_in_use: f64,
-    gpu: Option<GpuBudget>,
+    gpu: Option<impl FnOnce(&LoraConfig, usize, bool) -> GpuBudget>,
 ) -> Result<JsValue, JsError> {
     let c = &loaded.model.config;
     let spec = parse_config(c, config)?;
     let lora_cfg = spec.lora_config()?;
+    let gpu = gpu.map(|budget| budget(&lora_cfg, spec.context, spec.batch > 1));
     let params = Lora::init(c, lora_cfg.clone(), 0).num_params();
     // On the CPU: A, B; their gradients; Adam's m and v; and the copy validation makes with
     // dropout off, in wasm memory.
@@ -152,13 +140,9 @@ pub(crate) fn estimate_memory(
             }
         }
         Some(g) => {
-            let (activations, largest) =
-                gpu_activation_bytes(c, spec.context, &lora_cfg, g.max_binding);
-            // On the GPU: A, B and their gradients as the kernels bind them, and the run's
-            // resident optimizer state (the adapter, the step's gradients, m and v; a second
-            // gradient buffer when a step sums several sequences). Nothing stays in wasm.
-            let flat = if spec.batch > 1 { 5.0 } else { 4.0 };
-            let adapter = (4.0 + flat) * 4.0 * params as f64;
+            // Every buffer of the run, from the GPU trainer's own table (bitlora_gpu::TrainPlan):
+            // nothing of the run stays in wasm.
+            let (activations, adapter, largest) = (g.activations, g.adapter, g.largest);
             let total = g.weight_bytes + activations + adapter;
             let fits = largest <= g.max_binding;
             MemoryEstimate {

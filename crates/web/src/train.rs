@@ -494,6 +494,10 @@ struct Report {
     /// Bytes read back from the GPU by the step's training sequences (0 on the CPU): the
     /// per-row losses and the squared gradient norm on WebGPU's resident path.
     read_bytes: u64,
+    /// GPU bytes the run holds (weights, the trainer's buffers, the optimizer state); None on
+    /// the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu_bytes: Option<u64>,
 }
 
 impl Inner {
@@ -510,6 +514,7 @@ impl Inner {
             skipped: r.skipped.clone(),
             backend: self.trainer.backend().label(),
             read_bytes: self.step_read_bytes,
+            gpu_bytes: self.trainer.backend().gpu_bytes(),
         }
     }
 }

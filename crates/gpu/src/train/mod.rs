@@ -39,6 +39,7 @@
 //! Everything that waits is `async` and never blocks (the web); natively use `pollster`.
 
 mod optimizer;
+mod plan;
 mod step;
 
 pub use optimizer::{GpuBackend, GpuState, Placement};
@@ -60,6 +61,7 @@ use crate::ops::{
 use crate::record::{BindCache, DispatchTimes, Profiler, Recorder};
 use crate::tensor::{self, DType, GpuTensor};
 use optimizer::Resident;
+pub use plan::{PlanOptions, Planned, Role, TrainPlan};
 use step::Step;
 
 /// One adapted projection's tensors on the GPU.
@@ -146,77 +148,56 @@ struct Acts {
 }
 
 impl Acts {
+    /// Allocates every activation and scratch buffer from the table (`plan`).
     fn new(
         dev: &wgpu::Device,
-        gm: &GpuModel,
-        rows: usize,
-        r: usize,
+        plan: &TrainPlan,
+        cfg: &Config,
         adapted: [bool; 7],
     ) -> Result<Acts, GpuError> {
-        let cfg = &gm.config;
-        let (c, f, l) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.num_hidden_layers,
-        );
-        let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
-        let t32 =
-            |name: String, cols: usize| GpuTensor::zeros(dev, name, &[rows, cols], DType::F32);
-        let i8t = |name: &str, cols: usize| GpuTensor::zeros(dev, name, &[rows, cols], DType::I8x4);
-        let per_layer = |what: &str, cols: usize, n: usize| -> Result<Vec<GpuTensor>, GpuError> {
-            (0..n)
-                .map(|l| t32(format!("train {what} (layer {l})"), cols))
-                .collect()
+        let l = cfg.num_hidden_layers;
+        let t = |name: &str| plan.alloc(dev, name);
+        let per_layer = |what: &str, n: usize| -> Result<Vec<GpuTensor>, GpuError> {
+            (0..n).map(|layer| t(&plan::saved(what, layer))).collect()
         };
-        let max_i = projections(cfg)
-            .iter()
-            .map(|&(_, _, i)| i)
-            .max()
-            .unwrap_or(c);
         let u = (0..l)
-            .map(|layer| {
-                per_proj(|p| {
-                    adapted[p]
-                        .then(|| t32(format!("lora u layer {layer} {}", p.hf_name()), r))
-                        .transpose()
-                })
-            })
+            .map(|layer| per_proj(|p| adapted[p].then(|| t(&plan::lora_u(layer, p))).transpose()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Acts {
-            tokens: GpuTensor::zeros(dev, "train tokens", &[rows], DType::U32)?,
-            targets: GpuTensor::zeros(dev, "train targets", &[rows], DType::U32)?,
-            loss: GpuTensor::zeros(dev, "train loss", &[rows], DType::F32)?,
-            h: per_layer("h", c, l + 1)?,
-            h_mid: per_layer("h_mid", c, l)?,
-            q: per_layer("q", qd, l)?,
-            k: per_layer("k", kvd, l)?,
-            v: per_layer("v", kvd, l)?,
-            att: per_layer("attention", qd, l)?,
-            gate: per_layer("gate", f, l)?,
-            up: per_layer("up", f, l)?,
+            tokens: t("train tokens")?,
+            targets: t("train targets")?,
+            loss: t("train loss")?,
+            h: per_layer("h", l + 1)?,
+            h_mid: per_layer("h_mid", l)?,
+            q: per_layer("q", l)?,
+            k: per_layer("k", l)?,
+            v: per_layer("v", l)?,
+            att: per_layer("attention", l)?,
+            gate: per_layer("gate", l)?,
+            up: per_layer("up", l)?,
             u,
-            x: t32("train x".into(), c)?,
-            xq_c: i8t("train x_q (C)", c)?,
-            xq_q: i8t("train x_q (NH*HS)", qd)?,
-            xq_f: i8t("train x_q (F)", f)?,
-            s_a: GpuTensor::zeros(dev, "train s_a", &[rows], DType::F32)?,
-            att_n: t32("train attention (sub-normed)".into(), qd)?,
-            ffn: t32("train ffn".into(), f)?,
-            ffn_n: t32("train ffn (sub-normed)".into(), f)?,
-            dh: t32("d h".into(), c)?,
-            dx: t32("d x".into(), c)?,
-            dq_a: t32("d attention (sub-normed)".into(), qd)?,
-            dq_b: t32("d attention".into(), qd)?,
-            dq: t32("d q".into(), qd)?,
-            dk: t32("d k".into(), kvd)?,
-            dv: t32("d v".into(), kvd)?,
-            df_a: t32("d ffn (sub-normed) / d gate".into(), f)?,
-            df_b: t32("d ffn".into(), f)?,
-            df_c: t32("d up".into(), f)?,
-            du: t32("d u".into(), r)?,
-            stats: GpuTensor::zeros(dev, "attention backward stats", &[nh, rows, 3], DType::F32)?,
-            xdrop: t32("dropout(x)".into(), max_i)?,
-            ldx: t32("d dropout(x)".into(), max_i)?,
+            x: t("train x")?,
+            xq_c: t("train x_q (C)")?,
+            xq_q: t("train x_q (NH*HS)")?,
+            xq_f: t("train x_q (F)")?,
+            s_a: t("train s_a")?,
+            att_n: t("train attention (sub-normed)")?,
+            ffn: t("train ffn")?,
+            ffn_n: t("train ffn (sub-normed)")?,
+            dh: t("d h")?,
+            dx: t("d x")?,
+            dq_a: t("d attention (sub-normed)")?,
+            dq_b: t("d attention")?,
+            dq: t("d q")?,
+            dk: t("d k")?,
+            dv: t("d v")?,
+            df_a: t("d ffn (sub-normed) / d gate")?,
+            df_b: t("d ffn")?,
+            df_c: t("d up")?,
+            du: t("d u")?,
+            stats: t("attention backward stats")?,
+            xdrop: t("dropout(x)")?,
+            ldx: t("d dropout(x)")?,
         })
     }
 
@@ -394,6 +375,8 @@ pub struct GpuTrainer {
     read_bytes: u64,
     /// Profiling on: host times, and GPU timestamps when `profiler` is Some.
     profiling: bool,
+    /// The table every buffer here (and a run's [`GpuState`]) is allocated from.
+    plan: TrainPlan,
     profiler: Option<Profiler>,
     profile: StepProfile,
 }
@@ -474,7 +457,13 @@ impl GpuTrainer {
                 model.head_weight().dtype == DType::Bf16,
             ),
         };
-        let acts = Acts::new(&dev, model, max_tokens, r, adapted)?;
+        // Every buffer's shape comes from one table (plan.rs), which the estimate sums too.
+        let plan = TrainPlan::new(
+            &cfg,
+            lora_config,
+            &model.train_plan_options(max_tokens, true),
+        );
+        let acts = Acts::new(&dev, &plan, &cfg, adapted)?;
 
         // The adapter and its gradients; their places in the staging buffer after the
         // max_tokens per-row losses.
@@ -488,14 +477,12 @@ impl GpuTrainer {
                 }
                 let (o, i) = p.shape(&cfg);
                 let n = format!("model.layers.{l}.{}", p.hf_name());
-                let z = |what: &str, shape: &[usize]| {
-                    GpuTensor::zeros(&dev, format!("{n}.{what}"), shape, DType::F32)
-                };
+                let z = |what: &str| plan.alloc(&dev, &format!("{n}.{what}"));
                 let pair = PairBufs {
-                    a: z("lora_A.weight", &[r, i])?,
-                    b: z("lora_B.weight", &[o, r])?,
-                    da: z("lora_A.grad", &[r, i])?,
-                    db: z("lora_B.grad", &[o, r])?,
+                    a: z("lora_A.weight")?,
+                    b: z("lora_B.weight")?,
+                    da: z("lora_A.grad")?,
+                    db: z("lora_B.grad")?,
                     staging: (offset, offset + r * i),
                 };
                 offset += r * i + o * r;
@@ -505,23 +492,24 @@ impl GpuTrainer {
         }
         let grad_floats = offset - max_tokens;
         let staging_floats = offset;
+        let staging_bytes = plan.get("train readback")?.bytes();
+        debug_assert_eq!(staging_bytes, (4 * staging_floats) as u64);
         let staging = dev.create_buffer(&wgpu::BufferDescriptor {
             label: Some("train readback"),
-            size: (4 * staging_floats) as u64,
+            size: staging_bytes,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
 
-        // Rows of logits per window of the head: as many as one binding holds.
-        let rows = ((model.max_binding / (4 * v as u64)) as usize).clamp(1, max_tokens);
-        let logits = GpuTensor::zeros(&dev, "train logits window", &[rows, v], DType::F32)?;
-        // On a GPU the head's dX sums over the whole vocabulary for only T x C outputs: split
-        // that sum across workgroups (see ops::MatmulBackward). CPU adapters need no split.
-        let head_scratch = if dev.adapter_info().device_type == wgpu::DeviceType::Cpu {
-            None
-        } else {
-            Self::head_scratch(&dev, model, rows, Self::head_slabs(&model.config, rows))?
-        };
+        // The head's window of logits rows (as many as one binding holds). On a GPU the head's
+        // dX sums over the whole vocabulary for only T x C outputs: the table splits that sum
+        // across workgroups (see ops::MatmulBackward); CPU adapters need no split.
+        let logits = plan.alloc(&dev, "train logits window")?;
+        let head_scratch = plan
+            .get("head backward slabs")
+            .is_ok()
+            .then(|| plan.alloc(&dev, "head backward slabs"))
+            .transpose()?;
 
         let bytes = acts.all().iter().map(|t| t.buffer.size()).sum::<u64>()
             + adapter
@@ -532,7 +520,8 @@ impl GpuTrainer {
                     p.a.buffer.size() + p.b.buffer.size() + p.da.buffer.size() + p.db.buffer.size()
                 })
                 .sum::<u64>()
-            + logits.buffer.size();
+            + logits.buffer.size()
+            + staging.size();
         model.errors.take()?;
         let lora_config = lora_config.clone();
         Ok(move |model| GpuTrainer {
@@ -555,21 +544,17 @@ impl GpuTrainer {
             profiling: false,
             profiler: None,
             profile: StepProfile::default(),
+            plan,
         })
     }
 
-    /// Slabs the head backward splits the vocabulary into on a GPU: enough workgroups to
-    /// fill a large GPU (~512), each slab at least 256 rows of the vocabulary.
-    fn head_slabs(cfg: &Config, rows: usize) -> usize {
-        let groups = cfg.hidden_size.div_ceil(4).div_ceil(crate::ops::WG) * rows.div_ceil(8);
-        512usize
-            .div_ceil(groups.max(1))
-            .min(cfg.vocab_size / 256)
-            .clamp(1, 64)
+    /// The table of this trainer's buffers (and of a run's optimizer state on it).
+    pub fn plan(&self) -> &TrainPlan {
+        &self.plan
     }
 
     /// The scratch of a head backward in `slabs` slabs (None for 1), fewer if it would not
-    /// fit one binding.
+    /// fit one binding: a test hook ([`GpuTrainer::set_head_slabs`]) outside the table.
     fn head_scratch(
         dev: &wgpu::Device,
         model: &GpuModel,

@@ -88,8 +88,9 @@ pub(super) struct Resident {
     queue: wgpu::Queue,
     /// Zeros of the adapter's shapes: the layout [`GpuState::read`] unpacks into.
     template: Lora,
-    /// Map-read buffer of [`GpuState::read`] (3 flat buffers), made when first needed.
+    /// Map-read buffer of [`GpuState::read`] (3 flat buffers) and its size in the table.
     readback: Option<wgpu::Buffer>,
+    readback_bytes: u64,
 }
 
 impl Resident {
@@ -140,7 +141,8 @@ impl Resident {
         .into_iter()
         .chain(&self.g2)
         .map(|t| t.buffer.size())
-        .sum()
+        .sum::<u64>()
+            + self.readback.as_ref().map_or(0, wgpu::Buffer::size)
     }
 }
 
@@ -186,21 +188,19 @@ impl GpuState {
         }
         let model = trainer.model();
         let dev = &model.device;
-        let rows = trainer.grad_floats.div_ceil(FLAT_ROW).max(1);
-        if (4 * rows * FLAT_ROW) as u64 > model.max_binding {
+        let plan = trainer.plan();
+        if !plan.resident {
             return Ok(host(state));
         }
-        let flat = |what: &str| {
-            GpuTensor::zeros(
-                dev,
-                format!("optimizer {what}"),
-                &[rows, FLAT_ROW],
-                DType::F32,
-            )
-        };
-        let bufs =
-            (|| Ok::<_, GpuError>((flat("adapter")?, flat("gradients")?, flat("m")?, flat("v")?)))(
-            );
+        let bufs = (|| {
+            let t = |name: &str| plan.alloc(dev, name);
+            Ok::<_, GpuError>((
+                t("optimizer adapter")?,
+                t("optimizer gradients")?,
+                t("optimizer m")?,
+                t("optimizer v")?,
+            ))
+        })();
         let (p, g, m, v) = match bufs {
             Ok(b) => b,
             Err(GpuError::TooLarge { .. }) => return Ok(host(state)),
@@ -218,13 +218,9 @@ impl GpuState {
             g2: None,
             m,
             v,
-            partials: GpuTensor::zeros(
-                dev,
-                "grad norm partials",
-                &[SumSquares::PARTIALS],
-                DType::F32,
-            )?,
-            sumsq: GpuTensor::zeros(dev, "grad norm squared", &[1], DType::F32)?,
+            partials: plan.alloc(dev, "grad norm partials")?,
+            sumsq: plan.alloc(dev, "grad norm squared")?,
+            readback_bytes: plan.get("optimizer readback")?.bytes(),
             adamw: AdamWStep::new(dev),
             sum_squares: SumSquares::new(dev),
             add: ResidualAdd::new(dev, FLAT_ROW),
@@ -233,6 +229,15 @@ impl GpuState {
             template: state.lora.zeros_like(),
             readback: None,
         };
+        // The readback of a checkpoint or an export: made now, so the run's memory is what the
+        // table says from its first step on.
+        let mut resident = resident;
+        resident.readback = Some(dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("optimizer readback"),
+            size: resident.readback_bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }));
         model.errors.take()?;
         Ok(GpuState {
             serial,
@@ -284,12 +289,13 @@ impl GpuState {
         };
         let n = r.p.buffer.size();
         let dev = r.device.clone();
+        let size = r.readback_bytes;
         let readback = r
             .readback
             .get_or_insert_with(|| {
                 dev.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("optimizer readback"),
-                    size: 3 * n,
+                    size,
                     usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
                 })
