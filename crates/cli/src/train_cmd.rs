@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use bitlora_core::data::Dataset;
-use bitlora_core::data::{self, DataOptions};
+use bitlora_core::data::{self, Dataset};
 use bitlora_core::lora::{Lora, LoraConfig};
 use bitlora_core::optim::{AdamWConfig, Schedule};
+use bitlora_core::tokenizer::{eos_token_text, training_eos};
 use bitlora_core::trainer::{Backend, Checkpoint, CpuBackend, TrainOptions, Trainer};
-use bitlora_core::{ChatTemplate, Error, Model, Tokenizer, peft};
+use bitlora_core::{ChatTemplate, ConfigError, Error, Model, Tokenizer, TrainConfig, peft};
 use bitlora_gpu::{Gpu, GpuBackend, GpuError, GpuModel, GpuTrainer};
 
 #[derive(clap::Args)]
@@ -66,7 +66,7 @@ pub struct TrainArgs {
     steps: Option<usize>,
     /// Passes over the training data.
     #[arg(long)]
-    epochs: Option<f32>,
+    epochs: Option<f64>,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     context: usize,
@@ -110,12 +110,85 @@ pub enum ScheduleArg {
     Constant,
 }
 
+impl From<ScheduleArg> for Schedule {
+    fn from(s: ScheduleArg) -> Schedule {
+        match s {
+            ScheduleArg::Cosine => Schedule::Cosine,
+            ScheduleArg::Linear => Schedule::Linear,
+            ScheduleArg::Constant => Schedule::Constant,
+        }
+    }
+}
+
+impl TrainArgs {
+    /// The flags as core's training config (the one the page uses too), not yet validated.
+    fn config(&self) -> TrainConfig {
+        TrainConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            targets: self
+                .targets
+                .split(',')
+                .map(|t| t.trim().to_string())
+                .collect(),
+            rslora: self.rslora,
+            lr: self.lr,
+            schedule: self.schedule.into(),
+            warmup: self.warmup,
+            weight_decay: self.weight_decay,
+            // 0: off.
+            max_grad_norm: (self.max_grad_norm != 0.0).then_some(self.max_grad_norm),
+            steps: self.steps,
+            epochs: self.epochs,
+            batch: self.batch,
+            eval_every: self.eval_every,
+            context: self.context,
+            completion_only: self.completions_only,
+            // With --val-data, all of --data is trained on.
+            val_fraction: if self.val_data.is_some() {
+                0.0
+            } else {
+                self.val_fraction
+            },
+            seed: self.seed,
+            checkpoint_every: self.checkpoint_every,
+            name: None,
+        }
+    }
+}
+
+/// The flag of a training option (`weightDecay` -> `--weight-decay`).
+fn flag(field: &str) -> String {
+    if field == "completionOnly" {
+        return "--completions-only".into();
+    }
+    let mut out = String::from("--");
+    for ch in field.chars() {
+        if ch.is_ascii_uppercase() {
+            out.push('-');
+        }
+        out.push(ch.to_ascii_lowercase());
+    }
+    out
+}
+
+/// A config error with the option named as its flag ("--rank is 0; it must be ...").
+fn flag_message(e: &ConfigError) -> String {
+    match &e.field {
+        Some(f) => format!("{} {}", flag(f), e.problem),
+        None => e.message.clone(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error(transparent)]
     Core(#[from] Error),
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    #[error("{}", flag_message(.0))]
+    Config(#[from] ConfigError),
     #[error("{0}: cannot write: {1}")]
     Write(String, std::io::Error),
     #[error(
@@ -176,34 +249,14 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
     };
     // The end-of-text token: the tokenizer's own (tokenizer_config.json's eos_token) when it
     // names one the tokenizer knows, else the model config's eos_token_id.
-    let eos_text = tc_bytes
-        .as_deref()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-        .and_then(|v| match &v["eos_token"] {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Object(o) => o
-                .get("content")
-                .and_then(|c| c.as_str())
-                .map(str::to_string),
-            _ => None,
-        });
-    let eos = eos_text
-        .and_then(|t| tokenizer.token_to_id(&t))
-        .or_else(|| model.config.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let eos_text = tc_bytes.as_deref().and_then(eos_token_text);
+    let eos = training_eos(eos_text.as_deref(), Some(&tokenizer), &model.config);
+    let config = a.config();
+    config.validate(&model.config)?;
 
     let data_name = a.data.display().to_string();
     let (examples, format) = data::parse(&data_name, &read(&a.data)?)?;
-    let opts = DataOptions {
-        context: a.context,
-        completions_only: a.completions_only,
-        val_fraction: if a.val_data.is_some() {
-            0.0
-        } else {
-            a.val_fraction
-        },
-        seed: a.seed,
-    };
+    let opts = config.data_options();
     let mut dataset = data::build(
         &data_name,
         &examples,
@@ -248,28 +301,8 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
         eprintln!("bitlora train: resuming at step {step} of {steps}");
         Start::Resume(ckpt)
     } else {
-        let targets: Vec<&str> = a.targets.split(',').map(str::trim).collect();
-        let lcfg = LoraConfig::new(a.rank, a.alpha, a.dropout, a.rslora, &targets)?;
-        let per_step = a.batch.max(1);
-        let steps = a.steps.unwrap_or_else(|| {
-            ((a.epochs.unwrap_or(1.0) * dataset.train.len() as f32) / per_step as f32)
-                .ceil()
-                .max(1.0) as usize
-        });
-        let optim = AdamWConfig {
-            lr: a.lr,
-            weight_decay: a.weight_decay,
-            max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
-            schedule: match a.schedule {
-                ScheduleArg::Cosine => Schedule::Cosine,
-                ScheduleArg::Linear => Schedule::Linear,
-                ScheduleArg::Constant => Schedule::Constant,
-            },
-            warmup_steps: a.warmup,
-            total_steps: steps,
-            ..Default::default()
-        };
-        let lora = Lora::init(&model.config, lcfg, a.seed);
+        let steps = config.total_steps(dataset.train.len());
+        let lora = Lora::init(&model.config, config.lora_config()?, a.seed);
         eprintln!(
             "bitlora train: LoRA r {} alpha {} on {}: {} trainable parameters, {steps} steps",
             a.rank,
@@ -277,12 +310,8 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
             a.targets,
             lora.num_params()
         );
-        let options = TrainOptions {
-            steps,
-            accumulation: per_step,
-            eval_every: a.eval_every,
-            seed: a.seed,
-        };
+        let optim = config.adamw_config(steps);
+        let options = config.train_options(steps);
         Start::New(lora, optim, options)
     };
 

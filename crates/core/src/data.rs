@@ -72,6 +72,11 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<(Vec<Example>, &'static str)> {
         file: file.to_string(),
         msg,
     };
+    let bad_line = |line: usize, msg: String| Error::DataLine {
+        file: file.to_string(),
+        line,
+        msg,
+    };
     let text = std::str::from_utf8(bytes).map_err(|e| {
         bad(format!(
             "not UTF-8 text (byte {}): training data must be text or JSONL",
@@ -92,24 +97,32 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<(Vec<Example>, &'static str)> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| bad(format!("line {line_no}: not JSON: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad_line(line_no, format!("not JSON: {e}")))?;
         let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
         let ex = if let Some(t) = field("text") {
             Example::Text(t)
         } else if let (Some(prompt), Some(completion)) = (field("prompt"), field("completion")) {
             Example::PromptCompletion { prompt, completion }
         } else if let Some(msgs) = v.get("messages") {
-            let msgs: Vec<Message> = serde_json::from_value(msgs.clone())
-                .map_err(|e| bad(format!("line {line_no}: \"messages\" must be a list of {{\"role\", \"content\"}} objects: {e}")))?;
+            let msgs: Vec<Message> = serde_json::from_value(msgs.clone()).map_err(|e| {
+                bad_line(
+                    line_no,
+                    format!(
+                        "\"messages\" must be a list of {{\"role\", \"content\"}} objects: {e}"
+                    ),
+                )
+            })?;
             if msgs.is_empty() {
-                return Err(bad(format!("line {line_no}: \"messages\" is empty")));
+                return Err(bad_line(line_no, "\"messages\" is empty".into()));
             }
             Example::Chat(msgs)
         } else {
-            return Err(bad(format!(
-                "line {line_no}: expected {{\"text\"}}, {{\"prompt\", \"completion\"}} or {{\"messages\"}} with string values"
-            )));
+            return Err(bad_line(
+                line_no,
+                "expected {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"} with string values"
+                    .into(),
+            ));
         };
         let this = match &ex {
             Example::Text(_) => "jsonl-text",
@@ -117,10 +130,10 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<(Vec<Example>, &'static str)> {
             Example::Chat(_) => "jsonl-chat",
         };
         if *kind.get_or_insert(this) != this {
-            return Err(bad(format!(
-                "line {line_no}: mixes formats ({this} after {})",
-                kind.unwrap_or(this)
-            )));
+            return Err(bad_line(
+                line_no,
+                format!("mixes formats ({this} after {})", kind.unwrap_or(this)),
+            ));
         }
         examples.push(ex);
     }

@@ -88,6 +88,14 @@ pub enum Error {
     #[error("{file}: {msg}")]
     Data { file: String, msg: String },
 
+    /// A line of a JSONL data file (1-based) that cannot be read; front ends point at it.
+    #[error("{file}: line {line}: {msg}")]
+    DataLine {
+        file: String,
+        line: usize,
+        msg: String,
+    },
+
     #[error("LoRA: {msg}")]
     Lora { msg: String },
 

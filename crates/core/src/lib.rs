@@ -19,6 +19,7 @@ pub mod rng;
 pub mod tokenizer;
 pub mod tolerance;
 pub mod train;
+pub mod train_config;
 pub mod trainer;
 pub mod weights;
 
@@ -30,3 +31,4 @@ pub use model::{KvCache, LayerParams, Model, Params};
 pub use ops::top_k;
 pub use quant::TernaryLinear;
 pub use tokenizer::{ChatTemplate, Message, TextStream, Tokenizer};
+pub use train_config::{ConfigError, TrainConfig};

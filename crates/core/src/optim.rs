@@ -11,13 +11,29 @@
 
 use crate::lora::Lora;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Constant,
     /// Linear warmup, then linear decay to 0 at the last step.
     Linear,
     /// Linear warmup, then half a cosine down to 0 (transformers' get_cosine_schedule_with_warmup).
     Cosine,
+}
+
+/// "constant", "linear" or "cosine", as the CLI and the page name them.
+impl std::str::FromStr for Schedule {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Schedule, String> {
+        match s {
+            "constant" => Ok(Schedule::Constant),
+            "linear" => Ok(Schedule::Linear),
+            "cosine" => Ok(Schedule::Cosine),
+            _ => Err(format!(
+                "unknown schedule \"{s}\"; use \"cosine\", \"linear\" or \"constant\""
+            )),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

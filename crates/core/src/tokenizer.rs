@@ -7,6 +7,7 @@
 
 use serde::Serialize;
 
+use crate::config::Config;
 use crate::error::{Error, Result};
 
 pub struct Tokenizer {
@@ -78,6 +79,26 @@ impl Tokenizer {
             msg: e.to_string(),
         }
     }
+}
+
+/// tokenizer_config.json's `eos_token` (a string, or `{ content }`), if it names one.
+pub fn eos_token_text(tokenizer_config: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(tokenizer_config).ok()?;
+    match &v["eos_token"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The end-of-text token training data gets between documents and after completions: the
+/// tokenizer's own (`eos_text`, from [`eos_token_text`]) when the tokenizer knows it, else the
+/// model config's first eos_token_id, else 0. The CLI and the page both ask this.
+pub fn training_eos(eos_text: Option<&str>, tokenizer: Option<&Tokenizer>, model: &Config) -> u32 {
+    eos_text
+        .and_then(|t| tokenizer?.token_to_id(t))
+        .or_else(|| model.eos_token_ids.first().copied())
+        .unwrap_or(0)
 }
 
 /// Turns a stream of token ids into a stream of text pieces. Decoding token by token breaks
