@@ -15,7 +15,19 @@
 //
 // Every method that can fail rejects with an Error whose message says what is wrong and how to
 // fix it (e.g. "train.jsonl: line 7: not JSON: ..."); nothing the visitor types crashes the worker.
+// Where they apply the Error also carries `field` (the TrainConfig option at fault, e.g.
+// "context") and `line` (the data's JSONL line, 1-based): see BitloraError.
 // Nothing here makes a network request except loadModel (and only for models not yet stored).
+
+/** What the API's methods reject with. */
+export type BitloraError = Error & {
+  /** The option at fault (a TrainConfig name such as "context"), when one is. */
+  field?: string;
+  /** The JSONL line of the training data at fault (1-based), when one is. */
+  line?: number;
+  /** The worker crashed; create a new Bitlora client. */
+  fatal?: boolean;
+};
 
 /** Where the model's forward pass runs. */
 export type BackendKind = 'webgpu' | 'cpu';

@@ -8,12 +8,13 @@
 
 const DEFAULT_WORKER = new URL('./worker.js', import.meta.url);
 
-/** An Error from a worker reply; "line N" in the message (JSONL data) becomes `error.line`. */
-function toError(message, extra = {}) {
+/** An Error from a worker reply, with the `field` (option) and `line` (JSONL line) it carries. */
+function toError(message, { fatal, field, line } = {}) {
   const err = new Error(message);
-  const line = /\bline (\d+)\b/.exec(message);
-  if (line) err.line = Number(line[1]);
-  return Object.assign(err, extra);
+  if (fatal) err.fatal = true;
+  if (field != null) err.field = field;
+  if (line != null) err.line = line;
+  return err;
 }
 
 /** camelCase sampling options -> the worker's snake_case ones; unknown names are errors. */
@@ -70,7 +71,7 @@ export class Bitlora {
     }
     this.#pending.delete(data.id);
     if (data.ok) p.resolve(data.result);
-    else p.reject(toError(data.error, data.fatal ? { fatal: true } : {}));
+    else p.reject(toError(data.error, data));
     if (data.fatal) this.#fail(`the bitlora worker crashed: ${data.error}; create a new Bitlora client`);
   }
 
@@ -295,7 +296,7 @@ class Trainer {
         this.#settle.resolve(data);
         break;
       case 'error': {
-        const err = toError(data.message, data.fatal ? { fatal: true } : {});
+        const err = toError(data.message, data);
         this.state = 'error';
         this.#emit('error', err);
         this.#settle.reject(err);

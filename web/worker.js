@@ -66,7 +66,8 @@
 //   -> { id, type: 'deleteTrainingData' }
 //   <- { type: 'train', runId, event: 'progress'|'checkpoint'|'state'|'done'|'error', data }  (no id)
 //   'generate' takes options.adapter: a stored adapter's name (null: the base model).
-//   reply: { id, ok: true, result } or { id, ok: false, error: string, fatal?: true }
+//   reply: { id, ok: true, result } or { id, ok: false, error: string, fatal?: true,
+//            field?: string (the option at fault), line?: number (the data's JSONL line) }
 //
 // Stopping: a CPU generation runs synchronously in this worker, so a 'stop' message would only
 // be read after it had finished. The page therefore also passes `stopFlag`, an Int32Array on a
@@ -140,7 +141,9 @@ async function handle({ id, type, ...args }) {
     const fatal = err?.fatal || err instanceof WebAssembly.RuntimeError;
     const error = describe(err);
     if (fatal && !poisoned) poisoned = `the wasm module crashed earlier: ${error}`;
-    self.postMessage({ id, ok: false, error, fatal });
+    // bitlora's errors are objects: `field` (the option at fault) and `line` (the JSONL line)
+    // travel with the message, so the page never picks them out of the text.
+    self.postMessage({ id, ok: false, error, fatal, field: err?.field, line: err?.line });
   }
 }
 

@@ -100,8 +100,14 @@ for (const webgpu of [true, false]) {
         const bad = await bl.prepareData({ text: `${DATA.split('\n')[0]}\n{"prompt": "x", "completion": 3}\n`, fileName: 'bad.jsonl' })
           .then(() => null, (e) => ({ message: e.message, line: e.line, isError: e instanceof Error }));
         const badOption = await bl.prepareData({ text: DATA }, { context: 100000 }).then(() => null, (e) => e.message);
+        // Errors carry the option at fault as `field`; whole numbers are refused when fractional.
+        const fields = await Promise.all([
+          bl.prepareData({ text: DATA }, { context: 100000 }),
+          bl.estimateMemory({ rank: 1.5 }),
+          bl.estimateMemory({ lerningRate: 1 }),
+        ].map((p) => p.then(() => null, (e) => ({ message: e.message, field: e.field }))));
         const memory = await bl.estimateMemory(CONFIG);
-        return { summary, bad, badOption, memory };
+        return { summary, bad, badOption, fields, memory };
       }, { DATA, CONFIG }), log);
       console.log(`${label}: prepareData ${JSON.stringify(prep.summary)}`);
       assert.equal(prep.summary.format, 'jsonl-prompt-completion');
@@ -114,6 +120,9 @@ for (const webgpu of [true, false]) {
         line: 2, isError: true,
       });
       assert.match(prep.badOption, /^training option `context` is 100000; the model's context is 512 positions$/);
+      assert.deepEqual(prep.fields.map((f) => f.field), ['context', 'rank', 'lerningRate']);
+      assert.equal(prep.fields[1].message, 'training option `rank` is 1.5; it must be a whole number of at least 1');
+      assert.match(prep.fields[2].message, /^unknown training option `lerningRate`; the options are rank, alpha, /);
       console.log(`${label}: estimateMemory ${JSON.stringify(prep.memory)}`);
       assert.equal(prep.memory.fits, true);
       assert.equal(prep.memory.backend, backend);

@@ -82,7 +82,7 @@ export function mountDataPanel(app) {
       summary = await job;
     } catch (err) {
       if (my !== seq) return null;
-      return fail(message(err));
+      return fail(message(err), null, err?.line);
     } finally {
       if (pending === job) pending = null;
     }
@@ -96,13 +96,13 @@ export function mountDataPanel(app) {
     app.publish();
     return lastGood;
 
-    function fail(msg, inputId) {
+    /** `line`: the data's JSONL line at fault (the error's `line`), which "show" selects. */
+    function fail(msg, inputId, line) {
       lastGood = null;
       Object.assign(data, { summary: null, error: msg });
       setState('error');
       $('data-summary').textContent = '';
       showError('data-error', msg, inputId);
-      const line = /\bline (\d+)\b/.exec(msg)?.[1];
       $('data-error-show').hidden = !(line && !preview);
       $('data-error-show').dataset.line = line ?? '';
       app.bus.dispatchEvent(new Event('data'));

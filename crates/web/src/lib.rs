@@ -29,6 +29,7 @@
 // (try_borrow), never a panic.
 #![allow(clippy::await_holding_refcell_ref)]
 
+mod error;
 mod generate;
 mod train;
 
@@ -590,7 +591,7 @@ impl Session {
         let has_tokenizer_config = tokenizer_config_json.is_some();
         let eos_text = tokenizer_config_json
             .as_ref()
-            .and_then(|b| eos_token_text(&b.to_vec()));
+            .and_then(|b| bitlora_core::tokenizer::eos_token_text(&b.to_vec()));
         let (tokenizer, chat_template) = load_tokenizer(
             &model.config,
             tokenizer_name.as_deref().unwrap_or("tokenizer.json"),
@@ -621,10 +622,11 @@ impl Session {
             eos_token_ids: model.config.eos_token_ids.clone(),
             max_positions: model.config.max_position_embeddings,
         };
-        let train_eos = eos_text
-            .and_then(|t| tokenizer.as_ref()?.token_to_id(&t))
-            .or_else(|| model.config.eos_token_ids.first().copied())
-            .unwrap_or(0);
+        let train_eos = bitlora_core::tokenizer::training_eos(
+            eos_text.as_deref(),
+            tokenizer.as_ref(),
+            &model.config,
+        );
 
         #[cfg(feature = "gpu")]
         let gpu_model = match &self.gpu {
@@ -895,21 +897,23 @@ impl Session {
         file_name: &str,
         bytes: &[u8],
         options: JsValue,
-    ) -> Result<JsValue, JsError> {
+    ) -> Result<JsValue, JsValue> {
         train::prepare_data(self.need_model("prepare data")?, file_name, bytes, &options)
     }
 
     /// Bytes needed to train with `config` (TrainConfig) on the loaded model, against what the
     /// training backend can hold: MemoryEstimate in web/bitlora.d.ts.
     #[wasm_bindgen(js_name = estimateMemory)]
-    pub fn estimate_memory(&self, config: JsValue) -> Result<JsValue, JsError> {
+    pub fn estimate_memory(&self, config: JsValue) -> Result<JsValue, JsValue> {
         let loaded = self.need_model("estimate memory")?;
-        memory::estimate_memory(
+        // Checked here first so that an error keeps its `field` (the estimate parses it again).
+        train::train_config(&loaded.model.config, &config).map_err(|e| error::config_error(&e))?;
+        Ok(memory::estimate_memory(
             loaded,
             &config,
             wasm_memory_bytes(),
             self.gpu_budget(loaded),
-        )
+        )?)
     }
 
     /// A new training run on the loaded model over `bytes` (the data file) with `config`
@@ -920,7 +924,7 @@ impl Session {
         file_name: &str,
         bytes: &[u8],
         config: JsValue,
-    ) -> Result<WebTrainer, JsError> {
+    ) -> Result<WebTrainer, JsValue> {
         let loaded = self.need_model("train")?;
         WebTrainer::create(
             Rc::clone(loaded),
@@ -940,7 +944,7 @@ impl Session {
         bytes: &[u8],
         config: JsValue,
         checkpoint: &[u8],
-    ) -> Result<WebTrainer, JsError> {
+    ) -> Result<WebTrainer, JsValue> {
         let loaded = self.need_model("resume training")?;
         WebTrainer::resume(
             Rc::clone(loaded),
@@ -1224,16 +1228,6 @@ fn use_gpu_adapter<'a>(
     }
     slot.adapter = want;
     Ok(std::cell::RefMut::filter_map(slot, GpuSlot::model_mut).ok())
-}
-
-/// tokenizer_config.json's `eos_token` (a string, or `{ content }`), if it names one.
-fn eos_token_text(tokenizer_config: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(tokenizer_config).ok()?;
-    match &v["eos_token"] {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-        _ => None,
-    }
 }
 
 /// The size of this module's wasm memory now, in bytes.

@@ -5,350 +5,64 @@
 //! units (pause and stop messages get through while a CPU step runs synchronously). A run
 //! resumed from a checkpoint continues exactly as the CLI's would: same loop, same checkpoint.
 //!
-//! Options come as a plain object with camelCase names (web/bitlora.d.ts, `TrainConfig`); unknown
-//! names are errors, so a typo never silently means "default".
+//! Options come as a plain object with camelCase names (web/bitlora.d.ts, `TrainConfig`), read
+//! into core's [`TrainConfig`] (the CLI's too); unknown names are errors, so a typo never
+//! silently means "default". Errors reach JavaScript as `Error`s with `field` (the option) or
+//! `line` (the JSONL line) where they apply (`error.rs`).
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use bitlora_core::data::{self, DataOptions, Dataset};
-use bitlora_core::lora::{Lora, LoraConfig, TARGETS};
-use bitlora_core::optim::{AdamWConfig, Schedule};
-use bitlora_core::trainer::{Checkpoint, StepReport, TrainOptions, Trainer};
-use bitlora_core::{Config, peft};
+use bitlora_core::data::{self, Dataset};
+use bitlora_core::lora::{Lora, TARGETS};
+use bitlora_core::trainer::{Checkpoint, StepReport, Trainer};
+use bitlora_core::{Config, ConfigError, TrainConfig, peft};
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use crate::backend::WebBackend;
+use crate::error::{config_error, core_error};
 use crate::{Loaded, to_js};
-
-/// Largest integer a JavaScript number holds exactly (2^53 - 1).
-const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
 /// wasm32's address space: the most memory the CPU backend can ever have.
 pub(crate) const WASM_MEMORY_LIMIT: f64 = 4.0 * 1024.0 * 1024.0 * 1024.0;
 
-/// The option names `parse_config` accepts (TrainConfig in web/bitlora.d.ts, without the
-/// page-side `checkpointEvery` and `name`).
-const OPTION_NAMES: [&str; 19] = [
-    "rank",
-    "alpha",
-    "dropout",
-    "targets",
-    "rslora",
-    "lr",
-    "schedule",
-    "warmup",
-    "weightDecay",
-    "maxGradNorm",
-    "steps",
-    "epochs",
-    "batch",
-    "evalEvery",
-    "context",
-    "completionOnly",
-    "valFraction",
-    "seed",
-    // Page-side options, accepted and ignored here so that one object can be passed through.
-    "checkpointEvery",
-];
-
-fn option_error(option: &str, msg: impl std::fmt::Display) -> JsError {
-    JsError::new(&format!("training option `{option}` {msg}"))
-}
-
-/// A training config with every default filled in (TrainConfig, resolved).
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct TrainSpec {
-    rank: usize,
-    alpha: f32,
-    dropout: f32,
-    targets: Vec<String>,
-    rslora: bool,
-    lr: f32,
-    schedule: &'static str,
-    warmup: usize,
-    weight_decay: f32,
-    max_grad_norm: Option<f32>,
-    /// Given, or None when steps come from epochs (or the default of one epoch).
-    steps: Option<usize>,
-    epochs: Option<f64>,
-    pub(crate) batch: usize,
-    eval_every: usize,
-    pub(crate) context: usize,
-    completion_only: bool,
-    val_fraction: f32,
-    seed: u64,
-}
-
-impl TrainSpec {
-    fn defaults(model: &Config) -> TrainSpec {
-        TrainSpec {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.0,
-            targets: vec!["all-linear".into()],
-            rslora: false,
-            lr: 2e-4,
-            schedule: "cosine",
-            warmup: 0,
-            weight_decay: 0.01,
-            max_grad_norm: Some(1.0),
-            steps: None,
-            epochs: None,
-            batch: 1,
-            eval_every: 20,
-            context: 128.min(model.max_position_embeddings),
-            completion_only: false,
-            val_fraction: 0.1,
-            seed: 0,
+/// `{ rank, alpha, ... }` (TrainConfig in web/bitlora.d.ts, all optional) -> core's checked
+/// [`TrainConfig`] for `model`; errors name the option ([`ConfigError::field`]).
+///
+/// The object goes through serde as JSON (`serde_json::Value`), and core's
+/// [`TrainConfig::parse`] reads it one option at a time. Not `from_value::<TrainConfig>`
+/// directly: serde-wasm-bindgen reads a struct by looking up the struct's own field names on
+/// the object, so it never sees another key and `deny_unknown_fields` could not refuse a typo.
+/// JSON has no NaN or Infinity (serde_json would read them as null, i.e. the default), so those
+/// are refused here first.
+pub(crate) fn train_config(model: &Config, value: &JsValue) -> Result<TrainConfig, ConfigError> {
+    if value.is_object() && !js_sys::Array::is_array(value) {
+        let object: &js_sys::Object = value.unchecked_ref();
+        for key in js_sys::Object::keys(object).iter() {
+            let key = key.as_string().unwrap_or_default();
+            if !TrainConfig::FIELDS.contains(&key.as_str()) {
+                continue; // parse names it
+            }
+            let v = js_sys::Reflect::get(value, &JsValue::from_str(&key)).unwrap_or_default();
+            if let Some(x) = v.as_f64().filter(|x| !x.is_finite()) {
+                return Err(ConfigError::option(
+                    &key,
+                    format!("is {x}; it must be a finite number"),
+                ));
+            }
         }
     }
-
-    fn data_options(&self) -> DataOptions {
-        DataOptions {
-            context: self.context,
-            completions_only: self.completion_only,
-            val_fraction: self.val_fraction,
-            seed: self.seed,
-        }
-    }
-
-    pub(crate) fn lora_config(&self) -> Result<LoraConfig, JsError> {
-        let targets: Vec<&str> = self.targets.iter().map(String::as_str).collect();
-        LoraConfig::new(self.rank, self.alpha, self.dropout, self.rslora, &targets)
-            .map_err(|e| JsError::new(&e.to_string()))
-    }
-
-    /// Optimizer steps for `train` training sequences.
-    fn total_steps(&self, train: usize) -> usize {
-        self.steps.unwrap_or_else(|| {
-            let epochs = self.epochs.unwrap_or(1.0);
-            ((epochs * train as f64) / self.batch as f64)
-                .ceil()
-                .max(1.0) as usize
-        })
-    }
+    let json: serde_json::Value = serde_wasm_bindgen::from_value(value.clone())
+        .map_err(|e| ConfigError::whole(format!("training options: {e}")))?;
+    TrainConfig::parse(model, &json)
 }
 
-/// Reads a number option, or an error naming it.
-fn number(option: &str, v: &JsValue) -> Result<f64, JsError> {
-    match v.as_f64() {
-        Some(x) if x.is_finite() => Ok(x),
-        Some(x) => Err(option_error(
-            option,
-            format!("is {x}; it must be a finite number"),
-        )),
-        None => Err(option_error(
-            option,
-            format!("must be a number, got {}", describe(v)),
-        )),
-    }
-}
-
-fn whole(option: &str, v: &JsValue, min: f64) -> Result<u64, JsError> {
-    let x = number(option, v)?;
-    if x.fract() != 0.0 || !(min..=MAX_SAFE_INTEGER).contains(&x) {
-        return Err(option_error(
-            option,
-            format!("is {x}; it must be a whole number of at least {min}"),
-        ));
-    }
-    Ok(x as u64)
-}
-
-fn describe(v: &JsValue) -> String {
-    if let Some(s) = v.as_string() {
-        format!("the string {s:?}")
-    } else if let Some(b) = v.as_bool() {
-        format!("{b}")
-    } else if v.is_null() {
-        "null".into()
-    } else if v.is_undefined() {
-        "undefined".into()
-    } else if js_sys::Array::is_array(v) {
-        "a list".into()
-    } else {
-        "an object".into()
-    }
-}
-
-/// `{ rank, alpha, ... }` (all optional) -> a resolved spec. Values are checked here, with the
-/// option's name, before anything is built.
-pub(crate) fn parse_config(model: &Config, value: &JsValue) -> Result<TrainSpec, JsError> {
-    let mut s = TrainSpec::defaults(model);
-    if value.is_undefined() || value.is_null() {
-        return Ok(s);
-    }
-    if !value.is_object() || js_sys::Array::is_array(value) {
-        return Err(JsError::new(
-            "training options must be an object such as { rank: 8, lr: 2e-4, steps: 100 }",
-        ));
-    }
-    let object: &js_sys::Object = value.unchecked_ref();
-    for key in js_sys::Object::keys(object).iter() {
-        let key = key.as_string().unwrap_or_default();
-        let Some(&option) = OPTION_NAMES.iter().find(|&&n| n == key) else {
-            return Err(JsError::new(&format!(
-                "unknown training option `{key}`; the options are {}",
-                OPTION_NAMES.join(", ")
-            )));
-        };
-        let v = js_sys::Reflect::get(value, &JsValue::from_str(option)).unwrap_or_default();
-        if v.is_undefined() {
-            continue;
-        }
-        let positive = |x: f64| {
-            if x > 0.0 {
-                Ok(x)
-            } else {
-                Err(option_error(option, format!("is {x}; it must be positive")))
-            }
-        };
-        let flag = |v: &JsValue| {
-            v.as_bool().ok_or_else(|| {
-                option_error(
-                    option,
-                    format!("must be true or false, got {}", describe(v)),
-                )
-            })
-        };
-        match option {
-            "maxGradNorm" if v.is_null() => s.max_grad_norm = None,
-            _ if v.is_null() => continue,
-            "rank" => s.rank = whole(option, &v, 1.0)? as usize,
-            "alpha" => s.alpha = positive(number(option, &v)?)? as f32,
-            "dropout" => {
-                let x = number(option, &v)?;
-                if !(0.0..1.0).contains(&x) {
-                    return Err(option_error(
-                        option,
-                        format!("is {x}; it must be in [0, 1)"),
-                    ));
-                }
-                s.dropout = x as f32;
-            }
-            "targets" => {
-                let list = if let Some(one) = v.as_string() {
-                    vec![one]
-                } else if js_sys::Array::is_array(&v) {
-                    js_sys::Array::from(&v)
-                        .iter()
-                        .map(|t| {
-                            t.as_string().ok_or_else(|| {
-                                option_error(
-                                    option,
-                                    format!(
-                                        "holds {}; give names such as \"q_proj\"",
-                                        describe(&t)
-                                    ),
-                                )
-                            })
-                        })
-                        .collect::<Result<_, _>>()?
-                } else {
-                    return Err(option_error(
-                        option,
-                        format!("must be a list of module names, got {}", describe(&v)),
-                    ));
-                };
-                if let Some(bad) = list
-                    .iter()
-                    .find(|t| *t != "all-linear" && !TARGETS.contains(&t.as_str()))
-                {
-                    return Err(option_error(
-                        option,
-                        format!(
-                            "holds the unknown module \"{bad}\"; choose from {}, or all-linear",
-                            TARGETS.join(", ")
-                        ),
-                    ));
-                }
-                if list.is_empty() {
-                    return Err(option_error(option, "is empty; choose at least one module"));
-                }
-                s.targets = list;
-            }
-            "rslora" => s.rslora = flag(&v)?,
-            "lr" => s.lr = positive(number(option, &v)?)? as f32,
-            "schedule" => {
-                s.schedule = match v.as_string().as_deref() {
-                    Some("cosine") => "cosine",
-                    Some("linear") => "linear",
-                    Some("constant") => "constant",
-                    _ => {
-                        return Err(option_error(
-                            option,
-                            format!(
-                                "is {}; use \"cosine\", \"linear\" or \"constant\"",
-                                describe(&v)
-                            ),
-                        ));
-                    }
-                }
-            }
-            "warmup" => s.warmup = whole(option, &v, 0.0)? as usize,
-            "weightDecay" => {
-                let x = number(option, &v)?;
-                if x < 0.0 {
-                    return Err(option_error(
-                        option,
-                        format!("is {x}; it must be 0 or more"),
-                    ));
-                }
-                s.weight_decay = x as f32;
-            }
-            "maxGradNorm" => {
-                let x = number(option, &v)?;
-                if x < 0.0 {
-                    return Err(option_error(
-                        option,
-                        format!("is {x}; it must be positive (0 or null: no clipping)"),
-                    ));
-                }
-                s.max_grad_norm = (x > 0.0).then_some(x as f32);
-            }
-            "steps" => s.steps = Some(whole(option, &v, 1.0)? as usize),
-            "epochs" => s.epochs = Some(positive(number(option, &v)?)?),
-            "batch" => s.batch = whole(option, &v, 1.0)? as usize,
-            "evalEvery" => s.eval_every = whole(option, &v, 0.0)? as usize,
-            "context" => {
-                let c = whole(option, &v, 2.0)? as usize;
-                if c > model.max_position_embeddings {
-                    return Err(option_error(
-                        option,
-                        format!(
-                            "is {c}; the model's context is {} positions",
-                            model.max_position_embeddings
-                        ),
-                    ));
-                }
-                s.context = c;
-            }
-            "completionOnly" => s.completion_only = flag(&v)?,
-            "valFraction" => {
-                let x = number(option, &v)?;
-                if !(0.0..1.0).contains(&x) {
-                    return Err(option_error(
-                        option,
-                        format!("is {x}; it must be in [0, 1)"),
-                    ));
-                }
-                s.val_fraction = x as f32;
-            }
-            "seed" => s.seed = whole(option, &v, 0.0)?,
-            "checkpointEvery" => {}
-            _ => unreachable!("every name in OPTION_NAMES is handled"),
-        }
-    }
-    if s.steps.is_some() && s.epochs.is_some() {
-        return Err(JsError::new(
-            "training options `steps` and `epochs` both given; give one of them",
-        ));
-    }
-    s.lora_config()?; // rank, alpha, dropout and targets together, as core checks them
-    Ok(s)
+/// [`train_config`] with the error as a plain message (memory.rs's estimate; the exported
+/// `estimateMemory` checks the config with [`train_config`] first, so its errors keep their
+/// field).
+pub(crate) fn parse_config(model: &Config, value: &JsValue) -> Result<TrainConfig, JsError> {
+    train_config(model, value).map_err(|e| JsError::new(&e.message))
 }
 
 /// What `prepareData` reports (DataSummary in web/bitlora.d.ts).
@@ -376,14 +90,14 @@ fn build_dataset(
     loaded: &Loaded,
     file: &str,
     bytes: &[u8],
-    spec: &TrainSpec,
-) -> Result<(Dataset, usize), JsError> {
+    config: &TrainConfig,
+) -> Result<(Dataset, usize), JsValue> {
     let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| {
         JsError::new(
             "training needs the model's tokenizer.json: this model was loaded without one (pick tokenizer.json together with config.json and the .safetensors)",
         )
     })?;
-    let core = |e: bitlora_core::Error| JsError::new(&e.to_string());
+    let core = |e: bitlora_core::Error| core_error(&e);
     let (examples, format) = data::parse(file, bytes).map_err(core)?;
     let dataset = data::build(
         file,
@@ -392,7 +106,7 @@ fn build_dataset(
         tokenizer,
         loaded.chat_template.as_ref(),
         loaded.train_eos,
-        &spec.data_options(),
+        &config.data_options(),
     )
     .map_err(core)?;
     Ok((dataset, examples.len()))
@@ -403,7 +117,7 @@ fn summarize(
     bytes: usize,
     examples: usize,
     d: &Dataset,
-    spec: &TrainSpec,
+    config: &TrainConfig,
 ) -> DataSummary {
     let tokens = |s: &[data::Sequence]| s.iter().map(|q| q.tokens.len()).sum::<usize>();
     let targets = |s: &[data::Sequence]| s.iter().map(data::Sequence::counted).sum::<usize>();
@@ -418,8 +132,8 @@ fn summarize(
         train_target_tokens: targets(&d.train),
         val_target_tokens: targets(&d.val),
         truncated: d.truncated,
-        context: spec.context,
-        steps_per_epoch: d.train.len().div_ceil(spec.batch),
+        context: config.context,
+        steps_per_epoch: d.train.len().div_ceil(config.batch),
         bytes,
     }
 }
@@ -430,15 +144,25 @@ pub(crate) fn prepare_data(
     file: &str,
     bytes: &[u8],
     options: &JsValue,
-) -> Result<JsValue, JsError> {
-    let spec = parse_config(&loaded.model.config, options)?;
-    let (dataset, examples) = build_dataset(loaded, file, bytes, &spec)?;
+) -> Result<JsValue, JsValue> {
+    let config = train_config(&loaded.model.config, options).map_err(|e| config_error(&e))?;
+    let (dataset, examples) = build_dataset(loaded, file, bytes, &config)?;
     if dataset.train.is_empty() {
-        return Err(JsError::new(&format!(
-            "{file}: every sequence went to validation; lower valFraction or give more data"
-        )));
+        return Err(crate::error::js_error(
+            &format!(
+                "{file}: every sequence went to validation; lower valFraction or give more data"
+            ),
+            Some("valFraction"),
+            None,
+        ));
     }
-    to_js(&summarize(file, bytes.len(), examples, &dataset, &spec))
+    Ok(to_js(&summarize(
+        file,
+        bytes.len(),
+        examples,
+        &dataset,
+        &config,
+    ))?)
 }
 
 /// A training run over the loaded model: `Session.createTrainer` / `Session.resumeTrainer`.
@@ -457,7 +181,8 @@ pub struct WebTrainer {
 struct Inner {
     loaded: Rc<Loaded>,
     trainer: Trainer<WebBackend>,
-    spec: TrainSpec,
+    /// As given, with `steps` resolved (from epochs, or the checkpoint's).
+    config: TrainConfig,
     summary: DataSummary,
     adapter_params: usize,
     /// Bytes read back from the GPU during the current step's training sequences.
@@ -468,7 +193,7 @@ struct Inner {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct TrainerInfo<'a> {
-    config: &'a TrainSpec,
+    config: &'a TrainConfig,
     data: &'a DataSummary,
     step: usize,
     total_steps: usize,
@@ -532,41 +257,30 @@ impl WebTrainer {
         file: &str,
         bytes: &[u8],
         config: &JsValue,
-    ) -> Result<WebTrainer, JsError> {
+    ) -> Result<WebTrainer, JsValue> {
         let c = &loaded.model.config;
-        let mut spec = parse_config(c, config)?;
-        let (dataset, examples) = build_dataset(&loaded, file, bytes, &spec)?;
-        let summary = summarize(file, bytes.len(), examples, &dataset, &spec);
-        let steps = spec.total_steps(dataset.train.len());
-        spec.steps = Some(steps);
-        let lora = Lora::init(c, spec.lora_config()?, spec.seed);
-        let optim = AdamWConfig {
-            lr: spec.lr,
-            weight_decay: spec.weight_decay,
-            max_grad_norm: spec.max_grad_norm,
-            schedule: match spec.schedule {
-                "linear" => Schedule::Linear,
-                "constant" => Schedule::Constant,
-                _ => Schedule::Cosine,
-            },
-            warmup_steps: spec.warmup,
-            total_steps: steps,
-            ..Default::default()
-        };
-        let options = TrainOptions {
-            steps,
-            accumulation: spec.batch,
-            eval_every: spec.eval_every,
-            seed: spec.seed,
-        };
+        let mut config = train_config(c, config).map_err(|e| config_error(&e))?;
+        let (dataset, examples) = build_dataset(&loaded, file, bytes, &config)?;
+        let summary = summarize(file, bytes.len(), examples, &dataset, &config);
+        let steps = config.total_steps(dataset.train.len());
+        config.steps = Some(steps);
+        let lora_config = config.lora_config().map_err(|e| config_error(&e))?;
+        let lora = Lora::init(c, lora_config, config.seed);
         let adapter_params = lora.num_params();
-        let backend = WebBackend::new(loaded.clone(), gpu, &lora.config, spec.context);
-        let trainer = Trainer::new(backend, c, lora, optim, dataset, options)
-            .map_err(|e| JsError::new(&format!("{file}: {}", js_message(e))))?;
+        let backend = WebBackend::new(loaded.clone(), gpu, &lora.config, config.context);
+        let trainer = Trainer::new(
+            backend,
+            c,
+            lora,
+            config.adamw_config(steps),
+            dataset,
+            config.train_options(steps),
+        )
+        .map_err(|e| JsError::new(&format!("{file}: {}", js_message(e))))?;
         Ok(WebTrainer::new(Inner {
             loaded,
             trainer,
-            spec,
+            config,
             summary,
             adapter_params,
             step_read_bytes: 0,
@@ -581,22 +295,22 @@ impl WebTrainer {
         bytes: &[u8],
         config: &JsValue,
         checkpoint: &[u8],
-    ) -> Result<WebTrainer, JsError> {
+    ) -> Result<WebTrainer, JsValue> {
         let c = &loaded.model.config;
-        let mut spec = parse_config(c, config)?;
-        let (dataset, examples) = build_dataset(&loaded, file, bytes, &spec)?;
-        let summary = summarize(file, bytes.len(), examples, &dataset, &spec);
+        let mut config = train_config(c, config).map_err(|e| config_error(&e))?;
+        let (dataset, examples) = build_dataset(&loaded, file, bytes, &config)?;
+        let summary = summarize(file, bytes.len(), examples, &dataset, &config);
         let cannot = |e: bitlora_core::Error| JsError::new(&format!("cannot resume this run: {e}"));
         let ckpt = Checkpoint::read(c, "checkpoint.safetensors", checkpoint).map_err(cannot)?;
         let adapter_params = Lora::init(c, ckpt.lora_config().clone(), 0).num_params();
-        let backend = WebBackend::new(loaded.clone(), gpu, ckpt.lora_config(), spec.context);
+        let backend = WebBackend::new(loaded.clone(), gpu, ckpt.lora_config(), config.context);
         let trainer = Trainer::resume(backend, c, dataset, ckpt)
             .map_err(|e| JsError::new(&format!("cannot resume this run: {}", js_message(e))))?;
-        spec.steps = Some(trainer.options.steps);
+        config.steps = Some(trainer.options.steps);
         Ok(WebTrainer::new(Inner {
             loaded,
             trainer,
-            spec,
+            config,
             summary,
             adapter_params,
             step_read_bytes: 0,
@@ -631,7 +345,7 @@ impl WebTrainer {
         let s = self.state()?;
         let backend = s.trainer.backend();
         to_js(&TrainerInfo {
-            config: &s.spec,
+            config: &s.config,
             data: &s.summary,
             step: s.trainer.step,
             total_steps: s.trainer.options.steps,
