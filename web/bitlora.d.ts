@@ -199,16 +199,16 @@ export interface DownloadProgress {
   at: number;
 }
 
-export interface DownloadResult {
-  /** "paused" / "cancelled": `stopDownload` ended it (a paused one resumes with the same call). */
-  status: 'complete' | 'paused' | 'cancelled';
-  modelId: string;
-  /** The stored model (null when cancelled). */
-  model: StoredModel | null;
-  notes: string[];
-  /** It was complete in the store already; nothing was fetched. */
-  already?: boolean;
-}
+/** "paused" / "cancelled": `stopDownload` ended it (a paused one resumes with the same call). */
+export type DownloadResult =
+  | {
+    status: 'complete'; modelId: string; model: StoredModel; notes: string[];
+    /** It was complete in the store already; nothing was fetched. */
+    already?: boolean;
+  }
+  /** `model`: what is stored so far (null when nothing is). */
+  | { status: 'paused'; modelId: string; model: StoredModel | null; notes: string[] }
+  | { status: 'cancelled'; modelId: string; model: null; notes: string[] };
 
 // ---- data ----------------------------------------------------------------------------------
 

@@ -620,3 +620,7 @@ class Generation {
     }
   }
 }
+
+// The static side of the class, which `@implements` does not check: Bitlora.create as
+// bitlora.d.ts declares it.
+/** @satisfies {Pick<typeof api.Bitlora, 'create'>} */ (Bitlora);

@@ -340,11 +340,11 @@ async function download(ctx, emit) {
     try {
       return await downloadInner(ctx, emit, entry.controller.signal);
     } catch (err) {
-      if (entry.stop) {
-        if (entry.stop === 'cancel') await store.deleteModel(ctx.id).catch(() => {});
-        return { status: entry.stop === 'cancel' ? 'cancelled' : 'paused', modelId: ctx.id,
-          model: entry.stop === 'cancel' ? null : await summaryOf(ctx.id), notes: [] };
+      if (entry.stop === 'cancel') {
+        await store.deleteModel(ctx.id).catch(() => {});
+        return { status: 'cancelled', modelId: ctx.id, model: null, notes: [] };
       }
+      if (entry.stop) return { status: 'paused', modelId: ctx.id, model: await summaryOf(ctx.id), notes: [] };
       if (!err.quota && store.isQuotaError(err)) {
         const m = await summaryOf(ctx.id);
         throw hubError(`This browser's storage for this page is full: ${ctx.repo} stopped after ${fmt(m?.storedBytes ?? 0)} of ` +
