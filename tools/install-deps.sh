@@ -3,7 +3,8 @@
 # first and skips what is already present, so a second run takes seconds.
 #   - wasm32 target for rustc, and wasm-bindgen-cli pinned to the crate's exact version
 #   - Debian: Mesa lavapipe (Vulkan on the CPU, for native GPU tests), Chromium (WebGPU tests)
-#   - npm: playwright-core (drives Debian's Chromium; never downloads a browser), and the
+#   - npm: playwright-core (drives Debian's Chromium; never downloads a browser), typescript
+#     (tsc checks web/'s JSDoc types; tools/test.sh), and the
 #     LLaMA-3 tokenizer.json for the tokenizer parity test (tools/fetch-tokenizers.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +37,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
-if [ ! -d tests/browser/node_modules/playwright-core ]; then
-  say "npm ci in tests/browser (playwright-core only; no browser download)"
+if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/typescript ]; then
+  say "npm ci in tests/browser (playwright-core and typescript; no browser download)"
   (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
 fi
 tools/fetch-tokenizers.sh

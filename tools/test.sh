@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs (idempotently), then runs
 #   1. the Rust tests of every crate (CPU reference, GPU kernels on Mesa lavapipe, the CLI),
-#   2. the browser end-to-end tests in headless Chromium (WebGPU on SwiftShader, and the
+#   2. tsc on the page's JavaScript (web/: JSDoc types, the worker messages of
+#      web/protocol.d.ts, the public API of web/bitlora.d.ts), after the wasm build whose types
+#      (web/pkg/bitlora_web.d.ts) the worker's code is checked against,
+#   3. the browser end-to-end tests in headless Chromium (WebGPU on SwiftShader, and the
 #      SIMD128 CPU fallback with WebGPU unavailable).
 # A GPU test that finds no adapter fails; nothing here is skipped.
 set -euo pipefail
@@ -19,6 +22,10 @@ cargo test --workspace --exclude bitlora-web -- --show-output 2>&1 | grep -v '^\
 echo "== wasm build =="
 tools/build-web.sh
 cargo build -p bitlora
+echo "== Type check of web/ (tsc --noEmit: the page, and the worker) =="
+tests/browser/node_modules/.bin/tsc --noEmit -p web/tsconfig.json
+tests/browser/node_modules/.bin/tsc --noEmit -p web/tsconfig.worker.json
+echo "tsc: no type errors"
 echo "== Browser tests (headless Chromium) =="
 cd tests/browser
 BITLORA_BIN="$PWD/../../target/debug/bitlora" npm test

@@ -19,6 +19,8 @@
 // "context") and `line` (the data's JSONL line, 1-based): see BitloraError.
 // Nothing here makes a network request except loadModel (and only for models not yet stored).
 
+import type { RequestType, RequestArgs, RequestEvent, RequestResult } from './protocol.js';
+
 /** What the API's methods reject with. */
 export type BitloraError = Error & {
   /** The option at fault (a TrainConfig name such as "context"), when one is. */
@@ -81,6 +83,20 @@ export type ModelSource =
   | { stored: string }
   | { files: File[] | FileList };
 
+export interface LoadOptions {
+  onProgress?: (p: LoadProgress) => void;
+  /** What the page's `navigator.storage.persist()` gave (workers cannot ask); only changes a note. */
+  persisted?: boolean;
+  /**
+   * `{ files }` only: also keep the files in the model store (config.json, the .safetensors,
+   * tokenizer.json, tokenizer_config.json), so they load after a reload as `{ stored: model.storeId }`.
+   * When they do not fit, the model runs from memory and `model.source.notes` says why. Default false.
+   */
+  keep?: boolean;
+  /** Tests: act as if only this many bytes of browser storage were free. */
+  fakeFree?: number;
+}
+
 export interface LoadProgress {
   phase: 'fetch' | 'store' | 'read' | 'build';
   done: number;
@@ -119,6 +135,92 @@ export interface ModelInfo {
   downloadBytes?: number;
   source?: { from: 'store' | 'network' | 'files'; stored: boolean; notes: string[] };
 }
+
+/** The forward pass over a prompt: `Bitlora.forward`. */
+export interface ForwardResult {
+  backend: BackendKind;
+  tokens: number[];
+  /** Rows (one per token) and columns (the vocabulary) of `logits`. */
+  rows: number;
+  vocab: number;
+  /** Row-major (rows, vocab) next-token logits. */
+  logits: Float32Array;
+  /** The 10 most likely next tokens after the last one, with their probabilities (softmax). */
+  top: { token: number; prob: number }[];
+  ms: number;
+}
+
+// ---- the model store -----------------------------------------------------------------------
+
+/** A model in the model store (IndexedDB `bitlora`), as `listModels` gives it. */
+export interface StoredModel {
+  /** "bundled:default", "hub:<hub>/<owner/name>@<revision>" or "local:..."; `loadModel({ stored: id })`. */
+  id: string;
+  name: string;
+  source: 'bundled' | 'hub' | 'local';
+  /** Where a hub model came from. */
+  origin: { hub: string; repo: string; revision: string } | null;
+  /** Bytes of all its files, and bytes stored so far (less while partly downloaded). */
+  bytes: number;
+  storedBytes: number;
+  complete: boolean;
+  /** ISO 8601 dates. */
+  storedAt: string;
+  updatedAt: string;
+  files: string[];
+}
+
+export interface ModelStoreList {
+  /** false: IndexedDB cannot be used here (`error` says why); nothing is kept between visits. */
+  available: boolean;
+  error?: string;
+  models: StoredModel[];
+  /** The browser's storage estimate for this page, when it gives one. */
+  usage?: number | null;
+  quota?: number | null;
+  /** Ids of the models downloading now. */
+  downloading: string[];
+}
+
+export interface DownloadOptions {
+  /** A Hugging Face-style hub's base URL (default https://huggingface.co); the page's CSP must allow it. */
+  hub?: string;
+  /** "owner/name". */
+  repo: string;
+  /** Branch, tag or commit (default "main"). */
+  revision?: string;
+  /** An access token for gated or private repos: sent to the hub only, never stored. */
+  token?: string;
+  persisted?: boolean;
+  /** Tests: act as if only this many bytes of browser storage were free. */
+  fakeFree?: number;
+}
+
+export interface DownloadProgress {
+  phase: 'list' | 'check' | 'download' | 'verify';
+  modelId: string;
+  /** 'download': the file being fetched and the model's bytes stored or in flight. */
+  file?: string;
+  done?: number;
+  total?: number;
+  fileDone?: number;
+  fileTotal?: number;
+  bytesPerSec?: number | null;
+  etaSeconds?: number | null;
+  /** Epoch milliseconds. */
+  at: number;
+}
+
+/** "paused" / "cancelled": `stopDownload` ended it (a paused one resumes with the same call). */
+export type DownloadResult =
+  | {
+    status: 'complete'; modelId: string; model: StoredModel; notes: string[];
+    /** It was complete in the store already; nothing was fetched. */
+    already?: boolean;
+  }
+  /** `model`: what is stored so far (null when nothing is). */
+  | { status: 'paused'; modelId: string; model: StoredModel | null; notes: string[] }
+  | { status: 'cancelled'; modelId: string; model: null; notes: string[] };
 
 // ---- data ----------------------------------------------------------------------------------
 
@@ -453,7 +555,26 @@ export declare class Bitlora {
   readonly model: ModelInfo | null;
 
   /** Loads a model; the previous one stays loaded if this fails. */
-  loadModel(source: ModelSource, options?: { onProgress?: (p: LoadProgress) => void; persisted?: boolean }): Promise<ModelInfo>;
+  loadModel(source: ModelSource, options?: LoadOptions): Promise<ModelInfo>;
+
+  /** Next-token logits of the loaded model for `tokens` (token ids), and the top 10 after the last. */
+  forward(tokens: number[]): Promise<ForwardResult>;
+
+  /** The models in the model store (complete and partly downloaded). */
+  listModels(): Promise<ModelStoreList>;
+  /**
+   * Downloads a model from a Hugging Face-style hub into the model store (resuming a partial
+   * download of the same repo and revision); it does not load it: `loadModel({ stored: r.modelId })`.
+   * Rejects with a sentence: repo not found, gated, not a BitNet model, does not fit, storage
+   * full, hash mismatch, connection lost; what was stored stays, and the same call resumes it.
+   */
+  downloadModel(options: DownloadOptions, events?: { onProgress?: (p: DownloadProgress) => void }): Promise<DownloadResult>;
+  /** Pauses a running download (keeps what is stored) or, with `discard`, cancels it and deletes the partial model. */
+  stopDownload(modelId: string, options?: { discard?: boolean }): Promise<{ running: boolean }>;
+  /** Deletes one model from the model store (stopping its download first). */
+  deleteStoredModel(modelId: string): Promise<{ deleted: StoredModel | null }>;
+  /** Deletes the whole model store (downloads are stopped first) and says what it held. The loaded model stays loaded. */
+  deleteModelStore(): Promise<{ models: number; bytes: number }>;
 
   /** Parses and tokenizes training data with the loaded model's tokenizer and reports what it became. */
   prepareData(input: DataInput, options?: DataOptions & { batch?: number }): Promise<DataSummary>;
@@ -487,8 +608,11 @@ export declare class Bitlora {
   /** Deletes the training store (runs, checkpoints, adapters). The model store is separate. */
   deleteTrainingData(): Promise<void>;
 
-  /** Low level: sends a raw worker request (see web/worker.js's protocol); `onEvent` gets its progress events. */
-  request<T = unknown>(type: string, args?: Record<string, unknown>, onEvent?: (event: { type: string; event: unknown }) => void): Promise<T>;
+  /**
+   * Low level: sends one worker request of web/protocol.d.ts (the methods above cover them all);
+   * `onEvent` gets its progress or token messages.
+   */
+  request<K extends RequestType>(type: K, args: RequestArgs<K>, onEvent?: (message: RequestEvent<K>) => void): Promise<RequestResult<K>>;
 
   /** Ends the worker; the client is unusable afterwards. */
   terminate(): void;

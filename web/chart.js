@@ -1,3 +1,4 @@
+// @ts-check
 // The live loss chart of the training panel: train and validation loss against the step, drawn
 // as SVG (no dependencies), with a text summary for screen readers and anyone who prefers numbers.
 //
@@ -113,12 +114,22 @@ function trend(first, now) {
   return pct < 0 ? `, down ${Math.abs(pct).toFixed(0)}%` : `, up ${pct.toFixed(0)}%`;
 }
 
+/**
+ * Points of the two series: [step, loss] pairs.
+ * @typedef {{ train: [number, number][], val: [number, number][] }} Points
+ */
+
 /** The chart. `container` receives the SVG; `summary` (optional) the text summary. */
 export class LossChart {
+  /**
+   * @param {HTMLElement} container
+   * @param {{ summary?: HTMLElement | null, height?: number | null }} [options]
+   */
   constructor(container, { summary = null, height = null } = {}) {
     this.container = container;
     this.summaryEl = summary;
     this.fixedHeight = height;
+    /** @type {Points} */
     this.points = { train: [], val: [] };
     this.totalSteps = null;
     this.frame = 0;

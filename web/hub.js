@@ -1,3 +1,4 @@
+// @ts-check
 // Downloads from a Hugging Face-style hub into the model store (web/store.js), resumably.
 // Runs in the page's module worker (web/worker.js), beside the model, never on the main thread.
 //
@@ -31,6 +32,11 @@
 import * as store from './store.js';
 import { Sha256 } from './sha256.js';
 
+/**
+ * @import { DownloadOptions, DownloadProgress, DownloadResult } from './bitlora.js'
+ * @import { Manifest, ManifestFile } from './store.js'
+ */
+
 export const DEFAULT_HUB = 'https://huggingface.co';
 
 /** Requests web/worker.js runs outside its queue: they never touch the wasm session. */
@@ -42,12 +48,16 @@ const OPTIONAL = ['tokenizer.json', 'tokenizer_config.json'];
 const RETRY_DELAYS_S = [1, 2, 4, 8];
 
 // Downloads running in this worker, by model id: { controller, stop: null|'pause'|'cancel', done }.
+/** @type {Map<string, { controller: AbortController, stop: null | 'pause' | 'cancel', done: Promise<DownloadResult> | null }>} */
 const active = new Map();
 
 // Content-Security-Policy violations seen by this worker (a hub the page's CSP does not allow
 // fails like a network error; this event tells the two apart).
+/** @type {{ uri: string, directive: string }[]} */
 const violations = [];
-self.addEventListener?.('securitypolicyviolation', (e) => {
+self.addEventListener?.('securitypolicyviolation', (event) => {
+  // A SecurityPolicyViolationEvent, which TypeScript's WebWorker library does not declare.
+  const e = /** @type {Event & { blockedURI?: string, effectiveDirective: string, violatedDirective: string }} */ (event);
   violations.push({ uri: String(e.blockedURI ?? ''), directive: e.effectiveDirective || e.violatedDirective });
 });
 
@@ -153,6 +163,7 @@ async function hubFetch(url, { headers = {}, signal, what, ctx }) {
 
 /** Every entry of the repo's top level (following Link: rel="next" pages). */
 async function listTree(ctx, signal) {
+  /** @type {string | null} */
   let url = `${ctx.hub}/api/models/${ctx.repo}/tree/${encodeURIComponent(ctx.revision)}`;
   const entries = [];
   for (let page = 0; url && page < 100; page++) {
@@ -185,7 +196,10 @@ async function fetchSmall(ctx, entry, signal) {
   return { bytes, sha256, verified: f.verified };
 }
 
-/** The manifest entry for a listed file (lfs oid = sha256; the git oid for the others). */
+/**
+ * The manifest entry for a listed file (lfs oid = sha256; the git oid for the others).
+ * @returns {ManifestFile}
+ */
 function entryToFile(e) {
   const lfs = e.lfs && typeof e.lfs.oid === 'string' ? e.lfs.oid.replace(/^sha256:/, '').toLowerCase() : null;
   const size = Number(e.lfs?.size ?? e.size);
@@ -267,6 +281,11 @@ class Rate {
  * Resolves to { status: 'complete'|'paused'|'cancelled', modelId, model: summary|null, notes };
  * rejects with a clear message (the partial download stays in the store unless it says so).
  */
+/**
+ * @param {DownloadOptions} options
+ * @param {(event: DownloadProgress) => void} [emit]
+ * @returns {Promise<DownloadResult>}
+ */
 export async function downloadHub({ hub, repo, revision, token, fakeFree, persisted = false }, emit = () => {}) {
   const base = parseHub(hub);
   const repoId = parseRepo(repo, base);
@@ -283,6 +302,10 @@ export async function downloadHub({ hub, repo, revision, token, fakeFree, persis
 }
 
 /** Stops a running download: 'pause' keeps what is stored, 'cancel' deletes the partial model. */
+/**
+ * @param {string} modelId
+ * @param {'pause' | 'cancel'} [how]
+ */
 export async function stopDownload(modelId, how = 'pause') {
   if (typeof modelId !== 'string' || !modelId) throw hubError('cancelDownload: no modelId given');
   const a = active.get(modelId);
@@ -295,7 +318,7 @@ export async function stopDownload(modelId, how = 'pause') {
   }
   a.stop = how;
   a.controller.abort(new DOMException(how === 'cancel' ? 'cancelled' : 'paused', 'AbortError'));
-  await a.done.catch(() => {});
+  await a.done?.catch(() => {});
   return { running: true };
 }
 
@@ -307,18 +330,21 @@ export async function stopAll() {
 export const isDownloading = (modelId) => active.has(modelId);
 export const downloading = () => [...active.keys()];
 
+/** @returns {Promise<DownloadResult>} */
 async function download(ctx, emit) {
+  /** @type {{ controller: AbortController, stop: null | 'pause' | 'cancel', done: Promise<DownloadResult> | null }} */
   const entry = { controller: new AbortController(), stop: null, done: null };
   active.set(ctx.id, entry);
-  entry.done = (async () => {
+  /** @type {Promise<DownloadResult>} */
+  const done = (async () => {
     try {
       return await downloadInner(ctx, emit, entry.controller.signal);
     } catch (err) {
-      if (entry.stop) {
-        if (entry.stop === 'cancel') await store.deleteModel(ctx.id).catch(() => {});
-        return { status: entry.stop === 'cancel' ? 'cancelled' : 'paused', modelId: ctx.id,
-          model: entry.stop === 'cancel' ? null : await summaryOf(ctx.id), notes: [] };
+      if (entry.stop === 'cancel') {
+        await store.deleteModel(ctx.id).catch(() => {});
+        return { status: 'cancelled', modelId: ctx.id, model: null, notes: [] };
       }
+      if (entry.stop) return { status: 'paused', modelId: ctx.id, model: await summaryOf(ctx.id), notes: [] };
       if (!err.quota && store.isQuotaError(err)) {
         const m = await summaryOf(ctx.id);
         throw hubError(`This browser's storage for this page is full: ${ctx.repo} stopped after ${fmt(m?.storedBytes ?? 0)} of ` +
@@ -330,7 +356,8 @@ async function download(ctx, emit) {
       active.delete(ctx.id);
     }
   })();
-  return entry.done;
+  entry.done = done;
+  return done;
 }
 
 async function summaryOf(id) {
@@ -338,6 +365,7 @@ async function summaryOf(id) {
   return m ? store.summary(m) : null;
 }
 
+/** @returns {Promise<DownloadResult>} */
 async function downloadInner(ctx, emit, signal) {
   const { id, repo } = ctx;
   ctx.headers = ctx.token ? { Authorization: `Bearer ${String(ctx.token).trim()}` } : {};
@@ -409,6 +437,7 @@ async function downloadInner(ctx, emit, signal) {
   }
 
   // 3. Room: what is left to fetch must fit, or nothing starts.
+  /** @type {Manifest} */
   const manifest = {
     id, name: repo, source: 'hub', origin: { hub: ctx.hub, repo, revision: ctx.revision },
     chunkSize: store.CHUNK_SIZE, complete: false, startedAt: existing?.startedAt ?? new Date().toISOString(),
@@ -416,7 +445,8 @@ async function downloadInner(ctx, emit, signal) {
   };
   const { total, stored } = store.modelBytes(manifest);
   const room = await store.checkRoom(total - stored);
-  if (fakeFreeOf(ctx) != null) Object.assign(room, { free: fakeFreeOf(ctx), fits: (total - stored) * 1.05 <= fakeFreeOf(ctx) });
+  const fakeFree = fakeFreeOf(ctx);
+  if (fakeFree != null) Object.assign(room, { free: fakeFree, fits: (total - stored) * 1.05 <= fakeFree });
   if (!room.fits) {
     throw hubError(`Not downloaded: ${repo} needs ${fmt(total - stored)}${stored ? ` more (${fmt(total)} in all, ${fmt(stored)} already stored)` : ''}, ` +
       `this browser allows this page ${fmt(room.free)} more. Delete stored models you no longer need (or other sites' data ` +
@@ -533,7 +563,8 @@ async function fetchRange(ctx, f, url, start, signal, onBytes) {
     skip = start; // a server that ignores Range sends the whole file: drop what is stored
   }
   const hash = f.have > 0 ? new Sha256(f.hash) : new Sha256();
-  const reader = resp.body.getReader();
+  // A successful answer to a GET has a body (null only for HEAD-like and 204/304 answers).
+  const reader = /** @type {ReadableStream<Uint8Array>} */ (resp.body).getReader();
   let buf = new Uint8Array(Math.min(size, Math.max(f.size - start, 0)));
   let fill = 0;
   let pos = start; // file offset of buf[0] + fill

@@ -1,3 +1,4 @@
+// @ts-check
 // The page's main-thread script: UI only. All model work happens in web/worker.js, reached
 // through the public JS API (web/bitlora.js, one client and one worker for the whole page).
 // The fine-tuning panels (training data, fine-tune, chat comparison, adapters) live in web/ui/.
@@ -23,19 +24,24 @@
 import { mountModelsPanel } from './models-panel.js';
 import { Bitlora } from './bitlora.js';
 import { mountPanels } from './ui/panels.js';
+import { $, control } from './ui/dom.js';
 
-const $ = (id) => document.getElementById(id);
+/** @import { PageState, GenState } from './ui/panels.js' */
+
 const params = new URLSearchParams(location.search);
 const preferGpu = params.get('backend') !== 'cpu';
 const bundledModel = params.get('model') ?? 'default';
-const fakeFree = params.get('free');
+// ?free=BYTES (tests): the store acts as if only that much browser storage were free.
+const fakeFree = params.get('free') ? Number(params.get('free')) : undefined;
 
-const state = (window.__bitlora = {
+/** @type {PageState} */
+const state = {
   state: 'starting', backend: null, adapter: null, backendInfo: null, model: null,
   tokens: null, logits: null, top: null, ms: null, error: null,
   generation: { state: 'idle' },
   loadProgress: [],
-});
+};
+/** @type {Window & { __bitlora?: PageState }} */ (window).__bitlora = state;
 let modelsPanel = null; // web/models-panel.js, mounted below
 let panels = null; // the fine-tuning panels (web/ui/panels.js), mounted below
 
@@ -54,16 +60,17 @@ function startClient() {
   return clientReady;
 }
 
-// Requests that load a model: the client then knows the model (training runs record its key).
-const MODEL_LOADS = new Set(['loadBundled', 'loadStored', 'loadFiles', 'importFiles']);
-
-/** Sends a raw worker request through the client; `onToken` / `onProgress` get its events. */
-async function call(type, args = {}, { onToken, onProgress } = {}) {
+/**
+ * Calls the client's public API (web/bitlora.js) once it runs: `withClient((c) => c.forward(ids))`.
+ * A crash of the wasm module (an error with `fatal`) restarts the worker.
+ * @template T
+ * @param {(client: Bitlora) => Promise<T>} fn
+ * @returns {Promise<T>}
+ */
+async function withClient(fn) {
   const c = await startClient();
   try {
-    const r = await c.request(type, args, (m) => (m.type === 'token' ? onToken?.(m.event) : onProgress?.(m.event)));
-    if (MODEL_LOADS.has(type) && r && typeof r === 'object') c.model = r;
-    return r;
+    return await fn(c);
   } catch (err) {
     if (err.fatal) restartWorker(err.message);
     throw err;
@@ -101,13 +108,13 @@ function setState(s) {
 function syncControls() {
   const busy = ['starting', 'loading', 'running'].includes(state.state);
   const generating = state.generation.state === 'generating';
-  $('run').disabled = busy || generating;
-  $('files').disabled = busy || generating;
+  $('run', HTMLButtonElement).disabled = busy || generating;
+  $('files', HTMLInputElement).disabled = busy || generating;
   modelsPanel?.sync({ busy: busy || generating });
-  $('load-bundled').disabled = busy || generating;
-  $('delete-all').disabled = busy || generating;
-  $('generate-btn').disabled = busy || generating || !state.model;
-  $('stop').disabled = !generating;
+  $('load-bundled', HTMLButtonElement).disabled = busy || generating;
+  $('delete-all', HTMLButtonElement).disabled = busy || generating;
+  $('generate-btn', HTMLButtonElement).disabled = busy || generating || !state.model;
+  $('stop', HTMLButtonElement).disabled = !generating;
 }
 
 function showError(message) {
@@ -206,17 +213,17 @@ let promptMode = 'ids';
 function setPromptMode(model) {
   const mode = model.tokenizer ? 'text' : 'ids';
   if (mode !== promptMode) {
-    $('prompt').value = PROMPT_DEFAULTS[mode];
+    $('prompt', HTMLTextAreaElement).value = PROMPT_DEFAULTS[mode];
     promptMode = mode;
   }
   $('prompt-label').textContent = mode === 'text' ? 'Prompt' : 'Prompt (token ids)';
-  $('prompt').inputMode = mode === 'text' ? 'text' : 'numeric';
+  $('prompt', HTMLTextAreaElement).inputMode = mode === 'text' ? 'text' : 'numeric';
   $('prompt-hint').textContent = mode === 'text'
     ? `Text, encoded with ${model.tokenizer}; the output streams as text.`
     : 'This model has no tokenizer (pick its tokenizer.json to use text): give comma-separated token ids; the output is ids too.';
-  $('chat').disabled = !model.chatTemplate;
-  $('chat').checked = Boolean(model.chatTemplate);
-  $('max-tokens').max = String(model.maxPositions);
+  $('chat', HTMLInputElement).disabled = !model.chatTemplate;
+  $('chat', HTMLInputElement).checked = Boolean(model.chatTemplate);
+  $('max-tokens', HTMLInputElement).max = String(model.maxPositions);
   syncControls();
 }
 
@@ -237,9 +244,10 @@ const inputError = (inputId, message) => Object.assign(new Error(message), { inp
  * by bitlora itself (core's SamplingOptions::validate), whose errors name the option.
  */
 function readOptions() {
+  /** @type {Record<string, number>} */
   const options = {};
   for (const [name, [id, label]] of Object.entries(OPTION_INPUTS)) {
-    const raw = $(id).value.trim();
+    const raw = $(id, HTMLInputElement).value.trim();
     if (raw === '') throw inputError(id, `${label}: enter a number`);
     options[name] = Number(raw);
   }
@@ -247,10 +255,10 @@ function readOptions() {
 }
 
 function readPrompt() {
-  const text = $('prompt').value;
+  const text = $('prompt', HTMLTextAreaElement).value;
   if (promptMode === 'text') {
     if (!text.trim()) throw inputError('prompt', 'Prompt: type some text to continue');
-    return { text, chat: $('chat').checked };
+    return { text, chat: $('chat', HTMLInputElement).checked };
   }
   try {
     return { tokens: parseTokens(text, 'Prompt') };
@@ -293,7 +301,7 @@ function liveRate(g) {
 
 function showProgress(g) {
   const n = g.tokens.length;
-  $('gen-progress').value = n;
+  $('gen-progress', HTMLProgressElement).value = n;
   const parts = [`${n} / ${g.maxTokens} tokens`];
   const rate = liveRate(g);
   if (rate) {
@@ -305,8 +313,11 @@ function showProgress(g) {
   $('gen-stats').textContent = parts.join(' · ');
 }
 
-function onToken(event) {
-  const g = state.generation;
+/**
+ * @param {GenState} g
+ * @param {import('./bitlora.js').TokenEvent} event
+ */
+function onToken(g, event) {
   if (g.tokens.length === 0) g.firstAt = event.at;
   g.lastAt = event.at;
   g.tokens.push(event.token);
@@ -331,23 +342,25 @@ async function generate() {
     showGenError(err.message, err.inputId);
     return;
   }
-  const g = (state.generation = {
+  /** @type {GenState} */
+  const g = {
     state: 'generating', prompt, options, maxTokens: options.max_tokens,
     tokens: [], text: '', events: 0, firstAt: null, lastAt: null, result: null, error: null,
-  });
+  };
+  state.generation = g;
   document.body.dataset.gen = 'generating';
   $('gen-prompt').textContent = prompt.tokens ? prompt.tokens.join(' ') + ' → ' : '';
   $('gen-text').textContent = '';
   $('gen-output').hidden = false;
   $('gen-output').setAttribute('aria-busy', 'true');
-  $('gen-progress').max = Number.isFinite(options.max_tokens) && options.max_tokens > 0 ? options.max_tokens : 1;
+  $('gen-progress', HTMLProgressElement).max = Number.isFinite(options.max_tokens) && options.max_tokens > 0 ? options.max_tokens : 1;
   $('gen-meter').hidden = false;
   showProgress(g);
   syncControls();
   try {
     generation = (await startClient()).generate(prompt, {
       maxTokens: options.max_tokens, temperature: options.temperature, topK: options.top_k, topP: options.top_p,
-      repetitionPenalty: options.repetition_penalty, seed: options.seed, onToken,
+      repetitionPenalty: options.repetition_penalty, seed: options.seed, onToken: (event) => onToken(g, event),
     });
     const r = await generation.result;
     g.result = r;
@@ -360,7 +373,7 @@ async function generate() {
       `${r.tokens.length} token${r.tokens.length === 1 ? '' : 's'} in ${fmtSeconds(r.ms / 1000)} on ` +
       `${r.backend === 'webgpu' ? 'WebGPU' : 'the CPU'}${rate} · prompt ${r.promptTokens.length} tokens, ` +
       `first token after ${r.prefillMs.toFixed(1)} ms · ${why}`;
-    $('gen-progress').value = r.stoppedBy === 'max_tokens' ? $('gen-progress').max : r.tokens.length;
+    $('gen-progress', HTMLProgressElement).value = r.stoppedBy === 'max_tokens' ? $('gen-progress', HTMLProgressElement).max : r.tokens.length;
     document.body.dataset.gen = 'done';
   } catch (err) {
     if (err.fatal) restartWorker(err.message);
@@ -379,7 +392,7 @@ async function generate() {
 
 function stopGeneration() {
   generation?.stop();
-  $('stop').disabled = true;
+  $('stop', HTMLButtonElement).disabled = true;
 }
 
 function showResult(r) {
@@ -429,7 +442,7 @@ function parseTokens(text, label = 'Token ids') {
 async function run() {
   let tokens;
   try {
-    tokens = parseTokens($('tokens').value);
+    tokens = parseTokens($('tokens', HTMLInputElement).value);
   } catch (err) {
     showError(err.message);
     return;
@@ -437,7 +450,7 @@ async function run() {
   clearError();
   setState('running');
   try {
-    showResult(await call('forward', { tokens }));
+    showResult(await withClient((c) => c.forward(tokens)));
     setState('done');
     publish();
   } catch (err) {
@@ -455,21 +468,23 @@ const PHASES = {
 };
 let phaseStart = null;
 
+/** @param {import('./bitlora.js').LoadProgress} ev */
 function showLoadProgress(ev) {
   if (!phaseStart || phaseStart.phase !== ev.phase) {
     phaseStart = { phase: ev.phase, at: ev.at };
     state.loadProgress.push({ phase: ev.phase, at: ev.at });
   }
-  const last = state.loadProgress.at(-1);
+  const start = phaseStart;
+  const last = state.loadProgress[state.loadProgress.length - 1]; // the entry pushed above, or earlier for this phase
   Object.assign(last, { done: ev.done, total: ev.total, end: ev.at });
   $('load-meter').hidden = false;
-  const bar = $('load-progress');
+  const bar = $('load-progress', HTMLProgressElement);
   bar.max = Math.max(ev.total, 1);
   bar.value = ev.done;
   const parts = [PHASES[ev.phase] ?? ev.phase];
   if (ev.phase !== 'build') {
     parts.push(`${fmtBytes(ev.done)} / ${fmtBytes(ev.total)}`);
-    const s = (ev.at - phaseStart.at) / 1000;
+    const s = (ev.at - start.at) / 1000;
     if (s > 0.05 && ev.done > 0) {
       const rate = ev.done / s;
       parts.push(`${fmtBytes(rate)}/s`, ev.done >= ev.total
@@ -489,8 +504,9 @@ async function loadBundled() {
   $('model-name').textContent = bundledModel === 'default' ? 'Loading the default model…' : `Loading the bundled ${bundledModel} model…`;
   await askPersist();
   try {
-    showModel(await call('loadBundled', { model: bundledModel, persisted: Boolean(state.persisted), fakeFree: fakeFree ?? undefined },
-      { onProgress: showLoadProgress }), bundledModel === 'default' ? 'Bundled default model' : `Bundled ${bundledModel} model`);
+    showModel(await withClient((c) => c.loadModel({ bundled: bundledModel },
+      { persisted: Boolean(state.persisted), fakeFree, onProgress: showLoadProgress })),
+    bundledModel === 'default' ? 'Bundled default model' : `Bundled ${bundledModel} model`);
   } finally {
     $('load-meter').hidden = true;
   }
@@ -512,14 +528,14 @@ function askPersist() {
 
 async function showStore() {
   modelsPanel?.refresh();
-  const info = await call('storeInfo');
+  const info = await withClient((c) => c.listModels());
   state.store = info;
   if (!info.available) {
     $('data-status').textContent = `This browser's storage cannot be used here (${info.error}): nothing is kept between visits.`;
     return;
   }
   const stored = info.models.filter((m) => m.complete);
-  const bytes = stored.reduce((n, m) => n + m.files.reduce((k, f) => k + f.size, 0), 0);
+  const bytes = stored.reduce((n, m) => n + m.bytes, 0);
   $('data-status').textContent = stored.length
     ? `Kept in this browser (IndexedDB): ${stored.map((m) => m.name).join(', ')}, ${fmtBytes(bytes)}` +
       (info.quota ? ` (the browser allows this site ${fmtBytes(info.quota)}` + (state.persisted ? ', persistent)' : ')') : '') + '.'
@@ -529,11 +545,11 @@ async function showStore() {
 
 async function deleteAll() {
   if (!window.confirm('Delete everything this page keeps in this browser: stored models, training runs and adapters?')) return;
-  $('delete-all').disabled = true;
+  $('delete-all', HTMLButtonElement).disabled = true;
   try {
     // A run in progress is stopped first, so it does not write a checkpoint after the deletion.
     await panels?.beforeDeleteAll();
-    const r = await call('deleteAll');
+    const r = await withClient((c) => c.deleteModelStore());
     const training = (await panels?.deleteTrainingData()) || '';
     state.store = { available: true, models: [] };
     modelsPanel.refresh();
@@ -566,30 +582,30 @@ async function boot({ run: andRun, keepError = false }) {
   }
 }
 
-$('run-form').addEventListener('submit', (event) => {
+$('run-form', HTMLFormElement).addEventListener('submit', (event) => {
   event.preventDefault();
   run();
 });
 
-$('gen-form').addEventListener('submit', (event) => {
+$('gen-form', HTMLFormElement).addEventListener('submit', (event) => {
   event.preventDefault();
   generate();
 });
-$('stop').addEventListener('click', stopGeneration);
-$('gen-form').addEventListener('input', (event) => event.target.removeAttribute?.('aria-invalid'));
+$('stop', HTMLButtonElement).addEventListener('click', stopGeneration);
+$('gen-form', HTMLFormElement).addEventListener('input', (event) => control(event).removeAttribute?.('aria-invalid'));
 
 // The model panel (web/models-panel.js): stored models, Hugging Face downloads, and the files
 // picker (#files) + drop zone, whose files are loaded and kept in the store ('importFiles').
 modelsPanel = mountModelsPanel({
-  call, state, params, showModel, showError, clearError, setState, run, askPersist, publish, showLoadProgress,
+  withClient, state, params, showModel, showError, clearError, setState, run, askPersist, publish, showLoadProgress,
 });
 
 // The fine-tuning panels (web/ui/): training data, fine-tune, base-vs-adapter chat, adapters.
 panels = mountPanels({ client: () => client, model: () => state.model, state, publish });
 
-$('delete-all').addEventListener('click', deleteAll);
+$('delete-all', HTMLButtonElement).addEventListener('click', deleteAll);
 
-$('load-bundled').addEventListener('click', async () => {
+$('load-bundled', HTMLButtonElement).addEventListener('click', async () => {
   clearError();
   try {
     await loadBundled();
@@ -600,6 +616,6 @@ $('load-bundled').addEventListener('click', async () => {
   await run();
 });
 
-if (params.get('tokens')) $('tokens').value = params.get('tokens');
+if (params.get('tokens')) $('tokens', HTMLInputElement).value = String(params.get('tokens'));
 document.body.dataset.gen = 'idle';
 boot({ run: true });

@@ -1,11 +1,12 @@
+// @ts-check
 // The model panel: models stored in this browser (load, resume, delete), downloads from a
 // Hugging Face-style hub (progress, ETA, pause, cancel, resume) and local files (picker and
 // drag-and-drop), kept so they survive a reload. Main-thread UI only: the work happens in
 // web/worker.js through web/hub.js and web/store.js.
 //
 // Mounted by web/main.js: `mountModelsPanel(page)` builds the DOM inside #model and #load and
-// returns { refresh, sync }. `page` gives it main.js's pieces: call(type, args, { onProgress,
-// onId }), showModel(model, origin), showError(msg), clearError(), setState(s), run(),
+// returns { refresh, sync }. `page` gives it main.js's pieces: withClient(fn) (calls fn with the
+// Bitlora client of web/bitlora.js; a worker crash restarts it), showModel(model, origin), showError(msg), clearError(), setState(s), run(),
 // showLoadProgress(event), askPersist(), publish(), state (window.__bitlora), params (URL).
 //
 // For tests and embedders: window.__bitlora.models = { list: summary[], usage, quota,
@@ -18,6 +19,7 @@
 
 import { DEFAULT_HUB, hubModelId, parseHub, parseRepo } from './hub.js';
 import { fmtSize } from './store.js';
+import { $ } from './ui/dom.js';
 
 const el = (tag, props = {}, ...children) => {
   const e = document.createElement(tag);
@@ -34,10 +36,16 @@ const fmtSeconds = (s) => (s < 1 ? 'under a second' : s >= 3600 ? `${Math.floor(
   : s >= 60 ? `${Math.floor(s / 60)} min ${Math.round(s % 60)} s` : `${Math.round(s)} s`);
 const SOURCE = { bundled: 'bundled with this page', hub: 'Hugging Face', local: 'your files' };
 
+/**
+ * @param {{ withClient: <T>(fn: (client: import('./bitlora.js').Bitlora) => Promise<T>) => Promise<T>,
+ *   state: import('./ui/panels.js').PageState, params: URLSearchParams,
+ *   showModel: (model: import('./bitlora.js').ModelInfo, origin: string) => void, showError: (message: string) => void,
+ *   clearError: () => void, setState: (s: string) => void, run: () => Promise<void>, askPersist: () => Promise<void>,
+ *   publish: () => void, showLoadProgress: (p: import('./bitlora.js').LoadProgress) => void }} page
+ */
 export function mountModelsPanel(page) {
-  const { call, state, params } = page;
-  const $ = (id) => document.getElementById(id);
-  const fakeFree = params.get('free') ?? undefined;
+  const { withClient, state, params } = page;
+  const fakeFree = params.get('free') ? Number(params.get('free')) : undefined;
 
   // Styles of this panel (a stylesheet from this origin: the CSP allows no inline styles).
   if (!document.querySelector('link[href$="models-panel.css"]')) {
@@ -84,10 +92,12 @@ export function mountModelsPanel(page) {
     el('strong', {}, 'Drop model files here'),
     el('span', { id: 'drop-hint' }, ' config.json, *.safetensors, tokenizer.json, tokenizer_config.json (or their folder), or click to pick them.'));
   const importError = el('div', { id: 'import-error', className: 'error', role: 'alert', hidden: true });
-  $('files').closest('.row').after(drop, importError);
+  $('files', HTMLInputElement).closest('.row')?.after(drop, importError);
 
   // ---- state ----------------------------------------------------------------------------------
-  const models = (state.models = { list: [], usage: null, quota: null, download: { state: 'idle' } });
+  /** @type {import('./ui/panels.js').ModelsState} */
+  const models = { list: [], usage: null, quota: null, download: { state: 'idle' } };
+  state.models = models;
   document.body.dataset.download = 'idle';
   document.body.dataset.import = 'idle';
   let busy = true;
@@ -96,7 +106,7 @@ export function mountModelsPanel(page) {
   const setDownload = (patch) => {
     Object.assign(models.download, patch);
     document.body.dataset.download = models.download.state;
-    $('hub-download').disabled = models.download.state === 'downloading';
+    $('hub-download', HTMLButtonElement).disabled = models.download.state === 'downloading';
     meter.hidden = models.download.state !== 'downloading';
     render(); // Resume buttons are off while a download runs
     page.publish();
@@ -114,7 +124,7 @@ export function mountModelsPanel(page) {
   async function refresh() {
     let info;
     try {
-      info = await call('listModels');
+      info = await withClient((c) => c.listModels());
     } catch (err) {
       $('models-summary').textContent = `Could not read this browser's storage: ${err.message}`;
       return;
@@ -175,7 +185,8 @@ export function mountModelsPanel(page) {
     if (!m) return;
     ({
       load: () => loadStored(m),
-      resume: () => download(m.origin),
+      // Resume is offered for hub models only, which have an origin.
+      resume: () => download(/** @type {NonNullable<typeof m.origin>} */ (m.origin)),
       pause: () => stop(m.id, false),
       delete: () => { armed = m.id; render(); list.querySelector('button[data-action="confirm-delete"]')?.focus(); },
       keep: () => { armed = null; render(); },
@@ -187,7 +198,7 @@ export function mountModelsPanel(page) {
     armed = null;
     try {
       if (models.download.modelId === m.id && models.download.state === 'downloading') await stop(m.id, true);
-      await call('deleteModel', { modelId: m.id });
+      await withClient((c) => c.deleteStoredModel(m.id));
       showNote(`Deleted ${m.name} from this browser (${fmtSize(m.storedBytes)}).` +
         (state.model?.storeId === m.id ? ' It stays loaded in this tab until you load another model or close it.' : ''));
     } catch (err) {
@@ -203,7 +214,7 @@ export function mountModelsPanel(page) {
     state.loadProgress = [];
     $('model-name').textContent = `Loading ${m.name}…`;
     try {
-      const model = await call('loadStored', { modelId: m.id }, { onProgress: page.showLoadProgress });
+      const model = await withClient((c) => c.loadModel({ stored: m.id }, { onProgress: page.showLoadProgress }));
       page.showModel(model, m.source === 'hub' ? `${m.name} (Hugging Face)` : m.name);
     } catch (err) {
       page.showError(`Could not load ${m.name}: ${err.message}`);
@@ -222,15 +233,15 @@ export function mountModelsPanel(page) {
     event.preventDefault();
     let hub, repo;
     try {
-      hub = parseHub($('hub-url').value);
-      repo = parseRepo($('hub-repo').value, hub);
+      hub = parseHub($('hub-url', HTMLInputElement).value);
+      repo = parseRepo($('hub-repo', HTMLInputElement).value, hub);
     } catch (err) {
       showHubError(err.message);
       setDownload({ state: 'error', error: err.message });
-      (/hub URL/.test(err.message) ? (advanced.open = true, $('hub-url')) : $('hub-repo')).focus();
+      (/hub URL/.test(err.message) ? (advanced.open = true, $('hub-url', HTMLInputElement)) : $('hub-repo', HTMLInputElement)).focus();
       return;
     }
-    download({ hub, repo, revision: $('hub-revision').value.trim() || 'main' });
+    download({ hub, repo, revision: $('hub-revision', HTMLInputElement).value.trim() || 'main' });
   });
 
   async function download({ hub, repo, revision }) {
@@ -239,14 +250,14 @@ export function mountModelsPanel(page) {
     showNote('');
     await page.askPersist();
     setDownload({ state: 'downloading', modelId: hubModelId(hub, repo, revision), repo, progress: null, error: null, notes: [], result: null, loaded: false });
-    $('hub-progress').removeAttribute('value');
+    $('hub-progress', HTMLProgressElement).removeAttribute('value');
     $('hub-stats').textContent = `Asking ${hub} for the files of ${repo}…`;
     let r;
     try {
-      r = await call('downloadHub', {
-        hub, repo, revision, token: $('hub-token').value.trim() || undefined,
+      r = await withClient((c) => c.downloadModel({
+        hub, repo, revision, token: $('hub-token', HTMLInputElement).value.trim() || undefined,
         persisted: Boolean(state.persisted), fakeFree,
-      }, { onProgress: showProgress });
+      }, { onProgress: showProgress }));
     } catch (err) {
       setDownload({ state: 'error', error: err.message });
       showHubError(err.message);
@@ -262,6 +273,7 @@ export function mountModelsPanel(page) {
     } else if (r.status === 'cancelled') {
       showNote(`Cancelled: nothing of ${repo} is kept.`);
     } else {
+      const m = r.model; // complete: the stored model
       showNote([r.already ? `${repo} is already stored in this browser.` : `Downloaded ${repo} (${fmtSize(m.bytes)}): every file's size and SHA-256 checked, stored in this browser.`,
         ...r.notes.filter((n) => !/already stored/.test(n))].join(' '));
       // Load it now unless the page is busy (a generation, a training run): then the list's Load.
@@ -275,7 +287,7 @@ export function mountModelsPanel(page) {
     const d = models.download;
     d.modelId = ev.modelId;
     d.progress = ev;
-    const bar = $('hub-progress');
+    const bar = $('hub-progress', HTMLProgressElement);
     const line = [];
     if (ev.phase === 'list') line.push(`Listing the files of ${d.repo}…`);
     else if (ev.phase === 'check') line.push('Checking that config.json is a BitNet model…');
@@ -301,13 +313,13 @@ export function mountModelsPanel(page) {
     const id = modelId ?? models.download.modelId;
     if (!id) return;
     try {
-      await call('cancelDownload', { modelId: id, discard: Boolean(discard) });
+      await withClient((c) => c.stopDownload(id, { discard: Boolean(discard) }));
     } catch (err) {
       showHubError(`Could not ${discard ? 'cancel' : 'pause'}: ${err.message}`);
     }
   }
-  $('hub-pause').addEventListener('click', () => stop(null, false));
-  $('hub-cancel').addEventListener('click', () => stop(null, true));
+  $('hub-pause', HTMLButtonElement).addEventListener('click', () => stop(null, false));
+  $('hub-cancel', HTMLButtonElement).addEventListener('click', () => stop(null, true));
 
   // ---- local files: the picker and drag-and-drop ------------------------------------------------
   async function importFiles(files) {
@@ -319,8 +331,8 @@ export function mountModelsPanel(page) {
     state.loadProgress = [];
     await page.askPersist();
     try {
-      const model = await call('importFiles', { files, persisted: Boolean(state.persisted), fakeFree },
-        { onProgress: page.showLoadProgress });
+      const model = await withClient((c) => c.loadModel({ files },
+        { keep: true, persisted: Boolean(state.persisted), fakeFree, onProgress: page.showLoadProgress }));
       page.showModel(model, 'Your model');
       document.body.dataset.import = 'done';
     } catch (err) {
@@ -329,19 +341,19 @@ export function mountModelsPanel(page) {
       document.body.dataset.import = 'error';
       return;
     } finally {
-      $('files').value = '';
+      $('files', HTMLInputElement).value = '';
       $('load-meter').hidden = true;
       refresh();
     }
     await page.run();
   }
 
-  $('files').addEventListener('change', () => importFiles(Array.from($('files').files)));
-  drop.addEventListener('click', () => $('files').click());
+  $('files', HTMLInputElement).addEventListener('change', () => importFiles(Array.from($('files', HTMLInputElement).files ?? [])));
+  drop.addEventListener('click', () => $('files', HTMLInputElement).click());
   drop.addEventListener('keydown', (e) => {
     if (e.key === 'Enter' || e.key === ' ') {
       e.preventDefault();
-      $('files').click();
+      $('files', HTMLInputElement).click();
     }
   });
   for (const type of ['dragenter', 'dragover']) {
@@ -374,7 +386,7 @@ export function mountModelsPanel(page) {
     sync({ busy: b }) {
       const changed = busy !== b;
       busy = b;
-      $('files').disabled = b;
+      $('files', HTMLInputElement).disabled = b;
       drop.setAttribute('aria-disabled', String(b));
       if (changed) render();
     },

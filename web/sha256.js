@@ -1,3 +1,4 @@
+// @ts-check
 // Incremental SHA-256 (FIPS 180-4) whose state can be saved and restored.
 //
 // Why not crypto.subtle.digest: it hashes one buffer in one call. A resumable download writes a
@@ -20,10 +21,15 @@ const K = new Int32Array([
   0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
   0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
 ]);
+/** A hash's saved state: what `save()` returns. @typedef {{ h: number[], length: number }} Sha256State */
+
 const INIT = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
 
 export class Sha256 {
-  /** `saved`: what `save()` returned, to continue a hash; omitted for a fresh one. */
+  /**
+   * `saved`: what `save()` returned, to continue a hash; omitted for a fresh one.
+   * @param {Sha256State} [saved]
+   */
   constructor(saved) {
     this.h = new Int32Array(saved ? saved.h : INIT);
     this.length = saved ? saved.length : 0; // bytes hashed so far (a Number: exact below 2^53)
@@ -32,12 +38,16 @@ export class Sha256 {
     this.w = new Int32Array(64);
   }
 
-  /** { h: number[8], length } for a hash with no partial block pending. */
+  /**
+   * { h: number[8], length } for a hash with no partial block pending.
+   * @returns {Sha256State}
+   */
   save() {
     if (this.bufLen !== 0) throw new Error(`sha256: cannot save mid-block (${this.length} bytes hashed)`);
     return { h: Array.from(this.h), length: this.length };
   }
 
+  /** @param {Uint8Array} bytes */
   update(bytes) {
     let off = 0;
     const n = bytes.length;
@@ -76,6 +86,10 @@ export class Sha256 {
     return out;
   }
 
+  /**
+   * @param {Uint8Array} p
+   * @param {number} off
+   */
   block(p, off) {
     const w = this.w, h = this.h;
     for (let i = 0; i < 16; i++, off += 4) w[i] = (p[off] << 24) | (p[off + 1] << 16) | (p[off + 2] << 8) | p[off + 3];

@@ -1,3 +1,4 @@
+// @ts-check
 // The model store: models kept in this browser's IndexedDB, so a later visit loads them without
 // fetching anything. Used by web/worker.js and web/hub.js (module worker code); no DOM needed.
 //
@@ -29,9 +30,22 @@
 
 import { Sha256 } from './sha256.js';
 
+/**
+ * A file of a stored model, as its manifest describes it (see the header).
+ * @typedef {{ name: string, size: number, sha256: string | null, chunks: number, have?: number,
+ *   hash?: import('./sha256.js').Sha256State, oid?: string | null,
+ *   verified?: 'lfs-sha256' | 'git-sha1' | 'size', inFlight?: number }} ManifestFile
+ */
+/**
+ * @typedef {{ id: string, name: string, source: 'bundled' | 'hub' | 'local', chunkSize: number,
+ *   complete: boolean, storedAt: string, updatedAt?: string, startedAt?: string,
+ *   origin?: { hub: string, repo: string, revision: string }, files: ManifestFile[] }} Manifest
+ */
+
 export const DB_NAME = 'bitlora';
 export const CHUNK_SIZE = 4 * 1024 * 1024;
 
+/** @type {Promise<IDBDatabase> | null} */
 let dbPromise = null;
 
 export function openDb() {
@@ -57,6 +71,7 @@ export function openDb() {
   return dbPromise;
 }
 
+/** @type {(tx: IDBTransaction) => Promise<void>} */
 const done = (tx) => new Promise((resolve, reject) => {
   tx.oncomplete = () => resolve();
   tx.onerror = () => reject(tx.error ?? new Error('IndexedDB transaction failed'));
@@ -80,7 +95,10 @@ export function isQuotaError(err) {
     (typeof DOMException !== 'undefined' && err instanceof DOMException && /quota/i.test(err.message));
 }
 
-/** Bytes a manifest describes, and bytes of it stored so far. */
+/**
+ * Bytes a manifest describes, and bytes of it stored so far.
+ * @param {Manifest} m
+ */
 export function modelBytes(m) {
   let total = 0, stored = 0;
   for (const f of m.files) {
@@ -91,7 +109,11 @@ export function modelBytes(m) {
   return { total, stored };
 }
 
-/** What the page lists: { id, name, source, origin, bytes, storedBytes, complete, storedAt, files }. */
+/**
+ * What the page lists: { id, name, source, origin, bytes, storedBytes, complete, storedAt, files }.
+ * @param {Manifest} m
+ * @returns {import('./bitlora.js').StoredModel}
+ */
 export function summary(m) {
   const { total, stored } = modelBytes(m);
   return {
@@ -101,11 +123,16 @@ export function summary(m) {
   };
 }
 
+/**
+ * @param {string} id
+ * @returns {Promise<Manifest | undefined>}
+ */
 export async function getManifest(id) {
   const db = await openDb();
   return result(db.transaction('manifests').objectStore('manifests').get(id));
 }
 
+/** @returns {Promise<Manifest[]>} */
 export async function listManifests() {
   const db = await openDb();
   return result(db.transaction('manifests').objectStore('manifests').getAll());
@@ -117,10 +144,11 @@ export async function listManifests() {
  */
 export async function listIfAny() {
   if (!dbPromise) {
+    /** @type {boolean} */
     const exists = await new Promise((resolve) => {
       if (typeof indexedDB === 'undefined') return resolve(false);
       const req = indexedDB.open(DB_NAME);
-      req.onupgradeneeded = () => req.transaction.abort(); // none yet: do not create it
+      req.onupgradeneeded = () => req.transaction?.abort(); // none yet: do not create it
       req.onsuccess = () => { req.result.close(); resolve(true); };
       req.onerror = (e) => { e.preventDefault?.(); resolve(false); };
       req.onblocked = () => resolve(true);
@@ -190,6 +218,7 @@ export async function resetFile(id, name) {
 export async function writeChunk(id, name, index, bytes, patch = {}) {
   const db = await openDb();
   const tx = db.transaction(['manifests', 'chunks'], 'readwrite');
+  /** @type {Manifest | 'stale' | Error | null} */
   let outcome = null; // the manifest as written, 'stale', or a synchronous put error
   const manifests = tx.objectStore('manifests');
   const get = manifests.get(id);
@@ -210,18 +239,20 @@ export async function writeChunk(id, name, index, bytes, patch = {}) {
       outcome = m;
     } catch (err) {
       // A synchronous put error (QuotaExceededError in some browsers, DataCloneError).
-      outcome = err;
+      outcome = /** @type {Error} */ (err);
       tx.abort();
     }
   };
   try {
     await done(tx);
   } catch (err) {
-    if (outcome instanceof Error) throw outcome;
-    if (outcome === 'stale') throw staleWrite(id, name, index);
+    // Set by the request's callback above, which TypeScript's flow analysis does not follow.
+    const o = /** @type {Manifest | 'stale' | Error | null} */ (outcome);
+    if (o instanceof Error) throw o;
+    if (o === 'stale') throw staleWrite(id, name, index);
     throw err;
   }
-  return outcome;
+  return /** @type {Manifest | null} */ (outcome);
 }
 
 const staleWrite = (id, name, index) => Object.assign(
@@ -304,6 +335,7 @@ export async function importFiles({ id, name }, entries, onProgress) {
       }
     }
     const m = await getManifest(id);
+    if (!m) throw staleWrite(id, entries[0]?.name ?? name, 0);
     m.complete = true;
     for (const f of m.files) {
       delete f.have;
@@ -325,10 +357,17 @@ export async function importFiles({ id, name }, entries, onProgress) {
  * openModel's `onProblem` asked.
  */
 export class StoreProblem extends Error {
+  /**
+   * @param {string} problem
+   * @param {string | undefined} file
+   * @param {Manifest} manifest
+   */
   constructor(problem, file, manifest) {
     super(problem);
     this.name = 'StoreProblem';
-    Object.assign(this, { problem, file, manifest });
+    this.problem = problem;
+    this.file = file;
+    this.manifest = manifest;
   }
 }
 
@@ -342,10 +381,14 @@ export class StoreProblem extends Error {
  * 'keep-partial' (downloads and imports) leaves an incomplete download alone (it can be
  * resumed), and on a failed chunk or hash forgets only the damaged file (resetFile), so a resume
  * fetches just that file again.
+ * @param {string} id
+ * @param {{ onProblem?: 'discard' | 'keep-partial' }} [options]
+ * @returns {Promise<{ manifest: Manifest, files: StoredFile[] } | null>}
  */
 export async function openModel(id, { onProblem = 'discard' } = {}) {
   const manifest = await getManifest(id);
   if (!manifest) return null;
+  /** @type {FailStored} */
   const fail = async (text, file) => {
     if (onProblem === 'discard') await deleteModel(id);
     else if (file) await resetFile(id, file);
@@ -358,8 +401,21 @@ export async function openModel(id, { onProblem = 'discard' } = {}) {
   return { manifest, files: manifest.files.map((f) => new StoredFile(id, f, fail)) };
 }
 
-/** Chunk `index` of a stored file as IndexedDB gives it back (undefined when it is missing). */
+/**
+ * What openModel's files call on a bad copy: deals with it as `onProblem` asked and resolves to
+ * the StoreProblem to throw.
+ * @typedef {(text: string, file?: string) => Promise<StoreProblem>} FailStored
+ */
+
+/**
+ * Chunk `index` of a stored file as IndexedDB gives it back (undefined when it is missing).
+ * @param {string} id
+ * @param {string} name
+ * @param {number} index
+ * @returns {Promise<unknown>}
+ */
 async function getChunk(id, name, index) {
+  /** @type {unknown} */
   let chunk;
   try {
     const db = await openDb();
@@ -382,16 +438,25 @@ async function getChunk(id, name, index) {
  * fed is finished (the tensors already handed over are thrown away with the failed load).
  */
 export class StoredFile {
+  /** @type {string} */
   #id;
-  #entry; // the manifest's { name, size, sha256, chunks }
-  #fail; // openModel's: deals with the bad copy, returns the StoreProblem to throw
+  /** @type {ManifestFile} the manifest's { name, size, sha256, chunks } */
+  #entry;
+  /** @type {FailStored} openModel's: deals with the bad copy, returns the StoreProblem to throw */
+  #fail;
   #hash = new Sha256();
-  #chunk = null; // the chunk in hand, bytes [#base, #end) of the file
+  /** @type {Uint8Array | null} the chunk in hand, bytes [#base, #end) of the file */
+  #chunk = null;
   #base = 0;
   #end = 0; // also: bytes fetched and hashed so far
   #next = 0; // index of the next chunk to fetch
   #verified = false;
 
+  /**
+   * @param {string} id
+   * @param {ManifestFile} entry
+   * @param {FailStored} fail
+   */
   constructor(id, entry, fail) {
     this.#id = id;
     this.#entry = entry;
@@ -421,6 +486,9 @@ export class StoredFile {
    * Bytes [start, end) of the file: a view into the chunk in hand when it holds them all, else a
    * copy of just those bytes. Reads go front to back: `start` may not lie before the chunk in
    * hand (tensors come in file order; safetensors forbids overlapping ones).
+   * @param {number} start
+   * @param {number} end
+   * @returns {Promise<Uint8Array>}
    */
   async read(start, end) {
     if (!(start >= this.#base && start <= end && end <= this.size)) {
@@ -428,14 +496,14 @@ export class StoredFile {
     }
     if (start === end) return new Uint8Array(0);
     while (this.#end <= start) await this.#advance();
-    if (end <= this.#end) return this.#chunk.subarray(start - this.#base, end - this.#base);
+    if (end <= this.#end) return /** @type {Uint8Array} */ (this.#chunk).subarray(start - this.#base, end - this.#base);
     const out = new Uint8Array(end - start);
     heldBytes.watch(out.buffer, 'copy', `${this.name}[${start}..${end})`);
     // No view into the chunk in a local across the await: a suspended async function keeps its
     // locals alive, and a view would keep the chunk it has just moved past.
     for (let at = start; ;) {
       const n = Math.min(end, this.#end) - at;
-      out.set(this.#chunk.subarray(at - this.#base, at - this.#base + n), at - start);
+      out.set(/** @type {Uint8Array} */ (this.#chunk).subarray(at - this.#base, at - this.#base + n), at - start);
       at += n;
       if (at === end) return out;
       await this.#advance();
@@ -451,7 +519,7 @@ export class StoredFile {
     if (this.#end !== size) throw await this.#fail(`${name} is ${this.#end} bytes in the store, its manifest says ${size}`, name);
     const sha = this.#hash.hex();
     if (sha !== sha256) {
-      throw await this.#fail(`${name} failed its sha256 check (stored ${sha256.slice(0, 12)}…, read back ${sha.slice(0, 12)}…)`, name);
+      throw await this.#fail(`${name} failed its sha256 check (stored ${String(sha256).slice(0, 12)}…, read back ${sha.slice(0, 12)}…)`, name);
     }
     this.#verified = true;
   }
@@ -467,36 +535,46 @@ export class StoredFile {
  * Off (and free) unless start() was called.
  */
 export const heldBytes = {
-  watched: null, // [{ ref: WeakRef<ArrayBuffer>, kind: 'chunk' | 'copy', what, bytes }] while on
+  /** @type {{ ref: WeakRef<ArrayBufferLike>, kind: 'chunk' | 'copy', what: string, bytes: number }[] | null} while on */
+  watched: null,
+  /** @type {import('./protocol.js').HeldBytesPeak | null} */
   peak: null,
 
   start() {
-    if (typeof globalThis.gc !== 'function') throw new Error('heldBytes needs gc(): launch Chromium with --js-flags=--expose-gc');
+    if (typeof /** @type {any} */ (globalThis).gc !== 'function') throw new Error('heldBytes needs gc(): launch Chromium with --js-flags=--expose-gc');
     this.watched = [];
     this.peak = { bytes: 0, chunkBytes: 0, chunks: 0, samples: 0, held: [] };
   },
 
+  /**
+   * @param {ArrayBufferLike} buffer
+   * @param {'chunk' | 'copy'} kind
+   * @param {string} what
+   */
   watch(buffer, kind, what) {
     this.watched?.push({ ref: new WeakRef(buffer), kind, what, bytes: buffer.byteLength });
   },
 
   async sample() {
-    if (!this.watched) return;
-    // A GC run as its own task, with no stack to scan conservatively: only what is reachable stays.
-    await globalThis.gc({ type: 'major', execution: 'async' });
-    this.watched = this.watched.filter((w) => w.ref.deref() !== undefined);
-    const chunks = this.watched.filter((w) => w.kind === 'chunk');
     const p = this.peak;
-    const bytes = this.watched.reduce((n, w) => n + w.bytes, 0);
+    if (!this.watched || !p) return;
+    // A GC run as its own task, with no stack to scan conservatively: only what is reachable stays.
+    await /** @type {any} */ (globalThis).gc({ type: 'major', execution: 'async' });
+    const watched = (this.watched = this.watched.filter((w) => w.ref.deref() !== undefined));
+    const chunks = watched.filter((w) => w.kind === 'chunk');
+    const bytes = watched.reduce((n, w) => n + w.bytes, 0);
     // What was alive at the largest sample, for a failing test to show.
-    if (bytes > p.bytes) p.held = this.watched.map((w) => `${w.what} (${w.bytes} bytes)`);
+    if (bytes > p.bytes) p.held = watched.map((w) => `${w.what} (${w.bytes} bytes)`);
     p.bytes = Math.max(p.bytes, bytes);
     p.chunkBytes = Math.max(p.chunkBytes, chunks.reduce((n, w) => n + w.bytes, 0));
     p.chunks = Math.max(p.chunks, chunks.length);
     p.samples++;
   },
 
-  /** Stops watching; returns the peak { bytes, chunkBytes, chunks, samples, held: what at most bytes }. */
+  /**
+   * Stops watching; returns the peak { bytes, chunkBytes, chunks, samples, held: what at most bytes }.
+   * @returns {import('./protocol.js').HeldBytesPeak | null}
+   */
   stop() {
     const p = this.peak;
     this.watched = null;
@@ -504,7 +582,10 @@ export const heldBytes = {
   },
 };
 
-/** The sentence the page shows for a StoreProblem ({ problem, file, manifest }). */
+/**
+ * The sentence the page shows for a StoreProblem ({ problem, file, manifest }).
+ * @param {{ problem: string, file?: string, manifest: Manifest }} found
+ */
 export function problemMessage({ problem, file, manifest: m }) {
   if (m.source === 'hub') {
     return file
@@ -525,6 +606,12 @@ export function problemMessage({ problem, file, manifest: m }) {
  * is not kept runs from memory and `notes` say why.
  * Resolves to { stored, storeId, name, notes, config (parsed, or null) }.
  */
+/**
+ * @param {File[]} list
+ * @param {import('./bitlora.js').ModelInfo} model
+ * @param {{ persisted?: boolean, fakeFree?: number }} options
+ * @param {(p: { done: number, total: number, file: string }) => void} [onProgress]
+ */
 export async function keepFiles(list, model, { persisted = false, fakeFree } = {}, onProgress) {
   const byName = new Map(list.map((f) => [f.name, f]));
   const entries = [];
@@ -535,15 +622,15 @@ export async function keepFiles(list, model, { persisted = false, fakeFree } = {
   if (model.tokenizerConfig) add('tokenizer_config.json', byName.get(model.tokenizerConfig));
   add('model.safetensors.index.json', byName.get('model.safetensors.index.json'));
   let config = null;
-  try { config = JSON.parse(await byName.get(model.config).text()); } catch { /* the loader read it; naming only */ }
+  try { config = JSON.parse(await /** @type {File} */ (byName.get(model.config)).text()); } catch { /* the loader read it; naming only */ }
   const name = localName(config, model.files);
   const total = entries.reduce((n, e) => n + e.file.size, 0);
   const notes = [];
-  const out = (stored, storeId = null) => ({ stored, storeId, name, notes, config });
+  const out = (/** @type {boolean} */ stored, /** @type {string | null} */ storeId = null) => ({ stored, storeId, name, notes, config });
   let room;
   try {
     room = await checkRoom(total);
-    if (fakeFree != null && fakeFree !== '') Object.assign(room, { free: Number(fakeFree), fits: total * 1.05 <= Number(fakeFree) });
+    if (fakeFree != null && String(fakeFree) !== '') Object.assign(room, { free: Number(fakeFree), fits: total * 1.05 <= Number(fakeFree) });
   } catch (err) {
     notes.push(`Not kept in this browser: its storage cannot be used here (${err.message}). The model runs from memory.`);
     return out(false);
@@ -602,7 +689,7 @@ export async function deleteAll() {
     db?.close();
     dbPromise = null;
   }
-  await new Promise((resolve, reject) => {
+  await /** @type {Promise<void>} */ (new Promise((resolve, reject) => {
     const req = indexedDB.deleteDatabase(DB_NAME);
     let timer = null;
     req.onsuccess = () => { clearTimeout(timer); resolve(); };
@@ -613,7 +700,7 @@ export async function deleteAll() {
       timer ??= setTimeout(() => reject(new Error(
         'another tab of this page still has the store open; close it and the deletion completes')), 10_000);
     };
-  });
+  }));
   return { models, bytes };
 }
 
@@ -621,8 +708,10 @@ export async function deleteAll() {
  * Asks for persistent storage and whether `bytes` more fit. Resolves to
  * { persisted, fits, quota, usage, free } (quota/usage null when the browser does not say).
  */
+/** @param {number} bytes */
 export async function checkRoom(bytes) {
-  const storage = navigator.storage;
+  // persist() exists on pages only, but this module runs in the worker too.
+  const storage = /** @type {StorageManager & { persist?: () => Promise<boolean> } | undefined} */ (navigator.storage);
   let persisted = false;
   try {
     persisted = Boolean(await storage?.persist?.());

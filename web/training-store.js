@@ -1,3 +1,4 @@
+// @ts-check
 // The training store: training runs (their config, the visitor's data, the latest checkpoint and
 // the loss history) and saved LoRA adapters, kept in this browser's IndexedDB so that a run
 // continues after a reload and adapters stay until deleted. Used by web/worker.js (a module
@@ -22,6 +23,7 @@
 export const DB_NAME = 'bitlora-training';
 const STORES = ['runs', 'data', 'checkpoints', 'adapters'];
 
+/** @type {Promise<IDBDatabase> | null} */
 let dbPromise = null;
 
 export function openDb() {
@@ -48,6 +50,7 @@ export function openDb() {
   return dbPromise;
 }
 
+/** @type {(tx: IDBTransaction) => Promise<void>} */
 const done = (tx) => new Promise((resolve, reject) => {
   tx.oncomplete = () => resolve();
   tx.onerror = () => reject(storageError(tx.error));
@@ -136,6 +139,7 @@ export function deleteAdapter(name) {
 }
 
 /** Deletes the whole training store (the model store is separate). */
+/** @returns {Promise<void>} */
 export function deleteAll() {
   return new Promise((resolve, reject) => {
     const close = dbPromise ? dbPromise.then((db) => db.close()).catch(() => {}) : Promise.resolve();

@@ -1,6 +1,7 @@
+// @ts-check
 // Training and adapters inside the worker (web/worker.js dispatches to these): the training loop
 // around the wasm WebTrainer, checkpoints and runs in the training store, adapters for
-// generation. The page's side is web/bitlora.js; the protocol is listed in worker.js.
+// generation. The page's side is web/bitlora.js; the messages are typed in web/protocol.d.ts.
 //
 // The loop. On the CPU a training step runs synchronously in this worker, so the loop does one
 // unit of work at a time (one sequence's forward + backward, or one validation sequence) and
@@ -20,12 +21,24 @@
 import * as tstore from './training-store.js';
 
 /**
+ * @import { RequestArgs, RequestResult, RunInfo, TrainEvent } from './protocol.js'
+ * @import { TrainConfig } from './bitlora.js'
+ * @import { Session } from './pkg/bitlora_web.js'
+ */
+
+/**
  * One model pass at a time. A WebGPU training unit and a WebGPU generation both hold the
  * model's GPU buffers while they await the GPU, and either may start while the other waits
  * (the loop yields; queued requests run meanwhile), so both go through this lock. On the CPU
  * every pass is synchronous and the lock costs nothing.
  */
+/** @type {Promise<unknown>} */
 let lock = Promise.resolve();
+/**
+ * @template T
+ * @param {() => T | PromiseLike<T>} fn
+ * @returns {Promise<T>}
+ */
 export function withModel(fn) {
   const p = lock.then(fn);
   lock = p.catch(() => {});
@@ -34,21 +47,34 @@ export function withModel(fn) {
 
 /** Runs live in this worker, by id: { id, wt, record, state, ... }. */
 const runs = new Map();
-let ctxFns = null;
+/**
+ * @typedef {{ session(): Session, model(): { key: string, name: string } | null, describe(err: unknown): string,
+ *   poison?(message: string): void }} Context
+ */
+/** @type {Context} */
+let ctxFns;
 
 /**
  * `fns`: { session(): Session, model(): { key, name } | null, describe(err): string,
  * poison(message): void (a wasm trap: the worker takes no more work) }.
+ * @param {Context} fns
  */
 export function setup(fns) {
   ctxFns = fns;
 }
 
 const now = () => performance.timeOrigin + performance.now();
+/**
+ * @template {TrainEvent['event']} E
+ * @param {string} runId
+ * @param {E} event
+ * @param {Extract<TrainEvent, { event: E }>['data']} data
+ */
 const post = (runId, event, data) => self.postMessage({ type: 'train', runId, event, data });
 const session = () => ctxFns.session();
 const describe = (err) => ctxFns.describe(err);
 
+/** @returns {Promise<void>} */
 function yieldToEvents() {
   return new Promise((resolve) => {
     const ch = new MessageChannel();
@@ -62,12 +88,16 @@ function newRunId() {
   return `run-${Date.now().toString(36)}-${r[0].toString(36)}${r[1].toString(36)}`;
 }
 
-/** The options the wasm parses (TrainConfig without the page-side name and data). */
+/**
+ * The options the wasm parses (TrainConfig without the page-side name and data).
+ * @param {TrainConfig & { data?: unknown }} [config]
+ */
 function wasmConfig(config) {
   const { name, data, checkpointEvery, ...rest } = config ?? {};
   return rest;
 }
 
+/** @param {string} what */
 function currentModel(what) {
   const m = ctxFns.model();
   if (!m) throw new Error(`cannot ${what}: no model loaded yet; load a model first`);
@@ -76,17 +106,26 @@ function currentModel(what) {
 
 // ---- data and memory --------------------------------------------------------------------
 
+/**
+ * @param {RequestArgs<'prepareData'>} args
+ * @returns {RequestResult<'prepareData'>}
+ */
 export function prepareData({ text, fileName, options }) {
   currentModel('prepare data');
   const bytes = encodeText(text);
   return session().prepareData(fileName || 'training data', bytes, options ?? {});
 }
 
+/** @param {unknown} text */
 function encodeText(text) {
   if (typeof text !== 'string') throw new Error('training data must be text (a string)');
   return new TextEncoder().encode(text);
 }
 
+/**
+ * @param {RequestArgs<'estimateMemory'>} args
+ * @returns {Promise<RequestResult<'estimateMemory'>>}
+ */
 export function estimateMemory({ config }) {
   currentModel('estimate memory');
   return withModel(() => session().estimateMemory(wasmConfig(config)));
@@ -94,6 +133,10 @@ export function estimateMemory({ config }) {
 
 // ---- runs -----------------------------------------------------------------------------------
 
+/**
+ * @param {Run} run
+ * @returns {RunInfo}
+ */
 function publicInfo(run) {
   const info = run.wt.info();
   return {
@@ -105,6 +148,10 @@ function publicInfo(run) {
 }
 
 /** 'trainCreate': a new run, stored at once (data + a step-0 checkpoint) so a reload can resume it. */
+/**
+ * @param {RequestArgs<'trainCreate'>} args
+ * @returns {Promise<RunInfo>}
+ */
 export async function create({ data, config = {} }) {
   const model = currentModel('train');
   if (!data || typeof data.text !== 'string') throw new Error('createTrainer: give data: { text, fileName }');
@@ -121,7 +168,8 @@ export async function create({ data, config = {} }) {
     config: { ...config, data: undefined }, resolved: info.config,
     data: { fileName, format: info.data.format, bytes: bytes.length }, history: [], bytes: 0,
   };
-  const ckpt = await wt.checkpoint();
+  // The checkpoint's safetensors bytes (the wasm binding types the Promise's value as any).
+  const ckpt = /** @type {Uint8Array} */ (await wt.checkpoint());
   record.bytes = bytes.length + ckpt.length;
   try {
     await tstore.createRun(record, bytes, { step: 0, bytes: ckpt });
@@ -133,7 +181,26 @@ export async function create({ data, config = {} }) {
   return publicInfo(run);
 }
 
+/**
+ * A run open in this worker: its wasm trainer, its stored record, and the loop's state.
+ * @typedef {{ id: string, wt: import('./pkg/bitlora_web.js').WebTrainer, record: any,
+ *   state: import('./bitlora.js').TrainerState, history: import('./bitlora.js').ProgressEvent[],
+ *   checkpointEvery: number, step: number, totalSteps: number,
+ *   pauseWaiters: { resolve: () => void, reject: (err: Error) => void }[],
+ *   boundaryOps: { fn: () => any, resolve: (value: any) => void, reject: (err: unknown) => void }[],
+ *   looping: boolean, want: 'pause' | 'stop' | null, lastCheckpoint: number,
+ *   loss: number | null, valLoss: number | null, seconds?: number }} Run
+ */
+
+/**
+ * @param {string} id
+ * @param {import('./pkg/bitlora_web.js').WebTrainer} wt
+ * @param {any} record the training store's run record (training-store.js)
+ * @param {number} [checkpointEvery]
+ * @returns {Run}
+ */
 function addRun(id, wt, record, checkpointEvery) {
+  /** @type {Run} */
   const run = {
     id, wt, record, state: record.state === 'done' ? 'done' : (record.state === 'ready' ? 'ready' : 'paused'),
     history: record.history ?? [], checkpointEvery: checkpointEvery ?? 50, step: wt.step, totalSteps: wt.totalSteps,
@@ -145,6 +212,10 @@ function addRun(id, wt, record, checkpointEvery) {
 }
 
 /** 'trainResume': continues a stored run from its checkpoint, on the loaded model. */
+/**
+ * @param {RequestArgs<'trainResume'>} args
+ * @returns {Promise<RunInfo>}
+ */
 export async function resume({ runId }) {
   const live = runs.get(runId);
   if (live) return publicInfo(live);
@@ -166,18 +237,29 @@ export async function resume({ runId }) {
   return publicInfo(run);
 }
 
+/** @param {string} runId */
 function needRun(runId) {
   const run = runs.get(runId);
   if (!run) throw new Error(`training run ${runId} is not open in this worker (resume it first)`);
   return run;
 }
 
+/**
+ * @param {Run} run
+ * @param {import('./bitlora.js').TrainerState} state
+ */
 function setState(run, state) {
   run.state = state;
   post(run.id, 'state', { state });
 }
 
-/** Stores the run's record and, when the step moved on, its checkpoint. */
+/**
+ * Stores the run's record and, when the step moved on, its checkpoint.
+ * @param {Run} run
+ * @param {import('./bitlora.js').TrainerState} [state]
+ * @param {boolean} [force]
+ * @returns {Promise<import('./bitlora.js').CheckpointEvent | null>}
+ */
 async function persist(run, state = run.state, force = false) {
   const wt = run.wt;
   const r = run.record;
@@ -188,7 +270,7 @@ async function persist(run, state = run.state, force = false) {
   if (force || wt.step !== run.lastCheckpoint || r.checkpointStep == null) {
     // On WebGPU the adapter and Adam's moments are read back for it (the only time they are;
     // the read uses the run's own buffers, not the model slot, so it needs no withModel).
-    const bytes = await wt.checkpoint();
+    const bytes = /** @type {Uint8Array} */ (await wt.checkpoint());
     checkpoint = { step: wt.step, bytes };
     r.checkpointStep = wt.step;
     r.bytes = r.data.bytes + bytes.length;
@@ -213,6 +295,10 @@ async function persist(run, state = run.state, force = false) {
  * 'trainControl' (handled beside the queue): { runId, action: 'start'|'resume'|'pause'|'stop'|
  * 'checkpoint' }. start/resume resolve once the loop runs; pause/stop once it has stopped
  * between two steps with a checkpoint stored; checkpoint once one is stored.
+ */
+/**
+ * @param {RequestArgs<'trainControl'>} args
+ * @returns {Promise<RequestResult<'trainControl'>>}
  */
 export async function control({ runId, action }) {
   const run = needRun(runId);
@@ -247,7 +333,7 @@ export async function control({ runId, action }) {
         return { state: 'stopped', step: run.step };
       }
       run.want = action;
-      await new Promise((resolve, reject) => run.pauseWaiters.push({ resolve, reject }));
+      await /** @type {Promise<void>} */ (new Promise((resolve, reject) => run.pauseWaiters.push({ resolve, reject })));
       return { state: run.state, step: run.step };
     }
     case 'checkpoint':
@@ -258,11 +344,22 @@ export async function control({ runId, action }) {
 }
 
 /** Runs `fn` between two steps: now if the loop is not running, else at its next step boundary. */
+/**
+ * @template T
+ * @param {Run} run
+ * @param {() => T | PromiseLike<T>} fn
+ * @returns {Promise<T>}
+ */
 function atBoundary(run, fn) {
   if (!run.looping) return withModel(fn);
   return new Promise((resolve, reject) => run.boundaryOps.push({ fn, resolve, reject }));
 }
 
+/**
+ * @param {Run} run
+ * @param {'done' | 'stopped'} reason
+ * @returns {import('./bitlora.js').DoneEvent}
+ */
 function doneEvent(run, reason) {
   return {
     reason, step: run.step, totalSteps: run.totalSteps, loss: run.loss ?? null, valLoss: run.valLoss ?? null,
@@ -270,12 +367,14 @@ function doneEvent(run, reason) {
   };
 }
 
+/** @param {Run} run */
 async function loop(run) {
   const wt = run.wt;
   const startedAt = performance.now();
   const startStep = wt.step;
   let tokens = 0;
   let stepStart = performance.now();
+  /** @param {Error} [err] */
   const settle = (err) => {
     for (const w of run.pauseWaiters.splice(0)) (err ? w.reject(err) : w.resolve());
   };
@@ -355,6 +454,10 @@ async function loop(run) {
  * the base model's (LoRA's B starts at zero): it is kept with the run as `initialValLoss`, so a
  * run resumed after a reload still shows where it started from.
  */
+/**
+ * @param {RequestArgs<'trainValidate'>} args
+ * @returns {Promise<RequestResult<'trainValidate'>>}
+ */
 export async function validate({ runId }) {
   const run = needRun(runId);
   const v = await atBoundary(run, () => run.wt.validate() ?? null);
@@ -367,6 +470,7 @@ export async function validate({ runId }) {
 }
 
 /** 'trainDispose': frees the run's wasm memory (its stored record and checkpoint stay). */
+/** @param {RequestArgs<'trainDispose'>} args */
 export async function dispose({ runId }) {
   const run = runs.get(runId);
   if (!run) return;
@@ -376,10 +480,15 @@ export async function dispose({ runId }) {
 }
 
 /** Runs in the store; a 'running' run that is not running in this worker was interrupted. */
+/** @returns {Promise<RequestResult<'listRuns'>>} */
 export async function listRuns() {
   return (await tstore.listRuns()).map(summary);
 }
 
+/**
+ * @param {any} r a run record of the training store (training-store.js)
+ * @returns {import('./bitlora.js').RunSummary}
+ */
 function summary(r) {
   const live = runs.get(r.id);
   let state = live ? live.state : r.state;
@@ -389,6 +498,10 @@ function summary(r) {
   return { ...rest, state, config: { ...r.config } };
 }
 
+/**
+ * @param {RequestArgs<'getRun'>} args
+ * @returns {Promise<RequestResult<'getRun'>>}
+ */
 export async function getRun({ runId }) {
   const r = await tstore.getRun(runId);
   if (!r) throw new Error(`no training run ${runId} in this browser`);
@@ -396,6 +509,7 @@ export async function getRun({ runId }) {
   return { ...summary(r), history: live ? live.history : (r.history ?? []) };
 }
 
+/** @param {RequestArgs<'deleteRun'>} args */
 export async function deleteRun({ runId }) {
   if (runs.has(runId)) {
     const run = runs.get(runId);
@@ -408,6 +522,7 @@ export async function deleteRun({ runId }) {
 
 // ---- adapters -------------------------------------------------------------------------------
 
+/** @param {string} configText adapter_config.json */
 function adapterInfoFromConfig(configText) {
   const c = JSON.parse(configText);
   return {
@@ -416,17 +531,27 @@ function adapterInfoFromConfig(configText) {
   };
 }
 
+/** @param {unknown} name */
 function checkName(name) {
   if (typeof name !== 'string' || !name.trim()) throw new Error('an adapter needs a name (a non-empty string)');
   if (name.length > 200) throw new Error('adapter names are at most 200 characters');
   return name.trim();
 }
 
+/**
+ * An adapter as the training store keeps it: its description and its PEFT files.
+ * @typedef {import('./bitlora.js').AdapterInfo & { config: string, weights: Uint8Array }} StoredAdapter
+ */
+
 /** 'trainSaveAdapter': the run's adapter as it is now, stored under `name` (replacing one). */
+/**
+ * @param {RequestArgs<'trainSaveAdapter'>} args
+ * @returns {Promise<RequestResult<'trainSaveAdapter'>>}
+ */
 export async function saveAdapter({ runId, name }) {
   const run = needRun(runId);
   name = checkName(name);
-  const entry = await atBoundary(run, async () => {
+  const entry = await atBoundary(run, /** @returns {Promise<StoredAdapter>} */ async () => {
     const files = await run.wt.adapterFiles(run.record.model.name ?? '');
     const info = run.wt.info();
     return {
@@ -442,10 +567,12 @@ export async function saveAdapter({ runId, name }) {
   return info;
 }
 
+/** @returns {Promise<RequestResult<'listAdapters'>>} */
 export function listAdapters() {
   return tstore.listAdapters();
 }
 
+/** @param {string} name */
 async function needAdapter(name) {
   const a = await tstore.getAdapter(name);
   if (!a) throw new Error(`no adapter named "${name}" in this browser`);
@@ -453,6 +580,10 @@ async function needAdapter(name) {
 }
 
 /** 'exportAdapter': PEFT files [{ name, bytes }] for download. */
+/**
+ * @param {RequestArgs<'exportAdapter'>} args
+ * @returns {Promise<RequestResult<'exportAdapter'>>}
+ */
 export async function exportAdapter({ name }) {
   const a = await needAdapter(name);
   return [
@@ -465,10 +596,15 @@ export async function exportAdapter({ name }) {
  * 'importAdapter': PEFT files (File objects or { name, bytes }), validated against the loaded
  * model, stored under `name`. An existing name is refused (delete it first).
  */
+/**
+ * @param {RequestArgs<'importAdapter'>} args
+ * @returns {Promise<RequestResult<'importAdapter'>>}
+ */
 export async function importAdapter({ files, name }) {
   const model = currentModel('import an adapter');
   const list = Array.from(files ?? []);
-  const read = async (f) => (f.bytes instanceof Uint8Array ? f.bytes : new Uint8Array(await f.arrayBuffer()));
+  const read = async (/** @type {File | import('./bitlora.js').PeftFile} */ f) =>
+    ('bytes' in f && f.bytes instanceof Uint8Array ? f.bytes : new Uint8Array(await /** @type {File} */ (f).arrayBuffer()));
   const cfg = list.find((f) => f.name === 'adapter_config.json') ?? list.find((f) => f.name.endsWith('.json'));
   const st = list.find((f) => f.name === 'adapter_model.safetensors') ?? list.find((f) => f.name.endsWith('.safetensors'));
   if (!cfg || !st) {
@@ -483,6 +619,7 @@ export async function importAdapter({ files, name }) {
   name = checkName(name ?? 'imported adapter');
   if (await tstore.getAdapter(name)) throw new Error(`an adapter named "${name}" already exists; delete it or import under another name`);
   const { baseModel, ...fields } = info;
+  /** @type {StoredAdapter} */
   const entry = {
     name, source: 'imported', createdAt: Date.now(), model: { key: model.key, name: model.name ?? model.key },
     ...fields, bytes: cfgBytes.length + stBytes.length, config: new TextDecoder().decode(cfgBytes), weights: stBytes,
@@ -493,12 +630,14 @@ export async function importAdapter({ files, name }) {
   return out;
 }
 
+/** @param {RequestArgs<'deleteAdapter'>} args */
 export async function deleteAdapter({ name }) {
   await tstore.deleteAdapter(name);
   session().removeAdapter(name);
 }
 
 /** Makes the stored adapter `name` available to generation (validated against the loaded model). */
+/** @param {string | null} name */
 export async function useAdapter(name) {
   if (name == null) return;
   if (session().hasAdapter(name)) return;

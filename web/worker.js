@@ -1,73 +1,38 @@
+// @ts-check
 // The page's module Web Worker: owns the wasm module and the model, does every heavy step
 // (fetching the bundled model, reading picked files, the forward pass), so the page never blocks.
 //
-// Protocol (main.js <-> worker), one reply per request, matched by id:
-//   -> { id, type: 'init', preferGpu }            <- backend  { kind, label, adapter, fallbackReason }
-//   -> { id, type: 'loadBundled', model, persisted, fakeFree? }  <- model { config, files, bytes, vocabSize, ...,
-//        name, params, source: { from: 'store'|'network', stored, notes: string[] } }
-//        <- { id, type: 'progress', event: { phase: 'fetch'|'store'|'read'|'build', done, total, at } } meanwhile
-//      model: a key of BUNDLED ('default', 'tiny'); persisted: what the page's navigator.storage.persist()
-//      gave (persist() is not exposed to workers); fakeFree (tests): pretend this many bytes are free.
-//   -> { id, type: 'storeInfo' }                  <- { available, models: manifest[], usage, quota }
-//   -> { id, type: 'deleteAll' }                  <- { models, bytes } (the IndexedDB store is deleted)
-//   -> { id, type: 'loadFiles', files: File[] }   <- model
-//   -> { id, type: 'forward', tokens: number[] }  <- { backend, tokens, rows, vocab, logits: Float32Array, top, ms }
-//   -> { id, type: 'generate', prompt, options, stopFlag? }
-//        <- { id, type: 'token', event: { index, token, text?, ms, at } }  once per token, as it is made
-//        <- result { backend, promptTokens, promptText, tokens, text, stoppedBy, prefillMs, decodeMs, ms, tokensPerSecond }
-//      prompt: { text, chat } or { tokens: number[] }; options: { max_tokens, temperature, top_k,
-//      top_p, repetition_penalty, seed } (crates/web/src/generate.rs). `at` is the worker's
-//      clock as epoch milliseconds (performance.timeOrigin + now), comparable with the page's.
-//   -> { type: 'stop', target: id }               no reply; generation `id` ends after its current token
-//   The model store (web/store.js, web/hub.js; the page's panel is web/models-panel.js). Models
-//   are known by their store id: 'bundled:default', 'hub:<hub>/<owner/name>@<revision>', 'local:...'.
-//   -> { id, type: 'listModels' }                 <- { available, models: summary[], usage, quota, downloading: id[] }
-//      summary: { id, name, source: 'bundled'|'hub'|'local', origin: { hub, repo, revision }|null,
-//                 bytes, storedBytes, complete, storedAt, updatedAt, files: string[] }
-//   -> { id, type: 'downloadHub', hub, repo, revision?, token?, persisted?, fakeFree? }
-//        <- { id, type: 'progress', event: { phase: 'list'|'check'|'download'|'verify', modelId, file, done,
-//             total, fileDone, fileTotal, bytesPerSec, etaSeconds, at } } meanwhile
-//        <- { status: 'complete'|'paused'|'cancelled', modelId, model: summary|null, notes: string[], already? }
-//      Downloads (or resumes: the same request again) a Hugging Face repo into the store; it does
-//      not load it (send 'loadStored'). hub: base URL (default https://huggingface.co); token: an
-//      access token for gated/private repos, sent to the hub only, never stored. A failure rejects
-//      with a sentence (repo not found, gated, not a BitNet model, does not fit, storage full,
-//      hash mismatch, connection lost); what was stored stays and resumes (web/hub.js).
-//   -> { id, type: 'cancelDownload', modelId, discard? }  <- { running }  pauses (keeps the stored
-//      chunks) or, with discard, cancels and deletes the partial model
-//   -> { id, type: 'deleteModel', modelId }       <- { deleted: summary|null } (stops its download first)
-//   -> { id, type: 'loadStored', modelId }        <- model (as loadBundled; source.from 'store', key = modelId)
-//        <- progress { phase: 'read'|'build' } meanwhile: 'read' while the files stream from the
-//        store into wasm (one file at a time, one 4 MiB chunk at a time, each file's sha256
-//        checked at its end), 'build' while the model is finished (tokenizer, GPU upload)
-//      Tests only: wholeFiles (the older Session.load path), measureHeldBytes (store.heldBytes:
-//      needs Chromium's --js-flags=--expose-gc)
-//   -> { id, type: 'heldBytes' }  <- the last measured load's peak { bytes, chunkBytes, chunks, samples, held }
-//   -> { id, type: 'wasmMemory' } <- { bytes, load: Session.loadMemory() }  (tests)
-//   -> { id, type: 'importFiles', files: File[], persisted?, fakeFree? }  <- model, with storeId and
-//      source: { from: 'files', stored, notes }: loadFiles, then the files are kept in the store
-//      (config.json, *.safetensors, tokenizer.json, tokenizer_config.json) so they survive a reload
-//        <- progress { phase: 'store' } meanwhile
-//   listModels, downloadHub, cancelDownload and deleteModel run beside the queue below (a
-//   download does not hold up generation, and Pause must reach a running download).
-//   Training and adapters (web/training.js; the page's API is web/bitlora.js, types in bitlora.d.ts):
-//   -> { id, type: 'prepareData', text, fileName, options }   <- DataSummary
-//   -> { id, type: 'estimateMemory', config }                 <- MemoryEstimate
-//   -> { id, type: 'trainCreate', data: { text, fileName }, config }  <- run info { runId, state,
-//        config, data, step, totalSteps, adapterParams, backend, history }; stored at once
-//   -> { id, type: 'trainResume', runId }                     <- run info (from its stored checkpoint)
-//   -> { id, type: 'trainControl', runId, action }            <- { state, step }; beside the queue;
-//        action: 'start'|'resume' (reply once running), 'pause'|'stop' (reply once stopped between
-//        two steps, checkpoint stored), 'checkpoint'
-//   -> { id, type: 'trainValidate'|'trainDispose', runId }    <- valLoss | undefined
-//   -> { id, type: 'trainSaveAdapter', runId, name }          <- AdapterInfo
-//   -> { id, type: 'listRuns' | 'getRun' | 'deleteRun', runId? }
-//   -> { id, type: 'listAdapters' | 'exportAdapter' | 'importAdapter' | 'deleteAdapter', name?, files? }
-//   -> { id, type: 'deleteTrainingData' }
-//   <- { type: 'train', runId, event: 'progress'|'checkpoint'|'state'|'done'|'error', data }  (no id)
-//   'generate' takes options.adapter: a stored adapter's name (null: the base model).
-//   reply: { id, ok: true, result } or { id, ok: false, error: string, fatal?: true,
-//            field?: string (the option at fault), line?: number (the data's JSONL line) }
+// The messages (web/bitlora.js <-> worker) are typed in web/protocol.d.ts, one entry per request
+// type: its arguments, its reply and the events it sends meanwhile. HANDLERS below answers each
+// one and `tsc` checks it against that table. What the requests do:
+//   init              instantiates the wasm (crates/web) and picks the backend
+//   loadBundled       a model of web/models/: from the IndexedDB store when a complete, verified
+//                     copy is there, else fetched from the page's server and stored (when it fits);
+//                     `persisted` is what the page's navigator.storage.persist() gave (workers
+//                     cannot ask); `fakeFree` (tests) pretends only that many bytes are free
+//   loadFiles         picked files (File objects, read here, never uploaded)
+//   importFiles       loadFiles, then the files are kept in the store so they survive a reload
+//   loadStored        a model of the store, by id: 'bundled:default', 'hub:<hub>/<owner/name>@<rev>',
+//                     'local:...'; its files stream from the store into wasm one file at a time,
+//                     one 4 MiB chunk at a time, each file's sha256 checked at its end (progress
+//                     'read'), then 'build' while the model is finished (tokenizer, GPU upload)
+//   listModels, downloadHub, cancelDownload, deleteModel, deleteAll: the model store (web/store.js,
+//                     web/hub.js). A download is resumable: the same request again continues it;
+//                     it does not load the model (send loadStored)
+//   forward, generate the model; generate streams { type: 'token' } events. `at` in events is the
+//                     worker's clock as epoch milliseconds (performance.timeOrigin + now),
+//                     comparable with the page's
+//   prepareData, estimateMemory, train*, *Run*, *Adapter*, deleteTrainingData: web/training.js;
+//                     a run's events come as { type: 'train', runId, event, data }
+//   { type: 'stop', target: id }: no reply; generation `id` ends after its current token
+//   Tests only: wasmMemory (wasm memory and its marks during the last load); loadStored's
+//                     wholeFiles (the older Session.load path) and measureHeldBytes
+//                     (store.heldBytes: needs Chromium's --js-flags=--expose-gc), whose peak
+//                     heldBytes answers
+// Loads answer with the model's summary, keyed by its store id (ModelInfo.key). listModels,
+// downloadHub, cancelDownload and deleteModel (hub.OUTSIDE_QUEUE) and trainControl run beside the
+// queue below (a download does not hold up generation, and Pause must reach a running download
+// or training loop).
 //
 // Stopping: a CPU generation runs synchronously in this worker, so a 'stop' message would only
 // be read after it had finished. The page therefore also passes `stopFlag`, an Int32Array on a
@@ -81,6 +46,20 @@ import init, { Session } from './pkg/bitlora_web.js';
 import * as store from './store.js';
 import * as hub from './hub.js';
 import * as training from './training.js';
+
+/**
+ * @import { FromWorker, Handlers, Request, RequestArgs, RequestType, ToWorker } from './protocol.js'
+ * @import { LoadProgress, ModelInfo } from './bitlora.js'
+ */
+
+/**
+ * Posts a message to the page; every message this worker sends goes through here.
+ * @param {FromWorker} message
+ * @param {Transferable[]} [transfer]
+ */
+const send = (message, transfer = []) => self.postMessage(message, transfer);
+
+/** @typedef {{ vendor: string, architecture: string, device: string, description: string, isFallbackAdapter?: boolean }} GPUAdapterInfoLike */
 
 // The models that ship with the page (web/models/), by the page's ?model= name.
 const BUNDLED = {
@@ -99,19 +78,26 @@ const BUNDLED = {
 // Largest total size of picked files (see loadFiles).
 const MAX_PICKED_BYTES = 1 * 2 ** 30;
 
+/** @type {Session | null} */
 let session = null;
 // The loaded model's { key, name } (ModelInfo.key: the store id), which runs and adapters record.
+/** @type {{ key: string, name: string } | null} */
 let currentModel = null;
+/** @type {string | null} */
 let poisoned = null;
 // What the last 'loadStored' with measureHeldBytes measured (store.heldBytes; tests only).
+/** @type {import('./protocol.js').HeldBytesPeak | null} */
 let lastHeldBytes = null;
 
 // Generations asked to stop (by request id), see 'stop' above.
+/** @type {Set<number>} */
 const stopRequested = new Set();
 
 // Requests run one after another, in arrival order: a forward pass never sees half a load.
 // 'stop' is the exception: it must reach a generation that is running now.
+/** @type {Promise<void>} */
 let queue = Promise.resolve();
+/** @param {MessageEvent<ToWorker>} event */
 self.onmessage = (event) => {
   if (event.data?.type === 'stop') {
     stopRequested.add(event.data.target);
@@ -126,148 +112,142 @@ self.onmessage = (event) => {
     handle(event.data);
     return;
   }
-  queue = queue.then(() => handle(event.data));
+  const request = event.data;
+  queue = queue.then(() => handle(request));
 };
 
+/** @param {Request} request */
 async function handle({ id, type, ...args }) {
   try {
     if (poisoned) throw Object.assign(new Error(poisoned), { fatal: true });
     const result = await dispatch(type, { ...args, id });
-    const transfer = result && result.logits instanceof Float32Array ? [result.logits.buffer] : [];
-    self.postMessage({ id, ok: true, result }, transfer);
+    const transfer = result && typeof result === 'object' && 'logits' in result && result.logits instanceof Float32Array
+      ? [result.logits.buffer] : [];
+    send({ id, ok: true, result }, transfer);
   } catch (err) {
     // A WebAssembly.RuntimeError is a trap (e.g. a Rust panic, logged above it by
     // console_error_panic_hook). Ordinary errors from bitlora are JsErrors: plain Errors.
-    const fatal = err?.fatal || err instanceof WebAssembly.RuntimeError;
+    const fatal = Boolean(/** @type {{ fatal?: boolean } | null} */ (err)?.fatal) || err instanceof WebAssembly.RuntimeError;
     const error = describe(err);
     if (fatal && !poisoned) poisoned = `the wasm module crashed earlier: ${error}`;
     // bitlora's errors are objects: `field` (the option at fault) and `line` (the JSONL line)
     // travel with the message, so the page never picks them out of the text.
-    self.postMessage({ id, ok: false, error, fatal, field: err?.field, line: err?.line });
+    const { field, line } = /** @type {{ field?: string, line?: number } | null} */ (err) ?? {};
+    send({ id, ok: false, error, fatal, field, line });
   }
 }
 
+/**
+ * @param {string} type
+ * @param {{ id: number }} args
+ */
 async function dispatch(type, args) {
-  const result = await dispatchType(type, args);
+  if (!Object.hasOwn(HANDLERS, type)) throw new Error(`worker: unknown request type ${JSON.stringify(type)}`);
+  // HANDLERS answers each type with the arguments protocol.d.ts gives it, and tsc checks every
+  // entry; a lookup by a runtime string cannot tie `args` to that type, hence this one cast.
+  const handler = /** @type {(args: { id: number }) => unknown} */ (HANDLERS[/** @type {RequestType} */ (type)]);
+  const result = await handler(args);
   // Any request that loads a model answers with its summary, keyed by its store id.
   if (LOADS.has(type) && result) {
-    result.key ??= type === 'loadBundled' ? `bundled:${args.model ?? 'default'}`
-      : `files:${result.config}:${result.bytes}:${(result.files ?? []).join(',')}`;
-    currentModel = { key: result.key, name: result.name ?? result.files?.[0] ?? result.key };
+    const model = /** @type {ModelInfo} */ (result);
+    const a = /** @type {RequestArgs<'loadBundled'>} */ (args);
+    model.key ??= type === 'loadBundled' ? `bundled:${a.model ?? 'default'}`
+      : `files:${model.config}:${model.bytes}:${(model.files ?? []).join(',')}`;
+    currentModel = { key: model.key, name: model.name ?? model.files?.[0] ?? model.key };
   }
   return result;
 }
 
+/** @type {Set<string>} */
 const LOADS = new Set(['loadBundled', 'loadFiles', 'loadStored', 'importFiles']);
 
-async function dispatchType(type, args) {
-  switch (type) {
-    case 'init': {
-      await init();
-      session = await Session.create(Boolean(args.preferGpu));
-      const backend = session.backend();
-      if (backend.kind === 'webgpu') await nameAdapter(backend);
-      return backend;
-    }
-    case 'loadBundled':
-      return loadBundled(args);
-    case 'storeInfo':
-      return storeInfo();
-    case 'deleteAll':
-      await hub.stopAll();
-      return store.deleteAll();
-    case 'listModels':
-      return listModels();
-    case 'downloadHub':
-      return hub.downloadHub(args, (event) => self.postMessage({ id: args.id, type: 'progress', event }));
-    case 'cancelDownload':
-      return hub.stopDownload(args.modelId, args.discard ? 'cancel' : 'pause');
-    case 'deleteModel':
-      return deleteStored(args.modelId);
-    case 'loadStored':
-      return loadStored(args);
-    case 'importFiles':
-      return importFiles(args);
-    case 'heldBytes':
-      return lastHeldBytes;
-    case 'wasmMemory':
-      // Bytes of wasm linear memory (it only grows), and its marks during the last load
-      // ({ before, weights, after }): tests compare what loads take.
-      return { bytes: Session.wasmMemoryBytes(), load: session?.loadMemory() ?? null };
-    case 'loadFiles':
-      return loadFiles(args.files);
-    case 'forward':
-      return training.withModel(() => needSession().forward(Uint32Array.from(args.tokens)));
-    case 'generate':
-      await training.useAdapter(args.options?.adapter ?? null);
-      return training.withModel(() => generate(args));
-    case 'prepareData':
-      return training.prepareData(args);
-    case 'estimateMemory':
-      return training.estimateMemory(args);
-    case 'trainCreate':
-      return training.create(args);
-    case 'trainResume':
-      return training.resume(args);
-    case 'trainControl':
-      return training.control(args);
-    case 'trainValidate':
-      return training.validate(args);
-    case 'trainDispose':
-      return training.dispose(args);
-    case 'trainSaveAdapter':
-      return training.saveAdapter(args);
-    case 'listRuns':
-      return training.listRuns();
-    case 'getRun':
-      return training.getRun(args);
-    case 'deleteRun':
-      return training.deleteRun(args);
-    case 'listAdapters':
-      return training.listAdapters();
-    case 'exportAdapter':
-      return training.exportAdapter(args);
-    case 'importAdapter':
-      return training.importAdapter(args);
-    case 'deleteAdapter':
-      return training.deleteAdapter(args);
-    case 'deleteTrainingData':
-      return training.deleteAll();
-    default:
-      throw new Error(`worker: unknown request type ${JSON.stringify(type)}`);
-  }
-}
+/** What the worker does for each request (web/protocol.d.ts's Requests). */
+/** @type {Handlers} */
+const HANDLERS = {
+  async init(args) {
+    await init();
+    const s = (session = await Session.create(Boolean(args.preferGpu)));
+    const backend = s.backend();
+    if (backend.kind === 'webgpu') await nameAdapter(backend);
+    return backend;
+  },
+  loadBundled: (args) => loadBundled(args),
+  async deleteAll() {
+    await hub.stopAll();
+    return store.deleteAll();
+  },
+  listModels: () => listModels(),
+  downloadHub: (args) => hub.downloadHub(args, (event) => send({ id: args.id, type: 'progress', event })),
+  cancelDownload: (args) => hub.stopDownload(args.modelId, args.discard ? 'cancel' : 'pause'),
+  deleteModel: (args) => deleteStored(args.modelId),
+  loadStored: (args) => loadStored(args),
+  importFiles: (args) => importFiles(args),
+  // Bytes of wasm linear memory (it only grows), and its marks during the last load
+  // ({ before, weights, after }): tests compare what loads take.
+  wasmMemory: () => ({ bytes: Session.wasmMemoryBytes(), load: session?.loadMemory() ?? null }),
+  // The JS heap's peak of model bytes during the last loadStored with measureHeldBytes (tests).
+  heldBytes: () => lastHeldBytes,
+  loadFiles: (args) => loadFiles(args.files),
+  forward: (args) => training.withModel(() => needSession().forward(Uint32Array.from(args.tokens))),
+  async generate(args) {
+    await training.useAdapter(args.options?.adapter ?? null);
+    return training.withModel(() => generate(args));
+  },
+  prepareData: (args) => training.prepareData(args),
+  estimateMemory: (args) => training.estimateMemory(args),
+  trainCreate: (args) => training.create(args),
+  trainResume: (args) => training.resume(args),
+  trainControl: (args) => training.control(args),
+  trainValidate: (args) => training.validate(args),
+  trainDispose: (args) => training.dispose(args),
+  trainSaveAdapter: (args) => training.saveAdapter(args),
+  listRuns: () => training.listRuns(),
+  getRun: (args) => training.getRun(args),
+  deleteRun: (args) => training.deleteRun(args),
+  listAdapters: () => training.listAdapters(),
+  exportAdapter: (args) => training.exportAdapter(args),
+  importAdapter: (args) => training.importAdapter(args),
+  deleteAdapter: (args) => training.deleteAdapter(args),
+  deleteTrainingData: () => training.deleteAll(),
+};
 
 // wgpu's web backend names the adapter after GPUAdapterInfo.description, which Chromium leaves
 // empty (SwiftShader reports only vendor "google", architecture "swiftshader"). Ask the browser
 // for the same default adapter's info so the page can say which device it is.
+/** @param {import('./protocol.js').InitResult} backend */
 async function nameAdapter(backend) {
+  // TypeScript's libraries have no WebGPU types (the npm package @webgpu/types has them); this
+  // is the one WebGPU call the worker makes itself.
+  const gpu = /** @type {{ gpu?: { requestAdapter(): Promise<{ info?: GPUAdapterInfoLike } | null> } }} */ (navigator).gpu;
+  /** @type {GPUAdapterInfoLike | null} */
   let info = null;
   try {
-    info = (await navigator.gpu?.requestAdapter())?.info ?? null;
+    info = (await gpu?.requestAdapter())?.info ?? null;
   } catch {
     // Naming is cosmetic; the adapter wgpu got is what runs.
   }
-  if (!info) return;
+  const adapter = backend.adapter; // kind "webgpu" always has one
+  if (!info || !adapter) return;
   backend.browserAdapterInfo = {
     vendor: info.vendor, architecture: info.architecture, device: info.device,
     description: info.description, isFallbackAdapter: Boolean(info.isFallbackAdapter),
   };
-  if (!backend.adapter.name) {
+  if (!adapter.name) {
     const name = [info.vendor, info.architecture, info.device].filter(Boolean).join(' ');
-    if (name) backend.adapter.name = name;
+    if (name) adapter.name = name;
   }
-  backend.label = `WebGPU: ${backend.adapter.name}${info.isFallbackAdapter ? ' (software fallback adapter)' : ''}`;
+  backend.label = `WebGPU: ${adapter.name}${info.isFallbackAdapter ? ' (software fallback adapter)' : ''}`;
 }
 
 // Streams each token to the page as soon as the model has made it. Returning false from the
 // callback is how bitlora's generate is told to stop.
+/** @param {RequestArgs<'generate'> & { id: number }} args */
 async function generate({ id, prompt, options, stopFlag }) {
   const stopped = () => stopRequested.has(id) || (stopFlag instanceof Int32Array && Atomics.load(stopFlag, 0) !== 0);
   try {
-    return await needSession().generate(prompt, options, (event) => {
+    return await needSession().generate(prompt, options, (/** @type {import('./bitlora.js').TokenEvent} */ event) => {
       event.at = performance.timeOrigin + performance.now();
-      self.postMessage({ id, type: 'token', event });
+      send({ id, type: 'token', event });
       return !stopped();
     });
   } finally {
@@ -283,13 +263,14 @@ function needSession() {
 /**
  * Loads a bundled model: from the IndexedDB store when a complete, verified copy is there;
  * otherwise fetched from the page's own server and stored (when it fits) for the next visit.
+ * @param {RequestArgs<'loadBundled'> & { id: number }} args
  */
 async function loadBundled({ id, model = 'default', fakeFree, persisted = false }) {
-  const spec = BUNDLED[model];
+  const spec = Object.hasOwn(BUNDLED, model) ? BUNDLED[/** @type {keyof typeof BUNDLED} */ (model)] : null;
   if (!spec) throw new Error(`unknown bundled model ${JSON.stringify(model)} (known: ${Object.keys(BUNDLED).join(', ')})`);
   const storeId = `bundled:${model}`;
   const progress = (phase, done, total, file) =>
-    self.postMessage({ id, type: 'progress', event: { phase, done, total, file, at: performance.timeOrigin + performance.now() } });
+    send({ id, type: 'progress', event: { phase, done, total, file, at: performance.timeOrigin + performance.now() } });
   const notes = [];
   let files = null;
   let from = 'network';
@@ -330,10 +311,12 @@ async function loadBundled({ id, model = 'default', fakeFree, persisted = false 
   if (!files) {
     // Room is checked before the download when the index gives the total, else after it.
     const knownTotal = expected ? spec.files.reduce((n, f) => n + (expected.get(f)?.size ?? 0), 0) : null;
+    /** @type {Awaited<ReturnType<typeof store.checkRoom>> | null} */
     let room = null;
-    const checkRoom = async (bytes) => {
-      room = await store.checkRoom(bytes);
-      if (fakeFree != null) Object.assign(room, { free: Number(fakeFree), fits: bytes * 1.05 <= Number(fakeFree) });
+    const checkRoom = async (/** @type {number} */ bytes) => {
+      const r = (room = await store.checkRoom(bytes));
+      if (fakeFree != null) Object.assign(r, { free: Number(fakeFree), fits: bytes * 1.05 <= Number(fakeFree) });
+      return r;
     };
     if (storeOk && knownTotal != null) await checkRoom(knownTotal);
     const paths = spec.files.map((f) => `${spec.dir}/${f}`);
@@ -362,7 +345,7 @@ async function loadBundled({ id, model = 'default', fakeFree, persisted = false 
     }
     const bytes = files.reduce((n, f) => n + f.bytes.length, 0);
     if (storeOk) {
-      if (!room) await checkRoom(bytes);
+      room ??= await checkRoom(bytes);
       if (!room.fits) {
         notes.push(`Not stored: this model needs ${fmtBytes(bytes)} but only ${fmtBytes(room.free)} of browser storage is free here. ` +
           'It runs from memory and will be fetched again on the next visit.');
@@ -508,7 +491,7 @@ async function wholeBytes(f) {
 }
 
 const progressTo = (id) => (phase, done, total, file) =>
-  self.postMessage({ id, type: 'progress', event: { phase, done, total, file, at: performance.timeOrigin + performance.now() } });
+  send({ id, type: 'progress', event: { phase, done, total, file, at: performance.timeOrigin + performance.now() } });
 
 /** Loads a model from the store (any source) into the session; see 'loadStored' above. */
 async function loadStored({ id, modelId, wholeFiles = false, measureHeldBytes = false }) {
@@ -533,7 +516,11 @@ async function loadStored({ id, modelId, wholeFiles = false, measureHeldBytes = 
   }
 }
 
-/** 'importFiles': loads the picked files (every check of loadFiles), then keeps them in the store. */
+/**
+ * 'importFiles': loads the picked files (every check of loadFiles), then keeps them in the store.
+ * @param {RequestArgs<'importFiles'> & { id: number }} args
+ * @returns {Promise<ModelInfo>}
+ */
 async function importFiles({ id, files, persisted = false, fakeFree }) {
   const list = Array.from(files ?? []);
   const model = await loadFiles(list);
@@ -599,16 +586,6 @@ async function bundledIndex(model) {
     return Array.isArray(list) ? new Map(list.map((f) => [f.name, f])) : null;
   } catch {
     return null;
-  }
-}
-
-async function storeInfo() {
-  try {
-    const models = await store.listManifests();
-    const est = await navigator.storage?.estimate?.().catch(() => null);
-    return { available: true, models, usage: est?.usage ?? null, quota: est?.quota ?? null };
-  } catch (err) {
-    return { available: false, error: describe(err), models: [] };
   }
 }
 

@@ -1,3 +1,4 @@
+// @ts-check
 // The adapters panel: save the trained adapter, list the stored ones, export one as PEFT files
 // (adapter_config.json + adapter_model.safetensors, downloaded from this tab: nothing is
 // uploaded), import such files, delete one (a second click confirms, no dialog).
@@ -5,16 +6,21 @@
 // Published for tests: window.__bitlora.adapters = { list: AdapterInfo[], exported: { name,
 // files: [{ name, size }] }, error }.
 
-import { $, showError, clearError, message } from './dom.js';
+import { $, showError, clearError, message, started } from './dom.js';
 import { fmtBytes, fmtDate, fmtInt, fmtParams } from './format.js';
 
 const TARGET_LABELS = { q_proj: 'q', k_proj: 'k', v_proj: 'v', o_proj: 'o', gate_proj: 'gate', up_proj: 'up', down_proj: 'down' };
 const NAME_RE = /^[\w.\- ]{1,80}$/u;
 const CONFIRM_MS = 5000;
 
-/** `app`: { client(), model(), state, publish(), bus, trainer, compare }. Returns { refresh() }. */
+/**
+ * `app`: { client(), model(), state, publish(), bus, trainer, compare }. Returns { refresh() }.
+ * @param {import('./panels.js').App} app
+ */
 export function mountAdaptersPanel(app) {
-  const a = (app.state.adapters = { list: [], exported: null, error: null });
+  /** @type {NonNullable<import('./panels.js').PageState['adapters']>} */
+  const a = { list: [], exported: null, error: null };
+  app.state.adapters = a;
   let busy = false;
   const urls = [];
 
@@ -23,11 +29,12 @@ export function mountAdaptersPanel(app) {
   function sync() {
     const tr = app.trainer;
     const canSave = Boolean(tr) && !busy;
-    $('adapter-save').disabled = !canSave;
-    $('adapter-save').title = tr ? '' : 'Train an adapter first';
-    $('adapter-import').disabled = busy || !app.model();
+    $('adapter-save', HTMLButtonElement).disabled = !canSave;
+    $('adapter-save', HTMLButtonElement).title = tr ? '' : 'Train an adapter first';
+    $('adapter-import', HTMLInputElement).disabled = busy || !app.model();
   }
 
+  /** @param {string | null} [prefer] */
   async function refresh(prefer = null) {
     const client = app.client();
     if (!client) return;
@@ -114,7 +121,7 @@ export function mountAdaptersPanel(app) {
   async function save() {
     const tr = app.trainer;
     if (!tr) return;
-    const name = $('adapter-name').value.trim() || defaultName(tr);
+    const name = $('adapter-name', HTMLInputElement).value.trim() || defaultName(tr);
     if (!NAME_RE.test(name)) {
       showError('adapter-error', `Name: use letters, digits, spaces, dots, dashes or underscores (up to 80), got “${name}”`, 'adapter-name');
       return;
@@ -122,7 +129,7 @@ export function mountAdaptersPanel(app) {
     await withBusy(async () => {
       status(`Saving “${name}”…`);
       const info = await tr.saveAdapter(name);
-      $('adapter-name').value = '';
+      $('adapter-name', HTMLInputElement).value = '';
       await refresh(info.name);
       status(`Saved “${info.name}” (${fmtBytes(info.bytes)}, step ${fmtInt(info.step ?? tr.step)}). ${$('adapter-status').textContent}`);
       app.bus.dispatchEvent(new Event('adapters'));
@@ -144,13 +151,15 @@ export function mountAdaptersPanel(app) {
   async function exportAdapter(name) {
     await withBusy(async () => {
       status(`Exporting “${name}”…`);
-      const files = await app.client().exportAdapter(name);
+      const files = await started(app.client()).exportAdapter(name);
       for (const u of urls.splice(0)) URL.revokeObjectURL(u);
       const box = $('adapter-downloads');
       box.replaceChildren(document.createTextNode(`“${name}” as PEFT files: `));
       for (const f of files) {
         const type = f.name.endsWith('.json') ? 'application/json' : 'application/octet-stream';
-        const url = URL.createObjectURL(new Blob([f.bytes], { type }));
+        // TypeScript 5.9 types a Uint8Array that may sit on a SharedArrayBuffer as no BlobPart;
+        // these bytes come from the worker's structured clone, a plain ArrayBuffer.
+        const url = URL.createObjectURL(new Blob([/** @type {Uint8Array<ArrayBuffer>} */ (f.bytes)], { type }));
         urls.push(url);
         const link = document.createElement('a');
         link.href = url;
@@ -180,7 +189,7 @@ export function mountAdaptersPanel(app) {
       return;
     }
     withBusy(async () => {
-      await app.client().deleteAdapter(name);
+      await started(app.client()).deleteAdapter(name);
       await refresh();
       status(`Deleted “${name}”. ${$('adapter-status').textContent}`);
       app.bus.dispatchEvent(new Event('adapters'));
@@ -188,7 +197,7 @@ export function mountAdaptersPanel(app) {
   }
 
   async function importFiles() {
-    const files = Array.from($('adapter-import').files ?? []);
+    const files = Array.from($('adapter-import', HTMLInputElement).files ?? []);
     if (!files.length) return;
     await withBusy(async () => {
       const names = files.map((f) => f.name);
@@ -196,23 +205,23 @@ export function mountAdaptersPanel(app) {
         throw new Error(`Import: pick both adapter_config.json and adapter_model.safetensors (got ${names.join(', ')})`);
       }
       status(`Importing ${names.join(', ')}…`);
-      const info = await app.client().importAdapter(files, unique('imported'));
+      const info = await started(app.client()).importAdapter(files, unique('imported'));
       await refresh(info.name);
       status(`Imported “${info.name}” (rank ${info.r} on ${info.targets.map((x) => TARGET_LABELS[x] ?? x).join(', ')}). ${$('adapter-status').textContent}`);
       app.bus.dispatchEvent(new Event('adapters'));
     });
-    $('adapter-import').value = '';
+    $('adapter-import', HTMLInputElement).value = '';
   }
 
-  $('adapter-save-form').addEventListener('submit', (event) => {
+  $('adapter-save-form', HTMLFormElement).addEventListener('submit', (event) => {
     event.preventDefault();
     save();
   });
-  $('adapter-name').addEventListener('input', () => $('adapter-name').removeAttribute('aria-invalid'));
-  $('adapter-import').addEventListener('change', importFiles);
+  $('adapter-name', HTMLInputElement).addEventListener('input', () => $('adapter-name', HTMLInputElement).removeAttribute('aria-invalid'));
+  $('adapter-import', HTMLInputElement).addEventListener('change', importFiles);
   app.bus.addEventListener('trainer', sync);
   app.bus.addEventListener('trained', () => {
-    if (!$('adapter-name').value && app.trainer) $('adapter-name').placeholder = defaultName(app.trainer);
+    if (!$('adapter-name', HTMLInputElement).value && app.trainer) $('adapter-name', HTMLInputElement).placeholder = defaultName(app.trainer);
     sync();
   });
   app.bus.addEventListener('model', () => refresh());

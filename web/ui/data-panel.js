@@ -1,3 +1,4 @@
+// @ts-check
 // The training-data panel: paste or pick text / JSONL; bitlora detects the format, tokenizes
 // it with the loaded model's tokenizer (in the worker) and says what it became: examples,
 // tokens, training and validation sequences. Errors name the line ("notes.jsonl: line 7: not
@@ -24,18 +25,23 @@ const PREVIEW_CHARS = 100_000;
 /**
  * `app`: { client(), model(), state, publish(), bus, trainOptions() -> { context, batch } }.
  * Returns { current(), check(), clear() }.
+ * @param {import('./panels.js').App} app
  */
 export function mountDataPanel(app) {
-  const area = $('data-text');
+  const area = $('data-text', HTMLTextAreaElement);
   let text = '';
   let fileName = 'pasted text';
   let preview = false; // the box shows only the start of a large file
   let seq = 0;
-  const data = (app.state.data = { state: 'empty', fileName, summary: null, error: null });
-  let lastGood = null; // { key, input, options, summary }
+  /** @type {import('./panels.js').DataState} */
+  const data = { state: 'empty', fileName, summary: null, error: null };
+  app.state.data = data;
+  /** @type {{ input: import('../bitlora.js').DataInput, options: import('../bitlora.js').DataOptions & { batch: number }, summary: import('../bitlora.js').DataSummary } | null} */
+  let lastGood = null;
+  /** @type {Promise<unknown> | null} */
   let pending = null;
 
-  const setState = (s) => {
+  const setState = (/** @type {import('./panels.js').DataState['state']} */ s) => {
     data.state = s;
     document.body.dataset.data = s;
   };
@@ -44,13 +50,13 @@ export function mountDataPanel(app) {
   const options = () => {
     const { context, batch } = app.trainOptions();
     const val = readNumber('data-val', 'Validation share (%)', { min: 0, max: 50 });
-    return { context, batch, completionOnly: $('data-completion-only').checked, valFraction: val / 100 };
+    return { context, batch, completionOnly: $('data-completion-only', HTMLInputElement).checked, valFraction: val / 100 };
   };
 
   async function check() {
     const my = ++seq;
     clearError('data-error', $('dataset'));
-    $('data-error-show').hidden = true;
+    $('data-error-show', HTMLButtonElement).hidden = true;
     data.fileName = fileName;
     if (!text.trim()) {
       lastGood = null;
@@ -91,7 +97,7 @@ export function mountDataPanel(app) {
     Object.assign(data, { summary, error: null });
     setState('ok');
     $('data-summary').textContent = describe(summary);
-    $('data-completion-only').disabled = summary.format === 'text' || summary.format === 'jsonl-text';
+    $('data-completion-only', HTMLInputElement).disabled = summary.format === 'text' || summary.format === 'jsonl-text';
     app.bus.dispatchEvent(new Event('data'));
     app.publish();
     return lastGood;
@@ -103,8 +109,8 @@ export function mountDataPanel(app) {
       setState('error');
       $('data-summary').textContent = '';
       showError('data-error', msg, inputId);
-      $('data-error-show').hidden = !(line && !preview);
-      $('data-error-show').dataset.line = line ?? '';
+      $('data-error-show', HTMLButtonElement).hidden = !(line && !preview);
+      $('data-error-show', HTMLButtonElement).dataset.line = line == null ? '' : String(line);
       app.bus.dispatchEvent(new Event('data'));
       app.publish();
       return null;
@@ -125,8 +131,8 @@ export function mountDataPanel(app) {
     schedule();
   });
 
-  $('data-file').addEventListener('change', async () => {
-    const file = $('data-file').files?.[0];
+  $('data-file', HTMLInputElement).addEventListener('change', async () => {
+    const file = $('data-file', HTMLInputElement).files?.[0];
     if (!file) return;
     setState('checking');
     $('data-summary').textContent = `Reading ${file.name}…`;
@@ -143,14 +149,14 @@ export function mountDataPanel(app) {
     area.value = preview
       ? `${text.slice(0, PREVIEW_CHARS)}\n…\n(${file.name}, ${fmtBytes(file.size)}: only the start is shown here; all of it is used. "Clear" to type instead.)`
       : text;
-    $('data-file').value = '';
+    $('data-file', HTMLInputElement).value = '';
     schedule.now();
   });
 
   // The demo set (tools/build-web.sh copies data/devil/train.jsonl beside the wasm): 893
   // Devil's Dictionary definitions as prompt/completion pairs, fetched from this page's own
   // server, once, when asked.
-  $('data-demo').addEventListener('click', async () => {
+  $('data-demo', HTMLButtonElement).addEventListener('click', async () => {
     const name = 'devil.jsonl';
     setState('checking');
     $('data-summary').textContent = `Fetching the demo data (${name})…`;
@@ -170,19 +176,19 @@ export function mountDataPanel(app) {
     schedule.now();
   });
 
-  $('data-clear').addEventListener('click', () => {
+  $('data-clear', HTMLButtonElement).addEventListener('click', () => {
     text = '';
     fileName = 'pasted text';
     preview = false;
     area.readOnly = false;
     area.value = '';
-    $('data-file').value = '';
+    $('data-file', HTMLInputElement).value = '';
     schedule.now();
   });
 
-  $('data-val').addEventListener('input', schedule);
-  $('data-completion-only').addEventListener('change', () => schedule.now());
-  $('data-error-show').addEventListener('click', () => selectLine(area, Number($('data-error-show').dataset.line)));
+  $('data-val', HTMLInputElement).addEventListener('input', schedule);
+  $('data-completion-only', HTMLInputElement).addEventListener('change', () => schedule.now());
+  $('data-error-show', HTMLButtonElement).addEventListener('click', () => selectLine(area, Number($('data-error-show', HTMLButtonElement).dataset.line)));
   // The context and batch are the training panel's; the counts depend on them.
   app.bus.addEventListener('train-options', schedule);
   app.bus.addEventListener('model', () => schedule.now());
@@ -207,7 +213,7 @@ export function mountDataPanel(app) {
     /** A prompt from the data for the chat panel: the last example's prompt or user turn. */
     suggestPrompt() {
       if (data.state !== 'ok' || !/^jsonl-(prompt|chat)/.test(data.summary?.format ?? '')) return null;
-      const last = text.trimEnd().split('\n').at(-1);
+      const last = text.trimEnd().split('\n').at(-1) ?? '';
       try {
         const obj = JSON.parse(last);
         if (typeof obj.prompt === 'string') return obj.prompt;

@@ -1,3 +1,4 @@
+// @ts-check
 // Number and time formatting shared by the page's panels: one wording everywhere.
 
 const KiB = 1024;

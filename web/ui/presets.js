@@ -1,3 +1,4 @@
+// @ts-check
 // The training panel's presets. Each sets every field of the form; changing a field afterwards
 // switches the panel to "Custom". The minutes are for bitlora's default 12.6 M-parameter model on
 // a laptop CPU (the WebAssembly SIMD backend, about 150 tokens/s of training with context 64;

@@ -1,3 +1,4 @@
+// @ts-check
 // The fine-tuning panel: presets and settings, a live memory estimate checked against the
 // device before start, start / pause / resume / stop, a progress bar with ETA, the live loss
 // chart, checkpoints to IndexedDB every N steps, and after a reload an offer to resume the
@@ -9,7 +10,7 @@
 // resumedFrom, points: { train: [[step, loss]...], val }, progressEvents, done, error, memory,
 // config, backend }.
 
-import { $, showError, clearError, debounce, message, readNumber, inputError } from './dom.js';
+import { $, $$, control, showError, clearError, debounce, message, readNumber, inputError, started } from './dom.js';
 import { fmtBytes, fmtSeconds, fmtInt, fmtLoss, fmtRate, fmtDate, fmtLr, plural } from './format.js';
 import { PRESETS, ALL_TARGETS, matchPreset } from './presets.js';
 import { LossChart } from '../chart.js';
@@ -19,6 +20,8 @@ import { LossChart } from '../chart.js';
 const ASSUMED_RATE = { cpu: 150, webgpu: 150 };
 const TARGET_LABELS = { q_proj: 'q', k_proj: 'k', v_proj: 'v', o_proj: 'o', gate_proj: 'gate', up_proj: 'up', down_proj: 'down' };
 
+/** @typedef {'rank' | 'alpha' | 'lr' | 'length' | 'context' | 'batch' | 'evalEvery' | 'checkpointEvery'} NumberField */
+/** @type {[id: string, key: NumberField, label: string, options: { integer?: boolean, min?: number, max?: number }][]} */
 const FIELDS = [
   // [input id, config key, label, readNumber options]
   ['train-rank', 'rank', 'Rank', { integer: true, min: 1, max: 1024 }],
@@ -34,10 +37,21 @@ const FIELDS = [
 /**
  * `app`: { client(), model(), state, publish(), bus, data (the data panel), lastRate }.
  * Returns { trainer(), readConfig(), options(), offerResume(), beforeDeleteAll() }.
+ * @param {import('./panels.js').App} app
  */
 export function mountTrainPanel(app) {
   const chart = new LossChart($('loss-chart'), { summary: $('chart-summary') });
-  const t = (app.state.training = { state: 'idle', points: chart.points, progressEvents: 0 });
+  /**
+   * window.__bitlora.training (see the header).
+   * @type {{ state: string, points: typeof chart.points, progressEvents: number, runId?: string | null, step?: number,
+   *   totalSteps?: number, loss?: number | null, valLoss?: number | null, checkpointStep?: number | null,
+   *   checkpointBytes?: number, resumedFrom?: number | null, done?: import('../bitlora.js').DoneEvent | null,
+   *   error?: string | null, memory?: import('../bitlora.js').MemoryEstimate | null,
+   *   config?: import('../bitlora.js').Trainer['config'], backend?: string, adapterParams?: number, stepMs?: number,
+   *   tokensPerSec?: number, storedRuns?: number, offered?: { id: string, step: number | null, totalSteps: number } | null }}
+   */
+  const t = { state: 'idle', points: chart.points, progressEvents: 0 };
+  app.state.training = t;
   let trainer = null;
   let unsubscribe = [];
   let memory = null; // the last MemoryEstimate, for the config it was made for
@@ -55,32 +69,39 @@ export function mountTrainPanel(app) {
 
   // ---- the form -------------------------------------------------------------------------
 
+  /** @returns {Record<NumberField, number> & { unit: string, targets: string[] }} */
   function values() {
-    const v = {};
-    for (const [id, key] of FIELDS) v[key] = $(id).value.trim() === '' ? NaN : Number($(id).value);
-    v.unit = $('train-unit').value;
-    v.targets = [...document.querySelectorAll('#train-form input[name="target"]:checked')].map((i) => i.value);
+    // Every NumberField is set by the loop, unit and targets after it.
+    const v = /** @type {Record<NumberField, number> & { unit: string, targets: string[] }} */ ({});
+    for (const [id, key] of FIELDS) v[key] = $(id, HTMLInputElement).value.trim() === '' ? NaN : Number($(id, HTMLInputElement).value);
+    v.unit = $('train-unit', HTMLSelectElement).value;
+    v.targets = $$('#train-form input[name="target"]:checked', HTMLInputElement).map((i) => i.value);
     return v;
   }
 
+  /** @param {string} name */
   function applyPreset(name) {
-    const p = PRESETS[name];
+    const p = PRESETS[/** @type {keyof typeof PRESETS} */ (name)];
     if (!p) return;
-    for (const [id, key] of FIELDS) $(id).value = String(p[key]);
-    $('train-unit').value = p.unit;
-    for (const box of document.querySelectorAll('#train-form input[name="target"]')) box.checked = p.targets.includes(box.value);
+    for (const [id, key] of FIELDS) $(id, HTMLInputElement).value = String(p[key]);
+    $('train-unit', HTMLSelectElement).value = p.unit;
+    for (const box of $$('#train-form input[name="target"]', HTMLInputElement)) box.checked = p.targets.includes(box.value);
     describePreset();
     changed();
   }
 
-  /** The form as a TrainConfig (without the data); throws an inputError naming the field. */
+  /**
+   * The form as a TrainConfig (without the data); throws an inputError naming the field.
+   * @returns {import('../bitlora.js').TrainConfig}
+   */
   function readConfig() {
-    const c = {};
+    // Every NumberField is set by the loop (readNumber throws rather than leave one out).
+    const c = /** @type {Record<NumberField, number>} */ ({});
     for (const [id, key, label, opts] of FIELDS) c[key] = readNumber(id, label, opts);
-    const unit = $('train-unit').value;
+    const unit = $('train-unit', HTMLSelectElement).value;
     if (unit === 'steps' && !Number.isInteger(c.length)) throw inputError('train-length', `Length: a whole number of steps (got ${c.length})`);
     if (c.length <= 0) throw inputError('train-length', `Length: at least 1 ${unit === 'steps' ? 'step' : 'epoch'}`);
-    const targets = [...document.querySelectorAll('#train-form input[name="target"]:checked')].map((i) => i.value);
+    const targets = $$('#train-form input[name="target"]:checked', HTMLInputElement).map((i) => i.value);
     if (!targets.length) throw inputError('train-target-q', 'Layers: tick at least one layer to put an adapter on');
     const model = app.model();
     if (model && c.context > model.maxPositions) {
@@ -90,13 +111,15 @@ export function mountTrainPanel(app) {
     const steps = unit === 'steps' ? length : undefined;
     // Warm up over the first 5% of steps (at most 20), then cosine decay, as most LoRA recipes do.
     const warmup = steps ? Math.min(20, Math.floor(steps * 0.05)) : 10;
-    return { ...rest, ...(unit === 'steps' ? { steps: length } : { epochs: length }), targets, schedule: 'cosine', warmup };
+    // The checkboxes' values are the projection names (index.html), LoraTargets all.
+    const loraTargets = /** @type {import('../bitlora.js').LoraTarget[]} */ (targets);
+    return { ...rest, ...(unit === 'steps' ? { steps: length } : { epochs: length }), targets: loraTargets, schedule: 'cosine', warmup };
   }
 
   /** Context and batch for the data panel's counts (the form's values, or the defaults). */
   function options() {
-    const ctx = Number($('train-context').value);
-    const batch = Number($('train-batch').value);
+    const ctx = Number($('train-context', HTMLInputElement).value);
+    const batch = Number($('train-batch', HTMLInputElement).value);
     return {
       context: Number.isInteger(ctx) && ctx >= 2 ? ctx : 64,
       batch: Number.isInteger(batch) && batch >= 1 ? batch : 1,
@@ -106,7 +129,7 @@ export function mountTrainPanel(app) {
   function describePreset() {
     const v = values();
     const name = matchPreset(v);
-    const radio = document.querySelector(`#train-form input[name="preset"][value="${name}"]`);
+    const radio = $$(`#train-form input[name="preset"][value="${name}"]`, HTMLInputElement)[0];
     if (radio) radio.checked = true;
     const summary = app.data.summary();
     const steps = v.unit === 'steps' ? v.length : summary ? Math.ceil(v.length * summary.stepsPerEpoch) : null;
@@ -151,6 +174,10 @@ export function mountTrainPanel(app) {
 
   const readConfigSafe = () => { try { return readConfig(); } catch { return null; } };
 
+  /**
+   * @param {import('../bitlora.js').MemoryEstimate | null} est
+   * @param {string | null} [problem]
+   */
   function showMemory(est, problem = null) {
     const el = $('mem-estimate');
     t.memory = est;
@@ -178,32 +205,32 @@ export function mountTrainPanel(app) {
     describePreset();
     estimate();
     app.bus.dispatchEvent(new Event('train-options'));
-    clearError('train-error', $('train-form'));
+    clearError('train-error', $('train-form', HTMLFormElement));
   }
 
-  $('train-form').addEventListener('input', (event) => {
-    if (event.target.name === 'preset') return;
-    event.target.removeAttribute?.('aria-invalid');
+  $('train-form', HTMLFormElement).addEventListener('input', (event) => {
+    if (control(event).name === 'preset') return;
+    control(event).removeAttribute?.('aria-invalid');
     changed();
   });
-  $('train-form').addEventListener('change', (event) => {
-    if (event.target.name !== 'preset') return;
-    if (event.target.value === 'custom') $('train-settings').open = true;
-    else applyPreset(event.target.value);
+  $('train-form', HTMLFormElement).addEventListener('change', (event) => {
+    if (control(event).name !== 'preset') return;
+    if (control(event).value === 'custom') $('train-settings', HTMLDetailsElement).open = true;
+    else applyPreset(control(event).value);
   });
-  $('train-form').addEventListener('submit', (event) => {
+  $('train-form', HTMLFormElement).addEventListener('submit', (event) => {
     event.preventDefault();
     start();
   });
-  $('train-pause').addEventListener('click', () => act('pause'));
-  $('train-resume').addEventListener('click', () => act('resume'));
-  $('train-stop').addEventListener('click', () => act('stop'));
-  $('resume-run').addEventListener('click', () => resumeStored());
-  $('resume-discard').addEventListener('click', () => discardStored());
+  $('train-pause', HTMLButtonElement).addEventListener('click', () => act('pause'));
+  $('train-resume', HTMLButtonElement).addEventListener('click', () => act('resume'));
+  $('train-stop', HTMLButtonElement).addEventListener('click', () => act('stop'));
+  $('resume-run', HTMLButtonElement).addEventListener('click', () => resumeStored());
+  $('resume-discard', HTMLButtonElement).addEventListener('click', () => discardStored());
   app.bus.addEventListener('data', () => { describePreset(); sync(); });
   app.bus.addEventListener('model', () => { estimate.now(); offerResume(); sync(); });
   // The first target checkbox gets an id so an error about the targets can point at it.
-  document.querySelector('#train-form input[name="target"]').id = 'train-target-q';
+  $$('#train-form input[name="target"]', HTMLInputElement)[0].id = 'train-target-q';
 
   // ---- controls ---------------------------------------------------------------------------
 
@@ -213,16 +240,18 @@ export function mountTrainPanel(app) {
     const ready = Boolean(app.client() && app.model());
     const dataOk = app.state.data?.state === 'ok';
     const fits = memory ? memory.fits : true;
-    $('train-start').disabled = busy || active || !ready || !dataOk || !fits;
+    $('train-start', HTMLButtonElement).disabled = busy || active || !ready || !dataOk || !fits;
     const dataState = app.state.data?.state;
-    $('train-start').title = !ready ? 'Waiting for the model' : !fits ? 'Does not fit in memory: see the estimate'
+    $('train-start', HTMLButtonElement).title = !ready ? 'Waiting for the model' : !fits ? 'Does not fit in memory: see the estimate'
       : dataState === 'checking' ? 'Checking the training data…' : !dataOk ? 'Add training data first (above)' : '';
-    $('train-pause').disabled = busy || s !== 'running';
-    $('train-resume').disabled = busy || s !== 'paused';
-    $('train-stop').disabled = busy || !(s === 'running' || s === 'paused');
-    for (const el of $('train-form').querySelectorAll('input, select')) el.disabled = active;
-    $('resume-run').disabled = busy || active || !ready;
-    $('resume-discard').disabled = busy || active;
+    $('train-pause', HTMLButtonElement).disabled = busy || s !== 'running';
+    $('train-resume', HTMLButtonElement).disabled = busy || s !== 'paused';
+    $('train-stop', HTMLButtonElement).disabled = busy || !(s === 'running' || s === 'paused');
+    for (const el of $$('input, select', HTMLElement, $('train-form', HTMLFormElement))) {
+      /** @type {HTMLInputElement | HTMLSelectElement} */ (el).disabled = active;
+    }
+    $('resume-run', HTMLButtonElement).disabled = busy || active || !ready;
+    $('resume-discard', HTMLButtonElement).disabled = busy || active;
     app.bus.dispatchEvent(new Event('trainer'));
   }
 
@@ -250,7 +279,7 @@ export function mountTrainPanel(app) {
   // ---- a run ------------------------------------------------------------------------------
 
   async function start() {
-    clearError('train-error', $('train-form'));
+    clearError('train-error', $('train-form', HTMLFormElement));
     const client = app.client();
     if (!client) return;
     let config;
@@ -302,8 +331,8 @@ export function mountTrainPanel(app) {
     for (const p of tr.history ?? []) plot(p);
     t.points = chart.points;
     $('train-meter').hidden = false;
-    $('train-progress').max = Math.max(tr.totalSteps, 1);
-    $('train-progress').value = tr.step;
+    $('train-progress', HTMLProgressElement).max = Math.max(tr.totalSteps, 1);
+    $('train-progress', HTMLProgressElement).value = tr.step;
     const startedAt = performance.now();
     $('train-stats').textContent = resumed
       ? `Resumed from the checkpoint at step ${tr.step} of ${tr.totalSteps}…`
@@ -315,8 +344,8 @@ export function mountTrainPanel(app) {
         Object.assign(t, { step: p.step, totalSteps: p.totalSteps, loss: p.loss, stepMs: p.ms, tokensPerSec: p.tokensPerSec });
         if (p.valLoss != null) t.valLoss = p.valLoss;
         if (p.tokensPerSec > 0) measuredRate = p.tokensPerSec;
-        $('train-progress').max = Math.max(p.totalSteps, 1);
-        $('train-progress').value = p.step;
+        $('train-progress', HTMLProgressElement).max = Math.max(p.totalSteps, 1);
+        $('train-progress', HTMLProgressElement).value = p.step;
         const parts = [`Step ${fmtInt(p.step)} / ${fmtInt(p.totalSteps)}`, `loss ${fmtLoss(p.loss)}`];
         if (t.valLoss != null) parts.push(`validation ${fmtLoss(t.valLoss)}`);
         if (p.tokensPerSec > 0) parts.push(fmtRate(p.tokensPerSec));
@@ -343,7 +372,7 @@ export function mountTrainPanel(app) {
       if (trainer !== tr) return;
       t.done = d;
       const secs = (performance.now() - startedAt) / 1000;
-      $('train-progress').value = d.step;
+      $('train-progress', HTMLProgressElement).value = d.step;
       $('train-stats').textContent = `${d.reason === 'done' ? 'Done' : 'Stopped'}: ${plural(d.step, 'step')} of ${fmtInt(d.totalSteps)} in ${fmtSeconds(d.seconds ?? secs)}` +
         (d.loss != null ? ` · training loss ${fmtLoss(d.loss)}` : '') + (d.valLoss != null ? ` · validation loss ${fmtLoss(d.valLoss)}` : '') +
         ' · save the adapter below to keep it and chat with it.';
@@ -388,7 +417,7 @@ export function mountTrainPanel(app) {
 
   /** Fills the form from a run's config (a resumed run shows what it trains with). */
   function showConfig(c) {
-    const set = (id, v) => { if (v != null) $(id).value = String(v); };
+    const set = (/** @type {string} */ id, /** @type {unknown} */ v) => { if (v != null) $(id, HTMLInputElement).value = String(v); };
     set('train-rank', c.rank);
     set('train-alpha', c.alpha);
     set('train-lr', c.lr);
@@ -397,14 +426,14 @@ export function mountTrainPanel(app) {
     set('train-eval', c.evalEvery);
     set('train-ckpt', c.checkpointEvery);
     if (c.epochs) {
-      $('train-unit').value = 'epochs';
+      $('train-unit', HTMLSelectElement).value = 'epochs';
       set('train-length', c.epochs);
     } else {
-      $('train-unit').value = 'steps';
+      $('train-unit', HTMLSelectElement).value = 'steps';
       set('train-length', c.steps);
     }
     const targets = c.targets?.includes('all-linear') ? ALL_TARGETS : c.targets ?? [];
-    for (const box of document.querySelectorAll('#train-form input[name="target"]')) box.checked = targets.includes(box.value);
+    for (const box of $$('#train-form input[name="target"]', HTMLInputElement)) box.checked = targets.includes(box.value);
     describePreset();
   }
 
@@ -453,7 +482,7 @@ export function mountTrainPanel(app) {
     setState('starting');
     $('resume-text').textContent = `Loading the run's checkpoint (step ${offered.checkpointStep})…`;
     try {
-      const tr = await client.resumeTrainer(offered.id);
+      const tr = await started(client).resumeTrainer(offered.id);
       showConfig(tr.config);
       attach(tr, { resumed: true });
       await tr.start();
@@ -472,7 +501,7 @@ export function mountTrainPanel(app) {
     busy = true;
     sync();
     try {
-      await app.client().deleteRun(offered.id);
+      await started(app.client()).deleteRun(offered.id);
       hideOffer();
       offered = null;
       await offerResume();
