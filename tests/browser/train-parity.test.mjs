@@ -115,6 +115,33 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
     const rel = Math.abs(run.estimate.total - allocated) / allocated;
     console.log(`# estimateMemory ${run.estimate.total} B vs ${allocated} B allocated on WebGPU (relative ${rel.toExponential(1)})`);
     assert.ok(rel <= 0.01, `estimateMemory says ${run.estimate.total} B, the run allocated ${allocated} B`);
+    // More adapter shapes: one step each, estimate against the bytes allocated.
+    const more = await page.evaluate(async ({ DATA }) => {
+      const bl = window.bitlora;
+      const out = [];
+      for (const c of [
+        { rank: 1, targets: ['q_proj', 'v_proj'], batch: 2 },
+        { rank: 16, targets: ['down_proj', 'o_proj'], batch: 1 },
+        { rank: 4, targets: ['gate_proj', 'up_proj', 'k_proj'], batch: 3 },
+      ]) {
+        const config = { ...c, steps: 1, context: 24, evalEvery: 0, valFraction: 0.25, seed: 2, checkpointEvery: 0 };
+        const estimate = await bl.estimateMemory(config);
+        const t = await bl.createTrainer({ ...config, data: { text: DATA, fileName: 'devil.jsonl' } });
+        let gpuBytes = null;
+        t.on('progress', (p) => { gpuBytes = p.gpuBytes; });
+        const done = new Promise((resolve, reject) => { t.on('done', resolve); t.on('error', (e) => reject(new Error(e.message))); });
+        await t.start();
+        await done;
+        await t.dispose();
+        out.push({ config: c, estimate: estimate.total, gpuBytes });
+      }
+      return out;
+    }, { DATA });
+    for (const m of more) {
+      const r = Math.abs(m.estimate - m.gpuBytes) / m.gpuBytes;
+      console.log(`# estimateMemory ${m.estimate} B vs ${m.gpuBytes} B allocated for ${JSON.stringify(m.config)} (relative ${r.toExponential(1)})`);
+      assert.ok(r <= 0.01, `${JSON.stringify(m.config)}: estimateMemory says ${m.estimate} B, the run allocated ${m.gpuBytes} B`);
+    }
     console.log(`# page vs bitlora train --backend gpu over ${STEPS} steps: worst relative difference ${worst.toExponential(2)} (allowed ${EMULATORS_FREE_RUNNING}); step 1 (same start) ${(Math.abs(run.steps[0].loss - native[0].loss) / native[0].loss).toExponential(2)}`);
     console.log(`# bytes read back per step: ${run.steps.map((s) => s.readBytes).join(', ')} (the adapter alone: ${adapterBytes} bytes)`);
     console.log(`# page training on WebGPU (SwiftShader): ${run.steps.at(-1).tokensPerSec.toFixed(1)} target tok/s`);
