@@ -56,6 +56,17 @@ pub enum Error {
         actual: Vec<usize>,
     },
 
+    /// A tensor whose contents (not its shape or dtype) cannot be a BitNet weight: an invalid
+    /// packed code, a scale that is not a positive number. Bad input, not a bug.
+    #[error(
+        "{file}: tensor `{name}` {what}; the file is damaged or not a BitNet checkpoint: download it again"
+    )]
+    BadValue {
+        file: String,
+        name: String,
+        what: String,
+    },
+
     #[error("{file}: tensor `{name}` has dtype {dtype}, expected {expected}")]
     TensorDtype {
         file: String,

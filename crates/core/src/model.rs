@@ -593,23 +593,19 @@ fn load_linear(
                 .iter()
                 .position(|b| (0..4).any(|s| (b >> (2 * s)) & 3 == 3))
             {
-                return Err(Error::Shape {
-                    op: "load packed weight",
-                    msg: format!(
-                        "{}: tensor `{name}` byte {pos} holds the invalid 2-bit code 3",
-                        w.file_of(&name)
-                    ),
+                return Err(Error::BadValue {
+                    file: w.file_of(&name),
+                    name,
+                    what: format!("byte {pos} holds the invalid 2-bit code 3 (codes are 0, 1, 2)"),
                 });
             }
             let scale_name = format!("{prefix}.weight_scale");
             let scale = w.f32(&scale_name, &[1])?[0];
             if !(scale.is_finite() && scale > 0.0) {
-                return Err(Error::Shape {
-                    op: "load packed weight",
-                    msg: format!(
-                        "{}: tensor `{scale_name}` is {scale}, expected a positive number",
-                        w.file_of(&scale_name)
-                    ),
+                return Err(Error::BadValue {
+                    file: w.file_of(&scale_name),
+                    name: scale_name,
+                    what: format!("is {scale}, expected a positive number"),
                 });
             }
             // bitlinear: W = T / weight_scale; autobitlinear: W = T * weight_scale.

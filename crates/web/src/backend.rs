@@ -4,7 +4,7 @@
 //! drives `bitlora_gpu::GpuBackend`: the loop is written once.
 //!
 //! The GPU trainer (the model's weights, pipelines and activation buffers) sits in the loaded
-//! model's GPU slot (lib.rs `GpuSlot`) and serves generation too; a run borrows it for each
+//! model's GPU slot (gpu_slot.rs `GpuSlot`) and serves generation too; a run borrows it for each
 //! pass. The run's own state ([`GpuState`]) belongs to the run, so another run borrowing the
 //! slot in between loses nothing.
 
@@ -150,7 +150,7 @@ impl WebGpu {
         ),
         GpuFailure,
     > {
-        let tr = crate::gpu_trainer(
+        let tr = crate::gpu_slot::gpu_trainer(
             &self.loaded,
             &self.gpu,
             self.owner,
@@ -158,8 +158,8 @@ impl WebGpu {
             self.context,
         )
         .map_err(|e| match e {
-            crate::GpuTrainError::Busy => GpuFailure::Busy,
-            crate::GpuTrainError::Unusable(why) => GpuFailure::Unusable(why),
+            crate::gpu_slot::GpuTrainError::Busy => GpuFailure::Busy,
+            crate::gpu_slot::GpuTrainError::Unusable(why) => GpuFailure::Unusable(why),
         })?;
         if self.state.is_none() {
             let pending = self.pending.take().ok_or(GpuFailure::Unusable(

@@ -9,7 +9,7 @@
 //! Options come as a plain object with the same names as the CLI flags and core's fields, in
 //! snake_case: `{ max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens }`,
 //! every one optional (core's defaults: greedy, 64 tokens), and `adapter` (the key of an adapter
-//! added to the session, or null; lib.rs reads it). Unknown names are errors, so a typo never
+//! added to the session, or null; inference.rs reads it). Unknown names are errors, so a typo never
 //! silently means "default".
 
 use bitlora_core::{Error, Message, SamplingOptions};
