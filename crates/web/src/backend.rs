@@ -198,6 +198,7 @@ impl WebGpu {
     }
 }
 
+#[cfg(feature = "gpu")]
 fn busy() -> JsError {
     JsError::new("the WebGPU model is busy with another pass; wait for it to finish")
 }
