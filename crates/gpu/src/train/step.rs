@@ -5,9 +5,9 @@
 use bitlora_core::model::Proj;
 
 use super::optimizer::Resident;
-use super::{Acts, GpuTrainer, MaskPlan};
+use super::{Acts, GpuTrainer, MaskPlan, PairBufs};
 use crate::GpuError;
-use crate::ops::Dropout;
+use crate::ops::{Dropout, LoraMatmul};
 use crate::record::Recorder;
 use crate::tensor::GpuTensor;
 
@@ -105,6 +105,19 @@ impl Step<'_> {
         })
     }
 
+    /// Projection p of layer l's adapter buffers, its launcher and its saved u = x A^T; None
+    /// when p is not adapted.
+    fn adapted(&self, l: usize, p: Proj) -> Option<(&PairBufs, &LoraMatmul, &GpuTensor)> {
+        match (
+            &self.tr.adapter[l][p],
+            &self.tr.ops.lora[p],
+            &self.a.u[l][p],
+        ) {
+            (Some(pair), Some(op), Some(u)) => Some((pair, op, u)),
+            _ => None,
+        }
+    }
+
     /// y += s * (dropout(x) A^T) B^T for projection p of layer l, saving u = dropout(x) A^T.
     fn lora_forward(
         &self,
@@ -114,11 +127,7 @@ impl Step<'_> {
         x: &GpuTensor,
         y: &GpuTensor,
     ) -> Result<(), GpuError> {
-        let (Some(pair), Some(op), Some(u)) = (
-            &self.tr.adapter[l][p],
-            &self.tr.ops.lora[p],
-            &self.a.u[l][p],
-        ) else {
+        let Some((pair, op, u)) = self.adapted(l, p) else {
             return Ok(());
         };
         let xin = self.lora_input(r, l, p, x)?;
@@ -137,11 +146,7 @@ impl Step<'_> {
         dy: &GpuTensor,
         dx: &GpuTensor,
     ) -> Result<(), GpuError> {
-        let (Some(pair), Some(op), Some(u)) = (
-            &self.tr.adapter[l][p],
-            &self.tr.ops.lora[p],
-            &self.a.u[l][p],
-        ) else {
+        let Some((pair, op, u)) = self.adapted(l, p) else {
             return Ok(());
         };
         op.grad_b_set(r, dy, u, self.scale, &pair.db)?;
