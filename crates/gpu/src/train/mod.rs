@@ -492,14 +492,7 @@ impl GpuTrainer {
         }
         let grad_floats = offset - max_tokens;
         let staging_floats = offset;
-        let staging_bytes = plan.get("train readback")?.bytes();
-        debug_assert_eq!(staging_bytes, (4 * staging_floats) as u64);
-        let staging = dev.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("train readback"),
-            size: staging_bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = readback_buffer(&dev, plan.get("train readback")?.bytes());
 
         // The head's window of logits rows (as many as one binding holds). On a GPU the head's
         // dX sums over the whole vocabulary for only T x C outputs: the table splits that sum
@@ -520,8 +513,7 @@ impl GpuTrainer {
                     p.a.buffer.size() + p.b.buffer.size() + p.da.buffer.size() + p.db.buffer.size()
                 })
                 .sum::<u64>()
-            + logits.buffer.size()
-            + staging.size();
+            + logits.buffer.size();
         model.errors.take()?;
         let lora_config = lora_config.clone();
         Ok(move |model| GpuTrainer {
@@ -621,7 +613,9 @@ impl GpuTrainer {
     /// activations, scratch, the adapter with its gradients and the logits window (a run's
     /// optimizer state is [`GpuState::bytes`]).
     pub fn bytes(&self) -> u64 {
-        self.bytes + self.head_scratch.as_ref().map_or(0, |t| t.buffer.size())
+        self.bytes
+            + self.staging.size()
+            + self.head_scratch.as_ref().map_or(0, |t| t.buffer.size())
     }
 
     /// Bytes the last pass read back from the GPU: the per-row losses, plus the squared
@@ -904,6 +898,11 @@ impl GpuTrainer {
         }
         // What comes back: the T per-row losses; after a resident step's last sequence the
         // squared gradient norm at T; in staging mode every dA and dB at its offset.
+        let need = (4 * self.staging_floats) as u64;
+        if mode == Mode::Staging && self.staging.size() < need {
+            // A resident run's trainer sized it for the losses and the norm only.
+            self.staging = readback_buffer(dev, need);
+        }
         enc.copy_buffer_to_buffer(&a.loss.buffer, 0, &self.staging, 0, (4 * t) as u64);
         let mut used = t;
         if let (Mode::Flat { last: true, .. }, Some(o)) = (mode, res) {
@@ -972,4 +971,14 @@ fn mean(row_loss: &[f32], targets: &[Option<u32>], counted: usize) -> StepLoss {
         loss: (sum / counted.max(1) as f64) as f32,
         tokens: counted,
     }
+}
+
+/// A buffer the host maps to read what a pass copied into it.
+fn readback_buffer(dev: &wgpu::Device, size: u64) -> wgpu::Buffer {
+    dev.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("train readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
 }

@@ -281,7 +281,8 @@ impl GpuState {
         Ok(())
     }
 
-    /// A copy of the adapter and the moments: on the GPU, one readback of `p`, `m` and `v`.
+    /// A copy of the adapter and the moments: on the GPU, `p`, `m` and `v` read back one after
+    /// the other through one buffer of the flat size.
     pub async fn read(&mut self) -> Result<AdapterState, GpuError> {
         let r = match &mut self.home {
             Home::Host { state, .. } => return Ok(state.clone()),
@@ -301,27 +302,26 @@ impl GpuState {
                 })
             })
             .clone();
-        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("optimizer read"),
-        });
-        for (k, t) in [&r.p, &r.m, &r.v].into_iter().enumerate() {
-            enc.copy_buffer_to_buffer(&t.buffer, 0, &readback, k as u64 * n, n);
-        }
-        r.queue.submit([enc.finish()]);
-        tensor::map_read(&dev, &readback, "optimizer readback").await?;
-        let values = {
-            let view = readback.get_mapped_range(..).map_err(|e| GpuError::Map {
+        let mut values = Vec::with_capacity(3);
+        for t in [&r.p, &r.m, &r.v] {
+            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("optimizer read"),
+            });
+            enc.copy_buffer_to_buffer(&t.buffer, 0, &readback, 0, n);
+            r.queue.submit([enc.finish()]);
+            tensor::map_read(&dev, &readback, "optimizer readback").await?;
+            let view = readback.get_mapped_range(..n).map_err(|e| GpuError::Map {
                 tensor: "optimizer readback".into(),
                 msg: e.to_string(),
             });
             let out = view.map(|v| bytemuck::pod_collect_to_vec::<u8, f32>(&v));
             readback.unmap();
-            out?
-        };
-        let per = n as usize / 4;
+            values.push(out?);
+        }
         let unpack = |k: usize| {
             let mut l = r.template.clone();
-            let mut at = k * per;
+            let values = &values[k];
+            let mut at = 0;
             l.for_each_mut(|_, _, x| {
                 let len = x.len();
                 x.copy_from_slice(&values[at..at + len]);

@@ -197,13 +197,16 @@ impl TrainPlan {
             plan.add("head backward slabs", &[slabs, hr, c], F32, Head);
         }
 
-        // The readback of a pass: T losses then, in staging mode, every dA and dB.
-        let grads = adapter_floats(cfg, lora);
-        plan.add("train readback", &[rows + grads], F32, Readback);
-
         // The resident optimizer (GpuState), when its flat buffers fit one binding.
+        let grads = adapter_floats(cfg, lora);
         let flat_rows = grads.div_ceil(FLAT_ROW).max(1);
         plan.resident = (4 * flat_rows * FLAT_ROW) as u64 <= opts.max_binding;
+
+        // The readback of a pass: T losses, then the squared gradient norm (resident) or every
+        // dA and dB (the host optimizer's staging mode). A staging pass on a resident run's
+        // trainer (tests, `bench train --placement host`) grows it then, outside this table.
+        let tail = if plan.resident { 1 } else { grads };
+        plan.add("train readback", &[rows + tail], F32, Readback);
         if plan.resident {
             for what in ["adapter", "gradients", "m", "v"] {
                 plan.add(
@@ -228,9 +231,10 @@ impl TrainPlan {
                 Optimizer,
             );
             plan.add("grad norm squared", &[1], F32, Optimizer);
+            // A checkpoint or an export reads p, m and v back one after the other through it.
             plan.add(
                 "optimizer readback",
-                &[3, flat_rows, FLAT_ROW],
+                &[flat_rows, FLAT_ROW],
                 F32,
                 Readback,
             );
