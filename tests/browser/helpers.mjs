@@ -237,7 +237,8 @@ export function nativeGenerateText(model, prompt, maxTokens, args = []) {
  * `onStart(page)` runs right after the click (e.g. to click Stop). Returns
  * { gen: window.__bitlora.generation, updates: [{ t, gen, text }], stats, error, longTasks }, where
  * `t` is epoch milliseconds (performance.timeOrigin + now), comparable with the worker's
- * event.at, and longTasks the durations (ms) of main-thread tasks over 50 ms meanwhile.
+ * event.at, longTasks the durations (ms) of main-thread tasks over 50 ms meanwhile, and
+ * mainThreadWasm the .wasm files the page's own thread fetched (none: the model is in the worker).
  */
 export async function generateOnPage(page, { prompt, chat, options = {}, log = [], onStart, stopAfter } = {}) {
   if (prompt !== undefined) await page.fill('#prompt', prompt);
@@ -287,6 +288,8 @@ export async function generateOnPage(page, { prompt, chat, options = {}, log = [
     stopClickedAt: window.__stopClickedAt,
     tokensAtStop: window.__tokensAtStop,
     longTasks: window.__longTasks,
+    // The wasm this document itself fetched (the worker's fetches are in its own timeline).
+    mainThreadWasm: performance.getEntriesByType('resource').map((e) => e.name).filter((n) => /\.wasm($|\?)/.test(n)),
   }));
 }
 
