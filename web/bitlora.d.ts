@@ -12,6 +12,7 @@
 //   await t.saveAdapter('devil');
 //   const g = bl.generate('Define LAWYER.', { adapter: 'devil', maxTokens: 40 });
 //   for await (const tok of g) out.textContent += tok.text;
+//   const r = await bl.chat.completions.create({ messages: [{ role: 'user', content: 'Hi' }], adapter: 'devil' });
 //
 // Every method that can fail rejects with an Error whose message says what is wrong and how to
 // fix it (e.g. "train.jsonl: line 7: not JSON: ..."); nothing the visitor types crashes the worker.
@@ -545,6 +546,120 @@ export interface Generation extends AsyncIterable<TokenEvent> {
   stop(): void;
 }
 
+// ---- OpenAI-style chat ---------------------------------------------------------------------
+//
+//   const r = await bl.chat.completions.create({ messages: [{ role: 'user', content: 'Hi' }], adapter: 'mine' });
+//   r.choices[0].message.content;
+//   const s = await bl.chat.completions.create({ messages, stream: true, max_tokens: 40 });
+//   for await (const chunk of s) out.textContent += chunk.choices[0]?.delta.content ?? '';
+//
+// On top of `generate`: the messages go through the loaded model's chat template exactly as
+// `generate({ text, chat: true })` puts them (the template's end-of-turn token stops the reply),
+// and the OpenAI sampling fields map to GenerateOptions: temperature -> temperature, top_p ->
+// topP, max_tokens (or max_completion_tokens) -> maxTokens, seed -> seed; `stop` strings are
+// matched in the streamed text (the reply ends before them; they are never emitted). Bad
+// arguments reject with a BitloraError whose `field` names the request field at fault.
+
+/** Text, or OpenAI's list of content parts (text parts only). */
+export type ChatContent = string | Array<{ type: 'text'; text: string }>;
+
+export interface ChatMessage {
+  role: 'system' | 'developer' | 'user' | 'assistant';
+  content: ChatContent;
+}
+
+export interface ChatCompletionRequest {
+  /**
+   * The conversation. For now one user message: the chat template renders it as
+   * `generate({ text, chat: true })` does (the wasm renders a single user turn); other shapes
+   * are refused with a message that says so.
+   */
+  messages: ChatMessage[];
+  /** true: an async iterable of chunks instead of one completion. */
+  stream?: boolean;
+  /** With `stream`: `include_usage` adds a last chunk with `usage` and no choices. */
+  stream_options?: { include_usage?: boolean } | null;
+  /** When given, the loaded model's key, store id or name (a check: loading is `loadModel`). */
+  model?: string | null;
+  /** 0 (default): greedy. At most 2. */
+  temperature?: number | null;
+  /** In (0, 1]. */
+  top_p?: number | null;
+  /** Tokens to generate at most (default 64, as generate). Prompt + this must fit the model's context. */
+  max_tokens?: number | null;
+  /** OpenAI's newer name for max_tokens (give one of them). */
+  max_completion_tokens?: number | null;
+  /** Seed of the sampler (a non-negative integer). */
+  seed?: number | null;
+  /** Up to 4 strings that end the reply; not included in it. */
+  stop?: string | string[] | null;
+  /** Only 1. */
+  n?: number | null;
+  /** bitlora: a stored adapter's name (see listAdapters); null or absent: the base model. */
+  adapter?: string | null;
+  /** bitlora: GenerateOptions.topK. */
+  top_k?: number | null;
+  /** bitlora: GenerateOptions.repetitionPenalty. */
+  repetition_penalty?: number | null;
+}
+
+/** "stop": an end-of-turn/EOS token or a `stop` string; "length": max_tokens was reached. */
+export type ChatFinishReason = 'stop' | 'length';
+
+export interface ChatCompletionUsage {
+  /** Tokens of the prompt after the chat template. */
+  prompt_tokens: number;
+  /** Tokens generated (with the end-of-turn token when one ended the reply). */
+  completion_tokens: number;
+  total_tokens: number;
+}
+
+export interface ChatCompletion {
+  /** "chatcmpl-" and 24 random hex digits. */
+  id: string;
+  object: 'chat.completion';
+  /** Unix seconds. */
+  created: number;
+  /** The loaded model's name (ModelInfo.name, else its key). */
+  model: string;
+  choices: Array<{
+    index: 0;
+    message: { role: 'assistant'; content: string };
+    finish_reason: ChatFinishReason;
+  }>;
+  usage: ChatCompletionUsage;
+}
+
+export interface ChatCompletionChunk {
+  id: string;
+  object: 'chat.completion.chunk';
+  created: number;
+  model: string;
+  /**
+   * One choice: the first chunk's delta is `{ role: 'assistant', content: '' }`, then text
+   * pieces, and the last one's is `{}` with `finish_reason`. Empty in the usage chunk.
+   */
+  choices: Array<{
+    index: 0;
+    delta: { role?: 'assistant'; content?: string };
+    finish_reason: ChatFinishReason | null;
+  }>;
+  /** Only in the extra last chunk that `stream_options.include_usage` asks for. */
+  usage?: ChatCompletionUsage;
+}
+
+/** A streamed chat completion. Breaking out of the `for await` loop, or `abort()`, ends the generation. */
+export interface ChatCompletionStream extends AsyncIterable<ChatCompletionChunk> {
+  /** Ends the generation after its current token; the iteration then ends without a finish chunk. */
+  abort(): void;
+}
+
+export interface ChatCompletions {
+  create(request: ChatCompletionRequest & { stream: true }): Promise<ChatCompletionStream>;
+  create(request: ChatCompletionRequest & { stream?: false | null }): Promise<ChatCompletion>;
+  create(request: ChatCompletionRequest): Promise<ChatCompletion | ChatCompletionStream>;
+}
+
 // ---- the client ----------------------------------------------------------------------------
 
 export declare class Bitlora {
@@ -604,6 +719,12 @@ export declare class Bitlora {
 
   /** Streams generated tokens; with `options.adapter` through that stored adapter (unmerged, as PEFT). */
   generate(prompt: Prompt, options?: GenerateOptions): Generation;
+
+  /**
+   * OpenAI-style chat completions on top of `generate` (see ChatCompletionRequest): the loaded
+   * model's chat template, the adapter as an option, streaming or not.
+   */
+  readonly chat: { readonly completions: ChatCompletions };
 
   /** Deletes the training store (runs, checkpoints, adapters). The model store is separate. */
   deleteTrainingData(): Promise<void>;

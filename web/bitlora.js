@@ -75,6 +75,7 @@ export class Bitlora {
     this.backend = /** @type {api.BackendInfo} */ (/** @type {unknown} */ (null));
     /** @type {api.ModelInfo | null} */
     this.model = null;
+    this.chat = { completions: new ChatCompletions(this) };
     worker.onmessage = ({ data }) => this.#onMessage(data);
     worker.onerror = (event) => {
       event.preventDefault?.();
@@ -622,6 +623,310 @@ class Generation {
       await new Promise((resolve) => { this.#wake = () => resolve(undefined); });
       this.#wake = null;
     }
+  }
+}
+
+// ---- OpenAI-style chat completions (types and docs: ChatCompletionRequest in bitlora.d.ts) ----
+
+/** Request fields and what they map to; `null`/`undefined` values count as absent. */
+const CHAT_FIELDS = ['messages', 'stream', 'stream_options', 'model', 'temperature', 'top_p', 'max_tokens',
+  'max_completion_tokens', 'seed', 'stop', 'n', 'adapter', 'top_k', 'repetition_penalty'];
+/** OpenAI fields bitlora does not offer, and what to do instead. */
+const CHAT_UNSUPPORTED = {
+  frequency_penalty: 'use repetition_penalty (a multiplicative penalty on tokens already in the text)',
+  presence_penalty: 'use repetition_penalty (a multiplicative penalty on tokens already in the text)',
+  logit_bias: 'not offered', logprobs: 'not offered (Bitlora.forward gives next-token logits)',
+  top_logprobs: 'not offered (Bitlora.forward gives next-token logits)', tools: 'not offered',
+  tool_choice: 'not offered', functions: 'not offered', function_call: 'not offered',
+  response_format: 'not offered', parallel_tool_calls: 'not offered', audio: 'not offered', modalities: 'not offered',
+};
+
+/**
+ * A request's error: names the field, as the sampling options' errors do.
+ * @param {string} field
+ * @param {string} message
+ */
+function chatError(field, message) {
+  return toError(`chat.completions.create: ${field ? `${field} ` : ''}${message}`, { field: field || undefined });
+}
+
+/** @param {unknown} v */
+function describeValue(v) {
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'a list';
+  if (typeof v === 'string') return JSON.stringify(v.length > 40 ? `${v.slice(0, 40)}…` : v);
+  return typeof v === 'object' ? 'an object' : String(v);
+}
+
+/**
+ * A number field, checked: absent -> undefined.
+ * @param {Record<string, unknown>} req
+ * @param {string} field
+ * @param {{ integer?: boolean, min?: number, max?: number, above?: number, what: string }} rule
+ * @returns {number | undefined}
+ */
+function chatNumber(req, field, { integer = false, min, max, above, what }) {
+  const v = req[field];
+  if (v == null) return undefined;
+  const ok = typeof v === 'number' && Number.isFinite(v) && (!integer || Number.isSafeInteger(v)) &&
+    (min == null || v >= min) && (max == null || v <= max) && (above == null || v > above);
+  if (!ok) throw chatError(field, `must be ${what}, got ${describeValue(v)}`);
+  return /** @type {number} */ (v);
+}
+
+/**
+ * The text of a message's content: a string or OpenAI's text parts.
+ * @param {unknown} content
+ * @param {string} where
+ */
+function chatText(content, where) {
+  if (typeof content === 'string') return content;
+  if (Array.isArray(content)) {
+    return content.map((part, j) => {
+      if (part && typeof part === 'object' && part.type === 'text' && typeof part.text === 'string') return part.text;
+      const type = part && typeof part === 'object' ? part.type : undefined;
+      throw chatError(`${where}.content[${j}]`, `must be a text part ({ type: "text", text: "..." }), got ${type ? `a "${type}" part` : describeValue(part)}: bitlora's models read text only`);
+    }).join('');
+  }
+  throw chatError(`${where}.content`, `must be a string or a list of text parts, got ${describeValue(content)}`);
+}
+
+/**
+ * Checks a request against the loaded model and turns it into generate()'s prompt and options.
+ * @param {Bitlora} bl
+ * @param {api.ChatCompletionRequest} request
+ */
+function planChat(bl, request) {
+  if (!request || typeof request !== 'object' || Array.isArray(request)) {
+    throw chatError('', `takes one object ({ messages: [{ role: "user", content: "..." }], stream? }), got ${describeValue(request)}`);
+  }
+  const req = /** @type {Record<string, unknown>} */ (/** @type {unknown} */ (request));
+  for (const [k, v] of Object.entries(req)) {
+    if (v === undefined || v === null) continue;
+    if (Object.hasOwn(CHAT_UNSUPPORTED, k)) throw chatError(k, `is not supported: ${CHAT_UNSUPPORTED[/** @type {keyof typeof CHAT_UNSUPPORTED} */ (k)]}`);
+    if (!CHAT_FIELDS.includes(k)) throw chatError(k, `is not a request field; the fields are ${CHAT_FIELDS.join(', ')}`);
+  }
+  const model = bl.model;
+  if (!model) throw chatError('', 'no model is loaded: call loadModel first (e.g. loadModel({ bundled: "default" }))');
+  if (req.model != null && ![model.key, model.storeId, model.name].includes(/** @type {string} */ (req.model))) {
+    throw chatError('model', `is ${describeValue(req.model)}, but the loaded model is ${JSON.stringify(model.name ?? model.key)} (key ${JSON.stringify(model.key)}); load that model with loadModel first, or leave model out`);
+  }
+  const messages = req.messages;
+  if (!Array.isArray(messages) || messages.length === 0) {
+    throw chatError('messages', `must be a non-empty list of { role, content }, got ${describeValue(messages)}`);
+  }
+  const turns = messages.map((m, i) => {
+    if (!m || typeof m !== 'object' || Array.isArray(m)) throw chatError(`messages[${i}]`, `must be { role, content }, got ${describeValue(m)}`);
+    if (!['system', 'developer', 'user', 'assistant'].includes(m.role)) {
+      throw chatError(`messages[${i}].role`, `must be "system", "developer", "user" or "assistant", got ${describeValue(m.role)}`);
+    }
+    return { role: /** @type {string} */ (m.role), content: chatText(m.content, `messages[${i}]`) };
+  });
+  if (turns.length !== 1 || turns[0].role !== 'user') {
+    throw chatError('messages', `must be one user message for now, got ${turns.length} (${turns.map((t) => t.role).join(', ')}): ` +
+      'bitlora renders a single user turn through the chat template (as generate({ text, chat: true }) does); ' +
+      'send the last user message alone, with what it needs of the earlier turns in its text');
+  }
+  if (!model.tokenizer) throw chatError('', `the loaded model (${model.name ?? model.key}) has no tokenizer.json, so it takes token ids only: use generate({ tokens: [...] })`);
+  if (!model.chatTemplate) {
+    throw chatError('', `the loaded model (${model.name ?? model.key}) has no chat template: load it with a tokenizer_config.json that has a "chat_template" (loadModel({ files })), or use generate() with a plain text prompt`);
+  }
+  if (req.stream != null && typeof req.stream !== 'boolean') throw chatError('stream', `must be true or false, got ${describeValue(req.stream)}`);
+  const so = req.stream_options;
+  if (so != null && (typeof so !== 'object' || Array.isArray(so) || Object.keys(so).some((k) => k !== 'include_usage'))) {
+    throw chatError('stream_options', `must be { include_usage: boolean }, got ${describeValue(so)}`);
+  }
+  if (so != null && !req.stream) throw chatError('stream_options', 'is only allowed with stream: true');
+  const includeUsage = Boolean(so && /** @type {{ include_usage?: unknown }} */ (so).include_usage);
+  chatNumber(req, 'n', { integer: true, min: 1, max: 1, what: '1 (one choice per request)' });
+  if (req.max_tokens != null && req.max_completion_tokens != null) {
+    throw chatError('max_completion_tokens', 'and max_tokens are the same setting: give one of them');
+  }
+  const maxField = req.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens';
+  /** @type {api.GenerateOptions} */
+  const options = {
+    temperature: chatNumber(req, 'temperature', { min: 0, max: 2, what: 'a number from 0 (greedy) to 2' }),
+    topP: chatNumber(req, 'top_p', { above: 0, max: 1, what: 'a number above 0 and at most 1' }),
+    maxTokens: chatNumber(req, maxField, { integer: true, min: 1, what: 'a whole number of tokens, at least 1' }),
+    seed: chatNumber(req, 'seed', { integer: true, min: 0, what: 'a whole number, 0 or more' }),
+    topK: chatNumber(req, 'top_k', { integer: true, min: 0, what: 'a whole number, 0 (off) or more' }),
+    repetitionPenalty: chatNumber(req, 'repetition_penalty', { above: 0, what: 'a number above 0 (1: off)' }),
+  };
+  if (req.adapter != null && (typeof req.adapter !== 'string' || req.adapter === '')) {
+    throw chatError('adapter', `must be a stored adapter's name (see listAdapters) or null, got ${describeValue(req.adapter)}`);
+  }
+  options.adapter = /** @type {string | null | undefined} */ (req.adapter) ?? null;
+  /** @type {string[]} */
+  let stop = [];
+  if (req.stop != null) {
+    stop = typeof req.stop === 'string' ? [req.stop] : Array.isArray(req.stop) ? req.stop : [];
+    if (!(typeof req.stop === 'string' || Array.isArray(req.stop)) || stop.length > 4 || stop.some((x) => typeof x !== 'string' || x === '')) {
+      throw chatError('stop', `must be a non-empty string or a list of up to 4 of them, got ${describeValue(req.stop)}`);
+    }
+  }
+  return {
+    prompt: { text: turns[0].content, chat: true }, options, stop, stream: Boolean(req.stream), includeUsage,
+    model: model.name ?? model.key,
+  };
+}
+
+/**
+ * Holds back streamed text that may be the start of a stop string, and finds the first one.
+ * @param {string[]} stops
+ */
+function stopMatcher(stops) {
+  let held = '';
+  return {
+    /**
+     * @param {string} piece
+     * @returns {{ emit: string, hit: boolean }}
+     */
+    push(piece) {
+      const text = held + piece;
+      let at = -1;
+      for (const s of stops) {
+        const i = text.indexOf(s);
+        if (i >= 0 && (at < 0 || i < at)) at = i;
+      }
+      if (at >= 0) {
+        held = '';
+        return { emit: text.slice(0, at), hit: true };
+      }
+      // The longest end of `text` that begins some stop string waits for the next piece.
+      let keep = 0;
+      for (const s of stops) {
+        for (let n = Math.min(s.length - 1, text.length); n > keep; n--) {
+          if (text.endsWith(s.slice(0, n))) { keep = n; break; }
+        }
+      }
+      held = text.slice(text.length - keep);
+      return { emit: text.slice(0, text.length - keep), hit: false };
+    },
+    flush() {
+      const rest = held;
+      held = '';
+      return rest;
+    },
+  };
+}
+
+/**
+ * One chat generation as text pieces, then its finish reason and usage.
+ * @param {Bitlora} bl
+ * @param {ReturnType<typeof planChat>} plan
+ * @param {(generation: Generation) => void} started
+ * @returns {AsyncGenerator<string, { finish: api.ChatFinishReason | null, usage: api.ChatCompletionUsage }>}
+ */
+async function* chatPieces(bl, plan, started) {
+  const generation = /** @type {Generation} */ (bl.generate(plan.prompt, plan.options));
+  started(generation);
+  const match = stopMatcher(plan.stop);
+  let hit = false;
+  let done = false;
+  try {
+    for await (const event of generation) {
+      const r = match.push(event.text ?? '');
+      if (r.emit) yield r.emit;
+      if (r.hit) {
+        hit = true;
+        generation.stop();
+        break;
+      }
+    }
+    if (!hit) {
+      const rest = match.flush();
+      if (rest) yield rest;
+    }
+    const result = await generation.result;
+    done = true;
+    /** @type {api.ChatFinishReason | null} */
+    const finish = hit || result.stoppedBy === 'stop_token' ? 'stop' : result.stoppedBy === 'max_tokens' ? 'length' : null;
+    const usage = {
+      prompt_tokens: result.promptTokens.length,
+      completion_tokens: result.tokens.length,
+      total_tokens: result.promptTokens.length + result.tokens.length,
+    };
+    return { finish, usage };
+  } finally {
+    // The consumer left early (break, abort, an error): end the generation after its token.
+    if (!done) generation.stop();
+  }
+}
+
+/** `Bitlora.chat.completions`: see ChatCompletions in bitlora.d.ts. */
+class ChatCompletions {
+  /** @type {Bitlora} */
+  #bl;
+
+  /** @param {Bitlora} bl */
+  constructor(bl) {
+    this.#bl = bl;
+  }
+
+  /**
+   * @param {api.ChatCompletionRequest} request
+   * @returns {Promise<any>} a ChatCompletion, or a ChatCompletionStream with `stream: true` (the overloads in bitlora.d.ts)
+   */
+  async create(request) {
+    const plan = planChat(this.#bl, request);
+    const bytes = crypto.getRandomValues(new Uint8Array(12));
+    const id = `chatcmpl-${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}`;
+    const created = Math.floor(Date.now() / 1000);
+    const head = { id, created, model: plan.model };
+    if (!plan.stream) {
+      const pieces = chatPieces(this.#bl, plan, () => {});
+      let content = '';
+      let step;
+      while (!(step = await pieces.next()).done) content += step.value;
+      const { finish, usage } = step.value;
+      /** @type {api.ChatCompletion} */
+      const completion = {
+        ...head, object: 'chat.completion',
+        choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: finish ?? 'stop' }],
+        usage,
+      };
+      return completion;
+    }
+    /** @type {Generation | null} */
+    let generation = null;
+    let aborted = false;
+    const bl = this.#bl;
+    // The generation starts at once (as OpenAI's stream starts on the request), not on the first next().
+    const pieces = chatPieces(bl, plan, (g) => { generation = g; });
+    const first = pieces.next();
+    first.catch(() => {});
+    /** @type {api.ChatCompletionStream} */
+    const stream = {
+      abort() {
+        aborted = true;
+        /** @type {Generation | null} */ (generation)?.stop();
+      },
+      async *[Symbol.asyncIterator]() {
+        /** @param {api.ChatCompletionChunk['choices']} choices */
+        const chunk = (choices) => (/** @type {api.ChatCompletionChunk} */ ({ ...head, object: 'chat.completion.chunk', choices }));
+        let ended = false;
+        try {
+          yield chunk([{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }]);
+          let step = await first;
+          while (!step.done) {
+            yield chunk([{ index: 0, delta: { content: step.value }, finish_reason: null }]);
+            step = await pieces.next();
+          }
+          ended = true;
+          const { finish, usage } = step.value;
+          if (aborted || finish == null) return;
+          yield chunk([{ index: 0, delta: {}, finish_reason: finish }]);
+          if (plan.includeUsage) yield { ...chunk([]), usage };
+        } finally {
+          // Left early (break, return, an error in the loop's body): end the generation.
+          if (!ended) {
+            /** @type {Generation | null} */ (generation)?.stop();
+            pieces.return(/** @type {any} */ (undefined)).catch(() => {});
+          }
+        }
+      },
+    };
+    return stream;
   }
 }
 
