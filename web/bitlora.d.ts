@@ -648,7 +648,11 @@ export interface ChatCompletionChunk {
   usage?: ChatCompletionUsage;
 }
 
-/** A streamed chat completion. Breaking out of the `for await` loop, or `abort()`, ends the generation. */
+/**
+ * A streamed chat completion (iterate it once). `create` resolves with it once the first piece
+ * of text exists, so every refused request rejects `create` itself. Breaking out of the
+ * `for await` loop, or `abort()`, ends the generation.
+ */
 export interface ChatCompletionStream extends AsyncIterable<ChatCompletionChunk> {
   /** Ends the generation after its current token; the iteration then ends without a finish chunk. */
   abort(): void;

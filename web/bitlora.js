@@ -891,10 +891,11 @@ class ChatCompletions {
     let generation = null;
     let aborted = false;
     const bl = this.#bl;
-    // The generation starts at once (as OpenAI's stream starts on the request), not on the first next().
+    // The generation starts at once, not on the first next(); create() resolves with its first
+    // piece of text (after the prefill), so what the worker refuses (an unknown adapter, a
+    // prompt plus max_tokens past the context) rejects create() as bad arguments do.
     const pieces = chatPieces(bl, plan, (g) => { generation = g; });
-    const first = pieces.next();
-    first.catch(() => {});
+    const first = await pieces.next();
     /** @type {api.ChatCompletionStream} */
     const stream = {
       abort() {
@@ -907,7 +908,7 @@ class ChatCompletions {
         let ended = false;
         try {
           yield chunk([{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }]);
-          let step = await first;
+          let step = first;
           while (!step.done) {
             yield chunk([{ index: 0, delta: { content: step.value }, finish_reason: null }]);
             step = await pieces.next();

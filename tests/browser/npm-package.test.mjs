@@ -264,6 +264,7 @@ test('the app, from the packed package: fine-tune, then chat.completions.create 
         model: { messages: user, model: 'gpt-4o' },
         streamOptions: { messages: user, stream_options: { include_usage: true } },
         adapter: { messages: user, adapter: 'no such adapter' },
+        adapterStreamed: { messages: user, adapter: 'no such adapter', stream: true },
         tooLong: { messages: user, max_tokens: 100000 },
       };
       const out = {};
@@ -289,6 +290,7 @@ test('the app, from the packed package: fine-tune, then chat.completions.create 
       stop: ['stop', /up to 4/], n: ['n', /must be 1/], unknown: ['temprature', /not a request field; the fields are messages, stream/],
       unsupported: ['frequency_penalty', /not supported: use repetition_penalty/], model: ['model', /"gpt-4o".*loaded model is/],
       streamOptions: ['stream_options', /only allowed with stream: true/], adapter: [null, /no adapter named "no such adapter"/],
+      adapterStreamed: [null, /no adapter named "no such adapter"/],
       // Checked by the wasm, whose sampling errors name the option in the message (no `field`).
       tooLong: [null, /`max_tokens` is 100000; with the prompt's \d+ tokens that exceeds the model's context/],
     };
