@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 12's before/after on the lent GPU through Vulkan: `bench train` (train-125m, train-1b,
-# T = 128, 20 timed steps) with the binary before the one-loop redesign (.devbin/bitlora-before,
-# 769bffe) and after it (.devbin/bitlora), interleaved in one run, plus each binary's host-AdamW
-# path (BITLORA_BENCH_CPU_ADAMW=1: every gradient read back each step, AdamW on the CPU: what
-# the page ran before the redesign). From the repo root on the device machine with .gl/ (the
-# libvulkan1 .deb) and .devbin/ carried; writes $OUT/loop.txt.
+# Before/after on the lent GPU through Vulkan: `bench train` (train-125m, train-1b, T = 128, 20
+# timed steps) with two release binaries interleaved in one run (two pairs each), plus, with
+# HOST=1, the after binary's host-AdamW path (BITLORA_BENCH_CPU_ADAMW=1: every gradient read back
+# each step, AdamW on the CPU: what the page ran before issue 12). From the repo root on the
+# device machine with .gl/ (the libvulkan1 .deb) and .devbin/ carried:
+#   BEFORE=.devbin/bitlora-before AFTER=.devbin/bitlora bash tools/bench/h200-loop.sh
+# (those are the defaults). Writes $OUT/loop.txt and one JSON line per run to $OUT/loop.jsonl.
 set -u
 for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
 f=$(ls /usr/local/nvidia/share/vulkan/icd.d/*.json /usr/share/vulkan/icd.d/nvidia*.json /etc/vulkan/icd.d/nvidia*.json 2>/dev/null | head -1)
@@ -15,10 +16,12 @@ run() { # label, binary, shape, env: one bench train, its JSON line kept in $OUT
   echo "{\"label\": \"$1\", \"shape\": \"$3\", \"report\": ${out:-null}}" >> $OUT/loop.jsonl
   echo "$1 $3: $out" | tee -a $OUT/loop.txt
 }
-for shape in 125m 1b; do
-  run "before (769bffe) resident" .devbin/bitlora-before $shape X=1
-  run "after  (one loop) resident" .devbin/bitlora $shape X=1
-  [ $shape = 125m ] && run "before (769bffe) resident" .devbin/bitlora-before $shape X=1
-  [ $shape = 125m ] && run "after  (one loop) resident" .devbin/bitlora $shape X=1
-  run "after  (one loop) host AdamW" .devbin/bitlora $shape BITLORA_BENCH_CPU_ADAMW=1
+BEFORE=${BEFORE:-.devbin/bitlora-before}
+AFTER=${AFTER:-.devbin/bitlora}
+for shape in ${SHAPES:-125m 1b}; do
+  for pair in 1 2; do
+    run "before ($BEFORE) resident" "$BEFORE" $shape X=1
+    run "after  ($AFTER) resident" "$AFTER" $shape X=1
+  done
+  [ "${HOST:-0}" = 1 ] && run "after  ($AFTER) host AdamW" "$AFTER" $shape BITLORA_BENCH_CPU_ADAMW=1
 done
