@@ -497,8 +497,10 @@ export interface PeftFile {
 
 // ---- generation ----------------------------------------------------------------------------
 
-/** Text (through the model's tokenizer; `chat` wraps it in the chat template) or token ids. */
-export type Prompt = string | { text: string; chat?: boolean } | { tokens: number[] };
+/** Text (through the model's tokenizer; `chat` wraps it in the chat template), token ids, or a conversation (`messages`, through the chat template). */
+export type Prompt = string | { text: string; chat?: boolean } | { tokens: number[] } | { messages: ChatTurn[] };
+/** One turn of a conversation prompt (`{ messages }`), rendered by the model's chat template. */
+export interface ChatTurn { role: 'system' | 'user' | 'assistant'; content: string }
 
 export interface GenerateOptions {
   /** Default 64. Prompt + maxTokens must fit the model's context. */

@@ -720,13 +720,10 @@ function planChat(bl, request) {
     if (!['system', 'developer', 'user', 'assistant'].includes(m.role)) {
       throw chatError(`messages[${i}].role`, `must be "system", "developer", "user" or "assistant", got ${describeValue(m.role)}`);
     }
-    return { role: /** @type {string} */ (m.role), content: chatText(m.content, `messages[${i}]`) };
+    // OpenAI's "developer" is the newer name of "system"; chat templates know "system".
+    const role = /** @type {'system' | 'user' | 'assistant'} */ (m.role === 'developer' ? 'system' : m.role);
+    return { role, content: chatText(m.content, `messages[${i}]`) };
   });
-  if (turns.length !== 1 || turns[0].role !== 'user') {
-    throw chatError('messages', `must be one user message for now, got ${turns.length} (${turns.map((t) => t.role).join(', ')}): ` +
-      'bitlora renders a single user turn through the chat template (as generate({ text, chat: true }) does); ' +
-      'send the last user message alone, with what it needs of the earlier turns in its text');
-  }
   if (!model.tokenizer) throw chatError('', `the loaded model (${model.name ?? model.key}) has no tokenizer.json, so it takes token ids only: use generate({ tokens: [...] })`);
   if (!model.chatTemplate) {
     throw chatError('', `the loaded model (${model.name ?? model.key}) has no chat template: load it with a tokenizer_config.json that has a "chat_template" (loadModel({ files })), or use generate() with a plain text prompt`);
@@ -765,7 +762,7 @@ function planChat(bl, request) {
     }
   }
   return {
-    prompt: { text: turns[0].content, chat: true }, options, stop, stream: Boolean(req.stream), includeUsage,
+    prompt: { messages: turns }, options, stop, stream: Boolean(req.stream), includeUsage,
     model: model.name ?? model.key,
   };
 }

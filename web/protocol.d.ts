@@ -117,7 +117,7 @@ export interface Requests {
    * (which runs synchronously here, so a 'stop' message would be read only after it ended).
    */
   generate: {
-    args: { prompt: { text: string; chat?: boolean } | { tokens: number[] }; options: WireGenerateOptions; stopFlag?: Int32Array };
+    args: { prompt: { text: string; chat?: boolean } | { tokens: number[] } | { messages: import('./bitlora').ChatTurn[] }; options: WireGenerateOptions; stopFlag?: Int32Array };
     result: Omit<GenerateResult, 'adapter'> & { adapter?: string | null };
     event: TokenMessage;
   };

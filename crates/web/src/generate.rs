@@ -161,10 +161,15 @@ pub(crate) struct Prompt {
 /// The prompt argument of `Session.generate`:
 /// - a string, or `{ text, chat }`: text, encoded with the loaded tokenizer.json; with `chat`
 ///   it is first wrapped as one user message by the chat template of tokenizer_config.json;
+/// - `{ messages: [{ role, content }, ...] }`: a conversation, rendered by the chat template
+///   with the assistant's turn to come (OpenAI's and transformers' form);
 /// - an array or Uint32Array of token ids, or `{ tokens }`: used as they are.
 pub(crate) fn parse_prompt(loaded: &Loaded, value: &JsValue) -> Result<Prompt, JsError> {
     // Reflect.get only throws on odd objects (a throwing getter); read that as "absent".
     let get = |key: &str| js_sys::Reflect::get(value, &JsValue::from_str(key)).unwrap_or_default();
+    if value.is_object() && !get("messages").is_undefined() {
+        return chat_prompt(loaded, parse_messages(&get("messages"))?);
+    }
     let (text, chat, tokens) = if let Some(s) = value.as_string() {
         (Some(s), false, None)
     } else if js_sys::Array::is_array(value) || value.is_instance_of::<js_sys::Uint32Array>() {
@@ -206,39 +211,96 @@ pub(crate) fn parse_prompt(loaded: &Loaded, value: &JsValue) -> Result<Prompt, J
     }
 
     let text = text.unwrap_or_default();
-    let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| {
+    if chat {
+        return chat_prompt(
+            loaded,
+            vec![Message {
+                role: "user".into(),
+                content: text,
+            }],
+        );
+    }
+    // A plain prompt gets the tokenizer's own BOS (as the CLI does).
+    let ids = tokenizer(loaded)?
+        .encode(&text, true)
+        .map_err(|e| JsError::new(&e.to_string()))?;
+    Ok(Prompt {
+        ids,
+        text: Some(text),
+        stop_tokens: Vec::new(),
+    })
+}
+
+fn tokenizer(loaded: &Loaded) -> Result<&bitlora_core::tokenizer::Tokenizer, JsError> {
+    loaded.tokenizer.as_ref().ok_or_else(|| {
         JsError::new(
             "generate: this model was loaded without a tokenizer.json, so it only takes token ids (e.g. 1,5,17); pick tokenizer.json together with config.json and the .safetensors to use text",
         )
+    })
+}
+
+/// `messages` rendered by the model's chat template with the generation prompt after them,
+/// then encoded (the template writes the BOS itself); its end-of-turn token stops the reply.
+fn chat_prompt(loaded: &Loaded, messages: Vec<Message>) -> Result<Prompt, JsError> {
+    let tokenizer = tokenizer(loaded)?;
+    let template = loaded.chat_template.as_ref().ok_or_else(|| {
+        JsError::new(
+            "generate: chat is on but this model has no chat template (pick its tokenizer_config.json with a chat_template, or turn chat off)",
+        )
     })?;
-    let mut stop_tokens = Vec::new();
-    let rendered = if chat {
-        let template = loaded.chat_template.as_ref().ok_or_else(|| {
-            JsError::new(
-                "generate: chat is on but this model has no chat template (pick its tokenizer_config.json with a chat_template, or turn chat off)",
-            )
-        })?;
-        stop_tokens.extend(END_OF_TURN.iter().filter_map(|t| tokenizer.token_to_id(t)));
-        template
-            .render(
-                &[Message {
-                    role: "user".into(),
-                    content: text,
-                }],
-                true,
-            )
-            .map_err(|e| JsError::new(&e.to_string()))?
-    } else {
-        text
-    };
-    // A chat template writes the BOS itself; a plain prompt gets the tokenizer's own (as the
-    // CLI does).
+    let rendered = template
+        .render(&messages, true)
+        .map_err(|e| JsError::new(&e.to_string()))?;
     let ids = tokenizer
-        .encode(&rendered, !chat)
+        .encode(&rendered, false)
         .map_err(|e| JsError::new(&e.to_string()))?;
     Ok(Prompt {
         ids,
         text: Some(rendered),
-        stop_tokens,
+        stop_tokens: END_OF_TURN
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t))
+            .collect(),
     })
+}
+
+/// The `messages` of a `{ messages }` prompt: a non-empty array of `{ role, content }` with
+/// role "system", "user" or "assistant" and content a string, as OpenAI's chat API takes them.
+fn parse_messages(value: &JsValue) -> Result<Vec<Message>, JsError> {
+    let bad = |msg: String| JsError::new(&format!("generate: messages: {msg}"));
+    if !js_sys::Array::is_array(value) {
+        return Err(bad(format!(
+            "must be an array of {{ role, content }}, got {}",
+            describe_js(value)
+        )));
+    }
+    let arr = js_sys::Array::from(value);
+    if arr.length() == 0 {
+        return Err(bad("is empty; give at least one message".into()));
+    }
+    let mut out = Vec::with_capacity(arr.length() as usize);
+    for (i, m) in arr.iter().enumerate() {
+        let field = |k: &str| js_sys::Reflect::get(&m, &JsValue::from_str(k)).ok();
+        let role = field("role").and_then(|v| v.as_string());
+        let content = field("content").and_then(|v| v.as_string());
+        match (role, content) {
+            (Some(role), Some(content))
+                if ["system", "user", "assistant"].contains(&role.as_str()) =>
+            {
+                out.push(Message { role, content })
+            }
+            (Some(role), Some(_)) => {
+                return Err(bad(format!(
+                    "message {i} has role {role:?}; the roles are \"system\", \"user\" and \"assistant\""
+                )));
+            }
+            _ => {
+                return Err(bad(format!(
+                    "message {i} must be {{ role: string, content: string }}, got {}",
+                    describe_js(&m)
+                )));
+            }
+        }
+    }
+    Ok(out)
 }
