@@ -19,6 +19,15 @@
 //!   the page that is not on this list is refused by the browser, and the page says which flag
 //!   allows it. Only GETs of model files go there: the visitor's data never leaves the tab.
 //!
+//! Offline use (web/sw.js, a service worker; ARCHITECTURE.md, "Offline after the first visit"):
+//! the worker's script lives at `/web/sw.js` but must control the page at `/`, so that response
+//! alone carries `Service-Worker-Allowed: /` (without it the browser limits the worker to
+//! `/web/`). Every file carries an `ETag` (its size and modification time) and a conditional GET
+//! whose `If-None-Match` still matches gets `304 Not Modified` without the body: with
+//! `Cache-Control: no-cache` the browser revalidates each file on every load, and the service
+//! worker does the same for each file it keeps, so an unchanged 5 MB wasm costs one small round
+//! trip, and a changed file (a rebuild, an edit) is fetched at once.
+//!
 //! Every connection is served on its own thread (a small HTTP/1.1 loop: GET and HEAD, keep-alive,
 //! always a Content-Length), so one slow client never holds up the others.
 
@@ -37,9 +46,14 @@ const SECURITY_HEADERS: &[(&str, &str)] = &[
     ("Cross-Origin-Resource-Policy", "same-origin"),
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
-    // A development server: always revalidate, so a rebuilt web/pkg is picked up on reload.
+    // A development server: always revalidate (cheap: ETag + 304), so a rebuilt web/pkg is
+    // picked up on reload.
     ("Cache-Control", "no-cache"),
 ];
+
+/// The service worker's script (web/sw.js) and the scope it may claim: the whole site, `/`, so
+/// that it controls index.html too. Sent with that one response only.
+const SERVICE_WORKER: (&str, &str) = ("web/sw.js", "/");
 
 /// The hub the page downloads models from unless `--hub` says otherwise.
 pub const DEFAULT_HUB: &str = "https://huggingface.co";
@@ -291,6 +305,8 @@ struct RequestHead {
     target: String,
     /// Whether the client wants the connection kept open for another request.
     keep_alive: bool,
+    /// The `If-None-Match` header's value, if any (a conditional GET).
+    if_none_match: Option<String>,
 }
 
 /// Answers requests on one connection until the client closes it, asks to close it, idles past
@@ -378,6 +394,7 @@ fn read_head(reader: &mut impl BufRead) -> Result<Option<RequestHead>, ()> {
     };
     let mut connection = String::new();
     let mut has_body = false;
+    let mut if_none_match: Option<String> = None;
     for h in &lines[1..] {
         let (name, value) = h.split_once(':').ok_or(())?;
         let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
@@ -385,6 +402,7 @@ fn read_head(reader: &mut impl BufRead) -> Result<Option<RequestHead>, ()> {
             "connection" => connection = value.to_ascii_lowercase(),
             "content-length" => has_body |= value != "0",
             "transfer-encoding" => has_body = true,
+            "if-none-match" => if_none_match = Some(value.to_string()),
             _ => {}
         }
     }
@@ -400,6 +418,7 @@ fn read_head(reader: &mut impl BufRead) -> Result<Option<RequestHead>, ()> {
         method: method.to_string(),
         target: target.to_string(),
         keep_alive,
+        if_none_match,
     }))
 }
 
@@ -423,16 +442,31 @@ fn respond(root: &Path, csp: &str, head: &RequestHead, out: &mut impl Write) -> 
         );
     }
     let (status, text) = match resolve(root, &head.target) {
-        Ok(path) => match File::open(&path).and_then(|f| Ok((f.metadata()?.len(), f))) {
+        Ok(path) => match File::open(&path).and_then(|f| Ok((f.metadata()?, f))) {
             // Always a Content-Length (never chunked): the page's progress bars and, later,
             // HTTP Range requests need to know the size up front.
-            Ok((len, file)) => {
-                let body = if get {
-                    Body::File(file, len)
+            Ok((meta, file)) => {
+                let len = meta.len();
+                let etag = etag(&meta);
+                let sw_allowed = path == root.join(SERVICE_WORKER.0);
+                let mut extra: Vec<(&str, &str)> = Vec::new();
+                if let Some(tag) = &etag {
+                    extra.push(("ETag", tag.as_str()));
+                }
+                if sw_allowed {
+                    extra.push(("Service-Worker-Allowed", SERVICE_WORKER.1));
+                }
+                // Unchanged since the client's copy: the headers (with the 200's
+                // Content-Length, as RFC 9110 15.4.5 allows) and no body.
+                let fresh = matches!((&etag, &head.if_none_match), (Some(t), Some(inm)) if etag_matches(inm, t));
+                let (status, body) = if fresh {
+                    (304, Body::Text(""))
+                } else if get {
+                    (200, Body::File(file, len))
                 } else {
-                    Body::File(file, 0)
+                    (200, Body::File(file, 0))
                 };
-                return write_head_and(out, csp, 200, mime_type(&path), &[], len, body, keep);
+                return write_head_and(out, csp, status, mime_type(&path), &extra, len, body, keep);
             }
             Err(_) => (404, "not found\n"),
         },
@@ -486,6 +520,7 @@ fn write_head_and(
 ) -> io::Result<()> {
     let reason = match status {
         200 => "OK",
+        304 => "Not Modified",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
@@ -520,6 +555,22 @@ fn write_head_and(
             }
         }
     }
+}
+
+/// A file's entity tag: its size and modification time (ns since the epoch), in hex, strong
+/// (`"<len>-<mtime>"`, as nginx does). A rebuilt or edited file gets a new mtime and so a new tag;
+/// None where the file system keeps no mtime (then every GET is a full 200).
+fn etag(meta: &std::fs::Metadata) -> Option<String> {
+    let mtime = meta.modified().ok()?;
+    let ns = mtime.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+    Some(format!("\"{:x}-{:x}\"", meta.len(), ns))
+}
+
+/// Whether an `If-None-Match` value names `tag`: `*`, or a comma-separated list of tags compared
+/// weakly (a `W/` prefix ignored), as RFC 9110 13.1.2 says for If-None-Match.
+fn etag_matches(if_none_match: &str, tag: &str) -> bool {
+    let bare = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    if_none_match.trim() == "*" || if_none_match.split(',').any(|t| bare(t) == bare(tag))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -661,6 +712,7 @@ mod tests {
         std::fs::write(dir.join("index.html"), "<!doctype html>hi").unwrap();
         std::fs::write(dir.join("web/a.js"), "export {}").unwrap();
         std::fs::write(dir.join("web/sub/b.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        std::fs::write(dir.join("web/sw.js"), "// a service worker").unwrap();
         std::fs::write(dir.join("secret.txt"), "no").unwrap();
         std::fs::write(dir.join(".git/config"), "no").unwrap();
         dir.canonicalize().unwrap()
@@ -852,6 +904,135 @@ mod tests {
         );
         // Not HTTP: a 400 and the connection ends.
         assert!(get(addr, "hello\r\n\r\n").starts_with("HTTP/1.1 400"));
+    }
+
+    /// The header's value in a raw response, if present (names compared case-insensitively).
+    fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
+        let head = resp.split("\r\n\r\n").next().unwrap_or("");
+        head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// web/sw.js, and only it, may control the whole site (the page at `/`).
+    #[test]
+    fn service_worker_may_control_the_site() {
+        let root = tree();
+        let server = StaticServer::bind(&root, 0).unwrap();
+        let addr = server.addr;
+        std::thread::spawn(move || server.run());
+        let sw = get(
+            addr,
+            "GET /web/sw.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(sw.starts_with("HTTP/1.1 200"), "{sw}");
+        assert_eq!(header(&sw, "service-worker-allowed"), Some("/"), "{sw}");
+        assert_eq!(
+            header(&sw, "content-type"),
+            Some("text/javascript; charset=utf-8")
+        );
+        assert!(sw.ends_with("// a service worker"), "{sw}");
+        for other in ["/", "/web/a.js", "/web/sub/b.wasm", "/web/nope/sw.js"] {
+            let resp = get(
+                addr,
+                &format!("GET {other} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            );
+            assert_eq!(
+                header(&resp, "service-worker-allowed"),
+                None,
+                "{other}: {resp}"
+            );
+        }
+    }
+
+    /// Every file has an ETag; a GET with a matching If-None-Match is a 304 without a body (on a
+    /// kept-alive connection, so the framing must hold), a stale one a full 200, and editing the
+    /// file changes the tag.
+    #[test]
+    fn etag_and_not_modified() {
+        let root = tree();
+        let server = StaticServer::bind(&root, 0).unwrap();
+        let addr = server.addr;
+        std::thread::spawn(move || server.run());
+        let first = get(
+            addr,
+            "GET /web/a.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        let tag = header(&first, "etag").expect("an ETag").to_string();
+        assert!(
+            tag.starts_with('"') && tag.ends_with('"') && tag.len() > 4,
+            "{tag}"
+        );
+        assert!(first.ends_with("export {}"), "{first}");
+
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for inm in [
+            tag.clone(),
+            format!("W/{tag}"),
+            format!("\"zz\", {tag}"),
+            "*".to_string(),
+        ] {
+            s.write_all(
+                format!("GET /web/a.js HTTP/1.1\r\nHost: x\r\nIf-None-Match: {inm}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+            // read_response reads exactly Content-Length bytes; a 304 sends none, so read the head.
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            assert!(
+                head.starts_with("HTTP/1.1 304 Not Modified"),
+                "{inm}: {head}"
+            );
+            assert_eq!(header(&head, "etag"), Some(tag.as_str()), "{head}");
+            // The security headers come with a 304 too (it updates the stored response's).
+            assert_eq!(
+                header(&head, "cross-origin-embedder-policy"),
+                Some("require-corp")
+            );
+        }
+        // The same connection still frames the next request right: a stale tag gives the body.
+        s.write_all(b"GET /web/a.js HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"stale\"\r\n\r\n")
+            .unwrap();
+        let (head, body) = read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"export {}");
+
+        // An edit (another size and mtime) is a new tag, so the old one no longer matches.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(root.join("web/a.js"), "export const changed = 1;").unwrap();
+        let after = get(
+            addr,
+            &format!(
+                "GET /web/a.js HTTP/1.1\r\nHost: x\r\nIf-None-Match: {tag}\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert!(after.starts_with("HTTP/1.1 200"), "{after}");
+        assert_ne!(header(&after, "etag"), Some(tag.as_str()));
+        assert!(after.ends_with("export const changed = 1;"), "{after}");
+        // Errors carry no tag.
+        let missing = get(
+            addr,
+            "GET /web/nope.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(header(&missing, "etag"), None);
+    }
+
+    #[test]
+    fn etag_comparison() {
+        assert!(etag_matches("\"a\"", "\"a\""));
+        assert!(etag_matches(" W/\"a\" ", "\"a\""));
+        assert!(etag_matches("\"b\", \"a\"", "\"a\""));
+        assert!(etag_matches("*", "\"a\""));
+        assert!(!etag_matches("\"b\"", "\"a\""));
+        assert!(!etag_matches("", "\"a\""));
     }
 
     #[test]
