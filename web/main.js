@@ -100,6 +100,7 @@ function setState(s) {
   $('status').textContent = {
     starting: 'Starting…', loading: 'Loading model…', running: 'Running…', done: 'Done.', error: 'Error.',
   }[s];
+  panels?.steps();
 }
 
 // One place decides which controls work: nothing that needs the worker while it is starting,
@@ -117,18 +118,27 @@ function syncControls() {
   $('stop', HTMLButtonElement).disabled = !generating;
 }
 
-function showError(message) {
+/**
+ * An error of the model (loading one, starting) shows in step 1, at the model picker; one of the
+ * developer section's next-token run (`box` 'run-error') shows there.
+ * @param {string} message
+ * @param {'error' | 'run-error'} [box]
+ */
+function showError(message, box = 'error') {
+  clearError();
   state.error = message;
-  $('error-text').textContent = message;
-  $('error').hidden = false;
+  $(`${box}-text`).textContent = message;
+  $(box).hidden = false;
   setState('error');
   publish();
 }
 
 function clearError() {
   state.error = null;
-  $('error').hidden = true;
-  $('error-text').textContent = '';
+  for (const box of ['error', 'run-error']) {
+    $(box).hidden = true;
+    $(`${box}-text`).textContent = '';
+  }
 }
 
 const MiB = 1024 * 1024;
@@ -444,7 +454,7 @@ async function run() {
   try {
     tokens = parseTokens($('tokens', HTMLInputElement).value);
   } catch (err) {
-    showError(err.message);
+    showError(err.message, 'run-error');
     return;
   }
   clearError();
@@ -454,7 +464,7 @@ async function run() {
     setState('done');
     publish();
   } catch (err) {
-    showError(`Forward pass failed: ${err.message}`);
+    showError(`Forward pass failed: ${err.message}`, 'run-error');
   }
 }
 
@@ -495,13 +505,14 @@ function showLoadProgress(ev) {
   }
   $('load-stats').textContent = parts.join(' · ');
   last.text = $('load-stats').textContent;
+  panels?.steps();
 }
 
 async function loadBundled() {
   setState('loading');
   state.loadProgress = [];
   phaseStart = null;
-  $('model-name').textContent = bundledModel === 'default' ? 'Loading the default model…' : `Loading the bundled ${bundledModel} model…`;
+  $('model-name').textContent = bundledModel === 'default' ? 'Loading the built-in model…' : `Loading the bundled ${bundledModel} model…`;
   await askPersist();
   try {
     showModel(await withClient((c) => c.loadModel({ bundled: bundledModel },

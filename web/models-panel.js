@@ -86,7 +86,8 @@ export function mountModelsPanel(page) {
     list,
     el('h3', {}, 'Download from Hugging Face'),
     form, meter, error, note);
-  $('model').append(panel);
+  // Inside step 1's folded "Use another model" (index.html), before the files picker.
+  $('load').before(panel);
 
   const drop = el('div', { id: 'drop-zone', tabIndex: 0, role: 'button', 'aria-describedby': 'drop-hint' },
     el('strong', {}, 'Drop model files here'),

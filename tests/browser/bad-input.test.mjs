@@ -8,7 +8,7 @@ import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, rmSync } from 'nod
 import os from 'node:os';
 import path from 'node:path';
 import {
-  startServer, launchBrowser, openPage, pageResult, waitSettled, screenshots, generateOnPage, nativeGenerate,
+  startServer, launchBrowser, openPage, unfold, pageResult, waitSettled, screenshots, generateOnPage, nativeGenerate,
   tinyTokenizer, TINY_MODEL, GEN_PROMPT,
 } from './helpers.mjs';
 
@@ -53,6 +53,7 @@ async function pick(paths) {
 /** After an error the page must still run the model it had: same logits as before. */
 async function assertStillWorks(label) {
   await page.evaluate(() => { document.body.dataset.state = 'test-pending'; });
+  await unfold(page, 'developer');
   await page.fill('#tokens', baseline.tokens.join(','));
   await page.click('#run');
   await waitSettled(page, log);
@@ -60,6 +61,7 @@ async function assertStillWorks(label) {
   assert.equal(r.state, 'done', `${label}: the page no longer runs: ${r.error}\n${log.join('\n')}`);
   assert.deepEqual(r.logits, baseline.logits, `${label}: the bundled model's logits changed`);
   assert.equal(await page.isHidden('#error'), true, `${label}: the error stayed on screen after a good run`);
+  assert.equal(await page.isHidden('#run-error'), true, `${label}: the error stayed on screen after a good run`);
 }
 
 // Each case: the files to pick, and what the error must say (the file's name and the problem).
@@ -142,10 +144,13 @@ for (const c of CASES) {
 test('bad input: token ids out of range or not numbers -> clear error, page keeps working', { timeout: 120_000 }, async () => {
   for (const [tokens, re] of [['5,17,99999', /99999.*out of range|out of range.*99999/], ['5,abc', /"abc" is not a whole number/]]) {
     await page.evaluate(() => { document.body.dataset.state = 'test-pending'; });
+    await unfold(page, 'developer');
     await page.fill('#tokens', tokens);
     await page.click('#run');
     await waitSettled(page, log);
-    const shown = await page.textContent('#error');
+    // A token-id error shows in the Next-token panel, at the field that caused it.
+    const shown = await page.textContent('#run-error');
+    assert.equal(await page.isVisible('#run-error'), true);
     console.log(`tokens ${tokens}: ${shown.trim()}`);
     assert.equal((await pageResult(page)).state, 'error');
     assert.match(shown, re);

@@ -148,6 +148,16 @@ export async function openPage(browser, url, { viewport = { width: 1280, height:
   return { context, page, log, requests };
 }
 
+/**
+ * Opens the folded <details id="{id}"> of the page (as a visitor does: a click on its summary)
+ * unless it is open: 'developer' (the Generate and Next-token panels, the backend's details) or
+ * 'model-more' (step 1's stored models, Hugging Face downloads and model files).
+ */
+export async function unfold(page, id) {
+  if (await page.locator(`#${id}`).evaluate((d) => d.open)) return;
+  await page.click(`#${id} > summary`);
+}
+
 /** Waits until the page leaves starting/loading/running. */
 export async function waitSettled(page, log = [], timeout = 120_000) {
   try {
@@ -241,6 +251,7 @@ export function nativeGenerateText(model, prompt, maxTokens, args = []) {
  * mainThreadWasm the .wasm files the page's own thread fetched (none: the model is in the worker).
  */
 export async function generateOnPage(page, { prompt, chat, options = {}, log = [], onStart, stopAfter } = {}) {
+  await unfold(page, 'developer');
   if (prompt !== undefined) await page.fill('#prompt', prompt);
   if (chat !== undefined) await page.setChecked('#chat', chat);
   for (const [id, value] of Object.entries(options)) await page.fill(`#${id}`, String(value));

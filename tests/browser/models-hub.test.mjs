@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import {
-  startServer, launchBrowser, openPage, pageResult, waitSettled, generateOnPage, nativeGenerateText,
+  startServer, launchBrowser, openPage, unfold, pageResult, waitSettled, generateOnPage, nativeGenerateText,
   DEFAULT_MODEL, ARTIFACTS,
 } from './helpers.mjs';
 import { startHubServer, fileSha256 } from './hub-server.mjs';
@@ -46,6 +46,7 @@ const fileRequests = (from, repo, file) => hub.log.slice(from).filter((e) =>
 /** Types a repo into the panel, clicks Download, waits for the end (and the load that follows). */
 async function download(page, repo, log) {
   await page.evaluate(() => { document.body.dataset.download = 'test-pending'; });
+  await unfold(page, 'model-more');
   await page.fill('#hub-repo', repo);
   await page.click('#hub-download');
   await waitDownload(page, log);
@@ -164,6 +165,7 @@ test('hub: a tab closed mid-download resumes in a new tab from where it stopped'
     await waitSettled(page, log);
     // The hub goes silent 6 MB into the weights; close the tab once the first chunk is stored.
     hub.faults.stall = { file: 'model.safetensors', at: 6_000_000 };
+    await unfold(page, 'model-more');
     await page.fill('#hub-repo', 'bitlora/default-12m');
     await page.click('#hub-download');
     const id = idOf('bitlora/default-12m');
@@ -181,11 +183,13 @@ test('hub: a tab closed mid-download resumes in a new tab from where it stopped'
     page.on('console', (m) => log.push(`[console] ${m.text()}`));
     await page.goto(pageUrl());
     await waitSettled(page, log);
+    await unfold(page, 'model-more');
     await page.waitForSelector(`#models-list li[data-model-id="${id}"] button[data-action="resume"]`);
     const row = await page.textContent(`#models-list li[data-model-id="${id}"]`);
     assert.match(row, /partial: 4\.5 MiB of 8\.8 MiB \(51%\)/, row);
     console.log(`after reopening: ${row}`);
     await page.evaluate(() => { document.body.dataset.download = 'test-pending'; });
+    await unfold(page, 'model-more');
     await page.click(`#models-list li[data-model-id="${id}"] button[data-action="resume"]`);
     await waitDownload(page, log);
     await waitSettled(page, log);
@@ -210,6 +214,7 @@ test('hub: pause keeps what is stored and resume completes it; cancel deletes it
     const id = idOf('bitlora/default-12m');
     hub.faults.rate = 2_000_000;
     await page.evaluate(() => { document.body.dataset.download = 'test-pending'; });
+    await unfold(page, 'model-more');
     await page.fill('#hub-repo', 'bitlora/default-12m');
     await page.click('#hub-download');
     // Wait for the first 4 MiB chunk of the weights in the store.
@@ -219,6 +224,7 @@ test('hub: pause keeps what is stored and resume completes it; cancel deletes it
       assert.ok(i < 600, 'no chunk stored');
       await new Promise((r) => setTimeout(r, 100));
     }
+    await unfold(page, 'model-more');
     await page.click('#hub-pause');
     await waitDownload(page, log);
     let r = await pageResult(page);
@@ -239,6 +245,7 @@ test('hub: pause keeps what is stored and resume completes it; cancel deletes it
     resetFaults();
     const from = hub.log.length;
     await page.evaluate(() => { document.body.dataset.download = 'test-pending'; });
+    await unfold(page, 'model-more');
     await page.click(`${row} button[data-action="resume"]`);
     await waitDownload(page, log);
     await waitSettled(page, log);
@@ -250,9 +257,11 @@ test('hub: pause keeps what is stored and resume completes it; cancel deletes it
     // Cancel: a slow download of the sharded repo, cancelled midway, leaves nothing behind.
     hub.faults.rate = 100_000;
     await page.evaluate(() => { document.body.dataset.download = 'test-pending'; });
+    await unfold(page, 'model-more');
     await page.fill('#hub-repo', 'bitlora/sharded');
     await page.click('#hub-download');
     await page.waitForFunction(() => /model-0000\d-of-00003\.safetensors · /.test(document.getElementById('hub-stats').textContent), null, { timeout: 60_000 });
+    await unfold(page, 'model-more');
     await page.click('#hub-cancel');
     await waitDownload(page, log);
     r = await pageResult(page);
@@ -293,6 +302,7 @@ test('hub: a corrupt file (sha256 mismatch) gives a clear message; other stored 
     assert.deepEqual(store.chunkKeys.filter((k) => k.startsWith(`${bad.id}/model.safetensors/`)), []);
     // The sharded model still loads from the store.
     await page.evaluate(() => { document.body.dataset.state = 'test-pending'; });
+    await unfold(page, 'model-more');
     await page.click(`#models-list li[data-model-id="${idOf('bitlora/sharded')}"] button[data-action="load"]`);
     await waitSettled(page, log);
     r = await pageResult(page);
@@ -301,7 +311,9 @@ test('hub: a corrupt file (sha256 mismatch) gives a clear message; other stored 
     assert.deepEqual(r.model.files, shardFiles.filter((f) => f.endsWith('.safetensors')));
     // The partial corrupt download can be deleted from the list (asked in place).
     const row = `#models-list li[data-model-id="${bad.id}"]`;
+    await unfold(page, 'model-more');
     await page.click(`${row} button[data-action="delete"]`);
+    await unfold(page, 'model-more');
     await page.click(`${row} button[data-action="confirm-delete"]`);
     await page.waitForFunction((id) => !window.__bitlora.models.list.some((m) => m.id === id), bad.id);
     assert.equal((await readStore(page)).manifests[bad.id], undefined);
@@ -373,6 +385,7 @@ test('hub: an exceeded quota (estimate too small; QuotaExceededError mid-write) 
     await waitSettled(page, log);
     from = hub.log.length;
     await page.evaluate(() => { document.body.dataset.download = 'test-pending'; });
+    await unfold(page, 'model-more');
     await page.click(`#models-list li[data-model-id="${idOf('bitlora/default-12m')}"] button[data-action="resume"]`);
     await waitDownload(page, log);
     await waitSettled(page, log);

@@ -12,7 +12,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import {
-  startServer, launchBrowser, openPage, pageResult, waitSettled, generateOnPage, nativeGenerateText,
+  startServer, launchBrowser, openPage, unfold, pageResult, waitSettled, generateOnPage, nativeGenerateText,
   DEFAULT_MODEL, TINY_MODEL, MODEL_FILE_RE,
 } from './helpers.mjs';
 
@@ -100,8 +100,10 @@ test('local files: picked files load, are stored with their sha256, survive a re
     const from = requests.length;
     await page.reload();
     await waitSettled(page, log);
+    await unfold(page, 'model-more');
     await page.waitForSelector(`#models-list li[data-model-id="${id}"] button[data-action="load"]`);
     await page.evaluate(() => { document.body.dataset.state = 'test-pending'; });
+    await unfold(page, 'model-more');
     await page.click(`#models-list li[data-model-id="${id}"] button[data-action="load"]`);
     await waitSettled(page, log);
     r = await pageResult(page);
@@ -149,8 +151,10 @@ test('local files: drag-and-drop imports; list and delete one model (others inta
     const keep = Object.fromEntries(Object.entries(store.manifests).filter(([id]) => id !== big));
     const keepChunks = store.chunkKeys.filter((k) => !k.startsWith(`${big}/`));
     const row = `#models-list li[data-model-id="${big}"]`;
+    await unfold(page, 'model-more');
     await page.click(`${row} button[data-action="delete"]`);
     assert.match(await page.textContent(row), /Delete Your model\?/);
+    await unfold(page, 'model-more');
     await page.click(`${row} button[data-action="confirm-delete"]`);
     await page.waitForFunction((id) => !window.__bitlora.models.list.some((m) => m.id === id), big);
     store = await readStore(page);
@@ -159,6 +163,7 @@ test('local files: drag-and-drop imports; list and delete one model (others inta
     assert.match(await page.textContent('#hub-note'), /^Deleted Your model from this browser \(8\.8 MiB\)\./);
     // The model in use (tiny) still runs.
     await page.evaluate(() => { document.body.dataset.state = 'test-pending'; });
+    await unfold(page, 'developer');
     await page.fill('#tokens', '5,17,42');
     await page.click('#run');
     await waitSettled(page, log);

@@ -5,7 +5,8 @@
 //      that is not JSON is reported with its line number;
 //   2. a tiny fine-tune (12 steps) with pause and resume in the middle: the validation loss goes
 //      down, the chart draws a point per step, the text summary says so;
-//   3. save the adapter; the chat panel streams tokens into both columns (base and adapted);
+//   3. save the adapter; the chat (step 4) answers a message with both, side by side, each
+//      answer streamed token by token into its bubble of the conversation;
 //   4. export the adapter: both PEFT files download and parse (adapter_config.json,
 //      safetensors header with lora_A / lora_B tensors inside the file); importing them back
 //      lists the adapter; deleting it (two clicks) removes just that one, from IndexedDB too;
@@ -19,7 +20,7 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { startServer, launchBrowser, openPage, waitSettled, REPO, ARTIFACTS } from './helpers.mjs';
+import { startServer, launchBrowser, openPage, waitSettled, unfold, REPO, ARTIFACTS } from './helpers.mjs';
 
 const DATA = readFileSync(path.join(REPO, 'data/devil/train.jsonl'));
 const EXAMPLES = DATA.toString('utf8').split('\n').filter((l) => l.trim()).length;
@@ -107,6 +108,7 @@ for (const backend of ['webgpu', 'cpu']) {
       assert.match(sel, /^\{"prompt": "Define C\."/, 'the bad line is selected');
       assert.equal(await page.isDisabled('#train-start'), true, 'no training without valid data');
 
+      await unfold(page, 'data-options');
       await page.fill('#data-val', String(plan.valPercent));
       await page.setInputFiles('#data-file', { name: 'train.jsonl', mimeType: 'application/json', buffer: DATA });
       await waitData(page, 'data', ['ok'], log, 60_000);
@@ -177,7 +179,7 @@ for (const backend of ['webgpu', 'cpu']) {
       assert.equal(await page.evaluate(() => document.getElementById('train-progress').value), n);
     });
 
-    test('adapters and chat: save, then both columns stream tokens', { timeout: 300_000 }, async () => {
+    test('adapters and chat: save, then both answers of a turn stream tokens', { timeout: 300_000 }, async () => {
       await page.fill('#adapter-name', 'devil');
       await page.click('#adapter-save');
       await page.waitForFunction(() => window.__bitlora.adapters.list.some((a) => a.name === 'devil'), null, { timeout: 30_000 });
@@ -186,23 +188,28 @@ for (const backend of ['webgpu', 'cpu']) {
 
       // A prompt the base model continues (it ends "Define ..." prompts at once).
       await page.fill('#compare-prompt', 'The state of the Union');
+      await page.click('#compare-settings > summary');
       await page.fill('#compare-max', '12');
-      // Every text change of each column while generating, as the visitor sees it.
+      assert.equal(await page.isChecked('#compare-form input[name="compare-mode"][value="both"]'), true, 'a saved adapter: side by side');
+      // Every text change of each answer while generating, as the visitor sees it (the turn's
+      // bubbles are made when the message is sent, so the whole log is watched).
       await page.evaluate(() => {
         window.__cols = { base: [], adapted: [] };
-        for (const col of ['base', 'adapted']) {
-          const el = document.getElementById(`compare-${col}`);
-          new MutationObserver(() => {
-            if (document.body.dataset.compare === 'generating') window.__cols[col].push(el.textContent);
-          }).observe(el, { childList: true, characterData: true, subtree: true });
-        }
+        new MutationObserver(() => {
+          if (document.body.dataset.compare !== 'generating') return;
+          for (const col of ['base', 'adapted']) {
+            const el = [...document.querySelectorAll(`#chat-log .turn.assistant [data-column="${col}"] .text`)].at(-1);
+            if (el) window.__cols[col].push(el.textContent);
+          }
+        }).observe(document.getElementById('chat-log'), { childList: true, characterData: true, subtree: true });
       });
       await page.click('#compare-btn');
       await waitData(page, 'compare', ['done', 'error'], log, 240_000);
       const c = await page.evaluate(() => ({ compare: window.__bitlora.compare, cols: window.__cols }));
       assert.equal(c.compare.state, 'done', c.compare.error);
+      assert.equal(c.compare.turns, 1);
       for (const col of ['base', 'adapted']) {
-        const updates = c.cols[col].filter(Boolean);
+        const updates = [...new Set(c.cols[col].filter(Boolean))];
         const r = c.compare[col];
         assert.ok(r.tokens.length >= 2, `${col}: ${r.tokens.length} tokens: too few to see a stream`);
         assert.equal(r.result.adapter, col === 'base' ? null : 'devil');
@@ -210,7 +217,11 @@ for (const backend of ['webgpu', 'cpu']) {
         for (let i = 1; i < updates.length; i++) assert.ok(updates[i].startsWith(updates[i - 1]), `${col}: update ${i} does not extend the text`);
         console.log(`${backend} ${col}: ${r.tokens.length} tokens in ${updates.length} updates: ${JSON.stringify(r.text)}`);
       }
-      assert.match(await page.textContent('#compare-adapted-stats'), /^\d+ tokens? in .*(reached max tokens|the model ended it)$/);
+      // One turn: the visitor's message, then the two answers side by side.
+      assert.equal(await page.locator('#chat-log .turn.user').count(), 1);
+      assert.equal(await page.textContent('#chat-log .turn.user'), 'The state of the Union');
+      assert.equal(await page.locator('#chat-log .turn.assistant [data-column]').count(), 2);
+      assert.match(await page.textContent('#chat-log .turn.assistant [data-column="adapted"] .stats'), /^\d+ tokens? in .*(reached max tokens|the model ended it)$/);
     });
 
     test('adapters: export downloads PEFT files that parse; importing them back lists the adapter', { timeout: 120_000 }, async () => {

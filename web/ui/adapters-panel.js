@@ -28,9 +28,11 @@ export function mountAdaptersPanel(app) {
 
   function sync() {
     const tr = app.trainer;
-    const canSave = Boolean(tr) && !busy;
+    // Nothing to save before the first step has run (the adapter's B is still zero).
+    const canSave = Boolean(tr && tr.step > 0) && !busy;
     $('adapter-save', HTMLButtonElement).disabled = !canSave;
-    $('adapter-save', HTMLButtonElement).title = tr ? '' : 'Train an adapter first';
+    $('adapter-save', HTMLButtonElement).title = tr && tr.step > 0 ? '' : 'Fine-tune first: there is no trained step to save yet';
+    $('adapter-save-form').hidden = !tr;
     $('adapter-import', HTMLInputElement).disabled = busy || !app.model();
   }
 
@@ -220,6 +222,7 @@ export function mountAdaptersPanel(app) {
   $('adapter-name', HTMLInputElement).addEventListener('input', () => $('adapter-name', HTMLInputElement).removeAttribute('aria-invalid'));
   $('adapter-import', HTMLInputElement).addEventListener('change', importFiles);
   app.bus.addEventListener('trainer', sync);
+  app.bus.addEventListener('progress', sync);
   app.bus.addEventListener('trained', () => {
     if (!$('adapter-name', HTMLInputElement).value && app.trainer) $('adapter-name', HTMLInputElement).placeholder = defaultName(app.trainer);
     sync();

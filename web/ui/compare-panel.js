@@ -1,14 +1,17 @@
 // @ts-check
-// The chat panel: one prompt, the base model and the adapted model side by side, streamed token
-// by token (two columns on a wide screen, stacked on a phone). Both run with the same settings
-// and seed, the base first, then the adapter: the worker runs one generation at a time, so the
-// second would only wait anyway, and the first column's answer is readable meanwhile.
+// Step 4, the chat: a conversation view. Each message the visitor sends becomes a turn (a "You"
+// bubble), answered, streamed token by token, by the adapter, by the base model, or by both side
+// by side (two bubbles in one turn, stacked on a phone). Both run with the same settings and
+// seed, the base first, then the adapter: the worker runs one generation at a time, so the second
+// would only wait anyway, and the first answer is readable meanwhile. Each message is answered on
+// its own (the page's generation takes one prompt): the view says so.
 //
-// Published for tests: <body data-compare="idle|generating|done|error"> and
-// window.__bitlora.compare = { state, prompt, adapter, base: { text, tokens, result },
-// adapted: { ... }, error }.
+// Published for tests: <body data-compare="idle|generating|done|error">, the log
+// (#chat-log, role=log: .turn.user and .turn.assistant groups, each answer a [data-column] bubble
+// named "Base model" or "With the adapter …") and window.__bitlora.compare = { state, prompt,
+// adapter, mode, turns, base: { text, tokens, result }, adapted: { ... }, error } for the last turn.
 
-import { $, showError, clearError, message, readNumber, started, control } from './dom.js';
+import { $, $$, showError, clearError, message, readNumber, started, control } from './dom.js';
 import { fmtSeconds, fmtRate, plural } from './format.js';
 
 const WHY = { max_tokens: 'reached max tokens', stop_token: 'the model ended it', stop: 'stopped' };
@@ -21,10 +24,10 @@ export function mountComparePanel(app) {
   /**
    * window.__bitlora.compare (see the header).
    * @typedef {{ text: string, tokens: number[], result: import('../bitlora.js').GenerateResult | null, firstAt: number | null, lastAt: number | null }} Column
-   * @type {{ state: string, prompt?: string, adapter?: string, options?: ReturnType<typeof readOptions>, error?: string | null,
-   *   base?: Column | null, adapted?: Column | null }}
+   * @type {{ state: string, prompt?: string, adapter?: string | null, mode?: string, turns: number, options?: ReturnType<typeof readOptions>,
+   *   error?: string | null, base?: Column | null, adapted?: Column | null }}
    */
-  const c = { state: 'idle' };
+  const c = { state: 'idle', turns: 0 };
   app.state.compare = c;
   let running = null; // the Generation in progress
   let stopped = false;
@@ -34,21 +37,30 @@ export function mountComparePanel(app) {
     c.state = s;
     document.body.dataset.compare = s;
     sync();
+    app.bus.dispatchEvent(new Event('compare'));
     app.publish();
   };
+
+  /** 'both' | 'adapted' | 'base', as picked (the adapter modes need an adapter). */
+  const mode = () => $$('#compare-form input[name="compare-mode"]:checked', HTMLInputElement)[0]?.value ?? 'both';
 
   function sync() {
     const model = app.model();
     const ready = Boolean(app.client() && model);
     const text = Boolean(model?.tokenizer);
     const generating = c.state === 'generating';
-    $('compare-btn', HTMLButtonElement).disabled = !ready || !text || generating || !adapters.length;
+    const needsAdapter = mode() !== 'base';
+    $('compare-btn', HTMLButtonElement).disabled = !ready || !text || generating || (needsAdapter && !adapters.length);
     $('compare-stop', HTMLButtonElement).disabled = !generating;
     $('compare-chat', HTMLInputElement).disabled = !model?.chatTemplate || generating;
+    for (const radio of $$('#compare-form input[name="compare-mode"]', HTMLInputElement)) {
+      radio.disabled = generating || (radio.value !== 'base' && !adapters.length);
+    }
     $('compare-hint').textContent = !ready ? 'Waiting for the model…'
       : !text ? 'This model has no tokenizer: chatting needs one (pick its tokenizer.json with the model).'
-        : !adapters.length ? 'Train an adapter and save it (or import one) in the Adapters panel, then compare it with the base model here.'
-          : 'Both columns get the same prompt, settings and seed; the right one runs through the adapter.';
+        : !adapters.length ? 'No adapter yet: fine-tune and save one (step 3) to compare it with the base model. Meanwhile the base model can answer.'
+          : mode() === 'both' ? 'Both answers get the same message, settings and seed; the second runs through the adapter.'
+            : mode() === 'adapted' ? 'The adapter answers.' : 'The base model answers, without the adapter.';
   }
 
   function readOptions() {
@@ -60,21 +72,64 @@ export function mountComparePanel(app) {
     };
   }
 
+  /** A new turn in the log: the visitor's message, then an answer group with one bubble a column. */
+  function addTurn(text, columns, adapter) {
+    $('chat-empty').hidden = true;
+    const log = $('chat-log');
+    const you = document.createElement('div');
+    you.className = 'turn user';
+    you.setAttribute('role', 'group');
+    you.setAttribute('aria-label', 'You');
+    const bubble = document.createElement('p');
+    bubble.className = 'bubble';
+    bubble.textContent = text;
+    you.append(bubble);
+    const answer = document.createElement('div');
+    answer.className = `turn assistant${columns.length > 1 ? ' side' : ''}`;
+    answer.setAttribute('role', 'group');
+    answer.setAttribute('aria-label', columns.length > 1 ? 'Answers' : 'Answer');
+    /** @type {Record<string, { out: HTMLElement, stats: HTMLElement }>} */
+    const els = {};
+    for (const column of columns) {
+      const name = column === 'base' ? 'Base model' : `With the adapter “${adapter}”`;
+      const b = document.createElement('div');
+      b.className = `bubble ${column}`;
+      b.dataset.column = column;
+      b.setAttribute('role', 'group');
+      b.setAttribute('aria-label', name);
+      const who = document.createElement('p');
+      who.className = 'who';
+      who.textContent = name;
+      const out = document.createElement('div');
+      out.className = 'text';
+      out.setAttribute('aria-busy', 'false');
+      const stats = document.createElement('p');
+      stats.className = 'stats';
+      b.append(who, out, stats);
+      answer.append(b);
+      els[column] = { out, stats };
+    }
+    log.append(you, answer);
+    c.turns += 1;
+    answer.scrollIntoView({ block: 'nearest' });
+    return els;
+  }
+
   /**
    * @param {'base' | 'adapted'} column
+   * @param {{ out: HTMLElement, stats: HTMLElement }} el
    * @param {import('../bitlora.js').Prompt} prompt
    * @param {ReturnType<typeof readOptions>} options
    * @param {string | null} adapter
+   * @param {number} offset tokens of the earlier answers of this turn (for the progress bar)
    */
-  async function run(column, prompt, options, adapter) {
-    const out = $(`compare-${column}`);
-    const stats = $(`compare-${column}-stats`);
+  async function run(column, el, prompt, options, adapter, offset) {
+    const { out, stats } = el;
     /** @type {Column} */
     const col = { text: '', tokens: [], result: null, firstAt: null, lastAt: null };
     c[column] = col;
-    out.replaceChildren();
     out.setAttribute('aria-busy', 'true');
-    stats.textContent = 'reading the prompt…';
+    stats.textContent = 'reading the message…';
     if (stopped) {
       stats.textContent = 'not run (stopped)';
       out.setAttribute('aria-busy', 'false');
@@ -92,15 +147,19 @@ export function mountComparePanel(app) {
         }
         const n = col.tokens.length;
         const rate = n > 1 && col.lastAt > col.firstAt ? (n - 1) / ((col.lastAt - col.firstAt) / 1000) : null;
-        stats.textContent = `${n} / ${options.maxTokens} tokens` + (rate ? ` · ${fmtRate(rate)} · ETA ${fmtSeconds((options.maxTokens - n) / rate)}` : '');
-        $('compare-progress', HTMLProgressElement).value = (column === 'adapted' ? options.maxTokens : 0) + n;
+        stats.textContent = `${n} / ${options.maxTokens} tokens` + (rate ? ` · ${fmtRate(rate)} · about ${fmtSeconds((options.maxTokens - n) / rate)} left` : '');
+        $('compare-progress', HTMLProgressElement).value = offset + n;
       },
     });
     running = g;
     try {
       const r = await g.result;
       col.result = r;
-      if (!r.tokens.length || !col.text) out.textContent = col.text || '(nothing: the model ended at once)';
+      if (!r.tokens.length || !col.text) {
+        out.textContent = col.text || '(no answer: right after this message the model predicts the end of the text. ' +
+          'Try starting the answer yourself, e.g. add its first word.)';
+        out.classList.add('empty');
+      }
       stats.textContent = `${plural(r.tokens.length, 'token')} in ${fmtSeconds(r.ms / 1000)}` +
         (r.tokensPerSecond ? ` · ${fmtRate(r.tokensPerSecond)}` : '') + ` · ${WHY[r.stoppedBy] ?? r.stoppedBy}`;
     } finally {
@@ -114,33 +173,40 @@ export function mountComparePanel(app) {
     const text = $('compare-prompt', HTMLTextAreaElement).value;
     let options;
     try {
-      if (!text.trim()) throw Object.assign(new Error('Prompt: type something to ask both models'), { inputId: 'compare-prompt' });
+      if (!text.trim()) throw Object.assign(new Error('Message: type something to ask the model'), { inputId: 'compare-prompt' });
       options = readOptions();
     } catch (err) {
+      if (err.inputId && err.inputId !== 'compare-prompt') $('compare-settings', HTMLDetailsElement).open = true;
       showError('compare-error', err.message, err.inputId);
       return;
     }
-    const adapter = $('compare-adapter', HTMLSelectElement).value;
-    if (!adapter) {
-      showError('compare-error', 'Pick an adapter (save or import one in the Adapters panel first)', 'compare-adapter');
+    const m = mode();
+    const adapter = m === 'base' ? null : $('compare-adapter', HTMLSelectElement).value;
+    if (m !== 'base' && !adapter) {
+      $('compare-settings', HTMLDetailsElement).open = true;
+      showError('compare-error', 'Pick an adapter (fine-tune and save one in step 3, or import one below)', 'compare-adapter');
       return;
     }
+    /** @type {('base' | 'adapted')[]} */
+    const columns = m === 'both' ? ['base', 'adapted'] : m === 'base' ? ['base'] : ['adapted'];
     const prompt = { text, chat: $('compare-chat', HTMLInputElement).checked };
-    Object.assign(c, { prompt: text, adapter, options, error: null, base: null, adapted: null });
+    Object.assign(c, { prompt: text, adapter, mode: m, options, error: null, base: null, adapted: null });
     stopped = false;
-    $('compare-adapted-h').textContent = `With the adapter “${adapter}”`;
-    $('compare-progress', HTMLProgressElement).max = options.maxTokens * 2;
+    const els = addTurn(text, columns, adapter);
+    $('compare-progress', HTMLProgressElement).max = options.maxTokens * columns.length;
     $('compare-progress', HTMLProgressElement).value = 0;
     $('compare-meter').hidden = false;
     setState('generating');
     try {
-      await run('base', prompt, options, null);
-      await run('adapted', prompt, options, adapter);
+      for (const [i, column] of columns.entries()) {
+        await run(column, els[column], prompt, options, column === 'base' ? null : adapter, i * options.maxTokens);
+      }
       $('compare-progress', HTMLProgressElement).value = $('compare-progress', HTMLProgressElement).max;
+      $('compare-meter').hidden = true;
       setState('done');
     } catch (err) {
       c.error = message(err);
-      showError('compare-error', `Generation failed: ${c.error}`);
+      showError('compare-error', `The answer failed: ${c.error}`);
       setState('error');
     }
   }
@@ -150,6 +216,14 @@ export function mountComparePanel(app) {
     compare();
   });
   $('compare-form', HTMLFormElement).addEventListener('input', (event) => control(event).removeAttribute?.('aria-invalid'));
+  $('compare-form', HTMLFormElement).addEventListener('change', (event) => { if (control(event).name === 'compare-mode') sync(); });
+  // Enter sends, Shift+Enter starts a new line (as chat boxes do).
+  $('compare-prompt', HTMLTextAreaElement).addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      if (!$('compare-btn', HTMLButtonElement).disabled) $('compare-form', HTMLFormElement).requestSubmit();
+    }
+  });
   $('compare-stop', HTMLButtonElement).addEventListener('click', () => {
     stopped = true;
     running?.stop();
@@ -160,7 +234,9 @@ export function mountComparePanel(app) {
     sync();
   });
   // A suggested prompt: the last example of the visitor's data (most likely not trained on
-  // when it falls in the validation share), when the box still holds the default.
+  // when it falls in the validation share) with the first word of its answer, when the box still
+  // holds the default: the default model ends a bare "Define ZOOLOGY." at once, with or without a
+  // quick adapter, while after "Define ZOOLOGY. The" both answer and the adapter's answer differs.
   app.bus.addEventListener('data', () => {
     const suggestion = app.data.suggestPrompt?.();
     if (suggestion && ($('compare-prompt', HTMLTextAreaElement).value === $('compare-prompt', HTMLTextAreaElement).defaultValue || $('compare-prompt', HTMLTextAreaElement).dataset.suggested === 'yes')) {
@@ -178,6 +254,10 @@ export function mountComparePanel(app) {
      * @param {string | null} [prefer]
      */
     refreshAdapters(list, prefer = null) {
+      // The first adapter switches the chat to side by side; without any only the base model answers.
+      const radio = (/** @type {string} */ v) => $$(`#compare-form input[name="compare-mode"][value="${v}"]`, HTMLInputElement)[0];
+      if (!list.length) radio('base').checked = true;
+      else if (!adapters.length || prefer) radio('both').checked = true;
       adapters = list;
       const sel = $('compare-adapter', HTMLSelectElement);
       const keep = prefer ?? sel.value;

@@ -210,13 +210,14 @@ export function mountDataPanel(app) {
       return schedule.now();
     },
     get fileName() { return fileName; },
-    /** A prompt from the data for the chat panel: the last example's prompt or user turn. */
+    /** A prompt from the data for the chat: the last example's prompt (and its answer's first word) or user turn. */
     suggestPrompt() {
       if (data.state !== 'ok' || !/^jsonl-(prompt|chat)/.test(data.summary?.format ?? '')) return null;
       const last = text.trimEnd().split('\n').at(-1) ?? '';
       try {
         const obj = JSON.parse(last);
-        if (typeof obj.prompt === 'string') return obj.prompt;
+        // The prompt and the first word of its answer (see compare-panel.js for why).
+        if (typeof obj.prompt === 'string') return obj.prompt + (typeof obj.completion === 'string' ? /^\s*\S+/.exec(obj.completion)?.[0] ?? '' : '');
         const user = Array.isArray(obj.messages) ? obj.messages.filter((m) => m?.role === 'user').at(-1) : null;
         return typeof user?.content === 'string' ? user.content : null;
       } catch {

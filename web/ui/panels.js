@@ -8,11 +8,15 @@
 //   'trainer'        a run started, paused, resumed, stopped or ended
 //   'trained'        a run finished (done or stopped)
 //   'adapters'       the adapter store changed
+//   'progress'       a training step (or validation) reported progress
+//   'compare'        the chat started or ended a turn
+// and web/ui/steps.js reads them all to show each step's state and the next step.
 
 import { mountDataPanel } from './data-panel.js';
 import { mountTrainPanel } from './train-panel.js';
 import { mountComparePanel } from './compare-panel.js';
 import { mountAdaptersPanel } from './adapters-panel.js';
+import { mountSteps } from './steps.js';
 import { plural, fmtBytes } from './format.js';
 import { debounce, $ } from './dom.js';
 
@@ -104,6 +108,7 @@ export function mountPanels({ client, model, state, publish }) {
   app.compare = mountComparePanel(app);
   app.train = mountTrainPanel(app);
   app.adapters = mountAdaptersPanel(app);
+  const steps = mountSteps(app);
 
   // The "Your data" panel also says what the training store holds (#training-status).
   const storage = debounce(async () => {
@@ -126,6 +131,8 @@ export function mountPanels({ client, model, state, publish }) {
 
   return {
     app,
+    /** Shows the steps' states again (main.js: the model's loading state changed). */
+    steps,
     /** A model was loaded (the first one, or another picked later). */
     modelLoaded() {
       bus.dispatchEvent(new Event('model'));

@@ -18,13 +18,17 @@ import { LossChart } from '../chart.js';
 // Training speed assumed before any run was measured: target tokens a second (the default model
 // on a laptop CPU; see presets.js). Only used for the presets' time estimate.
 const ASSUMED_RATE = { cpu: 150, webgpu: 150 };
+// Data below this many target tokens, or a run of more than this many passes over it, gets a
+// warning at the data (step 2): it would be memorised, not learnt from.
+const MIN_TOKENS = 200;
+const MAX_EPOCHS = 10;
 const TARGET_LABELS = { q_proj: 'q', k_proj: 'k', v_proj: 'v', o_proj: 'o', gate_proj: 'gate', up_proj: 'up', down_proj: 'down' };
 
 /** @typedef {'rank' | 'alpha' | 'lr' | 'length' | 'context' | 'batch' | 'evalEvery' | 'checkpointEvery'} NumberField */
 /** @type {[id: string, key: NumberField, label: string, options: { integer?: boolean, min?: number, max?: number }][]} */
 const FIELDS = [
   // [input id, config key, label, readNumber options]
-  ['train-rank', 'rank', 'Rank', { integer: true, min: 1, max: 1024 }],
+  ['train-rank', 'rank', 'Rank', { integer: true, min: 1, max: 256 }],
   ['train-alpha', 'alpha', 'Alpha', { min: 0 }],
   ['train-lr', 'lr', 'Learning rate', { min: 0, max: 1 }],
   ['train-length', 'length', 'Length', { min: 0 }],
@@ -48,7 +52,7 @@ export function mountTrainPanel(app) {
    *   checkpointBytes?: number, resumedFrom?: number | null, done?: import('../bitlora.js').DoneEvent | null,
    *   error?: string | null, memory?: import('../bitlora.js').MemoryEstimate | null,
    *   config?: import('../bitlora.js').Trainer['config'], backend?: string, adapterParams?: number, stepMs?: number,
-   *   tokensPerSec?: number, storedRuns?: number, offered?: { id: string, step: number | null, totalSteps: number } | null }}
+   *   tokensPerSec?: number, eta?: number, dataWarning?: string | null, storedRuns?: number, offered?: { id: string, step: number | null, totalSteps: number } | null }}
    */
   const t = { state: 'idle', points: chart.points, progressEvents: 0 };
   app.state.training = t;
@@ -121,7 +125,9 @@ export function mountTrainPanel(app) {
     const ctx = Number($('train-context', HTMLInputElement).value);
     const batch = Number($('train-batch', HTMLInputElement).value);
     return {
-      context: Number.isInteger(ctx) && ctx >= 2 ? ctx : 64,
+      // A context the model cannot take is the training form's error (at the Context field); the
+      // data is counted with the default meanwhile, so the data panel shows no second error.
+      context: Number.isInteger(ctx) && ctx >= 2 && ctx <= (app.model()?.maxPositions ?? Infinity) ? ctx : 64,
       batch: Number.isInteger(batch) && batch >= 1 ? batch : 1,
     };
   }
@@ -146,6 +152,30 @@ export function mountTrainPanel(app) {
         (measuredRate ? ` at this tab's measured ${fmtRate(measuredRate)}` : ` at a typical ${fmtRate(rate)}`));
     }
     $('preset-hint').textContent = parts.join(' · ') + '.';
+    warnSmallData(summary, steps);
+  }
+
+  /**
+   * Data too small for the settings: the run would go over it many times and learn it by heart
+   * (3 tokens trained for 60 steps reach loss 0.004 and say nothing). Said in step 2, at the data.
+   * @param {import('../bitlora.js').DataSummary | null} summary
+   * @param {number | null} steps
+   */
+  function warnSmallData(summary, steps) {
+    const el = $('data-warning');
+    const epochs = summary && steps && summary.stepsPerEpoch > 0 ? steps / summary.stepsPerEpoch : null;
+    let text = '';
+    if (summary && summary.targetTokens < MIN_TOKENS) {
+      text = `Only ${plural(summary.targetTokens, 'token')} to learn from: too little to teach the model anything; ` +
+        `it would repeat this text by heart. Add more (a few thousand tokens at least).`;
+    } else if (epochs != null && epochs > MAX_EPOCHS) {
+      text = `Your data is small for these settings: ${plural(steps ?? 0, 'step')} go over it ${Math.round(epochs)} times, ` +
+        `so the model learns it by heart rather than its style. Add more data, or make the run shorter in step 3's Settings ` +
+        `(about ${plural(Math.max(1, Math.round(summary?.stepsPerEpoch ?? 1) * 3), 'step')} is plenty for this much).`;
+    }
+    el.textContent = text;
+    el.hidden = !text;
+    t.dataWarning = text || null;
   }
 
   const estimate = debounce(async () => {
@@ -242,8 +272,15 @@ export function mountTrainPanel(app) {
     const fits = memory ? memory.fits : true;
     $('train-start', HTMLButtonElement).disabled = busy || active || !ready || !dataOk || !fits;
     const dataState = app.state.data?.state;
-    $('train-start', HTMLButtonElement).title = !ready ? 'Waiting for the model' : !fits ? 'Does not fit in memory: see the estimate'
-      : dataState === 'checking' ? 'Checking the training data…' : !dataOk ? 'Add training data first (above)' : '';
+    $('train-start', HTMLButtonElement).title = !ready ? 'Waiting for the model' : !fits ? 'Does not fit in memory: see the estimate in Settings'
+      : dataState === 'checking' ? 'Checking the training data…' : dataState === 'error' ? 'Fix the problem with your data first (step 2)'
+        : !dataOk ? 'Add your data first (step 2)' : '';
+    // Pause, Resume and Stop only while there is a run to act on.
+    $('train-controls').hidden = !(s === 'running' || s === 'paused');
+    // The loss chart once there is a run to draw.
+    $('chart-wrap').hidden = !trainer;
+    // A configuration that does not fit opens the settings, where the estimate says why.
+    if (!fits && !active) $('train-settings', HTMLDetailsElement).open = true;
     $('train-pause', HTMLButtonElement).disabled = busy || s !== 'running';
     $('train-resume', HTMLButtonElement).disabled = busy || s !== 'paused';
     $('train-stop', HTMLButtonElement).disabled = busy || !(s === 'running' || s === 'paused');
@@ -341,7 +378,7 @@ export function mountTrainPanel(app) {
       tr.on('progress', (p) => {
         t.progressEvents++;
         plot(p);
-        Object.assign(t, { step: p.step, totalSteps: p.totalSteps, loss: p.loss, stepMs: p.ms, tokensPerSec: p.tokensPerSec });
+        Object.assign(t, { step: p.step, totalSteps: p.totalSteps, loss: p.loss, stepMs: p.ms, tokensPerSec: p.tokensPerSec, eta: p.eta });
         if (p.valLoss != null) t.valLoss = p.valLoss;
         if (p.tokensPerSec > 0) measuredRate = p.tokensPerSec;
         $('train-progress', HTMLProgressElement).max = Math.max(p.totalSteps, 1);
@@ -353,6 +390,7 @@ export function mountTrainPanel(app) {
         if (t.checkpointStep != null) parts.push(`checkpoint at step ${t.checkpointStep}`);
         if (p.skipped) parts.push(`step skipped: ${p.skipped}`);
         $('train-stats').textContent = parts.join(' · ');
+        app.bus.dispatchEvent(new Event('progress'));
         app.publish();
       }),
       tr.on('checkpoint', (c) => {
@@ -375,7 +413,7 @@ export function mountTrainPanel(app) {
       $('train-progress', HTMLProgressElement).value = d.step;
       $('train-stats').textContent = `${d.reason === 'done' ? 'Done' : 'Stopped'}: ${plural(d.step, 'step')} of ${fmtInt(d.totalSteps)} in ${fmtSeconds(d.seconds ?? secs)}` +
         (d.loss != null ? ` · training loss ${fmtLoss(d.loss)}` : '') + (d.valLoss != null ? ` · validation loss ${fmtLoss(d.valLoss)}` : '') +
-        ' · save the adapter below to keep it and chat with it.';
+        (d.step > 0 ? ' · Next: save the adapter below, then chat with it in step 4.' : ' · No step ran, so there is no adapter to save.');
       setState(d.reason === 'done' ? 'done' : 'stopped');
       describePreset(); // the time estimate now uses this run's measured speed
       app.bus.dispatchEvent(new Event('trained'));
