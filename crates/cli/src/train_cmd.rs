@@ -83,7 +83,7 @@ pub struct TrainArgs {
     #[arg(long)]
     val_data: Option<PathBuf>,
     /// Stop (and save) once this many minutes of training have passed.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_minutes)]
     max_minutes: Option<f64>,
     /// Count the loss on completions / assistant turns only.
     #[arg(long)]
@@ -490,4 +490,16 @@ where
         a.out.display()
     );
     Ok(())
+}
+
+/// `--max-minutes`: a finite number of minutes above 0, at most a year (a Duration holds it).
+fn parse_minutes(s: &str) -> Result<f64, String> {
+    const YEAR: f64 = 366.0 * 24.0 * 60.0;
+    match s.trim().parse::<f64>() {
+        Ok(m) if m.is_finite() && m > 0.0 && m <= YEAR => Ok(m),
+        Ok(m) => Err(format!(
+            "{s} is not a time limit; give minutes above 0 and at most {YEAR} (a year)"
+        )),
+        Err(_) => Err(format!("{s:?} is not a number of minutes")),
+    }
 }

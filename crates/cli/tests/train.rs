@@ -390,4 +390,21 @@ fn bad_training_input_is_named() {
         e.contains("no checkpoint.safetensors to resume from"),
         "{e}"
     );
+    // Sizes that once aborted on their allocation (rank 1e11: 150 TB, batch 1e11: 800 GB).
+    let e = run("ok3.txt", TEXT.as_bytes(), &["--rank", "100000000000"]);
+    assert!(
+        e.contains("--rank is 100000000000; on this model the adapted projections allow at most"),
+        "{e}"
+    );
+    let e = run("ok4.txt", TEXT.as_bytes(), &["--batch", "100000000000"]);
+    assert!(e.contains("fewer than the batch of 100000000000"), "{e}");
+    // Flags clap refuses (exit 2) that once panicked in Duration (exit 101).
+    for mins in ["NaN", "-1", "0", "1e300"] {
+        let flag = format!("--max-minutes={mins}");
+        let o = bitlora(&[
+            "train", "--model", m, "--data", "x.txt", "--out", "o", &flag,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{flag}: {}", stderr(&o));
+        assert!(stderr(&o).contains("is not a time limit"), "{}", stderr(&o));
+    }
 }

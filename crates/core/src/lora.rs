@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::model::projections;
+use crate::model::{Proj, projections};
 use crate::rng::Rng;
 
 /// The seven projections LoRA can target, in `model::projections` order, with PEFT's names.
@@ -74,6 +74,36 @@ impl LoraConfig {
             use_rslora,
             targets: on,
         })
+    }
+
+    /// The largest rank that means anything on `model` for these targets: the smallest side
+    /// of an adapted projection (a pair's B A has rank at most min(O, I), so a larger r only
+    /// adds parameters). A new run's rank and a checkpoint's are checked against it before any
+    /// adapter is allocated.
+    pub fn max_rank(&self, model: &Config) -> usize {
+        Proj::ALL
+            .into_iter()
+            .filter(|&p| self.targets[p])
+            .map(|p| {
+                let (o, i) = p.shape(model);
+                o.min(i)
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Fails unless `r` is at most [`LoraConfig::max_rank`] for `model`.
+    pub fn check_rank(&self, model: &Config) -> Result<()> {
+        let max = self.max_rank(model);
+        if self.r > max {
+            return Err(Error::Lora {
+                msg: format!(
+                    "rank r is {}; on this model the adapted projections allow at most {max} (the smallest side of an adapted weight)",
+                    self.r
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The factor on B(A(x)).

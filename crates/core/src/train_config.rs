@@ -359,7 +359,18 @@ impl TrainConfig {
         }
         fraction("valFraction", self.val_fraction)?;
         // rank, alpha, dropout and targets together, as core's LoRA checks them.
-        self.lora_config().map(|_| ())
+        let lora = self.lora_config()?;
+        let max = lora.max_rank(model);
+        if self.rank > max {
+            return Err(bad(
+                "rank",
+                format!(
+                    "is {}; on this model the adapted projections allow at most {max} (the smallest side of an adapted weight)",
+                    self.rank
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The adapter's shape (PEFT's LoraConfig).
@@ -696,6 +707,11 @@ mod tests {
                 json!({ "rank": -2 }),
                 "rank",
                 "is -2; it must be a whole number of at least 1",
+            ),
+            (
+                json!({ "rank": 100000 }),
+                "rank",
+                "is 100000; on this model the adapted projections allow at most 32 (the smallest side of an adapted weight)",
             ),
             (
                 json!({ "rank": "8" }),

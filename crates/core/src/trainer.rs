@@ -331,6 +331,18 @@ impl<B: Backend> Trainer<B> {
             }
             .into());
         }
+        if options.accumulation > data.train.len() {
+            return Err(Error::Data {
+                file: "training data".into(),
+                msg: format!(
+                    "has {} training sequences, fewer than the batch of {}: a step would take some sequences twice; use a batch of at most {} or add data",
+                    data.train.len(),
+                    options.accumulation,
+                    data.train.len()
+                ),
+            }
+            .into());
+        }
         let order = epoch_order(data.train.len(), options.seed, 0);
         let rng = Rng::new(options.seed ^ 0xd00d);
         let lora_config = state.lora.config.clone();
@@ -769,6 +781,8 @@ fn read_checkpoint(model: &Config, file: &str, bytes: &[u8]) -> Result<Checkpoin
     }
     let lora_cfg: LoraConfig =
         peft::read_adapter_config(file, state["lora"].to_string().as_bytes())?;
+    // Before anything is allocated by its size.
+    lora_cfg.check_rank(model).map_err(|e| bad(e.to_string()))?;
     // Tensors come back through the PEFT reader, which checks every shape against the model.
     let read = |prefix: &str| -> Result<Lora> {
         let tensors: Vec<OwnedTensor> =
@@ -1110,7 +1124,44 @@ mod tests {
         };
         let e = resume(other, &bytes);
         assert!(e.to_string().contains("different training data"), "{e}");
-        let e = resume(data, b"nonsense");
+        let e = resume(data.clone(), b"nonsense");
         assert!(e.to_string().contains("not a safetensors file"), "{e}");
+
+        // Sizes from a checkpoint's metadata are checked before anything is allocated by them
+        // (a rank or batch of 1e11 once aborted on a 150 TB / 800 GB allocation).
+        let e = resume(
+            data.clone(),
+            &with_state(&bytes, |st| st["lora"]["r"] = 100_000_000_000u64.into()),
+        );
+        assert!(e.to_string().contains("rank r is 100000000000"), "{e}");
+        let e = resume(
+            data,
+            &with_state(&bytes, |st| {
+                st["train"]["accumulation"] = 100_000_000_000u64.into()
+            }),
+        );
+        assert!(
+            e.to_string()
+                .contains("fewer than the batch of 100000000000"),
+            "{e}"
+        );
+    }
+
+    /// `bytes` (a checkpoint) with its `bitlora` metadata edited by `edit`.
+    fn with_state(bytes: &[u8], edit: impl FnOnce(&mut Value)) -> Vec<u8> {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let mut state: Value =
+            serde_json::from_str(header["__metadata__"]["bitlora"].as_str().unwrap()).unwrap();
+        edit(&mut state);
+        header["__metadata__"]["bitlora"] = state.to_string().into();
+        let mut h = header.to_string().into_bytes();
+        while h.len() % 8 != 0 {
+            h.push(b' ');
+        }
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend(h);
+        out.extend(&bytes[8 + n..]);
+        out
     }
 }
