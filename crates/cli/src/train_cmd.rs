@@ -92,8 +92,11 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
     /// Continue from OUT/checkpoint.safetensors.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Start a new run in an OUT that holds one (its checkpoint, adapter and log are replaced).
+    #[arg(long)]
+    overwrite: bool,
     /// Seed of the split, data order, dropout and adapter init.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -199,6 +202,18 @@ pub enum TrainError {
     NoCheckpoint(String),
     #[error("interrupted at step {0}; checkpoint saved: continue with --resume")]
     Interrupted(usize),
+    #[error(
+        "{0} already holds a run ({1}); continue it with --resume, or start over with --overwrite"
+    )]
+    RunExists(String, String),
+    #[error(
+        "{0}: another `bitlora train` is writing into this directory; wait for it to finish or use another --out"
+    )]
+    Locked(String),
+    #[error(
+        "every one of the {0} steps was skipped (non-finite loss or gradients): nothing was learned; lower --lr or check the data"
+    )]
+    AllSkipped(usize),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
@@ -211,12 +226,51 @@ fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
     })
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a temporary file of its own (this process's id in the
+/// name), flushed to the disk before the rename, so a crash, a full disk or a second writer
+/// never leaves a half-written file under `path`; on an error the temporary file is removed.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let err = |e| TrainError::Write(path.display().to_string(), e);
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(err)?;
+    // The rename itself reaches the disk with the directory's entry.
+    if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// An exclusive lock on `out` for this run: a lock file held (`flock`) while the process
+/// lives, released by the OS when it exits, however it exits (no stale lock after a crash).
+fn lock_out(out: &Path) -> Result<std::fs::File, TrainError> {
+    let path = out.join(".bitlora-train.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| TrainError::Write(path.display().to_string(), e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(TrainError::Locked(out.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(TrainError::Write(path.display().to_string(), e))
+        }
+    }
 }
 
 fn save_adapter(out: &Path, lora: &Lora, model: &Model, base: &str) -> Result<(), TrainError> {
@@ -287,7 +341,33 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
 
     std::fs::create_dir_all(&a.out)
         .map_err(|e| TrainError::Write(a.out.display().to_string(), e))?;
+    // Held until this function returns (or the process ends).
+    let _lock = lock_out(&a.out)?;
     let ckpt_path = a.out.join("checkpoint.safetensors");
+    if !a.resume && !a.overwrite {
+        let held = ["checkpoint.safetensors", "adapter_model.safetensors"]
+            .into_iter()
+            .find(|f| a.out.join(f).exists());
+        if let Some(f) = held {
+            let what = match Checkpoint::read(
+                &model.config,
+                f,
+                &std::fs::read(&ckpt_path).unwrap_or_default(),
+            ) {
+                Ok(c) => format!("a checkpoint at step {} of {}", c.steps().0, c.steps().1),
+                Err(_) => f.to_string(),
+            };
+            return Err(TrainError::RunExists(a.out.display().to_string(), what));
+        }
+    }
+    if a.overwrite {
+        // A new run's log starts empty.
+        let log = a.out.join("train_log.jsonl");
+        if log.exists() {
+            std::fs::remove_file(&log)
+                .map_err(|e| TrainError::Write(log.display().to_string(), e))?;
+        }
+    }
     let start = if a.resume {
         if !ckpt_path.exists() {
             return Err(TrainError::NoCheckpoint(a.out.display().to_string()));
@@ -417,6 +497,7 @@ where
         .open(&log_path)
         .map_err(|e| TrainError::Write(log_path.display().to_string(), e))?;
     let (start, mut tokens, mut last_val) = (Instant::now(), 0usize, None);
+    let (mut ran, mut skipped) = (0usize, 0usize);
     if trainer.options.eval_every > 0
         && trainer.step == 0
         && let Some(v) = pollster::block_on(trainer.validate())?
@@ -441,7 +522,9 @@ where
             last_val.map_or("-".to_string(), |v: f32| format!("{v:.4}")),
             tps
         ));
+        ran += 1;
         if let Some(why) = &r.skipped {
+            skipped += 1;
             bar.println(format!(
                 "step {}: skipped, {why}; the adapter is unchanged",
                 r.step
@@ -477,6 +560,9 @@ where
         }
     }
     bar.finish();
+    if ran > 0 && skipped == ran {
+        return Err(TrainError::AllSkipped(ran));
+    }
     let val = pollster::block_on(trainer.validate())?;
     eprintln!(
         "bitlora train: done: {} steps, {tokens} tokens in {:.1} s ({:.0} tok/s){}; adapter in {}",
@@ -497,7 +583,7 @@ fn parse_minutes(s: &str) -> Result<f64, String> {
     const YEAR: f64 = 366.0 * 24.0 * 60.0;
     match s.trim().parse::<f64>() {
         Ok(m) if m.is_finite() && m > 0.0 && m <= YEAR => Ok(m),
-        Ok(m) => Err(format!(
+        Ok(_) => Err(format!(
             "{s} is not a time limit; give minutes above 0 and at most {YEAR} (a year)"
         )),
         Err(_) => Err(format!("{s:?} is not a number of minutes")),

@@ -408,3 +408,95 @@ fn bad_training_input_is_named() {
         assert!(stderr(&o).contains("is not a time limit"), "{}", stderr(&o));
     }
 }
+
+/// The training state in --out cannot be lost: a second run into it is refused (unless
+/// --resume or --overwrite), two runs cannot write into one directory at once, and a run whose
+/// every step was skipped fails instead of saying "done".
+#[test]
+fn a_run_in_out_is_kept() {
+    let dir = model_dir("train-keep");
+    let m = dir.to_str().unwrap();
+    let data = dir.join("t.txt");
+    std::fs::write(&data, TEXT.repeat(4)).unwrap();
+    let out = dir.join("out");
+    let train = |extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--model",
+            m,
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--context",
+            "16",
+            "--lr",
+            "1e-2",
+        ];
+        a.extend_from_slice(extra);
+        bitlora(&a)
+    };
+    let o = train(&["--steps", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ckpt = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+
+    // Again without --resume: refused, the checkpoint byte for byte as it was.
+    let o = train(&["--steps", "2"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("already holds a run (a checkpoint at step 2 of 2); continue it with --resume, or start over with --overwrite"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(out.join("checkpoint.safetensors")).unwrap(),
+        ckpt
+    );
+
+    // --overwrite starts over, with a new log.
+    let o = train(&["--overwrite", "--steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 1, "{log}");
+
+    // Another process holds the directory's lock: refused, nothing written.
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(out.join(".bitlora-train.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let o = train(&["--overwrite", "--steps", "2"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("another `bitlora train` is writing into this directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("train_log.jsonl")).unwrap(),
+        log
+    );
+    drop(lock);
+
+    // Every step skipped (a NaN in the model's final norm makes every loss NaN): exit 1.
+    let st = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let t = &header["model.norm.weight"];
+    let at = 8 + n + t["data_offsets"][0].as_u64().unwrap() as usize;
+    match t["dtype"].as_str().unwrap() {
+        "F32" => bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes()),
+        "BF16" => bytes[at..at + 2].copy_from_slice(&0x7fc0u16.to_le_bytes()),
+        "F16" => bytes[at..at + 2].copy_from_slice(&0x7e00u16.to_le_bytes()),
+        d => panic!("model.norm.weight is {d}"),
+    }
+    std::fs::write(&st, bytes).unwrap();
+    let o = train(&["--overwrite", "--steps", "2"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("every one of the 2 steps was skipped"),
+        "{}",
+        stderr(&o)
+    );
+}

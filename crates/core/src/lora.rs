@@ -176,6 +176,22 @@ impl Lora {
         }
     }
 
+    /// The first tensor holding a NaN or an infinity, as PEFT names it (layer, module, A or
+    /// B); None when every value is finite.
+    pub fn first_non_finite(&self) -> Option<String> {
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (p, pair) in layer.iter().enumerate() {
+                let Some(pair) = pair else { continue };
+                for (ab, v) in [("A", &pair.a), ("B", &pair.b)] {
+                    if v.iter().any(|x| !x.is_finite()) {
+                        return Some(format!("layer {l} {} lora_{ab}", crate::lora::TARGETS[p]));
+                    }
+                }
+            }
+        }
+        None
+    }
+
     /// Number of trainable parameters.
     pub fn num_params(&self) -> usize {
         self.layers

@@ -835,14 +835,27 @@ fn read_checkpoint(model: &Config, file: &str, bytes: &[u8]) -> Result<Checkpoin
         eval_every: int(&t["eval_every"], "eval_every")?,
         seed: big(&t["seed"], "seed")?,
     };
+    let adapter = AdapterState {
+        lora: read("adapter.")?,
+        m: read("adam.m.")?,
+        v: read("adam.v.")?,
+    };
+    // A run resumed from non-finite values would skip every step and save them again.
+    for (what, l) in [
+        ("adapter", &adapter.lora),
+        ("Adam's m", &adapter.m),
+        ("Adam's v", &adapter.v),
+    ] {
+        if let Some(t) = l.first_non_finite() {
+            return Err(bad(format!(
+                "the {what} holds a NaN or an infinity ({t}): the checkpoint is damaged; resume from an earlier copy or start over with --overwrite"
+            )));
+        }
+    }
     Ok(Checkpoint {
         file: file.to_string(),
         fingerprint,
-        state: AdapterState {
-            lora: read("adapter.")?,
-            m: read("adam.m.")?,
-            v: read("adam.v.")?,
-        },
+        state: adapter,
         optim,
         options,
         opt_step: int(&o["step"], "optimizer step")?,
@@ -1135,7 +1148,7 @@ mod tests {
         );
         assert!(e.to_string().contains("rank r is 100000000000"), "{e}");
         let e = resume(
-            data,
+            data.clone(),
             &with_state(&bytes, |st| {
                 st["train"]["accumulation"] = 100_000_000_000u64.into()
             }),
@@ -1145,6 +1158,12 @@ mod tests {
                 .contains("fewer than the batch of 100000000000"),
             "{e}"
         );
+        // A NaN in a tensor (the last value of the file).
+        let mut nan = bytes.clone();
+        let n = nan.len();
+        nan[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        let e = resume(data, &nan);
+        assert!(e.to_string().contains("holds a NaN or an infinity"), "{e}");
     }
 
     /// `bytes` (a checkpoint) with its `bitlora` metadata edited by `edit`.
