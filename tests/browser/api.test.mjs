@@ -129,10 +129,15 @@ for (const webgpu of [true, false]) {
       assert.equal(prep.memory.adapterParams, 325632);
       assert.ok(prep.memory.weights > 1e6 && prep.memory.activations > 0);
       // CPU (wasm memory): A, B, gradients, AdamW's m and v, validation's copy. WebGPU (all on the
-      // GPU, from the trainer's table of buffers): A, B and their gradients as the kernels bind
-      // them, the resident optimizer's adapter, gradients, m and v, and the readbacks; that the
-      // table is what gets allocated is train-parity.test.mjs's and crates/gpu/tests/memory.rs's.
-      if (webgpu) assert.ok(prep.memory.adapter >= 8 * 4 * prep.memory.adapterParams, `adapter ${prep.memory.adapter}`);
+      // GPU, from the trainer's table of buffers): A and B with their gradients as the kernels
+      // bind them (2x), the resident optimizer's adapter, gradients, m and v (4x, padded to whole
+      // rows) and the checkpoint readback (1x, p, m and v read through it in turn), plus the
+      // pass readback of the losses and the norm; that the table is what gets allocated is
+      // train-parity.test.mjs's and crates/gpu/tests/memory.rs's.
+      if (webgpu) {
+        const p4 = 4 * prep.memory.adapterParams;
+        assert.ok(prep.memory.adapter >= 7 * p4 && prep.memory.adapter < 7.1 * p4, `adapter ${prep.memory.adapter} B is not about 7 x ${p4}`);
+      }
       else assert.equal(prep.memory.adapter, 5 * 4 * prep.memory.adapterParams);
 
       // ---- train: pause and resume, then reload mid-run ----
