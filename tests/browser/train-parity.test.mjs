@@ -22,7 +22,8 @@
 // - each step reads back only the per-row losses and the squared gradient norm: 4 * (T + 1)
 //   bytes for one sequence of T tokens, never the adapter or its gradients (which would be
 //   4 * adapterParams bytes or more); the bytes are logged per step;
-// - estimateMemory's total is the GPU bytes the run allocated, within 1%.
+// - estimateMemory's total is the GPU bytes the run allocated, within 1%, on the default model
+//   and on the tiny model (picked as files with the CLI tests' byte-level tokenizer).
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -155,6 +156,59 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
     console.log(`# page vs bitlora train --backend gpu over ${STEPS} steps: worst relative difference ${worst.toExponential(2)} (allowed ${EMULATORS_FREE_RUNNING}); step 1 (same start) ${(Math.abs(run.steps[0].loss - native[0].loss) / native[0].loss).toExponential(2)}`);
     console.log(`# bytes read back per step: ${run.steps.map((s) => s.readBytes).join(', ')} (the adapter alone: ${adapterBytes} bytes)`);
     console.log(`# page training on WebGPU (SwiftShader): ${run.steps.at(-1).tokensPerSec.toFixed(1)} target tok/s`);
+  } catch (e) {
+    e.message += `\n${log.slice(-30).join('\n')}`;
+    throw e;
+  } finally {
+    await browser.close();
+  }
+});
+
+test('WebGPU: estimateMemory equals the GPU bytes a run allocates on the tiny model too', { timeout: 600_000 }, async () => {
+  // The tiny random model with the byte-level tokenizer the CLI's training tests use, picked as
+  // files (as a visitor would), then one step of several adapter shapes.
+  const files = [
+    ['config.json', 'web/models/tiny/config.json'],
+    ['model.safetensors', 'web/models/tiny/model.safetensors'],
+    ['tokenizer.json', 'tests/fixtures/byte-tokenizer/tokenizer.json'],
+    ['tokenizer_config.json', 'tests/fixtures/byte-tokenizer/tokenizer_config.json'],
+  ].map(([name, p]) => ({ name, bytes: Array.from(readFileSync(path.join(REPO, p))) }));
+  const text = 'the cat sat on the mat. the dog sat on the log. '.repeat(40);
+  const browser = await launchBrowser({ webgpu: true });
+  const log = [];
+  try {
+    const page = await (await browser.newContext()).newPage();
+    page.on('worker', (w) => w.on('console', (m) => log.push(`[worker console.${m.type()}] ${m.text()}`)));
+    await page.goto(`${server.url}web/examples/train.html`);
+    await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.state), null, { timeout: 120_000 });
+    const out = await page.evaluate(async ({ files, text }) => {
+      const bl = window.bitlora;
+      const model = await bl.loadModel({ files: files.map((f) => new File([new Uint8Array(f.bytes)], f.name)) });
+      const runs = [];
+      for (const c of [
+        { rank: 8, targets: ['all-linear'], batch: 1 },
+        { rank: 2, targets: ['q_proj', 'v_proj'], batch: 2 },
+        { rank: 16, targets: ['down_proj', 'o_proj', 'up_proj'], batch: 3 },
+      ]) {
+        const config = { ...c, steps: 1, context: 32, evalEvery: 0, valFraction: 0.1, seed: 1, checkpointEvery: 0 };
+        const estimate = await bl.estimateMemory(config);
+        const t = await bl.createTrainer({ ...config, data: { text, fileName: 'cats.txt' } });
+        let gpuBytes = null, backend = null;
+        t.on('progress', (p) => { gpuBytes = p.gpuBytes; backend = p.backend; });
+        const done = new Promise((resolve, reject) => { t.on('done', resolve); t.on('error', (e) => reject(new Error(e.message))); });
+        await t.start();
+        await done;
+        await t.dispose();
+        runs.push({ config: c, estimate: estimate.total, gpuBytes, backend });
+      }
+      return { model: model.name ?? model.key, runs };
+    }, { files, text });
+    for (const r of out.runs) {
+      assert.equal(r.backend, 'webgpu', `${JSON.stringify(r.config)} trained on ${r.backend}`);
+      const rel = Math.abs(r.estimate - r.gpuBytes) / r.gpuBytes;
+      console.log(`# tiny model: estimateMemory ${r.estimate} B vs ${r.gpuBytes} B allocated for ${JSON.stringify(r.config)} (relative ${rel.toExponential(1)})`);
+      assert.ok(rel <= 0.01, `${JSON.stringify(r.config)}: estimateMemory says ${r.estimate} B, the run allocated ${r.gpuBytes} B`);
+    }
   } catch (e) {
     e.message += `\n${log.slice(-30).join('\n')}`;
     throw e;
