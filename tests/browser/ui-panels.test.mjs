@@ -41,6 +41,21 @@ export const client = {
   async createTrainer(o) { calls.push(['createTrainer', o]); throw new Error('stub: not training'); },
   async listRuns() { return []; },
   async listAdapters() { return []; },
+  // Answers "answer N" (N counts the calls) as two streamed pieces, and records the prompt.
+  generate(prompt, o) {
+    calls.push(['generate', prompt, { adapter: o.adapter ?? null }]);
+    const n = calls.filter((c) => c[0] === 'generate').length;
+    const pieces = ['answer', ' ' + n];
+    const result = (async () => {
+      for (const [i, text] of pieces.entries()) {
+        await new Promise((r) => setTimeout(r, 5));
+        o.onToken?.({ index: i, token: 10 + i, text, ms: 1, at: performance.timeOrigin + performance.now() });
+      }
+      return { backend: 'cpu', adapter: o.adapter ?? null, promptTokens: [1], promptText: null, tokens: [10, 11], text: pieces.join(''),
+        stoppedBy: 'stop_token', prefillMs: 1, decodeMs: 1, ms: 2, tokensPerSecond: null };
+    })();
+    return { result, stop() {} };
+  },
 };
 `;
 
@@ -51,6 +66,7 @@ const state = (window.__bitlora = {});
 window.__calls = calls;
 window.__client = client;
 const panels = mountPanels({ client: () => client, model: () => client.model, state, publish: () => {} });
+window.__panels = panels;
 panels.modelLoaded();
 document.body.dataset.state = 'done';
 `;
@@ -176,4 +192,57 @@ test('panels: "Try the demo data" fetches the Devil\'s Dictionary set from the p
   await page.click('#data-clear');
   await page.fill('#data-text', 'Some plain text to train on. '.repeat(200));
   await page.waitForFunction(() => document.body.dataset.data === 'ok');
+});
+
+test('panels: data too small for the settings is warned about at the data', async () => {
+  await page.fill('#data-text', 'Three tokens only.');
+  await page.waitForFunction(() => document.body.dataset.data === 'ok');
+  await page.waitForSelector('#data-warning:not([hidden])');
+  assert.match(await page.textContent('#data-warning'), /^Only 5 tokens to learn from: too little/);
+  // Enough tokens, but 60 steps would go over them many times.
+  await page.fill('#data-text', 'Some plain text to train on. '.repeat(60));
+  await page.waitForFunction(() => /go over it \d+ times/.test(document.getElementById('data-warning').textContent));
+  assert.match(await page.textContent('#data-warning'), /^Your data is small for these settings: 60 steps go over it \d+ times/);
+  await page.fill('#data-text', 'Some plain text to train on. '.repeat(200));
+  await page.waitForFunction(() => document.body.dataset.data === 'ok' && document.getElementById('data-warning').hidden);
+});
+
+test('panels: the chat is a conversation; with a chat template each answerer sees the turns before', async () => {
+  // Without a template (and without adapters: the base model answers), each message on its own.
+  assert.equal(await page.isChecked('#compare-form input[name="compare-mode"][value="base"]'), true);
+  const send = async (text) => {
+    const want = await page.evaluate(() => window.__bitlora.compare.turns + 1);
+    await page.fill('#compare-prompt', text);
+    await page.click('#compare-btn');
+    await page.waitForFunction((n) => document.body.dataset.compare === 'done' && window.__bitlora.compare.turns === n, want, { timeout: 10_000 })
+      .catch(async (e) => {
+        throw new Error(`${e.message}: ${JSON.stringify(await page.evaluate(() => ({ compare: window.__bitlora.compare, state: document.body.dataset.compare,
+          error: document.getElementById('compare-error').textContent })))}`);
+      });
+  };
+  const prompts = () => page.evaluate(() => window.__calls.filter((c) => c[0] === 'generate').map((c) => c[1]));
+  await send('Hello');
+  assert.deepEqual((await prompts()).at(-1), { text: 'Hello', chat: false });
+  assert.match(await page.textContent('#chat-empty'), /this model has no chat template/);
+  // A model with a chat template: the conversation is sent as messages, the earlier turns with it.
+  await page.evaluate(() => { window.__client.model.chatTemplate = true; window.__panels.modelLoaded(); });
+  assert.equal(await page.isChecked('#compare-chat'), true);
+  assert.equal(await page.locator('#chat-log .turn').count(), 0, 'a new model starts a new conversation');
+  await send('Hi');
+  await send('And then?');
+  const [first, second] = (await prompts()).slice(-2);
+  assert.deepEqual(first, { messages: [{ role: 'user', content: 'Hi' }] });
+  const n = (await prompts()).length - 1; // the answer to "Hi" was "answer N"
+  assert.deepEqual(second, { messages: [{ role: 'user', content: 'Hi' }, { role: 'assistant', content: `answer ${n}` }, { role: 'user', content: 'And then?' }] });
+  // The log: two "You" turns and two answers, each a labelled group; the answer streamed in.
+  assert.equal(await page.locator('#chat-log .turn.user[role="group"][aria-label="You"]').count(), 2);
+  assert.equal(await page.locator('#chat-log .turn.assistant [data-column="base"][aria-label="Base model"]').count(), 2);
+  assert.equal(await page.textContent('#chat-log .turn.assistant:last-child .text'), `answer ${n + 1}`);
+  // "New conversation" forgets it.
+  await page.click('#chat-clear');
+  assert.equal(await page.locator('#chat-log .turn').count(), 0);
+  await send('Fresh');
+  assert.deepEqual((await prompts()).at(-1), { messages: [{ role: 'user', content: 'Fresh' }] });
+  await page.evaluate(() => { window.__client.model.chatTemplate = false; window.__panels.modelLoaded(); });
+  assert.deepEqual(errors, []);
 });

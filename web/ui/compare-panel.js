@@ -3,8 +3,12 @@
 // bubble), answered, streamed token by token, by the adapter, by the base model, or by both side
 // by side (two bubbles in one turn, stacked on a phone). Both run with the same settings and
 // seed, the base first, then the adapter: the worker runs one generation at a time, so the second
-// would only wait anyway, and the first answer is readable meanwhile. Each message is answered on
-// its own (the page's generation takes one prompt): the view says so.
+// would only wait anyway, and the first answer is readable meanwhile.
+//
+// Memory: with the model's chat template on, each answerer sees the conversation so far, its own
+// earlier answers included (the base model's history and the adapter's differ after the first
+// turn), sent as `{ messages }`; "New conversation" forgets it. Without a template (the default
+// model has none) each message is answered on its own, and the view says so.
 //
 // Published for tests: <body data-compare="idle|generating|done|error">, the log
 // (#chat-log, role=log: .turn.user and .turn.assistant groups, each answer a [data-column] bubble
@@ -32,6 +36,9 @@ export function mountComparePanel(app) {
   let running = null; // the Generation in progress
   let stopped = false;
   let adapters = [];
+  /** The conversation so far as each answerer saw it (chat template on only). */
+  /** @type {Record<'base' | 'adapted', import('../bitlora.js').ChatTurn[]>} */
+  let history = { base: [], adapted: [] };
 
   const setState = (s) => {
     c.state = s;
@@ -56,6 +63,12 @@ export function mountComparePanel(app) {
     for (const radio of $$('#compare-form input[name="compare-mode"]', HTMLInputElement)) {
       radio.disabled = generating || (radio.value !== 'base' && !adapters.length);
     }
+    const remembers = Boolean(model?.chatTemplate) && $('compare-chat', HTMLInputElement).checked;
+    $('chat-empty').textContent = remembers
+      ? 'Your messages and the model\'s answers appear here. The model sees the earlier turns of this conversation; "New conversation" starts afresh.'
+      : 'Your messages and the model\'s answers appear here. Each message is answered on its own: ' +
+        (model?.chatTemplate ? 'with the chat template off, ' : 'this model has no chat template, so ') + 'the model does not see earlier turns.';
+    $('chat-clear', HTMLButtonElement).disabled = generating || c.turns === 0;
     $('compare-hint').textContent = !ready ? 'Waiting for the model…'
       : !text ? 'This model has no tokenizer: chatting needs one (pick its tokenizer.json with the model).'
         : !adapters.length ? 'No adapter yet: fine-tune and save one (step 3) to compare it with the base model. Meanwhile the base model can answer.'
@@ -189,7 +202,11 @@ export function mountComparePanel(app) {
     }
     /** @type {('base' | 'adapted')[]} */
     const columns = m === 'both' ? ['base', 'adapted'] : m === 'base' ? ['base'] : ['adapted'];
-    const prompt = { text, chat: $('compare-chat', HTMLInputElement).checked };
+    const chat = $('compare-chat', HTMLInputElement).checked && Boolean(app.model()?.chatTemplate);
+    /** The prompt of one answerer: the conversation so far with the chat template, else the message alone. */
+    const promptFor = (/** @type {'base' | 'adapted'} */ column) => /** @type {import('../bitlora.js').Prompt} */ (chat
+      ? { messages: [...history[column], { role: 'user', content: text }] }
+      : { text, chat: false });
     Object.assign(c, { prompt: text, adapter, mode: m, options, error: null, base: null, adapted: null });
     stopped = false;
     const els = addTurn(text, columns, adapter);
@@ -199,7 +216,9 @@ export function mountComparePanel(app) {
     setState('generating');
     try {
       for (const [i, column] of columns.entries()) {
-        await run(column, els[column], prompt, options, column === 'base' ? null : adapter, i * options.maxTokens);
+        await run(column, els[column], promptFor(column), options, column === 'base' ? null : adapter, i * options.maxTokens);
+        const answer = c[column];
+        if (chat && answer?.result) history[column].push({ role: 'user', content: text }, { role: 'assistant', content: answer.text });
       }
       $('compare-progress', HTMLProgressElement).value = $('compare-progress', HTMLProgressElement).max;
       $('compare-meter').hidden = true;
@@ -230,9 +249,24 @@ export function mountComparePanel(app) {
     $('compare-stop', HTMLButtonElement).disabled = true;
   });
   app.bus.addEventListener('model', () => {
-    $('compare-chat', HTMLInputElement).checked = Boolean(app.model()?.chatTemplate) && $('compare-chat', HTMLInputElement).checked;
-    sync();
+    // A model with a chat template chats through it (and remembers the conversation).
+    $('compare-chat', HTMLInputElement).checked = Boolean(app.model()?.chatTemplate);
+    newConversation();
   });
+  $('compare-chat', HTMLInputElement).addEventListener('change', () => newConversation());
+  $('chat-clear', HTMLButtonElement).addEventListener('click', () => {
+    newConversation();
+    $('compare-prompt', HTMLTextAreaElement).focus();
+  });
+
+  /** Forgets the conversation: the log empties, the next message starts afresh. */
+  function newConversation() {
+    history = { base: [], adapted: [] };
+    for (const turn of $$('#chat-log .turn', HTMLElement)) turn.remove();
+    c.turns = 0;
+    $('chat-empty').hidden = false;
+    sync();
+  }
   // A suggested prompt: the last example of the visitor's data (most likely not trained on
   // when it falls in the validation share) with the first word of its answer, when the box still
   // holds the default: the default model ends a bare "Define ZOOLOGY." at once, with or without a
