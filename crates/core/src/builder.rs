@@ -28,13 +28,60 @@ pub struct ModelBuilder {
     config: Config,
     /// The files added so far, in order (error messages name them).
     files: Vec<String>,
-    /// The tensors the model reads, with the (O, I) of master projections.
-    wanted: HashMap<String, Option<(usize, usize)>>,
+    /// The tensors the model reads, with the (O, I) of master projections: those outside the
+    /// layers by full name, a layer's by their name after `model.layers.{l}.` (one list for all
+    /// layers, so a config claiming 1e9 layers costs nothing before the weights disagree).
+    wanted: Wanted,
     /// Declared by a file's header: name -> (file index, dtype, shape, byte length). A later
     /// file declaring the same name wins, as in `WeightFiles`.
     declared: HashMap<String, (usize, Dtype, Vec<usize>, u64)>,
     /// Tensors received, converted.
     got: HashMap<String, Slot>,
+}
+
+/// Which tensor names the model reads (see [`ModelBuilder`]'s `wanted`).
+struct Wanted {
+    outside: HashMap<String, Option<(usize, usize)>>,
+    per_layer: HashMap<String, Option<(usize, usize)>>,
+    layers: usize,
+}
+
+impl Wanted {
+    fn new(config: &Config) -> Wanted {
+        // Layer 0's names stand for every layer's.
+        let one = Config {
+            num_hidden_layers: 1,
+            ..config.clone()
+        };
+        let (mut outside, mut per_layer) = (HashMap::new(), HashMap::new());
+        for n in model::tensor_names(&one) {
+            match n.strip_prefix("model.layers.0.") {
+                Some(rest) => per_layer.insert(rest.to_string(), None),
+                None => outside.insert(n, None),
+            };
+        }
+        if config.weight_format == WeightFormat::Master {
+            for (name, o, i) in projections(config) {
+                per_layer.insert(format!("{name}.weight"), Some((o, i)));
+            }
+        }
+        Wanted {
+            outside,
+            per_layer,
+            layers: config.num_hidden_layers,
+        }
+    }
+
+    /// `Some(master shape)` when the model reads `name`, None when it does not.
+    fn get(&self, name: &str) -> Option<Option<(usize, usize)>> {
+        if let Some(w) = self.outside.get(name) {
+            return Some(*w);
+        }
+        let (l, rest) = name.strip_prefix("model.layers.")?.split_once('.')?;
+        // Only the canonical spelling of the layer number (no "+1", "01").
+        let l: usize = l.parse().ok().filter(|n: &usize| n.to_string() == l)?;
+        (l < self.layers).then(|| self.per_layer.get(rest).copied())?
+    }
 }
 
 struct Slot {
@@ -57,18 +104,7 @@ impl ModelBuilder {
     /// Parses `config.json`; fails as [`Model::from_bytes`] does on a bad config.
     pub fn new(config_name: &str, config_json: &[u8]) -> Result<ModelBuilder> {
         let config = Config::from_json(config_name, config_json)?;
-        let master = config.weight_format == WeightFormat::Master;
-        let mut wanted: HashMap<String, Option<(usize, usize)>> = model::tensor_names(&config)
-            .into_iter()
-            .map(|n| (n, None))
-            .collect();
-        if master {
-            for l in 0..config.num_hidden_layers {
-                for (name, o, i) in projections(&config) {
-                    wanted.insert(format!("model.layers.{l}.{name}.weight"), Some((o, i)));
-                }
-            }
-        }
+        let wanted = Wanted::new(&config);
         Ok(ModelBuilder {
             config,
             files: Vec::new(),
@@ -99,7 +135,7 @@ impl ModelBuilder {
         self.files.push(name.to_string());
         let mut needed = Vec::new();
         for span in spans {
-            if !self.wanted.contains_key(&span.name) {
+            if self.wanted.get(&span.name).is_none() {
                 continue;
             }
             // A tensor redeclared by a later file replaces the earlier one.
@@ -165,7 +201,7 @@ impl ModelBuilder {
             }
             Some(out)
         };
-        let master = self.wanted.get(name).copied().flatten();
+        let master = self.wanted.get(name).flatten();
         let data = match (dtype, float_size, master) {
             (Dtype::U8, ..) => {
                 let mut v = vec![0u8; len];

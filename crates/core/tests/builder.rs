@@ -446,3 +446,28 @@ fn clone(t: &OwnedTensor) -> OwnedTensor {
         data: t.data.clone(),
     }
 }
+
+/// A config.json that claims a billion layers: the builder's list of wanted tensors does not
+/// grow with it (it once grew to 4 GB before a single weight was read); the weights then
+/// disagree with the config, as `Model::from_bytes` says too.
+#[test]
+fn a_config_claiming_a_billion_layers_costs_nothing_until_the_weights_disagree() {
+    let dir = root().join("web/models/tiny");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = 1_000_000_000u64.into();
+    let config = serde_json::to_vec(&config).unwrap();
+    let st = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let streamed = build(&config, &[("model.safetensors", st.as_slice())])
+        .err()
+        .unwrap();
+    let whole = Model::from_bytes(
+        "config.json",
+        &config,
+        &[("model.safetensors", st.as_slice())],
+    )
+    .err()
+    .unwrap();
+    assert_eq!(streamed.to_string(), whole.to_string());
+    assert!(streamed.to_string().contains("is missing"), "{streamed}");
+}
