@@ -136,6 +136,9 @@ impl<'a> TextStream<'a> {
     }
 }
 
+/// Instructions one rendering of a chat template may run (minijinja's fuel).
+pub const CHAT_TEMPLATE_FUEL: u64 = 1_000_000;
+
 /// One chat turn, as in transformers' `apply_chat_template(messages)`.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct Message {
@@ -204,6 +207,10 @@ impl ChatTemplate {
 
     fn env(&self) -> Result<minijinja::Environment<'_>> {
         let mut env = minijinja::Environment::new();
+        // A template is a model's file, so untrusted: its loops are bounded by fuel (real chat
+        // templates spend a few thousand units on a long conversation; a nested
+        // range(100000) loop once hung the CLI and the page).
+        env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_function(

@@ -137,4 +137,14 @@ fn bad_tokenizer_files_are_named() {
             .unwrap()
             .is_none()
     );
+    // A template that loops 1e10 times (it hung the CLI) runs out of fuel with an error.
+    let t = ChatTemplate::from_tokenizer_config(
+        "tc.json",
+        br#"{"chat_template": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"}"#,
+    )
+    .unwrap()
+    .unwrap();
+    let e = t.render(&[], true).err().unwrap();
+    assert!(e.to_string().starts_with("tc.json: chat_template:"), "{e}");
+    assert!(e.to_string().contains("fuel"), "{e}");
 }
