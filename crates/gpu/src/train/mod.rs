@@ -613,9 +613,7 @@ impl GpuTrainer {
     /// activations, scratch, the adapter with its gradients and the logits window (a run's
     /// optimizer state is [`GpuState::bytes`]).
     pub fn bytes(&self) -> u64 {
-        self.bytes
-            + self.staging.size()
-            + self.head_scratch.as_ref().map_or(0, |t| t.buffer.size())
+        self.bytes + self.staging.size() + self.head_scratch.as_ref().map_or(0, |t| t.buffer.size())
     }
 
     /// Bytes the last pass read back from the GPU: the per-row losses, plus the squared

@@ -232,12 +232,7 @@ impl TrainPlan {
             );
             plan.add("grad norm squared", &[1], F32, Optimizer);
             // A checkpoint or an export reads p, m and v back one after the other through it.
-            plan.add(
-                "optimizer readback",
-                &[flat_rows, FLAT_ROW],
-                F32,
-                Readback,
-            );
+            plan.add("optimizer readback", &[flat_rows, FLAT_ROW], F32, Readback);
         }
         plan
     }
