@@ -1175,7 +1175,7 @@ mod tests {
         edit(&mut state);
         header["__metadata__"]["bitlora"] = state.to_string().into();
         let mut h = header.to_string().into_bytes();
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let mut out = (h.len() as u64).to_le_bytes().to_vec();
