@@ -382,7 +382,7 @@ async function generate() {
     $('gen-stats').textContent =
       `${r.tokens.length} token${r.tokens.length === 1 ? '' : 's'} in ${fmtSeconds(r.ms / 1000)} on ` +
       `${r.backend === 'webgpu' ? 'WebGPU' : 'the CPU'}${rate} · prompt ${r.promptTokens.length} tokens, ` +
-      `first token after ${r.prefillMs.toFixed(1)} ms · ${why}`;
+      `first token after ${fmtSeconds(r.prefillMs / 1000)} · ${why}`;
     $('gen-progress', HTMLProgressElement).value = r.stoppedBy === 'max_tokens' ? $('gen-progress', HTMLProgressElement).max : r.tokens.length;
     document.body.dataset.gen = 'done';
   } catch (err) {

@@ -320,6 +320,10 @@ for (const backend of ['webgpu', 'cpu']) {
       const from = offer.offered.step;
       assert.equal(offer.offered.id, runId);
       assert.ok(from >= 2 && from <= before.step, `checkpoint step ${from} (the run was at ${before.step})`);
+      // The offer is on the first screen, without scrolling (issue 13: it sat ~2,200 px down).
+      await page.evaluate(() => window.scrollTo(0, 0));
+      const box = await page.locator('#resume-offer').boundingBox();
+      assert.ok(box && box.y + box.height <= 800, `the resume offer ends at ${box?.y + box?.height} px, below the first screen (800 px)`);
       const text = await page.textContent('#resume-text');
       console.log(`${backend} offer: ${text}`);
       assert.match(text, new RegExp(`^A training run was (interrupted|paused).*Its checkpoint is at step ${from} of ${n}`));
@@ -329,6 +333,8 @@ for (const backend of ['webgpu', 'cpu']) {
       assert.equal(t.state, 'done', t.error);
       assert.equal(t.runId, runId);
       assert.equal(t.resumedFrom, from);
+      // The Done line counts what ran in this tab since the resume, and says so.
+      assert.match(await page.textContent('#train-stats'), new RegExp(`^Done: ${n} steps of ${n} \\(resumed at step ${from}: ${n - from} steps? in `));
       assert.equal(t.step, n);
       // The chart holds the stored history up to the checkpoint, then the resumed steps.
       assert.deepEqual(t.points.train.map((p) => p[0]), Array.from({ length: n }, (_, i) => i + 1));

@@ -13,7 +13,7 @@
 import { $, $$, control, showError, clearError, debounce, message, readNumber, inputError, started } from './dom.js';
 import { fmtBytes, fmtSeconds, fmtInt, fmtLoss, fmtRate, fmtDate, fmtLr, plural } from './format.js';
 import { PRESETS, ALL_TARGETS, matchPreset } from './presets.js';
-import { LossChart } from '../chart.js';
+import { LossChart, smooth } from '../chart.js';
 
 // Training speed assumed before any run was measured: target tokens a second (the default model
 // on a laptop CPU; see presets.js). Only used for the presets' time estimate.
@@ -411,8 +411,13 @@ export function mountTrainPanel(app) {
       t.done = d;
       const secs = (performance.now() - startedAt) / 1000;
       $('train-progress', HTMLProgressElement).value = d.step;
-      $('train-stats').textContent = `${d.reason === 'done' ? 'Done' : 'Stopped'}: ${plural(d.step, 'step')} of ${fmtInt(d.totalSteps)} in ${fmtSeconds(d.seconds ?? secs)}` +
-        (d.loss != null ? ` · training loss ${fmtLoss(d.loss)}` : '') + (d.valLoss != null ? ` · validation loss ${fmtLoss(d.valLoss)}` : '') +
+      // The same figures as the chart's summary: the smoothed training loss (the last step's alone
+      // jumps around), and for a resumed run how many steps ran in this tab and for how long.
+      const train = chart.points.train.map((p) => p[1]);
+      const smoothed = train.length ? smooth(train).at(-1) : d.loss;
+      const here = resumed && t.resumedFrom != null ? ` (resumed at step ${fmtInt(t.resumedFrom)}: ${plural(d.step - t.resumedFrom, 'step')} in ${fmtSeconds(d.seconds ?? secs)})` : ` in ${fmtSeconds(d.seconds ?? secs)}`;
+      $('train-stats').textContent = `${d.reason === 'done' ? 'Done' : 'Stopped'}: ${plural(d.step, 'step')} of ${fmtInt(d.totalSteps)}${here}` +
+        (smoothed != null ? ` · training loss ${fmtLoss(smoothed)}${train.length > 1 ? ' (smoothed)' : ''}` : '') + (d.valLoss != null ? ` · validation loss ${fmtLoss(d.valLoss)}` : '') +
         (d.step > 0 ? ' · Next: save the adapter below, then chat with it in step 4.' : ' · No step ran, so there is no adapter to save.');
       setState(d.reason === 'done' ? 'done' : 'stopped');
       describePreset(); // the time estimate now uses this run's measured speed
