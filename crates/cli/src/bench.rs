@@ -43,8 +43,7 @@ pub struct DecodeReport {
 fn setup(shape: &str, prompt_len: usize, seed: u64) -> Option<(Model, Vec<u32>)> {
     let config = model::bench_config(shape)?;
     eprintln!("bitlora bench: building random {shape} model (seed {seed})...");
-    let (model, tensors) = Model::random(config, seed);
-    drop(tensors);
+    let model = Model::random_model(config, seed);
     let mut rng = Rng::new(seed ^ 0xbe7c);
     let prompt: Vec<u32> = (0..prompt_len)
         .map(|_| rng.below(model.config.vocab_size as u64) as u32)
@@ -322,8 +321,7 @@ fn train_setup(
     use bitlora_core::optim::{AdamW, AdamWConfig};
     let config = model::bench_config(shape)?;
     eprintln!("bitlora bench: building random {shape} model (seed {seed})...");
-    let (model, tensors) = Model::random(config, seed);
-    drop(tensors);
+    let model = Model::random_model(config, seed);
     let lora = Lora::init(
         &model.config,
         LoraConfig::new(8, 16.0, 0.0, false, &["all-linear"]).ok()?,

@@ -338,9 +338,43 @@ impl Model {
     /// (about N(0, 2.4)) are neither flat nor dominated by one token. Used for the bundled
     /// demo model of the skeleton and for speed runs on the benchmark shapes.
     pub fn random(config: Config, seed: u64) -> (Model, Vec<OwnedTensor>) {
-        let mut rng = Rng::new(seed);
+        Self::random_with(config, seed, true)
+    }
+
+    /// [`Model::random`]'s model alone, without its bf16 tensors (what `bench` runs): the same
+    /// values, with less memory and time.
+    pub fn random_model(config: Config, seed: u64) -> Model {
+        Self::random_with(config, seed, false).0
+    }
+
+    fn random_with(config: Config, seed: u64, keep: bool) -> (Model, Vec<OwnedTensor>) {
+        use rayon::prelude::*;
+        // One SplitMix64 stream, each normal taking two draws, in the order below: the values
+        // of a tensor start 2 x (values before it) draws in, so chunks of it are drawn in
+        // parallel (Rng::skip) and equal the serial stream's.
+        let base = Rng::new(seed);
+        let mut drawn = 0u64;
         let mut normal = |n: usize, mean: f32, std: f32| -> Vec<f32> {
-            (0..n).map(|_| mean + std * rng.normal()).collect()
+            const CHUNK: usize = 1 << 16;
+            let start = drawn;
+            drawn += n as u64;
+            let mut out = vec![0f32; n];
+            out.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(k, chunk)| {
+                    let mut rng = base.clone();
+                    rng.skip(2 * (start + (k * CHUNK) as u64));
+                    for x in chunk {
+                        *x = mean + std * rng.normal();
+                    }
+                });
+            out
+        };
+        let mut tensors = Vec::new();
+        let push = |t: &mut Vec<OwnedTensor>, name: String, shape: &[usize], w: &[f32]| {
+            if keep {
+                t.push(OwnedTensor::bf16(name, shape, w));
+            }
         };
         let (v, c, f, q) = (
             config.vocab_size,
@@ -349,24 +383,24 @@ impl Model {
             config.q_dim(),
         );
         // Round through bf16 first: the file stores bf16, and the model must equal what loads.
-        let bf = |x: Vec<f32>| -> Vec<f32> {
-            x.into_iter()
-                .map(|v| half::bf16::from_f32(v).to_f32())
-                .collect()
+        let bf = |mut x: Vec<f32>| -> Vec<f32> {
+            x.par_iter_mut()
+                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+            x
         };
-        let mut tensors = Vec::new();
         let embed = bf(normal(v * c, 0.0, 0.5));
-        tensors.push(OwnedTensor::bf16(
-            "model.embed_tokens.weight",
+        push(
+            &mut tensors,
+            "model.embed_tokens.weight".into(),
             &[v, c],
             &embed,
-        ));
+        );
         let mut layers = Vec::new();
         for l in 0..config.num_hidden_layers {
             let pre = format!("model.layers.{l}.");
             let mut norm_w = |name: &str, n: usize, tensors: &mut Vec<OwnedTensor>| {
                 let w = bf(normal(n, 1.0, 0.1));
-                tensors.push(OwnedTensor::bf16(format!("{pre}{name}.weight"), &[n], &w));
+                push(tensors, format!("{pre}{name}.weight"), &[n], &w);
                 w
             };
             let input_layernorm = norm_w("input_layernorm", c, &mut tensors);
@@ -377,11 +411,7 @@ impl Model {
                 .iter()
                 .map(|&(name, o, i)| {
                     let w = bf(normal(o * i, 0.0, 0.02));
-                    tensors.push(OwnedTensor::bf16(
-                        format!("{pre}{name}.weight"),
-                        &[o, i],
-                        &w,
-                    ));
+                    push(&mut tensors, format!("{pre}{name}.weight"), &[o, i], &w);
                     TernaryLinear::from_master(&w, o, i)
                 })
                 .collect();
@@ -401,10 +431,10 @@ impl Model {
             });
         }
         let norm = bf(normal(c, 1.0, 0.1));
-        tensors.push(OwnedTensor::bf16("model.norm.weight", &[c], &norm));
+        push(&mut tensors, "model.norm.weight".into(), &[c], &norm);
         let lm_head = (!config.tie_word_embeddings).then(|| {
             let w = bf(normal(v * c, 0.0, 0.3));
-            tensors.push(OwnedTensor::bf16("lm_head.weight", &[v, c], &w));
+            push(&mut tensors, "lm_head.weight".into(), &[v, c], &w);
             w
         });
         let model = Model {
@@ -708,6 +738,26 @@ mod tests {
         cfg.tie_word_embeddings = tied;
         let (model, tensors) = Model::random(cfg.clone(), 42);
         (cfg, model, weights::serialize(&tensors))
+    }
+
+    /// The parallel draws are the one serial stream: the embedding, then layer 0's first norm
+    /// right after it, as `Rng::normal` called in a loop gives them; and the model without
+    /// its tensors is the same model.
+    #[test]
+    fn random_weights_are_the_serial_stream() {
+        let cfg = tiny_config();
+        let (model, _) = Model::random(cfg.clone(), 7);
+        let mut rng = Rng::new(7);
+        let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+        let n = cfg.vocab_size * cfg.hidden_size;
+        let embed: Vec<f32> = (0..n).map(|_| bf(0.5 * rng.normal())).collect();
+        assert_eq!(model.params.embed_tokens, embed);
+        let norm: Vec<f32> = (0..cfg.hidden_size)
+            .map(|_| bf(1.0 + 0.1 * rng.normal()))
+            .collect();
+        assert_eq!(model.params.layers[0].input_layernorm, norm);
+        let alone = Model::random_model(cfg, 7);
+        assert_eq!(format!("{:?}", alone.params), format!("{:?}", model.params));
     }
 
     #[test]

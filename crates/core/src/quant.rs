@@ -15,6 +15,8 @@
 //! p, p + O4, p + 2*O4, p + 3*O4 (O4 = ceil(O/4)) in bits 0-1, 2-3, 4-5, 6-7. HF checkpoints
 //! always have O % 4 == 0; for other O the missing rows are padding with value 0 (code 1).
 
+use rayon::prelude::*;
+
 /// Lower bounds transformers clamps `mean|W|` and `max|x|` to before dividing.
 pub const QUANT_EPS: f32 = 1e-5;
 
@@ -82,7 +84,7 @@ pub fn quantize_weights(w: &[f32]) -> (Vec<i8>, f32) {
     let mean = (w.iter().map(|&v| v.abs() as f64).sum::<f64>() / w.len().max(1) as f64) as f32;
     let s_w = 1.0 / mean.max(QUANT_EPS);
     let t = w
-        .iter()
+        .par_iter()
         .map(|&v| (v * s_w).round_ties_even().clamp(-1.0, 1.0) as i8)
         .collect();
     (t, s_w)
@@ -134,14 +136,22 @@ pub fn pack_ternary(t: &[i8], out_features: usize, in_features: usize) -> Vec<u8
     let o4 = out_features.div_ceil(4);
     // Code 1 (value 0) everywhere, so padding rows read back as zeros.
     let mut packed = vec![0b0101_0101u8; o4 * in_features];
-    for r in 0..out_features {
-        let (p, slot) = (r % o4, r / o4);
-        for i in 0..in_features {
-            let code = (t[r * in_features + i] + 1) as u8;
-            let byte = &mut packed[p * in_features + i];
-            *byte = (*byte & !(3 << (2 * slot))) | (code << (2 * slot));
-        }
-    }
+    // Packed row p holds rows p, p + o4, p + 2 o4, p + 3 o4 (slots 0..4): rows in parallel.
+    packed
+        .par_chunks_mut(in_features.max(1))
+        .enumerate()
+        .for_each(|(p, row)| {
+            for slot in 0..4 {
+                let r = p + slot * o4;
+                if r >= out_features {
+                    break;
+                }
+                for (i, byte) in row.iter_mut().enumerate() {
+                    let code = (t[r * in_features + i] + 1) as u8;
+                    *byte = (*byte & !(3 << (2 * slot))) | (code << (2 * slot));
+                }
+            }
+        });
     packed
 }
 
