@@ -6,8 +6,12 @@
 #   - npm: playwright-core (drives Debian's Chromium; never downloads a browser), typescript
 #     (tsc checks web/'s JSDoc types; tools/test.sh), and the
 #     LLaMA-3 tokenizer.json for the tokenizer parity test (tools/fetch-tokenizers.sh)
+# With --demo, only what building and serving the page needs (the wasm32 target and
+# wasm-bindgen-cli): tools/demo.sh skips the test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+demo=0
+[ "${1:-}" = --demo ] && demo=1
 
 WASM_BINDGEN_VERSION=$(sed -n 's/^wasm-bindgen = "=\([0-9.]*\)".*/\1/p' Cargo.toml)
 [ -n "$WASM_BINDGEN_VERSION" ] || { echo "install-deps: cannot read the wasm-bindgen pin from Cargo.toml" >&2; exit 1; }
@@ -23,6 +27,11 @@ if ! command -v wasm-bindgen >/dev/null || [ "$(wasm-bindgen --version | awk '{p
   say "installing wasm-bindgen-cli $WASM_BINDGEN_VERSION (2-3 min)"
   # no --locked: its lockfile pins a crate version the registry mirror lacks (TOOLCHAIN.md)
   cargo install wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" --force
+fi
+
+if [ $demo = 1 ]; then
+  say "all present (the demo's build tools)"
+  exit 0
 fi
 
 need_apt=()
