@@ -29,7 +29,10 @@
 //! trip, and a changed file (a rebuild, an edit) is fetched at once.
 //!
 //! Every connection is served on its own thread (a small HTTP/1.1 loop: GET and HEAD, keep-alive,
-//! always a Content-Length), so one slow client never holds up the others.
+//! always a Content-Length), so one slow client never holds up the others, and every one is
+//! bounded ([`Limits`]): at most 256 at once (the next is answered 503 at once), 60 s to wait
+//! for a request, 20 s for a request head from its first byte, 30 s for any one write; an
+//! accept() error backs off and retries instead of ending the server.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -162,8 +165,6 @@ pub enum ServeError {
     Bind { addr: String, msg: String },
     #[error("cannot print the server address: {0}")]
     Stdout(#[source] io::Error),
-    #[error("the server stopped accepting connections: {0}")]
-    Accept(#[source] io::Error),
 }
 
 /// A bound, not yet running server; [`serve`] is bind + announce + run.
@@ -173,6 +174,33 @@ pub struct StaticServer {
     addr: SocketAddr,
     /// The Content-Security-Policy header value (connect-src names the allowed hubs).
     csp: String,
+    limits: Limits,
+}
+
+/// What one client may hold of the server: a connection slot, and time.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; the next one gets a 503 and is closed. Well under the usual
+    /// 1,024 open files, so accept() never fails for want of them.
+    pub max_connections: usize,
+    /// How long a connection may wait for the first byte of a request (keep-alive idling).
+    pub idle: Duration,
+    /// How long a request head may take from its first byte to its blank line (a client that
+    /// sends it a byte at a time cannot hold its slot longer).
+    pub head: Duration,
+    /// How long one write may block on a client that does not read.
+    pub write: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 256,
+            idle: IDLE_TIMEOUT,
+            head: Duration::from_secs(20),
+            write: Duration::from_secs(30),
+        }
+    }
 }
 
 impl StaticServer {
@@ -200,7 +228,15 @@ impl StaticServer {
             listener,
             addr,
             csp,
+            limits: Limits::default(),
         })
+    }
+
+    /// Other limits than [`Limits::default`] (tests use small ones).
+    #[cfg(test)]
+    pub fn with_limits(mut self, limits: Limits) -> StaticServer {
+        self.limits = limits;
+        self
     }
 
     /// Lets the page connect to these hubs (`--hub` values, see [`hub_sources`]) instead of the
@@ -230,35 +266,95 @@ impl StaticServer {
         &self.root
     }
 
-    /// Answers requests until the listener fails; never returns `Ok` in normal operation.
+    /// Answers requests until the process ends.
     ///
-    /// One thread per connection, for as long as the browser keeps it open (keep-alive). This is
-    /// deliberately not a thread pool: tiny_http's pool (used here before) could queue a new
-    /// connection behind threads held by idle keep-alive connections when several connections
-    /// opened at once (a page importing many modules), and the browser's requests on it then
-    /// waited forever. A local demo server has a handful of connections, so a thread each is cheap.
+    /// One thread per connection, for as long as the browser keeps it open (keep-alive), up to
+    /// [`Limits::max_connections`] at once. Not a queueing pool: tiny_http's pool (used here
+    /// before) could queue a new connection behind threads held by idle keep-alive connections
+    /// when several opened at once (a page importing many modules), and the browser's requests
+    /// on it then waited forever; past the cap a connection is answered 503 at once instead.
+    /// Every connection is bounded in time ([`Limits`]), so slow or idle clients give their
+    /// slots back. An accept() error (out of file descriptors, say) backs off and retries; a
+    /// thread that cannot be started costs that one connection.
     pub fn run(self) -> Result<(), ServeError> {
-        let root = std::sync::Arc::new(self.root);
-        let csp: std::sync::Arc<str> = self.csp.into();
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let root = Arc::new(self.root);
+        let csp: Arc<str> = self.csp.into();
+        let limits = self.limits;
+        let live = Arc::new(AtomicUsize::new(0));
+        let mut backoff = Duration::from_millis(10);
         for stream in self.listener.incoming() {
             let stream = match stream {
                 Ok(s) => s,
-                // A client that gave up between connecting and being accepted is not fatal.
-                Err(e)
-                    if matches!(
+                Err(e) => {
+                    // A client that gave up between connecting and being accepted is routine.
+                    if !matches!(
                         e.kind(),
                         io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
-                    ) =>
-                {
+                    ) {
+                        eprintln!(
+                            "bitlora serve: cannot accept a connection ({e}); retrying in {} ms",
+                            backoff.as_millis()
+                        );
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
                     continue;
                 }
-                Err(e) => return Err(ServeError::Accept(e)),
             };
+            backoff = Duration::from_millis(10);
+            if live.load(Ordering::SeqCst) >= limits.max_connections {
+                refuse(stream, &csp);
+                continue;
+            }
+            // The slot is given back when the connection's thread ends (or never starts).
+            struct Slot(Arc<AtomicUsize>);
+            impl Drop for Slot {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            live.fetch_add(1, Ordering::SeqCst);
+            let slot = Slot(live.clone());
             let (root, csp) = (root.clone(), csp.clone());
-            std::thread::spawn(move || serve_connection(&root, &csp, stream));
+            let spawned = std::thread::Builder::new()
+                .name("bitlora-serve".into())
+                .spawn(move || {
+                    let _slot = slot;
+                    serve_connection(&root, &csp, stream, limits);
+                });
+            if let Err(e) = spawned {
+                eprintln!(
+                    "bitlora serve: cannot start a thread for a connection ({e}); it is closed"
+                );
+            }
         }
         Ok(())
     }
+}
+
+/// Answers a connection past the cap with 503 (Retry-After: 1) and closes it, without waiting
+/// on the client.
+fn refuse(stream: TcpStream, csp: &str) {
+    // Never wait here (the accept loop runs this): take what the client has sent so far (its
+    // request, usually), since closing a socket with unread input resets it and the client
+    // would lose the answer; the answer fits the socket's send buffer.
+    let _ = stream.set_nonblocking(true);
+    let _ = (&stream).read(&mut [0u8; 4096]);
+    let mut out = BufWriter::new(&stream);
+    let _ = write_response(
+        &mut out,
+        csp,
+        503,
+        "text/plain; charset=utf-8",
+        &[("Retry-After", "1")],
+        Body::Text("too many connections; try again\n"),
+        false,
+    );
+    let _ = out.flush();
+    drop(out);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
 /// Serves `root` (the repository root: index.html and web/) on 127.0.0.1:`port` until killed.
@@ -309,18 +405,55 @@ struct RequestHead {
     if_none_match: Option<String>,
 }
 
+/// The read side of a connection under [`Limits`]: each read waits at most `idle` for a
+/// request's first byte, then the rest of the head must come within `head` of it.
+struct Timed {
+    stream: TcpStream,
+    idle: Duration,
+    head: Duration,
+    /// When the current request's head must be complete (set by its first byte).
+    until: Option<std::time::Instant>,
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let wait = match self.until {
+            None => self.idle,
+            Some(t) => t.saturating_duration_since(std::time::Instant::now()),
+        };
+        if wait.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(wait))?;
+        let n = self.stream.read(buf)?;
+        if n > 0 && self.until.is_none() {
+            self.until = Some(std::time::Instant::now() + self.head);
+        }
+        Ok(n)
+    }
+}
+
 /// Answers requests on one connection until the client closes it, asks to close it, idles past
-/// [`IDLE_TIMEOUT`] or sends something that is not HTTP/1.x.
-fn serve_connection(root: &Path, csp: &str, stream: TcpStream) {
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+/// `limits.idle`, takes longer than `limits.head` to send a request head, does not read what it
+/// is sent within `limits.write`, or sends something that is not HTTP/1.x.
+fn serve_connection(root: &Path, csp: &str, stream: TcpStream, limits: Limits) {
     let _ = stream.set_nodelay(true);
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(stream);
+    let _ = write_half.set_write_timeout(Some(limits.write));
+    let mut reader = BufReader::new(Timed {
+        stream,
+        idle: limits.idle,
+        head: limits.head,
+        until: None,
+    });
     let mut out = BufWriter::new(write_half);
     loop {
-        let head = match read_head(&mut reader) {
+        let head = read_head(&mut reader);
+        // The next request's head has its own deadline, from its own first byte.
+        reader.get_mut().until = None;
+        let head = match head {
             Ok(Some(head)) => head,
             Ok(None) => return, // closed (or timed out) between requests
             Err(()) => {
@@ -525,6 +658,7 @@ fn write_head_and(
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "",
     };
     write!(
@@ -818,6 +952,77 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         );
         assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    }
+
+    /// Connections past the cap are answered 503 at once (not queued, not a crash), and the
+    /// slots come back when their clients go.
+    #[test]
+    fn connections_past_the_cap_get_503_and_slots_come_back() {
+        let root = tree();
+        let limits = Limits {
+            max_connections: 3,
+            ..Limits::default()
+        };
+        let server = StaticServer::bind(&root, 0).unwrap().with_limits(limits);
+        let addr = server.addr;
+        std::thread::spawn(move || server.run());
+        // Accepted in order, so these three hold the three slots before the fourth arrives.
+        let held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let req = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let refused = get(addr, req);
+        assert!(
+            refused.starts_with("HTTP/1.1 503 Service Unavailable"),
+            "{refused}"
+        );
+        assert!(
+            refused.to_ascii_lowercase().contains("retry-after: 1"),
+            "{refused}"
+        );
+        assert!(refused.contains("too many connections"), "{refused}");
+        drop(held);
+        // Their threads see the close and give the slots back; a new client is served.
+        let mut served = String::new();
+        for _ in 0..200 {
+            served = get(addr, req);
+            if served.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    }
+
+    /// A client that sends its request head a byte at a time (slowloris) loses the connection
+    /// once the head has taken longer than `Limits::head`, however often bytes arrive; the same
+    /// client is served within a longer deadline.
+    #[test]
+    fn a_request_head_has_a_deadline() {
+        let slow = |head: Duration| {
+            let root = tree();
+            let limits = Limits {
+                head,
+                ..Limits::default()
+            };
+            let server = StaticServer::bind(&root, 0).unwrap().with_limits(limits);
+            let addr = server.addr;
+            std::thread::spawn(move || server.run());
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            // A byte every 20 ms (about 1 s in all): each read is far within any idle timeout.
+            for b in b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" {
+                if s.write_all(&[*b]).is_err() {
+                    break; // the server has closed it
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        };
+        let cut = slow(Duration::from_millis(300));
+        assert!(!cut.starts_with("HTTP/1.1 200"), "{cut}");
+        let served = slow(Duration::from_secs(30));
+        assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     }
 
     #[test]
