@@ -903,6 +903,14 @@ mod tests {
         assert_eq!(resolve(&root, "/web/link.txt"), Err(Reject::Forbidden));
     }
 
+    /// A server on a fresh tree (see [`tree`]) with `limits`, running on its own thread.
+    fn start(limits: Limits) -> SocketAddr {
+        let server = StaticServer::bind(&tree(), 0).unwrap().with_limits(limits);
+        let addr = server.addr;
+        std::thread::spawn(move || server.run());
+        addr
+    }
+
     fn get(addr: SocketAddr, raw: &str) -> String {
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(raw.as_bytes()).unwrap();
@@ -958,14 +966,11 @@ mod tests {
     /// slots come back when their clients go.
     #[test]
     fn connections_past_the_cap_get_503_and_slots_come_back() {
-        let root = tree();
         let limits = Limits {
             max_connections: 3,
             ..Limits::default()
         };
-        let server = StaticServer::bind(&root, 0).unwrap().with_limits(limits);
-        let addr = server.addr;
-        std::thread::spawn(move || server.run());
+        let addr = start(limits);
         // Accepted in order, so these three hold the three slots before the fourth arrives.
         let held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
         let req = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
@@ -998,14 +1003,11 @@ mod tests {
     #[test]
     fn a_request_head_has_a_deadline() {
         let slow = |head: Duration| {
-            let root = tree();
             let limits = Limits {
                 head,
                 ..Limits::default()
             };
-            let server = StaticServer::bind(&root, 0).unwrap().with_limits(limits);
-            let addr = server.addr;
-            std::thread::spawn(move || server.run());
+            let addr = start(limits);
             let mut s = TcpStream::connect(addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             // A byte every 20 ms (about 1 s in all): each read is far within any idle timeout.
@@ -1027,10 +1029,7 @@ mod tests {
 
     #[test]
     fn slow_client_does_not_block_others() {
-        let root = tree();
-        let server = StaticServer::bind(&root, 0).unwrap();
-        let addr = server.addr;
-        std::thread::spawn(move || server.run());
+        let addr = start(Limits::default());
         // Half a request that never finishes...
         let mut stalled = TcpStream::connect(addr).unwrap();
         stalled
@@ -1073,10 +1072,7 @@ mod tests {
     /// connections unread behind idle keep-alive ones, and the page hung).
     #[test]
     fn many_keep_alive_connections_at_once_are_all_served() {
-        let root = tree();
-        let server = StaticServer::bind(&root, 0).unwrap();
-        let addr = server.addr;
-        std::thread::spawn(move || server.run());
+        let addr = start(Limits::default());
         let mut conns: Vec<TcpStream> =
             (0..12).map(|_| TcpStream::connect(addr).unwrap()).collect();
         for round in 0..3 {
@@ -1123,10 +1119,7 @@ mod tests {
     /// web/sw.js, and only it, may control the whole site (the page at `/`).
     #[test]
     fn service_worker_may_control_the_site() {
-        let root = tree();
-        let server = StaticServer::bind(&root, 0).unwrap();
-        let addr = server.addr;
-        std::thread::spawn(move || server.run());
+        let addr = start(Limits::default());
         let sw = get(
             addr,
             "GET /web/sw.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
