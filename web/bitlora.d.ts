@@ -63,8 +63,19 @@ export interface GpuAdapterInfo {
   features: string[];
 }
 
+/**
+ * Which backend `Bitlora.create` picks. "auto" (the default): WebGPU when the browser grants a
+ * hardware adapter, else the CPU (wasm SIMD128); a software WebGPU adapter (SwiftShader,
+ * llvmpipe, WARP: `isFallbackAdapter`) counts as none, because the CPU path is faster there
+ * (BENCHMARKS.md: ~4 vs ~200 training tokens/s on one machine). "webgpu": any adapter the
+ * browser grants, software ones too (the CPU only without one). "cpu": the CPU.
+ */
+export type BackendChoice = 'auto' | 'webgpu' | 'cpu';
+
 export interface CreateOptions {
-  /** Try WebGPU first (default true); false runs everything on the CPU (wasm SIMD128). */
+  /** See BackendChoice (default "auto"). */
+  backend?: BackendChoice;
+  /** Older spelling: false is `backend: "cpu"`, true is `backend: "auto"`. `backend` wins. */
   preferGpu?: boolean;
   /** URL of web/worker.js (default: next to bitlora.js). */
   workerUrl?: string | URL;
@@ -239,6 +250,11 @@ export interface DataOptions {
   completionOnly?: boolean;
   /** Share of sequences held out for validation. Default 0.1 (0: none). */
   valFraction?: number;
+  /**
+   * At most this many sequences held out (a seeded random sample; the rest of the share is
+   * trained on), so a validation pass stays short on large data. Default 64 (0: no cap).
+   */
+  maxValSequences?: number;
   /** Seed of the train/validation split. Default 0. */
   seed?: number;
 }
@@ -316,9 +332,9 @@ export interface ProgressEvent {
   loss: number;
   /** Validation loss, on steps that ran validation. */
   valLoss?: number;
-  /** Target tokens per second, averaged since start() / resume(). */
+  /** Target tokens per second of training, averaged since start() / resume() (validation time left out). */
   tokensPerSec: number;
-  /** Seconds left at that rate. */
+  /** Seconds left for the whole run: the remaining steps at the measured step time, plus the validation passes still due at the measured time per validation sequence. */
   eta: number;
   lr: number;
   gradNorm: number;
@@ -342,6 +358,24 @@ export interface ProgressEvent {
    */
   gpuBytes?: number;
   /** Epoch milliseconds when the step ended. */
+  at: number;
+}
+
+/**
+ * A validation pass, one sequence at a time: after the steps that validate (`evalEvery`, and the
+ * last), and before the first step (step 0: the base model's loss, kept as `initialValLoss`).
+ */
+export interface ValidationEvent {
+  /** The step whose adapter is measured (0: before training). */
+  step: number;
+  /** Validation sequences done, of `total` (at most `maxValSequences`). */
+  done: number;
+  total: number;
+  /** The mean loss, on the event that finishes the pass. */
+  valLoss?: number;
+  /** Seconds left for the whole run, validation included (0 while unknown). */
+  eta: number;
+  /** Epoch milliseconds. */
   at: number;
 }
 
@@ -369,6 +403,7 @@ export type TrainerState = 'ready' | 'running' | 'paused' | 'stopped' | 'done' |
 
 export interface TrainerEvents {
   progress: ProgressEvent;
+  validation: ValidationEvent;
   checkpoint: CheckpointEvent;
   state: { state: TrainerState };
   done: DoneEvent;

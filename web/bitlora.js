@@ -86,11 +86,15 @@ export class Bitlora {
   static #token = Symbol('Bitlora');
 
   /** @param {api.CreateOptions} [options] */
-  static async create({ preferGpu = true, workerUrl = DEFAULT_WORKER } = {}) {
+  static async create({ backend: choice, preferGpu = true, workerUrl = DEFAULT_WORKER } = {}) {
+    choice ??= preferGpu ? 'auto' : 'cpu';
+    if (!['auto', 'webgpu', 'cpu'].includes(choice)) {
+      throw new TypeError(`Bitlora.create: backend is ${JSON.stringify(choice)}; use "auto", "webgpu" or "cpu"`);
+    }
     const worker = new Worker(workerUrl, { type: 'module' });
     const bl = new Bitlora(worker, Bitlora.#token);
     try {
-      const backend = await bl.request('init', { preferGpu: Boolean(preferGpu) });
+      const backend = await bl.request('init', { backend: choice });
       bl.backend = { training: 'cpu', trainingReason: null, wasmMemoryLimit: 2 ** 32, ...backend };
     } catch (err) {
       worker.terminate();
@@ -455,6 +459,10 @@ class Trainer {
         this.#emit('progress', data);
         break;
       }
+      case 'validation':
+        if (e.data.step === 0 && e.data.valLoss != null) this.initialValLoss = e.data.valLoss;
+        this.#emit('validation', e.data);
+        break;
       case 'checkpoint':
         this.#emit('checkpoint', e.data);
         break;

@@ -14,7 +14,8 @@
 // and a summary (without logits) as JSON in <pre id="result-json">. data-state is the model and
 // the next-token panel; data-gen the Generate panel.
 //
-// URL parameters: ?backend=cpu forces the CPU backend; ?tokens=1,2,3 sets the default tokens;
+// URL parameters: ?backend=cpu forces the CPU backend, ?backend=webgpu any WebGPU adapter (a software
+// one too; by default a software adapter loses to the CPU); ?tokens=1,2,3 sets the default tokens;
 // ?model=tiny loads the tiny random test model instead of the default one (parity tests);
 // ?free=BYTES (tests) makes the store act as if only that much browser storage were free.
 //
@@ -29,7 +30,9 @@ import { $, control } from './ui/dom.js';
 /** @import { PageState, GenState } from './ui/panels.js' */
 
 const params = new URLSearchParams(location.search);
-const preferGpu = params.get('backend') !== 'cpu';
+// auto (default): WebGPU on a hardware adapter, else the CPU; webgpu: any adapter, software too.
+const backendChoice = /** @type {import('./bitlora.js').BackendChoice} */ (
+  ['auto', 'webgpu', 'cpu'].includes(params.get('backend') ?? '') ? params.get('backend') : 'auto');
 const bundledModel = params.get('model') ?? 'default';
 // ?free=BYTES (tests): the store acts as if only that much browser storage were free.
 const fakeFree = params.get('free') ? Number(params.get('free')) : undefined;
@@ -53,7 +56,7 @@ let client = null;
 let clientReady = null;
 
 function startClient() {
-  clientReady ??= Bitlora.create({ preferGpu }).then((c) => (client = c), (err) => {
+  clientReady ??= Bitlora.create({ backend: backendChoice }).then((c) => (client = c), (err) => {
     clientReady = null;
     throw err;
   });

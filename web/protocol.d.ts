@@ -18,7 +18,7 @@ import type {
   AdapterInfo, BackendInfo, CheckpointEvent, DataInput, DataOptions, DataSummary, DoneEvent,
   DownloadOptions, DownloadProgress, DownloadResult, ForwardResult, GenerateResult, LoadProgress,
   MemoryEstimate, ModelInfo, ModelStoreList, PeftFile, ProgressEvent, RunSummary, StoredModel,
-  TokenEvent, TrainConfig, TrainerState,
+  TokenEvent, TrainConfig, TrainerState, ValidationEvent,
 } from './bitlora.js';
 
 /** The worker's own progress messages of a request, by the request's type. */
@@ -86,7 +86,7 @@ export type TrainControlResult = { state: TrainerState; step: number } | Checkpo
 /** Every request: its arguments, its reply's result, and the messages it sends meanwhile. */
 export interface Requests {
   /** Instantiates the wasm and picks the backend. */
-  init: { args: { preferGpu: boolean }; result: InitResult; event: never };
+  init: { args: { backend: import('./bitlora.js').BackendChoice }; result: InitResult; event: never };
   /** A model of web/models/ (`model`: 'default' | 'tiny'), from the store or fetched and stored. */
   loadBundled: { args: { model?: string; persisted?: boolean; fakeFree?: number }; result: ModelInfo; event: LoadProgressMessage };
   /** Picked files, loaded (not stored). */
@@ -174,6 +174,7 @@ export type Reply =
 /** A training run's event; bitlora.js hands it to that run's Trainer. */
 export type TrainEvent =
   | { event: 'progress'; data: ProgressEvent }
+  | { event: 'validation'; data: ValidationEvent }
   | { event: 'checkpoint'; data: CheckpointEvent }
   | { event: 'state'; data: { state: TrainerState } }
   | { event: 'done'; data: DoneEvent }

@@ -10,10 +10,16 @@
 // handled between two units. Pause, checkpoints and adapter saves happen at safe points, where
 // the training state is whole: between two steps, or between the validation sequences of a
 // finished step (a pause does not wait for a long validation; it goes on after resume). Stop
-// waits for the step's validation, so that the run's last report is complete.
+// does not wait for one either: the step's report goes out without its validation loss.
+// A run that starts at step 0 with validation first measures the base model's validation loss
+// (initialValLoss), in the same loop, a sequence at a time, so it too can be paused or stopped.
+// Validation is bounded (maxValSequences), reported as 'validation' events, and its time is
+// counted in the ETA (the remaining passes at the measured time per sequence) but not in the
+// training rate.
 //
 // Events go to the page as { type: 'train', runId, event, data } messages:
 //   progress  ProgressEvent (web/bitlora.d.ts)      checkpoint  { step, bytes, error? }
+//   validation ValidationEvent
 //   state     { state }                              done        DoneEvent
 //   error     { message }
 // No network request is made here: the data, the model and the checkpoints are all local.
@@ -189,7 +195,8 @@ export async function create({ data, config = {} }) {
  *   pauseWaiters: { resolve: () => void, reject: (err: Error) => void }[],
  *   boundaryOps: { fn: () => any, resolve: (value: any) => void, reject: (err: unknown) => void }[],
  *   looping: boolean, want: 'pause' | 'stop' | null, lastCheckpoint: number,
- *   loss: number | null, valLoss: number | null, seconds?: number }} Run
+ *   loss: number | null, valLoss: number | null, seconds?: number,
+ *   baseline: boolean, timing: Timing }} Run
  */
 
 /**
@@ -206,6 +213,9 @@ function addRun(id, wt, record, checkpointEvery) {
     history: record.history ?? [], checkpointEvery: checkpointEvery ?? 50, step: wt.step, totalSteps: wt.totalSteps,
     pauseWaiters: [], boundaryOps: [], looping: false, want: null, lastCheckpoint: record.checkpointStep ?? 0,
     loss: record.loss, valLoss: record.valLoss,
+    // The base model's validation loss is measured first, unless known (or nothing to validate).
+    baseline: wt.step === 0 && record.initialValLoss == null && validating(wt.info()),
+    timing: { trainSeconds: 0, trainSteps: 0, tokens: 0, valSeconds: 0, valSequences: 0 },
   };
   runs.set(id, run);
   return run;
@@ -367,21 +377,92 @@ function doneEvent(run, reason) {
   };
 }
 
+/**
+ * What the loop has measured since start() / resume(): training time (for the rate and the time
+ * per step) apart from validation time (the time per validation sequence).
+ * @typedef {{ trainSeconds: number, trainSteps: number, tokens: number, valSeconds: number, valSequences: number }} Timing
+ */
+
+/**
+ * Whether a run validates at all (a pass after steps, and the base model's loss first).
+ * @param {{ config: { evalEvery: number }, data: { valSequences: number } }} info
+ */
+function validating(info) {
+  return info.config.evalEvery > 0 && info.data.valSequences > 0;
+}
+
+/**
+ * Seconds left: the remaining steps at the measured time per step, plus the validation
+ * sequences still due (the rest of the running pass, one pass per validating step to come) at
+ * the measured time per sequence. Before any validation has run, a validation sequence is taken
+ * as a third of a training sequence (a forward pass without the backward). 0 while no step has
+ * been timed.
+ * @param {Run} run
+ * @param {{ done: number, total: number } | null} current the running validation pass
+ */
+function eta(run, current) {
+  const t = run.timing;
+  const info = run.wt.info();
+  const perStep = t.trainSteps > 0 ? t.trainSeconds / t.trainSteps : 0;
+  const perVal = t.valSequences > 0 ? t.valSeconds / t.valSequences : perStep / Math.max(info.config.batch, 1) / 3;
+  let valLeft = current ? current.total - current.done : 0;
+  if (run.baseline && !current) valLeft += info.data.valSequences;
+  if (validating(info)) {
+    const every = info.config.evalEvery;
+    const total = run.totalSteps;
+    // The trainer's count: a step whose validation runs now is already counted (its pass is `current`).
+    const after = run.wt.step;
+    // Steps in (after, total] that validate: multiples of evalEvery, and the last step.
+    const passes = Math.floor(total / every) - Math.floor(after / every) + (total % every !== 0 && after < total ? 1 : 0);
+    valLeft += passes * info.data.valSequences;
+  }
+  if (perStep === 0 && t.valSequences === 0) return 0;
+  return (run.totalSteps - run.wt.step) * perStep + valLeft * perVal;
+}
+
 /** @param {Run} run */
 async function loop(run) {
   const wt = run.wt;
   const startedAt = performance.now();
-  const startStep = wt.step;
-  let tokens = 0;
+  run.timing = { trainSeconds: 0, trainSteps: 0, tokens: 0, valSeconds: 0, valSequences: 0 };
+  const timing = run.timing;
   let stepStart = performance.now();
+  let stepTrainSeconds = 0;
   /** @param {Error} [err] */
   const settle = (err) => {
     for (const w of run.pauseWaiters.splice(0)) (err ? w.reject(err) : w.resolve());
   };
+  /** @param {any} report the wasm trainer's report of a finished step */
+  const progress = (report) => {
+    const t = performance.now();
+    timing.tokens += report.tokens;
+    timing.trainSteps += 1;
+    timing.trainSeconds += stepTrainSeconds;
+    stepTrainSeconds = 0;
+    run.loss = report.loss;
+    run.step = report.step;
+    if (report.valLoss != null) run.valLoss = report.valLoss;
+    const event = {
+      ...report, valLoss: report.valLoss ?? undefined, skipped: report.skipped ?? undefined,
+      tokensPerSec: timing.trainSeconds > 0 ? timing.tokens / timing.trainSeconds : 0,
+      eta: eta(run, null), ms: t - stepStart, at: now(),
+    };
+    stepStart = t;
+    run.history.push(event);
+    post(run.id, 'progress', event);
+  };
+  /** @param {number} step @param {{ done: number, total: number, valLoss?: number | null }} p */
+  const validationEvent = (step, p) => {
+    const finished = p.done === p.total;
+    post(run.id, 'validation', {
+      step, done: p.done, total: p.total, valLoss: finished && p.valLoss != null ? p.valLoss : undefined,
+      eta: eta(run, finished ? null : p), at: now(),
+    });
+  };
   try {
     for (;;) {
-      // Safe points: between steps, and between the validation sequences of a finished step
-      // (a pause there does not wait for a long validation; it goes on after resume()).
+      // Safe points: between steps, and between validation sequences (a pause there does not
+      // wait for a long validation; it goes on after resume()).
       if (wt.atSafePoint()) {
         for (const op of run.boundaryOps.splice(0)) {
           try { op.resolve(await withModel(op.fn)); } catch (err) { op.reject(err); }
@@ -395,9 +476,16 @@ async function loop(run) {
           settle();
           return;
         }
-        if (run.want === 'pause' || (run.want === 'stop' && wt.atStepBoundary())) {
+        if (run.want) {
           const action = run.want;
           run.want = null;
+          if (action === 'stop') {
+            // A running validation is dropped: the step is applied, its report goes out without
+            // the validation loss, and the run stops now instead of after the pass.
+            run.baseline = false;
+            const report = wt.skipValidation();
+            if (report) progress(report);
+          }
           run.seconds = (run.seconds ?? 0) + (performance.now() - startedAt) / 1000;
           const state = action === 'pause' ? 'paused' : 'stopped';
           await persist(run, state);
@@ -408,26 +496,39 @@ async function loop(run) {
           return;
         }
       }
-      const report = await withModel(() => wt.advance());
-      if (report) {
-        const t = performance.now();
-        tokens += report.tokens;
-        const seconds = (t - startedAt) / 1000;
-        const stepsDone = report.step - startStep;
-        const event = {
-          ...report, valLoss: report.valLoss ?? undefined, skipped: report.skipped ?? undefined,
-          tokensPerSec: seconds > 0 ? tokens / seconds : 0,
-          eta: stepsDone > 0 ? (seconds / stepsDone) * (report.totalSteps - report.step) : 0,
-          ms: t - stepStart, at: now(),
-        };
-        stepStart = t;
-        run.loss = report.loss;
-        run.step = report.step;
-        if (report.valLoss != null) run.valLoss = report.valLoss;
-        run.history.push(event);
-        post(run.id, 'progress', event);
-        if (run.checkpointEvery > 0 && report.step % run.checkpointEvery === 0 && report.step < report.totalSteps) {
-          await persist(run, 'running');
+      const t0 = performance.now();
+      if (run.baseline) {
+        // The base model's validation loss, a sequence at a time (step 0).
+        const p = await withModel(() => wt.validateNext());
+        timing.valSeconds += (performance.now() - t0) / 1000;
+        timing.valSequences += p.done > 0 ? 1 : 0;
+        if (p.done === p.total) {
+          run.baseline = false;
+          if (p.valLoss != null) {
+            run.record.initialValLoss = p.valLoss;
+            // Only the record (no checkpoint): losing this write loses just the chart's first point.
+            await tstore.saveRun({ ...run.record, history: run.history }).catch(() => {});
+          }
+        }
+        validationEvent(0, p);
+        stepStart = performance.now();
+      } else {
+        const validation = wt.validationProgress();
+        const report = await withModel(() => wt.advance());
+        const seconds = (performance.now() - t0) / 1000;
+        if (validation) {
+          timing.valSeconds += seconds;
+          timing.valSequences += 1;
+          const p = { done: validation.done + 1, total: validation.total, valLoss: report?.valLoss };
+          validationEvent(wt.step, p);
+        } else {
+          stepTrainSeconds += seconds;
+        }
+        if (report) {
+          progress(report);
+          if (run.checkpointEvery > 0 && report.step % run.checkpointEvery === 0 && report.step < report.totalSteps) {
+            await persist(run, 'running');
+          }
         }
       }
       await yieldToEvents();
@@ -463,6 +564,7 @@ export async function validate({ runId }) {
   const v = await atBoundary(run, () => run.wt.validate() ?? null);
   if (run.wt.step === 0 && Number.isFinite(v) && run.record.initialValLoss !== v) {
     run.record.initialValLoss = v;
+    run.baseline = false; // the loop need not measure it again
     // Only the record (no checkpoint): losing this write loses just the chart's first point.
     await tstore.saveRun({ ...run.record, history: run.history }).catch(() => {});
   }

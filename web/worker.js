@@ -166,7 +166,14 @@ const LOADS = new Set(['loadBundled', 'loadFiles', 'loadStored', 'importFiles'])
 const HANDLERS = {
   async init(args) {
     await init();
-    const s = (session = await Session.create(Boolean(args.preferGpu)));
+    const choice = args.backend ?? 'auto';
+    const software = choice === 'auto' ? await softwareAdapter() : null;
+    const cpuReason = software
+      ? `the browser's WebGPU adapter is a software renderer (${software}), which trains about 50x slower than ` +
+        'the CPU path on the same machine (BENCHMARKS.md: ~4 vs ~200 tokens/s), so the CPU runs it; ' +
+        '?backend=webgpu (or Bitlora.create({ backend: "webgpu" })) uses the adapter anyway'
+      : undefined;
+    const s = (session = await Session.create(choice !== 'cpu', cpuReason));
     const backend = s.backend();
     if (backend.kind === 'webgpu') await nameAdapter(backend);
     return backend;
@@ -211,6 +218,33 @@ const HANDLERS = {
   deleteTrainingData: () => training.deleteAll(),
 };
 
+// A software WebGPU adapter (SwiftShader, llvmpipe/lavapipe, WARP) runs shaders on the CPU, one
+// thread of SIMD lanes per workgroup: measured on one machine it trained at 2.7-5.2 tokens/s
+// where this worker's CPU path did 183-249 (issue 13). Chromium flags it as the fallback adapter
+// (GPUAdapterInfo.isFallbackAdapter); the names catch browsers that do not. Returns how the
+// adapter names itself when it is one, else null (no adapter: Session.create says so itself).
+async function softwareAdapter() {
+  const gpu = /** @type {{ gpu?: { requestAdapter(): Promise<{ info?: GPUAdapterInfoLike, isFallbackAdapter?: boolean } | null> } }} */ (navigator).gpu;
+  try {
+    const adapter = await gpu?.requestAdapter();
+    if (!adapter) return null;
+    const info = adapter.info;
+    return isSoftware(info, adapter.isFallbackAdapter) ? (adapterName(info) || 'fallback adapter') : null;
+  } catch {
+    return null;
+  }
+}
+
+/** @param {GPUAdapterInfoLike | undefined} info */
+const adapterName = (info) => [info?.vendor, info?.architecture, info?.device, info?.description].filter(Boolean).join(' ');
+
+/**
+ * @param {GPUAdapterInfoLike | undefined} info
+ * @param {boolean} [flagged] the older GPUAdapter.isFallbackAdapter
+ */
+const isSoftware = (info, flagged) => Boolean(info?.isFallbackAdapter || flagged) ||
+  /swiftshader|llvmpipe|lavapipe|softpipe|\bwarp\b|microsoft basic render/i.test(adapterName(info));
+
 // wgpu's web backend names the adapter after GPUAdapterInfo.description, which Chromium leaves
 // empty (SwiftShader reports only vendor "google", architecture "swiftshader"). Ask the browser
 // for the same default adapter's info so the page can say which device it is.
@@ -236,7 +270,7 @@ async function nameAdapter(backend) {
     const name = [info.vendor, info.architecture, info.device].filter(Boolean).join(' ');
     if (name) adapter.name = name;
   }
-  backend.label = `WebGPU: ${adapter.name}${info.isFallbackAdapter ? ' (software fallback adapter)' : ''}`;
+  backend.label = `WebGPU: ${adapter.name}${isSoftware(info) ? ' (software fallback adapter)' : ''}`;
 }
 
 // Streams each token to the page as soon as the model has made it. Returning false from the

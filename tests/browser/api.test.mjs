@@ -22,7 +22,7 @@ import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
-import { REPO, BIN, DEFAULT_MODEL, startServer, launchBrowser, ARTIFACTS } from './helpers.mjs';
+import { REPO, BIN, DEFAULT_MODEL, startServer, launchBrowser, gpuUrl, ARTIFACTS } from './helpers.mjs';
 
 // 8 examples: 6 training sequences and 2 for validation; 12 steps of one sequence = 2 epochs.
 const DATA = readFileSync(path.join(REPO, 'data/devil/train.jsonl'), 'utf8').split('\n').slice(0, 8).join('\n');
@@ -44,7 +44,7 @@ async function openExample(context, log, requests) {
   page.on('pageerror', (e) => log.push(`[pageerror] ${e.message}`));
   page.on('worker', (w) => w.on('console', (m) => log.push(`[worker console.${m.type()}] ${m.text()}`)));
   page.on('request', (r) => requests.push({ url: r.url(), t: Date.now() }));
-  await page.goto(`${server.url}web/examples/train.html`);
+  await page.goto(gpuUrl(context.browser(), `${server.url}web/examples/train.html`));
   await waitReady(page, log);
   return page;
 }

@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, launchBrowser, openPage, pageResult, nativeLogits, assertLogitsClose, argmax,
+  startServer, launchBrowser, openPage, pageResult, waitSettled, nativeLogits, assertLogitsClose, argmax,
   screenshots, TOLERANCE, DEFAULT_TOKENS,
 } from './helpers.mjs';
 
@@ -57,6 +57,34 @@ test('CPU forced with ?backend=cpu in a browser that has WebGPU', { timeout: 180
     const r = await pageResult(page);
     checkCpuResult(r, log, '?backend=cpu page vs native CPU');
     assert.match(r.backendInfo.fallbackReason, /backend=cpu/);
+  } finally {
+    await browser.close();
+  }
+});
+
+// Issue 13: a software WebGPU adapter trained at ~4 tokens/s where the CPU path did ~200, so by
+// default (no ?backend) the page passes SwiftShader over for the CPU and says why; ?backend=webgpu
+// still gets the adapter (every WebGPU test here opens its pages that way).
+test('a software WebGPU adapter (SwiftShader) loses to the CPU by default, and ?backend=webgpu still uses it', { timeout: 180_000 }, async () => {
+  const browser = await launchBrowser({ webgpu: true });
+  try {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    const log = [];
+    page.on('console', (m) => log.push(`[console.${m.type()}] ${m.text()}`));
+    await page.goto(`${server.url}?model=tiny`); // no ?backend: the default choice
+    await waitSettled(page, log);
+    const r = await pageResult(page);
+    console.log(`default choice on SwiftShader: ${r.backendInfo?.label}; ${r.backendInfo?.fallbackReason}`);
+    checkCpuResult(r, log, 'default choice on a software adapter vs native CPU');
+    assert.match(r.backendInfo.fallbackReason, /software renderer \(.*swiftshader.*\).*\?backend=webgpu/i);
+    assert.match(await page.textContent('#backend-details'), /software renderer/);
+    await context.close();
+
+    const { page: forced } = await openPage(browser, `${server.url}?backend=webgpu&model=tiny`);
+    const f = await pageResult(forced);
+    assert.equal(f.backendInfo.kind, 'webgpu', f.backendInfo.fallbackReason ?? '');
+    assert.match(f.backendInfo.label, /software fallback adapter/);
   } finally {
     await browser.close();
   }

@@ -77,7 +77,25 @@ const BASE_FLAGS = [
  */
 export async function launchBrowser({ webgpu, args = [] }) {
   const flags = webgpu ? ['--enable-unsafe-webgpu', ...BASE_FLAGS] : [...BASE_FLAGS];
-  return chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...flags, ...args] });
+  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...flags, ...args] });
+  if (webgpu) WEBGPU_BROWSERS.add(browser);
+  return browser;
+}
+
+// Browsers launched with WebGPU. Their only adapter is SwiftShader, a software one, which the
+// page by default passes over for the CPU (it is slower there); tests that launch one are there
+// to test the WebGPU path, so their pages are opened with ?backend=webgpu (see gpuUrl).
+const WEBGPU_BROWSERS = new WeakSet();
+
+/**
+ * `url` with ?backend=webgpu when `browser` was launched with WebGPU and the URL names no
+ * backend of its own; otherwise `url` unchanged.
+ */
+export function gpuUrl(browser, url) {
+  if (!WEBGPU_BROWSERS.has(browser) || /[?&]backend=/.test(url)) return url;
+  const u = new URL(url);
+  u.searchParams.set('backend', 'webgpu');
+  return u.href;
 }
 
 /**
@@ -143,7 +161,7 @@ export async function openPage(browser, url, { viewport = { width: 1280, height:
   page.on('worker', (w) => {
     w.on('console', (m) => log.push(`[worker console.${m.type()}] ${m.text()}`));
   });
-  await page.goto(url);
+  await page.goto(gpuUrl(browser, url));
   await waitSettled(page, log);
   return { context, page, log, requests };
 }

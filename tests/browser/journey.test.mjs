@@ -19,7 +19,7 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { startServer, launchBrowser, ARTIFACTS } from './helpers.mjs';
+import { startServer, launchBrowser, gpuUrl, ARTIFACTS } from './helpers.mjs';
 
 // SwiftShader trains at ~4 tokens/s here, the CPU fallback at ~200: the WebGPU run is shorter.
 const PLAN = {
@@ -118,7 +118,7 @@ for (const backend of BACKENDS) {
         page.on('request', (r) => requests.push(r.url()));
         const where = (point) => `${backend} ${width}px, ${point}`;
         try {
-          await page.goto(server.url);
+          await page.goto(gpuUrl(browser, server.url));
 
           // The first screen: what the page is, then step 1 ready and step 2 named as next.
           await page.getByRole('heading', { level: 1, name: 'bitlora' }).waitFor();

@@ -64,7 +64,7 @@ const loadInFreshWorker = (page, { wholeFiles, webgpu }) => page.evaluate(async 
     worker.postMessage({ id, type, ...args });
   });
   try {
-    const backend = await call('init', { preferGpu: webgpu });
+    const backend = await call('init', { backend: webgpu ? 'webgpu' : 'cpu' });
     let model;
     try {
       model = await call('loadStored', { modelId: 'bundled:default', wholeFiles, measureHeldBytes: true });

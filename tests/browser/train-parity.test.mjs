@@ -31,7 +31,7 @@ import { mkdtempSync, readFileSync, writeFileSync, rmSync, mkdirSync } from 'nod
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
-import { REPO, BIN, DEFAULT_MODEL, startServer, launchBrowser } from './helpers.mjs';
+import { REPO, BIN, DEFAULT_MODEL, startServer, launchBrowser, gpuUrl } from './helpers.mjs';
 
 /** Relative, per step, over 8 free-running steps (see the header): measured up to 5.0e-3 (a flip and its drift). */
 const EMULATORS_FREE_RUNNING = 2e-2;
@@ -79,7 +79,7 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
     const page = await context.newPage();
     page.on('console', (m) => log.push(`[console.${m.type()}] ${m.text()}`));
     page.on('worker', (w) => w.on('console', (m) => log.push(`[worker console.${m.type()}] ${m.text()}`)));
-    await page.goto(`${server.url}web/examples/train.html`);
+    await page.goto(gpuUrl(browser, `${server.url}web/examples/train.html`));
     await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.state), null, { timeout: 120_000 });
     assert.equal(await page.evaluate(() => document.body.dataset.state), 'ready', log.join('\n'));
 
@@ -179,7 +179,7 @@ test('WebGPU: estimateMemory equals the GPU bytes a run allocates on the tiny mo
   try {
     const page = await (await browser.newContext()).newPage();
     page.on('worker', (w) => w.on('console', (m) => log.push(`[worker console.${m.type()}] ${m.text()}`)));
-    await page.goto(`${server.url}web/examples/train.html`);
+    await page.goto(gpuUrl(browser, `${server.url}web/examples/train.html`));
     await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.state), null, { timeout: 120_000 });
     const out = await page.evaluate(async ({ files, text }) => {
       const bl = window.bitlora;

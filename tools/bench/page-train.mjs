@@ -3,15 +3,17 @@
 // steps. Give it one or more checkouts (each with web/pkg built and a bitlora binary) and it
 // measures them interleaved in one run, so "before" and "after" share the machine's state:
 //
-//   node tools/bench/page-train.mjs [--cpu] [--rounds 2] LABEL=REPO_DIR:BITLORA_BIN ...
+//   node tools/bench/page-train.mjs [--cpu | --backends webgpu,cpu] [--rounds 2] LABEL=REPO_DIR:BITLORA_BIN ...
 //
 // e.g. node tools/bench/page-train.mjs before=/work/wt-old:/tmp/old-bitlora after=.:target/debug/bitlora
 // Workload: the first 24 lines of data/devil/train.jsonl, context 32, batch 1, LoRA r 8 on all
 // seven projections, 6 steps, no validation; the first 2 steps are warm-up. Reported: the
 // median over the timed steps of the step's time and of its target tokens per second (the
 // tokens the step trained on, as the page counts them), and the bytes a step read back.
-// WebGPU is SwiftShader in headless Chromium (--enable-unsafe-webgpu); --cpu trains on the
-// CPU fallback instead.
+// WebGPU is SwiftShader in headless Chromium (--enable-unsafe-webgpu), asked for with
+// ?backend=webgpu (by default the page passes a software adapter over for the CPU); --cpu trains
+// on the CPU fallback instead; --backends webgpu,cpu measures both, interleaved (the CPU one as
+// ?backend=cpu in the same WebGPU-enabled browser: the same wasm the fallback runs).
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
@@ -25,11 +27,14 @@ const { chromium } = require('playwright-core');
 
 const args = process.argv.slice(2);
 const cpu = args.includes('--cpu');
+const backends = args.includes('--backends') ? args[args.indexOf('--backends') + 1].split(',') : [cpu ? 'cpu' : 'webgpu'];
 const rounds = Number(args[args.indexOf('--rounds') + 1]) || 2;
-const targets = args.filter((a) => a.includes('=')).map((a) => {
+const targets = args.filter((a) => a.includes('=')).flatMap((a) => {
   const [label, rest] = a.split('=');
   const [dir, bin] = rest.split(':');
-  return { label, dir: path.resolve(dir), bin: path.resolve(bin) };
+  return backends.map((backend) => ({
+    label: backends.length > 1 ? `${label}/${backend}` : label, dir: path.resolve(dir), bin: path.resolve(bin), backend,
+  }));
 });
 if (!targets.length) {
   console.error('usage: node tools/bench/page-train.mjs [--cpu] [--rounds N] LABEL=REPO_DIR:BITLORA_BIN ...');
@@ -58,11 +63,11 @@ async function measure(t) {
   const server = await serve(t.dir, t.bin);
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', headless: true,
-    args: cpu ? FLAGS : ['--enable-unsafe-webgpu', ...FLAGS],
+    args: cpu && backends.length === 1 ? FLAGS : ['--enable-unsafe-webgpu', ...FLAGS],
   });
   try {
     const page = await (await browser.newContext()).newPage();
-    await page.goto(`${server.url}web/examples/train.html`);
+    await page.goto(`${server.url}web/examples/train.html?backend=${t.backend}`);
     await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.state), null, { timeout: 300_000 });
     return await page.evaluate(async ({ DATA, CONFIG }) => {
       const bl = window.bitlora;

@@ -4,7 +4,9 @@ import { Bitlora } from '../bitlora.js';
 const $ = (id) => document.getElementById(id);
 const say = (text, state) => { $('status').textContent = text; if (state) document.body.dataset.state = state; };
 
-const bl = await Bitlora.create();                                    // WebGPU if granted, else CPU
+// ?backend=webgpu|cpu picks one; by default WebGPU on a hardware adapter, else the CPU.
+const backend = /** @type {'auto' | 'webgpu' | 'cpu'} */ (new URLSearchParams(location.search).get('backend') ?? 'auto');
+const bl = await Bitlora.create({ backend });
 say(`${bl.backend.label}; training on ${bl.backend.training}. Loading the model…`, 'loading');
 const model = await bl.loadModel({ bundled: 'default' }, {
   onProgress: (p) => say(`Loading the model: ${p.phase} ${Math.round((100 * p.done) / Math.max(p.total, 1))}%`),

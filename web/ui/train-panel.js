@@ -340,7 +340,7 @@ export function mountTrainPanel(app) {
       if (!est.fits) throw new Error(`Not enough memory for these settings: ${est.message ?? `needs ${fmtBytes(est.total)}, about ${fmtBytes(est.limit)} available`}`);
       const tr = await client.createTrainer({ ...data.options, ...config, data: data.input });
       attach(tr, { resumed: false });
-      await baseline(tr);
+      // The run first measures the base model's validation loss ('validation' events, step 0).
       await tr.start();
       busy = false;
       setState(tr.state);
@@ -393,6 +393,20 @@ export function mountTrainPanel(app) {
         app.bus.dispatchEvent(new Event('progress'));
         app.publish();
       }),
+      tr.on('validation', (v) => {
+        const finished = v.done === v.total;
+        if (finished && v.step === 0 && v.valLoss != null && Number.isFinite(v.valLoss)) {
+          chart.add('val', 0, v.valLoss);
+          t.points = chart.points;
+          t.valLoss = v.valLoss;
+        }
+        const what = v.step === 0 ? 'Measuring the validation loss before training' : `Validating after step ${fmtInt(v.step)} of ${fmtInt(tr.totalSteps)}`;
+        const parts = [finished ? `${what}: done` : `${what}: ${fmtInt(v.done)} / ${plural(v.total, 'sequence')}`];
+        if (finished && v.valLoss != null) parts.push(`validation ${fmtLoss(v.valLoss)}`);
+        if (v.eta > 0) parts.push(`ETA ${fmtSeconds(v.eta)}`);
+        $('train-stats').textContent = parts.join(' · ');
+        app.publish();
+      }),
       tr.on('checkpoint', (c) => {
         t.checkpointStep = c.step;
         t.checkpointBytes = c.bytes;
@@ -430,26 +444,6 @@ export function mountTrainPanel(app) {
     hideOffer();
     describePreset();
     setState(tr.state);
-  }
-
-  /**
-   * The validation loss before the first step (the base model: LoRA's B starts at zero), drawn at
-   * step 0, so the chart shows where training started from. Skipped without validation data.
-   */
-  async function baseline(tr) {
-    if (!(tr.config?.evalEvery > 0) || !(tr.data?.valSequences > 0)) return;
-    $('train-stats').textContent = `Measuring the validation loss before training (${plural(tr.data.valSequences, 'sequence')})…`;
-    try {
-      const v0 = await tr.validate();
-      if (trainer !== tr || !Number.isFinite(v0)) return;
-      chart.add('val', 0, v0);
-      t.points = chart.points;
-      t.valLoss = v0;
-      $('train-stats').textContent = `Validation loss before training: ${fmtLoss(v0)} · starting…`;
-    } catch (err) {
-      // Only the chart's starting point is missing; training itself can go on.
-      console.warn(`bitlora: validation before training failed: ${message(err)}`);
-    }
   }
 
   function plot(p) {

@@ -82,6 +82,10 @@ pub struct TrainArgs {
     /// A separate validation file (same formats as --data); all of --data is then trained on.
     #[arg(long)]
     val_data: Option<PathBuf>,
+    /// At most this many validation sequences, a seeded sample (0: all); with --val-fraction
+    /// the rest of the share is trained on.
+    #[arg(long, default_value_t = bitlora_core::train_config::DEFAULT_MAX_VAL_SEQUENCES)]
+    max_val_sequences: usize,
     /// Stop (and save) once this many minutes of training have passed.
     #[arg(long, value_parser = parse_minutes)]
     max_minutes: Option<f64>,
@@ -154,6 +158,7 @@ impl TrainArgs {
             } else {
                 self.val_fraction
             },
+            max_val_sequences: self.max_val_sequences,
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
             name: None,
@@ -323,8 +328,8 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
     if let Some(v) = &a.val_data {
         let name = v.display().to_string();
         let (vex, vformat) = data::parse(&name, &read(v)?)?;
-        dataset.val =
-            data::build(&name, &vex, vformat, &tokenizer, chat.as_ref(), eos, &opts)?.train;
+        let val = data::build(&name, &vex, vformat, &tokenizer, chat.as_ref(), eos, &opts)?.train;
+        dataset.val = data::sample(val, a.max_val_sequences, a.seed);
     }
     let train_tokens: usize = dataset.train.iter().map(|s| s.counted()).sum();
     eprintln!(

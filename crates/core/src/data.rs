@@ -53,6 +53,8 @@ pub struct DataOptions {
     pub completions_only: bool,
     /// Share of sequences held out for validation (0 = none).
     pub val_fraction: f32,
+    /// At most this many validation sequences (0: no cap); the rest of the share is trained on.
+    pub max_val_sequences: usize,
     /// Seed of the train/validation split.
     pub seed: u64,
 }
@@ -293,7 +295,11 @@ pub fn build(
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     shuffle(&mut order, &mut Rng::new(opts.seed));
     let n_val = if opts.val_fraction > 0.0 && seqs.len() >= 2 {
-        ((seqs.len() as f32 * opts.val_fraction).round() as usize).clamp(1, seqs.len() - 1)
+        let n = ((seqs.len() as f32 * opts.val_fraction).round() as usize).clamp(1, seqs.len() - 1);
+        match opts.max_val_sequences {
+            0 => n,
+            max => n.min(max),
+        }
     } else {
         0
     };
@@ -311,6 +317,24 @@ pub fn build(
         format,
         truncated,
     })
+}
+
+/// At most `max` of `seqs` (0: all), a random sample by `seed` kept in the given order: a
+/// separate validation file bounded like a held-out share.
+pub fn sample(seqs: Vec<Sequence>, max: usize, seed: u64) -> Vec<Sequence> {
+    if max == 0 || seqs.len() <= max {
+        return seqs;
+    }
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    shuffle(&mut order, &mut Rng::new(seed));
+    let mut keep = vec![false; seqs.len()];
+    for &i in &order[..max] {
+        keep[i] = true;
+    }
+    seqs.into_iter()
+        .zip(keep)
+        .filter_map(|(s, k)| k.then_some(s))
+        .collect()
 }
 
 /// Fisher-Yates with our RNG (the same permutation on every platform).

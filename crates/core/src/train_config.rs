@@ -29,6 +29,10 @@ use crate::trainer::TrainOptions;
 /// Tokens per sequence unless given (lowered to the model's context when that is shorter).
 pub const DEFAULT_CONTEXT: usize = 128;
 
+/// Validation sequences held out at most unless given (`maxValSequences`): one validation pass
+/// then costs about a third of 64 training sequences (a forward pass, no backward).
+pub const DEFAULT_MAX_VAL_SEQUENCES: usize = 64;
+
 /// Largest integer a JavaScript number holds exactly (2^53 - 1): larger whole numbers from JS
 /// are already rounded, so they are refused rather than silently changed.
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
@@ -89,6 +93,11 @@ pub struct TrainConfig {
     /// Share of the sequences held out for validation, in [0, 1) (0.1).
     #[serde(deserialize_with = "number")]
     pub val_fraction: f32,
+    /// At most this many sequences are held out for validation (64; 0: no cap): on large data
+    /// `valFraction` would otherwise make every validation pass as long as many steps. The
+    /// held-out sequences are a seeded random sample, the rest are trained on.
+    #[serde(deserialize_with = "whole::<_, _, 0>")]
+    pub max_val_sequences: usize,
     /// Seed of the split, the data order, dropout and the adapter's init (0).
     #[serde(deserialize_with = "whole::<_, _, 0>")]
     pub seed: u64,
@@ -120,6 +129,7 @@ impl Default for TrainConfig {
             context: DEFAULT_CONTEXT,
             completion_only: false,
             val_fraction: 0.1,
+            max_val_sequences: DEFAULT_MAX_VAL_SEQUENCES,
             seed: 0,
             checkpoint_every: 50,
             name: None,
@@ -166,7 +176,7 @@ impl ConfigError {
 
 impl TrainConfig {
     /// Every option name [`TrainConfig::parse`] accepts, as serde spells them.
-    pub const FIELDS: [&'static str; 20] = [
+    pub const FIELDS: [&'static str; 21] = [
         "rank",
         "alpha",
         "dropout",
@@ -184,6 +194,7 @@ impl TrainConfig {
         "context",
         "completionOnly",
         "valFraction",
+        "maxValSequences",
         "seed",
         "checkpointEvery",
         "name",
@@ -410,6 +421,7 @@ impl TrainConfig {
             context: self.context,
             completions_only: self.completion_only,
             val_fraction: self.val_fraction,
+            max_val_sequences: self.max_val_sequences,
             seed: self.seed,
         }
     }
@@ -620,8 +632,8 @@ mod tests {
             "rank": 4, "alpha": 8, "dropout": 0.05, "targets": ["q_proj", "v_proj"],
             "rslora": true, "lr": 1e-3, "schedule": "linear", "warmup": 2, "weightDecay": 0,
             "maxGradNorm": 0.5, "epochs": 2.5, "batch": 3, "evalEvery": 0, "context": 256,
-            "completionOnly": true, "valFraction": 0, "seed": 7, "checkpointEvery": 10,
-            "name": "run",
+            "completionOnly": true, "valFraction": 0, "maxValSequences": 5, "seed": 7,
+            "checkpointEvery": 10, "name": "run",
         }))
         .unwrap();
         let expected = TrainConfig {
@@ -642,6 +654,7 @@ mod tests {
             context: 256,
             completion_only: true,
             val_fraction: 0.0,
+            max_val_sequences: 5,
             seed: 7,
             checkpoint_every: 10,
             name: Some("run".into()),
@@ -667,7 +680,7 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(all.len(), 20);
+        assert_eq!(all.len(), 21);
         serde_json::from_value::<TrainConfig>(Value::Object(all)).unwrap();
     }
 
@@ -911,8 +924,14 @@ mod tests {
         );
         let d = c.data_options();
         assert_eq!(
-            (d.context, d.completions_only, d.val_fraction, d.seed),
-            (64, true, 0.2, 9)
+            (
+                d.context,
+                d.completions_only,
+                d.val_fraction,
+                d.max_val_sequences,
+                d.seed
+            ),
+            (64, true, 0.2, DEFAULT_MAX_VAL_SEQUENCES, 9)
         );
         let t = c.train_options(40);
         assert_eq!(

@@ -245,6 +245,26 @@ impl<M: Deref<Target = Model>> Backend for CpuBackend<M> {
     }
 }
 
+/// A validation loss summed one sequence at a time: the mean weighted by counted tokens, summed
+/// in f64 in order, the same whether a whole validation runs at once or a unit at a time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Validation {
+    pub sum: f64,
+    pub tokens: usize,
+}
+
+impl Validation {
+    pub fn add(&mut self, out: StepLoss) {
+        self.sum += out.loss as f64 * out.tokens as f64;
+        self.tokens += out.tokens;
+    }
+
+    /// None without counted targets.
+    pub fn mean(&self) -> Option<f32> {
+        (self.tokens > 0).then(|| (self.sum / self.tokens as f64) as f32)
+    }
+}
+
 /// Where the loop is within a step.
 #[derive(Clone, Debug)]
 enum Phase {
@@ -261,8 +281,7 @@ enum Phase {
     Validate {
         report: StepReport,
         next: usize,
-        sum: f64,
-        tokens: usize,
+        v: Validation,
     },
 }
 
@@ -458,34 +477,25 @@ impl<B: Backend> Trainer<B> {
             Phase::Validate {
                 mut report,
                 next,
-                mut sum,
-                mut tokens,
+                mut v,
             } => {
                 let out = match self.backend.loss(&self.data.val[next]).await {
                     Ok(out) => out,
                     Err(e) => {
-                        self.phase = Phase::Validate {
-                            report,
-                            next,
-                            sum,
-                            tokens,
-                        };
+                        self.phase = Phase::Validate { report, next, v };
                         return Err(e);
                     }
                 };
-                // Weighted by counted tokens, summed in f64 in order.
-                sum += out.loss as f64 * out.tokens as f64;
-                tokens += out.tokens;
+                v.add(out);
                 if next + 1 < self.data.val.len() {
                     self.phase = Phase::Validate {
                         report,
                         next: next + 1,
-                        sum,
-                        tokens,
+                        v,
                     };
                     return Ok(None);
                 }
-                report.val_loss = (tokens > 0).then(|| (sum / tokens as f64) as f32);
+                report.val_loss = v.mean();
                 Ok(Some(report))
             }
         }
@@ -551,8 +561,7 @@ impl<B: Backend> Trainer<B> {
             self.phase = Phase::Validate {
                 report,
                 next: 0,
-                sum: 0.0,
-                tokens: 0,
+                v: Validation::default(),
             };
             return Ok(None);
         }
@@ -613,13 +622,48 @@ impl<B: Backend> Trainer<B> {
     /// Mean loss over the validation sequences, weighted by their counted tokens, with the
     /// adapter as it is now (None without counted targets). May run at any safe point.
     pub async fn validate(&mut self) -> std::result::Result<Option<f32>, B::Error> {
-        let (mut sum, mut n) = (0f64, 0usize);
-        for s in &self.data.val {
-            let out = self.backend.loss(s).await?;
-            sum += out.loss as f64 * out.tokens as f64;
-            n += out.tokens;
+        let mut v = Validation::default();
+        for i in 0..self.data.val.len() {
+            v.add(self.validation_loss(i).await?);
         }
-        Ok((n > 0).then(|| (sum / n as f64) as f32))
+        Ok(v.mean())
+    }
+
+    /// Validation sequence `i`'s loss with the adapter as it is now: one unit of a validation
+    /// that a driver runs a sequence at a time (to stay responsive), summed with
+    /// [`Validation`] as [`Trainer::validate`] sums. May run at any safe point.
+    pub async fn validation_loss(&mut self, i: usize) -> std::result::Result<StepLoss, B::Error> {
+        let seq = self.data.val.get(i).ok_or_else(|| {
+            Error::Lora {
+                msg: format!(
+                    "validation sequence {i} asked for; the run has {}",
+                    self.data.val.len()
+                ),
+            }
+            .into()
+        })?;
+        self.backend.loss(seq).await
+    }
+
+    /// `(done, total)` validation sequences while a finished step's validation runs.
+    pub fn validation_progress(&self) -> Option<(usize, usize)> {
+        match self.phase {
+            Phase::Validate { next, .. } => Some((next, self.data.val.len())),
+            _ => None,
+        }
+    }
+
+    /// Abandons the running validation of a finished step (a stop that should not wait for
+    /// it) and returns that step's report without a validation loss; None when no validation
+    /// runs. The step itself is applied and counted either way.
+    pub fn skip_validation(&mut self) -> Option<StepReport> {
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Validate { report, .. } => Some(report),
+            phase => {
+                self.phase = phase;
+                None
+            }
+        }
     }
 
     /// The adapter and Adam's moments as they are now (read back from the backend's device).
@@ -869,13 +913,11 @@ fn read_checkpoint(model: &Config, file: &str, bytes: &[u8]) -> Result<Checkpoin
 /// Mean loss of `lora` over `seqs` on the CPU reference, weighted by counted tokens; None when
 /// there are none (a model's loss outside a run: tests, the CLI's reports).
 pub fn mean_loss(model: &Model, lora: &Lora, seqs: &[Sequence]) -> Result<Option<f32>> {
-    let (mut sum, mut n) = (0f64, 0usize);
+    let mut v = Validation::default();
     for s in seqs {
-        let out = train::loss(model, lora, &s.tokens, &s.targets)?;
-        sum += out.loss as f64 * out.tokens as f64;
-        n += out.tokens;
+        v.add(train::loss(model, lora, &s.tokens, &s.targets)?);
     }
-    Ok((n > 0).then(|| (sum / n as f64) as f32))
+    Ok(v.mean())
 }
 
 /// FNV-1a over the sequences: tells a checkpoint's data apart from other data.

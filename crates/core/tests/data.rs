@@ -30,6 +30,7 @@ fn opts(context: usize, completions_only: bool) -> DataOptions {
         context,
         completions_only,
         val_fraction: 0.0,
+        max_val_sequences: 0,
         seed: 1,
     }
 }
@@ -138,6 +139,7 @@ fn split_and_epoch_order_are_deterministic() {
         context: 8,
         completions_only: false,
         val_fraction: 0.1,
+        max_val_sequences: 0,
         seed: 7,
     };
     let a = data::build("docs.jsonl", &ex, format, &tok, None, EOS, &o).unwrap();
@@ -154,6 +156,59 @@ fn split_and_epoch_order_are_deterministic() {
     let mut sorted = e1.clone();
     sorted.sort();
     assert_eq!(sorted, (0..a.train.len()).collect::<Vec<_>>());
+}
+
+/// `max_val_sequences` bounds the held-out share; what it leaves out is trained on, and a
+/// separate validation file is sampled to the same bound.
+#[test]
+fn validation_is_bounded() {
+    let (tok, _) = llama3();
+    let jsonl: String = (0..40)
+        .map(|i| format!("{{\"text\": \"document number {i} says hello\"}}\n"))
+        .collect();
+    let (ex, format) = data::parse("docs.jsonl", jsonl.as_bytes()).unwrap();
+    let o = |max| DataOptions {
+        context: 8,
+        completions_only: false,
+        val_fraction: 0.5,
+        max_val_sequences: max,
+        seed: 7,
+    };
+    let all = data::build("docs.jsonl", &ex, format, &tok, None, EOS, &o(0)).unwrap();
+    let capped = data::build("docs.jsonl", &ex, format, &tok, None, EOS, &o(3)).unwrap();
+    let n = all.train.len() + all.val.len();
+    assert_eq!(all.val.len(), (n as f32 * 0.5).round() as usize);
+    assert_eq!(capped.val.len(), 3);
+    assert_eq!(capped.train.len(), n - 3);
+    // The same sequences, only split differently.
+    let mut a: Vec<_> = all
+        .train
+        .iter()
+        .chain(&all.val)
+        .map(|s| s.tokens.clone())
+        .collect();
+    let mut c: Vec<_> = capped
+        .train
+        .iter()
+        .chain(&capped.val)
+        .map(|s| s.tokens.clone())
+        .collect();
+    a.sort();
+    c.sort();
+    assert_eq!(a, c);
+    // A separate file: a seeded sample, in the file's order, the same for the same seed.
+    let s = data::sample(all.train.clone(), 5, 7);
+    assert_eq!(s.len(), 5);
+    assert_eq!(s, data::sample(all.train.clone(), 5, 7));
+    let pos: Vec<usize> = s
+        .iter()
+        .map(|q| all.train.iter().position(|t| t == q).unwrap())
+        .collect();
+    assert!(
+        pos.windows(2).all(|w| w[0] < w[1]),
+        "file order kept: {pos:?}"
+    );
+    assert_eq!(data::sample(all.train.clone(), 0, 7), all.train);
 }
 
 #[test]

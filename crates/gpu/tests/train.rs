@@ -391,6 +391,7 @@ fn gpu_training_lowers_validation_loss_on_real_text() {
         context: 48,
         completions_only: false,
         val_fraction: 0.0,
+        max_val_sequences: 0,
         seed: 0,
     };
     let load = |name: &str| {

@@ -188,11 +188,17 @@ pub struct Session {
 #[wasm_bindgen]
 impl Session {
     /// Picks the backend: WebGPU when `prefer_gpu` and the browser grants an adapter, else the
-    /// CPU. Never fails: every reason WebGPU is not used is reported in `backend().fallbackReason`.
-    pub async fn create(prefer_gpu: bool) -> Session {
+    /// CPU. `cpu_reason`: the caller chose the CPU and says why (the worker does when the
+    /// browser's adapter is a software renderer, slower than the CPU path); it wins over
+    /// `prefer_gpu`. Never fails: every reason WebGPU is not used is reported in
+    /// `backend().fallbackReason`.
+    pub async fn create(prefer_gpu: bool, cpu_reason: Option<String>) -> Session {
         #[cfg(feature = "gpu")]
         {
-            let (backend, gpu) = pick_gpu(prefer_gpu).await;
+            let (backend, gpu) = match cpu_reason {
+                Some(reason) => (cpu_backend(reason), None),
+                None => pick_gpu(prefer_gpu).await,
+            };
             Session {
                 backend,
                 gpu: gpu.map(Rc::new),
@@ -205,13 +211,16 @@ impl Session {
         }
         #[cfg(not(feature = "gpu"))]
         {
-            let reason = if prefer_gpu {
-                "this build of bitlora-web has no WebGPU backend (built without the `gpu` feature)"
-            } else {
-                "WebGPU not requested (?backend=cpu)"
-            };
+            let reason = cpu_reason.unwrap_or_else(|| {
+                if prefer_gpu {
+                    "this build of bitlora-web has no WebGPU backend (built without the `gpu` feature)"
+                } else {
+                    "WebGPU not requested (?backend=cpu)"
+                }
+                .to_string()
+            });
             Session {
-                backend: cpu_backend(reason.to_string()),
+                backend: cpu_backend(reason),
                 loaded: None,
                 adapters: HashMap::new(),
                 next_serial: 1,

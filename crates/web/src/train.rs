@@ -15,7 +15,7 @@ use std::rc::Rc;
 
 use bitlora_core::data::{self, Dataset};
 use bitlora_core::lora::{Lora, TARGETS};
-use bitlora_core::trainer::{Checkpoint, StepReport, Trainer};
+use bitlora_core::trainer::{Checkpoint, StepReport, Trainer, Validation};
 use bitlora_core::{Config, ConfigError, TrainConfig, peft};
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
@@ -187,6 +187,19 @@ struct Inner {
     adapter_params: usize,
     /// Bytes read back from the GPU during the current step's training sequences.
     step_read_bytes: u64,
+    /// A validation outside the steps (`validateNext`, the loss before the first step) that
+    /// runs a sequence at a time: the next sequence and the sum so far.
+    standalone: Option<(usize, Validation)>,
+}
+
+/// Where a validation run a sequence at a time stands (`validateNext`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ValidationProgress {
+    done: usize,
+    total: usize,
+    /// The mean loss once `done == total` (null without counted targets, and before that).
+    val_loss: Option<f32>,
 }
 
 /// The run's description (`info()`): the resolved config and the data.
@@ -284,6 +297,7 @@ impl WebTrainer {
             summary,
             adapter_params,
             step_read_bytes: 0,
+            standalone: None,
         }))
     }
 
@@ -314,6 +328,7 @@ impl WebTrainer {
             summary,
             adapter_params,
             step_read_bytes: 0,
+            standalone: None,
         }))
     }
 
@@ -408,6 +423,68 @@ impl WebTrainer {
                 None => Ok(JsValue::UNDEFINED),
             }
         })
+    }
+
+    /// `{ done, total }` validation sequences while a validation runs (a finished step's, or
+    /// one started with `validateNext`), else null.
+    #[wasm_bindgen(js_name = validationProgress)]
+    pub fn validation_progress(&self) -> Result<JsValue, JsError> {
+        let s = self.state()?;
+        let total = s.trainer.data.val.len();
+        let done = match (&s.standalone, s.trainer.validation_progress()) {
+            (Some((next, _)), _) => *next,
+            (None, Some((next, _))) => next,
+            (None, None) => return Ok(JsValue::NULL),
+        };
+        to_js(&ValidationProgress {
+            done,
+            total,
+            val_loss: None,
+        })
+    }
+
+    /// One sequence of a validation of the adapter as it is now, outside the steps (the loss
+    /// before the first step): resolves to `{ done, total, valLoss }`, with `valLoss` once
+    /// `done == total`; the next call then starts a new validation. The sum is core's
+    /// (`Validation`), so the loss equals `validate()`'s. Only at a safe point.
+    #[wasm_bindgen(js_name = validateNext)]
+    pub fn validate_next(&self) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut s = inner.try_borrow_mut().map_err(|_| busy())?;
+            let total = s.trainer.data.val.len();
+            let (next, mut v) = s.standalone.take().unwrap_or_default();
+            if next < total {
+                let out = s.trainer.validation_loss(next).await?;
+                v.add(out);
+            }
+            let done = (next + 1).min(total);
+            let val_loss = if done == total {
+                v.mean()
+            } else {
+                s.standalone = Some((done, v));
+                None
+            };
+            Ok(to_js(&ValidationProgress {
+                done,
+                total,
+                val_loss,
+            })?)
+        })
+    }
+
+    /// Drops a validation started with `validateNext` (a stop or pause that should not wait
+    /// for it), and a finished step's validation that is running: that step's report comes
+    /// back without its validation loss (the step itself is applied either way), else
+    /// `undefined`.
+    #[wasm_bindgen(js_name = skipValidation)]
+    pub fn skip_validation(&self) -> Result<JsValue, JsError> {
+        let mut s = self.inner.try_borrow_mut().map_err(|_| busy())?;
+        s.standalone = None;
+        match s.trainer.skip_validation() {
+            Some(report) => Ok(to_js(&s.report(&report))?),
+            None => Ok(JsValue::UNDEFINED),
+        }
     }
 
     /// Resolves to the validation loss of the adapter as it is now (null without validation
