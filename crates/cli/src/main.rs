@@ -106,10 +106,11 @@ enum Command {
         /// saved activations, adapter, gradients, scratch and AdamW's state).
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
-        /// train with --backend gpu: time every kernel with GPU timestamp queries (where the
-        /// device has TIMESTAMP_QUERY) and the host phases (upload, recording, submit to
-        /// readback, AdamW: its GPU submit, or core's on the CPU with
-        /// BITLORA_BENCH_CPU_ADAMW=1); prints a table on stderr and adds `profile` to the report.
+        /// train or decode with --backend gpu: time every kernel with GPU timestamp queries
+        /// (where the device has TIMESTAMP_QUERY) and the host phases (train: upload,
+        /// recording, submit to readback, AdamW: its GPU submit, or core's on the CPU with
+        /// BITLORA_BENCH_CPU_ADAMW=1; decode: per token, recording and submit to the logits
+        /// read back); prints a table on stderr and adds `profile` to the report.
         #[arg(long)]
         profile: bool,
     },
@@ -311,13 +312,18 @@ fn run(command: Command) -> Result<(), CliError> {
             gen_len,
             seed,
             backend,
-            profile: _,
+            profile,
         } => {
             let report = match backend {
                 Backend::Cpu => bench::decode_cpu(shape.name(), prompt_len, gen_len, seed),
-                Backend::Gpu => bench::decode_gpu(shape.name(), prompt_len, gen_len, seed)?,
+                Backend::Gpu => {
+                    bench::decode_gpu(shape.name(), prompt_len, gen_len, seed, profile)?
+                }
             }
             .ok_or(CliError::Bench(shape.name()))?;
+            if let Some(p) = &report.profile {
+                eprint!("{}", p.table().replace("ms / step", "ms / token"));
+            }
             eprintln!(
                 "bitlora bench: {} on {}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB",
                 report.workload,
@@ -504,15 +510,19 @@ fn merge(
         .collect();
     let weights = bitlora_core::weights::WeightFiles::parse(&files)?;
     let merged = bitlora_core::merge::merge(&model.config, &weights, &lora)?;
-    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| train_cmd::TrainError::Write(out.display().to_string(), e))?;
+    // Every file through a temporary name, fsynced and renamed (as `train` writes): a full
+    // disk or a crash leaves no half-written file in --out, and the error says "cannot write".
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         let from = dir.join(f);
         if from.exists() {
-            std::fs::copy(&from, out.join(f)).map_err(|e| io(&from, e))?;
+            let bytes = std::fs::read(&from).map_err(|e| io(&from, e))?;
+            train_cmd::write_atomic(&out.join(f), &bytes)?;
         }
     }
     let path = out.join("model.safetensors");
-    std::fs::write(&path, bitlora_core::weights::serialize(&merged)).map_err(|e| io(&path, e))?;
+    train_cmd::write_atomic(&path, &bitlora_core::weights::serialize(&merged))?;
     eprintln!(
         "bitlora: merged {} ({} LoRA parameters) into {}",
         adapter.display(),

@@ -234,7 +234,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
 /// Writes `bytes` to `path` through a temporary file of its own (this process's id in the
 /// name), flushed to the disk before the rename, so a crash, a full disk or a second writer
 /// never leaves a half-written file under `path`; on an error the temporary file is removed.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let name = path
         .file_name()
         .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());

@@ -255,4 +255,27 @@ fn merge_writes_a_runnable_model_and_refuses_packed_weights() {
         !o.status.success() && stderr.contains("master (float) weights"),
         "{stderr}"
     );
+
+    // Writes go through temporary names: no temporary file is left in --out, and a --out that
+    // cannot be written says "cannot write" (not "cannot read").
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    let blocked = out.with_extension("file");
+    std::fs::write(&blocked, "a file where --out's directory should go").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_bitlora"))
+        .args(["merge", "--model", base.to_str().unwrap(), "--adapter"])
+        .arg(rt.join("adapter"))
+        .arg("--out")
+        .arg(blocked.join("merged"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("cannot write"),
+        "{stderr}"
+    );
 }
