@@ -37,6 +37,10 @@ pub struct DecodeReport {
     /// GPU memory allocated for weights + KV cache + activations, in bytes (GPU backend only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_bytes: Option<u64>,
+    /// `--profile` (GPU backend): where a decode step's time goes (one token's pass), averaged
+    /// over the generated tokens; the decode rate is then that of the profiled run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<TrainProfile>,
 }
 
 /// The random model and prompt of decode-<shape>; None for an unknown shape.
@@ -100,20 +104,28 @@ pub fn decode_cpu(
         peak_rss_mib: peak_rss_mib(),
         adapter: None,
         gpu_bytes: None,
+        profile: None,
     })
 }
 
-/// Runs decode-<shape> on the GPU (wgpu). Ok(None) for an unknown shape.
+/// Runs decode-<shape> on the GPU (wgpu). Ok(None) for an unknown shape. With `profile`, every
+/// pass records its host times and (where the device has timestamp queries) each dispatch's GPU
+/// time, one compute pass per dispatch; the report carries the mean of the decode steps.
 pub fn decode_gpu(
     shape: &str,
     prompt_len: usize,
     gen_len: usize,
     seed: u64,
+    profile: bool,
 ) -> Result<Option<DecodeReport>, GpuError> {
     let Some((model, prompt)) = setup(shape, prompt_len, seed) else {
         return Ok(None);
     };
-    let gpu = pollster::block_on(Gpu::new())?;
+    let gpu = if profile {
+        pollster::block_on(Gpu::with_timestamps())?
+    } else {
+        pollster::block_on(Gpu::new())?
+    };
     eprintln!(
         "bitlora bench: GPU adapter {} ({})",
         gpu.info.name, gpu.info.backend
@@ -135,12 +147,30 @@ pub fn decode_gpu(
     let gpu_bytes = gm.weight_bytes() + cache.bytes();
     drop(cache);
 
+    let gpu_timestamps = profile && gm.set_profiling(true);
     let mut first = None;
     let out = pollster::block_on(gm.generate(&prompt, &greedy(gen_len), |_| {
         first.get_or_insert_with(Instant::now);
         true
     }))?;
     let decode = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let profile = profile.then(|| {
+        let mut p = TrainProfile {
+            gpu_timestamps,
+            ..Default::default()
+        };
+        // The decode steps: one token each (the prefill is the pass before them).
+        let steps: Vec<_> = gm
+            .take_profiles()
+            .into_iter()
+            .filter(|s| s.tokens == 1)
+            .collect();
+        for s in &steps {
+            p.add_pass(s);
+        }
+        p.finish(steps.len());
+        p
+    });
     Ok(Some(DecodeReport {
         workload: format!("decode-{shape}"),
         backend: "gpu",
@@ -151,6 +181,7 @@ pub fn decode_gpu(
         peak_rss_mib: peak_rss_mib(),
         adapter: Some(format!("{} ({})", gpu.info.name, gpu.info.backend)),
         gpu_bytes: Some(gpu_bytes),
+        profile,
     }))
 }
 
@@ -225,7 +256,19 @@ impl TrainProfile {
         self.submit_to_readback_ms += 1e3 * p.wait_s;
         self.unpack_ms += 1e3 * p.unpack_s;
         self.adamw_ms += 1e3 * adamw_s;
-        for &(label, ns) in &p.dispatches {
+        self.add_dispatches(&p.dispatches);
+    }
+
+    /// Adds one forward pass's profile (a decode step: its record time, the wait for its
+    /// logits, its dispatches).
+    fn add_pass(&mut self, p: &bitlora_gpu::PassProfile) {
+        self.record_ms += 1e3 * p.record_s;
+        self.submit_to_readback_ms += 1e3 * p.wait_s;
+        self.add_dispatches(&p.dispatches);
+    }
+
+    fn add_dispatches(&mut self, dispatches: &bitlora_gpu::DispatchTimes) {
+        for &(label, ns) in dispatches {
             let i = match self.kernels.iter().position(|k| k.kernel == label) {
                 Some(i) => i,
                 None => {
@@ -304,7 +347,10 @@ impl TrainProfile {
             ("unpack (readback, grads +=)", self.unpack_ms),
             ("optimizer (AdamW or its submit)", self.adamw_ms),
         ] {
-            let _ = writeln!(out, "  {what:<34} {ms:>10.3}");
+            // A decode step has no upload, unpack or optimizer phase.
+            if ms > 0.0 {
+                let _ = writeln!(out, "  {what:<34} {ms:>10.3}");
+            }
         }
         out
     }

@@ -34,7 +34,7 @@ pub mod train;
 
 use std::sync::{Arc, Mutex};
 
-pub use model::{GpuKvCache, GpuModel};
+pub use model::{GpuKvCache, GpuModel, PassProfile};
 pub use record::{DispatchTimes, Profiler, Recorder};
 pub use tensor::{DType, GpuTensor, SplitTensor};
 pub use train::{

@@ -49,7 +49,9 @@ use crate::ops::{
 };
 use bitlora_core::generate::{Sampler, SamplingOptions};
 
-use crate::record::Recorder;
+use std::cell::RefCell;
+
+use crate::record::{BindCache, DispatchTimes, Profiler, Recorder};
 use crate::tensor::{self, DType, GpuTensor, SplitTensor};
 use crate::{ErrorSink, Gpu, GpuError};
 
@@ -142,6 +144,32 @@ pub struct GpuModel {
     weight_bytes: u64,
     /// The LoRA adapter every forward applies, if any ([`GpuModel::set_adapter`]).
     adapter: Option<GpuAdapter>,
+    /// While [`GpuModel::generate`] runs: the uniform buffers and bind groups of its passes,
+    /// kept from token to token, so a decode step creates only those whose values are new
+    /// (the ones that carry the position) instead of every one of them. Dropped when the
+    /// generation ends: its bind groups hold the generation's KV cache alive.
+    decode_cache: RefCell<Option<BindCache>>,
+    /// `bench decode --profile`: where each pass's time went ([`GpuModel::set_profiling`]).
+    profile: RefCell<Option<PassProfiler>>,
+}
+
+/// Where the time of one forward pass went (profiling on: [`GpuModel::set_profiling`]). Host
+/// times are wall-clock seconds (`std::time::Instant`: native only).
+#[derive(Clone, Debug, Default)]
+pub struct PassProfile {
+    /// Tokens in the pass (1 for a decode step).
+    pub tokens: usize,
+    /// Recording the dispatches up to the submission (and, profiled, one compute pass each).
+    pub record_s: f64,
+    /// From the submission until the logits are read back: the GPU's work plus the round trip.
+    pub wait_s: f64,
+    /// Each dispatch's GPU time (label, ns) in dispatch order; empty without timestamp queries.
+    pub dispatches: DispatchTimes,
+}
+
+struct PassProfiler {
+    gpu: Option<Profiler>,
+    passes: Vec<PassProfile>,
 }
 
 /// Which rows of logits a pass computes.
@@ -572,6 +600,8 @@ impl GpuModel {
             max_binding: split,
             weight_bytes,
             adapter: None,
+            decode_cache: RefCell::new(None),
+            profile: RefCell::new(None),
         };
         // Shader or pipeline errors surface here natively (on the web, at the first forward).
         model.errors.take()?;
@@ -737,7 +767,7 @@ impl GpuModel {
         &self,
         prompt: &[u32],
         opts: &SamplingOptions,
-        mut on_token: impl FnMut(u32) -> bool,
+        on_token: impl FnMut(u32) -> bool,
     ) -> Result<Vec<u32>, GpuError> {
         let mut sampler = Sampler::new(opts.clone())?;
         let max = self.config.max_position_embeddings;
@@ -750,8 +780,26 @@ impl GpuModel {
         }
         self.config.check_tokens(prompt)?;
         let mut cache = GpuKvCache::new(self, prompt.len() + opts.max_tokens)?;
+        // Bind groups and uniforms kept for this generation only (see `decode_cache`).
+        *self.decode_cache.borrow_mut() = Some(BindCache::default());
+        let out = self
+            .decode(prompt, &mut cache, &mut sampler, opts, on_token)
+            .await;
+        *self.decode_cache.borrow_mut() = None;
+        out
+    }
+
+    /// [`GpuModel::generate`]'s loop: the prefill, then a token at a time.
+    async fn decode(
+        &self,
+        prompt: &[u32],
+        cache: &mut GpuKvCache,
+        sampler: &mut Sampler,
+        opts: &SamplingOptions,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>, GpuError> {
         let mut seq = prompt.to_vec();
-        let mut last = self.forward_last(prompt, &mut cache).await?; // batched prefill: (V)
+        let mut last = self.forward_last(prompt, cache).await?; // batched prefill: (V)
         let mut out = Vec::new();
         while out.len() < opts.max_tokens {
             let next = sampler.sample(&last, &seq);
@@ -761,7 +809,7 @@ impl GpuModel {
                 break;
             }
             if out.len() < opts.max_tokens {
-                last = self.forward_last(&[next], &mut cache).await?; // (V)
+                last = self.forward_last(&[next], cache).await?; // (V)
             }
         }
         Ok(out)
@@ -791,9 +839,12 @@ impl GpuModel {
         head: Head,
     ) -> Result<Vec<f32>, GpuError> {
         self.errors.take()?;
+        let profiling = self.profile.borrow().is_some();
+        let t0 = profiling.then(std::time::Instant::now);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let recorded = self.record_pass(tokens, cache, head);
+        let record_s = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let validation = validation.pop().await;
         let oom = oom.pop().await;
         let logits = recorded?;
@@ -801,10 +852,32 @@ impl GpuModel {
             return Err(GpuError::Device(e.to_string()));
         }
         cache.len += tokens.len();
+        let t1 = profiling.then(std::time::Instant::now);
         let out = match logits {
             Some(l) => tensor::read_f32(&self.device, &self.queue, &l).await?,
             None => Vec::new(),
         };
+        if profiling {
+            let wait_s = t1.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            let gpu = self
+                .profile
+                .borrow_mut()
+                .as_mut()
+                .and_then(|p| p.gpu.take());
+            let (dispatches, gpu) = match gpu {
+                Some(mut g) => (g.read(&self.device).await?, Some(g)),
+                None => (Vec::new(), None),
+            };
+            if let Some(p) = self.profile.borrow_mut().as_mut() {
+                p.gpu = gpu;
+                p.passes.push(PassProfile {
+                    tokens: tokens.len(),
+                    record_s,
+                    wait_s,
+                    dispatches,
+                });
+            }
+        }
         self.errors.take()?;
         Ok(out)
     }
@@ -826,7 +899,17 @@ impl GpuModel {
             .write_buffer(&ws.tokens.buffer, 0, bytemuck::cast_slice(tokens));
         let (cos, sin) = (&self.rope_cos, &self.rope_sin);
 
-        let mut rec = Recorder::new(&self.device);
+        let kept = self.decode_cache.borrow_mut().take();
+        let generating = kept.is_some();
+        let mut rec = Recorder::with_cache(&self.device, kept.unwrap_or_default());
+        if let Some(g) = self
+            .profile
+            .borrow_mut()
+            .as_mut()
+            .and_then(|p| p.gpu.take())
+        {
+            rec.set_profiler(g);
+        }
         let r = &mut rec;
         let s_a = &ws.s_a;
         let bitlinear = |r: &mut Recorder, xq: &GpuTensor, lin: &Linear, y: &GpuTensor| {
@@ -917,7 +1000,39 @@ impl GpuModel {
                 Some(logits)
             }
         };
-        rec.submit(&self.queue);
+        let (encoder, bind_cache, gpu) = rec.finish_profiled();
+        self.queue.submit([encoder.finish()]);
+        if let Some(p) = self.profile.borrow_mut().as_mut() {
+            p.gpu = gpu;
+        }
+        // Kept only while a generation runs.
+        if generating {
+            *self.decode_cache.borrow_mut() = Some(bind_cache);
+        }
         Ok(logits)
+    }
+
+    /// Profiling on or off: while on, every pass records where its time went (host record
+    /// time, the wait for its readback, and each dispatch's GPU time where the device was
+    /// created with timestamp queries: [`crate::Gpu::with_timestamps`]); each dispatch then
+    /// runs in a compute pass of its own. Returns whether GPU times are measured. Native
+    /// only (host times use `std::time::Instant`).
+    pub fn set_profiling(&self, on: bool) -> bool {
+        let p = on.then(|| PassProfiler {
+            gpu: Profiler::new(&self.device, &self.queue),
+            passes: Vec::new(),
+        });
+        let gpu = p.as_ref().is_some_and(|p| p.gpu.is_some());
+        *self.profile.borrow_mut() = p;
+        gpu
+    }
+
+    /// The profiles of the passes since profiling was turned on (or since the last call).
+    pub fn take_profiles(&self) -> Vec<PassProfile> {
+        self.profile
+            .borrow_mut()
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.passes))
+            .unwrap_or_default()
     }
 }
