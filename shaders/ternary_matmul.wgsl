@@ -17,20 +17,25 @@
 // the reference's order:
 //   y = f32(acc) / (s_a * s_w).
 //
-// Blocking. A workgroup is 32 x SPLIT invocations and owns 32 consecutive packed rows p (128
-// outputs) for TM consecutive tokens. Invocation (x, y) owns row p = 32*group + x and the words
-// k = y, y + SPLIT, y + 2*SPLIT, ...: per word it loads one weight word (coalesced along x:
-// 32 consecutive words) and TM activation words (the same address across x: one broadcast
+// Blocking. A workgroup is LANES x SPLIT invocations and owns LANES consecutive packed rows p
+// (4 LANES outputs) for TM consecutive tokens. LANES is 32 over many tokens (a warp's loads of
+// weight words are 128 contiguous bytes); decoding (T = 1) uses fewer (8: 32 contiguous bytes
+// per k, a whole 32-byte memory sector) and a longer K split, because there the workgroups are
+// the only parallelism: ceil(O4 / 32) of them (16 for a 2048-wide projection) leave most of a
+// large GPU idle on a memory-bound matrix-vector product, ceil(O4 / 8) spread it 4x
+// wider. Invocation (x, y) owns row p = LANES*group + x and the words k = y, y + SPLIT,
+// y + 2*SPLIT, ...: per word it loads one weight word (coalesced along x: LANES consecutive
+// words) and TM activation words (the same address across x: one broadcast
 // load), and does 4 * TM dot4I8Packed. The SPLIT partial sums of each output are added in
 // workgroup memory (atomicAdd on i32: exact, order-free), then the workgroup writes its
-// 128 x TM outputs. Splitting K is what gives a GPU enough invocations at T = 128 (O4/32 *
+// 4 LANES x TM outputs. Splitting K is what gives a GPU enough invocations at T = 128 (O4/32 *
 // T/TM workgroups alone would be ~100 for the 125m attention projections) and keeps each
 // invocation's serial loop short (I4/SPLIT words). The TM tokens are spelled out (a0..a7) so
 // that every compiler keeps them in registers; tokens past T are clamped to T - 1 (computed,
 // not written), as are rows past O4.
 // The T output rows go to rows y_row0 .. y_row0+T of y: the k and v projections write
 // straight into the KV cache after the tokens already there (y_row0 = 0 otherwise).
-// Dispatch (ceil(O4 / 32), ceil(T / TM), 1).
+// Dispatch (ceil(O4 / LANES), ceil(T / TM), 1).
 
 // dot4I8Packed: a WGSL language extension (every WebGPU browser, naga); declared for portability.
 requires packed_4x8_integer_dot_product;
@@ -41,7 +46,7 @@ override TM: u32 = 8u;             // tokens per invocation: 1, 4 or 8
 override SPLIT: u32 = 8u;          // invocations sharing each output's K range (workgroup y)
 override O4: u32 = (O + 3u) / 4u;  // packed rows
 override I4: u32 = (I + 3u) / 4u;  // x_q words per token = weight words per packed row
-const LANES: u32 = 32u;            // packed rows per workgroup (workgroup x)
+override LANES: u32 = 32u;         // packed rows per workgroup (workgroup x)
 
 struct Dims {
     t: u32,      // T, tokens
@@ -141,7 +146,7 @@ fn main(
     }
     workgroupBarrier();
 
-    // The workgroup's TM x 4 x 32 outputs, consecutive invocations on consecutive rows p.
+    // The workgroup's TM x 4 x LANES outputs, consecutive invocations on consecutive rows p.
     let s_w = sw[0];
     for (var e = li; e < TM * 4u * LANES; e += LANES * SPLIT) {
         let x = e % LANES;

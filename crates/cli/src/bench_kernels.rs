@@ -218,6 +218,28 @@ pub fn ternary_gpu(
             pct(b_us),
             max_abs
         );
+        if sweep && t == 1 {
+            // The one-token kernel: rows per workgroup x K split (invocations per workgroup at
+            // most the device's), against the many-token blocking (32 rows) it replaced.
+            let most = dev.limits().max_compute_invocations_per_workgroup as usize;
+            for (lanes, split) in [
+                (32, 16),
+                (32, 8),
+                (16, 16),
+                (8, 32),
+                (8, 64),
+                (4, 64),
+                (4, 128),
+                (2, 128),
+            ] {
+                if lanes * split > most {
+                    continue;
+                }
+                let op = TernaryMatmul::new(dev, i, o).with_decode_blocking(lanes, split);
+                let us = time_us(&gpu, reps, |r| op.encode(r, &xt, &sa, &wt, &sw, &yt))?;
+                eprintln!("  sweep forward  T=1 lanes {lanes:>2} split {split:>3}: {us:8.1} us");
+            }
+        }
         if sweep {
             for tm in [4, 8] {
                 for split in [4, 8, 16, 32] {

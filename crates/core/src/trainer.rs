@@ -633,14 +633,11 @@ impl<B: Backend> Trainer<B> {
     /// that a driver runs a sequence at a time (to stay responsive), summed with
     /// [`Validation`] as [`Trainer::validate`] sums. May run at any safe point.
     pub async fn validation_loss(&mut self, i: usize) -> std::result::Result<StepLoss, B::Error> {
-        let seq = self.data.val.get(i).ok_or_else(|| {
-            Error::Lora {
-                msg: format!(
-                    "validation sequence {i} asked for; the run has {}",
-                    self.data.val.len()
-                ),
-            }
-            .into()
+        let seq = self.data.val.get(i).ok_or_else(|| Error::Lora {
+            msg: format!(
+                "validation sequence {i} asked for; the run has {}",
+                self.data.val.len()
+            ),
         })?;
         self.backend.loss(seq).await
     }

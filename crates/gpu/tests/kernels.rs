@@ -160,6 +160,22 @@ fn ternary_matmul_integer_product_is_exact() {
             let got: Vec<i32> = read(&y).iter().map(|&v| v as i32).collect();
             assert_eq!(got, want, "T={t} I={i} O={o}, TM {tm}, split {split}");
         }
+        // The one-token kernel's blockings (rows per workgroup, K split), row by row.
+        for (lanes, split) in [(8, 32), (4, 64), (1, 7), (32, 8)] {
+            let op = TernaryMatmul::new(&g.device, i, o).with_decode_blocking(lanes, split);
+            for row in 0..t {
+                let x1 = GpuTensor::i8x4(&g.device, "x_q", &[1, i], &xq[row * i..(row + 1) * i])
+                    .unwrap();
+                let (s1, y1) = (f32t("s_a", &[1], &[1.0]), zeros("y", &[1, o]));
+                run(|r| op.encode(r, &x1, &s1, &wt, &sw, &y1));
+                let got: Vec<i32> = read(&y1).iter().map(|&v| v as i32).collect();
+                assert_eq!(
+                    got,
+                    want[row * o..(row + 1) * o],
+                    "T=1 (row {row}) I={i} O={o}, lanes {lanes}, split {split}"
+                );
+            }
+        }
         let max = want.iter().map(|v| v.abs()).max().unwrap();
         println!(
             "ternary_matmul T={t} I={i} O={o}: {} accumulators equal (max |acc| {max})",

@@ -12,8 +12,14 @@ pub const SOURCE: &str = include_str!("../../../../shaders/ternary_matmul.wgsl")
 /// tokens takes the first that covers T, else the last.
 const TOKEN_BLOCKS: [usize; 3] = [1, 4, 8];
 
-/// Packed rows per workgroup (the shader's `LANES`).
+/// Packed rows per workgroup (the shader's `LANES`) over several tokens.
 const LANES: usize = 32;
+
+/// Decoding (one token, TM = 1): packed rows per workgroup and invocations splitting K. Fewer
+/// rows per workgroup spread the matrix-vector product over 4x more workgroups (the shader's
+/// header says why); 8 x 32 = 256 invocations, WebGPU's default limit.
+const DECODE_LANES: usize = 8;
+const DECODE_SPLIT: usize = 32;
 
 /// Invocations sharing each output's K range (the shader's `SPLIT`, the workgroup's y size):
 /// 16 where the device allows workgroups of 512 invocations (measured on the H100 at T = 128:
@@ -41,6 +47,8 @@ pub struct TernaryMatmul {
     o: usize,
     split: usize,
     tm: Option<usize>,
+    /// (LANES, SPLIT) of the one-token kernel.
+    decode: (usize, usize),
 }
 
 impl TernaryMatmul {
@@ -72,7 +80,21 @@ impl TernaryMatmul {
             o,
             split,
             tm,
+            decode: (DECODE_LANES, DECODE_SPLIT),
         }
+    }
+
+    /// The one-token kernel (TM = 1) with `lanes` packed rows per workgroup (1 to 32) and
+    /// `split` invocations splitting K (lanes * split at most the device's invocations per
+    /// workgroup); benchmarks and tests. The results are the same, bit for bit.
+    pub fn with_decode_blocking(mut self, lanes: usize, split: usize) -> TernaryMatmul {
+        assert!(
+            (1..=32).contains(&lanes) && split >= 1,
+            "ternary_matmul: lanes 1..=32"
+        );
+        self.decode = (lanes, split);
+        self.kernels = Default::default();
+        self
     }
 
     pub fn encode(
@@ -114,6 +136,11 @@ impl TernaryMatmul {
         }
         .unwrap_or(TOKEN_BLOCKS.len() - 1);
         let tm = TOKEN_BLOCKS[b];
+        let (lanes, split) = if tm == 1 {
+            self.decode
+        } else {
+            (LANES, self.split)
+        };
         let kernel = self.kernels[b].get_or_init(|| {
             Kernel::new(
                 &self.device,
@@ -123,7 +150,8 @@ impl TernaryMatmul {
                     ("I", super::c(self.i)),
                     ("O", super::c(self.o)),
                     ("TM", super::c(tm)),
-                    ("SPLIT", super::c(self.split)),
+                    ("SPLIT", super::c(split)),
+                    ("LANES", super::c(lanes)),
                 ],
             )
         });
@@ -132,7 +160,7 @@ impl TernaryMatmul {
             &[
                 &dims, &xq.buffer, &sa.buffer, &w.buffer, &sw.buffer, &y.buffer,
             ],
-            [self.o.div_ceil(4).div_ceil(LANES), t.div_ceil(tm), 1],
+            [self.o.div_ceil(4).div_ceil(lanes), t.div_ceil(tm), 1],
         )
     }
 }
