@@ -215,22 +215,60 @@ pub fn ternary_matmul_fast(xq: &[i8], packed: &[u8], t: usize, i: usize, o: usiz
         "ternary_matmul_fast: packed is not (ceil(O/4), I)"
     );
     let mut acc = vec![0i32; t * o];
+    let threads = rayon::current_num_threads();
+    if threads > 1 && t < 4 * threads && o4 >= 2 * threads {
+        // Few tokens (decoding: one): blocks of tokens would leave threads idle, so the
+        // packed rows of W are split between the threads instead; each streams its share of
+        // W once. The sums are the same integers either way.
+        let per = o4.div_ceil(threads);
+        let starts: Vec<usize> = (0..o4).step_by(per).collect();
+        let parts: Vec<Vec<(usize, i32)>> = starts
+            .into_par_iter()
+            .map(|p0| {
+                let ps = p0..(p0 + per).min(o4);
+                let mut part = Vec::with_capacity(4 * t * ps.len());
+                ternary_matmul_block(xq, packed, i, o, ps, |r, row, v| {
+                    part.push((r * o + row, v))
+                });
+                part
+            })
+            .collect();
+        for (k, v) in parts.into_iter().flatten() {
+            acc[k] = v;
+        }
+        return acc;
+    }
     // Blocks of tokens on separate threads; each block streams the packed weight once.
     crate::par::rows(&mut acc, o, 4, |r0, out| {
         let rows = out.len() / o.max(1);
-        ternary_matmul_block(&xq[r0 * i..(r0 + rows) * i], packed, i, o, out)
+        ternary_matmul_block(
+            &xq[r0 * i..(r0 + rows) * i],
+            packed,
+            i,
+            o,
+            0..o4,
+            |r, row, v| out[r * o + row] = v,
+        )
     });
     acc
 }
 
-/// [`ternary_matmul_fast`] on a block of tokens: `out` (rows, O) for `xq` (rows, I).
-fn ternary_matmul_block(xq: &[i8], packed: &[u8], i: usize, o: usize, out: &mut [i32]) {
+/// [`ternary_matmul_fast`] on a block of tokens `xq` (rows, I) and the packed rows `ps` of W:
+/// `store(r, row, acc)` for each token r and output row of those packed rows.
+fn ternary_matmul_block(
+    xq: &[i8],
+    packed: &[u8],
+    i: usize,
+    o: usize,
+    ps: std::ops::Range<usize>,
+    store: impl FnMut(usize, usize, i32),
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { ternary_matmul_avx2(xq, packed, i, o, out) };
+        return unsafe { ternary_matmul_avx2(xq, packed, i, o, ps, store) };
     }
-    ternary_matmul_body(xq, packed, i, o, out)
+    ternary_matmul_body(xq, packed, i, o, ps, store)
 }
 
 /// The AVX2 kernel: per 32 input columns, the four rows' codes (0..=2) come out of the packed
@@ -239,7 +277,14 @@ fn ternary_matmul_block(xq: &[i8], packed: &[u8], i: usize, o: usize, out: &mut 
 /// 128 exact multiply-adds in about a dozen instructions; equal to the body bit for bit.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn ternary_matmul_avx2(xq: &[i8], packed: &[u8], i: usize, o: usize, acc: &mut [i32]) {
+fn ternary_matmul_avx2(
+    xq: &[i8],
+    packed: &[u8],
+    i: usize,
+    o: usize,
+    ps: std::ops::Range<usize>,
+    mut store: impl FnMut(usize, usize, i32),
+) {
     use std::arch::x86_64::*;
     let o4 = o.div_ceil(4);
     let t = xq.len() / i.max(1);
@@ -256,7 +301,7 @@ fn ternary_matmul_avx2(xq: &[i8], packed: &[u8], i: usize, o: usize, acc: &mut [
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
         _mm_cvtsi128_si32(s)
     };
-    for p in 0..o4 {
+    for p in ps {
         let w = &packed[p * i..(p + 1) * i];
         for r in 0..t {
             let x = &xq[r * i..(r + 1) * i];
@@ -291,7 +336,7 @@ fn ternary_matmul_avx2(xq: &[i8], packed: &[u8], i: usize, o: usize, acc: &mut [
             for (slot, &sum) in sums.iter().enumerate() {
                 let row = slot * o4 + p;
                 if row < o {
-                    acc[r * o + row] = sum - xsum[r];
+                    store(r, row, sum - xsum[r]);
                 }
             }
         }
@@ -301,14 +346,21 @@ fn ternary_matmul_avx2(xq: &[i8], packed: &[u8], i: usize, o: usize, acc: &mut [
 /// dot(x, T) = dot(x, code) - sum(x) with code = T + 1 in 0..=2, so the inner loop is one
 /// multiply-add per row; sum(x) is taken once per token.
 #[inline(always)]
-fn ternary_matmul_body(xq: &[i8], packed: &[u8], i: usize, o: usize, acc: &mut [i32]) {
+fn ternary_matmul_body(
+    xq: &[i8],
+    packed: &[u8],
+    i: usize,
+    o: usize,
+    ps: std::ops::Range<usize>,
+    mut store: impl FnMut(usize, usize, i32),
+) {
     let o4 = o.div_ceil(4);
     let t = xq.len() / i.max(1);
     let xsum: Vec<i32> = xq
         .chunks_exact(i)
         .map(|x| x.iter().map(|&v| v as i32).sum())
         .collect();
-    for p in 0..o4 {
+    for p in ps {
         let w = &packed[p * i..(p + 1) * i];
         for r in 0..t {
             let x = &xq[r * i..(r + 1) * i];
@@ -324,7 +376,7 @@ fn ternary_matmul_body(xq: &[i8], packed: &[u8], i: usize, o: usize, acc: &mut [
             for (slot, &sum) in sums.iter().enumerate() {
                 let row = slot * o4 + p;
                 if row < o {
-                    acc[r * o + row] = sum - xsum[r];
+                    store(r, row, sum - xsum[r]);
                 }
             }
         }
