@@ -85,6 +85,8 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<(Vec<Example>, &'static str)> {
             e.valid_up_to()
         ))
     })?;
+    // A byte-order mark (editors on Windows write one) is not text: JSONL after it is JSONL.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let first = text.lines().find(|l| !l.trim().is_empty());
     let Some(first) = first else {
         return Err(bad("is empty: give some text or JSONL to train on".into()));

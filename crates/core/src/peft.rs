@@ -104,6 +104,26 @@ pub fn read_adapter_config(file: &str, json: &[u8]) -> Result<LoraConfig> {
     {
         return Err(bad("bias must be \"none\"".into()));
     }
+    // Fields that change what the adapter means: silently ignoring them would apply it wrongly.
+    let set = |k: &str| match v.get(k) {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(m)) => !m.is_empty(),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    };
+    if set("layers_to_transform") {
+        return Err(bad(format!(
+            "layers_to_transform = {} (an adapter on some layers only) is not supported; bitlora adapters cover every layer",
+            v["layers_to_transform"]
+        )));
+    }
+    if set("modules_to_save") {
+        return Err(bad(format!(
+            "modules_to_save = {} (fully trained copies of whole modules) is not supported; only LoRA's A and B are read",
+            v["modules_to_save"]
+        )));
+    }
     for pattern in ["rank_pattern", "alpha_pattern"] {
         if v.get(pattern)
             .and_then(Value::as_object)
@@ -250,6 +270,23 @@ mod tests {
                 .contains("has shape [4, 64], expected [4, 32]"),
             "{e}"
         );
+        for (field, value) in [
+            ("layers_to_transform", "[0, 1]"),
+            ("layers_to_transform", "3"),
+            ("modules_to_save", "[\"lm_head\"]"),
+        ] {
+            let json = format!(
+                r#"{{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"{field}":{value}}}"#
+            );
+            let e = read_adapter_config("c.json", json.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains(&format!("{field} = ")), "{e}");
+        }
+        // null and empty mean "not used", as PEFT writes them.
+        read_adapter_config(
+            "c.json",
+            br#"{"r":4,"lora_alpha":8,"target_modules":["q_proj"],"layers_to_transform":null,"modules_to_save":[]}"#,
+        )
+        .unwrap();
         let e = read_adapter_config("c.json", br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"use_dora":true}"#).unwrap_err();
         assert!(e.to_string().contains("use_dora"), "{e}");
         let e = read_adapter_config(

@@ -211,6 +211,22 @@ fn validation_is_bounded() {
     assert_eq!(data::sample(all.train.clone(), 0, 7), all.train);
 }
 
+/// A UTF-8 byte-order mark before JSONL is not text: the file is still read as JSONL (it was
+/// trained on as plain text, mark and braces included).
+#[test]
+fn a_byte_order_mark_is_not_text() {
+    let (ex, format) = data::parse(
+        "bom.jsonl",
+        "\u{feff}{\"prompt\": \"a\", \"completion\": \"b\"}\n".as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(format, "jsonl-prompt-completion");
+    assert_eq!(ex.len(), 1);
+    let (ex, format) = data::parse("bom.txt", "\u{feff}plain words".as_bytes()).unwrap();
+    assert_eq!(format, "text");
+    assert_eq!(ex, vec![data::Example::Text("plain words".into())]);
+}
+
 #[test]
 fn bad_data_is_named() {
     let e = data::parse("empty.txt", b"  \n\n ").unwrap_err();
