@@ -96,6 +96,11 @@ enum Data {
     U8(Vec<u8>),
     /// A master projection quantized on arrival (its shape was the expected one).
     Linear(TernaryLinear),
+    /// A master projection that held a NaN or an infinity (not quantized: the error's).
+    NonFinite {
+        index: usize,
+        value: f32,
+    },
     /// A dtype no tensor of the model can have: only its name is kept, for the error.
     Other,
 }
@@ -209,10 +214,17 @@ impl ModelBuilder {
                 Data::U8(v)
             }
             (_, None, _) => Data::Other,
-            (_, Some(size), Some((o, i))) if shape == [o, i] => floats(size, &mut read)
-                .map_or(Data::Other, |w| {
-                    Data::Linear(TernaryLinear::from_master(&w, o, i))
-                }),
+            (_, Some(size), Some((o, i))) if shape == [o, i] => {
+                floats(size, &mut read).map_or(Data::Other, |w| {
+                    match w.iter().position(|x| !x.is_finite()) {
+                        Some(index) => Data::NonFinite {
+                            index,
+                            value: w[index],
+                        },
+                        None => Data::Linear(TernaryLinear::from_master(&w, o, i)),
+                    }
+                })
+            }
             (_, Some(size), _) => floats(size, &mut read).map_or(Data::Other, Data::F32),
         };
         self.got.insert(
@@ -287,6 +299,11 @@ impl TensorSource for ModelBuilder {
     fn master_linear(&mut self, name: &str, o: usize, i: usize) -> Result<TernaryLinear> {
         let slot = self.take(name, &[o, i])?;
         match slot.data {
+            Data::NonFinite { index, value } => Err(Error::BadValue {
+                file: self.file_of(name),
+                name: name.to_string(),
+                what: model::non_finite(index, value),
+            }),
             Data::Linear(lin) => Ok(lin),
             _ => Err(self.dtype_error(name, &slot, "F32, BF16 or F16")),
         }

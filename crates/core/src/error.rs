@@ -32,7 +32,7 @@ pub enum Error {
     NotSafetensors { file: String, msg: String },
 
     #[error(
-        "{file}: truncated: the header says the tensor data needs {expected} bytes but the file has {actual}; download it again"
+        "{file}: truncated: the header says the tensor data needs {expected} bytes but the file has {actual} (an interrupted download or copy: get the file again)"
     )]
     Truncated {
         file: String,
@@ -58,9 +58,7 @@ pub enum Error {
 
     /// A tensor whose contents (not its shape or dtype) cannot be a BitNet weight: an invalid
     /// packed code, a scale that is not a positive number. Bad input, not a bug.
-    #[error(
-        "{file}: tensor `{name}` {what}; the file is damaged or not a BitNet checkpoint: download it again"
-    )]
+    #[error("{file}: tensor `{name}` {what}; the file is damaged or not a BitNet checkpoint")]
     BadValue {
         file: String,
         name: String,

@@ -495,6 +495,11 @@ fn lora_linear(layer: &LayerParams, p: Proj, lora: Option<&Lora>, l: usize, x: &
     y
 }
 
+/// What a tensor holding a NaN or an infinity is told ([`Error::BadValue`]'s `what`).
+pub(crate) fn non_finite(index: usize, value: f32) -> String {
+    format!("holds {value} at element {index}; a model's weights must be finite numbers")
+}
+
 /// Where loading takes tensors from: the parsed files ([`WeightFiles`]) or the tensors handed
 /// over one at a time ([`crate::builder::ModelBuilder`]). Each tensor is asked for once.
 pub(crate) trait TensorSource {
@@ -502,9 +507,27 @@ pub(crate) trait TensorSource {
     fn f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
     /// A u8 tensor (packed ternary weights), its shape checked.
     fn u8(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>>;
+    /// A float tensor whose every value must be finite: a NaN or an infinity in a model's
+    /// weights makes every output junk, so it is refused at load with where it is (a damaged
+    /// or wrongly converted file) instead of generating nonsense.
+    fn f32_finite(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let v = self.f32(name, shape)?;
+        if let Some(k) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::BadValue {
+                file: self.file_of(name),
+                name: name.to_string(),
+                what: non_finite(k, v[k]),
+            });
+        }
+        Ok(v)
+    }
     /// A master-weight projection (O, I), quantized to ternary.
     fn master_linear(&mut self, name: &str, o: usize, i: usize) -> Result<TernaryLinear> {
-        Ok(TernaryLinear::from_master(&self.f32(name, &[o, i])?, o, i))
+        Ok(TernaryLinear::from_master(
+            &self.f32_finite(name, &[o, i])?,
+            o,
+            i,
+        ))
     }
     /// The file a tensor lives in (for error messages).
     fn file_of(&self, name: &str) -> String;
@@ -526,20 +549,20 @@ impl TensorSource for WeightFiles<'_> {
 /// reported is the same.
 pub(crate) fn assemble(config: Config, w: &mut impl TensorSource) -> Result<Model> {
     let (v, c) = (config.vocab_size, config.hidden_size);
-    let embed_tokens = w.f32("model.embed_tokens.weight", &[v, c])?;
+    let embed_tokens = w.f32_finite("model.embed_tokens.weight", &[v, c])?;
     let layers = (0..config.num_hidden_layers)
         .map(|l| load_layer(w, &config, l))
         .collect::<Result<Vec<_>>>()?;
     let lm_head = if config.tie_word_embeddings {
         None
     } else {
-        Some(w.f32("lm_head.weight", &[v, c])?)
+        Some(w.f32_finite("lm_head.weight", &[v, c])?)
     };
     Ok(Model {
         params: Params {
             embed_tokens,
             layers,
-            norm: w.f32("model.norm.weight", &[c])?,
+            norm: w.f32_finite("model.norm.weight", &[c])?,
             lm_head,
         },
         config,
@@ -582,7 +605,7 @@ fn load_layer(w: &mut impl TensorSource, cfg: &Config, l: usize) -> Result<Layer
         .collect::<Result<Vec<_>>>()?
         .into_iter();
     let mut take = || lin.next().expect("projections() lists seven");
-    let mut norm = |name: &str, n: usize| w.f32(&format!("{pre}{name}.weight"), &[n]);
+    let mut norm = |name: &str, n: usize| w.f32_finite(&format!("{pre}{name}.weight"), &[n]);
     Ok(LayerParams {
         input_layernorm: norm("input_layernorm", cfg.hidden_size)?,
         q_proj: take(),

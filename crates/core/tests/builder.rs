@@ -471,3 +471,37 @@ fn a_config_claiming_a_billion_layers_costs_nothing_until_the_weights_disagree()
     assert_eq!(streamed.to_string(), whole.to_string());
     assert!(streamed.to_string().contains("is missing"), "{streamed}");
 }
+
+/// A NaN or an infinity in a model's float weights (embedding, a norm, the head, a master
+/// projection) is refused at load, naming the tensor, by both loaders: such a model only ever
+/// generated junk (with exit 0).
+#[test]
+fn non_finite_weights_are_refused_at_load() {
+    let (json, all) = tensors(false);
+    let cfg = json.as_bytes();
+    for (name, bad) in [
+        ("model.embed_tokens.weight", f32::NAN),
+        (
+            "model.layers.1.post_attention_layernorm.weight",
+            f32::INFINITY,
+        ),
+        ("lm_head.weight", f32::NEG_INFINITY),
+        ("model.norm.weight", f32::NAN),
+        ("model.layers.0.self_attn.q_proj.weight", f32::NAN),
+    ] {
+        let t = all.iter().find(|t| t.name == name).unwrap();
+        let n: usize = t.shape.iter().product();
+        let mut v = vec![0.25f32; n];
+        v[n / 2] = bad;
+        let bytes = edit(&all, name, |t| Some(OwnedTensor::f32(name, &t.shape, &v)));
+        let files = [("model.safetensors", bytes.as_slice())];
+        let whole = Model::from_bytes("config.json", cfg, &files)
+            .err()
+            .unwrap()
+            .to_string();
+        let streamed = build(cfg, &files).err().unwrap().to_string();
+        println!("{name} = {bad}: {whole}");
+        assert_eq!(whole, streamed);
+        assert!(whole.contains(name) && whole.contains("finite"), "{whole}");
+    }
+}
