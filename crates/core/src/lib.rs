@@ -6,6 +6,8 @@ pub mod builder;
 pub mod config;
 pub mod data;
 pub mod error;
+/// Entry points for the fuzz targets in `fuzz/` and their corpus replay.
+pub mod fuzzing;
 pub mod generate;
 pub mod lora;
 pub mod merge;

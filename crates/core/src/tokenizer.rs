@@ -15,13 +15,118 @@ pub struct Tokenizer {
     file: String,
 }
 
+/// Every TemplateProcessing in a post-processor (as JSON; Sequence ones nest them) names only
+/// special tokens it defines, each with as many ids as tokens.
+fn check_templates(v: &serde_json::Value) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    match v {
+        Value::Object(o) => {
+            if o.get("type").and_then(Value::as_str) == Some("TemplateProcessing") {
+                let specials = o.get("special_tokens").and_then(Value::as_object);
+                let pieces = ["single", "pair"]
+                    .into_iter()
+                    .filter_map(|k| o.get(k)?.as_array())
+                    .flatten();
+                for piece in pieces {
+                    let Some(id) = piece.pointer("/SpecialToken/id").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    let Some(t) = specials.and_then(|s| s.get(id)) else {
+                        return Err(format!(
+                            "a template uses special token \"{id}\", which special_tokens lacks"
+                        ));
+                    };
+                    let len = |k: &str| t.get(k).and_then(Value::as_array).map(Vec::len);
+                    if len("ids") != len("tokens") {
+                        return Err(format!(
+                            "special token \"{id}\" has not as many ids as tokens"
+                        ));
+                    }
+                }
+            }
+            o.values().try_for_each(check_templates)
+        }
+        Value::Array(a) => a.iter().try_for_each(check_templates),
+        _ => Ok(()),
+    }
+}
+
+/// Any JSON value, checked as `serde_json` checks it when deserializing strings (UTF-8,
+/// escapes), without building it.
+struct ValidJson;
+
+impl<'de> serde::Deserialize<'de> for ValidJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(ValidJson)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ValidJson {
+    type Value = ValidJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<ValidJson, A::Error> {
+        while seq.next_element::<ValidJson>()?.is_some() {}
+        Ok(ValidJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<ValidJson, A::Error> {
+        while map.next_entry::<ValidJson, ValidJson>()?.is_some() {}
+        Ok(ValidJson)
+    }
+}
+
 impl Tokenizer {
     /// Parses a `tokenizer.json`; `file` names it in errors.
     pub fn from_bytes(file: &str, json: &[u8]) -> Result<Tokenizer> {
+        // tokenizers 0.22 panics ("Helper") on a syntax error or invalid UTF-8 inside the
+        // `decoder` object instead of returning it (found by fuzz/'s tokenizer target): check
+        // the whole file first.
+        serde_json::from_slice::<ValidJson>(json).map_err(|e| Error::Tokenizer {
+            file: file.to_string(),
+            msg: format!("not a tokenizers JSON file: {e}"),
+        })?;
         let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| Error::Tokenizer {
             file: file.to_string(),
             msg: format!("not a tokenizers JSON file: {e}"),
         })?;
+        // Nor does it check, when reading a TemplateProcessing post-processor, that the special
+        // tokens its templates name exist: encoding then panics (fuzz/ again).
+        if let Some(pp) = inner.get_post_processor() {
+            let pp = serde_json::to_value(pp).map_err(|e| Error::Tokenizer {
+                file: file.to_string(),
+                msg: e.to_string(),
+            })?;
+            check_templates(&pp).map_err(|msg| Error::Tokenizer {
+                file: file.to_string(),
+                msg: format!("post_processor: {msg}"),
+            })?;
+        }
         Ok(Tokenizer {
             inner,
             file: file.to_string(),
