@@ -19,13 +19,13 @@
 //
 // Blocking. A workgroup is LANES x SPLIT invocations and owns LANES consecutive packed rows p
 // (4 LANES outputs) for TM consecutive tokens. LANES is 32 over many tokens (a warp's loads of
-// weight words are 128 contiguous bytes); decoding (T = 1) uses fewer (8: 32 contiguous bytes
-// per k, a whole 32-byte memory sector) and a longer K split, because there the workgroups are
-// the only parallelism: ceil(O4 / 32) of them (16 for a 2048-wide projection) leave most of a
-// large GPU idle on a memory-bound matrix-vector product, ceil(O4 / 8) spread it 4x
-// wider. Invocation (x, y) owns row p = LANES*group + x and the words k = y, y + SPLIT,
-// y + 2*SPLIT, ...: per word it loads one weight word (coalesced along x: LANES consecutive
-// words) and TM activation words (the same address across x: one broadcast
+// weight words are 128 contiguous bytes). Decoding (T = 1) uses 4 and a longer K split:
+// there the workgroups are the only parallelism, and ceil(O4 / 32) of them (16 for a
+// 2048-wide projection) leave most of a large GPU idle on a memory-bound matrix-vector
+// product; 4 rows (16 bytes per k, the neighbouring workgroup reading the sector's other half
+// from L2) spread it 8x wider. Invocation (x, y) owns row p = LANES*group + x and the words
+// k = y, y + SPLIT, y + 2*SPLIT, ...: per word it loads one weight word (coalesced along x:
+// LANES consecutive words) and TM activation words (the same address across x: one broadcast
 // load), and does 4 * TM dot4I8Packed. The SPLIT partial sums of each output are added in
 // workgroup memory (atomicAdd on i32: exact, order-free), then the workgroup writes its
 // 4 LANES x TM outputs. Splitting K is what gives a GPU enough invocations at T = 128 (O4/32 *

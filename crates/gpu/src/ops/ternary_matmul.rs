@@ -16,10 +16,12 @@ const TOKEN_BLOCKS: [usize; 3] = [1, 4, 8];
 const LANES: usize = 32;
 
 /// Decoding (one token, TM = 1): packed rows per workgroup and invocations splitting K. Fewer
-/// rows per workgroup spread the matrix-vector product over 4x more workgroups (the shader's
-/// header says why); 8 x 32 = 256 invocations, WebGPU's default limit.
-const DECODE_LANES: usize = 8;
-const DECODE_SPLIT: usize = 32;
+/// rows per workgroup spread the matrix-vector product over 8x more workgroups (the shader's
+/// header says why); 4 x 64 = 256 invocations, WebGPU's default limit. Measured on the H100
+/// (`BITLORA_BENCH_SWEEP=1 bench ternary --prompt-len 1`, BENCHMARKS.md): 7.5-8.9 us per 1b
+/// projection against 12.8-18.1 us with the 32 x 16 blocking of many tokens; 8 x 32 was 8.9-11.4.
+const DECODE_LANES: usize = 4;
+const DECODE_SPLIT: usize = 64;
 
 /// Invocations sharing each output's K range (the shader's `SPLIT`, the workgroup's y size):
 /// 16 where the device allows workgroups of 512 invocations (measured on the H100 at T = 128:
