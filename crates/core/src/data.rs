@@ -165,7 +165,7 @@ fn tokenize(
     Ok(match ex {
         Example::Text(t) => {
             let mut ids: Vec<(u32, bool)> = tok
-                .encode(t, true)?
+                .encode_long(t, true)?
                 .into_iter()
                 .map(|i| (i, true))
                 .collect();

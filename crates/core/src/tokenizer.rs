@@ -13,6 +13,11 @@ use crate::error::{Error, Result};
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     file: String,
+    /// Whether a long text may be encoded piece by piece, cut after a lone newline
+    /// ([`Tokenizer::encode_long`]): no normalizer, a pre-tokenizer of regex splits and byte
+    /// level (GPT-2, LLaMA 3, bitlora's own) whose pieces never span such a cut, a BPE model,
+    /// and special tokens added only in front.
+    splits_at_newlines: bool,
 }
 
 /// Every TemplateProcessing in a post-processor (as JSON; Sequence ones nest them) names only
@@ -101,6 +106,23 @@ impl<'de> serde::de::Visitor<'de> for ValidJson {
     }
 }
 
+/// The first cut at or after byte `from`: just after a `\n` that a non-space precedes and a
+/// non-space follows (None: no such newline).
+fn lone_newline_after(text: &str, from: usize) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut p = from.max(2);
+    while p < bytes.len() {
+        let q = p + bytes[p..].iter().position(|&b| b == b'\n')? + 1; // just after a newline
+        let before = text[..q - 1].chars().next_back();
+        let after = text.get(q..).and_then(|s| s.chars().next());
+        if before.is_some_and(|c| !c.is_whitespace()) && after.is_some_and(|c| !c.is_whitespace()) {
+            return Some(q);
+        }
+        p = q;
+    }
+    None
+}
+
 impl Tokenizer {
     /// Parses a `tokenizer.json`; `file` names it in errors.
     pub fn from_bytes(file: &str, json: &[u8]) -> Result<Tokenizer> {
@@ -127,10 +149,59 @@ impl Tokenizer {
                 msg: format!("post_processor: {msg}"),
             })?;
         }
-        Ok(Tokenizer {
+        let mut t = Tokenizer {
             inner,
             file: file.to_string(),
-        })
+            splits_at_newlines: false,
+        };
+        t.splits_at_newlines = t.pieces_split_at_newlines();
+        Ok(t)
+    }
+
+    /// See `splits_at_newlines`.
+    fn pieces_split_at_newlines(&self) -> bool {
+        use serde_json::Value;
+        let json = |v: Option<Value>| v.unwrap_or(Value::Null);
+        let normalizer = json(
+            self.inner
+                .get_normalizer()
+                .and_then(|n| serde_json::to_value(n).ok()),
+        );
+        let pre = json(
+            self.inner
+                .get_pre_tokenizer()
+                .and_then(|p| serde_json::to_value(p).ok()),
+        );
+        let kind = |v: &Value| v.get("type").and_then(Value::as_str).map(str::to_string);
+        let parts: Vec<Value> = match kind(&pre).as_deref() {
+            Some("Sequence") => pre
+                .get("pretokenizers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            Some(_) => vec![pre.clone()],
+            None => return false,
+        };
+        // Byte level with its regex (or after a regex Split), digits apart: every piece of
+        // such a pre-tokenizer ends at a newline that a non-space follows.
+        let byte_level = parts.iter().any(|p| {
+            kind(p).as_deref() == Some("ByteLevel")
+                && (p.get("use_regex").and_then(Value::as_bool) != Some(false)
+                    || parts.iter().any(|q| kind(q).as_deref() == Some("Split")))
+                && p.get("add_prefix_space").and_then(Value::as_bool) != Some(true)
+        });
+        let known = parts
+            .iter()
+            .all(|p| matches!(kind(p).as_deref(), Some("ByteLevel" | "Digits" | "Split")));
+        let bpe = serde_json::to_value(self.inner.get_model())
+            .ok()
+            .and_then(|m| kind(&m))
+            .as_deref()
+            == Some("BPE");
+        // Special tokens only in front (a BOS), none after the text.
+        let (with, without) = (self.encode("a\nb", true), self.encode("a\nb", false));
+        let front_only = matches!((with, without), (Ok(w), Ok(o)) if w.ends_with(&o));
+        normalizer.is_null() && byte_level && known && bpe && front_only
     }
 
     /// Vocabulary size including added tokens.
@@ -145,6 +216,40 @@ impl Tokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| self.err(e))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// [`Tokenizer::encode`] of a long text in bounded memory: `tokenizers` keeps ~100 bytes
+    /// per byte of text while it encodes (alignments, offsets, token strings), so a 30 MB
+    /// file would not fit the page's 4 GiB. Where the tokenizer's pieces never span a lone
+    /// newline between two non-spaces (`splits_at_newlines`), the text is encoded 64 KiB at a
+    /// time, cut after such a newline: the same ids (tests compare them); otherwise whole.
+    pub fn encode_long(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.encode_in_pieces(text, add_special_tokens, 1 << 16)
+    }
+
+    /// Whether [`Tokenizer::encode_long`] encodes in pieces (else whole).
+    pub fn encodes_in_pieces(&self) -> bool {
+        self.splits_at_newlines
+    }
+
+    /// [`Tokenizer::encode_long`] with pieces of about `piece` bytes (tests use small ones).
+    pub fn encode_in_pieces(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        piece: usize,
+    ) -> Result<Vec<u32>> {
+        if !self.splits_at_newlines || text.len() <= piece {
+            return self.encode(text, add_special_tokens);
+        }
+        let mut ids = Vec::new();
+        let mut start = 0;
+        while start < text.len() {
+            let end = lone_newline_after(text, start + piece.max(1)).unwrap_or(text.len());
+            ids.extend(self.encode(&text[start..end], add_special_tokens && start == 0)?);
+            start = end;
+        }
+        Ok(ids)
     }
 
     /// Token ids with each token's byte span in `text` (special tokens added by the

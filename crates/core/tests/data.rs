@@ -250,3 +250,46 @@ fn bad_data_is_named() {
     let e = data::parse("bin.dat", &[0xff, 0xfe, 0x00]).unwrap_err();
     assert!(e.to_string().contains("not UTF-8"), "{e}");
 }
+
+/// A long text is encoded in pieces cut after lone newlines (bounded memory): the same ids as
+/// one encode of the whole, for the LLaMA-3 tokenizer and the default model's, on text with
+/// blank lines, indented lines, digits, punctuation before newlines and non-ASCII. (A tokenizer
+/// whose pieces could span a cut, e.g. a Metaspace one, is encoded whole.)
+#[test]
+fn long_text_in_pieces_equals_the_whole() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let devil = std::fs::read_to_string(root.join("data/devil/train.jsonl")).unwrap();
+    let mut text = String::new();
+    for (k, line) in devil.lines().take(300).enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let sep = [
+            "\n", "\n\n", "\n  ", ".\n", " \n", "\n\n\n", "\r\n", "\n1984 ",
+        ][k % 8];
+        text.push_str(v["prompt"].as_str().unwrap());
+        text.push(' ');
+        text.push_str(v["completion"].as_str().unwrap());
+        text.push_str(sep);
+        if k % 37 == 0 {
+            text.push_str("naïve café — 東京\n");
+        }
+    }
+    let default = Tokenizer::from_bytes(
+        "tokenizer.json",
+        &std::fs::read(root.join("web/models/default/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    for (name, tok) in [("llama3", llama3().0), ("default", default)] {
+        assert!(tok.encodes_in_pieces(), "{name} is encoded whole");
+        let whole = tok.encode(&text, true).unwrap();
+        for piece in [1, 97, 1000, 1 << 16] {
+            let pieces = tok.encode_in_pieces(&text, true, piece).unwrap();
+            assert_eq!(pieces, whole, "{name}: pieces of ~{piece} bytes");
+        }
+        assert_eq!(tok.encode_long(&text, true).unwrap(), whole);
+        println!(
+            "{name}: {} bytes, {} tokens, equal in pieces",
+            text.len(),
+            whole.len()
+        );
+    }
+}
