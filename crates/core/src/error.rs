@@ -16,6 +16,10 @@ pub enum Error {
     #[error("{file}: not valid JSON: {msg}")]
     Json { file: String, msg: String },
 
+    /// A sharded model's `model.safetensors.index.json` that is JSON but not a usable index.
+    #[error("{file}: {msg}")]
+    ShardIndex { file: String, msg: String },
+
     #[error("{file}: field `{field}` {problem}")]
     ConfigField {
         file: String,

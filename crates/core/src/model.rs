@@ -453,12 +453,14 @@ impl Model {
 /// The shard files a `model.safetensors.index.json` lists in its `weight_map`, each once,
 /// sorted. Shard names must be plain file names, as transformers writes them.
 pub fn shard_names(file: &str, index_json: &[u8]) -> Result<Vec<String>> {
-    let bad = |msg: String| Error::Json {
+    let v: serde_json::Value = serde_json::from_slice(index_json).map_err(|e| Error::Json {
+        file: file.to_string(),
+        msg: e.to_string(),
+    })?;
+    let bad = |msg: String| Error::ShardIndex {
         file: file.to_string(),
         msg,
     };
-    let v: serde_json::Value =
-        serde_json::from_slice(index_json).map_err(|e| bad(e.to_string()))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())

@@ -505,3 +505,23 @@ fn non_finite_weights_are_refused_at_load() {
         assert!(whole.contains(name) && whole.contains("finite"), "{whole}");
     }
 }
+
+/// A sharded model's index that is JSON but names a bad shard says what is wrong with it, not
+/// "not valid JSON" (as it once did); broken JSON still says so.
+#[test]
+fn a_bad_shard_index_names_its_problem() {
+    let e = bitlora_core::model::shard_names(
+        "model.safetensors.index.json",
+        br#"{"weight_map": {"model.embed_tokens.weight": "../x.safetensors"}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        !e.contains("not valid JSON") && e.contains("is not a plain file name"),
+        "{e}"
+    );
+    let e = bitlora_core::model::shard_names("model.safetensors.index.json", b"{\"weight_map\": ")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not valid JSON"), "{e}");
+}
