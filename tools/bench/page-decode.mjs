@@ -12,7 +12,8 @@
 // WebGPU is SwiftShader in headless Chromium (--enable-unsafe-webgpu), asked for with
 // ?backend=webgpu (the page passes a software adapter over by default); "cpu" is ?backend=cpu
 // in the same browser: the wasm (SIMD128) path.
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
+import { serve } from './serve.mjs';
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
@@ -45,18 +46,6 @@ function modelFiles(model) {
   return ['config.json', 'model.safetensors'].map((f) => path.join(dir, f));
 }
 
-function serve() {
-  return new Promise((resolve, reject) => {
-    const child = spawn(BIN, ['serve', '--port', '0'], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    child.on('error', reject);
-    child.stdout.on('data', (d) => {
-      out += d;
-      const m = out.match(/at (http:\/\/127\.0\.0\.1:\d+\/)/);
-      if (m) resolve({ url: m[1], stop: () => child.kill() });
-    });
-  });
-}
 
 async function measure(server, browser, model, backend) {
   const context = await browser.newContext();
@@ -95,7 +84,7 @@ async function measure(server, browser, model, backend) {
   }
 }
 
-const server = await serve();
+const server = await serve(REPO, BIN);
 const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', headless: true, args: FLAGS });
 const results = new Map();
 try {

@@ -14,7 +14,7 @@
 // ?backend=webgpu (by default the page passes a software adapter over for the CPU); --cpu trains
 // on the CPU fallback instead; --backends webgpu,cpu measures both, interleaved (the CPU one as
 // ?backend=cpu in the same WebGPU-enabled browser: the same wasm the fallback runs).
-import { spawn } from 'node:child_process';
+import { serve } from './serve.mjs';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
@@ -44,18 +44,6 @@ const DATA = readFileSync(path.join(REPO, 'data/devil/train.jsonl'), 'utf8').spl
 const CONFIG = { steps: 6, context: 32, rank: 8, alpha: 16, lr: 1e-3, batch: 1, evalEvery: 0, valFraction: 0.1, seed: 3, checkpointEvery: 0 };
 const FLAGS = ['--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'];
 
-function serve(dir, bin) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(bin, ['serve', '--port', '0'], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    child.on('error', reject);
-    child.stdout.on('data', (d) => {
-      out += d;
-      const m = out.match(/at (http:\/\/127\.0\.0\.1:\d+\/)/);
-      if (m) resolve({ url: m[1], stop: () => child.kill() });
-    });
-  });
-}
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 

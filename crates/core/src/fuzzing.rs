@@ -12,11 +12,11 @@
 
 use std::sync::OnceLock;
 
-use crate::config::{Activation, Config, Layout, WeightFormat};
+use crate::config::Config;
 use crate::data::{self, DataOptions, Dataset, Sequence};
 use crate::lora::{Lora, LoraConfig};
 use crate::model::{KvCache, Model};
-use crate::optim::{AdamWConfig, Schedule};
+use crate::optim::AdamWConfig;
 use crate::tokenizer::{ChatTemplate, Message, TextStream, Tokenizer};
 use crate::trainer::{Checkpoint, CpuBackend, TrainOptions, Trainer};
 use crate::weights::{self, WeightFiles};
@@ -83,14 +83,8 @@ pub fn fuzz_config() -> Config {
         num_key_value_heads: 1,
         head_dim: 8,
         max_position_embeddings: 32,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        hidden_act: Activation::Relu2,
-        tie_word_embeddings: false,
-        weight_format: WeightFormat::Master,
-        layout: Layout::BitNet,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
+        // The rest as the bundled tiny model (eps, theta, relu2, untied, master weights).
+        ..crate::model::tiny_config()
     }
 }
 
@@ -127,14 +121,9 @@ pub fn fuzz_dataset() -> Dataset {
 pub fn fuzz_train_options() -> (AdamWConfig, TrainOptions) {
     let optim = AdamWConfig {
         lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        max_grad_norm: Some(1.0),
-        schedule: Schedule::Cosine,
         warmup_steps: 1,
         total_steps: 4,
+        ..AdamWConfig::default()
     };
     let options = TrainOptions {
         steps: 4,
