@@ -18,6 +18,7 @@ pub mod par;
 pub mod peft;
 pub mod quant;
 pub mod rng;
+pub mod template_limits;
 pub mod tokenizer;
 pub mod tolerance;
 pub mod train;

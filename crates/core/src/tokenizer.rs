@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::template_limits;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -411,21 +412,32 @@ impl ChatTemplate {
             eos_token: token("eos_token"),
             file: file.to_string(),
         };
-        t.env()?; // fail now on a template that does not parse
+        t.env(&template_limits::Meter::new(0))?; // fail now on a template that does not parse
         Ok(Some(t))
     }
 
-    fn env(&self) -> Result<minijinja::Environment<'_>> {
+    fn env(
+        &self,
+        meter: &std::sync::Arc<template_limits::Meter>,
+    ) -> Result<minijinja::Environment<'_>> {
         let mut env = minijinja::Environment::new();
         // A template is a model's file, so untrusted: its loops are bounded by fuel (real chat
         // templates spend a few thousand units on a long conversation; a nested
-        // range(100000) loop once hung the CLI and the page).
+        // range(100000) loop once hung the CLI and the page), the bytes it builds by a budget
+        // (template_limits: 40 string doublings once took 6.3 GB).
         env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        template_limits::install(&mut env, meter);
+        template_limits::check_constants(&self.source).map_err(|e| self.err(e))?;
         env.add_function(
             "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
+            |msg: minijinja::Value| -> std::result::Result<String, minijinja::Error> {
+                // The message is the template's: a short one (it may be any value).
+                let msg = match msg.as_str() {
+                    Some(s) => s.chars().take(500).collect::<String>(),
+                    None => format!("({})", msg.kind()),
+                };
                 Err(minijinja::Error::new(
                     minijinja::ErrorKind::InvalidOperation,
                     msg,
@@ -447,14 +459,44 @@ impl ChatTemplate {
     /// The prompt text for `messages`; with `add_generation_prompt`, ends where the assistant's
     /// reply begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let env = self.env()?;
+        use minijinja::machinery;
+        let input: usize = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum::<usize>()
+            + self.bos_token.len()
+            + self.eos_token.len();
+        let meter = template_limits::Meter::new(
+            template_limits::BUDGET_BASE
+                .saturating_add(input.saturating_mul(template_limits::BUDGET_PER_INPUT_BYTE)),
+        );
+        let env = self.env(&meter)?;
         let tmpl = env.get_template("chat").map_err(|e| self.err(e))?;
-        tmpl.render(minijinja::context! {
+        // minijinja's own render (Template::render) runs exactly this Vm::eval, on the
+        // instructions before the checks were inserted.
+        let compiled = machinery::get_compiled_template(&tmpl);
+        let instructions = template_limits::metered(&compiled.instructions);
+        let blocks = compiled
+            .blocks
+            .iter()
+            .map(|(name, b)| (*name, template_limits::metered(b)))
+            .collect();
+        let root = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
-        })
-        .map_err(|e| self.err(e))
+        };
+        let mut text = String::new();
+        machinery::Vm::new(&env)
+            .eval(
+                &instructions,
+                root,
+                &blocks,
+                &mut machinery::make_string_output(&mut text),
+                compiled.initial_auto_escape,
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(text)
     }
 }
