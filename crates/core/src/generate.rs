@@ -116,7 +116,7 @@ impl Sampler {
         let max = l[idx[0] as usize];
         let mut probs: Vec<f64> = idx
             .iter()
-            .map(|&i| ((l[i as usize] - max) as f64).exp())
+            .map(|&i| libm::exp((l[i as usize] - max) as f64))
             .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);

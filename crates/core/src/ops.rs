@@ -2,6 +2,12 @@
 //! tested against these on awkward sizes. Sums that feed a normalisation or softmax are
 //! accumulated in f32 in index order, as a straightforward implementation would.
 //!
+//! Transcendentals (exp, log, pow, sin, cos) come from the `libm` crate, not std: std's call
+//! the platform's C library (glibc natively, a musl port in wasm), which round differently in
+//! the last bit (0.8% of the default model's RoPE cos entries and 1.3% of its sin entries). The RoPE tables are uploaded to
+//! the GPU, so with std the page and the CLI fed the same kernels different inputs and an int8
+//! activation code could flip between them (issue 12). One implementation keeps them equal.
+//!
 //! Dimension letters: T tokens, C channels, F ffn, V vocab, NH heads, NKV kv-heads, HS head size.
 
 use crate::config::Activation;
@@ -37,11 +43,11 @@ pub fn rope_tables_from(start: usize, t: usize, hs: usize, theta: f32) -> (Vec<f
     let mut cos = vec![0f32; t * half];
     let mut sin = vec![0f32; t * half];
     for j in 0..half {
-        let inv_freq = 1.0 / theta.powf((2 * j) as f32 / hs as f32);
+        let inv_freq = 1.0 / libm::powf(theta, (2 * j) as f32 / hs as f32);
         for p in 0..t {
             let angle = (start + p) as f32 * inv_freq;
-            cos[p * half + j] = angle.cos();
-            sin[p * half + j] = angle.sin();
+            cos[p * half + j] = libm::cosf(angle);
+            sin[p * half + j] = libm::sinf(angle);
         }
     }
     (cos, sin)
@@ -124,7 +130,7 @@ pub fn attention_cached(
             }
             let mut denom = 0f32;
             for s in scores.iter_mut().take(visible) {
-                *s = (*s - max).exp();
+                *s = libm::expf(*s - max);
                 denom += *s;
             }
             let oi = &mut out[i * qw + h * hs..i * qw + (h + 1) * hs];
@@ -155,7 +161,7 @@ pub fn gated_act(gate: &[f32], up: &[f32], act: Activation) -> Vec<f32> {
                     let r = g.max(0.0);
                     r * r
                 }
-                Activation::Silu => g / (1.0 + (-g).exp()),
+                Activation::Silu => g / (1.0 + libm::expf(-g)),
             };
             a * u
         })
@@ -329,7 +335,7 @@ pub fn add_in_place(a: &mut [f32], b: &[f32]) {
 /// most likely first (ties broken by the lower token id).
 pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let denom: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let denom: f64 = logits.iter().map(|&l| libm::exp((l - max) as f64)).sum();
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     idx.sort_by(|&a, &b| {
         logits[b as usize]
@@ -341,7 +347,7 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
         .map(|i| {
             (
                 i,
-                (((logits[i as usize] - max) as f64).exp() / denom) as f32,
+                (libm::exp((logits[i as usize] - max) as f64) / denom) as f32,
             )
         })
         .collect()

@@ -79,7 +79,7 @@ impl AdamWConfig {
                 Schedule::Constant => 1.0,
                 Schedule::Linear => (1.0 - progress).max(0.0),
                 Schedule::Cosine => {
-                    (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+                    (0.5 * (1.0 + libm::cos(std::f64::consts::PI * progress))).max(0.0)
                 }
             }
         };

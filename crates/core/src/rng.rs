@@ -49,7 +49,7 @@ impl Rng {
     pub fn normal(&mut self) -> f32 {
         let u1 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        ((-2.0 * (1.0 - u1).ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        ((-2.0 * libm::log(1.0 - u1)).sqrt() * libm::cos(std::f64::consts::TAU * u2)) as f32
     }
 }
 

@@ -364,7 +364,7 @@ pub fn attention_forward(
             }
             let mut denom = 0f32;
             for s in row.iter_mut().take(i + 1) {
-                *s = (*s - max).exp();
+                *s = libm::expf(*s - max);
                 denom += *s;
             }
             for s in row.iter_mut().take(i + 1) {
@@ -449,7 +449,7 @@ pub fn gated_act_backward(
                 (r * r, 2.0 * r)
             }
             Activation::Silu => {
-                let s = 1.0 / (1.0 + (-g).exp());
+                let s = 1.0 / (1.0 + libm::expf(-g));
                 (g * s, s * (1.0 + g * (1.0 - s)))
             }
         };
@@ -603,7 +603,7 @@ fn for_head_blocks(
 /// log(sum(exp(logits))), stable.
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln()
+    max + libm::logf(logits.iter().map(|&l| libm::expf(l - max)).sum::<f32>())
 }
 
 /// One training step's forward and backward on one sequence. `targets[t]` is the token that
@@ -649,7 +649,7 @@ pub fn forward_backward(
             let lse = log_sum_exp(row);
             loss_sum += (lse - row[y as usize]) as f64;
             for (vi, l) in row.iter_mut().enumerate() {
-                let mut g = (*l - lse).exp();
+                let mut g = libm::expf(*l - lse);
                 if vi == y as usize {
                     g -= 1.0;
                 }
