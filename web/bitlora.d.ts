@@ -401,12 +401,30 @@ export interface DoneEvent {
 
 export type TrainerState = 'ready' | 'running' | 'paused' | 'stopped' | 'done' | 'error';
 
+/**
+ * The WebGPU device was lost mid-run (a driver reset, the GPU process crashing) and the run
+ * continues from its last stored checkpoint on a new device, or on the CPU when the browser
+ * grants none; the steps after that checkpoint run again.
+ */
+export interface RecoveredEvent {
+  /** The checkpoint's step: the run continues from here. */
+  step: number;
+  /** Where the run trains now. */
+  backend: BackendKind;
+  /** The browser's reason, e.g. "the WebGPU device was destroyed: ...". */
+  reason: string;
+  /** One sentence for the user. */
+  message: string;
+}
+
 export interface TrainerEvents {
   progress: ProgressEvent;
   validation: ValidationEvent;
   checkpoint: CheckpointEvent;
   state: { state: TrainerState };
   done: DoneEvent;
+  /** The WebGPU device was lost; the run goes on from its last checkpoint (`step` and `backend` follow). */
+  recovered: RecoveredEvent;
   /** The run stopped on an error (`finished` rejects with it); `fatal`: the worker crashed. */
   error: Error & { fatal?: boolean };
 }

@@ -106,6 +106,8 @@ export class Bitlora {
   /** @param {FromWorker} data */
   #onMessage(data) {
     if (data?.type === 'train') {
+      // After a lost WebGPU device the session runs on a new one or on the CPU.
+      if (data.event === 'recovered') this.backend = { ...this.backend, ...data.data.session };
       this.#trainers.get(data.runId)?._event(data);
       return;
     }
@@ -466,6 +468,14 @@ class Trainer {
       case 'checkpoint':
         this.#emit('checkpoint', e.data);
         break;
+      case 'recovered': {
+        const { session, ...data } = e.data;
+        this.step = data.step;
+        this.backend = data.backend;
+        this.history = this.history.filter((p) => p.step <= data.step);
+        this.#emit('recovered', data);
+        break;
+      }
       case 'state':
         this.state = e.data.state;
         this.#emit('state', e.data);

@@ -15,7 +15,7 @@
 // `fatal` in a reply means the wasm instance trapped: the worker takes no more work.
 
 import type {
-  AdapterInfo, BackendInfo, CheckpointEvent, DataInput, DataOptions, DataSummary, DoneEvent,
+  AdapterInfo, BackendInfo, CheckpointEvent, RecoveredEvent, DataInput, DataOptions, DataSummary, DoneEvent,
   DownloadOptions, DownloadProgress, DownloadResult, ForwardResult, GenerateResult, LoadProgress,
   MemoryEstimate, ModelInfo, ModelStoreList, PeftFile, ProgressEvent, RunSummary, StoredModel,
   TokenEvent, TrainConfig, TrainerState, ValidationEvent,
@@ -139,6 +139,8 @@ export interface Requests {
   deleteAdapter: { args: { name: string }; result: void; event: never };
   /** Deletes the training store (runs, checkpoints, adapters). */
   deleteTrainingData: { args: {}; result: void; event: never };
+  /** Test hook: destroys the session's WebGPU device (as a driver reset would); errors on the CPU. */
+  debugLoseGpu: { args: {}; result: void; event: never };
 }
 
 export type RequestType = keyof Requests;
@@ -178,6 +180,7 @@ export type TrainEvent =
   | { event: 'checkpoint'; data: CheckpointEvent }
   | { event: 'state'; data: { state: TrainerState } }
   | { event: 'done'; data: DoneEvent }
+  | { event: 'recovered'; data: RecoveredEvent & { session: InitResult } }
   | { event: 'error'; data: { message: string; fatal?: boolean; field?: string; line?: number } };
 export type TrainMessage = { type: 'train'; runId: string } & TrainEvent;
 

@@ -55,14 +55,15 @@ export function withModel(fn) {
 const runs = new Map();
 /**
  * @typedef {{ session(): Session, model(): { key: string, name: string } | null, describe(err: unknown): string,
- *   poison?(message: string): void }} Context
+ *   poison?(message: string): void, replaceGpu(): Promise<import('./protocol.js').InitResult> }} Context
  */
 /** @type {Context} */
 let ctxFns;
 
 /**
  * `fns`: { session(): Session, model(): { key, name } | null, describe(err): string,
- * poison(message): void (a wasm trap: the worker takes no more work) }.
+ * poison(message): void (a wasm trap: the worker takes no more work), replaceGpu(): a new
+ * WebGPU device (or the CPU) for the session after its device was lost, resolving to its backend }.
  * @param {Context} fns
  */
 export function setup(fns) {
@@ -196,7 +197,7 @@ export async function create({ data, config = {} }) {
  *   boundaryOps: { fn: () => any, resolve: (value: any) => void, reject: (err: unknown) => void }[],
  *   looping: boolean, want: 'pause' | 'stop' | null, lastCheckpoint: number,
  *   loss: number | null, valLoss: number | null, seconds?: number,
- *   baseline: boolean, timing: Timing }} Run
+ *   baseline: boolean, timing: Timing, gpuEpoch: number }} Run
  */
 
 /**
@@ -216,6 +217,7 @@ function addRun(id, wt, record, checkpointEvery) {
     // The base model's validation loss is measured first, unless known (or nothing to validate).
     baseline: wt.step === 0 && record.initialValLoss == null && validating(wt.info()),
     timing: { trainSeconds: 0, trainSteps: 0, tokens: 0, valSeconds: 0, valSequences: 0 },
+    gpuEpoch,
   };
   runs.set(id, run);
   return run;
@@ -277,17 +279,20 @@ async function persist(run, state = run.state, force = false) {
     state, step: wt.step, updatedAt: Date.now(), history: run.history, loss: run.loss ?? null, valLoss: run.valLoss ?? null,
   });
   let checkpoint = null;
+  // The record as stored: it names the new checkpoint only in the write that stores it, so a
+  // write that fails (storage full) leaves the run pointing at the checkpoint that is there.
+  let stored = r;
   if (force || wt.step !== run.lastCheckpoint || r.checkpointStep == null) {
     // On WebGPU the adapter and Adam's moments are read back for it (the only time they are;
     // the read uses the run's own buffers, not the model slot, so it needs no withModel).
     const bytes = /** @type {Uint8Array} */ (await wt.checkpoint());
     checkpoint = { step: wt.step, bytes };
-    r.checkpointStep = wt.step;
-    r.bytes = r.data.bytes + bytes.length;
+    stored = { ...r, checkpointStep: wt.step, bytes: r.data.bytes + bytes.length };
   }
   try {
-    await tstore.saveRun(r, checkpoint);
+    await tstore.saveRun(stored, checkpoint);
     if (!checkpoint) return null;
+    Object.assign(r, { checkpointStep: stored.checkpointStep, bytes: stored.bytes });
     run.lastCheckpoint = checkpoint.step;
     const event = { step: checkpoint.step, bytes: checkpoint.bytes.length };
     post(run.id, 'checkpoint', event);
@@ -328,6 +333,9 @@ export async function control({ runId, action }) {
       run.want = null;
       setState(run, 'running');
       run.record.state = 'running';
+      // Stored at once, so that a tab closed before the first checkpoint lists the run as
+      // interrupted, not as never started (only the record: losing it loses just that).
+      tstore.saveRun({ ...run.record, history: run.history }).catch(() => {});
       run.looping = true;
       loop(run);
       return { state: 'running', step: run.step };
@@ -535,6 +543,7 @@ async function loop(run) {
     }
   } catch (err) {
     run.looping = false;
+    if (await recoverRun(run)) return;
     const message = describe(err);
     run.state = 'error';
     run.record.state = 'error';
@@ -548,6 +557,96 @@ async function loop(run) {
     settle(new Error(message));
     for (const op of run.boundaryOps.splice(0)) op.reject(new Error(message));
   }
+}
+
+// ---- a lost WebGPU device ------------------------------------------------------------------
+//
+// A device can be lost at any moment (a driver reset, the GPU process crashing): every pass on
+// it fails from then on. The failed pass lands in the loop's catch, which asks the session
+// whether the device is lost (its device-lost callback, gpu_slot.rs). If so the session gets a
+// new device, or the CPU when the browser grants none (`replaceGpu`), and each WebGPU run open
+// here is reopened from its last stored checkpoint on it; the training run carries on from
+// there, and the page hears why ('recovered'). The steps after that checkpoint run again.
+
+// Counts device replacements: a WebGPU run made before the last one holds a dead device.
+let gpuEpoch = 0;
+/** @type {Promise<import('./protocol.js').InitResult> | null} */
+let replacing = null;
+
+/**
+ * After a lost device: a new one for the session (once, however many callers notice the
+ * loss) and every WebGPU run that is not training reopened on it. Resolves to the session's
+ * backend now.
+ */
+export function replaceGpu() {
+  replacing ??= withModel(async () => {
+    const backend = await ctxFns.replaceGpu();
+    gpuEpoch += 1;
+    for (const run of runs.values()) if (!run.looping && onGpu(run)) await reopen(run);
+    return backend;
+  }).finally(() => { replacing = null; });
+  return replacing;
+}
+
+/** @param {Run} run */
+const onGpu = (run) => run.gpuEpoch !== gpuEpoch || run.wt.info().backend === 'webgpu';
+
+/**
+ * Reopens `run` from its stored checkpoint on the session's device as it is now (its trainer
+ * held the lost one). The loop's state goes back to that checkpoint's step.
+ * @param {Run} run
+ */
+async function reopen(run) {
+  const { data, checkpoint } = await tstore.loadRunState(run.id);
+  if (!data || !checkpoint) throw new Error(`run "${run.record.name}" has no stored ${data ? 'checkpoint' : 'data'} to continue from`);
+  const wt = session().resumeTrainer(run.record.data.fileName, data, wasmConfig(run.record.config), checkpoint.bytes);
+  run.wt.free();
+  run.wt = wt;
+  run.gpuEpoch = gpuEpoch;
+  run.step = wt.step;
+  run.lastCheckpoint = checkpoint.step;
+  run.history = run.history.filter((p) => p.step <= checkpoint.step);
+  Object.assign(run.record, { checkpointStep: checkpoint.step, step: wt.step, history: run.history });
+  run.baseline = false;
+}
+
+/**
+ * The loop's catch: when the run's pass failed because the WebGPU device was lost (or was
+ * replaced meanwhile), continues the run from its last checkpoint on the new device or the CPU,
+ * tells the page, and answers true; false for any other error.
+ * @param {Run} run
+ */
+async function recoverRun(run) {
+  if (!onGpu(run)) return false;
+  const s = session();
+  // The browser resolves the device's `lost` promise a moment after it is lost; the pass may
+  // have failed first.
+  let lost = s.gpuLost();
+  for (let i = 0; !lost && run.gpuEpoch === gpuEpoch && i < 5; i++) {
+    await yieldToEvents();
+    lost = s.gpuLost();
+  }
+  if (!lost && run.gpuEpoch === gpuEpoch) return false;
+  let backend;
+  try {
+    // Replaced already (a generation noticed first): only this run is reopened.
+    backend = lost ? await replaceGpu() : session().backend();
+    await withModel(() => reopen(run));
+  } catch (err) {
+    console.error(`bitlora: could not recover run ${run.id} after the device loss: ${describe(err)}`);
+    return false;
+  }
+  const kind = run.wt.info().backend;
+  const reason = lost ?? 'the WebGPU device was lost';
+  post(run.id, 'recovered', {
+    step: run.step, backend: kind, reason, session: backend,
+    message: `${reason[0].toUpperCase()}${reason.slice(1)}. Training continues from the checkpoint at step ${run.step} ` +
+      `${kind === 'webgpu' ? 'on a new WebGPU device' : 'on the CPU'}; the steps after it run again.`,
+  });
+  run.looping = true;
+  setState(run, 'running');
+  loop(run);
+  return true;
 }
 
 /**

@@ -128,7 +128,14 @@ async function handle({ id, type, ...args }) {
     // A WebAssembly.RuntimeError is a trap (e.g. a Rust panic, logged above it by
     // console_error_panic_hook). Ordinary errors from bitlora are JsErrors: plain Errors.
     const fatal = Boolean(/** @type {{ fatal?: boolean } | null} */ (err)?.fatal) || err instanceof WebAssembly.RuntimeError;
-    const error = describe(err);
+    let error = describe(err);
+    // A pass on a lost WebGPU device: the session gets a new one (or the CPU) for what comes
+    // next, and the message says so (a training run recovers by itself: training.js).
+    const lost = !fatal && session?.gpuLost();
+    if (lost) {
+      const backend = await training.replaceGpu().catch(() => null);
+      if (backend) error += ` (${lost}; the page now runs on ${backend.label}: try again)`;
+    }
     if (fatal && !poisoned) poisoned = `the wasm module crashed earlier: ${error}`;
     // bitlora's errors are objects: `field` (the option at fault) and `line` (the JSONL line)
     // travel with the message, so the page never picks them out of the text.
@@ -216,6 +223,8 @@ const HANDLERS = {
   importAdapter: (args) => training.importAdapter(args),
   deleteAdapter: (args) => training.deleteAdapter(args),
   deleteTrainingData: () => training.deleteAll(),
+  // Test hook (tests/browser/faults.test.mjs): loses the WebGPU device as a driver reset would.
+  debugLoseGpu: () => needSession().debugLoseGpu(),
 };
 
 // A software WebGPU adapter (SwiftShader, llvmpipe/lavapipe, WARP) runs shaders on the CPU, one
@@ -677,7 +686,22 @@ async function loadFiles(files) {
 training.setup({
   session: () => needSession(), model: () => currentModel, describe: (err) => describe(err),
   poison: (message) => { poisoned ??= message; },
+  replaceGpu: () => replaceGpu(),
 });
+
+/**
+ * A new WebGPU device for the session after its device was lost (the loaded model's weights
+ * go onto it), or the CPU when the browser grants none; resolves to the session's backend.
+ * Called by training.replaceGpu, which reopens the runs on it.
+ * @returns {Promise<import('./protocol.js').InitResult>}
+ */
+async function replaceGpu() {
+  const s = needSession();
+  const backend = s.replaceGpu(await Session.requestGpu());
+  if (backend.kind === 'webgpu') await nameAdapter(backend);
+  console.warn(`bitlora: the WebGPU device was lost; now on ${backend.label}`);
+  return backend;
+}
 
 function describe(err) {
   if (err instanceof Error) return err.message || String(err);

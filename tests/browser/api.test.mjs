@@ -22,7 +22,7 @@ import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
-import { REPO, BIN, DEFAULT_MODEL, startServer, launchBrowser, gpuUrl, ARTIFACTS } from './helpers.mjs';
+import { REPO, BIN, DEFAULT_MODEL, startServer, launchBrowser, gpuUrl, ARTIFACTS, waitExampleReady as waitReady } from './helpers.mjs';
 
 // 8 examples: 6 training sequences and 2 for validation; 12 steps of one sequence = 2 epochs.
 const DATA = readFileSync(path.join(REPO, 'data/devil/train.jsonl'), 'utf8').split('\n').slice(0, 8).join('\n');
@@ -47,16 +47,6 @@ async function openExample(context, log, requests) {
   await page.goto(gpuUrl(context.browser(), `${server.url}web/examples/train.html`));
   await waitReady(page, log);
   return page;
-}
-
-async function waitReady(page, log) {
-  try {
-    await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.state), null, { timeout: 120_000 });
-  } catch (e) {
-    throw new Error(`example page did not load: ${e.message}\n${log.join('\n')}`);
-  }
-  const state = await page.evaluate(() => document.body.dataset.state);
-  assert.equal(state, 'ready', `${await page.textContent('#status')}\n${log.join('\n')}`);
 }
 
 /** `promise`, or a failure naming `what` (with the page's log) after `ms`: page.evaluate has no timeout. */

@@ -186,6 +186,17 @@ export async function waitSettled(page, log = [], timeout = 120_000) {
   }
 }
 
+/** Waits until web/examples/train.html has loaded its model (data-state ready); fails on its error. */
+export async function waitExampleReady(page, log) {
+  try {
+    await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.state), null, { timeout: 120_000 });
+  } catch (e) {
+    throw new Error(`example page did not load: ${e.message}\n${log.join('\n')}`);
+  }
+  const state = await page.evaluate(() => document.body.dataset.state);
+  assert.equal(state, 'ready', `${await page.textContent('#status')}\n${log.join('\n')}`);
+}
+
 export async function pageResult(page) {
   return page.evaluate(() => window.__bitlora);
 }

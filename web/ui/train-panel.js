@@ -408,8 +408,19 @@ export function mountTrainPanel(app) {
         app.publish();
       }),
       tr.on('checkpoint', (c) => {
+        if (c.error) {
+          // Not stored (e.g. browser storage full): training goes on, the last stored one stays.
+          showError('train-error', `The checkpoint of step ${fmtInt(c.step)} was not stored: ${c.error}. Training goes on` +
+            (t.checkpointStep != null ? `; the last stored checkpoint is at step ${fmtInt(t.checkpointStep)}.` : '.'));
+          return;
+        }
         t.checkpointStep = c.step;
         t.checkpointBytes = c.bytes;
+        app.publish();
+      }),
+      tr.on('recovered', (e) => {
+        t.checkpointStep = e.step;
+        showError('train-error', e.message);
         app.publish();
       }),
       tr.on('state', ({ state }) => {

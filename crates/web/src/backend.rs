@@ -17,9 +17,9 @@ use bitlora_core::optim::AdamWScalars;
 use bitlora_core::rng::Rng;
 use bitlora_core::train::StepLoss;
 use bitlora_core::trainer::{Accumulate, AdapterState, Backend, CpuBackend, SequenceResult};
-use wasm_bindgen::JsError;
+use wasm_bindgen::prelude::*;
 
-use crate::Loaded;
+use crate::{Loaded, Session};
 
 /// The loaded model as the CPU backend holds it.
 pub(crate) struct LoadedModel(pub(crate) Rc<Loaded>);
@@ -325,5 +325,122 @@ impl Backend for WebBackend {
             #[cfg(feature = "gpu")]
             Device::Gpu(g) => g.take_state().await,
         }
+    }
+}
+
+/// A WebGPU device asked for after the session's was lost (`Session.requestGpu`), or why the
+/// browser granted none; `Session.replaceGpu` takes it.
+#[wasm_bindgen]
+pub struct NewGpu {
+    #[cfg(feature = "gpu")]
+    gpu: Option<bitlora_gpu::Gpu>,
+    why_not: Option<String>,
+}
+
+/// Device loss (gpu_slot.rs `watch`): how the worker finds out and what it does about it.
+#[wasm_bindgen]
+impl Session {
+    /// Why the session's WebGPU device was lost (the browser's device-lost reason and message),
+    /// or null while it works or without one. Every pass on a lost device fails; the worker
+    /// asks this after one does.
+    #[wasm_bindgen(js_name = gpuLost)]
+    pub fn gpu_lost(&self) -> Option<String> {
+        #[cfg(feature = "gpu")]
+        if self.gpu.is_some() {
+            return crate::gpu_slot::lost();
+        }
+        None
+    }
+
+    /// Asks the browser for a new WebGPU device (after a loss), for `replaceGpu`.
+    #[wasm_bindgen(js_name = requestGpu)]
+    pub async fn request_gpu() -> NewGpu {
+        #[cfg(feature = "gpu")]
+        {
+            match bitlora_gpu::Gpu::new().await {
+                Ok(gpu) => NewGpu {
+                    gpu: Some(gpu),
+                    why_not: None,
+                },
+                Err(e) => NewGpu {
+                    gpu: None,
+                    why_not: Some(e.to_string()),
+                },
+            }
+        }
+        #[cfg(not(feature = "gpu"))]
+        NewGpu {
+            why_not: Some("this build has no WebGPU backend".into()),
+        }
+    }
+
+    /// Replaces a lost WebGPU device with `new` and puts the loaded model's weights on it (the
+    /// old device's buffers are dropped); without a new device (or when the model does not go
+    /// onto it) everything runs on the CPU from now on. Runs created before keep the old
+    /// device: the worker resumes them from their checkpoints. Returns the session's backend
+    /// (BackendInfo) as it is now.
+    #[wasm_bindgen(js_name = replaceGpu)]
+    pub fn replace_gpu(&mut self, device: NewGpu) -> Result<JsValue, JsError> {
+        #[cfg(feature = "gpu")]
+        {
+            let why =
+                crate::gpu_slot::lost().unwrap_or_else(|| "the WebGPU device was lost".into());
+            let mut gpu = device.gpu;
+            let mut why_cpu = device
+                .why_not
+                .map(|e| format!("{why}, and the browser granted no new one ({e})"));
+            if let Some(loaded) = &self.loaded
+                && let Some(slot) = &loaded.gpu_model
+            {
+                let mut s = slot
+                    .try_borrow_mut()
+                    .map_err(|_| JsError::new("the WebGPU model is busy with another pass"))?;
+                s.adapter = None;
+                s.holder = crate::gpu_slot::GpuHolder::Empty;
+                if let Some(g) = &gpu {
+                    match bitlora_gpu::GpuModel::new(g, &loaded.model) {
+                        Ok(m) => s.holder = crate::gpu_slot::GpuHolder::Model(Box::new(m)),
+                        Err(e) => {
+                            why_cpu = Some(format!(
+                                "{why}, and the new device could not take the model ({e})"
+                            ));
+                            gpu = None;
+                        }
+                    }
+                }
+            }
+            match gpu {
+                Some(g) => {
+                    crate::gpu_slot::watch(&g);
+                    self.backend.adapter = Some(g.info.clone());
+                    self.gpu = Some(Rc::new(g));
+                }
+                None => {
+                    self.gpu = None;
+                    self.backend = crate::cpu_backend(format!(
+                        "{}; the CPU runs everything from now on",
+                        why_cpu.unwrap_or(why)
+                    ));
+                }
+            }
+        }
+        #[cfg(not(feature = "gpu"))]
+        let _ = device;
+        crate::to_js(&self.backend)
+    }
+
+    /// Test hook (tests/browser/faults.test.mjs): destroys the session's WebGPU device as a
+    /// driver reset or a crashed GPU process would lose it; the device-lost callback fires and
+    /// every later pass on it fails. Errors without a WebGPU device.
+    #[wasm_bindgen(js_name = debugLoseGpu)]
+    pub fn debug_lose_gpu(&self) -> Result<(), JsError> {
+        #[cfg(feature = "gpu")]
+        if let Some(gpu) = &self.gpu {
+            gpu.device.destroy();
+            return Ok(());
+        }
+        Err(JsError::new(
+            "this session has no WebGPU device to lose (it runs on the CPU)",
+        ))
     }
 }

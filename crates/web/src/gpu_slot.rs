@@ -136,3 +136,52 @@ pub(crate) fn use_gpu_adapter<'a>(
     slot.adapter = want;
     Ok(std::cell::RefMut::filter_map(slot, GpuSlot::model_mut).ok())
 }
+
+// ---- device loss ------------------------------------------------------------------------------
+//
+// A WebGPU device can be lost at any time (a driver reset, the GPU process crashing, the tab
+// backgrounded on some systems, `GPUDevice.destroy()`): every later pass on it fails. The
+// browser resolves the device's `lost` promise, which wgpu turns into the device-lost callback;
+// `watch` records its reason here, and the worker asks (`Session.gpuLost`) after a pass fails,
+// then replaces the device (`Session.requestGpu` / `replaceGpu`, backend.rs) and resumes the run
+// from its last stored checkpoint.
+
+thread_local! {
+    /// Which device `watch` last watched (a serial), and why it was lost, once it was.
+    static WATCHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static LOST: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Records in [`lost`] why `gpu`'s device is lost, when it is; a device watched before it is
+/// forgotten (its callback may still fire, late, and is ignored).
+pub(crate) fn watch(gpu: &bitlora_gpu::Gpu) {
+    let serial = WATCHED.with(|w| {
+        w.set(w.get() + 1);
+        w.get()
+    });
+    LOST.with(|l| *l.borrow_mut() = None);
+    gpu.device.set_device_lost_callback(move |reason, message| {
+        if WATCHED.with(|w| w.get()) != serial {
+            return;
+        }
+        // wgpu's DeviceLostReason (this crate does not name wgpu): Destroyed or Unknown.
+        let reason = if format!("{reason:?}") == "Destroyed" {
+            "destroyed"
+        } else {
+            "lost"
+        };
+        // The browser's message is a sentence ("Device was destroyed."); ours goes on.
+        let message = message.trim().trim_end_matches('.');
+        let why = if message.is_empty() {
+            format!("the WebGPU device was {reason}")
+        } else {
+            format!("the WebGPU device was {reason}: {message}")
+        };
+        LOST.with(|l| *l.borrow_mut() = Some(why));
+    });
+}
+
+/// Why the watched device was lost, or None while it works.
+pub(crate) fn lost() -> Option<String> {
+    LOST.with(|l| l.borrow().clone())
+}

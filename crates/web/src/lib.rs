@@ -201,7 +201,10 @@ impl Session {
             };
             Session {
                 backend,
-                gpu: gpu.map(Rc::new),
+                gpu: gpu.map(|g| {
+                    gpu_slot::watch(&g);
+                    Rc::new(g)
+                }),
                 loaded: None,
                 adapters: HashMap::new(),
                 next_serial: 1,
