@@ -231,6 +231,14 @@ fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
     })
 }
 
+fn open(path: &Path) -> Result<std::io::BufReader<std::fs::File>, TrainError> {
+    let f = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(std::io::BufReader::with_capacity(1 << 16, f))
+}
+
 /// Writes `bytes` to `path` through a temporary file of its own (this process's id in the
 /// name), flushed to the disk before the rename, so a crash, a full disk or a second writer
 /// never leaves a half-written file under `path`; on an error the temporary file is removed.
@@ -314,21 +322,21 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
     config.validate(&model.config)?;
 
     let data_name = a.data.display().to_string();
-    let (examples, format) = data::parse(&data_name, &read(&a.data)?)?;
     let opts = config.data_options();
-    let mut dataset = data::build(
+    // Read as a stream and tokenised as it goes: memory grows with the sequences kept, not
+    // with the file (issue 15).
+    let mut dataset = data::load(
         &data_name,
-        &examples,
-        format,
+        open(&a.data)?,
         &tokenizer,
         chat.as_ref(),
         eos,
         &opts,
     )?;
+    let format = dataset.format;
     if let Some(v) = &a.val_data {
         let name = v.display().to_string();
-        let (vex, vformat) = data::parse(&name, &read(v)?)?;
-        let val = data::build(&name, &vex, vformat, &tokenizer, chat.as_ref(), eos, &opts)?.train;
+        let val = data::load(&name, open(v)?, &tokenizer, chat.as_ref(), eos, &opts)?.train;
         dataset.val = data::sample(val, a.max_val_sequences, a.seed);
     }
     let train_tokens: usize = dataset.train.iter().map(|s| s.counted()).sum();

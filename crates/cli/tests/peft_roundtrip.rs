@@ -8,6 +8,10 @@ use std::process::Command;
 
 use bitlora_core::tolerance::HF_LOGITS;
 
+mod common;
+#[cfg(target_os = "linux")]
+use common::{assert_write_failed, bitlora_with_file_limit, files};
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -278,4 +282,47 @@ fn merge_writes_a_runnable_model_and_refuses_packed_weights() {
         !o.status.success() && stderr.contains("cannot write"),
         "{stderr}"
     );
+}
+
+/// A disk that fills while `merge` writes (RLIMIT_FSIZE with SIGXFSZ ignored: writes fail with
+/// EFBIG, as with ENOSPC): "cannot write" with the reason, no temporary file left, and the
+/// model merged before into the same --out byte for byte as it was.
+#[cfg(target_os = "linux")]
+#[test]
+fn merge_on_a_full_disk_leaves_the_previous_model_whole() {
+    let rt = repo().join("tests/fixtures/peft-roundtrip");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("merged-full-disk");
+    let _ = std::fs::remove_dir_all(&out);
+    let base = repo().join("tests/fixtures/formats/master-f32-untied");
+    let args = |out: &Path| -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = ["merge", "--model"].map(Into::into).into();
+        a.extend([
+            base.as_os_str().into(),
+            "--adapter".into(),
+            rt.join("adapter").into(),
+        ]);
+        a.extend(["--out".into(), out.as_os_str().into()]);
+        a
+    };
+    let o = Command::new(env!("CARGO_BIN_EXE_bitlora"))
+        .args(args(&out))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let snapshot = || files(&out);
+    let before = snapshot();
+    let largest = before.iter().map(|f| f.1.len()).max().unwrap() as u64;
+    let kib = (largest / 2).div_ceil(1024);
+    let o = bitlora_with_file_limit(kib, &args(&out));
+    assert_write_failed(
+        &o,
+        &format!("largest file {largest} bytes, files limited to {kib} KiB"),
+    );
+    let after = snapshot();
+    let names: Vec<_> = after.iter().map(|f| f.0.clone()).collect();
+    assert!(
+        !names.iter().any(|n| n.ends_with(".tmp")),
+        "temporary files left: {names:?}"
+    );
+    assert!(after == before, "the merged model changed: {names:?}");
 }

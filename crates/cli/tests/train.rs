@@ -7,6 +7,10 @@ use std::process::{Command, Output};
 
 use bitlora_core::tolerance::TRAIN_STEP_BACKENDS;
 
+mod common;
+#[cfg(target_os = "linux")]
+use common::{assert_write_failed, bitlora_with_file_limit, files};
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -506,4 +510,75 @@ fn a_run_in_out_is_kept() {
         "{}",
         stderr(&o)
     );
+}
+
+/// A disk that fills while `train` writes its checkpoint and adapter: the error says "cannot
+/// write" with the reason, no temporary file is left, and the previous checkpoint and adapter
+/// are byte for byte what they were (the run can be resumed from them).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_while_training_leaves_the_previous_files_whole() {
+    let dir = model_dir("train-full-disk");
+    let m = dir.to_str().unwrap();
+    let data = dir.join("t.txt");
+    std::fs::write(&data, TEXT.repeat(4)).unwrap();
+    let out = dir.join("out");
+    let args = |steps: &'static str, extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train",
+            "--model",
+            m,
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--context",
+            "16",
+            "--lr",
+            "1e-2",
+            "--steps",
+            steps,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let first = args("2", &[]);
+    let o = bitlora(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let before = files(&out);
+    let ckpt = before
+        .iter()
+        .find(|(n, _)| n == "checkpoint.safetensors")
+        .unwrap()
+        .1
+        .len();
+    // Half the checkpoint fits: its write fails part way.
+    let kib = (ckpt as u64 / 2).div_ceil(1024);
+    // Started over (--resume would find the run finished): the new checkpoint cannot be written.
+    let again = args("2", &["--overwrite"]);
+    let o = bitlora_with_file_limit(kib, &again.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_write_failed(
+        &o,
+        &format!("checkpoint {ckpt} bytes, files limited to {kib} KiB"),
+    );
+    let after = files(&out);
+    let names = |v: &[(String, Vec<u8>)]| v.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
+    assert!(
+        !names(&after).iter().any(|n| n.ends_with(".tmp")),
+        "temporary files left: {:?}",
+        names(&after)
+    );
+    for (name, bytes) in &before {
+        if name == "train_log.jsonl" {
+            continue; // appended to, line by line, as steps run
+        }
+        let now = after.iter().find(|f| &f.0 == name).map(|f| &f.1);
+        assert!(now == Some(bytes), "{name} changed or went missing");
+    }
+    // And it runs once there is room.
+    let o = bitlora(&again.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -68,80 +68,99 @@ pub struct Dataset {
     pub truncated: usize,
 }
 
-/// Parses a data file; `file` names it in errors (with the line number for JSONL).
+/// Parses a data file; `file` names it in errors (with the line number for JSONL). Holds
+/// every example's text: [`load`] reads and tokenises a file as a stream instead.
 pub fn parse(file: &str, bytes: &[u8]) -> Result<(Vec<Example>, &'static str)> {
-    let bad = |msg: String| Error::Data {
-        file: file.to_string(),
-        msg,
-    };
-    let bad_line = |line: usize, msg: String| Error::DataLine {
-        file: file.to_string(),
-        line,
-        msg,
-    };
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        bad(format!(
-            "not UTF-8 text (byte {}): training data must be text or JSONL",
-            e.valid_up_to()
-        ))
-    })?;
+    let text = std::str::from_utf8(bytes).map_err(|e| not_utf8(file, e.valid_up_to()))?;
     // A byte-order mark (editors on Windows write one) is not text: JSONL after it is JSONL.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let first = text.lines().find(|l| !l.trim().is_empty());
     let Some(first) = first else {
-        return Err(bad("is empty: give some text or JSONL to train on".into()));
+        return Err(empty(file));
     };
-    if !first.trim_start().starts_with('{') {
+    if !is_jsonl(first) {
         return Ok((vec![Example::Text(text.to_string())], "text"));
     }
     let mut examples = Vec::new();
     let mut kind = None;
     for (n, line) in text.lines().enumerate() {
-        let line_no = n + 1;
-        if line.trim().is_empty() {
-            continue;
+        if let Some(ex) = parse_line(file, n + 1, line, &mut kind)? {
+            examples.push(ex);
         }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad_line(line_no, format!("not JSON: {e}")))?;
-        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        let ex = if let Some(t) = field("text") {
-            Example::Text(t)
-        } else if let (Some(prompt), Some(completion)) = (field("prompt"), field("completion")) {
-            Example::PromptCompletion { prompt, completion }
-        } else if let Some(msgs) = v.get("messages") {
-            let msgs: Vec<Message> = serde_json::from_value(msgs.clone()).map_err(|e| {
-                bad_line(
-                    line_no,
-                    format!(
-                        "\"messages\" must be a list of {{\"role\", \"content\"}} objects: {e}"
-                    ),
-                )
-            })?;
-            if msgs.is_empty() {
-                return Err(bad_line(line_no, "\"messages\" is empty".into()));
-            }
-            Example::Chat(msgs)
-        } else {
-            return Err(bad_line(
-                line_no,
-                "expected {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"} with string values"
-                    .into(),
-            ));
-        };
-        let this = match &ex {
-            Example::Text(_) => "jsonl-text",
-            Example::PromptCompletion { .. } => "jsonl-prompt-completion",
-            Example::Chat(_) => "jsonl-chat",
-        };
-        if *kind.get_or_insert(this) != this {
-            return Err(bad_line(
-                line_no,
-                format!("mixes formats ({this} after {})", kind.unwrap_or(this)),
-            ));
-        }
-        examples.push(ex);
     }
     Ok((examples, kind.unwrap_or("jsonl")))
+}
+
+fn not_utf8(file: &str, byte: usize) -> Error {
+    Error::Data {
+        file: file.to_string(),
+        msg: format!("not UTF-8 text (byte {byte}): training data must be text or JSONL"),
+    }
+}
+
+fn empty(file: &str) -> Error {
+    Error::Data {
+        file: file.to_string(),
+        msg: "is empty: give some text or JSONL to train on".into(),
+    }
+}
+
+/// The format is JSONL when the first non-blank line starts with `{`.
+fn is_jsonl(first_line: &str) -> bool {
+    first_line.trim_start().starts_with('{')
+}
+
+/// One JSONL line (None if blank); `kind` is the file's format so far, set by its first
+/// example: a line of another format is refused.
+fn parse_line(
+    file: &str,
+    line_no: usize,
+    line: &str,
+    kind: &mut Option<&'static str>,
+) -> Result<Option<Example>> {
+    let bad_line = |msg: String| Error::DataLine {
+        file: file.to_string(),
+        line: line_no,
+        msg,
+    };
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| bad_line(format!("not JSON: {e}")))?;
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    let ex = if let Some(t) = field("text") {
+        Example::Text(t)
+    } else if let (Some(prompt), Some(completion)) = (field("prompt"), field("completion")) {
+        Example::PromptCompletion { prompt, completion }
+    } else if let Some(msgs) = v.get("messages") {
+        let msgs: Vec<Message> = serde_json::from_value(msgs.clone()).map_err(|e| {
+            bad_line(format!(
+                "\"messages\" must be a list of {{\"role\", \"content\"}} objects: {e}"
+            ))
+        })?;
+        if msgs.is_empty() {
+            return Err(bad_line("\"messages\" is empty".into()));
+        }
+        Example::Chat(msgs)
+    } else {
+        return Err(bad_line(
+            "expected {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"} with string values"
+                .into(),
+        ));
+    };
+    let this = match &ex {
+        Example::Text(_) => "jsonl-text",
+        Example::PromptCompletion { .. } => "jsonl-prompt-completion",
+        Example::Chat(_) => "jsonl-chat",
+    };
+    if *kind.get_or_insert(this) != this {
+        return Err(bad_line(format!(
+            "mixes formats ({this} after {})",
+            kind.unwrap_or(this)
+        )));
+    }
+    Ok(Some(ex))
 }
 
 /// End-of-turn markers of the chat templates in use (LLaMA-3, ChatML, Gemma, LLaMA-2).
@@ -243,82 +262,243 @@ pub fn build(
     eos: u32,
     opts: &DataOptions,
 ) -> Result<Dataset> {
-    if opts.context < 2 {
-        return Err(Error::Data {
-            file: file.to_string(),
-            msg: format!("context {} is too short (at least 2 tokens)", opts.context),
-        });
+    let mut b = Builder::new(file, tok, chat, eos, opts)?;
+    let packed = examples.iter().all(|e| matches!(e, Example::Text(_)));
+    for ex in examples {
+        b.example(ex, packed)?;
     }
-    let n = opts.context + 1; // tokens per sequence before the shift
-    let mut seqs = Vec::new();
-    let mut truncated = 0;
-    let to_seq = |chunk: &[(u32, bool)]| Sequence {
+    b.finish(format)
+}
+
+/// Bytes of plain text tokenised at a time by [`load`] (as [`Tokenizer::encode_long`]).
+const TEXT_PIECE: usize = 1 << 16;
+
+/// [`parse`] + [`build`] as a stream: reads `reader` a line at a time (JSONL) or about 64 KiB
+/// at a time (plain text, cut where [`Tokenizer::encode_long`] cuts, so the same ids), and
+/// tokenises as it goes. What it keeps is the sequences (12 bytes a token: id and target) plus
+/// one line or piece of text, not the file or its parsed examples.
+pub fn load(
+    file: &str,
+    mut reader: impl std::io::BufRead,
+    tok: &Tokenizer,
+    chat: Option<&ChatTemplate>,
+    eos: u32,
+    opts: &DataOptions,
+) -> Result<Dataset> {
+    let mut b = Builder::new(file, tok, chat, eos, opts)?;
+    let mut raw = Vec::new();
+    let mut offset = 0; // bytes read before `raw`
+    let mut line_no = 0;
+    // Reads the next line (with its newline) into `raw`; false at the end of the file.
+    let mut next_line = |raw: &mut Vec<u8>, offset: &mut usize| -> Result<bool> {
+        *offset += raw.len();
+        raw.clear();
+        let n = reader.read_until(b'\n', raw).map_err(|source| Error::Io {
+            path: file.to_string(),
+            source,
+        })?;
+        Ok(n > 0)
+    };
+    // Up to the first non-blank line: its format decides the file's.
+    let mut text = String::new(); // plain text read but not yet tokenised
+    let jsonl = loop {
+        if !next_line(&mut raw, &mut offset)? {
+            return Err(empty(file));
+        }
+        line_no += 1;
+        let line = decode(file, &raw, offset, line_no)?;
+        if !line.trim().is_empty() {
+            break is_jsonl(line);
+        }
+        text.push_str(line);
+    };
+    if jsonl {
+        let mut kind = None;
+        loop {
+            let line = decode(file, &raw, offset, line_no)?;
+            // As str::lines: the newline, and a carriage return before it, end the line.
+            let line = line
+                .strip_suffix('\n')
+                .map_or(line, |l| l.strip_suffix('\r').unwrap_or(l));
+            if let Some(ex) = parse_line(file, line_no, line, &mut kind)? {
+                b.example(&ex, kind == Some("jsonl-text"))?;
+            }
+            if !next_line(&mut raw, &mut offset)? {
+                break;
+            }
+            line_no += 1;
+        }
+        return b.finish(kind.unwrap_or("jsonl"));
+    }
+    // Plain text: one document, tokenised a piece at a time as the text arrives.
+    let mut first = true;
+    loop {
+        let line = decode(file, &raw, offset, line_no)?;
+        text.push_str(line);
+        while let Some(end) = tok.piece_end(&text, TEXT_PIECE) {
+            let ids = tok.encode(&text[..end], first)?;
+            first = false;
+            b.pack(ids.into_iter().map(|i| (i, true)));
+            text.drain(..end);
+        }
+        if !next_line(&mut raw, &mut offset)? {
+            break;
+        }
+        line_no += 1;
+    }
+    let ids = tok.encode(&text, first)?;
+    b.pack(ids.into_iter().map(|i| (i, true)).chain([(eos, true)]));
+    b.finish("text")
+}
+
+/// Line `line_no` (read after `offset` bytes) as text; the file's first may start with a
+/// byte-order mark, which is not text.
+fn decode<'r>(file: &str, raw: &'r [u8], offset: usize, line_no: usize) -> Result<&'r str> {
+    let line = std::str::from_utf8(raw).map_err(|e| not_utf8(file, offset + e.valid_up_to()))?;
+    Ok(if line_no == 1 {
+        line.strip_prefix('\u{feff}').unwrap_or(line)
+    } else {
+        line
+    })
+}
+
+/// Sequences built as tokens arrive: packed text cut into windows, or one example at a time.
+struct Builder<'a> {
+    file: &'a str,
+    tok: &'a Tokenizer,
+    chat: Option<&'a ChatTemplate>,
+    eos: u32,
+    opts: &'a DataOptions,
+    seqs: Vec<Sequence>,
+    /// Packed tokens not yet in a full window.
+    stream: Vec<(u32, bool)>,
+    truncated: usize,
+}
+
+impl<'a> Builder<'a> {
+    fn new(
+        file: &'a str,
+        tok: &'a Tokenizer,
+        chat: Option<&'a ChatTemplate>,
+        eos: u32,
+        opts: &'a DataOptions,
+    ) -> Result<Builder<'a>> {
+        if opts.context < 2 {
+            return Err(Error::Data {
+                file: file.to_string(),
+                msg: format!("context {} is too short (at least 2 tokens)", opts.context),
+            });
+        }
+        Ok(Builder {
+            file,
+            tok,
+            chat,
+            eos,
+            opts,
+            seqs: Vec::new(),
+            stream: Vec::new(),
+            truncated: 0,
+        })
+    }
+
+    fn example(&mut self, ex: &Example, packed: bool) -> Result<()> {
+        let ids = tokenize(
+            ex,
+            self.tok,
+            self.chat,
+            self.eos,
+            self.opts.completions_only,
+            self.file,
+        )?;
+        if packed {
+            self.pack(ids);
+        } else {
+            self.single(ids);
+        }
+        Ok(())
+    }
+
+    /// Packing: one stream cut into overlapping windows of context + 1 tokens, `context`
+    /// apart; a window is made as soon as its tokens are there.
+    fn pack(&mut self, ids: impl IntoIterator<Item = (u32, bool)>) {
+        let n = self.opts.context + 1;
+        self.stream.extend(ids);
+        let mut start = 0;
+        while self.stream.len() - start >= n {
+            self.seqs.push(to_seq(&self.stream[start..start + n]));
+            start += self.opts.context;
+        }
+        self.stream.drain(..start);
+    }
+
+    /// One sequence per example; a long one keeps its end (see the module doc).
+    fn single(&mut self, mut ids: Vec<(u32, bool)>) {
+        let n = self.opts.context + 1;
+        if ids.len() > n {
+            self.truncated += 1;
+            let first_counted = ids.iter().position(|t| t.1).unwrap_or(0);
+            let keep_from = (ids.len() - n).min(first_counted);
+            ids.drain(..keep_from);
+            ids.truncate(n);
+        }
+        if ids.len() >= 2 {
+            self.seqs.push(to_seq(&ids));
+        }
+    }
+
+    fn finish(mut self, format: &'static str) -> Result<Dataset> {
+        let opts = self.opts;
+        // The last, shorter window of the packed stream.
+        if self.stream.len() >= 2 {
+            self.seqs.push(to_seq(&self.stream));
+        }
+        let mut seqs = self.seqs;
+        seqs.retain(|s| s.counted() > 0);
+        if seqs.is_empty() {
+            return Err(Error::Data {
+                file: self.file.to_string(),
+                msg: "holds no tokens to train on".into(),
+            });
+        }
+        // Deterministic split: shuffle with the seed, hold out the first share.
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        shuffle(&mut order, &mut Rng::new(opts.seed));
+        let n_val = if opts.val_fraction > 0.0 && seqs.len() >= 2 {
+            let n =
+                ((seqs.len() as f32 * opts.val_fraction).round() as usize).clamp(1, seqs.len() - 1);
+            match opts.max_val_sequences {
+                0 => n,
+                max => n.min(max),
+            }
+        } else {
+            0
+        };
+        let mut slots: Vec<Option<Sequence>> = seqs.into_iter().map(Some).collect();
+        let mut take = |i: usize| slots[i].take().expect("each index once");
+        // Each side keeps the file's order (the trainer shuffles per epoch).
+        let (mut val_idx, mut train_idx) = (order[..n_val].to_vec(), order[n_val..].to_vec());
+        val_idx.sort_unstable();
+        train_idx.sort_unstable();
+        let val = val_idx.into_iter().map(&mut take).collect();
+        let train = train_idx.into_iter().map(&mut take).collect();
+        Ok(Dataset {
+            train,
+            val,
+            format,
+            truncated: self.truncated,
+        })
+    }
+}
+
+/// A window of n + 1 tokens: n inputs, the n targets after them.
+fn to_seq(chunk: &[(u32, bool)]) -> Sequence {
+    Sequence {
         tokens: chunk[..chunk.len() - 1].iter().map(|t| t.0).collect(),
         targets: chunk[1..]
             .iter()
             .map(|&(id, counts)| counts.then_some(id))
             .collect(),
-    };
-    if examples.iter().all(|e| matches!(e, Example::Text(_))) {
-        // Packing: one stream, cut into overlapping windows of context + 1 tokens.
-        let mut stream = Vec::new();
-        for ex in examples {
-            stream.extend(tokenize(ex, tok, chat, eos, opts.completions_only, file)?);
-        }
-        let mut start = 0;
-        while start + 1 < stream.len() {
-            let end = (start + n).min(stream.len());
-            seqs.push(to_seq(&stream[start..end]));
-            start += opts.context;
-        }
-    } else {
-        for ex in examples {
-            let mut ids = tokenize(ex, tok, chat, eos, opts.completions_only, file)?;
-            if ids.len() > n {
-                truncated += 1;
-                let first_counted = ids.iter().position(|t| t.1).unwrap_or(0);
-                let keep_from = (ids.len() - n).min(first_counted);
-                ids.drain(..keep_from);
-                ids.truncate(n);
-            }
-            if ids.len() >= 2 {
-                seqs.push(to_seq(&ids));
-            }
-        }
     }
-    seqs.retain(|s| s.counted() > 0);
-    if seqs.is_empty() {
-        return Err(Error::Data {
-            file: file.to_string(),
-            msg: "holds no tokens to train on".into(),
-        });
-    }
-    // Deterministic split: shuffle with the seed, hold out the first share.
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    shuffle(&mut order, &mut Rng::new(opts.seed));
-    let n_val = if opts.val_fraction > 0.0 && seqs.len() >= 2 {
-        let n = ((seqs.len() as f32 * opts.val_fraction).round() as usize).clamp(1, seqs.len() - 1);
-        match opts.max_val_sequences {
-            0 => n,
-            max => n.min(max),
-        }
-    } else {
-        0
-    };
-    let mut slots: Vec<Option<Sequence>> = seqs.into_iter().map(Some).collect();
-    let mut take = |i: usize| slots[i].take().expect("each index once");
-    // Each side keeps the file's order (the trainer shuffles per epoch).
-    let (mut val_idx, mut train_idx) = (order[..n_val].to_vec(), order[n_val..].to_vec());
-    val_idx.sort_unstable();
-    train_idx.sort_unstable();
-    let val = val_idx.into_iter().map(&mut take).collect();
-    let train = train_idx.into_iter().map(&mut take).collect();
-    Ok(Dataset {
-        train,
-        val,
-        format,
-        truncated,
-    })
 }
 
 /// At most `max` of `seqs` (0: all), a random sample by `seed` kept in the given order: a

@@ -240,17 +240,30 @@ impl Tokenizer {
         add_special_tokens: bool,
         piece: usize,
     ) -> Result<Vec<u32>> {
-        if !self.splits_at_newlines || text.len() <= piece {
-            return self.encode(text, add_special_tokens);
-        }
         let mut ids = Vec::new();
         let mut start = 0;
-        while start < text.len() {
-            let end = lone_newline_after(text, start + piece.max(1)).unwrap_or(text.len());
+        loop {
+            let end = self
+                .piece_end(&text[start..], piece)
+                .map_or(text.len(), |e| start + e);
             ids.extend(self.encode(&text[start..end], add_special_tokens && start == 0)?);
             start = end;
+            if start >= text.len() {
+                return Ok(ids);
+            }
         }
-        Ok(ids)
+    }
+
+    /// Where [`Tokenizer::encode_in_pieces`] ends the piece that starts `text`: just after the
+    /// first lone newline past `piece` bytes, or None (encode all of `text` as one piece; also
+    /// for a tokenizer that does not split). Decided by the bytes up to the character after
+    /// that newline, so a reader can call it on a growing buffer of text and cut where a whole
+    /// encode would.
+    pub fn piece_end(&self, text: &str, piece: usize) -> Option<usize> {
+        if !self.splits_at_newlines || text.len() <= piece {
+            return None;
+        }
+        lone_newline_after(text, piece.max(1))
     }
 
     /// Token ids with each token's byte span in `text` (special tokens added by the

@@ -293,3 +293,104 @@ fn long_text_in_pieces_equals_the_whole() {
         );
     }
 }
+
+/// `data::load` reads a file as a stream (a line or ~64 KiB of text at a time, tokenised as it
+/// goes) and gives exactly what `parse` + `build` give on the whole file: plain text longer
+/// than a piece (CRLF, blank lines, non-ASCII, a byte-order mark), every JSONL format, split
+/// settings, and the same errors. Read through a 7-byte buffer so lines arrive in bits.
+#[test]
+fn streamed_loading_equals_parse_and_build() {
+    let (tok, chat) = llama3();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let devil = std::fs::read_to_string(root.join("data/devil/train.jsonl")).unwrap();
+    let mut text = String::from("\n\n");
+    for (k, line) in devil.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        text.push_str(v["completion"].as_str().unwrap());
+        text.push_str(["\n", "\r\n", "\n\n", " \n"][k % 4]);
+        if k % 50 == 0 {
+            text.push_str("naïve café — 東京\n");
+        }
+    }
+    assert!(text.len() > 3 << 16, "{} bytes: several pieces", text.len());
+    let chat_lines: String = (0..40)
+        .map(|i| {
+            format!(
+                "{{\"messages\": [{{\"role\": \"user\", \"content\": \"q{i}\"}}, {{\"role\": \"assistant\", \"content\": \"answer number {i}\"}}]}}\r\n"
+            )
+        })
+        .collect();
+    let text_lines: String = devil
+        .lines()
+        .take(200)
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{}\n\n", serde_json::json!({ "text": v["completion"] }))
+        })
+        .collect();
+    let files: Vec<(&str, String)> = vec![
+        ("long.txt", text.clone()),
+        ("bom.txt", format!("\u{feff}{}", &text[..5000])),
+        ("short.txt", "a few words".into()),
+        ("devil.jsonl", devil.clone()),
+        (
+            "bom.jsonl",
+            format!("\u{feff}{}", &devil[..20000].rsplit_once('\n').unwrap().0),
+        ),
+        ("docs.jsonl", text_lines),
+        ("chat.jsonl", chat_lines),
+        ("empty.txt", " \n\n ".into()),
+        (
+            "bad.jsonl",
+            "{\"text\": \"ok\"}\n\n{\"text\": oops}\n".into(),
+        ),
+        (
+            "mixed.jsonl",
+            "{\"text\": \"ok\"}\n{\"prompt\": \"a\", \"completion\": \"b\"}\n".into(),
+        ),
+    ];
+    let mut settings = vec![opts(16, true), opts(128, false)];
+    settings.push(DataOptions {
+        val_fraction: 0.2,
+        max_val_sequences: 5,
+        ..opts(32, true)
+    });
+    for (name, content) in &files {
+        for o in &settings {
+            let whole = data::parse(name, content.as_bytes())
+                .and_then(|(ex, format)| data::build(name, &ex, format, &tok, Some(&chat), EOS, o));
+            let reader = std::io::BufReader::with_capacity(7, content.as_bytes());
+            let streamed = data::load(name, reader, &tok, Some(&chat), EOS, o);
+            match (&whole, &streamed) {
+                (Ok(a), Ok(b)) => assert!(a == b, "{name}, context {}: datasets differ", o.context),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{name}"),
+                _ => panic!("{name}: {whole:?} vs {streamed:?}"),
+            }
+        }
+        match data::load(
+            name,
+            content.as_bytes(),
+            &tok,
+            Some(&chat),
+            EOS,
+            &opts(16, true),
+        ) {
+            Ok(d) => println!(
+                "{name}: {} bytes, {} ({} + {} sequences): equal",
+                content.len(),
+                d.format,
+                d.train.len(),
+                d.val.len()
+            ),
+            Err(e) => println!("{name}: same error: {e}"),
+        }
+    }
+    // Not UTF-8: named with the byte, as parse does.
+    let mut bytes = b"{\"text\": \"ok\"}\n{\"text\": \"".to_vec();
+    bytes.extend([0xff, b'"', b'}', b'\n']);
+    let e = data::load("bin.jsonl", &bytes[..], &tok, None, EOS, &opts(16, true)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        data::parse("bin.jsonl", &bytes).unwrap_err().to_string()
+    );
+}
