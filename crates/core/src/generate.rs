@@ -144,15 +144,16 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit, the lowest index among equals.
+/// Index of the largest logit, the lowest index among equals; a NaN is never chosen (0 when
+/// every logit is NaN). `shaders/argmax.wgsl` applies the same rules on the GPU.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
+    let mut best: Option<usize> = None;
     for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
+        if !x.is_nan() && best.is_none_or(|b| x > logits[b]) {
+            best = Some(i);
         }
     }
-    best as u32
+    best.unwrap_or(0) as u32
 }
 
 /// Generates up to `opts.max_tokens` tokens after `prompt`, calling `on_token` with each as soon

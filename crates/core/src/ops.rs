@@ -22,13 +22,46 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     );
     let mut y = vec![0f32; x.len()];
     for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / c as f32;
+        let ms = sum_squares_lanes(xr) / c as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
             *yv = wv * (xv * inv);
         }
     }
     y
+}
+
+/// Lanes of [`sum_squares_lanes`]: the workgroup size of `shaders/rms_norm.wgsl`.
+pub const RMS_LANES: usize = 64;
+
+/// The sum of squares of one row in the GPU's parallel order (`shaders/rms_norm.wgsl`), term
+/// for term: the row as groups of 4 (the last padded with zeros); lane l adds the squares of
+/// groups l, l + 64, l + 128, ... into 4 running sums, one per position in the group; its
+/// lane sum is (s0 + s1) + (s2 + s3); then the 64 lane sums are added pairwise in a tree
+/// (lane l += lane l + h for h = 32, 16, .., 1). RMSNorm feeds the int8 quantizer, so the two
+/// backends must agree to the bit; the order is also 4 x 64 independent sums, which a CPU
+/// vectorises.
+pub fn sum_squares_lanes(x: &[f32]) -> f32 {
+    let groups = x.len().div_ceil(4);
+    let mut part = [0f32; RMS_LANES];
+    for (lane, p) in part.iter_mut().enumerate() {
+        let mut s = [0f32; 4];
+        for g in (lane..groups).step_by(RMS_LANES) {
+            for (j, sj) in s.iter_mut().enumerate() {
+                let v = x.get(4 * g + j).copied().unwrap_or(0.0);
+                *sj += v * v;
+            }
+        }
+        *p = (s[0] + s[1]) + (s[2] + s[3]);
+    }
+    let mut h = RMS_LANES / 2;
+    while h > 0 {
+        for l in 0..h {
+            part[l] += part[l + h];
+        }
+        h /= 2;
+    }
+    part[0]
 }
 
 /// RoPE tables for positions 0..T: (cos, sin), each (T, HS/2). transformers' default rope:
@@ -356,6 +389,28 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sum_squares_lanes_is_the_sum_in_its_order() {
+        assert_eq!(sum_squares_lanes(&[3.0, 4.0]), 25.0);
+        assert_eq!(sum_squares_lanes(&[]), 0.0);
+        let mut rng = crate::rng::Rng::new(5);
+        for c in [1, 7, 255, 256, 1000, 1030, 3072, 5000] {
+            let x: Vec<f32> = (0..c).map(|_| 3.0 * rng.normal()).collect();
+            let exact: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+            let got = sum_squares_lanes(&x) as f64;
+            // Each of the c squares and additions rounds once (relative 2^-24 each).
+            assert!(
+                (got - exact).abs() <= exact * c as f64 * 6e-8,
+                "C={c}: {got} vs {exact}"
+            );
+            // Lane 0 alone: groups 0, 64, ... -- a row of one group is its own lane sum.
+            if c <= 4 {
+                let s: Vec<f32> = (0..4).map(|j| x.get(j).map_or(0.0, |v| v * v)).collect();
+                assert_eq!(sum_squares_lanes(&x), (s[0] + s[1]) + (s[2] + s[3]));
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_unit_rows() {

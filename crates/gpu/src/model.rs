@@ -44,8 +44,8 @@ use bitlora_core::quant::TernaryLinear;
 use bitlora_core::{Config, Model, ops as cpu_ops};
 
 use crate::ops::{
-    ActQuant, Attention, Embedding, GatedAct, LoraMatmul, Matmul, ResidualAdd, RmsNorm, Rope,
-    TernaryMatmul,
+    ActQuant, Argmax, Attention, Embedding, GatedAct, LoraMatmul, Matmul, ResidualAdd, RmsNorm,
+    Rope, TernaryMatmul,
 };
 use bitlora_core::generate::{Sampler, SamplingOptions};
 
@@ -134,6 +134,8 @@ pub struct GpuModel {
     pub(crate) gated_act: GatedAct,
     pub(crate) residual_add: ResidualAdd,
     pub(crate) head: Matmul,
+    /// Greedy decoding's sampler: the last row's argmax into the next pass's token input.
+    argmax: Argmax,
     /// Most tokens one pass records: every (T, width) activation, the (T, V) logits included,
     /// fits the split threshold. Longer inputs take several passes through the cache.
     max_pass_tokens: usize,
@@ -174,14 +176,32 @@ struct PassProfiler {
 
 /// Which rows of logits a pass computes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Head {
+enum Head<'a> {
     /// None: an early chunk of a prefill whose logits nobody reads.
     Skip,
     /// The last token's only (generation).
     Last,
     /// Every token's.
     All,
+    /// The last token's, then its argmax on the GPU into the token input of the next pass
+    /// (greedy decoding: [`GpuModel::decode_greedy`]), and from there into this buffer (4 bytes)
+    /// for the host to read once the pass is done.
+    Greedy(&'a wgpu::Buffer),
 }
+
+/// Where a pass's token ids come from.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// Written by the host.
+    Host(&'a [u32]),
+    /// One token, already in the workspace's token input: the previous pass's argmax.
+    Gpu,
+}
+
+/// Greedy decoding passes recorded and submitted ahead of the token being read back: the host
+/// records pass n + 1 while the GPU runs pass n, so a token costs the longer of the two
+/// instead of their sum plus a round trip.
+const IN_FLIGHT: usize = 2;
 
 /// The activations of one pass of up to `rows` tokens, kept with the cache and reused by
 /// every later pass of at most `rows` tokens (views of their first T rows), so decoding
@@ -596,6 +616,7 @@ impl GpuModel {
             gated_act: GatedAct::new(dev, f, cfg.hidden_act),
             residual_add: ResidualAdd::new(dev, c),
             head,
+            argmax: Argmax::new(dev, v),
             max_pass_tokens,
             max_binding: split,
             weight_bytes,
@@ -798,6 +819,10 @@ impl GpuModel {
         opts: &SamplingOptions,
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<Vec<u32>, GpuError> {
+        let greedy = opts.temperature == 0.0 && opts.repetition_penalty == 1.0;
+        if greedy && self.profile.borrow().is_none() {
+            return self.decode_greedy(prompt, cache, opts, on_token).await;
+        }
         let mut seq = prompt.to_vec();
         let mut last = self.forward_last(prompt, cache).await?; // batched prefill: (V)
         let mut out = Vec::new();
@@ -813,6 +838,81 @@ impl GpuModel {
             }
         }
         Ok(out)
+    }
+
+    /// Greedy decoding with the sampler on the GPU: after the prefill (whose token the CPU
+    /// picks, as `Sampler` would), each pass ends in [`Head::Greedy`], so only its token id
+    /// (4 bytes) comes back, and up to [`IN_FLIGHT`] passes run ahead of the id being read.
+    /// When a token ends the generation, the passes already in flight are dropped with the
+    /// cache. The tokens equal [`GpuModel::decode`]'s with the CPU's `argmax` (the kernel's tie
+    /// and NaN rules are the CPU's).
+    async fn decode_greedy(
+        &self,
+        prompt: &[u32],
+        cache: &mut GpuKvCache,
+        opts: &SamplingOptions,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>, GpuError> {
+        let last = self.forward_last(prompt, cache).await?; // batched prefill: (V)
+        let first = bitlora_core::generate::argmax(&last);
+        let mut out = vec![first];
+        if out.len() >= opts.max_tokens || !on_token(first) || opts.stop_tokens.contains(&first) {
+            return Ok(out);
+        }
+        // One 4-byte readback buffer per pass in flight, used round robin.
+        let slots: Vec<wgpu::Buffer> = (0..=IN_FLIGHT)
+            .map(|_| {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("next token"),
+                    size: 4,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })
+            .collect();
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut recorded = 0; // passes recorded; pass k makes token k + 1
+        let mut input = Some(first);
+        loop {
+            while recorded + 1 < opts.max_tokens && in_flight.len() < IN_FLIGHT {
+                let slot = recorded % slots.len();
+                let host = input.take().map(|t| [t]);
+                let tokens = match &host {
+                    Some(t) => Input::Host(t),
+                    None => Input::Gpu,
+                };
+                self.errors.take()?;
+                let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+                let pass = self.record_pass(tokens, cache, Head::Greedy(&slots[slot]));
+                let validation = validation.pop().await;
+                let oom = oom.pop().await;
+                let (_, index) = pass?;
+                if let Some(e) = validation.or(oom) {
+                    return Err(GpuError::Device(e.to_string()));
+                }
+                cache.len += 1;
+                in_flight.push_back((slot, index));
+                recorded += 1;
+            }
+            let Some((slot, index)) = in_flight.pop_front() else {
+                return Ok(out);
+            };
+            let buffer = &slots[slot];
+            tensor::map_read_after(&self.device, buffer, "next token", Some(index)).await?;
+            let bytes = buffer.get_mapped_range(..).map_err(|e| GpuError::Map {
+                tensor: "next token".into(),
+                msg: e.to_string(),
+            })?;
+            let next = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            drop(bytes);
+            buffer.unmap();
+            self.errors.take()?;
+            out.push(next);
+            if !on_token(next) || opts.stop_tokens.contains(&next) {
+                return Ok(out);
+            }
+        }
     }
 
     /// Token ids, context length and the cache's shape, before any work.
@@ -836,18 +936,18 @@ impl GpuModel {
         &self,
         tokens: &[u32],
         cache: &mut GpuKvCache,
-        head: Head,
+        head: Head<'_>,
     ) -> Result<Vec<f32>, GpuError> {
         self.errors.take()?;
         let profiling = self.profile.borrow().is_some();
         let t0 = profiling.then(std::time::Instant::now);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let recorded = self.record_pass(tokens, cache, head);
+        let recorded = self.record_pass(Input::Host(tokens), cache, head);
         let record_s = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let validation = validation.pop().await;
         let oom = oom.pop().await;
-        let logits = recorded?;
+        let (logits, _) = recorded?;
         if let Some(e) = validation.or(oom) {
             return Err(GpuError::Device(e.to_string()));
         }
@@ -886,17 +986,22 @@ impl GpuModel {
     /// logits tensor ((T, V), (1, V) for [`Head::Last`], none for [`Head::Skip`]).
     fn record_pass(
         &self,
-        tokens: &[u32],
+        tokens: Input,
         cache: &mut GpuKvCache,
-        head: Head,
-    ) -> Result<Option<GpuTensor>, GpuError> {
-        let t = tokens.len();
+        head: Head<'_>,
+    ) -> Result<(Option<GpuTensor>, wgpu::SubmissionIndex), GpuError> {
+        let t = match tokens {
+            Input::Host(tokens) => tokens.len(),
+            Input::Gpu => 1,
+        };
         let past = cache.len;
         let t_kv = past + t;
         cache.reserve(self, t_kv)?;
         let ws = cache.workspace(self, t)?;
-        self.queue
-            .write_buffer(&ws.tokens.buffer, 0, bytemuck::cast_slice(tokens));
+        if let Input::Host(tokens) = tokens {
+            self.queue
+                .write_buffer(&ws.tokens.buffer, 0, bytemuck::cast_slice(tokens));
+        }
         let (cos, sin) = (&self.rope_cos, &self.rope_sin);
 
         let kept = self.decode_cache.borrow_mut().take();
@@ -999,9 +1104,17 @@ impl GpuModel {
                 self.head.encode_split(r, &ws.x, t - 1..t, w, &logits)?;
                 Some(logits)
             }
+            Head::Greedy(out) => {
+                self.norm.op.encode(r, &ws.h, &self.norm.w, &ws.x)?;
+                let logits = ws.logits.rows_view(1)?;
+                self.head.encode_split(r, &ws.x, t - 1..t, w, &logits)?;
+                self.argmax.encode(r, &logits, &ws.tokens)?;
+                r.copy(&ws.tokens.buffer, 0, out, 0, 4);
+                None
+            }
         };
         let (encoder, bind_cache, gpu) = rec.finish_profiled();
-        self.queue.submit([encoder.finish()]);
+        let index = self.queue.submit([encoder.finish()]);
         if let Some(p) = self.profile.borrow_mut().as_mut() {
             p.gpu = gpu;
         }
@@ -1009,7 +1122,7 @@ impl GpuModel {
         if generating {
             *self.decode_cache.borrow_mut() = Some(bind_cache);
         }
-        Ok(logits)
+        Ok((logits, index))
     }
 
     /// Profiling on or off: while on, every pass records where its time went (host record

@@ -460,6 +460,17 @@ pub(crate) async fn map_read(
     buffer: &wgpu::Buffer,
     name: &str,
 ) -> Result<(), GpuError> {
+    map_read_after(device, buffer, name, None).await
+}
+
+/// As [`map_read`], but natively waits only for the submission `after` (the one that wrote the
+/// buffer), not for every submission since: later ones keep the GPU busy meanwhile.
+pub(crate) async fn map_read_after(
+    device: &wgpu::Device,
+    buffer: &wgpu::Buffer,
+    name: &str,
+    after: Option<wgpu::SubmissionIndex>,
+) -> Result<(), GpuError> {
     type Slot = Arc<Mutex<(Option<Result<(), wgpu::BufferAsyncError>>, Option<Waker>)>>;
     let slot: Slot = Arc::default();
     let done = slot.clone();
@@ -472,13 +483,16 @@ pub(crate) async fn map_read(
     });
     #[cfg(not(target_arch = "wasm32"))]
     device
-        .poll(wgpu::PollType::wait_indefinitely())
+        .poll(wgpu::PollType::Wait {
+            submission_index: after,
+            timeout: None,
+        })
         .map_err(|e| GpuError::Map {
             tensor: name.to_string(),
             msg: e.to_string(),
         })?;
     #[cfg(target_arch = "wasm32")]
-    let _ = device;
+    let _ = (device, after);
     let result = poll_fn(|cx| {
         let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
         match s.0.take() {

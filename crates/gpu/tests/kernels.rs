@@ -10,8 +10,8 @@ use bitlora_core::rng::Rng;
 use bitlora_core::tolerance::{KERNEL_F32, KERNEL_TRANSCENDENTAL};
 use bitlora_core::{Activation, ops};
 use bitlora_gpu::ops::{
-    ActQuant, Attention, Embedding, GatedAct, Matmul, MatmulBackward, ResidualAdd, RmsNorm, Rope,
-    SumSquares, TernaryMatmul,
+    ActQuant, Argmax, Attention, Embedding, GatedAct, Matmul, MatmulBackward, ResidualAdd, RmsNorm,
+    Rope, SumSquares, TernaryMatmul,
 };
 use bitlora_gpu::{DType, GpuError, GpuTensor, Recorder, SplitTensor};
 use common::{block, codes, f32t, gpu, normal, read, run, ternary, zeros};
@@ -716,4 +716,41 @@ fn sum_squares_matches_the_f64_sum() {
         ),
         "{e}"
     );
+}
+
+/// Greedy sampling on the GPU picks what `bitlora_core::generate::argmax` picks: the largest
+/// logit, the lowest index among equals, never a NaN (0 when all are NaN).
+#[test]
+fn argmax_picks_the_cpus_token() {
+    let g = gpu();
+    let mut rng = Rng::new(11);
+    let mut cases: Vec<(&str, Vec<f32>)> = Vec::new();
+    for v in [1, 255, 257, 1000, 32002] {
+        cases.push(("random", normal(&mut rng, v, 3.0)));
+    }
+    let mut ties = normal(&mut rng, 1000, 1.0);
+    for i in [900, 17, 513, 256] {
+        ties[i] = 9.0; // equal maxima in different lanes: 17 wins
+    }
+    cases.push(("ties", ties));
+    let mut nan_first = normal(&mut rng, 700, 1.0);
+    nan_first[0] = f32::NAN;
+    nan_first[300] = f32::NAN;
+    cases.push(("NaN at 0", nan_first));
+    cases.push(("all NaN", vec![f32::NAN; 300]));
+    cases.push(("all -inf", vec![f32::NEG_INFINITY; 300]));
+    let mut signed_zero = vec![-1.0f32; 600];
+    signed_zero[400] = 0.0;
+    signed_zero[70] = -0.0; // equal to +0: the lower index
+    cases.push(("-0 and +0", signed_zero));
+    for (what, logits) in cases {
+        let v = logits.len();
+        let lt = f32t("logits", &[1, v], &logits);
+        let next = GpuTensor::u32(&g.device, "next", &[1], &[u32::MAX]).unwrap();
+        run(|r| Argmax::new(&g.device, v).encode(r, &lt, &next));
+        let bytes = block(bitlora_gpu::tensor::read_bytes(&g.device, &g.queue, &next)).unwrap();
+        let got = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let want = bitlora_core::generate::argmax(&logits);
+        assert_eq!(got, want, "{what} (V = {v})");
+    }
 }

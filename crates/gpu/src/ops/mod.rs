@@ -8,6 +8,7 @@
 
 pub mod act_quant;
 pub mod adamw;
+pub mod argmax;
 pub mod attention;
 pub mod attention_backward;
 pub mod cross_entropy;
@@ -29,6 +30,7 @@ pub mod ternary_matmul;
 
 pub use act_quant::ActQuant;
 pub use adamw::{AdamWScalars, AdamWStep};
+pub use argmax::Argmax;
 pub use attention::Attention;
 pub use attention_backward::AttentionBackward;
 pub use cross_entropy::CrossEntropy;
@@ -56,6 +58,7 @@ pub const WG: usize = 64;
 pub const SHADERS: &[(&str, &str)] = &[
     ("act_quant", act_quant::SOURCE),
     ("adamw", adamw::SOURCE),
+    ("argmax", argmax::SOURCE),
     ("attention", attention::SOURCE),
     ("attention_backward_kv", attention_backward::SOURCE_KV),
     ("attention_backward_q", attention_backward::SOURCE_Q),

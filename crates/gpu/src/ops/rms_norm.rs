@@ -21,11 +21,7 @@ impl RmsNorm {
             device,
             "rms_norm",
             SOURCE,
-            &[
-                ("C", super::c(c)),
-                ("EPS", eps as f64),
-                ("WG", super::c(super::WG)),
-            ],
+            &[("C", super::c(c)), ("EPS", eps as f64)],
         );
         RmsNorm { kernel, c }
     }
