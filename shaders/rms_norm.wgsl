@@ -1,6 +1,6 @@
 // RMSNorm over each row of x, as transformers' BitNetRMSNorm:
 //   y = w * (x * inv),  inv = 1 / sqrt(mean(x^2) + EPS)
-// One workgroup of LANES invocations per row; dispatch (T, 1, 1).
+// One workgroup of WG invocations per row; dispatch (T, 1, 1).
 //
 // The sum of squares is taken in a fixed parallel order that the CPU reference mirrors term
 // for term (crates/core/src/ops.rs sum_squares_lanes). RMSNorm feeds the int8 activation
@@ -16,12 +16,17 @@
 // Each square x*x is rounded on its own, as on the CPU (Rust never fuses a multiply into an
 // add): the squares go through workgroup memory, written by one invocation and added by
 // another, so no compiler can contract the multiply and the add into an FMA.
+//
+// The workgroup is WG = 4 LANES wide: all WG invocations load and square a chunk and write the
+// outputs (at T = 1, a decoded token, one workgroup does the whole row, and 64 invocations
+// left those loops latency-bound); the first LANES add.
 
 override C: u32;   // row width
 override EPS: f32; // rms_norm_eps
 
 const LANES: u32 = 64u; // the CPU mirror's ops::RMS_LANES
-const CH4: u32 = 256u;  // vec4 groups per chunk (1,024 values, 4 KiB), a multiple of LANES
+const WG: u32 = 256u;   // workgroup size, a multiple of LANES
+const CH4: u32 = WG;    // vec4 groups per chunk (1,024 values, 4 KiB): one per invocation
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;       // (T, C)
 @group(0) @binding(1) var<storage, read> w: array<f32>;       // (C)
@@ -30,16 +35,17 @@ const CH4: u32 = 256u;  // vec4 groups per chunk (1,024 values, 4 KiB), a multip
 var<workgroup> sq: array<vec4<f32>, CH4>; // squares of one chunk's groups
 var<workgroup> part: array<f32, LANES>;   // lane sums, then the tree
 
-@compute @workgroup_size(LANES)
+@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let base = wid.x * C;
     let n4 = (C + 3u) / 4u; // vec4 groups in the row
-    // Invocation lid writes the groups that lane (lid + LANES/2) % LANES adds.
-    let writes = (lid + LANES / 2u) % LANES;
+    // Invocation lid squares group k = (lid - 32) mod WG of each chunk, which lane k % LANES
+    // adds: never lid itself (lid - k = 32 mod 64).
+    let k = (lid + WG - 32u) % WG;
     var acc = vec4<f32>();
     for (var g0 = 0u; g0 < n4; g0 += CH4) {
         let n = min(CH4, n4 - g0); // groups in this chunk
-        for (var k = writes; k < n; k += LANES) {
+        if k < n {
             let c = 4u * (g0 + k);
             var v = vec4<f32>();
             if c + 3u < C {
@@ -55,12 +61,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
         // CH4 is a multiple of LANES, so lane lid adds groups lid, lid + LANES, ... of the row.
-        for (var k = lid; k < n; k += LANES) {
-            acc += sq[k];
+        if lid < LANES {
+            for (var j = lid; j < n; j += LANES) {
+                acc += sq[j];
+            }
         }
         workgroupBarrier();
     }
-    part[lid] = (acc.x + acc.y) + (acc.z + acc.w);
+    if lid < LANES {
+        part[lid] = (acc.x + acc.y) + (acc.z + acc.w);
+    }
     workgroupBarrier();
     for (var h = LANES / 2u; h > 0u; h >>= 1u) {
         if lid < h {
@@ -69,7 +79,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
     }
     let inv = 1.0 / sqrt(part[0] / f32(C) + EPS);
-    for (var c = lid; c < C; c += LANES) {
+    for (var c = lid; c < C; c += WG) {
         y[base + c] = w[c] * (x[base + c] * inv);
     }
 }

@@ -402,6 +402,32 @@ fn bad_training_input_is_named() {
     );
     let e = run("ok4.txt", TEXT.as_bytes(), &["--batch", "100000000000"]);
     assert!(e.contains("fewer than the batch of 100000000000"), "{e}");
+    // Values that were accepted (and trained on) or panicked: each named, before any work.
+    for (i, (flag, says)) in [
+        ("--lr=-1", "--lr is -1; it must be positive"),
+        (
+            "--weight-decay=NaN",
+            "--weight-decay is NaN; it must be a finite number",
+        ),
+        (
+            "--val-fraction=-5",
+            "--val-fraction is -5; it must be in [0, 1)",
+        ),
+        (
+            "--context=18446744073709551615",
+            "--context is 18446744073709551615; the model's context is",
+        ),
+        (
+            "--dropout=NaN",
+            "--dropout is NaN; it must be a finite number",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e = run(&format!("flag{i}.txt"), TEXT.as_bytes(), &[flag]);
+        assert!(e.contains(says), "{flag}: {e}");
+    }
     // Flags clap refuses (exit 2) that once panicked in Duration (exit 101).
     for mins in ["NaN", "-1", "0", "1e300"] {
         let flag = format!("--max-minutes={mins}");

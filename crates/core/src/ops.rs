@@ -31,7 +31,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     y
 }
 
-/// Lanes of [`sum_squares_lanes`]: the workgroup size of `shaders/rms_norm.wgsl`.
+/// Lanes of [`sum_squares_lanes`]: the invocations of `shaders/rms_norm.wgsl` that add.
 pub const RMS_LANES: usize = 64;
 
 /// The sum of squares of one row in the GPU's parallel order (`shaders/rms_norm.wgsl`), term

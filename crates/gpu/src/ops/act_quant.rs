@@ -16,13 +16,19 @@ pub struct ActQuant {
     c: usize,
 }
 
+/// Workgroup size: see [`ActQuant::new`].
+const WG: usize = 256;
+
 impl ActQuant {
     pub fn new(device: &wgpu::Device, c: usize) -> ActQuant {
         let kernel = Kernel::new(
             device,
             "act_quant",
             SOURCE,
-            &[("C", super::c(c)), ("WG", super::c(super::WG))],
+            // 256 invocations (WebGPU's default limit): at T = 1 one workgroup does the whole
+            // row, and 64 left its loops over the row latency-bound. The max is exact in any
+            // order, so the width changes nothing else.
+            &[("C", super::c(c)), ("WG", super::c(WG))],
         );
         ActQuant { kernel, c }
     }
