@@ -911,6 +911,20 @@ mod tests {
         addr
     }
 
+    /// `get` until a 200 comes back (slots freed by other threads take a moment), for at
+    /// most 10 s; the last response.
+    fn get_until_served(addr: SocketAddr, raw: &str) -> String {
+        let mut served = String::new();
+        for _ in 0..200 {
+            served = get(addr, raw);
+            if served.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        served
+    }
+
     fn get(addr: SocketAddr, raw: &str) -> String {
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(raw.as_bytes()).unwrap();
@@ -986,14 +1000,7 @@ mod tests {
         assert!(refused.contains("too many connections"), "{refused}");
         drop(held);
         // Their threads see the close and give the slots back; a new client is served.
-        let mut served = String::new();
-        for _ in 0..200 {
-            served = get(addr, req);
-            if served.starts_with("HTTP/1.1 200") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let served = get_until_served(addr, req);
         assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     }
 
@@ -1025,6 +1032,32 @@ mod tests {
         assert!(!cut.starts_with("HTTP/1.1 200"), "{cut}");
         let served = slow(Duration::from_secs(30));
         assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    }
+
+    /// A client that asks for a large file and never reads the response cannot hold its slot:
+    /// the blocked write gives up after `Limits::write` and the connection closes, so with a
+    /// single slot the next client is served.
+    #[test]
+    fn a_client_that_does_not_read_loses_its_slot() {
+        let limits = Limits {
+            max_connections: 1,
+            write: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let server = StaticServer::bind(&tree(), 0).unwrap().with_limits(limits);
+        // Larger than loopback's socket buffers on both sides, so the server's write blocks.
+        std::fs::write(server.root().join("web/big.bin"), vec![7u8; 64 << 20]).unwrap();
+        let addr = server.addr;
+        std::thread::spawn(move || server.run());
+        let mut stalled = TcpStream::connect(addr).unwrap();
+        stalled
+            .write_all(b"GET /web/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        // Never read from `stalled`. Past the write limit its slot comes back.
+        let req = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let served = get_until_served(addr, req);
+        assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+        drop(stalled);
     }
 
     #[test]

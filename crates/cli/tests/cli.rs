@@ -458,3 +458,86 @@ fn bench_train_on_the_gpu_reports_tokens_per_second() {
     assert_eq!(r["trainable_parameters"], 11 * per_layer);
     assert!(r["gpu_bytes"].as_u64().unwrap() > 32002 * 768 * 4, "{r}");
 }
+
+/// `bitlora serve` out of file descriptors (a limit of 48 and 80 idle connections): accept()
+/// fails, the server says so and backs off instead of exiting, and serves again once the
+/// connections close. It exited with "Too many open files" before.
+#[test]
+fn serve_survives_running_out_of_file_descriptors() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::process::Stdio;
+    let script = format!(
+        "ulimit -n 48 && exec '{}' serve --port 0 --root '{}'",
+        env!("CARGO_BIN_EXE_bitlora"),
+        repo().display()
+    );
+    let mut child = Command::new("bash")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run bitlora serve");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_string();
+    // Stderr is drained on a thread so the server never blocks on it.
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let held: Vec<TcpStream> = (0..80)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server exited out of file descriptors"
+    );
+    drop(held);
+    let get = || -> Option<String> {
+        let mut s = TcpStream::connect(&addr).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .ok()?;
+        s.write_all(b"GET /index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let mut served = None;
+    for _ in 0..100 {
+        served = get();
+        if served
+            .as_deref()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = log.join().unwrap();
+    assert!(
+        served
+            .as_deref()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        "not served after the connections closed: {served:?}\n{log}"
+    );
+    assert!(log.contains("cannot accept a connection"), "{log}");
+    println!(
+        "{}",
+        log.lines()
+            .find(|l| l.contains("cannot accept"))
+            .unwrap_or("")
+    );
+}
