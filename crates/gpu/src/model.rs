@@ -10,8 +10,10 @@
 //!     h += down_proj(ffn_sub_norm(act(gate_proj(x)) * up_proj(x)))      (T, C)
 //! logits = norm(h) . lm_head^T   (lm_head = embed when tied)            (T, V)
 //! ```
-//! where each BitLinear is act_quant (x -> x_q, s_a) then ternary_matmul. The ternary weights
-//! stay in transformers' packed 2-bit layout on the GPU.
+//! where each BitLinear is act_quant (x -> x_q, s_a) then ternary_matmul. Every BitLinear's
+//! input is an RMSNorm's output, so the norm and the quantization run as one dispatch
+//! (`RmsNorm::encode_quant`, bit-identical to the two). The ternary weights stay in
+//! transformers' packed 2-bit layout on the GPU.
 //!
 //! One code path serves every use: [`GpuModel::forward`] runs T new tokens after the tokens
 //! already in a [`GpuKvCache`] (k_proj and v_proj write straight into the cache rows past..past+T,
@@ -44,8 +46,8 @@ use bitlora_core::quant::TernaryLinear;
 use bitlora_core::{Config, Model, ops as cpu_ops};
 
 use crate::ops::{
-    ActQuant, Argmax, Attention, Embedding, GatedAct, LoraMatmul, Matmul, ResidualAdd, RmsNorm,
-    Rope, TernaryMatmul,
+    Argmax, Attention, Embedding, GatedAct, LoraMatmul, Matmul, ResidualAdd, RmsNorm, Rope,
+    TernaryMatmul,
 };
 use bitlora_core::generate::{Sampler, SamplingOptions};
 
@@ -125,9 +127,6 @@ pub struct GpuModel {
     pub(crate) rope_cos: GpuTensor,       // (P, HS/2), P = max_position_embeddings
     pub(crate) rope_sin: GpuTensor,       // (P, HS/2)
     pub(crate) embedding: Embedding,
-    pub(crate) quant_c: ActQuant, // rows of width C
-    pub(crate) quant_q: ActQuant, // rows of width NH*HS
-    pub(crate) quant_f: ActQuant, // rows of width F
     pub(crate) rope_q: Rope,
     pub(crate) rope_k: Rope,
     pub(crate) attention: Attention,
@@ -607,9 +606,6 @@ impl GpuModel {
             rope_cos,
             rope_sin,
             embedding,
-            quant_c: ActQuant::new(dev, c),
-            quant_q: ActQuant::new(dev, q_dim),
-            quant_f: ActQuant::new(dev, f),
             rope_q: Rope::new(dev, nh, hs),
             rope_k: Rope::new(dev, nkv, hs),
             attention: Attention::new(dev, nh, nkv, hs),
@@ -1055,8 +1051,7 @@ impl GpuModel {
         {
             // Attention block.
             let n = &layer.input_layernorm;
-            n.op.encode(r, &ws.h, &n.w, &ws.x)?;
-            self.quant_c.encode(r, &ws.x, &ws.xq_c, s_a)?;
+            n.op.encode_quant(r, &ws.h, &n.w, &ws.x, &ws.xq_c, s_a)?;
             bitlinear(r, &ws.xq_c, &layer.q_proj, &ws.q)?;
             lora(r, l, Proj::Q, &ws.x, &ws.q, 0)?;
             into_cache(r, &ws.xq_c, &layer.k_proj, kc)?;
@@ -1068,24 +1063,21 @@ impl GpuModel {
             self.attention
                 .encode_cached(r, &ws.q, kc, vc, t_kv, &ws.att)?;
             let n = &layer.attn_sub_norm;
-            n.op.encode(r, &ws.att, &n.w, &ws.att_n)?;
-            self.quant_q.encode(r, &ws.att_n, &ws.xq_q, s_a)?;
+            n.op.encode_quant(r, &ws.att, &n.w, &ws.att_n, &ws.xq_q, s_a)?;
             bitlinear(r, &ws.xq_q, &layer.o_proj, &ws.proj)?;
             lora(r, l, Proj::O, &ws.att_n, &ws.proj, 0)?;
             self.residual_add.encode(r, &ws.h, &ws.proj)?;
 
             // FFN block.
             let n = &layer.post_attention_layernorm;
-            n.op.encode(r, &ws.h, &n.w, &ws.x)?;
-            self.quant_c.encode(r, &ws.x, &ws.xq_c, s_a)?;
+            n.op.encode_quant(r, &ws.h, &n.w, &ws.x, &ws.xq_c, s_a)?;
             bitlinear(r, &ws.xq_c, &layer.gate_proj, &ws.gate)?;
             lora(r, l, Proj::Gate, &ws.x, &ws.gate, 0)?;
             bitlinear(r, &ws.xq_c, &layer.up_proj, &ws.up)?;
             lora(r, l, Proj::Up, &ws.x, &ws.up, 0)?;
             self.gated_act.encode(r, &ws.gate, &ws.up, &ws.ffn)?;
             let n = &layer.ffn_sub_norm;
-            n.op.encode(r, &ws.ffn, &n.w, &ws.ffn_n)?;
-            self.quant_f.encode(r, &ws.ffn_n, &ws.xq_f, s_a)?;
+            n.op.encode_quant(r, &ws.ffn, &n.w, &ws.ffn_n, &ws.xq_f, s_a)?;
             bitlinear(r, &ws.xq_f, &layer.down_proj, &ws.proj)?;
             lora(r, l, Proj::Down, &ws.ffn_n, &ws.proj, 0)?;
             self.residual_add.encode(r, &ws.h, &ws.proj)?;

@@ -25,6 +25,18 @@ impl Kernel {
         source: &str,
         constants: &[(&str, f64)],
     ) -> Kernel {
+        Kernel::entry(device, name, source, "main", constants)
+    }
+
+    /// As [`Kernel::new`] for the entry point `entry` (a shader whose fused variant is a second
+    /// entry point; its bindings are those the entry point uses).
+    pub fn entry(
+        device: &wgpu::Device,
+        name: &'static str,
+        source: &str,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> Kernel {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -33,7 +45,7 @@ impl Kernel {
             label: Some(name),
             layout: None,
             module: &module,
-            entry_point: Some("main"),
+            entry_point: Some(entry),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants,
                 zero_initialize_workgroup_memory: true,

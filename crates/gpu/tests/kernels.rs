@@ -754,3 +754,36 @@ fn argmax_picks_the_cpus_token() {
         assert_eq!(got, want, "{what} (V = {v})");
     }
 }
+
+/// The fused norm + quantize entry point writes what RmsNorm then ActQuant write, bit for bit:
+/// y, the int8 codes and the scales (on any device: the same f32 operations on the same
+/// values), on widths past one chunk, not a multiple of 4, and rows of zeros.
+#[test]
+fn fused_norm_quant_equals_norm_then_quant() {
+    let g = gpu();
+    let mut rng = Rng::new(12);
+    for (t, c) in [(37, 1000), (1, 64), (5, 175), (3, 3072), (2, 1030)] {
+        let mut x = normal(&mut rng, t * c, 3.0);
+        x[..c].fill(0.0); // row 0: the scale's 1e-5 floor
+        let w: Vec<f32> = normal(&mut rng, c, 0.1).iter().map(|v| 1.0 + v).collect();
+        let (xt, wt) = (f32t("x", &[t, c], &x), f32t("w", &[c], &w));
+        let norm = RmsNorm::new(&g.device, c, 1e-5);
+        let (y1, y2) = (zeros("y1", &[t, c]), zeros("y2", &[t, c]));
+        let q1 = g.zeros("q1", &[t, c], DType::I8x4).unwrap();
+        let q2 = g.zeros("q2", &[t, c], DType::I8x4).unwrap();
+        let (s1, s2) = (zeros("s1", &[t]), zeros("s2", &[t]));
+        run(|r| {
+            norm.encode(r, &xt, &wt, &y1)?;
+            ActQuant::new(&g.device, c).encode(r, &y1, &q1, &s1)?;
+            norm.encode_quant(r, &xt, &wt, &y2, &q2, &s2)
+        });
+        let what = format!("T={t} C={c}");
+        assert_same_bits(&format!("y {what}"), &read(&y2), &read(&y1));
+        assert_same_bits(&format!("s_a {what}"), &read(&s2), &read(&s1));
+        let (c1, c2) = (
+            block(g.read_i8(&q1)).unwrap(),
+            block(g.read_i8(&q2)).unwrap(),
+        );
+        assert_eq!(c2, c1, "codes {what}");
+    }
+}

@@ -215,8 +215,7 @@ impl Step<'_> {
         for (l, lay) in m.layers.iter().enumerate() {
             // Attention block: h_mid = h + o_proj(attn_sub_norm(attn(rope(q), rope(k), v))).
             let n = &lay.input_layernorm;
-            n.op.encode(r, &a.h[l], &n.w, &a.x)?;
-            m.quant_c.encode(r, &a.x, &a.xq_c, &a.s_a)?;
+            n.op.encode_quant(r, &a.h[l], &n.w, &a.x, &a.xq_c, &a.s_a)?;
             self.project(r, l, Proj::Q, &a.xq_c, &a.x, &a.q[l])?;
             self.project(r, l, Proj::K, &a.xq_c, &a.x, &a.k[l])?;
             self.project(r, l, Proj::V, &a.xq_c, &a.x, &a.v[l])?;
@@ -225,22 +224,19 @@ impl Step<'_> {
             m.attention
                 .encode(r, &a.q[l], &a.k[l], &a.v[l], &a.att[l])?;
             let n = &lay.attn_sub_norm;
-            n.op.encode(r, &a.att[l], &n.w, &a.att_n)?;
-            m.quant_q.encode(r, &a.att_n, &a.xq_q, &a.s_a)?;
+            n.op.encode_quant(r, &a.att[l], &n.w, &a.att_n, &a.xq_q, &a.s_a)?;
             self.project(r, l, Proj::O, &a.xq_q, &a.att_n, &a.h_mid[l])?;
             // h_mid = o + h: the same f32 sums as the CPU's h + o.
             m.residual_add.encode(r, &a.h_mid[l], &a.h[l])?;
 
             // FFN block: h[l+1] = h_mid + down_proj(ffn_sub_norm(act(gate(x)) * up(x))).
             let n = &lay.post_attention_layernorm;
-            n.op.encode(r, &a.h_mid[l], &n.w, &a.x)?;
-            m.quant_c.encode(r, &a.x, &a.xq_c, &a.s_a)?;
+            n.op.encode_quant(r, &a.h_mid[l], &n.w, &a.x, &a.xq_c, &a.s_a)?;
             self.project(r, l, Proj::Gate, &a.xq_c, &a.x, &a.gate[l])?;
             self.project(r, l, Proj::Up, &a.xq_c, &a.x, &a.up[l])?;
             m.gated_act.encode(r, &a.gate[l], &a.up[l], &a.ffn)?;
             let n = &lay.ffn_sub_norm;
-            n.op.encode(r, &a.ffn, &n.w, &a.ffn_n)?;
-            m.quant_f.encode(r, &a.ffn_n, &a.xq_f, &a.s_a)?;
+            n.op.encode_quant(r, &a.ffn, &n.w, &a.ffn_n, &a.xq_f, &a.s_a)?;
             self.project(r, l, Proj::Down, &a.xq_f, &a.ffn_n, &a.h[l + 1])?;
             m.residual_add.encode(r, &a.h[l + 1], &a.h_mid[l])?;
         }
