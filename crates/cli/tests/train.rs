@@ -176,8 +176,17 @@ fn train_on_the_gpu_backend_matches_the_cpu_run() {
     assert_eq!(gpu.len(), 20);
     // The first step starts from the same adapter: the backends agree to rounding, or to
     // TRAIN_STEP_BACKENDS where a last-ulp difference flips an int8 activation code. Later steps
-    // drift apart slowly (AdamW normalises tiny gradient differences into full-size updates,
-    // and the flips carry on), so the runs only track.
+    // drift apart (AdamW normalises tiny gradient differences into full-size updates, and the
+    // flips carry on; lr 1e-2 with dropout on a tiny model is chaotic), so the runs only track:
+    // each step's loss within FREE_RUN_STEP, their mean difference within FREE_RUN_MEAN, the
+    // validation losses (means over the held-out sequences) within FREE_RUN_VAL. Measured
+    // (2026-12-06, lavapipe): worst step 2.7e-2 (step 10), mean 4.1e-3, validation 5.3e-3.
+    // A wrong step (a stale adapter, a missed update, wrong gradients) is off by 1e-1 or more
+    // within a few steps; the exact per-step checks fork both backends from one state
+    // (crates/gpu/tests/train.rs).
+    const FREE_RUN_STEP: f64 = 5e-2;
+    const FREE_RUN_MEAN: f64 = 1e-2;
+    const FREE_RUN_VAL: f64 = 2e-2;
     let rel = |c: &serde_json::Value, g: &serde_json::Value, key: &str| {
         let (a, b) = (c[key].as_f64().unwrap(), g[key].as_f64().unwrap());
         (a - b).abs() / a.abs().max(1e-6)
@@ -191,26 +200,37 @@ fn train_on_the_gpu_backend_matches_the_cpu_run() {
             gpu[0][key]
         );
     }
-    let mut worst = 0f64;
+    let (mut worst, mut sum) = (0f64, 0f64);
     for (c, g) in cpu.iter().zip(&gpu) {
+        let r = rel(c, g, "loss");
+        (worst, sum) = (worst.max(r), sum + r);
+        assert!(
+            r <= FREE_RUN_STEP,
+            "step {}: loss CPU {} GPU {}",
+            c["step"],
+            c["loss"],
+            g["loss"]
+        );
         assert_eq!(c["val_loss"].is_null(), g["val_loss"].is_null());
-        for key in ["loss", "val_loss"] {
-            if !c[key].is_null() {
-                let r = rel(c, g, key);
-                worst = worst.max(r);
-                assert!(
-                    r < 2e-2,
-                    "step {}: {key} CPU {} GPU {}",
-                    c["step"],
-                    c[key],
-                    g[key]
-                );
-            }
+        if !c["val_loss"].is_null() {
+            let r = rel(c, g, "val_loss");
+            assert!(
+                r <= FREE_RUN_VAL,
+                "step {}: validation loss CPU {} GPU {}",
+                c["step"],
+                c["val_loss"],
+                g["val_loss"]
+            );
         }
     }
+    let mean = sum / cpu.len() as f64;
+    assert!(
+        mean <= FREE_RUN_MEAN,
+        "mean relative loss difference {mean:.1e}"
+    );
     let vals: Vec<f64> = gpu.iter().filter_map(|l| l["val_loss"].as_f64()).collect();
     println!(
-        "GPU validation loss {before} before, {vals:?} by 10 steps; worst relative loss difference to the CPU run {worst:.1e}"
+        "GPU validation loss {before} before, {vals:?} by 10 steps; relative loss difference to the CPU run: worst {worst:.1e}, mean {mean:.1e}"
     );
     assert!(
         vals[1] < before - 0.3,
