@@ -277,6 +277,20 @@ impl StaticServer {
     /// slots back. An accept() error (out of file descriptors, say) backs off and retries; a
     /// thread that cannot be started costs that one connection.
     pub fn run(self) -> Result<(), ServeError> {
+        self.run_with(|name, work| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(work)
+                .map(drop)
+        })
+    }
+
+    /// [`StaticServer::run`] with `spawn` starting each connection's thread (tests pass one
+    /// that fails, as the OS does when it is out of threads).
+    fn run_with(
+        self,
+        spawn: impl Fn(&str, Box<dyn FnOnce() + Send>) -> io::Result<()>,
+    ) -> Result<(), ServeError> {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let root = Arc::new(self.root);
@@ -318,12 +332,13 @@ impl StaticServer {
             live.fetch_add(1, Ordering::SeqCst);
             let slot = Slot(live.clone());
             let (root, csp) = (root.clone(), csp.clone());
-            let spawned = std::thread::Builder::new()
-                .name("bitlora-serve".into())
-                .spawn(move || {
+            let spawned = spawn(
+                "bitlora-serve",
+                Box::new(move || {
                     let _slot = slot;
                     serve_connection(&root, &csp, stream, limits);
-                });
+                }),
+            );
             if let Err(e) = spawned {
                 eprintln!(
                     "bitlora serve: cannot start a thread for a connection ({e}); it is closed"
@@ -1031,6 +1046,42 @@ mod tests {
         let cut = slow(Duration::from_millis(300));
         assert!(!cut.starts_with("HTTP/1.1 200"), "{cut}");
         let served = slow(Duration::from_secs(30));
+        assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    }
+
+    /// A thread that cannot be started (the OS out of threads) costs that one connection: it is
+    /// closed, its slot comes back, and the server goes on (it panicked before).
+    #[test]
+    fn a_thread_that_cannot_start_costs_one_connection() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let server = StaticServer::bind(&tree(), 0).unwrap().with_limits(Limits {
+            max_connections: 1,
+            ..Limits::default()
+        });
+        let addr = server.addr;
+        let calls = AtomicUsize::new(0);
+        std::thread::spawn(move || {
+            server.run_with(|name, work| {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(io::Error::new(io::ErrorKind::WouldBlock, "out of threads"));
+                }
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(work)
+                    .map(drop)
+            })
+        });
+        let req = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        // The first connection is closed (or reset: its request was never read) without a
+        // response; the slot is free for the next.
+        let mut first = TcpStream::connect(addr).unwrap();
+        first.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        match first.read_to_string(&mut out) {
+            Ok(_) => assert_eq!(out, "", "the first connection got a response"),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        let served = get_until_served(addr, req);
         assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     }
 
