@@ -411,13 +411,14 @@ fn train_run<B: Backend>(
     seed: u64,
 ) -> Result<Trainer<B>, B::Error> {
     let mut rng = Rng::new(seed ^ 0x7a1);
-    let train = (0..n)
+    let train: Vec<_> = (0..n)
         .map(|_| {
             let (tokens, targets) = random_sequence(&mut rng, seq_len, model.vocab_size);
             bitlora_core::data::Sequence { tokens, targets }
         })
         .collect();
     let data = bitlora_core::data::Dataset {
+        examples: train.len(),
         train,
         val: Vec::new(),
         format: "random",

@@ -66,6 +66,8 @@ pub struct Dataset {
     pub val: Vec<Sequence>,
     pub format: &'static str,
     pub truncated: usize,
+    /// Examples read: JSONL lines with an example, 1 for a plain-text file.
+    pub examples: usize,
 }
 
 /// Parses a data file; `file` names it in errors (with the line number for JSONL). Holds
@@ -348,6 +350,7 @@ pub fn load(
     }
     let ids = tok.encode(&text, first)?;
     b.pack(ids.into_iter().map(|i| (i, true)).chain([(eos, true)]));
+    b.examples = 1;
     b.finish("text")
 }
 
@@ -373,6 +376,7 @@ struct Builder<'a> {
     /// Packed tokens not yet in a full window.
     stream: Vec<(u32, bool)>,
     truncated: usize,
+    examples: usize,
 }
 
 impl<'a> Builder<'a> {
@@ -398,10 +402,12 @@ impl<'a> Builder<'a> {
             seqs: Vec::new(),
             stream: Vec::new(),
             truncated: 0,
+            examples: 0,
         })
     }
 
     fn example(&mut self, ex: &Example, packed: bool) -> Result<()> {
+        self.examples += 1;
         let ids = tokenize(
             ex,
             self.tok,
@@ -486,6 +492,7 @@ impl<'a> Builder<'a> {
             val,
             format,
             truncated: self.truncated,
+            examples: self.examples,
         })
     }
 }

@@ -114,6 +114,7 @@ pub fn fuzz_dataset() -> Dataset {
         val: val.to_vec(),
         format: "jsonl-text",
         truncated: 0,
+        examples: train.len() + val.len(),
     }
 }
 

@@ -969,6 +969,7 @@ mod tests {
                 val: val.to_vec(),
                 format: "test",
                 truncated: 0,
+                examples: seqs.len(),
             },
         )
     }

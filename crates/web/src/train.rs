@@ -98,18 +98,19 @@ fn build_dataset(
         )
     })?;
     let core = |e: bitlora_core::Error| core_error(&e);
-    let (examples, format) = data::parse(file, bytes).map_err(core)?;
-    let dataset = data::build(
+    // Read and tokenised as a stream (core's data::load): the wasm heap holds the sequences
+    // kept, not a parsed copy of the file's text besides the bytes.
+    let dataset = data::load(
         file,
-        &examples,
-        format,
+        bytes,
         tokenizer,
         loaded.chat_template.as_ref(),
         loaded.train_eos,
         &config.data_options(),
     )
     .map_err(core)?;
-    Ok((dataset, examples.len()))
+    let examples = dataset.examples;
+    Ok((dataset, examples))
 }
 
 fn summarize(
