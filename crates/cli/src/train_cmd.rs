@@ -578,7 +578,7 @@ where
     }
     let val = pollster::block_on(trainer.validate())?;
     eprintln!(
-        "bitlora train: done: {} steps, {tokens} tokens in {:.1} s ({:.0} tok/s){}; adapter in {}",
+        "bitlora train: done: {} steps, {tokens} tokens in {:.1} s ({:.0} tok/s){}; adapter in {}{}",
         trainer.step,
         start.elapsed().as_secs_f64(),
         tokens as f64 / start.elapsed().as_secs_f64(),
@@ -586,7 +586,9 @@ where
             ", validation loss {v:.4} (perplexity {:.2})",
             v.exp()
         )),
-        a.out.display()
+        a.out.display(),
+        // The process's peak resident memory (Linux), data and model included.
+        crate::bench::peak_rss_mib().map_or(String::new(), |m| format!("; peak memory {m:.0} MiB"))
     );
     Ok(())
 }
