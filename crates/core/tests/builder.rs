@@ -244,6 +244,14 @@ fn broken_packed_checkpoints_fail_with_the_messages_of_from_bytes() {
             edit(&all, s, |_| Some(OwnedTensor::f32(s, &[1], &[-2.0]))),
             "expected a positive number",
         ),
+        // An infinite scale: named as a bad value (it once said "shape mismatch").
+        (
+            "infinite scale",
+            edit(&all, s, |_| {
+                Some(OwnedTensor::f32(s, &[1], &[f32::INFINITY]))
+            }),
+            "is inf, expected a positive number",
+        ),
         ("scale missing", edit(&all, s, |_| None), "missing"),
         (
             "weight shape",
