@@ -35,6 +35,7 @@ fn data(rng: &mut Rng, vocab: usize, t: usize) -> Dataset {
         val: vec![seq(rng)],
         format: "test",
         truncated: 0,
+        examples: 5,
     }
 }
 

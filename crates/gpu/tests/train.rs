@@ -472,6 +472,7 @@ fn dataset(rng: &mut Rng, v: usize, n_train: usize, n_val: usize) -> Dataset {
         .collect();
     let val = seqs.split_off(n_train);
     Dataset {
+        examples: seqs.len() + val.len(),
         train: seqs,
         val,
         format: "test",
