@@ -9,7 +9,9 @@
 # - the module Web Worker web/worker.js and the modules it imports (store.js, hub.js,
 #   training.js, training-store.js, sha256.js): it is started from the URL next to bitlora.js;
 # - the wasm (web/pkg/bitlora_web.js + bitlora_web_bg.wasm, built by tools/build-web.sh; not
-#   rebuilt here) and pkg/models.json, the sizes and sha256 of the bundled model's files;
+#   rebuilt here) and pkg/models.json, the sizes and sha256 of the bundled model's files; the
+#   threaded CPU build (web/pkg-threads: its glue, wasm and wasm-bindgen-rayon's worker snippet),
+#   which the worker takes on a cross-origin isolated page;
 # - the default model (web/models/default: 9.2 MB, 6.9 MB gzipped, bitlora-default-12m,
 #   MODEL_CARD.md), so `loadModel({ bundled: 'default' })` works with no other download. The
 #   browser fetches it only when an app asks for it (then keeps it in IndexedDB); an app that
@@ -44,6 +46,9 @@ mkdir -p "$dist/pkg" "$dist/models/default"
 cp web/bitlora.js web/bitlora.d.ts web/protocol.d.ts \
    web/worker.js web/store.js web/hub.js web/training.js web/training-store.js web/sha256.js "$dist/"
 cp web/pkg/bitlora_web.js web/pkg/bitlora_web_bg.wasm web/pkg/bitlora_web.d.ts "$dist/pkg/"
+[ -f web/pkg-threads/bitlora_web_bg.wasm ] || die "web/pkg-threads/bitlora_web_bg.wasm is missing: run tools/build-web.sh first"
+mkdir -p "$dist/pkg-threads"
+cp -r web/pkg-threads/bitlora_web.js web/pkg-threads/bitlora_web_bg.wasm web/pkg-threads/snippets "$dist/pkg-threads/"
 cp web/models/default/* "$dist/models/default/"
 # The index of the bundled models, with the default model only (the one the package ships).
 node -e '

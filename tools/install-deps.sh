@@ -23,6 +23,13 @@ if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
   rustup target add wasm32-unknown-unknown
 fi
 
+# The threaded wasm (tools/build-web.sh) rebuilds std with nightly's -Z build-std, from rust-src.
+if rustup run nightly rustc --version >/dev/null 2>&1 \
+  && ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+  say "adding rust-src to the nightly toolchain"
+  rustup component add rust-src --toolchain nightly
+fi
+
 if ! command -v wasm-bindgen >/dev/null || [ "$(wasm-bindgen --version | awk '{print $2}')" != "$WASM_BINDGEN_VERSION" ]; then
   say "installing wasm-bindgen-cli $WASM_BINDGEN_VERSION (2-3 min)"
   # no --locked: its lockfile pins a crate version the registry mirror lacks (TOOLCHAIN.md)

@@ -38,7 +38,7 @@ export type BackendKind = 'webgpu' | 'cpu';
 /** What the worker got from the browser: `Bitlora.backend`. */
 export interface BackendInfo {
   kind: BackendKind;
-  /** One line for people: "WebGPU: google swiftshader (software fallback adapter)" or "CPU (SIMD128)". */
+  /** One line for people: "WebGPU: google swiftshader (software fallback adapter)" or "CPU (SIMD128, 2 threads)". */
   label: string;
   /** The WebGPU adapter's name and limits when kind is "webgpu". */
   adapter: GpuAdapterInfo | null;
@@ -50,6 +50,13 @@ export interface BackendInfo {
   trainingReason: string | null;
   /** The largest wasm memory the CPU backend can use, in bytes (4 GiB on wasm32). */
   wasmMemoryLimit: number;
+  /**
+   * Threads the CPU backend runs on: the threaded build's pool of Web Workers (one per core by
+   * default, at most 8), or 1 for the single-thread build. The label says it too.
+   */
+  threads: number;
+  /** Why the CPU backend runs on one thread (no cross-origin isolation, `threads: 1`, ...), else null. */
+  threadsNote?: string | null;
 }
 
 export interface GpuAdapterInfo {
@@ -79,6 +86,13 @@ export interface CreateOptions {
   preferGpu?: boolean;
   /** URL of web/worker.js (default: next to bitlora.js). */
   workerUrl?: string | URL;
+  /**
+   * Threads for the CPU backend (default: the cores the browser reports, at most 8). More than 1
+   * needs a cross-origin isolated page (COOP/COEP headers) and the threaded wasm
+   * (web/pkg-threads); without them it runs on one thread and `backend.threadsNote` says why.
+   * 1 picks the single-thread build. Results are the same bit for bit whatever the number.
+   */
+  threads?: number;
 }
 
 // ---- models --------------------------------------------------------------------------------

@@ -86,16 +86,19 @@ export class Bitlora {
   static #token = Symbol('Bitlora');
 
   /** @param {api.CreateOptions} [options] */
-  static async create({ backend: choice, preferGpu = true, workerUrl = DEFAULT_WORKER } = {}) {
+  static async create({ backend: choice, preferGpu = true, workerUrl = DEFAULT_WORKER, threads } = {}) {
     choice ??= preferGpu ? 'auto' : 'cpu';
     if (!['auto', 'webgpu', 'cpu'].includes(choice)) {
       throw new TypeError(`Bitlora.create: backend is ${JSON.stringify(choice)}; use "auto", "webgpu" or "cpu"`);
     }
+    if (threads !== undefined && !(Number.isInteger(threads) && threads >= 1 && threads <= 64)) {
+      throw new TypeError(`Bitlora.create: threads is ${JSON.stringify(threads)}; use a whole number from 1 to 64`);
+    }
     const worker = new Worker(workerUrl, { type: 'module' });
     const bl = new Bitlora(worker, Bitlora.#token);
     try {
-      const backend = await bl.request('init', { backend: choice });
-      bl.backend = { training: 'cpu', trainingReason: null, wasmMemoryLimit: 2 ** 32, ...backend };
+      const backend = await bl.request('init', { backend: choice, threads });
+      bl.backend = { training: 'cpu', trainingReason: null, wasmMemoryLimit: 2 ** 32, threadsNote: null, ...backend };
     } catch (err) {
       worker.terminate();
       throw err;

@@ -17,7 +17,8 @@
 // URL parameters: ?backend=cpu forces the CPU backend, ?backend=webgpu any WebGPU adapter (a software
 // one too; by default a software adapter loses to the CPU); ?tokens=1,2,3 sets the default tokens;
 // ?model=tiny loads the tiny random test model instead of the default one (parity tests);
-// ?free=BYTES (tests) makes the store act as if only that much browser storage were free.
+// ?free=BYTES (tests) makes the store act as if only that much browser storage were free;
+// ?threads=N sets the CPU backend's threads (1: the single-thread wasm; default one per core).
 //
 // The bundled model is kept in IndexedDB after the first visit (web/store.js); window.__bitlora
 // .model.source says where it came from: { from: 'store'|'network', stored, notes }.
@@ -34,6 +35,8 @@ const params = new URLSearchParams(location.search);
 const backendChoice = /** @type {import('./bitlora.js').BackendChoice} */ (
   ['auto', 'webgpu', 'cpu'].includes(params.get('backend') ?? '') ? params.get('backend') : 'auto');
 const bundledModel = params.get('model') ?? 'default';
+// ?threads=N: the CPU backend's threads (1: the single-thread build); by default one per core.
+const threads = params.get('threads') ? Number(params.get('threads')) : undefined;
 // ?free=BYTES (tests): the store acts as if only that much browser storage were free.
 const fakeFree = params.get('free') ? Number(params.get('free')) : undefined;
 
@@ -56,7 +59,7 @@ let client = null;
 let clientReady = null;
 
 function startClient() {
-  clientReady ??= Bitlora.create({ backend: backendChoice }).then((c) => (client = c), (err) => {
+  clientReady ??= Bitlora.create({ backend: backendChoice, threads }).then((c) => (client = c), (err) => {
     clientReady = null;
     throw err;
   });
@@ -187,6 +190,10 @@ function showBackend(info) {
   } else {
     row('Why not WebGPU', info.fallbackReason ?? 'unknown');
   }
+  // Where the CPU backend runs (training falls back to it even on a WebGPU session).
+  row('CPU threads', info.threads > 1
+    ? `${info.threads} (Web Workers sharing the wasm memory)`
+    : `1 (single-thread build${info.threadsNote ? `: ${info.threadsNote}` : ''})`);
 }
 
 const fmtParams = (n) => (n >= 1e9 ? `${(n / 1e9).toFixed(1)} B` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} M` : `${(n / 1e3).toFixed(0)} k`);

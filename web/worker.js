@@ -5,7 +5,10 @@
 // The messages (web/bitlora.js <-> worker) are typed in web/protocol.d.ts, one entry per request
 // type: its arguments, its reply and the events it sends meanwhile. HANDLERS below answers each
 // one and `tsc` checks it against that table. What the requests do:
-//   init              instantiates the wasm (crates/web) and picks the backend
+//   init              instantiates the wasm (crates/web) and picks the backend; the CPU backend's
+//                     threads: web/pkg-threads (rayon on a pool of Web Workers over shared
+//                     memory) where the page is cross-origin isolated, else web/pkg (one thread);
+//                     see loadWasm
 //   loadBundled       a model of web/models/: from the IndexedDB store when a complete, verified
 //                     copy is there, else fetched from the page's server and stored (when it fits);
 //                     `persisted` is what the page's navigator.storage.persist() gave (workers
@@ -42,7 +45,6 @@
 // `fatal` means the wasm instance trapped (a panic): its memory can no longer be trusted, so the
 // page starts a fresh worker instead of sending more work here.
 
-import init, { Session } from './pkg/bitlora_web.js';
 import * as store from './store.js';
 import * as hub from './hub.js';
 import * as training from './training.js';
@@ -78,6 +80,16 @@ const BUNDLED = {
 // Largest total size of picked files (see loadFiles).
 const MAX_PICKED_BYTES = 1 * 2 ** 30;
 
+/** What the worker uses of either build once it is instantiated (their glue differs beyond it). */
+/** @typedef {{ Session: typeof import('./pkg/bitlora_web.js').Session }} Wasm */
+/** @typedef {import('./pkg/bitlora_web.js').Session} Session */
+
+/** The wasm module `init` instantiated: web/pkg-threads or web/pkg (see loadWasm). */
+/** @type {Wasm | null} */
+let wasm = null;
+/** Why the CPU backend runs on one thread (loadWasm), null when it has its pool. */
+/** @type {string | null} */
+let threadsNote = null;
 /** @type {Session | null} */
 let session = null;
 // The loaded model's { key, name } (ModelInfo.key: the store id), which runs and adapters record.
@@ -172,7 +184,8 @@ const LOADS = new Set(['loadBundled', 'loadFiles', 'loadStored', 'importFiles'])
 /** @type {Handlers} */
 const HANDLERS = {
   async init(args) {
-    await init();
+    ({ wasm, threadsNote } = await loadWasm(args.threads));
+    const { Session } = wasm;
     const choice = args.backend ?? 'auto';
     const software = choice === 'auto' ? await softwareAdapter() : null;
     const cpuReason = software
@@ -183,7 +196,7 @@ const HANDLERS = {
     const s = (session = await Session.create(choice !== 'cpu', cpuReason));
     const backend = s.backend();
     if (backend.kind === 'webgpu') await nameAdapter(backend);
-    return backend;
+    return { ...backend, threadsNote };
   },
   loadBundled: (args) => loadBundled(args),
   async deleteAll() {
@@ -198,7 +211,7 @@ const HANDLERS = {
   importFiles: (args) => importFiles(args),
   // Bytes of wasm linear memory (it only grows), and its marks during the last load
   // ({ before, weights, after }): tests compare what loads take.
-  wasmMemory: () => ({ bytes: Session.wasmMemoryBytes(), load: session?.loadMemory() ?? null }),
+  wasmMemory: () => ({ bytes: needWasm().Session.wasmMemoryBytes(), load: session?.loadMemory() ?? null }),
   // The JS heap's peak of model bytes during the last loadStored with measureHeldBytes (tests).
   heldBytes: () => lastHeldBytes,
   loadFiles: (args) => loadFiles(args.files),
@@ -296,6 +309,65 @@ async function generate({ id, prompt, options, stopFlag }) {
   } finally {
     stopRequested.delete(id);
   }
+}
+
+function needWasm() {
+  if (!wasm) throw new Error('worker: not initialised (send "init" first)');
+  return wasm;
+}
+
+// The threaded build's pool: one Web Worker per core the browser reports, at most this many by
+// default (each holds a thread's stack and a copy of the module's JS; the kernels' blocks are
+// sized to the pool, and on more than 8 cores their speed is bounded by memory bandwidth);
+// `threads` asks for another number (Bitlora.create's option, the page's ?threads=).
+const DEFAULT_MAX_THREADS = 8;
+/** The most `threads` may ask for. */
+const MAX_THREADS = 64;
+// How long the pool's workers may take to start before the worker gives up on threads.
+const POOL_START_MS = 30_000;
+
+/**
+ * Instantiates crates/web. Threads need SharedArrayBuffer, i.e. a cross-origin isolated page
+ * (COOP/COEP headers: `bitlora serve` sends them), and the threaded build (web/pkg-threads,
+ * tools/build-web.sh: nightly, -Z build-std, +atomics): its `initThreadPool(n, glue)` starts n
+ * Web Workers (crates/web/src/threads.js) that import the glue, instantiate the module on its
+ * shared memory and become rayon's pool; this worker waits
+ * (Atomics.wait) while they run a kernel's blocks. Elsewhere, for `threads: 1`, or when the
+ * threaded build fails to start (missing, a browser without wasm threads, workers that do not
+ * start), it is web/pkg, on this worker's thread alone, and `threadsNote` says why. Both builds
+ * give the same results bit for bit (crates/core/src/par.rs).
+ * @param {number | undefined} threads
+ * @returns {Promise<{ wasm: Wasm, threadsNote: string | null }>}
+ */
+async function loadWasm(threads) {
+  const n = threads ?? Math.min(navigator.hardwareConcurrency || 1, DEFAULT_MAX_THREADS);
+  let why = null;
+  if (!Number.isInteger(n) || n < 1 || n > MAX_THREADS) {
+    throw new TypeError(`threads is ${JSON.stringify(threads)}; use a whole number from 1 to ${MAX_THREADS}`);
+  } else if (n === 1) {
+    why = threads === 1 ? 'one thread was asked for (threads: 1)' : 'the browser reports one core';
+  } else if (!self.crossOriginIsolated) {
+    why = 'the page is not cross-origin isolated (its server sends no COOP/COEP headers), so threads cannot share memory';
+  } else {
+    try {
+      const glue = new URL('./pkg-threads/bitlora_web.js', import.meta.url).href;
+      const threaded = await import('./pkg-threads/bitlora_web.js');
+      await threaded.default();
+      /** @type {ReturnType<typeof setTimeout> | undefined} */
+      let timer;
+      const late = new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`its ${n} Web Workers did not start within ${POOL_START_MS / 1000} s`)), POOL_START_MS);
+      });
+      await Promise.race([threaded.initThreadPool(n, glue), late]).finally(() => clearTimeout(timer));
+      return { wasm: threaded, threadsNote: null };
+    } catch (err) {
+      why = `the threaded build did not start: ${describe(err)}`;
+      console.warn(`bitlora: ${why}; the CPU backend runs on one thread`);
+    }
+  }
+  const single = await import('./pkg/bitlora_web.js');
+  await single.default();
+  return { wasm: single, threadsNote: why };
 }
 
 function needSession() {
@@ -697,7 +769,7 @@ training.setup({
  */
 async function replaceGpu() {
   const s = needSession();
-  const backend = s.replaceGpu(await Session.requestGpu());
+  const backend = s.replaceGpu(await needWasm().Session.requestGpu());
   if (backend.kind === 'webgpu') await nameAdapter(backend);
   console.warn(`bitlora: the WebGPU device was lost; now on ${backend.label}`);
   return backend;

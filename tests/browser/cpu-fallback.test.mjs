@@ -1,6 +1,9 @@
 // (b) The CPU (SIMD128) fallback. The real one: Chromium launched WITHOUT --enable-unsafe-webgpu
 // grants no WebGPU adapter, so the page must notice and run the wasm CPU backend, and say why.
-// Also the forced one: ?backend=cpu in a browser that does have WebGPU.
+// Also the forced one: ?backend=cpu in a browser that does have WebGPU. The real fallback runs
+// on both wasm builds (tools/build-web.sh): the threaded one the page takes by default (it is
+// cross-origin isolated) and the single-thread one (?threads=1, as where isolation is missing);
+// threads.test.mjs shows the two equal bit for bit.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -21,7 +24,7 @@ after(async () => {
 function checkCpuResult(r, log, label) {
   assert.equal(r.state, 'done', `page ended in state ${r.state}: ${r.error}\n${log.join('\n')}`);
   assert.equal(r.backend, 'cpu');
-  assert.equal(r.backendInfo.label, 'CPU (SIMD128)', 'the wasm was not built with +simd128 (use tools/build-web.sh)');
+  assert.match(r.backendInfo.label, /^CPU \(SIMD128, \d+ threads?\)$/, 'the wasm was not built with +simd128 (use tools/build-web.sh)');
   assert.equal(r.ranOn, 'cpu');
   assert.deepEqual(r.tokens, DEFAULT_TOKENS);
   assertLogitsClose(r.logits, native, TOLERANCE.CPU_WASM, label);
@@ -31,24 +34,35 @@ function checkCpuResult(r, log, label) {
   assert.equal(r.top[0].token, argmax(native.at(-1)));
 }
 
-test('CPU fallback: no WebGPU adapter granted -> CPU (SIMD128), matches the native reference', { timeout: 180_000 }, async () => {
-  const browser = await launchBrowser({ webgpu: false });
-  try {
-    const { page, log } = await openPage(browser, `${server.url}?model=tiny`);
-    const r = await pageResult(page);
-    console.log(`fallback reason shown on the page: ${r.backendInfo?.fallbackReason}`);
-    checkCpuResult(r, log, 'CPU fallback page vs native CPU');
-    assert.equal(await page.textContent('#backend-label'), 'CPU (SIMD128)');
-    assert.match(await page.textContent('#backend-details'), /Why not WebGPU/);
-    // The fallback must be the real one (the browser granted no adapter), not the ?backend=cpu
-    // switch nor a build without WebGPU.
-    assert.match(r.backendInfo.fallbackReason, /granted no adapter|navigator\.gpu is missing/);
-    console.log(`CPU forward pass: ${r.ms.toFixed(1)} ms`);
-    await screenshots(browser, `${server.url}?model=tiny`, 'cpu-fallback');
-  } finally {
-    await browser.close();
-  }
-});
+for (const build of ['threaded', 'single-thread']) {
+  test(`CPU fallback (${build} build): no WebGPU adapter granted -> CPU (SIMD128), matches the native reference`, { timeout: 180_000 }, async () => {
+    const browser = await launchBrowser({ webgpu: false });
+    try {
+      const query = build === 'threaded' ? '?model=tiny' : '?model=tiny&threads=1';
+      const { page, log } = await openPage(browser, `${server.url}${query}`);
+      const r = await pageResult(page);
+      console.log(`fallback reason shown on the page: ${r.backendInfo?.fallbackReason}; ${r.backendInfo?.label}`);
+      checkCpuResult(r, log, `CPU fallback page (${build}) vs native CPU`);
+      const threads = r.backendInfo.threads;
+      if (build === 'threaded') {
+        assert.ok(threads > 1, `the threaded build runs on ${threads} thread(s): ${r.backendInfo.threadsNote}\n${log.join('\n')}`);
+      } else {
+        assert.equal(threads, 1);
+      }
+      assert.equal(await page.textContent('#backend-label'), `CPU (SIMD128, ${threads} thread${threads > 1 ? 's' : ''})`);
+      const details = await page.textContent('#backend-details');
+      assert.match(details, /Why not WebGPU/);
+      assert.match(details, build === 'threaded' ? /CPU threads\d+ \(Web Workers sharing the wasm memory\)/ : /CPU threads1 \(single-thread build: one thread was asked for/);
+      // The fallback must be the real one (the browser granted no adapter), not the ?backend=cpu
+      // switch nor a build without WebGPU.
+      assert.match(r.backendInfo.fallbackReason, /granted no adapter|navigator\.gpu is missing/);
+      console.log(`CPU forward pass: ${r.ms.toFixed(1)} ms`);
+      if (build === 'threaded') await screenshots(browser, `${server.url}?model=tiny`, 'cpu-fallback');
+    } finally {
+      await browser.close();
+    }
+  });
+}
 
 test('CPU forced with ?backend=cpu in a browser that has WebGPU', { timeout: 180_000 }, async () => {
   const browser = await launchBrowser({ webgpu: true });

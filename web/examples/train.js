@@ -6,7 +6,9 @@ const say = (text, state) => { $('status').textContent = text; if (state) docume
 
 // ?backend=webgpu|cpu picks one; by default WebGPU on a hardware adapter, else the CPU.
 const backend = /** @type {'auto' | 'webgpu' | 'cpu'} */ (new URLSearchParams(location.search).get('backend') ?? 'auto');
-const bl = await Bitlora.create({ backend });
+// ?threads=N: the CPU backend's threads (1: the single-thread build); by default one per core.
+const threadsParam = new URLSearchParams(location.search).get('threads');
+const bl = await Bitlora.create({ backend, threads: threadsParam ? Number(threadsParam) : undefined });
 say(`${bl.backend.label}; training on ${bl.backend.training}. Loading the model…`, 'loading');
 const model = await bl.loadModel({ bundled: 'default' }, {
   onProgress: (p) => say(`Loading the model: ${p.phase} ${Math.round((100 * p.done) / Math.max(p.total, 1))}%`),

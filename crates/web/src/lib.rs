@@ -37,6 +37,10 @@ mod gpu_slot;
 mod inference;
 mod load;
 mod memory;
+/// The threaded build's `initThreadPool(n, glueUrl)`: n Web Workers on this module and its
+/// shared memory become rayon's global pool (the CPU kernels' threads, crates/core/src/par.rs).
+#[cfg(feature = "threads")]
+mod threads;
 mod train;
 
 #[cfg(feature = "gpu")]
@@ -73,7 +77,7 @@ enum Adapter {}
 struct BackendInfo {
     /// "webgpu" or "cpu".
     kind: &'static str,
-    /// One line for people: "WebGPU: <adapter name>" or "CPU (SIMD128)".
+    /// One line for people: "WebGPU: <adapter name>" or "CPU (SIMD128, 2 threads)".
     label: String,
     /// The adapter's name, backend and limits when `kind` is "webgpu".
     adapter: Option<Adapter>,
@@ -86,27 +90,44 @@ struct BackendInfo {
     training_reason: Option<String>,
     /// The most memory the CPU backend can use (wasm32: 4 GiB).
     wasm_memory_limit: f64,
+    /// Threads the CPU kernels run on: rayon's pool, i.e. the Web Workers the threaded build
+    /// started (`initThreadPool`), or 1 in the single-thread build.
+    threads: usize,
+}
+
+/// The CPU threads: rayon's global pool as it is now (the page's worker starts the threaded
+/// build's pool before it creates the session; without threads rayon reports 1).
+fn cpu_threads() -> usize {
+    rayon::current_num_threads()
 }
 
 /// The CPU backend's label says whether this build really has SIMD128 (tools/build-web.sh sets
-/// `+simd128`; a plain cargo build would not), so the page never claims what did not happen.
-fn cpu_label() -> &'static str {
-    if cfg!(target_feature = "simd128") {
-        "CPU (SIMD128)"
+/// `+simd128`; a plain cargo build would not) and on how many threads it runs, so the page
+/// never claims what did not happen.
+fn cpu_label() -> String {
+    let n = cpu_threads();
+    let threads = if n == 1 {
+        "1 thread".to_string()
     } else {
-        "CPU (scalar wasm, built without +simd128)"
+        format!("{n} threads")
+    };
+    if cfg!(target_feature = "simd128") {
+        format!("CPU (SIMD128, {threads})")
+    } else {
+        format!("CPU (scalar wasm, built without +simd128, {threads})")
     }
 }
 
 fn cpu_backend(reason: String) -> BackendInfo {
     BackendInfo {
         kind: "cpu",
-        label: cpu_label().to_string(),
+        label: cpu_label(),
         adapter: None,
         fallback_reason: Some(reason),
         training: "cpu",
         training_reason: None,
         wasm_memory_limit: train::WASM_MEMORY_LIMIT,
+        threads: cpu_threads(),
     }
 }
 
@@ -499,6 +520,7 @@ async fn pick_gpu(prefer_gpu: bool) -> (BackendInfo, Option<bitlora_gpu::Gpu>) {
                 training: "webgpu",
                 training_reason: None,
                 wasm_memory_limit: train::WASM_MEMORY_LIMIT,
+                threads: cpu_threads(),
             };
             (info, Some(gpu))
         }
