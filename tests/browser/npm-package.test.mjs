@@ -123,10 +123,12 @@ test('the app, from the packed package: fine-tune, then chat.completions.create 
   try {
     await page.goto(server.url);
     await waitState(page, ['ready', 'error'], log);
-    const model = await page.evaluate(() => ({ ...window.example.bl.model, backend: window.example.bl.backend.kind }));
+    const model = await page.evaluate(() => ({ ...window.example.bl.model, backend: window.example.bl.backend.kind, threads: window.example.bl.backend.threads }));
     assert.equal(model.chatTemplate, true, 'the app gave the model a chat template');
     assert.equal(model.backend, 'cpu');
-    assert.ok(server.log.some((r) => r.path === '/node_modules/bitlora/dist/pkg/bitlora_web_bg.wasm' && r.status === 200), 'the wasm came from the package');
+    // The app's _headers make it cross-origin isolated, so the worker runs the threaded build.
+    assert.ok(model.threads > 1, `the app's CPU backend runs on ${model.threads} thread(s)`);
+    assert.ok(server.log.some((r) => r.path === '/node_modules/bitlora/dist/pkg-threads/bitlora_web_bg.wasm' && r.status === 200), 'the wasm came from the package');
     assert.ok(server.log.some((r) => r.path === '/node_modules/bitlora/dist/worker.js' && r.status === 200), 'the worker came from the package');
 
     // Fine-tune with the app's button: 6 steps of the 6 chat examples.

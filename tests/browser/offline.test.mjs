@@ -18,9 +18,14 @@ import {
 
 const PROMPT = 'The state of the Union';
 const N = 12;
-/** The app files a reload needs (the page, its modules, the worker and the wasm) and the demo data. */
+/** The threaded wasm build, which the isolated page runs (its glue, wasm and pool-worker script). */
+const THREADED = ['/web/pkg-threads/bitlora_web.js', '/web/pkg-threads/bitlora_web_bg.wasm'];
+/**
+ * The app files a reload needs (the page, its modules, the worker and both wasm builds: the
+ * single-thread one is the fallback where the threaded one cannot start) and the demo data.
+ */
 const MUST_KEEP = ['/', '/web/main.js', '/web/offline.js', '/web/bitlora.js', '/web/worker.js', '/web/store.js',
-  '/web/style.css', '/web/pkg/bitlora_web.js', '/web/pkg/bitlora_web_bg.wasm', '/web/pkg/models.json',
+  '/web/style.css', '/web/pkg/bitlora_web.js', '/web/pkg/bitlora_web_bg.wasm', ...THREADED, '/web/pkg/models.json',
   '/web/pkg/demo/devil.jsonl'];
 
 let expected;
@@ -162,7 +167,12 @@ test('offline: after the first visit, a reload with the server stopped loads the
     assert.equal(await page.evaluate(() => !!navigator.serviceWorker.controller && crossOriginIsolated), true,
       'controlled, and still cross-origin isolated (the kept responses keep their headers)');
     const offlineResponses = responses.slice(from.resp);
-    for (const p of ['/', '/web/main.js', '/web/offline.js', '/web/worker.js', '/web/pkg/bitlora_web.js', '/web/pkg/bitlora_web_bg.wasm', '/web/pkg/models.json']) {
+    // The page is isolated offline too, so the worker runs the threaded build, its pool workers
+    // started from the kept script.
+    assert.ok(r.backendInfo.threads > 1, `offline the CPU runs on ${r.backendInfo.threads} thread(s): ${r.backendInfo.threadsNote}`);
+    const poolScript = Object.keys(kept.files).find((p) => /^\/web\/pkg-threads\/snippets\/[^/]+\/src\/threads\.js$/.test(p));
+    assert.ok(poolScript, 'the pool workers\' script is not kept');
+    for (const p of ['/', '/web/main.js', '/web/offline.js', '/web/worker.js', ...THREADED, poolScript, '/web/pkg/models.json']) {
       const hit = offlineResponses.find((x) => new URL(x.url).pathname === p);
       assert.ok(hit, `${p} was not requested on the offline reload`);
       assert.deepEqual({ status: hit.status, fromSW: hit.fromSW }, { status: 200, fromSW: true }, p);
