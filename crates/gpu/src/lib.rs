@@ -34,6 +34,9 @@ pub mod train;
 
 use std::sync::{Arc, Mutex};
 
+/// The wgpu this crate is built on, for callers that name its types (a device-lost reason).
+pub use wgpu;
+
 pub use model::{GpuKvCache, GpuModel, PassProfile};
 pub use record::{DispatchTimes, Profiler, Recorder};
 pub use tensor::{DType, GpuTensor, SplitTensor};

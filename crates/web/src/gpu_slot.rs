@@ -164,11 +164,9 @@ pub(crate) fn watch(gpu: &bitlora_gpu::Gpu) {
         if WATCHED.with(|w| w.get()) != serial {
             return;
         }
-        // wgpu's DeviceLostReason (this crate does not name wgpu): Destroyed or Unknown.
-        let reason = if format!("{reason:?}") == "Destroyed" {
-            "destroyed"
-        } else {
-            "lost"
+        let reason = match reason {
+            bitlora_gpu::wgpu::DeviceLostReason::Destroyed => "destroyed",
+            bitlora_gpu::wgpu::DeviceLostReason::Unknown => "lost",
         };
         // The browser's message is a sentence ("Device was destroyed."); ours goes on.
         let message = message.trim().trim_end_matches('.');
