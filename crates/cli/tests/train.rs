@@ -31,11 +31,24 @@ fn model_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn bitlora(args: &[&str]) -> Output {
+fn bitlora<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bitlora"))
         .args(args)
         .output()
         .expect("run bitlora")
+}
+
+/// `train --model MODEL --data DATA --out OUT` and then `extra`.
+fn train_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--model"].map(String::from).to_vec();
+    for (flag, path) in [("", model), ("--data", data), ("--out", out)] {
+        if !flag.is_empty() {
+            a.push(flag.into());
+        }
+        a.push(path.to_str().expect("test paths are UTF-8").into());
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
 }
 
 fn stderr(o: &Output) -> String {
@@ -50,29 +63,27 @@ fn train_writes_a_peft_adapter_and_lowers_validation_loss() {
     let data = dir.join("data.txt");
     std::fs::write(&data, TEXT.repeat(30)).unwrap();
     let out = dir.join("out");
-    let o = bitlora(&[
-        "train",
-        "--model",
-        dir.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "40",
-        "--context",
-        "32",
-        "--lr",
-        "1e-2",
-        "--rank",
-        "4",
-        "--alpha",
-        "8",
-        "--eval-every",
-        "10",
-        "--val-fraction",
-        "0.2",
-    ]);
+    let o = bitlora(&train_args(
+        &dir,
+        &data,
+        &out,
+        &[
+            "--steps",
+            "40",
+            "--context",
+            "32",
+            "--lr",
+            "1e-2",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--eval-every",
+            "10",
+            "--val-fraction",
+            "0.2",
+        ],
+    ));
     assert!(o.status.success(), "{}", stderr(&o));
     let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl"))
         .unwrap()
@@ -123,33 +134,31 @@ fn train_on_the_gpu_backend_matches_the_cpu_run() {
     std::fs::write(&data, TEXT.repeat(30)).unwrap();
     let run = |backend: &str| -> (f64, Vec<serde_json::Value>) {
         let out = dir.join(format!("out-{backend}"));
-        let o = bitlora(&[
-            "train",
-            "--model",
-            dir.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--steps",
-            "20",
-            "--context",
-            "32",
-            "--lr",
-            "1e-2",
-            "--rank",
-            "4",
-            "--alpha",
-            "8",
-            "--dropout",
-            "0.1",
-            "--eval-every",
-            "10",
-            "--val-fraction",
-            "0.2",
-            "--backend",
-            backend,
-        ]);
+        let o = bitlora(&train_args(
+            &dir,
+            &data,
+            &out,
+            &[
+                "--steps",
+                "20",
+                "--context",
+                "32",
+                "--lr",
+                "1e-2",
+                "--rank",
+                "4",
+                "--alpha",
+                "8",
+                "--dropout",
+                "0.1",
+                "--eval-every",
+                "10",
+                "--val-fraction",
+                "0.2",
+                "--backend",
+                backend,
+            ],
+        ));
         assert!(o.status.success(), "{backend}: {}", stderr(&o));
         let err = stderr(&o);
         if backend == "gpu" {
@@ -266,26 +275,21 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(backend: &str) {
     std::fs::write(&data, TEXT.repeat(40)).unwrap();
     let out = dir.join("out");
     let args = |extra: &[&str]| {
-        let mut v: Vec<String> = [
-            "train",
-            "--model",
-            dir.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--steps",
-            "400",
-            "--context",
-            "32",
-            "--checkpoint-every",
-            "0",
-            "--backend",
-            backend,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut v = train_args(
+            &dir,
+            &data,
+            &out,
+            &[
+                "--steps",
+                "400",
+                "--context",
+                "32",
+                "--checkpoint-every",
+                "0",
+                "--backend",
+                backend,
+            ],
+        );
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
@@ -384,19 +388,9 @@ fn bad_training_input_is_named() {
     let run = |data: &str, contents: &[u8], extra: &[&str]| {
         let p = dir.join(data);
         std::fs::write(&p, contents).unwrap();
-        let mut a = vec![
-            "train",
-            "--model",
-            m,
-            "--data",
-            p.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--steps",
-            "1",
-        ];
+        let mut a = vec!["--steps", "1"];
         a.extend_from_slice(extra);
-        let o = bitlora(&a);
+        let o = bitlora(&train_args(&dir, &p, &out, &a));
         assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
         stderr(&o)
     };
@@ -478,23 +472,21 @@ fn training_data_memory_grows_with_the_sequences_kept() {
     }
     std::fs::write(&data, &text).unwrap();
     let out = dir.join("out");
-    let o = bitlora(&[
-        "train",
-        "--model",
-        dir.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--context",
-        "64",
-        "--eval-every",
-        "0",
-        "--max-val-sequences",
-        "4",
-    ]);
+    let o = bitlora(&train_args(
+        &dir,
+        &data,
+        &out,
+        &[
+            "--steps",
+            "1",
+            "--context",
+            "64",
+            "--eval-every",
+            "0",
+            "--max-val-sequences",
+            "4",
+        ],
+    ));
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     let peak: f64 = err
@@ -520,26 +512,13 @@ fn training_data_memory_grows_with_the_sequences_kept() {
 #[test]
 fn a_run_in_out_is_kept() {
     let dir = model_dir("train-keep");
-    let m = dir.to_str().unwrap();
     let data = dir.join("t.txt");
     std::fs::write(&data, TEXT.repeat(4)).unwrap();
     let out = dir.join("out");
     let train = |extra: &[&str]| {
-        let mut a = vec![
-            "train",
-            "--model",
-            m,
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--context",
-            "16",
-            "--lr",
-            "1e-2",
-        ];
+        let mut a = vec!["--context", "16", "--lr", "1e-2"];
         a.extend_from_slice(extra);
-        bitlora(&a)
+        bitlora(&train_args(&dir, &data, &out, &a))
     };
     let o = train(&["--steps", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -620,34 +599,16 @@ fn a_run_in_out_is_kept() {
 #[test]
 fn a_full_disk_while_training_leaves_the_previous_files_whole() {
     let dir = model_dir("train-full-disk");
-    let m = dir.to_str().unwrap();
     let data = dir.join("t.txt");
     std::fs::write(&data, TEXT.repeat(4)).unwrap();
     let out = dir.join("out");
     let args = |steps: &'static str, extra: &[&'static str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "train",
-            "--model",
-            m,
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--context",
-            "16",
-            "--lr",
-            "1e-2",
-            "--steps",
-            steps,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
+        let mut a = vec!["--context", "16", "--lr", "1e-2", "--steps", steps];
+        a.extend_from_slice(extra);
+        train_args(&dir, &data, &out, &a)
     };
     let first = args("2", &[]);
-    let o = bitlora(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = bitlora(&first);
     assert!(o.status.success(), "{}", stderr(&o));
     let before = files(&out);
     let ckpt = before
@@ -680,6 +641,6 @@ fn a_full_disk_while_training_leaves_the_previous_files_whole() {
         assert!(now == Some(bytes), "{name} changed or went missing");
     }
     // And it runs once there is room.
-    let o = bitlora(&again.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = bitlora(&again);
     assert!(o.status.success(), "{}", stderr(&o));
 }
