@@ -9,16 +9,22 @@
 // The arithmetic follows the CPU reference (crates/core/src/ops.rs attention) operation by
 // operation, so the results differ only by WGSL's exp: each dot product is summed over d in
 // order, the denominator over j in order (by one invocation), p_j = e_j / denom, and out_d
-// accumulates p_j * v_jd over j in order. Three passes over the keys (max, denominator,
-// output) recompute the scores instead of storing a (T) row, so workgroup memory stays
-// O(HS + WG) for any T. A row's arithmetic does not depend on T_Q or PAST, so decoding through
-// the cache gives the whole-sequence pass's rows bit for bit.
+// accumulates p_j * v_jd over j in order. A row's arithmetic does not depend on T_Q or PAST,
+// so decoding through the cache gives the whole-sequence pass's rows bit for bit.
+//
+// Rows of at most SMAX keys (every decode step and training row of up to SMAX tokens) keep
+// their scores in workgroup memory: the scores are computed once, turned into p_j in place,
+// and the output loop reads them from there. Longer rows make three passes over the keys
+// (max, denominator, output) that recompute the scores block by block, so workgroup memory
+// stays O(HS + WG + SMAX) for any T. Both paths perform the same operations on the same
+// values, so they give the same bits (the kernel tests check this).
 
 override NH: u32;              // query heads
 override NKV: u32;             // key/value heads
 override HS: u32;              // head size
 override SCALE: f32;           // HS^-0.5, computed on the CPU as the reference does
 override WG: u32 = 64u;        // workgroup size, a power of two
+override SMAX: u32 = 1024u;    // longest row whose scores stay in workgroup memory
 override QW: u32 = NH * HS;    // q / out row width
 override KW: u32 = NKV * HS;   // k / v row width
 
@@ -38,6 +44,7 @@ var<workgroup> o_acc: array<f32, HS>;
 var<workgroup> e: array<f32, WG>;    // exp(s_j - max) of one block of keys
 var<workgroup> red: array<f32, WG>;  // max reduction
 var<workgroup> denom_s: f32;
+var<workgroup> sc: array<f32, SMAX>; // the row's scores, then its p_j (rows of <= SMAX keys)
 
 fn score(j: u32, kv_off: u32) -> f32 {
     var dot = 0.0;
@@ -60,11 +67,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     workgroupBarrier();
 
-    // Pass 1: the max score (exact in any order).
-    var m = -3.0e38;
-    for (var j = lid; j <= last; j += WG) {
-        m = max(m, score(j, kv_off));
+    if last < SMAX {
+        row_cached(last, kv_off, q_off, lid);
+    } else {
+        row_streamed(last, kv_off, q_off, lid);
     }
+}
+
+// The max of m over the workgroup (exact in any order).
+fn workgroup_max(m: f32, lid: u32) -> f32 {
     red[lid] = m;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
@@ -73,7 +84,52 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
     }
-    let mx = red[0];
+    return red[0];
+}
+
+// A row of last + 1 <= SMAX keys, its scores kept in `sc`.
+fn row_cached(last: u32, kv_off: u32, q_off: u32, lid: u32) {
+    var m = -3.0e38;
+    for (var j = lid; j <= last; j += WG) {
+        let s = score(j, kv_off);
+        sc[j] = s;
+        m = max(m, s);
+    }
+    let mx = workgroup_max(m, lid); // its barriers also publish sc
+    for (var j = lid; j <= last; j += WG) {
+        sc[j] = exp(sc[j] - mx);
+    }
+    workgroupBarrier();
+    if lid == 0u {
+        var denom = 0.0;
+        for (var j = 0u; j <= last; j++) {
+            denom += sc[j];
+        }
+        denom_s = denom;
+    }
+    workgroupBarrier();
+    let dn = denom_s;
+    for (var j = lid; j <= last; j += WG) {
+        sc[j] = sc[j] / dn;
+    }
+    workgroupBarrier();
+    for (var d = lid; d < HS; d += WG) {
+        var o = 0.0;
+        for (var j = 0u; j <= last; j++) {
+            o += sc[j] * v[j * KW + kv_off + d];
+        }
+        out[q_off + d] = o;
+    }
+}
+
+// A row of more than SMAX keys, in three passes that recompute the scores.
+fn row_streamed(last: u32, kv_off: u32, q_off: u32, lid: u32) {
+    // Pass 1: the max score.
+    var m = -3.0e38;
+    for (var j = lid; j <= last; j += WG) {
+        m = max(m, score(j, kv_off));
+    }
+    let mx = workgroup_max(m, lid);
 
     // Pass 2: denom = sum_j exp(s_j - max), summed in key order by invocation 0.
     var denom = 0.0;
@@ -97,18 +153,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
     let dn = denom_s;
 
-    // Pass 3: out_d = sum_j (e_j / denom) * v_jd, in key order, one invocation per d.
+    // Pass 3: out_d = sum_j p_j * v_jd, p_j = e_j / denom, in key order, one invocation per d.
     for (var j0 = 0u; j0 <= last; j0 += WG) {
         let j = j0 + lid;
         if j <= last {
-            e[lid] = exp(score(j, kv_off) - mx);
+            e[lid] = exp(score(j, kv_off) - mx) / dn;
         }
         workgroupBarrier();
         let n = min(WG, last + 1u - j0);
         for (var d = lid; d < HS; d += WG) {
             var o = o_acc[d];
             for (var jj = 0u; jj < n; jj++) {
-                o += (e[jj] / dn) * v[(j0 + jj) * KW + kv_off + d];
+                o += e[jj] * v[(j0 + jj) * KW + kv_off + d];
             }
             o_acc[d] = o;
         }

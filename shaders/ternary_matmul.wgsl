@@ -34,7 +34,9 @@
 // that every compiler keeps them in registers; tokens past T are clamped to T - 1 (computed,
 // not written), as are rows past O4.
 // The T output rows go to rows y_row0 .. y_row0+T of y: the k and v projections write
-// straight into the KV cache after the tokens already there (y_row0 = 0 otherwise).
+// straight into the KV cache after the tokens already there (y_row0 = 0 otherwise). With ACCUM
+// the kernel adds its result to y instead (y = y + result: the residual add of the o and down
+// projections fused, the same f32 addition as residual_add.wgsl).
 // Dispatch (ceil(O4 / LANES), ceil(T / TM), 1).
 
 // dot4I8Packed: a WGSL language extension (every WebGPU browser, naga); declared for portability.
@@ -47,6 +49,7 @@ override SPLIT: u32 = 8u;          // invocations sharing each output's K range 
 override O4: u32 = (O + 3u) / 4u;  // packed rows
 override I4: u32 = (I + 3u) / 4u;  // x_q words per token = weight words per packed row
 override LANES: u32 = 32u;         // packed rows per workgroup (workgroup x)
+override ACCUM: bool = false;      // y += result instead of y = result
 
 struct Dims {
     t: u32,      // T, tokens
@@ -156,7 +159,13 @@ fn main(
         let o = p + s * O4;
         if p < O4 && o < O && t < n_t {
             let acc = atomicLoad(&part[e]);
-            y[(dims.y_row0 + t) * O + o] = f32(acc) / (sa[t] * s_w);
+            let r = f32(acc) / (sa[t] * s_w);
+            let at = (dims.y_row0 + t) * O + o;
+            if ACCUM {
+                y[at] = y[at] + r;
+            } else {
+                y[at] = r;
+            }
         }
     }
 }

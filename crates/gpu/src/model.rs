@@ -47,7 +47,7 @@ use bitlora_core::{Config, Model, ops as cpu_ops};
 
 use crate::ops::{
     Argmax, Attention, Embedding, GatedAct, LoraMatmul, Matmul, ResidualAdd, RmsNorm, Rope,
-    TernaryMatmul,
+    RopePair, TernaryMatmul,
 };
 use bitlora_core::generate::{Sampler, SamplingOptions};
 
@@ -129,6 +129,8 @@ pub struct GpuModel {
     pub(crate) embedding: Embedding,
     pub(crate) rope_q: Rope,
     pub(crate) rope_k: Rope,
+    /// Both at once, for the passes of inference.
+    rope_qk: RopePair,
     pub(crate) attention: Attention,
     pub(crate) gated_act: GatedAct,
     pub(crate) residual_add: ResidualAdd,
@@ -608,6 +610,7 @@ impl GpuModel {
             embedding,
             rope_q: Rope::new(dev, nh, hs),
             rope_k: Rope::new(dev, nkv, hs),
+            rope_qk: RopePair::new(dev, nh, nkv, hs),
             attention: Attention::new(dev, nh, nkv, hs),
             gated_act: GatedAct::new(dev, f, cfg.hidden_act),
             residual_add: ResidualAdd::new(dev, c),
@@ -878,15 +881,9 @@ impl GpuModel {
                     None => Input::Gpu,
                 };
                 self.errors.take()?;
-                let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-                let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-                let pass = self.record_pass(tokens, cache, Head::Greedy(&slots[slot]));
-                let validation = validation.pop().await;
-                let oom = oom.pop().await;
-                let (_, index) = pass?;
-                if let Some(e) = validation.or(oom) {
-                    return Err(GpuError::Device(e.to_string()));
-                }
+                let (_, index) = self
+                    .scoped_pass(tokens, cache, Head::Greedy(&slots[slot]))
+                    .await?;
                 cache.len += 1;
                 in_flight.push_back((slot, index));
                 recorded += 1;
@@ -937,16 +934,8 @@ impl GpuModel {
         self.errors.take()?;
         let profiling = self.profile.borrow().is_some();
         let t0 = profiling.then(std::time::Instant::now);
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let recorded = self.record_pass(Input::Host(tokens), cache, head);
+        let (logits, _) = self.scoped_pass(Input::Host(tokens), cache, head).await?;
         let record_s = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        let validation = validation.pop().await;
-        let oom = oom.pop().await;
-        let (logits, _) = recorded?;
-        if let Some(e) = validation.or(oom) {
-            return Err(GpuError::Device(e.to_string()));
-        }
         cache.len += tokens.len();
         let t1 = profiling.then(std::time::Instant::now);
         let out = match logits {
@@ -978,6 +967,26 @@ impl GpuModel {
         Ok(out)
     }
 
+    /// [`GpuModel::record_pass`] inside error scopes: a validation or out-of-memory error that
+    /// recording or submitting raises comes back as [`GpuError::Device`].
+    async fn scoped_pass(
+        &self,
+        tokens: Input<'_>,
+        cache: &mut GpuKvCache,
+        head: Head<'_>,
+    ) -> Result<(Option<GpuTensor>, wgpu::SubmissionIndex), GpuError> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let recorded = self.record_pass(tokens, cache, head);
+        let validation = validation.pop().await;
+        let oom = oom.pop().await;
+        let recorded = recorded?;
+        match validation.or(oom) {
+            Some(e) => Err(GpuError::Device(e.to_string())),
+            None => Ok(recorded),
+        }
+    }
+
     /// Records and submits one pass of T tokens at positions `cache.len() ..`; returns the
     /// logits tensor ((T, V), (1, V) for [`Head::Last`], none for [`Head::Skip`]).
     fn record_pass(
@@ -1003,6 +1012,11 @@ impl GpuModel {
         let kept = self.decode_cache.borrow_mut().take();
         let generating = kept.is_some();
         let mut rec = Recorder::with_cache(&self.device, kept.unwrap_or_default());
+        if generating {
+            // Each token's pass differs from the last only in its position: keeping the
+            // uniform buffers (rewritten) keeps every bind group.
+            rec.reuse_uniforms(&self.queue);
+        }
         if let Some(g) = self
             .profile
             .borrow_mut()
@@ -1041,6 +1055,25 @@ impl GpuModel {
             pair.op.up_add_at(r, u, &pair.b, ad.scale, y, row0)
         };
 
+        // h += the projection p of layer l (with the adapter's term, if it has one there):
+        // without an adapter term the projection adds itself to h in one dispatch, the same
+        // addition as the residual add.
+        let residual = |r: &mut Recorder,
+                        l: usize,
+                        p: Proj,
+                        xq: &GpuTensor,
+                        x: &GpuTensor,
+                        lin: &Linear|
+         -> Result<(), GpuError> {
+            let adapted = adapter.is_some_and(|ad| ad.layers[l][p].is_some());
+            if !adapted {
+                return lin.op.encode_add(r, xq, s_a, &lin.w, &lin.sw, &ws.h);
+            }
+            bitlinear(r, xq, lin, &ws.proj)?;
+            lora(r, l, p, x, &ws.proj, 0)?;
+            self.residual_add.encode(r, &ws.h, &ws.proj)
+        };
+
         self.embedding
             .encode_split(r, &ws.tokens, &self.embed_tokens, &ws.h)?;
         for (l, (layer, (kc, vc))) in self
@@ -1058,15 +1091,13 @@ impl GpuModel {
             lora(r, l, Proj::K, &ws.x, kc, past)?;
             into_cache(r, &ws.xq_c, &layer.v_proj, vc)?;
             lora(r, l, Proj::V, &ws.x, vc, past)?;
-            self.rope_q.encode_rows(r, &ws.q, 0..t, past, cos, sin)?;
-            self.rope_k.encode_rows(r, kc, past..t_kv, past, cos, sin)?;
+            self.rope_qk
+                .encode_rows(r, &ws.q, 0..t, kc, past..t_kv, past, cos, sin)?;
             self.attention
                 .encode_cached(r, &ws.q, kc, vc, t_kv, &ws.att)?;
             let n = &layer.attn_sub_norm;
             n.op.encode_quant(r, &ws.att, &n.w, &ws.att_n, &ws.xq_q, s_a)?;
-            bitlinear(r, &ws.xq_q, &layer.o_proj, &ws.proj)?;
-            lora(r, l, Proj::O, &ws.att_n, &ws.proj, 0)?;
-            self.residual_add.encode(r, &ws.h, &ws.proj)?;
+            residual(r, l, Proj::O, &ws.xq_q, &ws.att_n, &layer.o_proj)?;
 
             // FFN block.
             let n = &layer.post_attention_layernorm;
@@ -1078,9 +1109,7 @@ impl GpuModel {
             self.gated_act.encode(r, &ws.gate, &ws.up, &ws.ffn)?;
             let n = &layer.ffn_sub_norm;
             n.op.encode_quant(r, &ws.ffn, &n.w, &ws.ffn_n, &ws.xq_f, s_a)?;
-            bitlinear(r, &ws.xq_f, &layer.down_proj, &ws.proj)?;
-            lora(r, l, Proj::Down, &ws.ffn_n, &ws.proj, 0)?;
-            self.residual_add.encode(r, &ws.h, &ws.proj)?;
+            residual(r, l, Proj::Down, &ws.xq_f, &ws.ffn_n, &layer.down_proj)?;
         }
         let w = self.head_weight();
         let logits = match head {

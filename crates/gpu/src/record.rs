@@ -72,6 +72,10 @@ pub struct BindCache {
     uniforms: HashMap<Vec<u32>, wgpu::Buffer>,
     /// Bind groups by pipeline and the buffers bound at 0, 1, ...
     groups: HashMap<(wgpu::ComputePipeline, Vec<wgpu::Buffer>), wgpu::BindGroup>,
+    /// Reusable uniform buffers ([`Recorder::reuse_uniforms`]) by (padded length in words,
+    /// ordinal among this recording's distinct values of that length), with the values they
+    /// hold.
+    slots: HashMap<SlotKey, (Vec<u32>, wgpu::Buffer)>,
 }
 
 impl BindCache {
@@ -233,7 +237,14 @@ pub struct Recorder {
     cache: BindCache,
     max_groups: u32,
     profiler: Option<Profiler>,
+    /// Set by [`Recorder::reuse_uniforms`]: the queue that rewrites reused uniform buffers,
+    /// and this recording's slot of each distinct value.
+    slots: Option<(wgpu::Queue, HashMap<Vec<u32>, SlotKey>)>,
 }
+
+/// A reused uniform buffer's place: (padded length in words, ordinal among a recording's
+/// distinct values of that length).
+type SlotKey = (usize, usize);
 
 impl Recorder {
     pub fn new(device: &wgpu::Device) -> Recorder {
@@ -243,7 +254,7 @@ impl Recorder {
     /// A recorder that reuses (and adds to) the uniform buffers and bind groups of earlier
     /// recordings; [`Recorder::finish_with_cache`] gives the cache back.
     pub fn with_cache(device: &wgpu::Device, mut cache: BindCache) -> Recorder {
-        if cache.groups.len() + cache.uniforms.len() > BindCache::LIMIT {
+        if cache.groups.len() + cache.uniforms.len() + cache.slots.len() > BindCache::LIMIT {
             cache = BindCache::default();
         }
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -262,7 +273,20 @@ impl Recorder {
             cache,
             max_groups: device.limits().max_compute_workgroups_per_dimension,
             profiler: None,
+            slots: None,
         }
+    }
+
+    /// Uniform values from now on go into buffers kept in the cache by position rather than
+    /// by value: the n-th distinct value of a recording reuses the buffer that held the n-th
+    /// distinct value of the last one, rewritten through `queue` when the value changed.
+    /// Decoding records the same dispatches for every token with only the position changing,
+    /// so its bind groups then stay the same from token to token instead of being created
+    /// anew. The rewrite is a `Queue::write_buffer`, which lands after every submission made
+    /// before it and before the next one's commands, so work in flight still reads the old
+    /// values.
+    pub fn reuse_uniforms(&mut self, queue: &wgpu::Queue) {
+        self.slots = Some((queue.clone(), HashMap::new()));
     }
 
     /// Times every dispatch recorded from now on with `profiler` (one compute pass each);
@@ -286,6 +310,28 @@ impl Recorder {
         use wgpu::util::DeviceExt;
         let mut padded = words.to_vec();
         padded.resize(words.len().div_ceil(4).max(1) * 4, 0);
+        if let Some((queue, slot_of)) = self.slots.as_mut() {
+            let next = slot_of.values().filter(|k| k.0 == padded.len()).count();
+            let key = *slot_of
+                .entry(padded.clone())
+                .or_insert((padded.len(), next));
+            if let Some((held, b)) = self.cache.slots.get_mut(&key) {
+                if *held != padded {
+                    queue.write_buffer(b, 0, bytemuck::cast_slice(&padded));
+                    *held = padded;
+                }
+                return b.clone();
+            }
+            let b = self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("params (reused)"),
+                    contents: bytemuck::cast_slice(&padded),
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                });
+            self.cache.slots.insert(key, (padded, b.clone()));
+            return b;
+        }
         if let Some(b) = self.cache.uniforms.get(&padded) {
             return b.clone();
         }

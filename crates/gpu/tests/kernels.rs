@@ -11,7 +11,7 @@ use bitlora_core::tolerance::{KERNEL_F32, KERNEL_TRANSCENDENTAL};
 use bitlora_core::{Activation, ops};
 use bitlora_gpu::ops::{
     ActQuant, Argmax, Attention, Embedding, GatedAct, Matmul, MatmulBackward, ResidualAdd, RmsNorm,
-    Rope, SumSquares, TernaryMatmul,
+    Rope, RopePair, SumSquares, TernaryMatmul,
 };
 use bitlora_gpu::{DType, GpuError, GpuTensor, Recorder, SplitTensor};
 use common::{block, codes, f32t, gpu, normal, read, run, ternary, zeros};
@@ -282,6 +282,29 @@ fn ternary_matmul_bitlinear_matches_reference() {
         &read(&y2),
         &lin.forward(&x),
     );
+
+    // encode_add: y + the product in one dispatch equals the product then residual_add, bit
+    // for bit, for the decode blocking (T = 1) and the blocked ones.
+    for t in [1, 3, 37] {
+        let h = normal(&mut rng, t * o, 1.0);
+        let xqt = GpuTensor::i8x4(&g.device, "x_q", &[t, i], &xq[..t * i]).unwrap();
+        let sat = f32t("s_a", &[t], &s_a[..t]);
+        let (fused, apart, proj) = (
+            f32t("h", &[t, o], &h),
+            f32t("h", &[t, o], &h),
+            zeros("p", &[t, o]),
+        );
+        run(|r| op.encode_add(r, &xqt, &sat, &wt, &sw, &fused));
+        run(|r| {
+            op.encode(r, &xqt, &sat, &wt, &sw, &proj)?;
+            ResidualAdd::new(&g.device, o).encode(r, &apart, &proj)
+        });
+        assert_same_bits(
+            &format!("ternary_matmul encode_add T={t} vs encode + residual_add"),
+            &read(&fused),
+            &read(&apart),
+        );
+    }
 }
 
 #[test]
@@ -301,6 +324,45 @@ fn rope_matches_reference() {
         ops::rope(&mut want, n, hs, &cos, &sin);
         KERNEL_F32.assert_close(&format!("rope T={t} N={n} HS={hs}"), &read(&xt), &want);
     }
+
+    // The pair kernel (queries and cached keys in one dispatch) equals two single calls bit
+    // for bit: 3 query heads at rows 0..T, 2 key heads at rows 9..9+T of a taller cache,
+    // positions from 9.
+    let (t, nh, nkv, hs, past) = (5, 3, 2, 16, 9);
+    let (cos, sin) = ops::rope_tables(past + t, hs, 10_000.0);
+    let (ct, st) = (
+        f32t("cos", &[past + t, hs / 2], &cos),
+        f32t("sin", &[past + t, hs / 2], &sin),
+    );
+    let q = normal(&mut rng, t * nh * hs, 1.0);
+    let k = normal(&mut rng, (past + t + 2) * nkv * hs, 1.0);
+    let (q1, k1) = (
+        f32t("q", &[t, nh * hs], &q),
+        f32t("k", &[past + t + 2, nkv * hs], &k),
+    );
+    let (q2, k2) = (
+        f32t("q", &[t, nh * hs], &q),
+        f32t("k", &[past + t + 2, nkv * hs], &k),
+    );
+    let dev = &gpu().device;
+    run(|r| {
+        RopePair::new(dev, nh, nkv, hs).encode_rows(
+            r,
+            &q1,
+            0..t,
+            &k1,
+            past..past + t,
+            past,
+            &ct,
+            &st,
+        )
+    });
+    run(|r| {
+        Rope::new(dev, nh, hs).encode_rows(r, &q2, 0..t, past, &ct, &st)?;
+        Rope::new(dev, nkv, hs).encode_rows(r, &k2, past..past + t, past, &ct, &st)
+    });
+    assert_same_bits("rope pair: queries", &read(&q1), &read(&q2));
+    assert_same_bits("rope pair: keys", &read(&k1), &read(&k2));
 }
 
 #[test]
@@ -323,11 +385,24 @@ fn attention_matches_reference() {
             zeros("out", &[t, nh * hs]),
         );
         run(|r| Attention::new(&gpu().device, nh, nkv, hs).encode(r, &qt, &kt, &vt, &out));
+        let got = read(&out);
         let want = ops::attention(&q, &k, &v, t, nh, nkv, hs);
         KERNEL_TRANSCENDENTAL.assert_close(
             &format!("attention T={t} NH={nh} NKV={nkv} HS={hs}"),
-            &read(&out),
+            &got,
             &want,
+        );
+        // Rows longer than the score cache take the streamed path (three passes over the
+        // keys, 16 at a time here): the same operations on the same values, the same bits.
+        let streamed = zeros("out (streamed)", &[t, nh * hs]);
+        run(|r| {
+            Attention::with_score_cache(&gpu().device, nh, nkv, hs, 16)
+                .encode(r, &qt, &kt, &vt, &streamed)
+        });
+        assert_same_bits(
+            &format!("attention T={t} NH={nh} NKV={nkv} HS={hs}, streamed vs cached rows"),
+            &read(&streamed),
+            &got,
         );
     }
 }

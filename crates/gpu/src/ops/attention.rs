@@ -22,8 +22,24 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Rows of at most this many keys keep their scores in workgroup memory (4 KiB of the
+    /// 16 KiB WebGPU guarantees); longer rows recompute them (`shaders/attention.wgsl`).
+    pub const SCORE_CACHE: usize = 1024;
+
     /// NH must be a multiple of NKV.
     pub fn new(device: &wgpu::Device, nh: usize, nkv: usize, hs: usize) -> Attention {
+        Self::with_score_cache(device, nh, nkv, hs, Self::SCORE_CACHE)
+    }
+
+    /// [`Attention::new`] keeping the scores of rows of at most `smax` keys in workgroup
+    /// memory; the result is the same bits for any `smax` (the tests run both paths).
+    pub fn with_score_cache(
+        device: &wgpu::Device,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+        smax: usize,
+    ) -> Attention {
         // The reference's scale, computed the same way on the CPU so both use the same f32.
         let scale = 1.0 / (hs as f32).sqrt();
         let kernel = Kernel::new(
@@ -36,6 +52,7 @@ impl Attention {
                 ("HS", super::c(hs)),
                 ("SCALE", scale as f64),
                 ("WG", super::c(super::WG)),
+                ("SMAX", super::c(smax.max(1))),
             ],
         );
         Attention {

@@ -44,7 +44,7 @@ pub use matmul_backward::MatmulBackward;
 pub use residual_add::ResidualAdd;
 pub use rms_norm::RmsNorm;
 pub use rms_norm_backward::RmsNormBackward;
-pub use rope::Rope;
+pub use rope::{Rope, RopePair};
 pub use rope_backward::RopeBackward;
 pub use sum_squares::SumSquares;
 pub use ternary_backward::TernaryBackward;

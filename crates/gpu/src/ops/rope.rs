@@ -85,3 +85,78 @@ impl Rope {
         )
     }
 }
+
+/// RoPE on the queries and the keys of one pass in a single dispatch (`main_pair` of
+/// `shaders/rope.wgsl`): each element gets [`Rope`]'s arithmetic, so the results are the two
+/// [`Rope::encode_rows`] calls' bit for bit.
+///
+/// Shapes: q (R_Q, NH*HS) and k (R_K, NKV*HS) f32 (read and written), cos and sin (P, HS/2).
+#[derive(Clone, Debug)]
+pub struct RopePair {
+    kernel: Kernel,
+    nh: usize,
+    nkv: usize,
+    hs: usize,
+}
+
+impl RopePair {
+    /// `nh` query heads and `nkv` key heads of size `hs` (even) per row.
+    pub fn new(device: &wgpu::Device, nh: usize, nkv: usize, hs: usize) -> RopePair {
+        let kernel = Kernel::entry(
+            device,
+            "rope",
+            SOURCE,
+            "main_pair",
+            &[
+                ("NHEADS", super::c(nh)),
+                ("NHEADS_K", super::c(nkv)),
+                ("HS", super::c(hs)),
+                ("WG", super::c(super::WG)),
+            ],
+        );
+        RopePair {
+            kernel,
+            nh,
+            nkv,
+            hs,
+        }
+    }
+
+    /// Rows `q_rows` of q and `k_rows` of k (as many), the first of each at position `pos0`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_rows(
+        &self,
+        rec: &mut Recorder,
+        q: &GpuTensor,
+        q_rows: Range<usize>,
+        k: &GpuTensor,
+        k_rows: Range<usize>,
+        pos0: usize,
+        cos: &GpuTensor,
+        sin: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "rope";
+        let half = self.hs / 2;
+        let t = q_rows.len();
+        at_least(OP, q, DType::F32, q_rows.end, self.nh * self.hs)?;
+        at_least(OP, k, DType::F32, k_rows.end, self.nkv * self.hs)?;
+        let p = at_least(OP, cos, DType::F32, 1, half)?;
+        expect(OP, sin, DType::F32, &[p, half])?;
+        if t == 0 || k_rows.len() != t || p < pos0 + t {
+            return Err(GpuError::Shape {
+                op: OP,
+                msg: format!(
+                    "query rows {q_rows:?} and key rows {k_rows:?} at positions {pos0}..{}: \
+                     need as many of each, and RoPE tables cover {p} positions",
+                    pos0 + t
+                ),
+            });
+        }
+        let dims = rec.dims(OP, &[t, q_rows.start, pos0, k_rows.start])?;
+        rec.dispatch(
+            &self.kernel,
+            &[&dims, &q.buffer, &cos.buffer, &sin.buffer, &k.buffer],
+            [((self.nh + self.nkv) * half).div_ceil(super::WG), t, 1],
+        )
+    }
+}

@@ -45,6 +45,8 @@ const SPLIT_SMALL: usize = 8;
 pub struct TernaryMatmul {
     device: wgpu::Device,
     kernels: [OnceLock<Kernel>; TOKEN_BLOCKS.len()],
+    /// The same blockings adding their result to y (`ACCUM`).
+    adding: [OnceLock<Kernel>; TOKEN_BLOCKS.len()],
     i: usize,
     o: usize,
     split: usize,
@@ -78,6 +80,7 @@ impl TernaryMatmul {
         TernaryMatmul {
             device: device.clone(),
             kernels: Default::default(),
+            adding: Default::default(),
             i,
             o,
             split,
@@ -96,6 +99,7 @@ impl TernaryMatmul {
         );
         self.decode = (lanes, split);
         self.kernels = Default::default();
+        self.adding = Default::default();
         self
     }
 
@@ -108,9 +112,34 @@ impl TernaryMatmul {
         sw: &GpuTensor,
         y: &GpuTensor,
     ) -> Result<(), GpuError> {
+        self.whole(rec, [xq, sa, w, sw, y], false)
+    }
+
+    /// As [`TernaryMatmul::encode`], adding the result to y (y (T, O) += x_q W^T / (s_a s_w),
+    /// the same f32 addition as [`super::ResidualAdd`]): a projection and the residual add
+    /// after it in one dispatch.
+    pub fn encode_add(
+        &self,
+        rec: &mut Recorder,
+        xq: &GpuTensor,
+        sa: &GpuTensor,
+        w: &GpuTensor,
+        sw: &GpuTensor,
+        y: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        self.whole(rec, [xq, sa, w, sw, y], true)
+    }
+
+    /// x_q, s_a, W, s_w, y with y exactly (T, O).
+    fn whole(
+        &self,
+        rec: &mut Recorder,
+        [xq, sa, w, sw, y]: [&GpuTensor; 5],
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
         let t = rows("ternary_matmul", xq, DType::I8x4, self.i)?;
         expect("ternary_matmul", y, DType::F32, &[t, self.o])?;
-        self.encode_at(rec, xq, sa, w, sw, y, 0)
+        self.record(rec, xq, sa, w, sw, y, 0, accumulate)
     }
 
     /// As [`TernaryMatmul::encode`], writing rows `y_row0 .. y_row0 + T` of a taller y.
@@ -124,6 +153,21 @@ impl TernaryMatmul {
         sw: &GpuTensor,
         y: &GpuTensor,
         y_row0: usize,
+    ) -> Result<(), GpuError> {
+        self.record(rec, xq, sa, w, sw, y, y_row0, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        rec: &mut Recorder,
+        xq: &GpuTensor,
+        sa: &GpuTensor,
+        w: &GpuTensor,
+        sw: &GpuTensor,
+        y: &GpuTensor,
+        y_row0: usize,
+        accumulate: bool,
     ) -> Result<(), GpuError> {
         const OP: &str = "ternary_matmul";
         let t = rows(OP, xq, DType::I8x4, self.i)?;
@@ -143,7 +187,12 @@ impl TernaryMatmul {
         } else {
             (LANES, self.split)
         };
-        let kernel = self.kernels[b].get_or_init(|| {
+        let kernels = if accumulate {
+            &self.adding
+        } else {
+            &self.kernels
+        };
+        let kernel = kernels[b].get_or_init(|| {
             Kernel::new(
                 &self.device,
                 OP,
@@ -154,6 +203,7 @@ impl TernaryMatmul {
                     ("TM", super::c(tm)),
                     ("SPLIT", super::c(split)),
                     ("LANES", super::c(lanes)),
+                    ("ACCUM", f64::from(u8::from(accumulate))),
                 ],
             )
         });
