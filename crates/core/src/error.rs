@@ -115,6 +115,77 @@ pub enum Error {
     #[error("sampling option `{option}` {msg}")]
     Sampling { option: &'static str, msg: String },
 
+    #[error(
+        "{file}: not a GGUF file (it starts with {magic:?}, not \"GGUF\"); bitlora reads GGUF models from llama.cpp, QVAC Fabric and bitnet.cpp"
+    )]
+    NotGguf { file: String, magic: [u8; 4] },
+
+    #[error("{file}: GGUF version {version} is not supported (versions 2 and 3 are)")]
+    GgufVersion { file: String, version: u32 },
+
+    /// The header or a tensor's data runs past the end of the bytes there are.
+    #[error(
+        "{file}: truncated: {what} needs {needed} bytes at offset {offset} but the file has {len} (an interrupted download or copy: get the file again)"
+    )]
+    GgufTruncated {
+        file: String,
+        what: String,
+        offset: u64,
+        needed: u64,
+        len: u64,
+    },
+
+    /// A count in the header that the remaining bytes cannot hold (checked before allocating).
+    #[error(
+        "{file}: the {what} is {count}, but the rest of the file can hold at most {max}; the file is damaged"
+    )]
+    GgufCount {
+        file: String,
+        what: &'static str,
+        count: u64,
+        max: u64,
+    },
+
+    #[error("{file}: metadata `{key}` has the unknown value type {type_id} (at offset {offset})")]
+    GgufValueType {
+        file: String,
+        key: String,
+        type_id: u32,
+        offset: u64,
+    },
+
+    #[error("{file}: tensor `{tensor}` has the unknown ggml type {type_id}")]
+    GgufTensorType {
+        file: String,
+        tensor: String,
+        type_id: u32,
+    },
+
+    #[error(
+        "{file}: tensor `{tensor}` starts at data offset {offset}, not a multiple of the alignment {alignment}"
+    )]
+    GgufAlignment {
+        file: String,
+        tensor: String,
+        offset: u64,
+        alignment: u64,
+    },
+
+    #[error("{file}: metadata `{key}` {problem}")]
+    GgufMetadata {
+        file: String,
+        key: String,
+        problem: String,
+    },
+
+    /// Any other structural problem of a GGUF header, at a byte offset.
+    #[error("{file}: {msg} (at offset {offset})")]
+    GgufFormat {
+        file: String,
+        offset: u64,
+        msg: String,
+    },
+
     /// A shape check inside an op failed: a bug in the caller, not bad user input.
     #[error("{op}: shape mismatch: {msg}")]
     Shape { op: &'static str, msg: String },

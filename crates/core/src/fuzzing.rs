@@ -23,8 +23,9 @@ use crate::weights::{self, WeightFiles};
 use crate::{ModelBuilder, merge, peft};
 
 /// The names of the targets, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`.
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 10] = [
     "safetensors",
+    "gguf",
     "shard_index",
     "model",
     "tokenizer",
@@ -39,6 +40,7 @@ pub const TARGETS: [&str; 9] = [
 pub fn run(name: &str, data: &[u8]) -> bool {
     match name {
         "safetensors" => safetensors(data),
+        "gguf" => gguf(data),
         "shard_index" => shard_index(data),
         "model" => model(data),
         "tokenizer" => tokenizer(data),
@@ -187,6 +189,30 @@ pub fn safetensors(data: &[u8]) {
     }
     let cut = data.len().min(9 + data.len() / 2);
     let _ = weights::parse_header("model.safetensors", &data[..cut], len);
+}
+
+/// A GGUF file: [`crate::gguf::Gguf::parse`] (and `parse_header` on a prefix), every tensor
+/// decoded as floats and as ternary, the config, and the model loaded from it.
+pub fn gguf(data: &[u8]) {
+    use crate::gguf::{self, Gguf};
+    let len = data.len() as u64;
+    if let Ok(g) = Gguf::parse("model.gguf", data) {
+        for t in &g.tensors {
+            assert!(
+                t.offset + t.size <= len,
+                "tensor {} outside the file",
+                t.name
+            );
+            if let Ok(bytes) = g.data(data, t) {
+                let _ = gguf::decode_f32("model.gguf", t, bytes);
+                let _ = gguf::decode_ternary("model.gguf", t, bytes);
+            }
+        }
+        let _ = g.config();
+        let _ = gguf::load_model("model.gguf", data);
+    }
+    let cut = data.len().min(24 + data.len() / 2);
+    let _ = Gguf::parse_header("model.gguf", &data[..cut], len);
 }
 
 /// A sharded checkpoint's `model.safetensors.index.json`: [`crate::model::shard_names`].

@@ -9,6 +9,7 @@ pub mod error;
 /// Entry points for the fuzz targets in `fuzz/` and their corpus replay.
 pub mod fuzzing;
 pub mod generate;
+pub mod gguf;
 pub mod lora;
 pub mod merge;
 pub mod model;

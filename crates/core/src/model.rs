@@ -178,6 +178,19 @@ impl LayerParams {
 }
 
 impl Model {
+    /// Loads a model from a `.gguf` file ([`crate::gguf`]) or from a directory
+    /// ([`Model::from_dir`]).
+    pub fn from_path(path: &Path) -> Result<Model> {
+        if !is_gguf(path) {
+            return Model::from_dir(path);
+        }
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        crate::gguf::load_model(&path.display().to_string(), &bytes)
+    }
+
     /// Loads a model from a directory holding `config.json` and `*.safetensors` (one file, or
     /// the shards of a sharded checkpoint).
     pub fn from_dir(dir: &Path) -> Result<Model> {
@@ -447,6 +460,23 @@ impl Model {
             },
         };
         (model, tensors)
+    }
+}
+
+/// True for a path naming a `.gguf` file (a model given as one file, not a directory).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+        && !path.is_dir()
+}
+
+/// The directory of a model's side files (tokenizer.json, tokenizer_config.json): the model
+/// directory itself, or the directory holding a `.gguf` file.
+pub fn side_dir(path: &Path) -> &Path {
+    if is_gguf(path) {
+        path.parent().unwrap_or(Path::new("."))
+    } else {
+        path
     }
 }
 

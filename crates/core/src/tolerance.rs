@@ -50,6 +50,23 @@ pub const HF_LOGITS: Tolerance = Tolerance {
     rtol: 1e-5,
 };
 
+/// The same arithmetic on the same values: equal to the bit (`|a - r| <= 0`). A model imported
+/// from GGUF whose tensors decode to the safetensors model's values runs the very same code.
+pub const EXACT: Tolerance = Tolerance {
+    name: "EXACT",
+    atol: 0.0,
+    rtol: 0.0,
+};
+
+/// A per-tensor weight scale after a GGUF TQ1_0/TQ2_0 conversion: the block scale `d` is an
+/// f16, so `1/d` is the checkpoint's scale rounded to 11 significant bits: relative error at
+/// most 2^-11 (half an f16 ulp, 2^-11 relative to the value, plus f32 rounding).
+pub const GGUF_F16_SCALE: Tolerance = Tolerance {
+    name: "GGUF_F16_SCALE",
+    atol: 0.0,
+    rtol: 4.9e-4,
+};
+
 /// Two summation orders of one f32 dot product of n terms differ by about
 /// `sqrt(n) * eps * sum_k |x_k w_k|` (the probabilistic rounding-error bound; the worst case
 /// has n in place of sqrt(n)). Relative to the terms, not the result, because a dot product

@@ -164,6 +164,28 @@ fn seeds() -> HashMap<&'static str, Vec<(&'static str, Vec<u8>)>> {
             ),
         ],
     );
+    {
+        use bitlora_core::gguf::{GgmlType, GgufWriter, Value, write_model};
+        let model = &fuzz_model().0;
+        let mut small = GgufWriter::new();
+        small
+            .kv("general.architecture", Value::Str("bitnet".into()))
+            .kv(
+                "list",
+                Value::Array(vec![Value::Str("a".into()), Value::Str("b".into())]),
+            )
+            .tensor_f32("token_embd.weight", &[2, 4], &[0.5; 8]);
+        s.insert(
+            "gguf",
+            vec![
+                (
+                    "seed-fuzz-model-i2_s.gguf",
+                    write_model(model, GgmlType::I2_S).unwrap(),
+                ),
+                ("seed-small.gguf", small.to_bytes()),
+            ],
+        );
+    }
     s.insert(
         "shard_index",
         vec![
@@ -364,6 +386,9 @@ fn generated_seeds_load() {
         let (c, w) = fuzzing::split(bytes);
         let lc = peft::read_adapter_config(name, c).unwrap();
         peft::read_adapter(lc, &model_cfg, name, w).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for (name, bytes) in &s["gguf"][..1] {
+        bitlora_core::gguf::load_model(name, bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     for (name, bytes) in &s["checkpoint"] {
         bitlora_core::trainer::Checkpoint::read(&model_cfg, name, bytes)

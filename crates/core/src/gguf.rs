@@ -1,0 +1,1365 @@
+//! GGUF in and out: the model files of llama.cpp, QVAC Fabric and bitnet.cpp, read into
+//! bitlora's model, and LoRA adapters written for them.
+//!
+//! File layout (GGUF v2/v3, little endian; <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>):
+//! ```text
+//! "GGUF" u32:version u64:n_tensors u64:n_kv
+//! n_kv x      (string key, u32 value type, value)         string = u64 length + UTF-8 bytes
+//! n_tensors x (string name, u32 n_dims, u64 ne[n_dims], u32 ggml type, u64 offset)
+//! padding to general.alignment (default 32), then the tensor data; each offset is relative
+//! to the data's start and a multiple of the alignment
+//! ```
+//! `ne[0]` is the fastest-moving dimension: a PyTorch (O, I) weight has `ne = [I, O]`.
+//!
+//! The reader is bounds-checked throughout: every length and count is checked against the
+//! bytes that remain before anything is allocated for it, so a hostile header cannot make it
+//! allocate more than the file's own size; every problem is a typed [`Error`], never a panic.
+//! It works on a byte slice ([`Gguf::parse`]) or on a file's first bytes and its length
+//! ([`Gguf::parse_header`], for callers that stream tensors, as the page does).
+//!
+//! Ternary block formats (llama.cpp `ggml-common.h` / `ggml-quants.c`, bitnet.cpp
+//! `ggml-bitnet-mad.cpp`):
+//! - TQ2_0: blocks of 256 values, 66 bytes: `qs[64]` then f16 `d`. Value `32*n + m` of each
+//!   128-value half `j` sits in bits `2n..2n+2` of `qs[32*j + m]` as code `value + 1`.
+//! - TQ1_0: blocks of 256 values, 54 bytes: `qs[48]` (5 trits a byte), `qh[4]` (4 trits a
+//!   byte), f16 `d`. Trit `n` of byte `q` is `((q * 3^n mod 256) * 3) >> 8`; the first 32
+//!   bytes of `qs` give values 0..160 (trit-major), the next 16 give 160..240, `qh` the last 16.
+//! - I2_S (bitnet.cpp, type id 36): the whole tensor's codes, then one f32 scale, padded to
+//!   `n/4 + 32` bytes. Blocks of 128 values in 32 bytes: value `j` of a block is at byte
+//!   `j % 32`, bits `6 - 2*(j/32)`, code `value + 1`. The scale is max|W|.
+//!
+//! Each decodes to values in {-1, 0, 1} times a scale. bitlora's weights are ternary with one
+//! scale per tensor (`W = T / w_scale`), so a TQ tensor maps exactly when all its blocks that
+//! hold a nonzero value share one `d` (true of every BitNet conversion: llama.cpp's
+//! `convert_hf_to_gguf.py` writes `T * mean|W|`, so each block's max is that mean); the
+//! tensor's `w_scale` is then `1 / d` (times an optional `blk.N.<proj>.scale`, which llama.cpp's
+//! BitNet graph multiplies into the output). A tensor whose blocks disagree is refused with the
+//! two scales named rather than re-quantized behind the user's back.
+
+use std::collections::HashMap;
+
+use crate::config::{Activation, Config, Layout, WeightFormat};
+use crate::error::{Error, Result};
+use crate::model::{Model, TensorSource};
+use crate::quant::{pack_ternary, quantize_weights};
+
+pub const MAGIC: &[u8; 4] = b"GGUF";
+/// `general.alignment` when the file does not set it.
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// ggml tensors have at most four dimensions (GGML_MAX_DIMS).
+const MAX_DIMS: u32 = 4;
+/// Arrays of arrays are legal; deeper nesting than this is refused (no real file has it, and
+/// unbounded recursion on hostile input would overflow the stack).
+const MAX_ARRAY_DEPTH: usize = 3;
+
+/// The ggml tensor types bitlora knows the size of. Only some can be decoded
+/// ([`decode_f32`], [`decode_ternary`]); the others are read past and refused by name if a
+/// tensor the model needs has one.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q8_1,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    Q8_K,
+    I8,
+    I16,
+    I32,
+    I64,
+    F64,
+    BF16,
+    TQ1_0,
+    TQ2_0,
+    /// bitnet.cpp's ternary type (its fork's id 36; upstream llama.cpp does not define 36).
+    I2_S,
+}
+
+/// (type, id, values per block, bytes per block). I2_S's size is special ([`GgmlType::data_size`]).
+const TYPES: [(GgmlType, u32, u64, u64); 23] = [
+    (GgmlType::F32, 0, 1, 4),
+    (GgmlType::F16, 1, 1, 2),
+    (GgmlType::Q4_0, 2, 32, 18),
+    (GgmlType::Q4_1, 3, 32, 20),
+    (GgmlType::Q5_0, 6, 32, 22),
+    (GgmlType::Q5_1, 7, 32, 24),
+    (GgmlType::Q8_0, 8, 32, 34),
+    (GgmlType::Q8_1, 9, 32, 36),
+    (GgmlType::Q2_K, 10, 256, 84),
+    (GgmlType::Q3_K, 11, 256, 110),
+    (GgmlType::Q4_K, 12, 256, 144),
+    (GgmlType::Q5_K, 13, 256, 176),
+    (GgmlType::Q6_K, 14, 256, 210),
+    (GgmlType::Q8_K, 15, 256, 292),
+    (GgmlType::I8, 24, 1, 1),
+    (GgmlType::I16, 25, 1, 2),
+    (GgmlType::I32, 26, 1, 4),
+    (GgmlType::I64, 27, 1, 8),
+    (GgmlType::F64, 28, 1, 8),
+    (GgmlType::BF16, 30, 1, 2),
+    (GgmlType::TQ1_0, 34, 256, 54),
+    (GgmlType::TQ2_0, 35, 256, 66),
+    (GgmlType::I2_S, 36, 1, 1),
+];
+
+/// I2_S values per packed block (bitnet.cpp's QK_I2_S on x86).
+const QK_I2_S: u64 = 128;
+
+impl GgmlType {
+    pub fn from_id(id: u32) -> Option<GgmlType> {
+        TYPES.iter().find(|t| t.1 == id).map(|t| t.0)
+    }
+
+    pub fn id(self) -> u32 {
+        TYPES.iter().find(|t| t.0 == self).map_or(u32::MAX, |t| t.1)
+    }
+
+    fn block(self) -> (u64, u64) {
+        TYPES
+            .iter()
+            .find(|t| t.0 == self)
+            .map_or((1, 1), |t| (t.2, t.3))
+    }
+
+    /// Bytes of a tensor of `n` values whose rows hold `ne0`; None when the rows are not whole
+    /// blocks (or I2_S's `n` is not whole 128-value blocks) or the size overflows.
+    pub fn data_size(self, ne0: u64, n: u64) -> Option<u64> {
+        if self == GgmlType::I2_S {
+            // bitnet.cpp: n/4 bytes of codes, then the f32 scale in 32 bytes kept for alignment.
+            return n.is_multiple_of(QK_I2_S).then(|| (n / 4).checked_add(32))?;
+        }
+        let (values, bytes) = self.block();
+        if !ne0.is_multiple_of(values) {
+            return None;
+        }
+        (n / values).checked_mul(bytes)
+    }
+}
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl Value {
+    /// GGUF's value type id.
+    pub fn type_id(&self) -> u32 {
+        match self {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::Str(_) => 8,
+            Value::Array(_) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+
+    /// A non-negative integer of any width.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v.into()),
+            Value::U16(v) => Some(v.into()),
+            Value::U32(v) => Some(v.into()),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// Any number as f64.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v.into()),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's header entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` is the fastest-moving (a PyTorch (O, I) weight is `[I, O]`).
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    /// Absolute byte offset of the data in the file.
+    pub offset: u64,
+    /// Bytes of data.
+    pub size: u64,
+}
+
+impl TensorInfo {
+    /// The shape in row-major (PyTorch) order: `dims` reversed.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// A parsed GGUF header: metadata and tensor infos, with every tensor's bytes known to lie
+/// inside the file.
+#[derive(Clone, Debug)]
+pub struct Gguf {
+    pub file: String,
+    pub version: u32,
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<TensorInfo>,
+    pub alignment: u64,
+    /// Absolute offset of the tensor data section.
+    pub data_start: u64,
+    /// The file's length in bytes.
+    pub file_len: u64,
+    by_name: HashMap<String, usize>,
+}
+
+/// A cursor over the header bytes; every read checks what remains.
+struct Cursor<'a> {
+    file: &'a str,
+    bytes: &'a [u8],
+    pos: usize,
+    /// The whole file's length (`bytes` may be only its start).
+    file_len: u64,
+}
+
+impl<'a> Cursor<'a> {
+    fn truncated(&self, what: &str, needed: u64) -> Error {
+        let partial = (self.bytes.len() as u64) < self.file_len;
+        Error::GgufTruncated {
+            file: self.file.to_string(),
+            what: if partial {
+                format!(
+                    "{what} (the header runs past the {} bytes given; pass more of the file's start)",
+                    self.bytes.len()
+                )
+            } else {
+                what.to_string()
+            },
+            offset: self.pos as u64,
+            needed,
+            len: self.bytes.len() as u64,
+        }
+    }
+
+    fn remaining(&self) -> u64 {
+        (self.bytes.len() - self.pos) as u64
+    }
+
+    fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
+        if n > self.remaining() {
+            return Err(self.truncated(what, n));
+        }
+        let s = &self.bytes[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let s = self.take(N as u64, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let len = self.u64(what)?;
+        let at = self.pos as u64;
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| Error::GgufFormat {
+            file: self.file.to_string(),
+            offset: at,
+            msg: format!("{what} is not valid UTF-8"),
+        })
+    }
+
+    /// A count of items that each take at least `min_size` bytes, checked against what remains.
+    fn count(&mut self, what: &'static str, min_size: u64) -> Result<u64> {
+        let n = self.u64(what)?;
+        let max = self.remaining() / min_size.max(1);
+        if n > max {
+            return Err(Error::GgufCount {
+                file: self.file.to_string(),
+                what,
+                count: n,
+                max,
+            });
+        }
+        Ok(n)
+    }
+
+    fn value(&mut self, key: &str, type_id: u32, depth: usize) -> Result<Value> {
+        Ok(match type_id {
+            0 => Value::U8(self.array::<1>(key)?[0]),
+            1 => Value::I8(self.array::<1>(key)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array(key)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(key)?)),
+            4 => Value::U32(self.u32(key)?),
+            5 => Value::I32(i32::from_le_bytes(self.array(key)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(key)?)),
+            7 => match self.array::<1>(key)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => {
+                    return Err(Error::GgufFormat {
+                        file: self.file.to_string(),
+                        offset: self.pos as u64 - 1,
+                        msg: format!("`{key}`: a bool holds {b}, not 0 or 1"),
+                    });
+                }
+            },
+            8 => Value::Str(self.string(key)?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(Error::GgufFormat {
+                        file: self.file.to_string(),
+                        offset: self.pos as u64,
+                        msg: format!("`{key}`: arrays nested deeper than {MAX_ARRAY_DEPTH} levels"),
+                    });
+                }
+                let elem = self.u32(key)?;
+                let min = match elem {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    _ => return Err(self.bad_value_type(key, elem)),
+                };
+                let n = self.count("array length", min)?;
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(self.value(key, elem, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64(key)?),
+            11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
+            other => return Err(self.bad_value_type(key, other)),
+        })
+    }
+
+    fn bad_value_type(&self, key: &str, type_id: u32) -> Error {
+        Error::GgufValueType {
+            file: self.file.to_string(),
+            key: key.to_string(),
+            type_id,
+            offset: self.pos as u64 - 4,
+        }
+    }
+}
+
+impl Gguf {
+    /// Parses a whole GGUF file held in memory.
+    pub fn parse(file: &str, bytes: &[u8]) -> Result<Gguf> {
+        Gguf::parse_header(file, bytes, bytes.len() as u64)
+    }
+
+    /// Parses the header from the file's first bytes (`prefix`, which must hold the whole
+    /// header; the whole file will do) and checks every tensor against `file_len`.
+    pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Gguf> {
+        let mut c = Cursor {
+            file,
+            bytes: prefix,
+            pos: 0,
+            file_len,
+        };
+        let magic: [u8; 4] = c.array("the magic number")?;
+        if &magic != MAGIC {
+            return Err(Error::NotGguf {
+                file: file.to_string(),
+                magic,
+            });
+        }
+        let version = c.u32("the version")?;
+        if !(2..=3).contains(&version) {
+            return Err(Error::GgufVersion {
+                file: file.to_string(),
+                version,
+            });
+        }
+        // A tensor info takes at least 24 bytes (8 name length, 4 n_dims, 4 type, 8 offset);
+        // a key-value pair at least 13 (8 key length, 4 type, 1 value).
+        let n_tensors = c.count("tensor count", 24)?;
+        let n_kv = c.count("metadata key-value count", 13)?;
+        let mut metadata = Vec::with_capacity(n_kv as usize);
+        for _ in 0..n_kv {
+            let key = c.string("a metadata key")?;
+            let type_id = c.u32(&key)?;
+            let value = c.value(&key, type_id, 0)?;
+            metadata.push((key, value));
+        }
+        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some((_, Value::U32(a))) if *a > 0 && a.is_power_of_two() => u64::from(*a),
+            Some((_, v)) => {
+                return Err(Error::GgufMetadata {
+                    file: file.to_string(),
+                    key: "general.alignment".into(),
+                    problem: format!("is {v:?}; it must be a u32 power of two"),
+                });
+            }
+        };
+        let mut raw = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = c.string("a tensor name")?;
+            let n_dims = c.u32(&name)?;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(Error::GgufFormat {
+                    file: file.to_string(),
+                    offset: c.pos as u64 - 4,
+                    msg: format!("tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS})"),
+                });
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(c.u64(&name)?);
+            }
+            let type_id = c.u32(&name)?;
+            let Some(ggml_type) = GgmlType::from_id(type_id) else {
+                return Err(Error::GgufTensorType {
+                    file: file.to_string(),
+                    tensor: name,
+                    type_id,
+                });
+            };
+            let offset = c.u64(&name)?;
+            raw.push((name, dims, ggml_type, offset));
+        }
+        let data_start = (c.pos as u64).next_multiple_of(alignment);
+        let mut tensors = Vec::with_capacity(raw.len());
+        let mut by_name = HashMap::with_capacity(raw.len());
+        for (name, dims, ggml_type, offset) in raw {
+            let bad = |msg: String| Error::GgufFormat {
+                file: file.to_string(),
+                offset: 0,
+                msg: format!("tensor `{name}`: {msg}"),
+            };
+            let n = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
+            let size = ggml_type.data_size(dims[0], n).ok_or_else(|| {
+                bad(format!(
+                    "dimensions {dims:?} are not whole {ggml_type:?} blocks"
+                ))
+            })?;
+            if !offset.is_multiple_of(alignment) {
+                return Err(Error::GgufAlignment {
+                    file: file.to_string(),
+                    tensor: name,
+                    offset,
+                    alignment,
+                });
+            }
+            let end = data_start
+                .checked_add(offset)
+                .and_then(|s| s.checked_add(size));
+            match end {
+                Some(end) if end <= file_len => {}
+                _ => {
+                    return Err(Error::GgufTruncated {
+                        file: file.to_string(),
+                        what: format!("the data of tensor `{name}` ({size} bytes)"),
+                        offset: data_start.saturating_add(offset),
+                        needed: size,
+                        len: file_len,
+                    });
+                }
+            }
+            if by_name.insert(name.clone(), tensors.len()).is_some() {
+                return Err(bad("declared twice".into()));
+            }
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset: data_start + offset,
+                size,
+            });
+        }
+        Ok(Gguf {
+            file: file.to_string(),
+            version,
+            metadata,
+            tensors,
+            alignment,
+            data_start,
+            file_len,
+            by_name,
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The bytes of tensor `t` inside the whole file `bytes`.
+    pub fn data<'a>(&self, bytes: &'a [u8], t: &TensorInfo) -> Result<&'a [u8]> {
+        let (start, end) = (t.offset, t.offset + t.size);
+        if end > bytes.len() as u64 {
+            return Err(Error::GgufTruncated {
+                file: self.file.clone(),
+                what: format!("the data of tensor `{}`", t.name),
+                offset: start,
+                needed: t.size,
+                len: bytes.len() as u64,
+            });
+        }
+        Ok(&bytes[start as usize..end as usize])
+    }
+
+    fn meta_err(&self, key: &str, problem: impl Into<String>) -> Error {
+        Error::GgufMetadata {
+            file: self.file.clone(),
+            key: key.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    /// A positive integer no larger than u32::MAX (what Config holds).
+    fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|&x| x > 0 && x <= u64::from(u32::MAX))
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| {
+                    self.meta_err(key, format!("is {v:?}; expected a positive integer"))
+                }),
+        }
+    }
+
+    fn meta_required(&self, key: &str) -> Result<usize> {
+        self.meta_usize(key)?
+            .ok_or_else(|| self.meta_err(key, "is missing"))
+    }
+
+    fn meta_f32(&self, key: &str) -> Result<Option<f32>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .map(|x| Some(x as f32))
+                .ok_or_else(|| self.meta_err(key, format!("is {v:?}; expected a positive number"))),
+        }
+    }
+
+    /// The architecture name (`general.architecture`), one of BitNet's.
+    pub fn architecture(&self) -> Result<&str> {
+        let key = "general.architecture";
+        let arch = self
+            .get(key)
+            .ok_or_else(|| self.meta_err(key, "is missing"))?
+            .as_str()
+            .ok_or_else(|| self.meta_err(key, "is not a string"))?;
+        if !ARCHITECTURES.contains(&arch) {
+            return Err(self.meta_err(
+                key,
+                format!(
+                    "is \"{arch}\"; bitlora runs BitNet b1.58 models ({})",
+                    ARCHITECTURES.join(", ")
+                ),
+            ));
+        }
+        Ok(arch)
+    }
+
+    /// The model's [`Config`] from the `{arch}.*` keys (llama.cpp's names) and the tensors.
+    ///
+    /// GGUF has no key for the FFN activation. bitlora writes `bitlora.hidden_act`; otherwise
+    /// it is relu² for `bitnet-b1.58` / `bitnet-25` (microsoft/bitnet-b1.58-2B-4T and its
+    /// bitnet.cpp conversion) and for `bitnet` models with grouped-query attention (2B-4T
+    /// converted by llama.cpp or QVAC, whose graph wrongly runs SiLU), and SiLU for `bitnet`
+    /// models with full multi-head attention (1bitLLM's, which are SiLU-gated).
+    pub fn config(&self) -> Result<Config> {
+        let arch = self.architecture()?.to_string();
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden_size = self.meta_required(&k("embedding_length"))?;
+        let num_attention_heads = self.meta_required(&k("attention.head_count"))?;
+        let num_key_value_heads = self
+            .meta_usize(&k("attention.head_count_kv"))?
+            .unwrap_or(num_attention_heads);
+        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
+            return Err(self.meta_err(
+                &k("attention.head_count_kv"),
+                format!(
+                    "({num_key_value_heads}) must divide the head count ({num_attention_heads})"
+                ),
+            ));
+        }
+        let head_dim = match self.meta_usize(&k("attention.key_length"))? {
+            Some(h) => h,
+            None if hidden_size.is_multiple_of(num_attention_heads) => {
+                hidden_size / num_attention_heads
+            }
+            None => {
+                return Err(self.meta_err(
+                    &k("attention.head_count"),
+                    format!("({num_attention_heads}) must divide embedding_length ({hidden_size}) when attention.key_length is absent"),
+                ));
+            }
+        };
+        if !head_dim.is_multiple_of(2) {
+            return Err(self.meta_err(
+                &k("attention.key_length"),
+                format!("({head_dim}) must be even for RoPE"),
+            ));
+        }
+        let embd = self
+            .tensor("token_embd.weight")
+            .ok_or_else(|| Error::MissingTensor {
+                name: "token_embd.weight".into(),
+                files: self.file.clone(),
+            })?;
+        let vocab_size = match self.meta_usize(&k("vocab_size"))? {
+            Some(v) => v,
+            None => embd
+                .dims
+                .get(1)
+                .copied()
+                .filter(|&v| v > 0 && v <= u64::from(u32::MAX))
+                .map(|v| v as usize)
+                .ok_or_else(|| {
+                    self.meta_err(
+                        &k("vocab_size"),
+                        "is missing and token_embd.weight is not (V, C)",
+                    )
+                })?,
+        };
+        let hidden_act = match self.get("bitlora.hidden_act").and_then(Value::as_str) {
+            Some("relu2") => Activation::Relu2,
+            Some("silu") => Activation::Silu,
+            Some(other) => {
+                return Err(self.meta_err(
+                    "bitlora.hidden_act",
+                    format!("is \"{other}\"; supported: \"relu2\", \"silu\""),
+                ));
+            }
+            None if arch == "bitnet" && num_key_value_heads == num_attention_heads => {
+                Activation::Silu
+            }
+            None => Activation::Relu2,
+        };
+        let u32_key = |key: &str| -> Result<Option<u32>> {
+            match self.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .map(Some)
+                    .ok_or_else(|| self.meta_err(key, format!("is {v:?}; expected a token id"))),
+            }
+        };
+        Ok(Config {
+            vocab_size,
+            hidden_size,
+            intermediate_size: self.meta_required(&k("feed_forward_length"))?,
+            num_hidden_layers: self.meta_required(&k("block_count"))?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            max_position_embeddings: self.meta_required(&k("context_length"))?,
+            rms_norm_eps: self
+                .meta_f32(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
+            rope_theta: self.meta_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+            hidden_act,
+            tie_word_embeddings: self.tensor("output.weight").is_none(),
+            // The GGUF source hands the loader packed ternary bytes and `weight_scale = w_scale`
+            // (W = T / weight_scale), whatever the file's own encoding.
+            weight_format: WeightFormat::PackedBitLinear,
+            layout: Layout::BitNet,
+            bos_token_id: u32_key("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: u32_key("tokenizer.ggml.eos_token_id")?
+                .into_iter()
+                .collect(),
+        })
+    }
+}
+
+/// `general.architecture` values of BitNet b1.58 models: llama.cpp / QVAC (`bitnet`),
+/// bitnet.cpp (`bitnet-b1.58` for 2B-4T, `bitnet-25` for its earlier conversion).
+pub const ARCHITECTURES: [&str; 3] = ["bitnet", "bitnet-b1.58", "bitnet-25"];
+
+/// The GGUF name (llama.cpp's) of a tensor bitlora reads by its Hugging Face name.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (l, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let short = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.attn_sub_norm" | "self_attn.inner_attn_ln" => "attn_sub_norm",
+        "mlp.ffn_sub_norm" | "mlp.ffn_layernorm" => "ffn_sub_norm",
+        other => proj_gguf_name(other)?,
+    };
+    Some(format!("blk.{l}.{short}.{suffix}"))
+}
+
+/// llama.cpp's short name of a projection given by its HF module path (`self_attn.q_proj`).
+pub fn proj_gguf_name(hf_module: &str) -> Option<&'static str> {
+    Some(match hf_module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    })
+}
+
+/// `data` must be exactly tensor `t`'s bytes.
+fn check_len(file: &str, t: &TensorInfo, data: &[u8]) -> Result<()> {
+    if data.len() as u64 != t.size {
+        return Err(Error::GgufTruncated {
+            file: file.to_string(),
+            what: format!("the data of tensor `{}`", t.name),
+            offset: t.offset,
+            needed: t.size,
+            len: data.len() as u64,
+        });
+    }
+    Ok(())
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Decodes a float tensor (F32, F16, BF16, Q8_0, Q6_K) to f32, in ggml order.
+pub fn decode_f32(file: &str, t: &TensorInfo, data: &[u8]) -> Result<Vec<f32>> {
+    let n = t.n_elements() as usize;
+    check_len(file, t, data)?;
+    let mut out = Vec::with_capacity(n);
+    match t.ggml_type {
+        GgmlType::F32 => out.extend(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        GgmlType::F16 => out.extend(data.chunks_exact(2).map(|c| f16_at(c, 0))),
+        GgmlType::BF16 => out.extend(
+            data.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        // block_q8_0: f16 d, i8 qs[32]; x = d * q.
+        GgmlType::Q8_0 => {
+            for b in data.chunks_exact(34) {
+                let d = f16_at(b, 0);
+                out.extend(b[2..].iter().map(|&q| d * f32::from(q as i8)));
+            }
+        }
+        // block_q6_K: ql[128], qh[64], i8 scales[16], f16 d; two halves of 128 values, each
+        // value a 6-bit code (4 low bits from ql, 2 high from qh) minus 32, times d * scale.
+        GgmlType::Q6_K => {
+            for b in data.chunks_exact(210) {
+                let d = f16_at(b, 208);
+                let mut y = [0f32; 256];
+                for half in 0..2 {
+                    let ql = &b[64 * half..64 * half + 64];
+                    let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+                    let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+                    let y = &mut y[128 * half..128 * half + 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q = |low: u8, shift: u32| -> f32 {
+                            f32::from((low | (((qh[l] >> shift) & 3) << 4)) as i8 - 32)
+                        };
+                        let s = |k: usize| d * f32::from(sc[is + k] as i8);
+                        y[l] = s(0) * q(ql[l] & 0xF, 0);
+                        y[l + 32] = s(2) * q(ql[l + 32] & 0xF, 2);
+                        y[l + 64] = s(4) * q(ql[l] >> 4, 4);
+                        y[l + 96] = s(6) * q(ql[l + 32] >> 4, 6);
+                    }
+                }
+                out.extend_from_slice(&y);
+            }
+        }
+        other => {
+            return Err(Error::TensorDtype {
+                file: file.to_string(),
+                name: t.name.clone(),
+                dtype: format!("{other:?}"),
+                expected: "F32, F16, BF16, Q8_0 or Q6_K",
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A ternary tensor: `values` in {-1, 0, 1} (ggml order, row after row) with `W = values * scale`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ternary {
+    pub values: Vec<i8>,
+    pub scale: f32,
+}
+
+/// Decodes a TQ1_0, TQ2_0 or I2_S tensor (module doc) to one scale and ternary values.
+pub fn decode_ternary(file: &str, t: &TensorInfo, data: &[u8]) -> Result<Ternary> {
+    let n = t.n_elements() as usize;
+    let bad = |what: String| Error::BadValue {
+        file: file.to_string(),
+        name: t.name.clone(),
+        what,
+    };
+    check_len(file, t, data)?;
+    let mut values = Vec::with_capacity(n);
+    // The one scale of the blocks holding a nonzero value: (block index, d).
+    let mut scale: Option<(usize, f32)> = None;
+    let mut block_scale = |k: usize, d: f32, vals: &[i8]| -> Result<()> {
+        if vals.iter().all(|&v| v == 0) {
+            return Ok(());
+        }
+        match scale {
+            None => scale = Some((k, d)),
+            Some((k0, d0)) if d0.to_bits() != d.to_bits() => {
+                return Err(bad(format!(
+                    "has block scales {d0} (block {k0}) and {d} (block {k}); bitlora's ternary weights have one scale per tensor, as BitNet's do"
+                )));
+            }
+            _ => {}
+        }
+        Ok(())
+    };
+    match t.ggml_type {
+        GgmlType::TQ2_0 => {
+            for (k, b) in data.chunks_exact(66).enumerate() {
+                let start = values.len();
+                for j in 0..2 {
+                    for shift in 0..4 {
+                        for m in 0..32 {
+                            let code = (b[32 * j + m] >> (2 * shift)) & 3;
+                            if code == 3 {
+                                return Err(bad(format!(
+                                    "block {k} holds the 2-bit code 3 (TQ2_0 codes are 0, 1, 2)"
+                                )));
+                            }
+                            values.push(code as i8 - 1);
+                        }
+                    }
+                }
+                block_scale(k, f16_at(b, 64), &values[start..])?;
+            }
+        }
+        GgmlType::TQ1_0 => {
+            const POW3: [u8; 5] = [1, 3, 9, 27, 81];
+            let trit = |q: u8, n: usize| (((q.wrapping_mul(POW3[n]) as u16) * 3) >> 8) as i8 - 1;
+            for (k, b) in data.chunks_exact(54).enumerate() {
+                let start = values.len();
+                let (qs, qh) = (&b[..48], &b[48..52]);
+                for n in 0..5 {
+                    values.extend(qs[..32].iter().map(|&q| trit(q, n)));
+                }
+                for n in 0..5 {
+                    values.extend(qs[32..48].iter().map(|&q| trit(q, n)));
+                }
+                for n in 0..4 {
+                    values.extend(qh.iter().map(|&q| trit(q, n)));
+                }
+                block_scale(k, f16_at(b, 52), &values[start..])?;
+            }
+        }
+        GgmlType::I2_S => {
+            let codes = &data[..n / 4];
+            for (k, b) in codes.chunks_exact(32).enumerate() {
+                for j in 0..QK_I2_S as usize {
+                    let code = (b[j % 32] >> (6 - 2 * (j / 32))) & 3;
+                    if code == 3 {
+                        return Err(bad(format!(
+                            "block {k} holds the 2-bit code 3 (I2_S codes are 0, 1, 2)"
+                        )));
+                    }
+                    values.push(code as i8 - 1);
+                }
+            }
+            let s = &data[n / 4..n / 4 + 4];
+            let d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            block_scale(0, d, &values)?;
+        }
+        other => {
+            return Err(Error::TensorDtype {
+                file: file.to_string(),
+                name: t.name.clone(),
+                dtype: format!("{other:?}"),
+                expected: "TQ1_0, TQ2_0 or I2_S",
+            });
+        }
+    }
+    let scale = match scale {
+        None => 1.0, // all zeros: any scale gives the same weight
+        Some((_, d)) if d.is_finite() && d > 0.0 => d,
+        Some((k, d)) => {
+            return Err(bad(format!(
+                "block {k} has the scale {d}, expected a positive number"
+            )));
+        }
+    };
+    Ok(Ternary { values, scale })
+}
+
+/// Encodes ternary values (ggml order, a multiple of 256) as TQ2_0 blocks with scale `d`
+/// (`W = values * d`): llama.cpp's `quantize_row_tq2_0_ref` on `values * d`, whose blocks' max
+/// is `d` (an all-zero block gets `d` too; it decodes to zeros all the same).
+pub fn encode_tq2_0(values: &[i8], d: f32) -> Vec<u8> {
+    let d = half::f16::from_f32(d).to_le_bytes();
+    let mut out = Vec::with_capacity(values.len() / 256 * 66);
+    for block in values.chunks_exact(256) {
+        for half in block.chunks_exact(128) {
+            for m in 0..32 {
+                let code = |n: usize| ((half[32 * n + m] + 1) as u8) << (2 * n);
+                out.push(code(0) | code(1) | code(2) | code(3));
+            }
+        }
+        out.extend(d);
+    }
+    out
+}
+
+/// Encodes ternary values (a multiple of 128) as bitnet.cpp's I2_S with `W = values * scale`.
+pub fn encode_i2_s(values: &[i8], scale: f32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / 4 + 32);
+    for block in values.chunks_exact(QK_I2_S as usize) {
+        for m in 0..32 {
+            let code = |g: usize| ((block[32 * g + m] + 1) as u8) << (6 - 2 * g);
+            out.push(code(0) | code(1) | code(2) | code(3));
+        }
+    }
+    out.extend(scale.to_le_bytes());
+    out.resize(values.len() / 4 + 32, 0);
+    out
+}
+
+/// A model as a GGUF file with llama.cpp's names and `bitnet-b1.58` metadata: projections as
+/// `ternary` (TQ2_0 or I2_S; `d` or the I2_S scale is `1 / w_scale`, rounded to f16 for
+/// TQ2_0), everything else F32. TQ2_0 needs every projection's rows to be whole 256-value
+/// blocks, I2_S every projection to be whole 128-value blocks; otherwise an error names the
+/// tensor.
+pub fn write_model(model: &Model, ternary: GgmlType) -> Result<Vec<u8>> {
+    let c = &model.config;
+    let arch = "bitnet-b1.58";
+    let mut w = GgufWriter::new();
+    let u = |x: usize| Value::U32(x as u32);
+    w.kv("general.architecture", Value::Str(arch.into()))
+        .kv("general.name", Value::Str("bitlora export".into()))
+        .kv(
+            &format!("{arch}.context_length"),
+            u(c.max_position_embeddings),
+        )
+        .kv(&format!("{arch}.embedding_length"), u(c.hidden_size))
+        .kv(&format!("{arch}.block_count"), u(c.num_hidden_layers))
+        .kv(
+            &format!("{arch}.feed_forward_length"),
+            u(c.intermediate_size),
+        )
+        .kv(
+            &format!("{arch}.attention.head_count"),
+            u(c.num_attention_heads),
+        )
+        .kv(
+            &format!("{arch}.attention.head_count_kv"),
+            u(c.num_key_value_heads),
+        )
+        .kv(&format!("{arch}.attention.key_length"), u(c.head_dim))
+        .kv(&format!("{arch}.attention.value_length"), u(c.head_dim))
+        .kv(&format!("{arch}.rope.dimension_count"), u(c.head_dim))
+        .kv(
+            &format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_norm_eps),
+        )
+        .kv(&format!("{arch}.rope.freq_base"), Value::F32(c.rope_theta))
+        .kv(&format!("{arch}.vocab_size"), u(c.vocab_size))
+        .kv(
+            "bitlora.hidden_act",
+            Value::Str(match c.hidden_act {
+                Activation::Relu2 => "relu2".into(),
+                Activation::Silu => "silu".into(),
+            }),
+        );
+    if let Some(b) = c.bos_token_id {
+        w.kv("tokenizer.ggml.bos_token_id", Value::U32(b));
+    }
+    if let Some(&e) = c.eos_token_ids.first() {
+        w.kv("tokenizer.ggml.eos_token_id", Value::U32(e));
+    }
+    let p = &model.params;
+    let (v, h) = (c.vocab_size, c.hidden_size);
+    w.tensor_f32("token_embd.weight", &[v, h], &p.embed_tokens);
+    if let Some(head) = &p.lm_head {
+        w.tensor_f32("output.weight", &[v, h], head);
+    }
+    w.tensor_f32("output_norm.weight", &[h], &p.norm);
+    for (l, layer) in p.layers.iter().enumerate() {
+        for (name, x) in [
+            ("attn_norm", &layer.input_layernorm),
+            ("attn_sub_norm", &layer.attn_sub_norm),
+            ("ffn_norm", &layer.post_attention_layernorm),
+            ("ffn_sub_norm", &layer.ffn_sub_norm),
+        ] {
+            w.tensor_f32(&format!("blk.{l}.{name}.weight"), &[x.len()], x);
+        }
+        for proj in crate::model::Proj::ALL {
+            let lin = layer.proj(proj);
+            let (o, i) = (lin.out_features, lin.in_features);
+            let name = format!(
+                "blk.{l}.{}.weight",
+                proj_gguf_name(proj.hf_name()).unwrap_or("?")
+            );
+            let values = lin.unpack();
+            let bytes = match ternary {
+                GgmlType::TQ2_0 if i.is_multiple_of(256) => {
+                    encode_tq2_0(&values, 1.0 / lin.w_scale)
+                }
+                GgmlType::I2_S if (o * i).is_multiple_of(QK_I2_S as usize) => {
+                    encode_i2_s(&values, 1.0 / lin.w_scale)
+                }
+                _ => {
+                    return Err(Error::TensorShape {
+                        file: "(gguf export)".into(),
+                        name,
+                        expected: vec![o, i.next_multiple_of(256)],
+                        actual: vec![o, i],
+                    });
+                }
+            };
+            w.raw_tensor(&name, &[o, i], ternary, bytes);
+        }
+    }
+    Ok(w.to_bytes())
+}
+
+/// The model's tensors, out of a parsed GGUF file, under the names and in the forms the model
+/// loader asks for (HF names; packed ternary bytes plus `weight_scale` for projections).
+struct GgufSource<'a> {
+    gguf: &'a Gguf,
+    bytes: &'a [u8],
+    /// `weight_scale` of each projection decoded so far, by its HF name (`...q_proj`).
+    scales: HashMap<String, f32>,
+}
+
+impl GgufSource<'_> {
+    /// The GGUF tensor for HF name `hf`, its shape checked against `shape`.
+    fn tensor(&self, hf: &str, shape: &[usize]) -> Result<(&TensorInfo, &[u8])> {
+        let name = gguf_name(hf).unwrap_or_else(|| hf.to_string());
+        let t = self
+            .gguf
+            .tensor(&name)
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.clone(),
+                files: self.gguf.file.clone(),
+            })?;
+        if t.shape() != shape {
+            return Err(Error::TensorShape {
+                file: self.gguf.file.clone(),
+                name,
+                expected: shape.to_vec(),
+                actual: t.shape(),
+            });
+        }
+        Ok((t, self.gguf.data(self.bytes, t)?))
+    }
+}
+
+impl TensorSource for GgufSource<'_> {
+    fn f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(prefix) = name.strip_suffix(".weight_scale") {
+            // Set by `u8` when it decoded the projection, which the loader asks for first.
+            return self
+                .scales
+                .get(prefix)
+                .map(|&s| vec![s])
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.to_string(),
+                    files: self.gguf.file.clone(),
+                });
+        }
+        let (t, data) = self.tensor(name, shape)?;
+        decode_f32(&self.gguf.file, t, data)
+    }
+
+    /// A projection `prefix.weight` (O, I) asked for as packed (O/4, I): decoded from its
+    /// ternary type (or, for a float tensor, absmean-quantized as a master weight), packed,
+    /// and its `weight_scale` kept for the loader's next question.
+    fn u8(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
+        let (o, i) = (shape[0] * 4, shape[1]);
+        let prefix = name.strip_suffix(".weight").unwrap_or(name).to_string();
+        let (t, data) = self.tensor(name, &[o, i])?;
+        let file = &self.gguf.file;
+        let (values, mut w_scale) = match t.ggml_type {
+            GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S => {
+                let tern = decode_ternary(file, t, data)?;
+                (tern.values, 1.0 / tern.scale)
+            }
+            _ => {
+                let w = decode_f32(file, t, data)?;
+                if let Some(k) = w.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::BadValue {
+                        file: file.clone(),
+                        name: t.name.clone(),
+                        what: crate::model::non_finite(k, w[k]),
+                    });
+                }
+                quantize_weights(&w)
+            }
+        };
+        // llama.cpp's BitNet graph multiplies a projection's output by `blk.N.<proj>.scale`
+        // when the file has one.
+        let extra = t.name.replace(".weight", ".scale");
+        if let Some(st) = self.gguf.tensor(&extra) {
+            let s = decode_f32(file, st, self.gguf.data(self.bytes, st)?)?;
+            match s[..] {
+                [s] if s.is_finite() && s > 0.0 => w_scale /= s,
+                _ => {
+                    return Err(Error::BadValue {
+                        file: file.clone(),
+                        name: extra,
+                        what: format!("is {s:?}, expected one positive number"),
+                    });
+                }
+            }
+        }
+        self.scales.insert(prefix, w_scale);
+        Ok(pack_ternary(&values, o, i))
+    }
+
+    fn file_of(&self, _name: &str) -> String {
+        self.gguf.file.clone()
+    }
+}
+
+/// Loads a model from a whole GGUF file in memory.
+pub fn load_model(file: &str, bytes: &[u8]) -> Result<Model> {
+    let gguf = Gguf::parse(file, bytes)?;
+    let config = gguf.config()?;
+    let mut source = GgufSource {
+        gguf: &gguf,
+        bytes,
+        scales: HashMap::new(),
+    };
+    crate::model::assemble(config, &mut source)
+}
+
+/// A GGUF file being written: metadata, then F32 tensors, aligned to [`DEFAULT_ALIGNMENT`].
+#[derive(Default)]
+pub struct GgufWriter {
+    metadata: Vec<(String, Value)>,
+    /// (name, ggml dims, type, bytes)
+    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+}
+
+impl GgufWriter {
+    pub fn new() -> GgufWriter {
+        GgufWriter::default()
+    }
+
+    pub fn kv(&mut self, key: &str, value: Value) -> &mut Self {
+        self.metadata.push((key.to_string(), value));
+        self
+    }
+
+    /// An f32 tensor of row-major `shape` (stored with ggml's reversed dims).
+    pub fn tensor_f32(&mut self, name: &str, shape: &[usize], values: &[f32]) -> &mut Self {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.raw_tensor(name, shape, GgmlType::F32, bytes)
+    }
+
+    /// A tensor of any type whose bytes are already encoded.
+    pub fn raw_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ggml_type: GgmlType,
+        bytes: Vec<u8>,
+    ) -> &mut Self {
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        self.tensors
+            .push((name.to_string(), dims, ggml_type, bytes));
+        self
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+        }
+        fn value(out: &mut Vec<u8>, v: &Value) {
+            match v {
+                Value::U8(x) => out.push(*x),
+                Value::I8(x) => out.push(*x as u8),
+                Value::U16(x) => out.extend(x.to_le_bytes()),
+                Value::I16(x) => out.extend(x.to_le_bytes()),
+                Value::U32(x) => out.extend(x.to_le_bytes()),
+                Value::I32(x) => out.extend(x.to_le_bytes()),
+                Value::F32(x) => out.extend(x.to_le_bytes()),
+                Value::Bool(x) => out.push(u8::from(*x)),
+                Value::Str(s) => string(out, s),
+                Value::Array(items) => {
+                    // An empty array is written as u8 items.
+                    let elem = items.first().map_or(0, Value::type_id);
+                    out.extend(elem.to_le_bytes());
+                    out.extend((items.len() as u64).to_le_bytes());
+                    for it in items {
+                        value(out, it);
+                    }
+                }
+                Value::U64(x) => out.extend(x.to_le_bytes()),
+                Value::I64(x) => out.extend(x.to_le_bytes()),
+                Value::F64(x) => out.extend(x.to_le_bytes()),
+            }
+        }
+        let align = |n: u64| n.next_multiple_of(DEFAULT_ALIGNMENT);
+        let mut out = Vec::new();
+        out.extend(MAGIC);
+        out.extend(3u32.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend((self.metadata.len() as u64).to_le_bytes());
+        for (k, v) in &self.metadata {
+            string(&mut out, k);
+            out.extend(v.type_id().to_le_bytes());
+            value(&mut out, v);
+        }
+        let mut offset = 0u64;
+        for (name, dims, ty, bytes) in &self.tensors {
+            string(&mut out, name);
+            out.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend(d.to_le_bytes());
+            }
+            out.extend(ty.id().to_le_bytes());
+            out.extend(offset.to_le_bytes());
+            offset = align(offset + bytes.len() as u64);
+        }
+        out.resize(align(out.len() as u64) as usize, 0);
+        for (_, _, _, bytes) in &self.tensors {
+            out.extend(bytes);
+            out.resize(align(out.len() as u64) as usize, 0);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_llama_cpp() {
+        for (hf, gg) in [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("lm_head.weight", "output.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+            (
+                "model.layers.3.input_layernorm.weight",
+                "blk.3.attn_norm.weight",
+            ),
+            (
+                "model.layers.0.post_attention_layernorm.weight",
+                "blk.0.ffn_norm.weight",
+            ),
+            (
+                "model.layers.1.self_attn.attn_sub_norm.weight",
+                "blk.1.attn_sub_norm.weight",
+            ),
+            (
+                "model.layers.1.mlp.ffn_sub_norm.weight",
+                "blk.1.ffn_sub_norm.weight",
+            ),
+            (
+                "model.layers.12.self_attn.o_proj.weight",
+                "blk.12.attn_output.weight",
+            ),
+            (
+                "model.layers.2.mlp.down_proj.weight",
+                "blk.2.ffn_down.weight",
+            ),
+        ] {
+            assert_eq!(gguf_name(hf).as_deref(), Some(gg), "{hf}");
+        }
+    }
+
+    #[test]
+    fn writer_output_parses_back() {
+        let mut w = GgufWriter::new();
+        w.kv("general.architecture", Value::Str("bitnet".into()))
+            .kv("a.list", Value::Array(vec![Value::I32(-1), Value::I32(7)]))
+            .tensor_f32("x", &[2, 3], &[1., 2., 3., 4., 5., 6.])
+            .tensor_f32("y", &[1], &[9.]);
+        let bytes = w.to_bytes();
+        let g = Gguf::parse("w.gguf", &bytes).unwrap();
+        assert_eq!(
+            g.get("a.list"),
+            Some(&Value::Array(vec![Value::I32(-1), Value::I32(7)]))
+        );
+        let x = g.tensor("x").unwrap();
+        assert_eq!((x.dims.clone(), x.shape()), (vec![3, 2], vec![2, 3]));
+        assert_eq!(
+            decode_f32("w", x, g.data(&bytes, x).unwrap()).unwrap(),
+            [1., 2., 3., 4., 5., 6.]
+        );
+        let y = g.tensor("y").unwrap();
+        assert_eq!(y.offset % 32, 0);
+    }
+}
