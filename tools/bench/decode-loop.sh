@@ -13,9 +13,11 @@ f=$(ls /usr/local/nvidia/share/vulkan/icd.d/*.json /usr/share/vulkan/icd.d/nvidi
 sed 's/libGLX_nvidia.so.0/libEGL_nvidia.so.0/' "$f" > /tmp/nv.json; export VK_DRIVER_FILES=/tmp/nv.json
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/decode.txt
 run() { # label, binary, shape, extra flags
-  local out; out=$(timeout 300 "$2" bench decode --shape "$3" --backend gpu --prompt-len 128 --gen-len 128 $4 2>>$OUT/decode-profile.txt | tail -1)
-  echo "{\"label\": \"$1\", \"shape\": \"$3\", \"report\": ${out:-null}}" >> $OUT/decode.jsonl
-  echo "$1 $3: $(echo "$out" | head -c 400)" | tee -a $OUT/decode.txt
+  local t0 out; t0=$(date +%s.%N)
+  out=$(timeout 300 "$2" bench decode --shape "$3" --backend gpu --prompt-len 128 --gen-len 128 $4 2>>$OUT/decode-profile.txt | tail -1)
+  local wall; wall=$(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}")
+  echo "{\"label\": \"$1\", \"shape\": \"$3\", \"wall_s\": $wall, \"report\": ${out:-null}}" >> $OUT/decode.jsonl
+  echo "$1 $3 (${wall} s in all, model build included): $(echo "$out" | head -c 400)" | tee -a $OUT/decode.txt
 }
 BEFORE=${BEFORE:-.devbin/bitlora-before}
 AFTER=${AFTER:-.devbin/bitlora}
