@@ -9,7 +9,11 @@
 //! bitlora train --data FILE --out DIR [--backend cpu|gpu] [options] fine-tunes a LoRA adapter
 //! bitlora serve [--port N] [--root DIR] [--hub URL]...              serves the page
 //! bitlora random-model --out DIR [--shape tiny] [--seed N]          writes a random BitNet model
+//! bitlora export --adapter DIR --format gguf [--target llama|qvac] --out FILE   GGUF LoRA adapter
+//! bitlora merge --adapter DIR --out DIR [--out-format safetensors|gguf]  merged model
 //! ```
+//! `--model` takes a model directory or a `.gguf` file (llama.cpp / QVAC TQ1_0, TQ2_0;
+//! bitnet.cpp I2_S); a .gguf's tokenizer.json and tokenizer_config.json are read beside it.
 //! Errors go to stderr as one `error: ...` line and exit with status 1; bad flags exit with 2.
 
 mod bench;
@@ -42,7 +46,7 @@ enum Command {
     /// Prints the logits of every position as one JSON object:
     /// {"tokens":[...],"logits":[[...V floats...], ...one row per position...]}
     Logits {
-        /// Model directory (default: the bundled default model, run from the repository root): config.json and *.safetensors.
+        /// Model directory (default: the bundled default model, run from the repository root): config.json and *.safetensors; or a .gguf file.
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         /// Comma-separated token ids, e.g. 5,17,42.
@@ -59,7 +63,7 @@ enum Command {
     /// Generates text after a prompt, streaming it to stdout as it is produced (batched
     /// prefill, then a KV cache; on the CPU reference or the GPU). Timing goes to stderr.
     Generate {
-        /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, and tokenizer.json for --prompt.
+        /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, and tokenizer.json for --prompt; or a .gguf file (tokenizer.json beside it).
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         /// The prompt text (needs tokenizer.json in the model directory).
@@ -142,6 +146,36 @@ enum Command {
         #[arg(long)]
         adapter: PathBuf,
         /// Output directory (created if missing; must not be the model's).
+        #[arg(long)]
+        out: PathBuf,
+        /// safetensors: config.json + model.safetensors (f32 master weights); gguf: also
+        /// model.gguf, the merged model re-quantized to ternary as TQ2_0 (rows must be
+        /// multiples of 256; else I2_S), for llama.cpp / QVAC / bitnet.cpp.
+        #[arg(long, value_enum, default_value_t = OutFormat::Safetensors)]
+        out_format: OutFormat,
+    },
+    /// Exports a trained PEFT adapter for another runtime: `--format gguf` writes a GGUF LoRA
+    /// adapter (llama.cpp's names, F32) for `llama-cli --lora` / `llama-export-lora`
+    /// (`--target llama`) or QVAC Fabric's BitNet graph (`--target qvac`: each B multiplied by
+    /// its projection's weight scale s_w, because that graph applies the per-tensor scale
+    /// 1/s_w after adding the LoRA term).
+    Export {
+        /// The PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The base model the adapter was trained on (directory or .gguf): its shapes, and
+        /// for --target qvac its weight scales.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        #[arg(long, value_enum, default_value_t = ExportTarget::Llama)]
+        target: ExportTarget,
+        /// The base model's general.architecture as the runtime knows it (llama.cpp and QVAC:
+        /// bitnet; bitnet.cpp: bitnet-b1.58).
+        #[arg(long, default_value = "bitnet")]
+        arch: String,
+        /// The file to write (e.g. adapter.gguf).
         #[arg(long)]
         out: PathBuf,
     },
@@ -230,6 +264,26 @@ impl Shape {
 #[derive(Clone, Debug)]
 struct TokenList(Vec<u32>);
 
+#[derive(Clone, Copy, ValueEnum)]
+enum OutFormat {
+    Safetensors,
+    Gguf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Gguf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportTarget {
+    Llama,
+    Qvac,
+}
+
+/// Added to "no tokenizer.json" errors for a .gguf model.
+pub const GGUF_TOKENIZER: &str = " (for a .gguf, bitlora reads tokenizer.json beside the file: rebuilding the tokenizer from the file's tokenizer.ggml.* keys is not supported yet; copy the model's tokenizer.json there)";
+
 fn parse_tokens(s: &str) -> Result<TokenList, String> {
     let tokens = s
         .split(',')
@@ -257,6 +311,10 @@ enum CliError {
     Train(#[from] train_cmd::TrainError),
     #[error("{0}: no tokenizer.json beside the model; pass the prompt as --tokens 1,2,3 instead")]
     NoTokenizer(String),
+    #[error(
+        "{0}: merge needs the model's master (float) weights (config.json + *.safetensors); a .gguf holds ternary ones. Merge into the safetensors checkpoint (with --out-format gguf for a GGUF result), or run the adapter unmerged (--adapter)"
+    )]
+    GgufMerge(String),
     #[error("{0}: no chat_template in tokenizer_config.json (a base model?); drop --chat")]
     NoChatTemplate(String),
     #[error("{0} runs on the GPU only: add --backend gpu")]
@@ -395,7 +453,31 @@ fn run(command: Command) -> Result<(), CliError> {
             model,
             adapter,
             out,
-        } => merge(&model, &adapter, &out),
+            out_format,
+        } => merge(&model, &adapter, &out, out_format),
+        Command::Export {
+            adapter,
+            model,
+            format: ExportFormat::Gguf,
+            target,
+            arch,
+            out,
+        } => {
+            let model = Model::from_path(&model)?;
+            let lora = bitlora_core::peft::load_dir(&adapter, &model.config)?;
+            let target = match target {
+                ExportTarget::Llama => bitlora_core::gguf::AdapterTarget::Llama,
+                ExportTarget::Qvac => bitlora_core::gguf::AdapterTarget::Qvac,
+            };
+            let bytes = bitlora_core::gguf::write_adapter(&lora, &model, target, &arch);
+            train_cmd::write_atomic(&out, &bytes)?;
+            eprintln!(
+                "bitlora: wrote {} ({} bytes, {target:?} semantics)",
+                out.display(),
+                bytes.len()
+            );
+            Ok(())
+        }
         Command::RandomModel { out, shape, seed } => {
             let config = match shape.name() {
                 "tiny" => Some(model::tiny_config()),
@@ -419,7 +501,7 @@ fn logits(
     backend: Backend,
     adapter: Option<&std::path::Path>,
 ) -> Result<(), CliError> {
-    let model = Model::from_dir(dir)?;
+    let model = Model::from_path(dir)?;
     let lora = adapter
         .map(|a| bitlora_core::peft::load_dir(a, &model.config))
         .transpose()?;
@@ -462,6 +544,7 @@ fn merge(
     dir: &std::path::Path,
     adapter: &std::path::Path,
     out: &std::path::Path,
+    out_format: OutFormat,
 ) -> Result<(), CliError> {
     let io = |p: &std::path::Path, source| {
         CliError::Model(bitlora_core::Error::Io {
@@ -473,6 +556,9 @@ fn merge(
         return Err(CliError::Model(bitlora_core::Error::Lora {
             msg: "--out is the model's own directory; merge into a new one".into(),
         }));
+    }
+    if model::is_gguf(dir) {
+        return Err(CliError::GgufMerge(dir.display().to_string()));
     }
     let model = Model::from_dir(dir)?;
     let lora = bitlora_core::peft::load_dir(adapter, &model.config)?;
@@ -522,7 +608,25 @@ fn merge(
         }
     }
     let path = out.join("model.safetensors");
-    train_cmd::write_atomic(&path, &bitlora_core::weights::serialize(&merged))?;
+    let st = bitlora_core::weights::serialize(&merged);
+    train_cmd::write_atomic(&path, &st)?;
+    if let OutFormat::Gguf = out_format {
+        // The merged master weights, quantized as the model loads them, as ternary GGUF.
+        let mut config = model.config.clone();
+        config.weight_format = bitlora_core::WeightFormat::Master;
+        let cfg = serde_json::to_vec(&config.to_json()).expect("JSON serializes");
+        let merged_model =
+            Model::from_bytes("config.json", &cfg, &[(&path.display().to_string(), &st)])?;
+        let bytes =
+            bitlora_core::gguf::write_model(&merged_model, bitlora_core::gguf::GgmlType::TQ2_0)
+                .or_else(|_| {
+                    bitlora_core::gguf::write_model(
+                        &merged_model,
+                        bitlora_core::gguf::GgmlType::I2_S,
+                    )
+                })?;
+        train_cmd::write_atomic(&out.join("model.gguf"), &bytes)?;
+    }
     eprintln!(
         "bitlora: merged {} ({} LoRA parameters) into {}",
         adapter.display(),
@@ -553,10 +657,12 @@ fn generate(
     use bitlora_core::{ChatTemplate, Message, SamplingOptions, TextStream, Tokenizer};
     use std::io::Write;
 
-    let model = Model::from_dir(dir)?;
+    let model = Model::from_path(dir)?;
     let lora = adapter
         .map(|a| bitlora_core::peft::load_dir(a, &model.config))
         .transpose()?;
+    let gguf = model::is_gguf(dir);
+    let dir = model::side_dir(dir);
     let mut stop_tokens = model.config.eos_token_ids.clone();
     stop_tokens.extend(args.stop.iter().flat_map(|s| s.0.iter().copied()));
 
@@ -565,7 +671,11 @@ fn generate(
         Some(_) => {
             let path = dir.join("tokenizer.json");
             if !path.exists() {
-                return Err(CliError::NoTokenizer(dir.display().to_string()));
+                return Err(CliError::NoTokenizer(format!(
+                    "{}{}",
+                    dir.display(),
+                    if gguf { GGUF_TOKENIZER } else { "" }
+                )));
             }
             Some(Tokenizer::from_bytes(
                 &path.display().to_string(),

@@ -23,7 +23,7 @@ use bitlora_gpu::{Gpu, GpuBackend, GpuError, GpuModel, GpuTrainer};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, tokenizer.json (tokenizer_config.json for chat data).
+    /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, tokenizer.json (tokenizer_config.json for chat data); or a .gguf file with tokenizer.json beside it.
     #[arg(long, default_value = crate::DEFAULT_MODEL)]
     model: PathBuf,
     /// Training data: plain text, or JSONL with {"text"}, {"prompt","completion"} or {"messages"}.
@@ -298,13 +298,19 @@ fn save_adapter(out: &Path, lora: &Lora, model: &Model, base: &str) -> Result<()
 }
 
 pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
-    let model = Model::from_dir(&a.model)?;
-    let tok_path = a.model.join("tokenizer.json");
+    let model = Model::from_path(&a.model)?;
+    let side = bitlora_core::model::side_dir(&a.model);
+    let tok_path = side.join("tokenizer.json");
     if !tok_path.exists() {
-        return Err(TrainError::NoTokenizer(a.model.display().to_string()));
+        let hint = if bitlora_core::model::is_gguf(&a.model) {
+            crate::GGUF_TOKENIZER
+        } else {
+            ""
+        };
+        return Err(TrainError::NoTokenizer(format!("{}{hint}", side.display())));
     }
     let tokenizer = Tokenizer::from_bytes(&tok_path.display().to_string(), &read(&tok_path)?)?;
-    let tc_path = a.model.join("tokenizer_config.json");
+    let tc_path = side.join("tokenizer_config.json");
     let tc_bytes = if tc_path.exists() {
         Some(read(&tc_path)?)
     } else {

@@ -1301,6 +1301,74 @@ impl GgufWriter {
     }
 }
 
+/// The graph an exported LoRA adapter will run in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterTarget {
+    /// llama.cpp's semantics (`llama-cli --lora`, `llama-export-lora`):
+    /// `y = W x + (alpha / r) * B (A x)`, the same update as PEFT's.
+    Llama,
+    /// QVAC Fabric's BitNet graph, which adds the LoRA term inside the matmul and multiplies
+    /// the sum by the tensor's per-tensor weight scale afterwards:
+    /// `y = ((T x) + (alpha / r) * B' (A x)) * (1 / s_w)`. For that to be PEFT's update,
+    /// `B' = B * s_w` (B divided by the weight scale `1 / s_w`); see [`write_adapter`].
+    Qvac,
+}
+
+/// A PEFT adapter as a GGUF LoRA adapter, named and shaped as llama.cpp's
+/// `convert_lora_to_gguf.py` writes them: `general.type = adapter`, `adapter.type = lora`,
+/// `adapter.lora.alpha`, and per adapted projection `blk.N.<proj>.weight.lora_a` (PyTorch
+/// (R, I), ggml `[I, R]`) and `.lora_b` ((O, R), ggml `[R, O]`), F32.
+///
+/// llama.cpp scales the product by `alpha / r` (r read from lora_a's shape), so `alpha` is
+/// written as `scale * r` with PEFT's scale: the same value for plain LoRA, and what keeps an
+/// rsLoRA adapter's `alpha / sqrt(r)` right. For [`AdapterTarget::Qvac`] each B is multiplied
+/// by its projection's `w_scale` (s_w, `W = T / s_w`), which `model` supplies; `arch` must be
+/// the base model's `general.architecture` (llama.cpp refuses an adapter of another).
+pub fn write_adapter(
+    lora: &crate::lora::Lora,
+    model: &Model,
+    target: AdapterTarget,
+    arch: &str,
+) -> Vec<u8> {
+    let r = lora.config.r;
+    let mut w = GgufWriter::new();
+    w.kv("general.architecture", Value::Str(arch.into()))
+        .kv("general.type", Value::Str("adapter".into()))
+        .kv("general.name", Value::Str("bitlora LoRA adapter".into()))
+        .kv("adapter.type", Value::Str("lora".into()))
+        .kv(
+            "adapter.lora.alpha",
+            Value::F32(lora.config.scale() * r as f32),
+        )
+        .kv(
+            "bitlora.lora.target",
+            Value::Str(match target {
+                AdapterTarget::Llama => "llama".into(),
+                AdapterTarget::Qvac => "qvac".into(),
+            }),
+        );
+    for (l, layer) in lora.layers.iter().enumerate() {
+        for proj in crate::model::Proj::ALL {
+            let Some(pair) = &layer[proj] else { continue };
+            let (o, i) = proj.shape(&model.config);
+            let base = format!(
+                "blk.{l}.{}.weight",
+                proj_gguf_name(proj.hf_name()).unwrap_or("?")
+            );
+            w.tensor_f32(&format!("{base}.lora_a"), &[r, i], &pair.a);
+            match target {
+                AdapterTarget::Llama => w.tensor_f32(&format!("{base}.lora_b"), &[o, r], &pair.b),
+                AdapterTarget::Qvac => {
+                    let s_w = model.params.layers[l].proj(proj).w_scale;
+                    let b: Vec<f32> = pair.b.iter().map(|x| x * s_w).collect();
+                    w.tensor_f32(&format!("{base}.lora_b"), &[o, r], &b)
+                }
+            };
+        }
+    }
+    w.to_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

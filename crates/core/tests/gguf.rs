@@ -503,3 +503,68 @@ fn write_model_round_trips() {
     let m = gguf::load_model("written.gguf", &bytes).unwrap();
     assert_same_model("written i2_s", &m, &tiny);
 }
+
+/// The GGUF LoRA export read back with the reader: llama.cpp's names, shapes (ggml order),
+/// F32, alpha, and values equal to the PEFT export's tensors (B times each projection's
+/// w_scale for the QVAC graph). tools/fixtures/read_gguf_adapter.py reads the same file with
+/// the `gguf` package.
+#[test]
+fn lora_adapter_export_reads_back() {
+    use bitlora_core::gguf::{AdapterTarget, write_adapter};
+    use bitlora_core::lora::{Lora, LoraConfig};
+    use bitlora_core::peft;
+    let model = Model::from_path(&fixture("gguf/t256/tq2_0.gguf")).unwrap();
+    let lcfg = LoraConfig::new(4, 8.0, 0.0, true, &["q_proj", "v_proj", "down_proj"]).unwrap();
+    let mut lora = Lora::init(&model.config, lcfg, 5);
+    let mut k = 0f32;
+    lora.for_each_mut(|_, _, v| {
+        for x in v.iter_mut() {
+            k += 1.0;
+            *x += (k * 0.37).sin() * 0.01; // B nonzero, as after training
+        }
+    });
+    let peft_tensors = peft::adapter_tensors(&lora, &model.config);
+    for target in [AdapterTarget::Llama, AdapterTarget::Qvac] {
+        let bytes = write_adapter(&lora, &model, target, "bitnet-b1.58");
+        let g = Gguf::parse("adapter.gguf", &bytes).unwrap();
+        let s = |k: &str| g.get(k).and_then(Value::as_str).unwrap().to_string();
+        assert_eq!(s("general.type"), "adapter");
+        assert_eq!(s("adapter.type"), "lora");
+        assert_eq!(s("general.architecture"), "bitnet-b1.58");
+        // rsLoRA: PEFT's scale is alpha / sqrt(r) = 4; llama.cpp's alpha / r must equal it.
+        assert_eq!(g.get("adapter.lora.alpha"), Some(&Value::F32(16.0)));
+        assert_eq!(g.tensors.len(), 2 * 3 * model.config.num_hidden_layers);
+        for t in &peft_tensors {
+            // base_model.model.model.layers.{l}.{block}.{proj}.lora_{A|B}.weight
+            let rest = t
+                .name
+                .strip_prefix("base_model.model.model.layers.")
+                .unwrap();
+            let (l, rest) = rest.split_once('.').unwrap();
+            let (module, ab) = rest.rsplit_once(".lora_").unwrap();
+            let short = gguf::proj_gguf_name(module).unwrap();
+            let ab = ab.strip_suffix(".weight").unwrap();
+            let name = format!("blk.{l}.{short}.weight.lora_{}", ab.to_lowercase());
+            let gt = g.tensor(&name).unwrap_or_else(|| panic!("{name} missing"));
+            assert_eq!(gt.ggml_type, GgmlType::F32, "{name}");
+            assert_eq!(gt.shape(), t.shape, "{name}");
+            assert_eq!(
+                gt.dims,
+                t.shape.iter().rev().map(|&d| d as u64).collect::<Vec<_>>()
+            );
+            let got = decode_f32("adapter.gguf", gt, g.data(&bytes, gt).unwrap()).unwrap();
+            let mut want = bitlora_core::weights::decode_f32(t.dtype, &t.data).unwrap();
+            if target == AdapterTarget::Qvac && ab == "B" {
+                let p = Proj::ALL
+                    .into_iter()
+                    .find(|p| p.hf_name() == module)
+                    .unwrap();
+                let s_w = model.params.layers[l.parse::<usize>().unwrap()]
+                    .proj(p)
+                    .w_scale;
+                want.iter_mut().for_each(|x| *x *= s_w);
+            }
+            EXACT.assert_close(&format!("{target:?} {name}"), &got, &want);
+        }
+    }
+}
