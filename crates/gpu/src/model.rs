@@ -47,7 +47,7 @@ use bitlora_core::{Config, Model, ops as cpu_ops};
 
 use crate::ops::{
     Argmax, Attention, Embedding, GatedAct, LoraMatmul, Matmul, ResidualAdd, RmsNorm, Rope,
-    RopePair, TernaryMatmul,
+    RopePair, TernaryGlu, TernaryMatmul,
 };
 use bitlora_core::generate::{Sampler, SamplingOptions};
 
@@ -133,6 +133,8 @@ pub struct GpuModel {
     rope_qk: RopePair,
     pub(crate) attention: Attention,
     pub(crate) gated_act: GatedAct,
+    /// gate, up and gated_act in one dispatch, for one-token passes.
+    glu: TernaryGlu,
     pub(crate) residual_add: ResidualAdd,
     pub(crate) head: Matmul,
     /// Greedy decoding's sampler: the last row's argmax into the next pass's token input.
@@ -613,6 +615,7 @@ impl GpuModel {
             rope_qk: RopePair::new(dev, nh, nkv, hs),
             attention: Attention::new(dev, nh, nkv, hs),
             gated_act: GatedAct::new(dev, f, cfg.hidden_act),
+            glu: TernaryGlu::new(dev, c, f, cfg.hidden_act),
             residual_add: ResidualAdd::new(dev, c),
             head,
             argmax: Argmax::new(dev, v),
@@ -1055,6 +1058,7 @@ impl GpuModel {
             pair.op.up_add_at(r, u, &pair.b, ad.scale, y, row0)
         };
 
+        let adapted = |l: usize, p: Proj| adapter.is_some_and(|ad| ad.layers[l][p].is_some());
         // h += the projection p of layer l (with the adapter's term, if it has one there):
         // without an adapter term the projection adds itself to h in one dispatch, the same
         // addition as the residual add.
@@ -1065,8 +1069,7 @@ impl GpuModel {
                         x: &GpuTensor,
                         lin: &Linear|
          -> Result<(), GpuError> {
-            let adapted = adapter.is_some_and(|ad| ad.layers[l][p].is_some());
-            if !adapted {
+            if !adapted(l, p) {
                 return lin.op.encode_add(r, xq, s_a, &lin.w, &lin.sw, &ws.h);
             }
             bitlinear(r, xq, lin, &ws.proj)?;
@@ -1102,11 +1105,17 @@ impl GpuModel {
             // FFN block.
             let n = &layer.post_attention_layernorm;
             n.op.encode_quant(r, &ws.h, &n.w, &ws.x, &ws.xq_c, s_a)?;
-            bitlinear(r, &ws.xq_c, &layer.gate_proj, &ws.gate)?;
-            lora(r, l, Proj::Gate, &ws.x, &ws.gate, 0)?;
-            bitlinear(r, &ws.xq_c, &layer.up_proj, &ws.up)?;
-            lora(r, l, Proj::Up, &ws.x, &ws.up, 0)?;
-            self.gated_act.encode(r, &ws.gate, &ws.up, &ws.ffn)?;
+            if t == 1 && !adapted(l, Proj::Gate) && !adapted(l, Proj::Up) {
+                let (g, u) = (&layer.gate_proj, &layer.up_proj);
+                self.glu
+                    .encode(r, &ws.xq_c, s_a, (&g.w, &g.sw), (&u.w, &u.sw), &ws.ffn)?;
+            } else {
+                bitlinear(r, &ws.xq_c, &layer.gate_proj, &ws.gate)?;
+                lora(r, l, Proj::Gate, &ws.x, &ws.gate, 0)?;
+                bitlinear(r, &ws.xq_c, &layer.up_proj, &ws.up)?;
+                lora(r, l, Proj::Up, &ws.x, &ws.up, 0)?;
+                self.gated_act.encode(r, &ws.gate, &ws.up, &ws.ffn)?;
+            }
             let n = &layer.ffn_sub_norm;
             n.op.encode_quant(r, &ws.ffn, &n.w, &ws.ffn_n, &ws.xq_f, s_a)?;
             residual(r, l, Proj::Down, &ws.xq_f, &ws.ffn_n, &layer.down_proj)?;

@@ -11,7 +11,7 @@ use bitlora_core::tolerance::{KERNEL_F32, KERNEL_TRANSCENDENTAL};
 use bitlora_core::{Activation, ops};
 use bitlora_gpu::ops::{
     ActQuant, Argmax, Attention, Embedding, GatedAct, Matmul, MatmulBackward, ResidualAdd, RmsNorm,
-    Rope, RopePair, SumSquares, TernaryMatmul,
+    Rope, RopePair, SumSquares, TernaryGlu, TernaryMatmul,
 };
 use bitlora_gpu::{DType, GpuError, GpuTensor, Recorder, SplitTensor};
 use common::{block, codes, f32t, gpu, normal, read, run, ternary, zeros};
@@ -422,6 +422,54 @@ fn gated_act_matches_reference() {
         run(|r| GatedAct::new(&gpu().device, f, act).encode(r, &gt, &ut, &out));
         let want = ops::gated_act(&gate, &up, act);
         tol.assert_close(&format!("gated_act {act:?}"), &read(&out), &want);
+    }
+}
+
+#[test]
+fn ternary_glu_equals_its_three_kernels_bit_for_bit() {
+    let mut rng = Rng::new(18);
+    let g = gpu();
+    // O = 37 leaves a partial packed row and a partial workgroup; T = 3 runs three tokens.
+    for (t, i, o) in [(1, 1000, 37), (3, 64, 130)] {
+        let x = normal(&mut rng, t * i, 1.0);
+        let (xq, s_a) = quant::quantize_activations(&x, i);
+        let xqt = GpuTensor::i8x4(&g.device, "x_q", &[t, i], &xq).unwrap();
+        let sat = f32t("s_a", &[t], &s_a);
+        let lin = |rng: &mut Rng| {
+            let l = TernaryLinear::from_master(&normal(rng, o * i, 0.02), o, i);
+            let w = GpuTensor::ternary(&g.device, "W", &l).unwrap();
+            (w, f32t("s_w", &[1], &[l.w_scale]))
+        };
+        let (wg, wu) = (lin(&mut rng), lin(&mut rng));
+        for act in [Activation::Relu2, Activation::Silu] {
+            let fused = zeros("out", &[t, o]);
+            run(|r| {
+                TernaryGlu::new(&g.device, i, o, act).encode(
+                    r,
+                    &xqt,
+                    &sat,
+                    (&wg.0, &wg.1),
+                    (&wu.0, &wu.1),
+                    &fused,
+                )
+            });
+            let (gate, up, apart) = (
+                zeros("gate", &[t, o]),
+                zeros("up", &[t, o]),
+                zeros("out", &[t, o]),
+            );
+            run(|r| {
+                let op = TernaryMatmul::new(&g.device, i, o);
+                op.encode(r, &xqt, &sat, &wg.0, &wg.1, &gate)?;
+                op.encode(r, &xqt, &sat, &wu.0, &wu.1, &up)?;
+                GatedAct::new(&g.device, o, act).encode(r, &gate, &up, &apart)
+            });
+            assert_same_bits(
+                &format!("ternary_glu {act:?} T={t} I={i} O={o} vs gate, up, gated_act"),
+                &read(&fused),
+                &read(&apart),
+            );
+        }
     }
 }
 

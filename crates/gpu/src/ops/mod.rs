@@ -26,6 +26,7 @@ pub mod rope;
 pub mod rope_backward;
 pub mod sum_squares;
 pub mod ternary_backward;
+pub mod ternary_glu;
 pub mod ternary_matmul;
 
 pub use act_quant::ActQuant;
@@ -48,6 +49,7 @@ pub use rope::{Rope, RopePair};
 pub use rope_backward::RopeBackward;
 pub use sum_squares::SumSquares;
 pub use ternary_backward::TernaryBackward;
+pub use ternary_glu::TernaryGlu;
 pub use ternary_matmul::TernaryMatmul;
 
 /// Workgroup size of the 1-D kernels (the `WG` override): a power of two, at most WebGPU's
@@ -80,6 +82,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("sum_squares", sum_squares::SOURCE),
     ("ternary_backward", ternary_backward::SOURCE),
     ("ternary_backward_reduce", ternary_backward::REDUCE_SOURCE),
+    ("ternary_glu", ternary_glu::SOURCE),
     ("ternary_matmul", ternary_matmul::SOURCE),
 ];
 

@@ -20,8 +20,8 @@ const LANES: usize = 32;
 /// header says why); 4 x 64 = 256 invocations, WebGPU's default limit. Measured on the H100
 /// (`BITLORA_BENCH_SWEEP=1 bench ternary --prompt-len 1`, BENCHMARKS.md): 7.5-8.9 us per 1b
 /// projection against 12.8-18.1 us with the 32 x 16 blocking of many tokens; 8 x 32 was 8.9-11.4.
-const DECODE_LANES: usize = 4;
-const DECODE_SPLIT: usize = 64;
+pub(crate) const DECODE_LANES: usize = 4;
+pub(crate) const DECODE_SPLIT: usize = 64;
 
 /// Invocations sharing each output's K range (the shader's `SPLIT`, the workgroup's y size):
 /// 16 where the device allows workgroups of 512 invocations (measured on the H100 at T = 128:
