@@ -25,10 +25,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL=(safetensors shard_index model tokenizer chat_template data peft_adapter checkpoint train_options)
+ALL=(safetensors gguf shard_index model tokenizer chat_template data peft_adapter checkpoint train_options)
 # Longest input per target (bytes): room for the seeds a target gets far with.
 declare -A MAXLEN=(
-  [safetensors]=65536 [shard_index]=8192 [model]=65536 [tokenizer]=16384
+  [safetensors]=65536 [gguf]=65536 [shard_index]=8192 [model]=65536 [tokenizer]=16384
   [chat_template]=4096 [data]=8192 [peft_adapter]=65536 [checkpoint]=65536
   [train_options]=2048
 )
