@@ -13,7 +13,8 @@
 //! bitlora merge --adapter DIR --out DIR [--out-format safetensors|gguf]  merged model
 //! ```
 //! `--model` takes a model directory or a `.gguf` file (llama.cpp / QVAC TQ1_0, TQ2_0;
-//! bitnet.cpp I2_S); a .gguf's tokenizer.json and tokenizer_config.json are read beside it.
+//! bitnet.cpp I2_S); a .gguf's tokenizer.json and tokenizer_config.json are read beside it, and without a
+//! tokenizer.json the tokenizer is rebuilt from the file's tokenizer.ggml.* keys (byte-level BPE).
 //! Errors go to stderr as one `error: ...` line and exit with status 1; bad flags exit with 2.
 
 mod bench;
@@ -63,7 +64,7 @@ enum Command {
     /// Generates text after a prompt, streaming it to stdout as it is produced (batched
     /// prefill, then a KV cache; on the CPU reference or the GPU). Timing goes to stderr.
     Generate {
-        /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, and tokenizer.json for --prompt; or a .gguf file (tokenizer.json beside it).
+        /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, and tokenizer.json for --prompt; or a .gguf file (tokenizer.json beside it, else the file's own tokenizer.ggml.*).
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         /// The prompt text (needs tokenizer.json in the model directory).
@@ -280,9 +281,6 @@ enum ExportTarget {
     Llama,
     Qvac,
 }
-
-/// Added to "no tokenizer.json" errors for a .gguf model.
-pub const GGUF_TOKENIZER: &str = " (for a .gguf, bitlora reads tokenizer.json beside the file: rebuilding the tokenizer from the file's tokenizer.ggml.* keys is not supported yet; copy the model's tokenizer.json there)";
 
 fn parse_tokens(s: &str) -> Result<TokenList, String> {
     let tokens = s
@@ -661,7 +659,7 @@ fn generate(
     let lora = adapter
         .map(|a| bitlora_core::peft::load_dir(a, &model.config))
         .transpose()?;
-    let gguf = model::is_gguf(dir);
+    let (gguf, model_path) = (model::is_gguf(dir), dir);
     let dir = model::side_dir(dir);
     let mut stop_tokens = model.config.eos_token_ids.clone();
     stop_tokens.extend(args.stop.iter().flat_map(|s| s.0.iter().copied()));
@@ -670,17 +668,17 @@ fn generate(
         None => None,
         Some(_) => {
             let path = dir.join("tokenizer.json");
-            if !path.exists() {
-                return Err(CliError::NoTokenizer(format!(
-                    "{}{}",
-                    dir.display(),
-                    if gguf { GGUF_TOKENIZER } else { "" }
-                )));
+            if !path.exists() && gguf {
+                // No tokenizer.json beside the .gguf: the file's own tokenizer.ggml.* keys.
+                Some(bitlora_core::gguf::read_tokenizer(model_path)?)
+            } else if !path.exists() {
+                return Err(CliError::NoTokenizer(dir.display().to_string()));
+            } else {
+                Some(Tokenizer::from_bytes(
+                    &path.display().to_string(),
+                    &read_file(&path)?,
+                )?)
             }
-            Some(Tokenizer::from_bytes(
-                &path.display().to_string(),
-                &read_file(&path)?,
-            )?)
         }
     };
     let prompt_ids = match (prompt, &tokenizer) {

@@ -23,7 +23,7 @@ use bitlora_gpu::{Gpu, GpuBackend, GpuError, GpuModel, GpuTrainer};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, tokenizer.json (tokenizer_config.json for chat data); or a .gguf file with tokenizer.json beside it.
+    /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, tokenizer.json (tokenizer_config.json for chat data); or a .gguf file (tokenizer.json beside it, else the file's own tokenizer.ggml.*).
     #[arg(long, default_value = crate::DEFAULT_MODEL)]
     model: PathBuf,
     /// Training data: plain text, or JSONL with {"text"}, {"prompt","completion"} or {"messages"}.
@@ -301,15 +301,14 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
     let model = Model::from_path(&a.model)?;
     let side = bitlora_core::model::side_dir(&a.model);
     let tok_path = side.join("tokenizer.json");
-    if !tok_path.exists() {
-        let hint = if bitlora_core::model::is_gguf(&a.model) {
-            crate::GGUF_TOKENIZER
-        } else {
-            ""
-        };
-        return Err(TrainError::NoTokenizer(format!("{}{hint}", side.display())));
-    }
-    let tokenizer = Tokenizer::from_bytes(&tok_path.display().to_string(), &read(&tok_path)?)?;
+    let tokenizer = if tok_path.exists() {
+        Tokenizer::from_bytes(&tok_path.display().to_string(), &read(&tok_path)?)?
+    } else if bitlora_core::model::is_gguf(&a.model) {
+        // No tokenizer.json beside the .gguf: the file's own tokenizer.ggml.* keys.
+        bitlora_core::gguf::read_tokenizer(&a.model)?
+    } else {
+        return Err(TrainError::NoTokenizer(a.model.display().to_string()));
+    };
     let tc_path = side.join("tokenizer_config.json");
     let tc_bytes = if tc_path.exists() {
         Some(read(&tc_path)?)

@@ -325,7 +325,10 @@ impl<'a> Cursor<'a> {
     /// A count of items that each take at least `min_size` bytes, checked against what remains.
     fn count(&mut self, what: &'static str, min_size: u64) -> Result<u64> {
         let n = self.u64(what)?;
-        let max = self.remaining() / min_size.max(1);
+        // Against the whole file's remaining bytes, not only the prefix held: a header
+        // prefix may end before the items do (then reading them reports it).
+        let left = self.file_len.saturating_sub(self.pos as u64);
+        let max = left / min_size.max(1);
         if n > max {
             return Err(Error::GgufCount {
                 file: self.file.to_string(),
@@ -376,7 +379,8 @@ impl<'a> Cursor<'a> {
                     _ => return Err(self.bad_value_type(key, elem)),
                 };
                 let n = self.count("array length", min)?;
-                let mut items = Vec::with_capacity(n as usize);
+                // Capacity from the bytes actually held, so a prefix cannot over-reserve.
+                let mut items = Vec::with_capacity((n.min(self.remaining() / min)) as usize);
                 for _ in 0..n {
                     items.push(self.value(key, elem, depth + 1)?);
                 }
@@ -737,6 +741,168 @@ impl Gguf {
 /// `general.architecture` values of BitNet b1.58 models: llama.cpp / QVAC (`bitnet`),
 /// bitnet.cpp (`bitnet-b1.58` for 2B-4T, `bitnet-25` for its earlier conversion).
 pub const ARCHITECTURES: [&str; 3] = ["bitnet", "bitnet-b1.58", "bitnet-25"];
+
+/// LLaMA-3's pre-tokenizer split (llama.cpp's `llama-bpe`), as in its tokenizer.json.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl Gguf {
+    /// A Hugging Face `tokenizer.json` rebuilt from the `tokenizer.ggml.*` keys, as llama.cpp's
+    /// converter wrote them from one: byte-level BPE (`tokenizer.ggml.model = gpt2`: `tokens`,
+    /// `merges`, `token_type` with 3 = control and 4 = user-defined as added tokens) with the
+    /// pre-tokenizer `tokenizer.ggml.pre` names (`llama-bpe` / `llama3`: LLaMA-3's split and
+    /// whole-word vocabulary hits, as llama.cpp's `ignore_merges`; `gpt-2` / `default` or none:
+    /// GPT-2's byte-level regex), and the BOS prepended when `tokenizer.ggml.add_bos_token`.
+    /// Other models (SentencePiece `llama`, ...) and pre-tokenizers are refused by name: pass
+    /// the model's tokenizer.json instead.
+    pub fn tokenizer_json(&self) -> Result<String> {
+        use serde_json::json;
+        let unsupported = |key: &str, what: String| {
+            self.meta_err(
+                key,
+                format!("{what}; put the model's tokenizer.json beside the .gguf instead"),
+            )
+        };
+        let strings = |key: &str| -> Result<Vec<&str>> {
+            match self.get(key) {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .ok_or_else(|| self.meta_err(key, "holds a non-string"))
+                    })
+                    .collect(),
+                Some(_) => Err(self.meta_err(key, "is not an array of strings")),
+                None => Err(unsupported(key, "is missing".into())),
+            }
+        };
+        let model = match self.get("tokenizer.ggml.model") {
+            Some(Value::Str(m)) => m.as_str(),
+            _ => {
+                return Err(unsupported(
+                    "tokenizer.ggml.model",
+                    "is missing: the file has no tokenizer".into(),
+                ));
+            }
+        };
+        if model != "gpt2" {
+            return Err(unsupported(
+                "tokenizer.ggml.model",
+                format!(
+                    "is \"{model}\": bitlora rebuilds only byte-level BPE (\"gpt2\") tokenizers"
+                ),
+            ));
+        }
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i64> = match self.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::I32(t) => i64::from(*t),
+                    other => other.as_u64().map_or(1, |t| t as i64),
+                })
+                .collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let pre = self.get("tokenizer.ggml.pre").and_then(Value::as_str);
+        let (pre_tokenizer, ignore_merges) = match pre {
+            Some("llama-bpe" | "llama3") => (
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+                true,
+            ),
+            None | Some("gpt-2" | "default") => (
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+                false,
+            ),
+            Some(other) => {
+                return Err(unsupported(
+                    "tokenizer.ggml.pre",
+                    format!(
+                        "is \"{other}\", a pre-tokenizer bitlora does not rebuild (it does llama-bpe, gpt-2)"
+                    ),
+                ));
+            }
+        };
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut added = Vec::new();
+        for (id, &t) in tokens.iter().enumerate() {
+            vocab.insert(t.to_string(), json!(id));
+            let ty = types.get(id).copied().unwrap_or(1);
+            if ty == 3 || ty == 4 {
+                added.push(
+                    json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": ty == 3}),
+                );
+            }
+        }
+        let bos = self
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(Value::as_u64)
+            .and_then(|b| tokens.get(b as usize).map(|t| (b, *t)));
+        let add_bos = matches!(
+            self.get("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
+        let post = match bos {
+            Some((id, t)) if add_bos => json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {t: {"id": t, "ids": [id], "tokens": [t]}}}),
+            _ => {
+                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+            }
+        };
+        let tj = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+        });
+        Ok(tj.to_string())
+    }
+
+    /// The tokenizer rebuilt from `tokenizer.ggml.*` ([`Gguf::tokenizer_json`]).
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer> {
+        let json = self.tokenizer_json()?;
+        crate::tokenizer::Tokenizer::from_bytes(
+            &format!("{} (tokenizer.ggml.*)", self.file),
+            json.as_bytes(),
+        )
+    }
+}
+
+/// The tokenizer of a `.gguf` file ([`Gguf::tokenizer`]), reading only the file's header:
+/// its first MiB, doubled until the header fits.
+pub fn read_tokenizer(path: &std::path::Path) -> Result<crate::tokenizer::Tokenizer> {
+    use std::io::Read;
+    let name = path.display().to_string();
+    let io = |source| Error::Io {
+        path: name.clone(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut prefix = Vec::new();
+    let mut want = 1u64 << 20;
+    loop {
+        let take = want.min(len) - prefix.len() as u64;
+        (&mut f).take(take).read_to_end(&mut prefix).map_err(io)?;
+        match Gguf::parse_header(&name, &prefix, len) {
+            Err(Error::GgufTruncated { .. }) if (prefix.len() as u64) < len => want *= 2,
+            header => return header?.tokenizer(),
+        }
+    }
+}
 
 /// The GGUF name (llama.cpp's) of a tensor bitlora reads by its Hugging Face name.
 pub fn gguf_name(hf: &str) -> Option<String> {

@@ -568,3 +568,91 @@ fn lora_adapter_export_reads_back() {
         }
     }
 }
+
+/// A tokenizer rebuilt from `tokenizer.ggml.*` (written here as llama.cpp's converter writes a
+/// LLaMA-3 tokenizer: tokens by id, merges "a b", token_type 3 for the special tokens,
+/// pre `llama-bpe`) encodes the golden strings to Python tokenizers' ids and decodes them
+/// back. Needs target/fixtures/llama3 (tools/fetch-tokenizers.sh), as tokenizer_parity does.
+#[test]
+fn tokenizer_rebuilt_from_gguf_metadata_matches_llama3() {
+    let p = root().join("target/fixtures/llama3/tokenizer.json");
+    let tj: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}; run tools/fetch-tokenizers.sh", p.display())),
+    )
+    .unwrap();
+    let vocab = tj["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); 128_256];
+    let mut types = vec![Value::I32(1); 128_256];
+    for (t, id) in vocab {
+        tokens[id.as_u64().unwrap() as usize] = t.clone();
+    }
+    for a in tj["added_tokens"].as_array().unwrap() {
+        let id = a["id"].as_u64().unwrap() as usize;
+        tokens[id] = a["content"].as_str().unwrap().to_string();
+        types[id] = Value::I32(3);
+    }
+    let merges: Vec<Value> = tj["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Value::Str(m.as_str().unwrap().to_string()))
+        .collect();
+    let mut w = GgufWriter::new();
+    w.kv("general.architecture", Value::Str("bitnet-b1.58".into()))
+        .kv("tokenizer.ggml.model", Value::Str("gpt2".into()))
+        .kv("tokenizer.ggml.pre", Value::Str("llama-bpe".into()))
+        .kv(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::Str).collect()),
+        )
+        .kv("tokenizer.ggml.token_type", Value::Array(types))
+        .kv("tokenizer.ggml.merges", Value::Array(merges))
+        .kv("tokenizer.ggml.bos_token_id", Value::U32(128_000))
+        .tensor_f32("pad", &[1 << 20], &vec![0.5; 1 << 20]);
+    let bytes = w.to_bytes();
+    // From a file, reading the header's prefix only (the metadata alone is over 1 MiB).
+    let path = std::env::temp_dir().join(format!("bitlora-llama3-{}.gguf", std::process::id()));
+    std::fs::write(&path, &bytes).unwrap();
+    let from_file = gguf::read_tokenizer(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let tok = Gguf::parse("llama3.gguf", &bytes)
+        .unwrap()
+        .tokenizer()
+        .unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("tokenizer/llama3_golden.json")).unwrap())
+            .unwrap();
+    let cases = golden["cases"].as_array().unwrap();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, false).unwrap(), want, "ids of {text:?}");
+        assert_eq!(
+            tok.decode(&want, false).unwrap(),
+            text,
+            "decode of {text:?}"
+        );
+        assert_eq!(
+            from_file.encode(text, true).unwrap(),
+            tok.encode(text, true).unwrap()
+        );
+    }
+    println!(
+        "{} strings: the GGUF-rebuilt tokenizer gives Python tokenizers' ids",
+        cases.len()
+    );
+    // A SentencePiece vocabulary is refused by name.
+    let mut w = GgufWriter::new();
+    w.kv("tokenizer.ggml.model", Value::Str("llama".into()));
+    let e = Gguf::parse("spm.gguf", &w.to_bytes())
+        .unwrap()
+        .tokenizer_json()
+        .unwrap_err();
+    assert!(e.to_string().contains("\"llama\""), "{e}");
+}
