@@ -436,7 +436,8 @@ impl Gguf {
         // a key-value pair at least 13 (8 key length, 4 type, 1 value).
         let n_tensors = c.count("tensor count", 24)?;
         let n_kv = c.count("metadata key-value count", 13)?;
-        let mut metadata = Vec::with_capacity(n_kv as usize);
+        // Capacity from the bytes held (a header prefix may be far shorter than the file).
+        let mut metadata = Vec::with_capacity(n_kv.min(c.remaining() / 13) as usize);
         for _ in 0..n_kv {
             let key = c.string("a metadata key")?;
             let type_id = c.u32(&key)?;
@@ -454,7 +455,7 @@ impl Gguf {
                 });
             }
         };
-        let mut raw = Vec::with_capacity(n_tensors as usize);
+        let mut raw = Vec::with_capacity(n_tensors.min(c.remaining() / 24) as usize);
         for _ in 0..n_tensors {
             let name = c.string("a tensor name")?;
             let n_dims = c.u32(&name)?;
