@@ -109,6 +109,8 @@ export interface Requests {
   deleteAll: { args: {}; result: { models: number; bytes: number }; event: never };
   /** Tests: the peak measured by the last loadStored with measureHeldBytes (null: none yet). */
   heldBytes: { args: {}; result: HeldBytesPeak | null; event: never };
+  /** Tests: how many threads ran the blocks of one parallel loop in wasm (Session.cpuThreadsUsed). */
+  threadsUsed: { args: { blocks?: number }; result: number; event: never };
   /** Tests: wasm memory now, and its marks during the last load. */
   wasmMemory: { args: {}; result: { bytes: number; load: { before: number; weights: number; after: number } | null }; event: never };
   forward: { args: { tokens: number[] }; result: ForwardResult; event: never };

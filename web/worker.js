@@ -28,7 +28,8 @@
 //   prepareData, estimateMemory, train*, *Run*, *Adapter*, deleteTrainingData: web/training.js;
 //                     a run's events come as { type: 'train', runId, event, data }
 //   { type: 'stop', target: id }: no reply; generation `id` ends after its current token
-//   Tests only: wasmMemory (wasm memory and its marks during the last load); loadStored's
+//   Tests only: wasmMemory (wasm memory and its marks during the last load); threadsUsed (how
+//                     many threads ran one parallel loop's blocks); loadStored's
 //                     wholeFiles (the older Session.load path) and measureHeldBytes
 //                     (store.heldBytes: needs Chromium's --js-flags=--expose-gc), whose peak
 //                     heldBytes answers
@@ -212,6 +213,8 @@ const HANDLERS = {
   // Bytes of wasm linear memory (it only grows), and its marks during the last load
   // ({ before, weights, after }): tests compare what loads take.
   wasmMemory: () => ({ bytes: needWasm().Session.wasmMemoryBytes(), load: session?.loadMemory() ?? null }),
+  // How many threads ran one parallel loop's blocks (the pool really runs: threads.test.mjs).
+  threadsUsed: (args) => needWasm().Session.cpuThreadsUsed(args.blocks ?? 64),
   // The JS heap's peak of model bytes during the last loadStored with measureHeldBytes (tests).
   heldBytes: () => lastHeldBytes,
   loadFiles: (args) => loadFiles(args.files),

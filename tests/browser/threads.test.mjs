@@ -3,8 +3,8 @@
 // the CPU runs everything:
 // - on the cross-origin isolated page (`bitlora serve` sends COOP/COEP) the worker takes the
 //   threaded build with one thread per core: Bitlora.backend says how many (rayon's pool, read
-//   in wasm, not what the JS asked for) and the label says it; ?threads=1 takes the single-thread
-//   build and says why;
+//   in wasm, not what the JS asked for) and the label says it, and the blocks of a parallel loop
+//   run on that many distinct threads; ?threads=1 takes the single-thread build and says why;
 // - the same 8 training steps (default model, seed, data) give the same losses and gradient
 //   norms bit for bit on both, then the same logits (every f32) and the same greedy tokens
 //   through the trained adapter: the kernels cut their outputs into blocks of whole rows, each
@@ -103,6 +103,13 @@ test('threaded and single-thread CPU builds: the pool is used, and training, log
     assert.equal(s.backend.threads, 1);
     assert.equal(s.backend.label, 'CPU (SIMD128, 1 thread)');
     assert.match(s.backend.threadsNote, /threads: 1/);
+    // The pool really runs: one parallel loop of 256 blocks (~0.5 ms each) in wasm, and the number
+    // of distinct threads that ran them (rayon's thread index; the waiting caller runs none).
+    const used = await threaded.page.evaluate(() => window.bitlora.request('threadsUsed', { blocks: 256 }));
+    const usedSingle = await single.page.evaluate(() => window.bitlora.request('threadsUsed', { blocks: 256 }));
+    console.log(`# one parallel loop of 256 blocks ran on ${used} threads (threaded build), ${usedSingle} (single-thread build)`);
+    assert.equal(used, t.backend.threads, 'threads that ran the blocks of a parallel loop');
+    assert.equal(usedSingle, 1);
 
     // One after the other, so each has the machine's cores to itself.
     const a = await trainAndGenerate(threaded.page);

@@ -101,6 +101,29 @@ fn cpu_threads() -> usize {
     rayon::current_num_threads()
 }
 
+#[wasm_bindgen]
+impl Session {
+    /// Tests (tests/browser/threads.test.mjs): how many distinct threads ran the blocks of one
+    /// parallel loop over `blocks` blocks (at most 1024) of ~0.5 ms of integer work each; the pool
+    /// size alone would not show that its workers really run. 1 in the single-thread build.
+    #[wasm_bindgen(js_name = cpuThreadsUsed)]
+    pub fn cpu_threads_used(blocks: usize) -> usize {
+        use rayon::prelude::*;
+        let ran_on: std::collections::BTreeSet<Option<usize>> = (0..blocks.clamp(1, 1024))
+            .into_par_iter()
+            .map(|b| {
+                let mut h = b as u64;
+                for k in 0..300_000u64 {
+                    h = h.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(k);
+                }
+                std::hint::black_box(h);
+                rayon::current_thread_index()
+            })
+            .collect();
+        ran_on.len()
+    }
+}
+
 /// The CPU backend's label says whether this build really has SIMD128 (tools/build-web.sh sets
 /// `+simd128`; a plain cargo build would not) and on how many threads it runs, so the page
 /// never claims what did not happen.
