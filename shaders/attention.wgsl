@@ -46,10 +46,26 @@ var<workgroup> red: array<f32, WG>;  // max reduction
 var<workgroup> denom_s: f32;
 var<workgroup> sc: array<f32, SMAX>; // the row's scores, then its p_j (rows of <= SMAX keys)
 
+// The loops below that add in a fixed order load several operands before adding them, in
+// that order: the adds stay serial (the CPU's order) but the loads, which do not depend on
+// them, overlap instead of each waiting for memory in turn.
+
 fn score(j: u32, kv_off: u32) -> f32 {
+    let base = j * KW + kv_off;
     var dot = 0.0;
-    for (var d = 0u; d < HS; d++) {
-        dot += qs[d] * k[j * KW + kv_off + d];
+    var d = 0u;
+    for (; d + 4u <= HS; d += 4u) {
+        let k0 = k[base + d];
+        let k1 = k[base + d + 1u];
+        let k2 = k[base + d + 2u];
+        let k3 = k[base + d + 3u];
+        dot += qs[d] * k0;
+        dot += qs[d + 1u] * k1;
+        dot += qs[d + 2u] * k2;
+        dot += qs[d + 3u] * k3;
+    }
+    for (; d < HS; d++) {
+        dot += qs[d] * k[base + d];
     }
     return dot * SCALE;
 }
@@ -102,7 +118,18 @@ fn row_cached(last: u32, kv_off: u32, q_off: u32, lid: u32) {
     workgroupBarrier();
     if lid == 0u {
         var denom = 0.0;
-        for (var j = 0u; j <= last; j++) {
+        var j = 0u;
+        for (; j + 4u <= last + 1u; j += 4u) {
+            let e0 = sc[j];
+            let e1 = sc[j + 1u];
+            let e2 = sc[j + 2u];
+            let e3 = sc[j + 3u];
+            denom += e0;
+            denom += e1;
+            denom += e2;
+            denom += e3;
+        }
+        for (; j <= last; j++) {
             denom += sc[j];
         }
         denom_s = denom;
@@ -115,7 +142,27 @@ fn row_cached(last: u32, kv_off: u32, q_off: u32, lid: u32) {
     workgroupBarrier();
     for (var d = lid; d < HS; d += WG) {
         var o = 0.0;
-        for (var j = 0u; j <= last; j++) {
+        var j = 0u;
+        for (; j + 8u <= last + 1u; j += 8u) {
+            let b = j * KW + kv_off + d;
+            let v0 = v[b];
+            let v1 = v[b + KW];
+            let v2 = v[b + 2u * KW];
+            let v3 = v[b + 3u * KW];
+            let v4 = v[b + 4u * KW];
+            let v5 = v[b + 5u * KW];
+            let v6 = v[b + 6u * KW];
+            let v7 = v[b + 7u * KW];
+            o += sc[j] * v0;
+            o += sc[j + 1u] * v1;
+            o += sc[j + 2u] * v2;
+            o += sc[j + 3u] * v3;
+            o += sc[j + 4u] * v4;
+            o += sc[j + 5u] * v5;
+            o += sc[j + 6u] * v6;
+            o += sc[j + 7u] * v7;
+        }
+        for (; j <= last; j++) {
             o += sc[j] * v[j * KW + kv_off + d];
         }
         out[q_off + d] = o;
