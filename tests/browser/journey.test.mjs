@@ -125,7 +125,7 @@ for (const backend of BACKENDS) {
           assert.match(await page.locator('header').textContent(), /Nothing you give the page leaves it/);
           await waitText(stepState(page, /Model/), /^Done: .* is ready/, where('model'), 120_000);
           assert.match(await page.getByRole('region', { name: /Model/ }).textContent(), /bitlora-default-12m/);
-          assert.match(await page.locator('header').textContent(), backend === 'webgpu' ? /Runs on WebGPU/ : /Runs on CPU \(SIMD128\)/);
+          assert.match(await page.locator('header').textContent(), backend === 'webgpu' ? /Runs on WebGPU/ : /Runs on CPU \(SIMD128, \d+ threads?\)/);
           await waitText(nextStep(page), /^Next: add your data \(step 2\)/, where('start'));
           assert.match(await stepState(page, /Your data/).textContent(), /^Needs you:/);
           assert.match(await stepState(page, /Fine-tune/).textContent(), /^Waiting:/);

@@ -74,7 +74,7 @@ test('serve: the page fetched over HTTP shows the computed result', { timeout: 1
     const r = await pageResult(page);
     assert.equal(r.state, 'done', `${r.error}\n${log.join('\n')}`);
     // What a person sees: the backend, the top tokens with probabilities, the time taken.
-    assert.match(await page.textContent('#backend-label'), /CPU \(SIMD128\)|WebGPU: /);
+    assert.match(await page.textContent('#backend-label'), /CPU \(SIMD128, \d+ threads?\)|WebGPU: /);
     assert.equal(await page.locator('#top li').count(), 10);
     assert.equal(await page.textContent('#top li:first-child .token'), `token ${r.top[0].token}`);
     assert.match(await page.textContent('#top li:first-child .prob'), /^\d+\.\d\d%$/);
