@@ -26,7 +26,10 @@
 //!   bytes of `qs` give values 0..160 (trit-major), the next 16 give 160..240, `qh` the last 16.
 //! - I2_S (bitnet.cpp, type id 36): the whole tensor's codes, then one f32 scale, padded to
 //!   `n/4 + 32` bytes. Blocks of 128 values in 32 bytes: value `j` of a block is at byte
-//!   `j % 32`, bits `6 - 2*(j/32)`, code `value + 1`. The scale is max|W|.
+//!   `j % 32`, bits `6 - 2*(j/32)`, code `value + 1`. The scale is max|W|. This is the
+//!   layout bitnet.cpp's x86 build writes (QK_I2_S = 128); its ARM build packs blocks of 64
+//!   (QK_I2_S = 64), which the file does not record: such a file decodes to permuted weights
+//!   here (its logits are wrong, not an error). Convert on x86 or re-convert from safetensors.
 //!
 //! Each decodes to values in {-1, 0, 1} times a scale. bitlora's weights are ternary with one
 //! scale per tensor (`W = T / w_scale`), so a TQ tensor maps exactly when all its blocks that
