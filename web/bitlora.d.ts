@@ -102,7 +102,9 @@ export interface CreateOptions {
  *   random test model); fetched once, then read from the IndexedDB model store.
  * - `{ stored }`: a model already in the model store, by its id (web/store.js manifests).
  * - `{ files }`: picked files: config.json, *.safetensors, and optionally tokenizer.json and
- *   tokenizer_config.json. Read in the worker, never uploaded.
+ *   tokenizer_config.json; or one .gguf (llama.cpp, QVAC Fabric, bitnet.cpp: TQ1_0, TQ2_0 or
+ *   I2_S), whose metadata holds the config and, without a tokenizer.json, the tokenizer.
+ *   Read in the worker, never uploaded.
  */
 export type ModelSource =
   | { bundled: string }
@@ -157,6 +159,10 @@ export interface ModelInfo {
   chatTemplate: boolean;
   eosTokenIds: number[];
   maxPositions: number;
+  /** A model loaded from a .gguf: its general.architecture; null for safetensors. */
+  ggufArchitecture: string | null;
+  /** A model loaded from a .gguf: its config (from the file's metadata) under config.json's names. */
+  ggufConfig: Record<string, unknown> | null;
   params?: number;
   downloadBytes?: number;
   source?: { from: 'store' | 'network' | 'files'; stored: boolean; notes: string[] };
@@ -556,7 +562,21 @@ export interface AdapterInfo {
   step?: number;
 }
 
-/** A file of a PEFT adapter: "adapter_config.json" or "adapter_model.safetensors". */
+/** A file of an adapter: "adapter_config.json" or "adapter_model.safetensors" (PEFT), or "<name>-<target>.gguf". */
+/** How `exportAdapter` writes an adapter. */
+export interface ExportAdapterOptions {
+  /** "peft" (default): adapter_config.json + adapter_model.safetensors; "gguf": one .gguf file. */
+  format?: 'peft' | 'gguf';
+  /**
+   * GGUF only. "llama" (default): llama.cpp's semantics (`llama-cli --lora`, `llama-export-lora`),
+   * the same update as PEFT. "qvac": QVAC Fabric's BitNet graph, which applies the weight scale
+   * after the LoRA term, so each B is multiplied by its projection's weight scale.
+   */
+  target?: 'llama' | 'qvac';
+  /** GGUF only: the base model's general.architecture; default the loaded .gguf's, else "bitnet". */
+  arch?: string;
+}
+
 export interface PeftFile {
   name: string;
   bytes: Uint8Array;
@@ -780,8 +800,12 @@ export declare class Bitlora {
   deleteRun(runId: string): Promise<void>;
 
   listAdapters(): Promise<AdapterInfo[]>;
-  /** The adapter as PEFT files (adapter_config.json + adapter_model.safetensors), for download. */
-  exportAdapter(name: string): Promise<PeftFile[]>;
+  /**
+   * The adapter as files for download: PEFT (adapter_config.json + adapter_model.safetensors),
+   * or with `{ format: 'gguf', target }` one GGUF LoRA adapter (`<name>-<target>.gguf`), the
+   * bytes `bitlora export --format gguf` writes. GGUF needs the adapter's base model loaded.
+   */
+  exportAdapter(name: string, options?: ExportAdapterOptions): Promise<PeftFile[]>;
   /**
    * Imports PEFT files (File objects from a picker, or { name, bytes }), checked against the
    * loaded model, under `name` (default "imported adapter"). An existing name is refused:

@@ -319,9 +319,12 @@ export class Bitlora {
     return this.request('listAdapters', {});
   }
 
-  /** @param {string} name */
-  exportAdapter(name) {
-    return this.request('exportAdapter', { name });
+  /**
+   * @param {string} name
+   * @param {api.ExportAdapterOptions} [options]
+   */
+  exportAdapter(name, options = {}) {
+    return this.request('exportAdapter', { name, ...options });
   }
 
   /**

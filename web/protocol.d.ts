@@ -17,7 +17,7 @@
 import type {
   AdapterInfo, BackendInfo, CheckpointEvent, RecoveredEvent, DataInput, DataOptions, DataSummary, DoneEvent,
   DownloadOptions, DownloadProgress, DownloadResult, ForwardResult, GenerateResult, LoadProgress,
-  MemoryEstimate, ModelInfo, ModelStoreList, PeftFile, ProgressEvent, RunSummary, StoredModel,
+  ExportAdapterOptions, MemoryEstimate, ModelInfo, ModelStoreList, PeftFile, ProgressEvent, RunSummary, StoredModel,
   TokenEvent, TrainConfig, TrainerState, ValidationEvent,
 } from './bitlora.js';
 
@@ -136,7 +136,7 @@ export interface Requests {
   getRun: { args: { runId: string }; result: RunSummary & { history: ProgressEvent[] }; event: never };
   deleteRun: { args: { runId: string }; result: void; event: never };
   listAdapters: { args: {}; result: AdapterInfo[]; event: never };
-  exportAdapter: { args: { name: string }; result: PeftFile[]; event: never };
+  exportAdapter: { args: { name: string } & ExportAdapterOptions; result: PeftFile[]; event: never };
   importAdapter: { args: { files: Array<File | PeftFile>; name?: string }; result: AdapterInfo; event: never };
   deleteAdapter: { args: { name: string }; result: void; event: never };
   /** Deletes the training store (runs, checkpoints, adapters). */

@@ -602,7 +602,7 @@ export function problemMessage({ problem, file, manifest: m }) {
  * Keeps the files of a model just loaded from the user's disk ('importFiles'): the ones the
  * loader used (`model`: its reply: config, files, tokenizer, tokenizerConfig), stored as
  * config.json, the .safetensors names, tokenizer.json, tokenizer_config.json (and
- * model.safetensors.index.json when picked). Checks the room first; never throws: a model that
+ * model.safetensors.index.json when picked), or a .gguf model's one file under its name. Checks the room first; never throws: a model that
  * is not kept runs from memory and `notes` say why.
  * Resolves to { stored, storeId, name, notes, config (parsed, or null) }.
  */
@@ -616,13 +616,15 @@ export async function keepFiles(list, model, { persisted = false, fakeFree } = {
   const byName = new Map(list.map((f) => [f.name, f]));
   const entries = [];
   const add = (name, file) => { if (file) entries.push({ name, file }); };
-  add('config.json', byName.get(model.config));
+  // A .gguf model is one file (its config is in its metadata), kept under its own name.
+  if (!model.ggufArchitecture) add('config.json', byName.get(model.config));
   for (const w of model.files) add(w, byName.get(w));
   if (model.tokenizer) add('tokenizer.json', byName.get(model.tokenizer));
   if (model.tokenizerConfig) add('tokenizer_config.json', byName.get(model.tokenizerConfig));
   add('model.safetensors.index.json', byName.get('model.safetensors.index.json'));
   let config = null;
-  try { config = JSON.parse(await /** @type {File} */ (byName.get(model.config)).text()); } catch { /* the loader read it; naming only */ }
+  if (model.ggufConfig) config = model.ggufConfig;
+  else try { config = JSON.parse(await /** @type {File} */ (byName.get(model.config)).text()); } catch { /* the loader read it; naming only */ }
   const name = localName(config, model.files);
   const total = entries.reduce((n, e) => n + e.file.size, 0);
   const notes = [];
@@ -669,7 +671,7 @@ export async function keepFiles(list, model, { persisted = false, fakeFree } = {
 function localName(config, weights) {
   const fromConfig = typeof config?._name_or_path === 'string' ? config._name_or_path.split(/[\\/]/).filter(Boolean).pop() : '';
   if (fromConfig) return fromConfig;
-  const w = weights[0]?.replace(/(-\d{5}-of-\d{5})?\.safetensors$/, '');
+  const w = weights[0]?.replace(/(-\d{5}-of-\d{5})?\.safetensors$|\.gguf$/i, '');
   return w && w !== 'model' ? w : 'Your model';
 }
 

@@ -786,13 +786,28 @@ async function needAdapter(name) {
   return a;
 }
 
-/** 'exportAdapter': PEFT files [{ name, bytes }] for download. */
 /**
+ * 'exportAdapter': files [{ name, bytes }] for download: PEFT (adapter_config.json +
+ * adapter_model.safetensors), or with `format: 'gguf'` one GGUF LoRA adapter for llama.cpp
+ * (`target: 'llama'`) or QVAC Fabric's BitNet graph ('qvac'), written by core's
+ * gguf::write_adapter as `bitlora export --format gguf --target ...` writes it. GGUF needs the
+ * adapter's base model loaded (its shapes; for 'qvac' its weight scales).
  * @param {RequestArgs<'exportAdapter'>} args
  * @returns {Promise<RequestResult<'exportAdapter'>>}
  */
-export async function exportAdapter({ name }) {
+export async function exportAdapter({ name, format = 'peft', target = 'llama', arch }) {
   const a = await needAdapter(name);
+  if (format === 'gguf') {
+    const model = currentModel('export an adapter as GGUF');
+    // QVAC's B is folded with the base model's weight scales: they must be that model's.
+    if (target === 'qvac' && a.model?.key && a.model.key !== model.key) {
+      throw new Error(`adapter "${name}" was made for ${a.model.name}, but ${model.name ?? model.key} is loaded: load ${a.model.name} to export it for QVAC (its B is scaled by the base model's weight scales)`);
+    }
+    const bytes = session().adapterGguf(new TextEncoder().encode(a.config), a.weights, target, arch);
+    const stem = String(name).replace(/[^A-Za-z0-9._-]+/g, '-').replace(/^-+|-+$/g, '') || 'adapter';
+    return [{ name: `${stem}-${target}.gguf`, bytes }];
+  }
+  if (format !== 'peft') throw new Error(`format is ${JSON.stringify(format)}; an adapter exports as "peft" or "gguf"`);
   return [
     { name: 'adapter_config.json', bytes: new TextEncoder().encode(a.config) },
     { name: 'adapter_model.safetensors', bytes: a.weights },

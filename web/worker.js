@@ -495,6 +495,7 @@ function loadIntoSession(files, progress, options) {
   const byName = new Map(files.map((f) => [f.name, f]));
   return loadModelFiles({
     config: byName.get('config.json'),
+    gguf: files.find(isGguf),
     weights: files.filter((f) => f.name.endsWith('.safetensors')),
     tokenizer: byName.get('tokenizer.json'),
     tokenizerConfig: byName.get('tokenizer_config.json'),
@@ -516,7 +517,8 @@ function loadIntoSession(files, progress, options) {
  * `wholeFiles` (tests only) takes the older path, Session.load, which copies every file whole
  * into wasm memory.
  */
-async function loadModelFiles({ config, weights, tokenizer, tokenizerConfig }, progress, { wholeFiles = false, phase = 'build' } = {}) {
+async function loadModelFiles({ config, gguf = null, weights, tokenizer, tokenizerConfig }, progress, { wholeFiles = false, phase = 'build' } = {}) {
+  if (gguf) return loadGguf({ gguf, tokenizer, tokenizerConfig }, progress, phase);
   if (!config) throw new Error('config.json is missing from the model\'s files');
   const configBytes = await wholeBytes(config);
   // The tokenizer files are read after the weights, when finishLoad needs them.
@@ -548,6 +550,71 @@ async function loadModelFiles({ config, weights, tokenizer, tokenizerConfig }, p
   }
   return { summary, config: JSON.parse(new TextDecoder().decode(configBytes)) };
 }
+
+/**
+ * A model from one .gguf file (llama.cpp, QVAC Fabric, bitnet.cpp), streamed as safetensors
+ * are: its header (Session.beginGguf, given a growing prefix of the file until the header fits
+ * in it), then each tensor the model reads, in file order (addTensor), then finishLoad. The
+ * config comes from the file's metadata, the tokenizer from tokenizer.json when given, else
+ * from the file's tokenizer.ggml.* keys. Resolves as loadModelFiles does (`config`: the
+ * summary's numbers under config.json's names, for countParams).
+ */
+async function loadGguf({ gguf, tokenizer, tokenizerConfig }, progress, phase) {
+  const s = needSession();
+  const size = fileSize(gguf);
+  let done = 0;
+  progress(phase, 0, size);
+  try {
+    // The header: its first MiB, grown (read on from where it ended: a stored file reads front
+    // to back) until it holds the whole header. Tensors that start inside it are cut from it.
+    let prefix = await fileRange(gguf, 0, Math.min(size, 2 ** 20));
+    let spans;
+    while ((spans = s.beginGguf(gguf.name, prefix, size)) == null) {
+      if (prefix.length >= size) throw new Error(`${gguf.name}: the GGUF header is longer than the file`);
+      const more = await fileRange(gguf, prefix.length, Math.min(size, prefix.length * 2));
+      const grown = new Uint8Array(prefix.length + more.length);
+      grown.set(prefix);
+      grown.set(more, prefix.length);
+      prefix = grown;
+    }
+    for (const t of spans) {
+      let bytes = t.end <= prefix.length ? prefix.subarray(t.start, t.end)
+        : t.start < prefix.length ? concat(prefix.subarray(t.start), await fileRange(gguf, prefix.length, t.end))
+          : await fileRange(gguf, t.start, t.end);
+      await store.heldBytes.sample();
+      s.addTensor(t.name, bytes);
+      bytes = null; // let the tensor go before the next one is read
+      done = t.end;
+      progress(phase, done, size);
+      // Past the header: hold no more of the file than the tensor in flight.
+      if (t.end >= prefix.length) prefix = new Uint8Array(0);
+    }
+    if (gguf instanceof store.StoredFile) {
+      // The rest (padding, tensors the model does not read) for the sha256 check.
+      if (done < size) await gguf.read(Math.max(done, prefix.length), size);
+      await gguf.finish();
+    }
+  } catch (err) {
+    if (gguf instanceof store.StoredFile && !(err instanceof store.StoreProblem)) await gguf.finish();
+    throw err;
+  }
+  if (phase !== 'build') progress('build', 0, 1);
+  const summary = s.finishLoad(tokenizer?.name, tokenizer && await wholeBytes(tokenizer),
+    tokenizerConfig?.name, tokenizerConfig && await wholeBytes(tokenizerConfig));
+  progress('build', 1, 1);
+  return { summary, config: summary.ggufConfig };
+}
+
+/** `a` then `b` in one array. */
+function concat(a, b) {
+  const out = new Uint8Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
+}
+
+const isGguf = (/** @type {{ name: string }} */ f) => f.name.toLowerCase().endsWith('.gguf');
+
 
 /**
  * One safetensors file into the session being built: its header (addFile), then each tensor the
@@ -728,6 +795,8 @@ async function loadFiles(files) {
   const list = Array.from(files ?? []);
   const isJson = (f) => f.name.toLowerCase().endsWith('.json');
   const jsons = list.filter(isJson);
+  const ggufs = list.filter(isGguf);
+  if (ggufs.length) return loadGgufFiles(list, ggufs, jsons);
   const weights = list.filter((f) => !isJson(f));
   const candidates = jsons.filter((f) => !NOT_CONFIG.has(f.name) && !f.name.endsWith('.index.json'));
   const config = jsons.find((f) => f.name === 'config.json') ?? (candidates.length === 1 ? candidates[0] : null);
@@ -755,6 +824,30 @@ async function loadFiles(files) {
   }
   // Streamed from disk tensor by tensor: neither the JS heap nor wasm memory holds a whole file.
   const { summary } = await loadModelFiles({ config, weights, tokenizer, tokenizerConfig }, () => {});
+  return summary;
+}
+
+// A picked .gguf model: exactly one .gguf (its config is in its metadata), optionally with
+// tokenizer.json (else the file's own tokenizer.ggml.* keys) and tokenizer_config.json.
+async function loadGgufFiles(list, ggufs, jsons) {
+  if (ggufs.length > 1) {
+    throw new Error(`several .gguf files picked (${ggufs.map((f) => f.name).join(', ')}); pick one model's .gguf`);
+  }
+  const safetensors = list.filter((f) => f.name.endsWith('.safetensors'));
+  if (safetensors.length) {
+    throw new Error(`a .gguf and .safetensors files picked (${[...ggufs, ...safetensors].map((f) => f.name).join(', ')}); a model is either one .gguf or config.json with its .safetensors`);
+  }
+  const total = list.reduce((n, f) => n + f.size, 0);
+  if (total > MAX_PICKED_BYTES) {
+    throw new Error(
+      `the picked files total ${(total / 2 ** 30).toFixed(2)} GiB; this page can load models up to ` +
+      `${MAX_PICKED_BYTES / 2 ** 30} GiB (their embeddings are unpacked to 32-bit floats in the tab's 4 GiB of wasm memory)`);
+  }
+  const others = jsons.filter((f) => f.name !== TOKENIZER && f.name !== TOKENIZER_CONFIG);
+  if (others.length) console.info(`bitlora: ignoring ${others.map((f) => f.name).join(', ')} (a .gguf holds its config)`);
+  const { summary } = await loadGguf({
+    gguf: ggufs[0], tokenizer: jsons.find((f) => f.name === TOKENIZER), tokenizerConfig: jsons.find((f) => f.name === TOKENIZER_CONFIG),
+  }, () => {}, 'build');
   return summary;
 }
 

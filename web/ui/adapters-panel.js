@@ -1,7 +1,7 @@
 // @ts-check
 // The adapters panel: save the trained adapter, list the stored ones, export one as PEFT files
-// (adapter_config.json + adapter_model.safetensors, downloaded from this tab: nothing is
-// uploaded), import such files, delete one (a second click confirms, no dialog).
+// (adapter_config.json + adapter_model.safetensors) or as a GGUF LoRA adapter for llama.cpp or
+// QVAC Fabric (downloaded from this tab: nothing is uploaded), import PEFT files, delete one (a second click confirms, no dialog).
 //
 // Published for tests: window.__bitlora.adapters = { list: AdapterInfo[], exported: { name,
 // files: [{ name, size }] }, error }.
@@ -80,20 +80,30 @@ export function mountAdaptersPanel(app) {
       row.append(
         button('Chat with it', 'adapter-chat', () => app.compare.select(info.name)),
         button('Export PEFT files', 'adapter-export', () => exportAdapter(info.name)),
+        button('GGUF for llama.cpp', 'adapter-export-gguf', () => exportAdapter(info.name, { format: 'gguf', target: 'llama' }),
+          'A .gguf LoRA adapter for llama.cpp (llama-cli --lora): the same update as the PEFT files'),
+        button('GGUF for QVAC', 'adapter-export-qvac', () => exportAdapter(info.name, { format: 'gguf', target: 'qvac' }),
+          'A .gguf LoRA adapter for QVAC Fabric\'s BitNet graph, which scales the LoRA term by the weight scale: B is pre-divided by it'),
         button('Delete', 'adapter-delete danger', (btn) => confirmDelete(btn, info.name)),
       );
-      li.append(name, meta, row);
+      const hint = document.createElement('p');
+      hint.className = 'hint';
+      hint.textContent = 'PEFT: for Python (PeftModel.from_pretrained). GGUF for llama.cpp: llama-cli --lora. ' +
+        'GGUF for QVAC: QVAC Fabric, whose BitNet graph applies the weight scale after the LoRA term (B is divided by it to match). ' +
+        'GGUF needs this adapter\'s model loaded.';
+      li.append(name, meta, row, hint);
       ul.append(li);
     }
     status(`${a.list.length === 1 ? '1 adapter' : `${a.list.length} adapters`} stored in this browser, ` +
       `${fmtBytes(a.list.reduce((n, x) => n + (x.bytes ?? 0), 0))}.`);
   }
 
-  function button(text, cls, onClick) {
+  function button(text, cls, onClick, title = '') {
     const b = document.createElement('button');
     b.type = 'button';
     b.className = cls;
     b.textContent = text;
+    if (title) b.title = title;
     b.addEventListener('click', () => onClick(b));
     return b;
   }
@@ -150,13 +160,19 @@ export function mountAdaptersPanel(app) {
     for (let i = 2; ; i++) if (!names.has(`${base}-${i}`)) return `${base}-${i}`;
   }
 
-  async function exportAdapter(name) {
+  /**
+   * @param {string} name
+   * @param {import('../bitlora.js').ExportAdapterOptions} [options]
+   */
+  async function exportAdapter(name, options = {}) {
+    const gguf = options.format === 'gguf';
+    const what = gguf ? `a GGUF adapter for ${options.target === 'qvac' ? 'QVAC Fabric' : 'llama.cpp'}` : 'PEFT files';
     await withBusy(async () => {
-      status(`Exporting “${name}”…`);
-      const files = await started(app.client()).exportAdapter(name);
+      status(`Exporting “${name}” as ${what}…`);
+      const files = await started(app.client()).exportAdapter(name, options);
       for (const u of urls.splice(0)) URL.revokeObjectURL(u);
       const box = $('adapter-downloads');
-      box.replaceChildren(document.createTextNode(`“${name}” as PEFT files: `));
+      box.replaceChildren(document.createTextNode(`“${name}” as ${what}: `));
       for (const f of files) {
         const type = f.name.endsWith('.json') ? 'application/json' : 'application/octet-stream';
         // TypeScript 5.9 types a Uint8Array that may sit on a SharedArrayBuffer as no BlobPart;
@@ -172,8 +188,10 @@ export function mountAdaptersPanel(app) {
       box.hidden = false;
       // Download both at once; the links stay for a browser that asks before a second download.
       for (const link of box.querySelectorAll('a')) link.click();
-      a.exported = { name, files: files.map((f) => ({ name: f.name, size: f.bytes.length })) };
-      status(`Exported “${name}”: ${files.map((f) => f.name).join(' and ')} (put them in one folder for PeftModel.from_pretrained).`);
+      a.exported = { name, format: gguf ? 'gguf' : 'peft', files: files.map((f) => ({ name: f.name, size: f.bytes.length })) };
+      status(gguf
+        ? `Exported “${name}”: ${files[0].name} (${options.target === 'qvac' ? 'for QVAC Fabric\'s BitNet graph' : 'llama-cli -m MODEL.gguf --lora ' + files[0].name}).`
+        : `Exported “${name}”: ${files.map((f) => f.name).join(' and ')} (put them in one folder for PeftModel.from_pretrained).`);
       app.publish();
     });
   }

@@ -52,7 +52,7 @@ import { debounce, $ } from './dom.js';
  * @property {DataState} [data]
  * @property {Record<string, unknown>} [training] the training panel's run (train-panel.js)
  * @property {Record<string, unknown>} [compare] the chat comparison (compare-panel.js)
- * @property {{ list: AdapterInfo[], exported: { name: string, files: { name: string, size: number }[] } | null, error: string | null }} [adapters]
+ * @property {{ list: AdapterInfo[], exported: { name: string, format?: 'peft' | 'gguf', files: { name: string, size: number }[] } | null, error: string | null }} [adapters]
  * @property {{ runs: number, adapters: number, bytes: number }} [trainingStore]
  */
 

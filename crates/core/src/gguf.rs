@@ -1318,45 +1318,64 @@ impl TensorSource for GgufSource<'_> {
         let prefix = name.strip_suffix(".weight").unwrap_or(name).to_string();
         let (t, data) = self.tensor(name, &[o, i])?;
         let file = &self.gguf.file;
-        let (values, mut w_scale) = match t.ggml_type {
-            GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S => {
-                let tern = decode_ternary(file, t, data)?;
-                (tern.values, 1.0 / tern.scale)
-            }
-            _ => {
-                let w = decode_f32(file, t, data)?;
-                if let Some(k) = w.iter().position(|x| !x.is_finite()) {
-                    return Err(Error::BadValue {
-                        file: file.clone(),
-                        name: t.name.clone(),
-                        what: crate::model::non_finite(k, w[k]),
-                    });
-                }
-                quantize_weights(&w)
-            }
-        };
-        // llama.cpp's BitNet graph multiplies a projection's output by `blk.N.<proj>.scale`
-        // when the file has one.
+        let (packed, mut w_scale) = decode_projection(file, t, data)?;
         let extra = t.name.replace(".weight", ".scale");
         if let Some(st) = self.gguf.tensor(&extra) {
             let s = decode_f32(file, st, self.gguf.data(self.bytes, st)?)?;
-            match s[..] {
-                [s] if s.is_finite() && s > 0.0 => w_scale /= s,
-                _ => {
-                    return Err(Error::BadValue {
-                        file: file.clone(),
-                        name: extra,
-                        what: format!("is {s:?}, expected one positive number"),
-                    });
-                }
-            }
+            w_scale = apply_output_scale(file, &extra, &s, w_scale)?;
         }
         self.scales.insert(prefix, w_scale);
-        Ok(pack_ternary(&values, o, i))
+        Ok(packed)
     }
 
     fn file_of(&self, _name: &str) -> String {
         self.gguf.file.clone()
+    }
+}
+
+/// A projection's tensor `t` (O, I) as packed ternary bytes and its `w_scale` (W = T / w_scale):
+/// decoded from its ternary type, or, for a float tensor, absmean-quantized as a master weight.
+fn decode_projection(file: &str, t: &TensorInfo, data: &[u8]) -> Result<(Vec<u8>, f32)> {
+    let [o, i] = t.shape()[..] else {
+        return Err(Error::GgufFormat {
+            file: file.to_string(),
+            offset: t.offset,
+            msg: format!(
+                "projection `{}` has dimensions {:?}, expected two",
+                t.name, t.dims
+            ),
+        });
+    };
+    let (values, w_scale) = match t.ggml_type {
+        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S => {
+            let tern = decode_ternary(file, t, data)?;
+            (tern.values, 1.0 / tern.scale)
+        }
+        _ => {
+            let w = decode_f32(file, t, data)?;
+            if let Some(k) = w.iter().position(|x| !x.is_finite()) {
+                return Err(Error::BadValue {
+                    file: file.to_string(),
+                    name: t.name.clone(),
+                    what: crate::model::non_finite(k, w[k]),
+                });
+            }
+            quantize_weights(&w)
+        }
+    };
+    Ok((pack_ternary(&values, o, i), w_scale))
+}
+
+/// llama.cpp's BitNet graph multiplies a projection's output by `blk.N.<proj>.scale` when the
+/// file has one (`s`, tensor `name`): `w_scale` divided by it.
+fn apply_output_scale(file: &str, name: &str, s: &[f32], w_scale: f32) -> Result<f32> {
+    match s[..] {
+        [s] if s.is_finite() && s > 0.0 => Ok(w_scale / s),
+        _ => Err(Error::BadValue {
+            file: file.to_string(),
+            name: name.to_string(),
+            what: format!("is {s:?}, expected one positive number"),
+        }),
     }
 }
 
@@ -1370,6 +1389,310 @@ pub fn load_model(file: &str, bytes: &[u8]) -> Result<Model> {
         scales: HashMap::new(),
     };
     crate::model::assemble(config, &mut source)
+}
+
+/// What a tensor the model reads from a GGUF file is, by its GGUF name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Embeddings, head, norms, and a projection's optional `.scale`: decoded to f32.
+    Float,
+    /// `blk.N.<proj>.weight` (O, I): packed ternary bytes and `w_scale`.
+    Projection(usize, usize),
+}
+
+/// A tensor received by a [`GgufBuilder`], decoded.
+enum Decoded {
+    Float(Vec<f32>),
+    Projection { packed: Vec<u8>, w_scale: f32 },
+}
+
+/// Building a [`Model`] from a GGUF file's tensors handed over one at a time, as
+/// [`crate::ModelBuilder`] does for safetensors, so that no whole file need be in memory
+/// (the page streams each tensor out of a picked file or its IndexedDB chunks):
+///
+/// ```text
+/// let (mut b, tensors) = GgufBuilder::new(name, first_bytes, file_len)?;  // the header
+/// for t in tensors { b.add_tensor(&t.name, bytes of t.offset..t.offset + t.size)? }
+/// let model = b.finish()?;
+/// ```
+/// Each tensor is decoded when it arrives (floats 64 Ki values at a time, a projection to
+/// packed bytes), so memory holds the model being built plus one tensor's raw bytes at most.
+/// The decoding and checks are [`load_model`]'s.
+pub struct GgufBuilder {
+    gguf: Gguf,
+    config: Config,
+    /// The tensors the model reads, by GGUF name.
+    wanted: HashMap<String, Role>,
+    got: HashMap<String, Decoded>,
+    /// `weight_scale` of each projection handed to the loader, by its HF name (`...q_proj`).
+    scales: HashMap<String, f32>,
+}
+
+impl GgufBuilder {
+    /// Parses the header (`prefix`: the file's first bytes, enough to hold the whole header;
+    /// [`Error::GgufTruncated`] with `len` below `file_len` says more are needed) and the
+    /// config. Returns the builder and the tensors to hand over, in file order.
+    pub fn new(file: &str, prefix: &[u8], file_len: u64) -> Result<(GgufBuilder, Vec<TensorInfo>)> {
+        let gguf = Gguf::parse_header(file, prefix, file_len)?;
+        let config = gguf.config()?;
+        // Every projection's GGUF short name with its (O, I).
+        let projs: HashMap<&str, (usize, usize)> = crate::model::projections(&config)
+            .iter()
+            .filter_map(|&(hf, o, i)| Some((proj_gguf_name(hf)?, (o, i))))
+            .collect();
+        let layers = config.num_hidden_layers;
+        // Judged by the file's tensor names, not by listing the config's: a header claiming
+        // 1e9 layers costs nothing before its tensors disagree.
+        let role = |name: &str| -> Option<Role> {
+            if matches!(
+                name,
+                "token_embd.weight" | "output.weight" | "output_norm.weight"
+            ) {
+                return Some(Role::Float);
+            }
+            let (l, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+            let l: usize = l.parse().ok().filter(|n: &usize| n.to_string() == l)?;
+            if l >= layers {
+                return None;
+            }
+            let (short, suffix) = rest.split_once('.')?;
+            match (projs.get(short), suffix) {
+                (Some(&(o, i)), "weight") => Some(Role::Projection(o, i)),
+                (Some(_), "scale") => Some(Role::Float),
+                (None, "weight")
+                    if matches!(
+                        short,
+                        "attn_norm" | "ffn_norm" | "attn_sub_norm" | "ffn_sub_norm"
+                    ) =>
+                {
+                    Some(Role::Float)
+                }
+                _ => None,
+            }
+        };
+        let mut wanted = HashMap::new();
+        let mut tensors = Vec::new();
+        for t in &gguf.tensors {
+            if let Some(r) = role(&t.name) {
+                wanted.insert(t.name.clone(), r);
+                tensors.push(t.clone());
+            }
+        }
+        tensors.sort_by_key(|t| t.offset);
+        Ok((
+            GgufBuilder {
+                gguf,
+                config,
+                wanted,
+                got: HashMap::new(),
+                scales: HashMap::new(),
+            },
+            tensors,
+        ))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The parsed header (metadata for the tokenizer, `general.architecture`).
+    pub fn header(&self) -> &Gguf {
+        &self.gguf
+    }
+
+    /// Hands over tensor `name`'s bytes (exactly its `size` bytes at its `offset`).
+    pub fn add_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.add_tensor_from(name, bytes.len() as u64, |at, out| {
+            out.copy_from_slice(&bytes[at..at + out.len()]);
+        })
+    }
+
+    /// [`GgufBuilder::add_tensor`] for bytes that live elsewhere (the browser's JS heap):
+    /// `read(offset, out)` fills `out` with the tensor's bytes from `offset`.
+    pub fn add_tensor_from(
+        &mut self,
+        name: &str,
+        len: u64,
+        mut read: impl FnMut(usize, &mut [u8]),
+    ) -> Result<()> {
+        let file = self.gguf.file.clone();
+        let (Some(&role), Some(t)) = (self.wanted.get(name), self.gguf.tensor(name)) else {
+            return Err(Error::Shape {
+                op: "load tensor",
+                msg: format!("{file}: tensor `{name}` is not one the model reads from this file"),
+            });
+        };
+        if len != t.size {
+            return Err(Error::GgufTruncated {
+                file,
+                what: format!("the data of tensor `{name}`"),
+                offset: t.offset,
+                needed: t.size,
+                len,
+            });
+        }
+        let decoded = match role {
+            Role::Projection(o, i) => {
+                if t.shape() != [o, i] {
+                    return Err(Error::TensorShape {
+                        file,
+                        name: name.to_string(),
+                        expected: vec![o, i],
+                        actual: t.shape(),
+                    });
+                }
+                let mut raw = vec![0u8; t.size as usize];
+                read(0, &mut raw);
+                let (packed, w_scale) = decode_projection(&file, t, &raw)?;
+                Decoded::Projection { packed, w_scale }
+            }
+            Role::Float => {
+                // Floats 64 Ki values a piece: whole blocks of each type (1, 32 or 256 values;
+                // rows are whole blocks), so each piece decodes as a 1-D run of blocks.
+                if !matches!(
+                    t.ggml_type,
+                    GgmlType::F32
+                        | GgmlType::F16
+                        | GgmlType::BF16
+                        | GgmlType::Q8_0
+                        | GgmlType::Q6_K
+                ) {
+                    return Err(Error::TensorDtype {
+                        file,
+                        name: name.to_string(),
+                        dtype: format!("{:?}", t.ggml_type),
+                        expected: "F32, F16, BF16, Q8_0 or Q6_K",
+                    });
+                }
+                const VALUES: u64 = 64 * 1024;
+                let n = t.n_elements();
+                let mut out = Vec::with_capacity(n as usize);
+                let (mut at, mut offset) = (0u64, 0u64); // values decoded, bytes read
+                while at < n {
+                    let values = VALUES.min(n - at);
+                    let piece = TensorInfo {
+                        name: t.name.clone(),
+                        dims: vec![values],
+                        ggml_type: t.ggml_type,
+                        offset: t.offset + offset,
+                        size: t.ggml_type.data_size(values, values).unwrap_or(u64::MAX),
+                    };
+                    if offset.saturating_add(piece.size) > t.size {
+                        return Err(Error::GgufFormat {
+                            file,
+                            offset: piece.offset,
+                            msg: format!("tensor `{name}` is not whole {:?} blocks", t.ggml_type),
+                        });
+                    }
+                    let mut raw = vec![0u8; piece.size as usize];
+                    read(offset as usize, &mut raw);
+                    out.extend(decode_f32(&file, &piece, &raw)?);
+                    at += values;
+                    offset += piece.size;
+                }
+                Decoded::Float(out)
+            }
+        };
+        self.got.insert(name.to_string(), decoded);
+        Ok(())
+    }
+
+    /// Builds the model from the tensors received (the checks of [`load_model`]).
+    pub fn finish(mut self) -> Result<Model> {
+        let config = self.config.clone();
+        crate::model::assemble(config, &mut self)
+    }
+
+    /// The received tensor for HF name `hf`, its GGUF shape checked against `shape`.
+    fn take(&mut self, hf: &str, shape: &[usize]) -> Result<Decoded> {
+        let name = gguf_name(hf).unwrap_or_else(|| hf.to_string());
+        let file = &self.gguf.file;
+        let Some(t) = self.gguf.tensor(&name) else {
+            return Err(Error::MissingTensor {
+                name,
+                files: file.clone(),
+            });
+        };
+        if t.shape() != shape {
+            return Err(Error::TensorShape {
+                file: file.clone(),
+                name,
+                expected: shape.to_vec(),
+                actual: t.shape(),
+            });
+        }
+        self.got.remove(&name).ok_or_else(|| Error::Shape {
+            op: "load tensor",
+            msg: format!("{file}: tensor `{name}` was declared but its bytes were never added"),
+        })
+    }
+
+    fn wrong_kind(&self, hf: &str, expected: &'static str) -> Error {
+        let name = gguf_name(hf).unwrap_or_else(|| hf.to_string());
+        Error::TensorDtype {
+            file: self.gguf.file.clone(),
+            dtype: self
+                .gguf
+                .tensor(&name)
+                .map_or("?".into(), |t| format!("{:?}", t.ggml_type)),
+            name,
+            expected,
+        }
+    }
+}
+
+impl TensorSource for GgufBuilder {
+    fn f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(prefix) = name.strip_suffix(".weight_scale") {
+            // Set by `u8`, which the loader asks for first.
+            return self
+                .scales
+                .get(prefix)
+                .map(|&s| vec![s])
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.to_string(),
+                    files: self.gguf.file.clone(),
+                });
+        }
+        match self.take(name, shape)? {
+            Decoded::Float(v) => Ok(v),
+            Decoded::Projection { .. } => Err(self.wrong_kind(name, "a float type")),
+        }
+    }
+
+    fn u8(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
+        let prefix = name.strip_suffix(".weight").unwrap_or(name).to_string();
+        let Decoded::Projection {
+            packed,
+            mut w_scale,
+        } = self.take(name, &[shape[0] * 4, shape[1]])?
+        else {
+            return Err(self.wrong_kind(name, "TQ1_0, TQ2_0, I2_S or a float type"));
+        };
+        let gname = gguf_name(name).unwrap_or_else(|| name.to_string());
+        let extra = gname.replace(".weight", ".scale");
+        if self.gguf.tensor(&extra).is_some() {
+            let s = match self.got.remove(&extra) {
+                Some(Decoded::Float(s)) => s,
+                _ => {
+                    return Err(Error::Shape {
+                        op: "load tensor",
+                        msg: format!(
+                            "{}: tensor `{extra}` was declared but its bytes were never added",
+                            self.gguf.file
+                        ),
+                    });
+                }
+            };
+            w_scale = apply_output_scale(&self.gguf.file, &extra, &s, w_scale)?;
+        }
+        self.scales.insert(prefix, w_scale);
+        Ok(packed)
+    }
+
+    fn file_of(&self, _name: &str) -> String {
+        self.gguf.file.clone()
+    }
 }
 
 /// A GGUF file being written: metadata, then F32 tensors, aligned to [`DEFAULT_ALIGNMENT`].
@@ -1575,6 +1898,51 @@ mod tests {
             ),
         ] {
             assert_eq!(gguf_name(hf).as_deref(), Some(gg), "{hf}");
+        }
+    }
+
+    /// The page's path (header, then one tensor at a time, read through a callback) builds
+    /// the model `load_model` builds from the whole file, for each ternary type; a header
+    /// prefix too short says so with `len` below the file's length.
+    #[test]
+    fn builder_matches_whole_file_load() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/gguf/t256"
+        );
+        for ty in ["tq2_0", "tq1_0", "i2_s"] {
+            let path = format!("{dir}/{ty}.gguf");
+            let bytes = std::fs::read(&path).unwrap();
+            let whole = load_model(&path, &bytes).unwrap();
+            let len = bytes.len() as u64;
+            match GgufBuilder::new(&path, &bytes[..64], len) {
+                Err(Error::GgufTruncated { len: got, .. }) => assert!(got < len, "{ty}"),
+                other => panic!("{ty}: a 64-byte prefix gave {:?}", other.err()),
+            }
+            let (mut b, tensors) = GgufBuilder::new(&path, &bytes, len).unwrap();
+            assert!(tensors.windows(2).all(|w| w[0].offset < w[1].offset));
+            for t in &tensors {
+                let data = &bytes[t.offset as usize..(t.offset + t.size) as usize];
+                b.add_tensor_from(&t.name, t.size, |at, out| {
+                    out.copy_from_slice(&data[at..at + out.len()])
+                })
+                .unwrap();
+            }
+            let built = b.finish().unwrap();
+            assert_eq!(
+                format!("{:?}", built.params),
+                format!("{:?}", whole.params),
+                "{ty}"
+            );
+            assert_eq!(
+                format!("{:?}", built.config),
+                format!("{:?}", whole.config),
+                "{ty}"
+            );
+            // A tensor never handed over is named.
+            let (b, _) = GgufBuilder::new(&path, &bytes, len).unwrap();
+            let err = b.finish().unwrap_err().to_string();
+            assert!(err.contains("token_embd.weight"), "{err}");
         }
     }
 

@@ -180,6 +180,11 @@ struct ModelSummary {
     eos_token_ids: Vec<u32>,
     /// The model's context: prompt plus generated tokens must fit in it.
     max_positions: usize,
+    /// `general.architecture` of the .gguf file the model came from (what an adapter exported
+    /// as GGUF names as its base); None for a safetensors model.
+    gguf_architecture: Option<String>,
+    /// A .gguf model's config, read from its metadata, under config.json's names.
+    gguf_config: Option<serde_json::Value>,
 }
 
 /// A loaded model, immutable once built. Shared through `Rc` so that a forward pass in flight
@@ -414,6 +419,52 @@ impl Session {
             weights,
         )?;
         to_js(&summary)
+    }
+
+    /// A PEFT adapter (adapter_config.json + adapter_model.safetensors, checked against the
+    /// loaded model as `addAdapter` does) as a GGUF LoRA adapter for llama.cpp or QVAC Fabric:
+    /// the bytes `bitlora export --format gguf --target <target>` writes. `target`: "llama"
+    /// (llama.cpp's semantics, PEFT's update) or "qvac" (QVAC Fabric's BitNet graph: each B
+    /// multiplied by its projection's weight scale). `arch`: the base model's
+    /// `general.architecture`; by default the loaded .gguf's, else "bitnet".
+    #[wasm_bindgen(js_name = adapterGguf)]
+    pub fn adapter_gguf(
+        &self,
+        config_json: &[u8],
+        weights: &[u8],
+        target: &str,
+        arch: Option<String>,
+    ) -> Result<Vec<u8>, JsValue> {
+        let target = match target {
+            "llama" => bitlora_core::gguf::AdapterTarget::Llama,
+            "qvac" => bitlora_core::gguf::AdapterTarget::Qvac,
+            other => {
+                return Err(error::js_error(
+                    &format!(
+                        "target is \"{other}\"; a GGUF adapter is for \"llama\" (llama.cpp) or \"qvac\" (QVAC Fabric)"
+                    ),
+                    Some("target"),
+                    None,
+                ));
+            }
+        };
+        let loaded = self.need_model("export an adapter")?;
+        let (lora, _) = train::read_peft(
+            &loaded.model.config,
+            "adapter_config.json",
+            config_json,
+            "adapter_model.safetensors",
+            weights,
+        )?;
+        let arch = arch
+            .or_else(|| loaded.summary.gguf_architecture.clone())
+            .unwrap_or_else(|| "bitnet".to_string());
+        Ok(bitlora_core::gguf::write_adapter(
+            &lora,
+            &loaded.model,
+            target,
+            &arch,
+        ))
     }
 
     /// Whether an adapter is kept under `key`.

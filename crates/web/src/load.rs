@@ -1,7 +1,8 @@
 //! Loading a model into the session: `load` (whole files), or tensor by tensor with
-//! `beginLoad` / `addFile` / `addTensor` / `finishLoad` so that wasm memory never holds a whole
-//! safetensors file; then `install` makes it the loaded model with its tokenizer, chat template
-//! and (when the session has WebGPU) its GPU upload.
+//! `beginLoad` / `addFile` / `addTensor` / `finishLoad` (safetensors) or `beginGguf` /
+//! `addTensor` / `finishLoad` (one .gguf file) so that wasm memory never holds a whole file;
+//! then `install` makes it the loaded model with its tokenizer, chat template and (when the
+//! session has WebGPU) its GPU upload.
 
 #[cfg(feature = "gpu")]
 use std::cell::RefCell;
@@ -10,6 +11,7 @@ use std::rc::Rc;
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
+use crate::error::core_error;
 #[cfg(feature = "gpu")]
 use crate::gpu_slot::{GpuHolder, GpuSlot};
 use crate::{Loaded, ModelSummary, Session, to_js, wasm_memory_bytes};
@@ -32,10 +34,16 @@ struct TensorSpanJs {
     end: f64,
 }
 
+/// What a tensor-by-tensor load builds from.
+enum Builder {
+    Safetensors(bitlora_core::ModelBuilder),
+    Gguf(Box<bitlora_core::gguf::GgufBuilder>),
+}
+
 /// The state of a tensor-by-tensor load: the builder, and the file names and byte count the
 /// summary reports.
 pub(crate) struct Building {
-    builder: bitlora_core::ModelBuilder,
+    builder: Builder,
     config_name: String,
     names: Vec<String>,
     bytes: usize,
@@ -85,6 +93,7 @@ impl Session {
         drop(bytes); // the model holds its own tensors; free the raw files before a GPU upload
         self.install(
             model,
+            None,
             memory_before,
             config_name,
             names,
@@ -106,7 +115,7 @@ impl Session {
         let builder = bitlora_core::ModelBuilder::new(config_name, config_json)
             .map_err(|e| JsError::new(&e.to_string()))?;
         self.building = Some(Building {
-            builder,
+            builder: Builder::Safetensors(builder),
             config_name: config_name.to_string(),
             names: Vec::new(),
             bytes: config_json.len(),
@@ -121,8 +130,12 @@ impl Session {
     #[wasm_bindgen(js_name = addFile)]
     pub fn add_file(&mut self, name: &str, prefix: &[u8], size: f64) -> Result<JsValue, JsError> {
         let b = self.building_mut()?;
-        let spans = b
-            .builder
+        let Builder::Safetensors(builder) = &mut b.builder else {
+            return Err(JsError::new(
+                "addFile: a .gguf load takes no other files (its tensors come with addTensor)",
+            ));
+        };
+        let spans = builder
             .add_file(name, prefix, size as u64)
             .map_err(|e| JsError::new(&e.to_string()))?;
         b.names.push(name.to_string());
@@ -144,13 +157,57 @@ impl Session {
     #[wasm_bindgen(js_name = addTensor)]
     pub fn add_tensor(&mut self, name: &str, bytes: &js_sys::Uint8Array) -> Result<(), JsError> {
         let b = self.building_mut()?;
-        b.builder
-            .add_tensor_from(name, bytes.length() as u64, |at, out| {
-                bytes
-                    .subarray(at as u32, (at + out.len()) as u32)
-                    .copy_to(out)
+        let read = |at: usize, out: &mut [u8]| {
+            bytes
+                .subarray(at as u32, (at + out.len()) as u32)
+                .copy_to(out)
+        };
+        let len = bytes.length() as u64;
+        match &mut b.builder {
+            Builder::Safetensors(builder) => builder.add_tensor_from(name, len, read),
+            Builder::Gguf(builder) => builder.add_tensor_from(name, len, read),
+        }
+        .map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// Starts loading a model from one GGUF file (llama.cpp, QVAC Fabric, bitnet.cpp: TQ1_0,
+    /// TQ2_0 or I2_S projections) by its first bytes (`prefix`) and its size: the config comes
+    /// from its metadata. Returns the tensors to `addTensor`, `[{ name, start, end }]` in file
+    /// order, then `finishLoad`; or null when `prefix` ends inside the header: call again with
+    /// more of the file's start. A file that is not GGUF, or a damaged one, fails with core's
+    /// error (the file, the offset, what is wrong); the loaded model, if any, stays loaded.
+    #[wasm_bindgen(js_name = beginGguf)]
+    pub fn begin_gguf(&mut self, name: &str, prefix: &[u8], size: f64) -> Result<JsValue, JsValue> {
+        self.building = None;
+        let memory_before = wasm_memory_bytes();
+        let file_len = size as u64;
+        let (builder, tensors) = match bitlora_core::gguf::GgufBuilder::new(name, prefix, file_len)
+        {
+            Ok(b) => b,
+            // The header runs past the prefix, not past the file.
+            Err(bitlora_core::Error::GgufTruncated { len, .. })
+                if len == prefix.len() as u64 && len < file_len =>
+            {
+                return Ok(JsValue::NULL);
+            }
+            Err(e) => return Err(core_error(&e)),
+        };
+        let out: Vec<TensorSpanJs> = tensors
+            .into_iter()
+            .map(|t| TensorSpanJs {
+                name: t.name,
+                start: t.offset as f64,
+                end: (t.offset + t.size) as f64,
             })
-            .map_err(|e| JsError::new(&e.to_string()))
+            .collect();
+        self.building = Some(Building {
+            builder: Builder::Gguf(Box::new(builder)),
+            config_name: name.to_string(),
+            names: vec![name.to_string()],
+            bytes: file_len as usize,
+            memory_before,
+        });
+        Ok(to_js(&out)?)
     }
 
     /// Builds the model from the tensors added (checks as `load`), with its tokenizer, and
@@ -168,12 +225,34 @@ impl Session {
                 "finishLoad: no load was begun (call beginLoad first)",
             ));
         };
-        let model = b
-            .builder
-            .finish()
-            .map_err(|e| JsError::new(&e.to_string()))?;
+        let (model, gguf) = match b.builder {
+            Builder::Safetensors(builder) => (builder.finish(), None),
+            Builder::Gguf(builder) => {
+                let header = builder.header();
+                let arch = header.architecture().map(str::to_string);
+                // Without a tokenizer.json, the file's own tokenizer.ggml.* when it has one
+                // (rebuilt as a tokenizer.json; an unsupported one fails naming the key).
+                let own = match (&tokenizer_json, header.get("tokenizer.ggml.model")) {
+                    (None, Some(_)) => Some(header.tokenizer_json()),
+                    _ => None,
+                };
+                (builder.finish(), Some((arch, own)))
+            }
+        };
+        let model = model.map_err(|e| JsError::new(&e.to_string()))?;
+        let (mut tokenizer_name, mut tokenizer_json) = (tokenizer_name, tokenizer_json);
+        let mut gguf_architecture = None;
+        if let Some((arch, own)) = gguf {
+            gguf_architecture = Some(arch.map_err(|e| JsError::new(&e.to_string()))?);
+            if let Some(json) = own {
+                let json = json.map_err(|e| JsError::new(&e.to_string()))?;
+                tokenizer_name = Some(format!("{} (tokenizer.ggml.*)", b.config_name));
+                tokenizer_json = Some(js_sys::Uint8Array::from(json.as_bytes()));
+            }
+        }
         self.install(
             model,
+            gguf_architecture,
             b.memory_before,
             &b.config_name,
             b.names,
@@ -212,6 +291,7 @@ impl Session {
     fn install(
         &mut self,
         model: bitlora_core::Model,
+        gguf_architecture: Option<String>,
         memory_before: f64,
         config_name: &str,
         names: Vec<String>,
@@ -255,6 +335,8 @@ impl Session {
             chat_template: chat_template.is_some(),
             eos_token_ids: model.config.eos_token_ids.clone(),
             max_positions: model.config.max_position_embeddings,
+            gguf_config: gguf_architecture.as_ref().map(|_| model.config.to_json()),
+            gguf_architecture,
         };
         let train_eos = bitlora_core::tokenizer::training_eos(
             eos_text.as_deref(),
