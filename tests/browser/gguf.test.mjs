@@ -78,7 +78,7 @@ test('GGUF: tq2_0, tq1_0 and i2_s load in the page with the safetensors logits (
     const cases = [
       ['bad-magic.gguf', badMagic, /bad-magic\.gguf: not a GGUF file/],
       ['truncated.gguf', good.subarray(0, good.length - 1000), /truncated\.gguf: truncated: the data of tensor `[^`]+`/],
-      ['header-cut.gguf', good.subarray(0, 40), /header-cut\.gguf: truncated/],
+      ['header-cut.gguf', good.subarray(0, 40), /header-cut\.gguf: the tensor count is \d+, but the rest of the file can hold at most \d+/],
     ];
     for (const [name, bytes, re] of cases) {
       const file = path.join(TMP, name);
