@@ -1,32 +1,44 @@
 // Causal grouped-query attention of T_Q new queries over T_KV = PAST + T_Q keys (a KV cache
 // holding PAST earlier tokens, then the queries' own). Query head h reads kv head h / (NH / NKV).
-// Query i sits at position PAST + i and sees keys j = 0 ..= PAST + i:
-//   s_j = (q_i . k_j) * SCALE,  p_j = exp(s_j - max_j s_j) / sum_j exp(...),
-//   out_i = sum_j p_j v_j.
-// PAST = 0, T_Q = T_KV is the whole-sequence pass. One workgroup per (query i, head h);
-// dispatch (T_Q, NH, 1). WG must be a power of two.
+// Query i sits at position PAST + i and sees keys j = 0 ..= PAST + i (n = PAST + i + 1 keys).
 //
-// The arithmetic follows the CPU reference (crates/core/src/ops.rs attention) operation by
-// operation, so the results differ only by WGSL's exp: each dot product is summed over d in
-// order, the denominator over j in order (by one invocation), p_j = e_j / denom, and out_d
-// accumulates p_j * v_jd over j in order. A row's arithmetic does not depend on T_Q or PAST,
-// so decoding through the cache gives the whole-sequence pass's rows bit for bit.
+// The softmax is taken over chunks of CH keys (flash-decoding's order), which the CPU
+// reference mirrors operation for operation (crates/core/src/ops.rs attention_cached), so the
+// two differ only by WGSL's exp:
+//   s_j = (q_i . k_j) * SCALE                      (the dot product summed over d in order)
+//   M = max_j s_j
+//   chunk c (keys cCH .. cCH + CH - 1 that the query sees):
+//     m_c = max_{j in c} s_j,  e_j = exp(s_j - m_c),
+//     l_c = sum_{j in c} e_j,  u_cd = sum_{j in c} e_j v_jd       (in key order)
+//     f_c = exp(m_c - M)
+//   L = sum_c l_c f_c,  O_d = sum_c u_cd f_c                        (in chunk order)
+//   out_id = O_d / L
+// A row's arithmetic depends only on the row, not on T_Q, PAST or how the work is spread, so
+// decoding through the cache gives the whole-sequence pass's rows bit for bit.
 //
-// Rows of at most SMAX keys (every decode step and training row of up to SMAX tokens) keep
-// their scores in workgroup memory: the scores are computed once, turned into p_j in place,
-// and the output loop reads them from there. Longer rows make three passes over the keys
-// (max, denominator, output) that recompute the scores block by block, so workgroup memory
-// stays O(HS + WG + SMAX) for any T. Both paths perform the same operations on the same
-// values, so they give the same bits (the kernel tests check this).
+// Two ways to run it, the same operations on the same values, so the same bits (the kernel
+// tests check this):
+// - `main`: one workgroup per (query i, head h), dispatch (T_Q, NH, 1), walking the row's
+//   chunks in order. Training and prefill: T_Q x NH workgroups are plenty. Rows of at most
+//   SMAX keys keep their scores in workgroup memory; longer rows compute them twice (once for
+//   M, once in their chunk), so workgroup memory stays O(HS + CH + SMAX) for any T.
+// - split over the keys, for decoding (T_Q = 1 gives only NH workgroups, and one workgroup's
+//   ordered loops over hundreds of keys are bound by memory latency): `main_part`, dispatch
+//   (chunks, NH, T_Q), one workgroup per chunk, writes (u_c, m_c, l_c) to `part`; then
+//   `main_combine`, dispatch (T_Q, NH, 1), adds the chunks up in order.
+// WG must be a power of two.
 
 override NH: u32;              // query heads
 override NKV: u32;             // key/value heads
 override HS: u32;              // head size
 override SCALE: f32;           // HS^-0.5, computed on the CPU as the reference does
 override WG: u32 = 64u;        // workgroup size, a power of two
-override SMAX: u32 = 1024u;    // longest row whose scores stay in workgroup memory
+override SMAX: u32 = 1024u;    // `main`: longest row whose scores stay in workgroup memory
 override QW: u32 = NH * HS;    // q / out row width
 override KW: u32 = NKV * HS;   // k / v row width
+override PW: u32 = HS + 2u;    // one chunk's record in `part`: u_c (HS), m_c, l_c
+
+const CH: u32 = 64u; // keys per chunk: the CPU reference's ops::ATTENTION_CHUNK
 
 struct Dims {
     t_q: u32,  // T_Q, new queries
@@ -38,13 +50,17 @@ struct Dims {
 @group(0) @binding(2) var<storage, read> k: array<f32>;         // (R, NKV*HS), R >= T_KV
 @group(0) @binding(3) var<storage, read> v: array<f32>;         // (R, NKV*HS)
 @group(0) @binding(4) var<storage, read_write> out: array<f32>; // (T_Q, NH*HS)
+// The split path's chunk records: (T_Q, NH, NCH, PW), NCH = ceil(T_KV / CH). `main_part`
+// writes it, `main_combine` reads it. Bound: main 0-4, main_part 0-3 and 5, main_combine 0,
+// 4 and 5.
+@group(0) @binding(5) var<storage, read_write> part: array<f32>;
 
 var<workgroup> qs: array<f32, HS>;   // q_i of this head
 var<workgroup> o_acc: array<f32, HS>;
-var<workgroup> e: array<f32, WG>;    // exp(s_j - max) of one block of keys
+var<workgroup> e: array<f32, CH>;    // one chunk's scores, then exp(s_j - m_c)
 var<workgroup> red: array<f32, WG>;  // max reduction
-var<workgroup> denom_s: f32;
-var<workgroup> sc: array<f32, SMAX>; // the row's scores, then its p_j (rows of <= SMAX keys)
+var<workgroup> l_s: f32;             // one chunk's l_c
+var<workgroup> sc: array<f32, SMAX>; // `main`: the row's scores (rows of <= SMAX keys)
 
 // The loops below that add in a fixed order load several operands before adding them, in
 // that order: the adds stay serial (the CPU's order) but the loads, which do not depend on
@@ -70,26 +86,6 @@ fn score(j: u32, kv_off: u32) -> f32 {
     return dot * SCALE;
 }
 
-@compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = wid.x;
-    let h = wid.y;
-    let last = dims.past + i; // the query's own position: the last key it sees
-    let kv_off = (h / (NH / NKV)) * HS;
-    let q_off = i * QW + h * HS;
-    for (var d = lid; d < HS; d += WG) {
-        qs[d] = q[q_off + d];
-        o_acc[d] = 0.0;
-    }
-    workgroupBarrier();
-
-    if last < SMAX {
-        row_cached(last, kv_off, q_off, lid);
-    } else {
-        row_streamed(last, kv_off, q_off, lid);
-    }
-}
-
 // The max of m over the workgroup (exact in any order).
 fn workgroup_max(m: f32, lid: u32) -> f32 {
     red[lid] = m;
@@ -100,124 +96,184 @@ fn workgroup_max(m: f32, lid: u32) -> f32 {
         }
         workgroupBarrier();
     }
-    return red[0];
+    let r = red[0];
+    workgroupBarrier(); // red is free again
+    return r;
 }
 
-// A row of last + 1 <= SMAX keys, its scores kept in `sc`.
-fn row_cached(last: u32, kv_off: u32, q_off: u32, lid: u32) {
+// Loads q_i of head h into qs; every invocation calls it.
+fn load_q(q_off: u32, lid: u32) {
+    for (var d = lid; d < HS; d += WG) {
+        qs[d] = q[q_off + d];
+    }
+    workgroupBarrier();
+}
+
+// Chunk statistics of keys j0 .. j0 + n - 1 (n <= CH) whose scores are in e[0 .. n): leaves
+// e_j = exp(s_j - m_c) in e and l_c in l_s; returns m_c. Every invocation calls it.
+fn chunk_stats(n: u32, lid: u32) -> f32 {
     var m = -3.0e38;
-    for (var j = lid; j <= last; j += WG) {
+    for (var jj = lid; jj < n; jj += WG) {
+        m = max(m, e[jj]);
+    }
+    let mc = workgroup_max(m, lid); // its barriers also publish e
+    for (var jj = lid; jj < n; jj += WG) {
+        e[jj] = exp(e[jj] - mc);
+    }
+    workgroupBarrier();
+    if lid == 0u {
+        var l = 0.0;
+        var jj = 0u;
+        for (; jj + 4u <= n; jj += 4u) {
+            let e0 = e[jj];
+            let e1 = e[jj + 1u];
+            let e2 = e[jj + 2u];
+            let e3 = e[jj + 3u];
+            l += e0;
+            l += e1;
+            l += e2;
+            l += e3;
+        }
+        for (; jj < n; jj++) {
+            l += e[jj];
+        }
+        l_s = l;
+    }
+    workgroupBarrier();
+    return mc;
+}
+
+// u_cd = sum_{jj < n} e_jj v_(j0 + jj)d, in key order.
+fn chunk_u(d: u32, j0: u32, n: u32, kv_off: u32) -> f32 {
+    var u = 0.0;
+    var jj = 0u;
+    for (; jj + 8u <= n; jj += 8u) {
+        let b = (j0 + jj) * KW + kv_off + d;
+        let v0 = v[b];
+        let v1 = v[b + KW];
+        let v2 = v[b + 2u * KW];
+        let v3 = v[b + 3u * KW];
+        let v4 = v[b + 4u * KW];
+        let v5 = v[b + 5u * KW];
+        let v6 = v[b + 6u * KW];
+        let v7 = v[b + 7u * KW];
+        u += e[jj] * v0;
+        u += e[jj + 1u] * v1;
+        u += e[jj + 2u] * v2;
+        u += e[jj + 3u] * v3;
+        u += e[jj + 4u] * v4;
+        u += e[jj + 5u] * v5;
+        u += e[jj + 6u] * v6;
+        u += e[jj + 7u] * v7;
+    }
+    for (; jj < n; jj++) {
+        u += e[jj] * v[(j0 + jj) * KW + kv_off + d];
+    }
+    return u;
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = wid.x;
+    let h = wid.y;
+    let n_keys = dims.past + i + 1u;
+    let kv_off = (h / (NH / NKV)) * HS;
+    let q_off = i * QW + h * HS;
+    for (var d = lid; d < HS; d += WG) {
+        o_acc[d] = 0.0;
+    }
+    load_q(q_off, lid);
+
+    // M, the row's largest score.
+    let cached = n_keys <= SMAX;
+    var m = -3.0e38;
+    for (var j = lid; j < n_keys; j += WG) {
         let s = score(j, kv_off);
-        sc[j] = s;
+        if cached {
+            sc[j] = s;
+        }
         m = max(m, s);
     }
     let mx = workgroup_max(m, lid); // its barriers also publish sc
-    for (var j = lid; j <= last; j += WG) {
-        sc[j] = exp(sc[j] - mx);
-    }
-    workgroupBarrier();
-    if lid == 0u {
-        var denom = 0.0;
-        var j = 0u;
-        for (; j + 4u <= last + 1u; j += 4u) {
-            let e0 = sc[j];
-            let e1 = sc[j + 1u];
-            let e2 = sc[j + 2u];
-            let e3 = sc[j + 3u];
-            denom += e0;
-            denom += e1;
-            denom += e2;
-            denom += e3;
+
+    var l_sum = 0.0; // L, kept alike by every invocation
+    for (var j0 = 0u; j0 < n_keys; j0 += CH) {
+        let n = min(CH, n_keys - j0);
+        for (var jj = lid; jj < n; jj += WG) {
+            if cached {
+                e[jj] = sc[j0 + jj];
+            } else {
+                e[jj] = score(j0 + jj, kv_off);
+            }
         }
-        for (; j <= last; j++) {
-            denom += sc[j];
+        let mc = chunk_stats(n, lid);
+        let f = exp(mc - mx);
+        l_sum = l_sum + l_s * f;
+        for (var d = lid; d < HS; d += WG) {
+            o_acc[d] = o_acc[d] + chunk_u(d, j0, n, kv_off) * f;
         }
-        denom_s = denom;
+        workgroupBarrier(); // e and l_s are rewritten by the next chunk
     }
-    workgroupBarrier();
-    let dn = denom_s;
-    for (var j = lid; j <= last; j += WG) {
-        sc[j] = sc[j] / dn;
-    }
-    workgroupBarrier();
     for (var d = lid; d < HS; d += WG) {
-        var o = 0.0;
-        var j = 0u;
-        for (; j + 8u <= last + 1u; j += 8u) {
-            let b = j * KW + kv_off + d;
-            let v0 = v[b];
-            let v1 = v[b + KW];
-            let v2 = v[b + 2u * KW];
-            let v3 = v[b + 3u * KW];
-            let v4 = v[b + 4u * KW];
-            let v5 = v[b + 5u * KW];
-            let v6 = v[b + 6u * KW];
-            let v7 = v[b + 7u * KW];
-            o += sc[j] * v0;
-            o += sc[j + 1u] * v1;
-            o += sc[j + 2u] * v2;
-            o += sc[j + 3u] * v3;
-            o += sc[j + 4u] * v4;
-            o += sc[j + 5u] * v5;
-            o += sc[j + 6u] * v6;
-            o += sc[j + 7u] * v7;
-        }
-        for (; j <= last; j++) {
-            o += sc[j] * v[j * KW + kv_off + d];
-        }
-        out[q_off + d] = o;
+        out[q_off + d] = o_acc[d] / l_sum;
     }
 }
 
-// A row of more than SMAX keys, in three passes that recompute the scores.
-fn row_streamed(last: u32, kv_off: u32, q_off: u32, lid: u32) {
-    // Pass 1: the max score.
-    var m = -3.0e38;
-    for (var j = lid; j <= last; j += WG) {
-        m = max(m, score(j, kv_off));
+// One chunk c of one row: dispatch (NCH, NH, T_Q). Chunks past the row's last key write
+// nothing (main_combine does not read them).
+@compute @workgroup_size(WG)
+fn main_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x;
+    let h = wid.y;
+    let i = wid.z;
+    let n_keys = dims.past + i + 1u;
+    let j0 = c * CH;
+    if j0 >= n_keys {
+        return; // uniform across the workgroup: no barrier is skipped by some and not others
     }
-    let mx = workgroup_max(m, lid);
-
-    // Pass 2: denom = sum_j exp(s_j - max), summed in key order by invocation 0.
-    var denom = 0.0;
-    for (var j0 = 0u; j0 <= last; j0 += WG) {
-        let j = j0 + lid;
-        if j <= last {
-            e[lid] = exp(score(j, kv_off) - mx);
-        }
-        workgroupBarrier();
-        if lid == 0u {
-            let n = min(WG, last + 1u - j0);
-            for (var jj = 0u; jj < n; jj++) {
-                denom += e[jj];
-            }
-        }
-        workgroupBarrier();
+    let n = min(CH, n_keys - j0);
+    let kv_off = (h / (NH / NKV)) * HS;
+    load_q(i * QW + h * HS, lid);
+    for (var jj = lid; jj < n; jj += WG) {
+        e[jj] = score(j0 + jj, kv_off);
+    }
+    let mc = chunk_stats(n, lid);
+    let nch = (dims.past + dims.t_q + CH - 1u) / CH;
+    let rec = ((i * NH + h) * nch + c) * PW;
+    for (var d = lid; d < HS; d += WG) {
+        part[rec + d] = chunk_u(d, j0, n, kv_off);
     }
     if lid == 0u {
-        denom_s = denom;
+        part[rec + HS] = mc;
+        part[rec + HS + 1u] = l_s;
     }
-    workgroupBarrier();
-    let dn = denom_s;
+}
 
-    // Pass 3: out_d = sum_j p_j * v_jd, p_j = e_j / denom, in key order, one invocation per d.
-    for (var j0 = 0u; j0 <= last; j0 += WG) {
-        let j = j0 + lid;
-        if j <= last {
-            e[lid] = exp(score(j, kv_off) - mx) / dn;
-        }
-        workgroupBarrier();
-        let n = min(WG, last + 1u - j0);
-        for (var d = lid; d < HS; d += WG) {
-            var o = o_acc[d];
-            for (var jj = 0u; jj < n; jj++) {
-                o += e[jj] * v[(j0 + jj) * KW + kv_off + d];
-            }
-            o_acc[d] = o;
-        }
-        workgroupBarrier();
+// Adds up the chunks of row (i, h) in order: dispatch (T_Q, NH, 1).
+@compute @workgroup_size(WG)
+fn main_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = wid.x;
+    let h = wid.y;
+    let n_keys = dims.past + i + 1u;
+    let nch = (dims.past + dims.t_q + CH - 1u) / CH;
+    let row = (i * NH + h) * nch;
+    let chunks = (n_keys + CH - 1u) / CH;
+    // M = the max of the m_c: the max of every score, exactly (a max is exact in any order).
+    var mx = -3.0e38;
+    for (var c = 0u; c < chunks; c++) {
+        mx = max(mx, part[(row + c) * PW + HS]);
+    }
+    var l_sum = 0.0;
+    for (var c = 0u; c < chunks; c++) {
+        let rec = (row + c) * PW;
+        l_sum = l_sum + part[rec + HS + 1u] * exp(part[rec + HS] - mx);
     }
     for (var d = lid; d < HS; d += WG) {
-        out[q_off + d] = o_acc[d];
+        var o = 0.0;
+        for (var c = 0u; c < chunks; c++) {
+            let rec = (row + c) * PW;
+            o = o + part[rec + d] * exp(part[rec + HS] - mx);
+        }
+        out[i * QW + h * HS + d] = o / l_sum;
     }
 }

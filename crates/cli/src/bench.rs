@@ -41,6 +41,22 @@ pub struct DecodeReport {
     /// over the generated tokens; the decode rate is then that of the profiled run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<TrainProfile>,
+    /// GPU backend, unprofiled: the host's time per decoded token in the greedy loop that
+    /// produced `decode_tokens_per_s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<DecodeHost>,
+}
+
+/// The host's share of an unprofiled GPU decode: milliseconds per decoded token spent
+/// recording and submitting its pass, and waiting for a token id (the host idle while the
+/// GPU works). With passes in flight, a token costs about the larger of record and GPU time.
+#[derive(serde::Serialize)]
+pub struct DecodeHost {
+    pub passes: usize,
+    pub record_ms_per_token: f64,
+    /// Of record_ms_per_token: finishing the command encoder and submitting it.
+    pub submit_ms_per_token: f64,
+    pub wait_ms_per_token: f64,
 }
 
 /// The random model and prompt of decode-<shape>; None for an unknown shape.
@@ -105,6 +121,7 @@ pub fn decode_cpu(
         adapter: None,
         gpu_bytes: None,
         profile: None,
+        host: None,
     })
 }
 
@@ -148,12 +165,22 @@ pub fn decode_gpu(
     drop(cache);
 
     let gpu_timestamps = profile && gm.set_profiling(true);
+    gm.set_host_timing(!profile);
     let mut first = None;
     let out = pollster::block_on(gm.generate(&prompt, &greedy(gen_len), |_| {
         first.get_or_insert_with(Instant::now);
         true
     }))?;
     let decode = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let host = gm
+        .host_times()
+        .filter(|h| h.passes > 0)
+        .map(|h| DecodeHost {
+            passes: h.passes,
+            record_ms_per_token: 1e3 * h.record_s / h.passes as f64,
+            submit_ms_per_token: 1e3 * h.submit_s / h.passes as f64,
+            wait_ms_per_token: 1e3 * h.wait_s / h.passes as f64,
+        });
     let profile = profile.then(|| {
         let mut p = TrainProfile {
             gpu_timestamps,
@@ -182,6 +209,7 @@ pub fn decode_gpu(
         adapter: Some(format!("{} ({})", gpu.info.name, gpu.info.backend)),
         gpu_bytes: Some(gpu_bytes),
         profile,
+        host,
     }))
 }
 

@@ -124,11 +124,21 @@ pub fn attention(
     attention_cached(q, k, v, t, t, nh, nkv, hs)
 }
 
+/// Keys per chunk of [`attention_cached`]'s softmax (`shaders/attention.wgsl` CH).
+pub const ATTENTION_CHUNK: usize = 64;
+
 /// Causal GQA attention of T_Q new queries over T_KV keys/values, the last T_Q of which belong
 /// to the queries themselves: query i sits at position T_KV - T_Q + i and sees keys 0..=that.
 /// q (T_Q, NH*HS), k and v (T_KV, NKV*HS) -> out (T_Q, NH*HS). With T_Q = T_KV this is the
 /// whole-sequence case; with a KV cache, T_KV - T_Q tokens came before. Each output row is
 /// computed in the same order either way, so cached decoding equals the full pass bit for bit.
+///
+/// The softmax runs over chunks of [`ATTENTION_CHUNK`] keys, in the GPU's order
+/// (`shaders/attention.wgsl`, which splits a decoded token's keys over workgroups that way),
+/// so the two differ only by the GPU's exp: with M the row's largest score, chunk c has
+/// m_c = its largest score, e_j = exp(s_j - m_c), l_c = sum e_j and u_c = sum e_j v_j (in key
+/// order), f_c = exp(m_c - M); then L = sum l_c f_c, O = sum u_c f_c (in chunk order) and
+/// out = O / L. Mathematically the softmax: exp(s_j - M) / sum exp(s - M) weights.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_cached(
     q: &[f32],
@@ -150,6 +160,8 @@ pub fn attention_cached(
     let scale = 1.0 / (hs as f32).sqrt();
     let mut out = vec![0f32; t_q * qw];
     let mut scores = vec![0f32; t_kv];
+    let mut o = vec![0f32; hs];
+    let mut u = vec![0f32; hs];
     for h in 0..nh {
         let kvh = h / group;
         for i in 0..t_q {
@@ -161,18 +173,32 @@ pub fn attention_cached(
                 *s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
                 max = max.max(*s);
             }
+            o.fill(0.0);
             let mut denom = 0f32;
-            for s in scores.iter_mut().take(visible) {
-                *s = libm::expf(*s - max);
-                denom += *s;
+            for (c, chunk) in scores[..visible].chunks_mut(ATTENTION_CHUNK).enumerate() {
+                let mc = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut l = 0f32;
+                for s in chunk.iter_mut() {
+                    *s = libm::expf(*s - mc);
+                    l += *s;
+                }
+                u.fill(0.0);
+                for (jj, &e) in chunk.iter().enumerate() {
+                    let j = c * ATTENTION_CHUNK + jj;
+                    let vj = &v[j * kw + kvh * hs..j * kw + (kvh + 1) * hs];
+                    for (ud, &vv) in u.iter_mut().zip(vj) {
+                        *ud += e * vv;
+                    }
+                }
+                let f = libm::expf(mc - max);
+                denom += l * f;
+                for (od, &ud) in o.iter_mut().zip(&u) {
+                    *od += ud * f;
+                }
             }
             let oi = &mut out[i * qw + h * hs..i * qw + (h + 1) * hs];
-            for (j, &s) in scores.iter().enumerate().take(visible) {
-                let p = s / denom;
-                let vj = &v[j * kw + kvh * hs..j * kw + (kvh + 1) * hs];
-                for (o, &vv) in oi.iter_mut().zip(vj) {
-                    *o += p * vv;
-                }
+            for (out_d, &od) in oi.iter_mut().zip(&o) {
+                *out_d = od / denom;
             }
         }
     }

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 /// The wgpu this crate is built on, for callers that name its types (a device-lost reason).
 pub use wgpu;
 
-pub use model::{GpuKvCache, GpuModel, PassProfile};
+pub use model::{DecodeHostTimes, GpuKvCache, GpuModel, PassProfile};
 pub use record::{DispatchTimes, Profiler, Recorder};
 pub use tensor::{DType, GpuTensor, SplitTensor};
 pub use train::{

@@ -156,6 +156,25 @@ pub struct GpuModel {
     decode_cache: RefCell<Option<BindCache>>,
     /// `bench decode --profile`: where each pass's time went ([`GpuModel::set_profiling`]).
     profile: RefCell<Option<PassProfiler>>,
+    /// `bench decode`: the host's time in the unprofiled greedy loop
+    /// ([`GpuModel::set_host_timing`]); None while off.
+    host_times: std::cell::Cell<Option<DecodeHostTimes>>,
+}
+
+/// Where the host's time went in [`GpuModel::generate`]'s greedy loop, unprofiled (nothing
+/// else changes: one compute pass per token, passes in flight): wall-clock seconds summed over
+/// the decode passes (`std::time::Instant`: native only).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DecodeHostTimes {
+    /// Decode passes recorded (one token each; the prefill is not counted).
+    pub passes: usize,
+    /// Recording and submitting them.
+    pub record_s: f64,
+    /// Of which `CommandEncoder::finish` and `Queue::submit` (wgpu validates the commands and
+    /// encodes them for the driver there).
+    pub submit_s: f64,
+    /// Waiting for their token ids: the time the host had nothing to record.
+    pub wait_s: f64,
 }
 
 /// Where the time of one forward pass went (profiling on: [`GpuModel::set_profiling`]). Host
@@ -317,6 +336,10 @@ impl Workspace {
 pub struct GpuKvCache {
     k: Vec<GpuTensor>, // L x (CAP, NKV*HS), rows 0..len hold positions 0..len
     v: Vec<GpuTensor>, // L x (CAP, NKV*HS)
+    /// A decoded token's attention split over its keys: the chunks' sums between the two
+    /// dispatches of `Attention::encode_split` (NH * ceil(CAP / CHUNK) * (HS + 2) f32), shared
+    /// by the layers, which run one after another.
+    part: GpuTensor,
     len: usize,
     capacity: usize,
     ws: Option<Workspace>,
@@ -335,6 +358,7 @@ impl GpuKvCache {
         Ok(GpuKvCache {
             k,
             v,
+            part: Self::part(&model.device, cfg, capacity)?,
             len: 0,
             capacity,
             ws: None,
@@ -363,6 +387,17 @@ impl GpuKvCache {
         ))
     }
 
+    /// [`GpuKvCache::part`] for `capacity` positions.
+    fn part(dev: &wgpu::Device, cfg: &Config, capacity: usize) -> Result<GpuTensor, GpuError> {
+        let chunks = capacity.div_ceil(Attention::CHUNK);
+        GpuTensor::zeros(
+            dev,
+            "attention chunks",
+            &[cfg.num_attention_heads * chunks, cfg.head_dim + 2],
+            DType::F32,
+        )
+    }
+
     /// Tokens cached.
     pub fn len(&self) -> usize {
         self.len
@@ -385,7 +420,7 @@ impl GpuKvCache {
     /// Bytes of GPU memory held: keys, values and the reused activations.
     pub fn bytes(&self) -> u64 {
         let kv: u64 = self.k.iter().chain(&self.v).map(|t| t.buffer.size()).sum();
-        kv + self.ws.as_ref().map_or(0, Workspace::bytes)
+        kv + self.part.buffer.size() + self.ws.as_ref().map_or(0, Workspace::bytes)
     }
 
     /// Grows the buffers to hold `need` positions, keeping the cached rows.
@@ -409,6 +444,7 @@ impl GpuKvCache {
         }
         self.k = k;
         self.v = v;
+        self.part = Self::part(&model.device, cfg, capacity)?;
         self.capacity = capacity;
         Ok(())
     }
@@ -625,6 +661,7 @@ impl GpuModel {
             adapter: None,
             decode_cache: RefCell::new(None),
             profile: RefCell::new(None),
+            host_times: std::cell::Cell::new(None),
         };
         // Shader or pipeline errors surface here natively (on the web, at the first forward).
         model.errors.take()?;
@@ -884,9 +921,14 @@ impl GpuModel {
                     None => Input::Gpu,
                 };
                 self.errors.take()?;
+                let t0 = self.host_clock();
                 let (_, index) = self
                     .scoped_pass(tokens, cache, Head::Greedy(&slots[slot]))
                     .await?;
+                self.add_host_time(t0, |h, s| {
+                    h.passes += 1;
+                    h.record_s += s;
+                });
                 cache.len += 1;
                 in_flight.push_back((slot, index));
                 recorded += 1;
@@ -895,7 +937,9 @@ impl GpuModel {
                 return Ok(out);
             };
             let buffer = &slots[slot];
+            let t0 = self.host_clock();
             tensor::map_read_after(&self.device, buffer, "next token", Some(index)).await?;
+            self.add_host_time(t0, |h, s| h.wait_s += s);
             let bytes = buffer.get_mapped_range(..).map_err(|e| GpuError::Map {
                 tensor: "next token".into(),
                 msg: e.to_string(),
@@ -1096,8 +1140,14 @@ impl GpuModel {
             lora(r, l, Proj::V, &ws.x, vc, past)?;
             self.rope_qk
                 .encode_rows(r, &ws.q, 0..t, kc, past..t_kv, past, cos, sin)?;
-            self.attention
-                .encode_cached(r, &ws.q, kc, vc, t_kv, &ws.att)?;
+            if t == 1 {
+                // One query: NH workgroups alone would leave most of the GPU idle.
+                self.attention
+                    .encode_split(r, &ws.q, kc, vc, t_kv, &cache.part, &ws.att)?;
+            } else {
+                self.attention
+                    .encode_cached(r, &ws.q, kc, vc, t_kv, &ws.att)?;
+            }
             let n = &layer.attn_sub_norm;
             n.op.encode_quant(r, &ws.att, &n.w, &ws.att_n, &ws.xq_q, s_a)?;
             residual(r, l, Proj::O, &ws.xq_q, &ws.att_n, &layer.o_proj)?;
@@ -1144,7 +1194,9 @@ impl GpuModel {
             }
         };
         let (encoder, bind_cache, gpu) = rec.finish_profiled();
+        let t0 = if generating { self.host_clock() } else { None };
         let index = self.queue.submit([encoder.finish()]);
+        self.add_host_time(t0, |h, s| h.submit_s += s);
         if let Some(p) = self.profile.borrow_mut().as_mut() {
             p.gpu = gpu;
         }
@@ -1153,6 +1205,34 @@ impl GpuModel {
             *self.decode_cache.borrow_mut() = Some(bind_cache);
         }
         Ok((logits, index))
+    }
+
+    /// Host timing of the greedy decode loop on or off ([`DecodeHostTimes`]); turning it on
+    /// starts from zero. Native only (`std::time::Instant` panics on wasm32).
+    pub fn set_host_timing(&self, on: bool) {
+        self.host_times.set(on.then(DecodeHostTimes::default));
+    }
+
+    /// The host times summed since [`GpuModel::set_host_timing`] turned them on.
+    pub fn host_times(&self) -> Option<DecodeHostTimes> {
+        self.host_times.get()
+    }
+
+    /// `Some(now)` while host timing is on.
+    fn host_clock(&self) -> Option<std::time::Instant> {
+        self.host_times.get().map(|_| std::time::Instant::now())
+    }
+
+    /// Adds the seconds since `t0` (when timing) through `add`.
+    fn add_host_time(
+        &self,
+        t0: Option<std::time::Instant>,
+        add: impl FnOnce(&mut DecodeHostTimes, f64),
+    ) {
+        if let (Some(t0), Some(mut h)) = (t0, self.host_times.get()) {
+            add(&mut h, t0.elapsed().as_secs_f64());
+            self.host_times.set(Some(h));
+        }
     }
 
     /// Profiling on or off: while on, every pass records where its time went (host record

@@ -237,14 +237,22 @@ pub struct Recorder {
     cache: BindCache,
     max_groups: u32,
     profiler: Option<Profiler>,
-    /// Set by [`Recorder::reuse_uniforms`]: the queue that rewrites reused uniform buffers,
-    /// and this recording's slot of each distinct value.
-    slots: Option<(wgpu::Queue, HashMap<Vec<u32>, SlotKey>)>,
+    /// Set by [`Recorder::reuse_uniforms`]: the queue that rewrites reused uniform buffers.
+    slots: Option<UniformSlots>,
 }
 
 /// A reused uniform buffer's place: (padded length in words, ordinal among a recording's
 /// distinct values of that length).
 type SlotKey = (usize, usize);
+
+/// [`Recorder::reuse_uniforms`]'s state within one recording.
+struct UniformSlots {
+    queue: wgpu::Queue,
+    /// This recording's slot of each distinct value.
+    slot_of: HashMap<Vec<u32>, SlotKey>,
+    /// Distinct values of each padded length seen so far (the next one's ordinal).
+    count: HashMap<usize, usize>,
+}
 
 impl Recorder {
     pub fn new(device: &wgpu::Device) -> Recorder {
@@ -286,7 +294,11 @@ impl Recorder {
     /// before it and before the next one's commands, so work in flight still reads the old
     /// values.
     pub fn reuse_uniforms(&mut self, queue: &wgpu::Queue) {
-        self.slots = Some((queue.clone(), HashMap::new()));
+        self.slots = Some(UniformSlots {
+            queue: queue.clone(),
+            slot_of: HashMap::new(),
+            count: HashMap::new(),
+        });
     }
 
     /// Times every dispatch recorded from now on with `profiler` (one compute pass each);
@@ -310,11 +322,22 @@ impl Recorder {
         use wgpu::util::DeviceExt;
         let mut padded = words.to_vec();
         padded.resize(words.len().div_ceil(4).max(1) * 4, 0);
-        if let Some((queue, slot_of)) = self.slots.as_mut() {
-            let next = slot_of.values().filter(|k| k.0 == padded.len()).count();
-            let key = *slot_of
-                .entry(padded.clone())
-                .or_insert((padded.len(), next));
+        if let Some(UniformSlots {
+            queue,
+            slot_of,
+            count,
+        }) = self.slots.as_mut()
+        {
+            let key = match slot_of.get(&padded) {
+                Some(&key) => key,
+                None => {
+                    let n = count.entry(padded.len()).or_insert(0);
+                    let key = (padded.len(), *n);
+                    *n += 1;
+                    slot_of.insert(padded.clone(), key);
+                    key
+                }
+            };
             if let Some((held, b)) = self.cache.slots.get_mut(&key) {
                 if *held != padded {
                     queue.write_buffer(b, 0, bytemuck::cast_slice(&padded));
@@ -380,6 +403,21 @@ impl Recorder {
         buffers: &[&wgpu::Buffer],
         groups: [usize; 3],
     ) -> Result<(), GpuError> {
+        self.dispatch_at(kernel, &[], buffers, groups)
+    }
+
+    /// [`Recorder::dispatch`] with `buffers` bound whole at the binding numbers `at` (for an
+    /// entry point that uses some of its shader's bindings, not 0, 1, ...); `at` empty means
+    /// 0, 1, ... A kernel is always dispatched with the same binding numbers, so the bind
+    /// group cache keys on its buffers alone.
+    pub(crate) fn dispatch_at(
+        &mut self,
+        kernel: &Kernel,
+        at: &[u32],
+        buffers: &[&wgpu::Buffer],
+        groups: [usize; 3],
+    ) -> Result<(), GpuError> {
+        debug_assert!(at.is_empty() || at.len() == buffers.len());
         for &g in &groups {
             if g as u64 > self.max_groups as u64 {
                 return Err(GpuError::Dispatch {
@@ -403,7 +441,7 @@ impl Recorder {
                     .iter()
                     .enumerate()
                     .map(|(i, b)| wgpu::BindGroupEntry {
-                        binding: i as u32,
+                        binding: at.get(i).copied().unwrap_or(i as u32),
                         resource: b.as_entire_binding(),
                     })
                     .collect();

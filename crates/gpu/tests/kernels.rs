@@ -407,6 +407,65 @@ fn attention_matches_reference() {
     }
 }
 
+/// The split path (a decoded token's keys in chunks of their own workgroups, then the combine
+/// dispatch) gives the same bits as one workgroup per row walking its chunks, cached scores or
+/// streamed, for one query and several, with and without a cache before them; and the CPU's
+/// `attention_cached` within KERNEL_TRANSCENDENTAL. Key counts straddle the 64-key chunks.
+#[test]
+fn attention_split_over_keys_equals_the_row_walk_bit_for_bit() {
+    let mut rng = Rng::new(71);
+    for (t_q, t_kv, nh, nkv, hs) in [
+        (1, 1, 2, 1, 16),
+        (1, 64, 4, 2, 16),
+        (1, 65, 4, 2, 12),
+        (1, 200, 6, 2, 80),
+        (3, 130, 3, 1, 128),
+        (5, 5, 2, 2, 8),
+    ] {
+        let q = normal(&mut rng, t_q * nh * hs, 1.0);
+        // Spread scores: some chunks' maxima far below the row's.
+        let k = normal(&mut rng, t_kv * nkv * hs, 2.0);
+        let v = normal(&mut rng, t_kv * nkv * hs, 1.0);
+        let what = format!("attention T_Q={t_q} T_KV={t_kv} NH={nh} NKV={nkv} HS={hs}");
+        let (qt, kt, vt) = (
+            f32t("q", &[t_q, nh * hs], &q),
+            f32t("k", &[t_kv, nkv * hs], &k),
+            f32t("v", &[t_kv, nkv * hs], &v),
+        );
+        let walk = |smax: usize| {
+            let out = zeros("out", &[t_q, nh * hs]);
+            run(|r| {
+                Attention::with_score_cache(&gpu().device, nh, nkv, hs, smax)
+                    .encode_cached(r, &qt, &kt, &vt, t_kv, &out)
+            });
+            read(&out)
+        };
+        let att = Attention::new(&gpu().device, nh, nkv, hs);
+        // Padded past what is needed, filled with NaN: nothing reads a record it did not write.
+        let need = att.part_len(t_q, t_kv);
+        let part = f32t("part", &[need + 7], &vec![f32::NAN; need + 7]);
+        let split = zeros("out (split)", &[t_q, nh * hs]);
+        run(|r| att.encode_split(r, &qt, &kt, &vt, t_kv, &part, &split));
+        let split = read(&split);
+        assert_same_bits(&format!("{what}: split vs row walk"), &split, &walk(1024));
+        assert_same_bits(
+            &format!("{what}: split vs streamed row walk"),
+            &split,
+            &walk(16),
+        );
+        let want = ops::attention_cached(&q, &k, &v, t_q, t_kv, nh, nkv, hs);
+        KERNEL_TRANSCENDENTAL.assert_close(&what, &split, &want);
+        // Too small a `part` is an error, not an overrun.
+        let small = zeros("part (small)", &[need - 1]);
+        let out = zeros("out", &[t_q, nh * hs]);
+        let mut rec = Recorder::new(&gpu().device);
+        let e = att
+            .encode_split(&mut rec, &qt, &kt, &vt, t_kv, &small, &out)
+            .unwrap_err();
+        assert!(e.to_string().contains("need at least"), "{e}");
+    }
+}
+
 #[test]
 fn gated_act_matches_reference() {
     let mut rng = Rng::new(8);

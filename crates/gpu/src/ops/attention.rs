@@ -13,9 +13,16 @@ pub const SOURCE: &str = include_str!("../../../../shaders/attention.wgsl");
 ///
 /// Shapes: q (T_Q, NH*HS) f32, k (R, NKV*HS) f32, v (R, NKV*HS) f32 with R >= T_KV (a KV
 /// cache of capacity R holding T_KV tokens), out (T_Q, NH*HS) f32.
+///
+/// Two ways to run it, giving the same bits: [`Attention::encode_cached`], one workgroup per
+/// (query, head) walking the row's chunks of [`Attention::CHUNK`] keys, and
+/// [`Attention::encode_split`], one workgroup per (chunk, head, query) and a second dispatch
+/// that adds the chunks up: for decoding, where T_Q = 1 leaves only NH workgroups otherwise.
 #[derive(Clone, Debug)]
 pub struct Attention {
     kernel: Kernel,
+    part: Kernel,
+    combine: Kernel,
     nh: usize,
     nkv: usize,
     hs: usize,
@@ -25,6 +32,10 @@ impl Attention {
     /// Rows of at most this many keys keep their scores in workgroup memory (4 KiB of the
     /// 16 KiB WebGPU guarantees); longer rows recompute them (`shaders/attention.wgsl`).
     pub const SCORE_CACHE: usize = 1024;
+
+    /// Keys per chunk of the softmax (`shaders/attention.wgsl` CH, the CPU's
+    /// `ops::ATTENTION_CHUNK`).
+    pub const CHUNK: usize = bitlora_core::ops::ATTENTION_CHUNK;
 
     /// NH must be a multiple of NKV.
     pub fn new(device: &wgpu::Device, nh: usize, nkv: usize, hs: usize) -> Attention {
@@ -42,21 +53,19 @@ impl Attention {
     ) -> Attention {
         // The reference's scale, computed the same way on the CPU so both use the same f32.
         let scale = 1.0 / (hs as f32).sqrt();
-        let kernel = Kernel::new(
-            device,
-            "attention",
-            SOURCE,
-            &[
-                ("NH", super::c(nh)),
-                ("NKV", super::c(nkv)),
-                ("HS", super::c(hs)),
-                ("SCALE", scale as f64),
-                ("WG", super::c(super::WG)),
-                ("SMAX", super::c(smax.max(1))),
-            ],
-        );
+        let constants = [
+            ("NH", super::c(nh)),
+            ("NKV", super::c(nkv)),
+            ("HS", super::c(hs)),
+            ("SCALE", scale as f64),
+            ("WG", super::c(super::WG)),
+            ("SMAX", super::c(smax.max(1))),
+        ];
+        let entry = |name, entry| Kernel::entry(device, name, SOURCE, entry, &constants);
         Attention {
-            kernel,
+            kernel: entry("attention", "main"),
+            part: entry("attention (chunks)", "main_part"),
+            combine: entry("attention (combine)", "main_combine"),
             nh,
             nkv,
             hs,
@@ -77,6 +86,77 @@ impl Attention {
         self.encode_cached(rec, q, k, v, t, out)
     }
 
+    /// f32 elements of [`Attention::encode_split`]'s `part` for T_Q queries over T_KV keys.
+    pub fn part_len(&self, t_q: usize, t_kv: usize) -> usize {
+        t_q * self.nh * t_kv.div_ceil(Self::CHUNK) * (self.hs + 2)
+    }
+
+    /// As [`Attention::encode_cached`], the keys split into chunks that run in workgroups of
+    /// their own; `part` (at least [`Attention::part_len`] f32) holds each chunk's sums
+    /// between the two dispatches. The same bits as `encode_cached`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_split(
+        &self,
+        rec: &mut Recorder,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        t_kv: usize,
+        part: &GpuTensor,
+        out: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "attention (split)";
+        let (t_q, dims) = self.check(OP, rec, q, k, v, t_kv, out)?;
+        let need = self.part_len(t_q, t_kv);
+        if part.dtype != DType::F32 || part.numel() < need {
+            return Err(GpuError::Shape {
+                op: OP,
+                msg: format!(
+                    "part is {:?} {:?}; need at least {need} f32",
+                    part.dtype, part.shape
+                ),
+            });
+        }
+        rec.dispatch_at(
+            &self.part,
+            &[0, 1, 2, 3, 5],
+            &[&dims, &q.buffer, &k.buffer, &v.buffer, &part.buffer],
+            [t_kv.div_ceil(Self::CHUNK), self.nh, t_q],
+        )?;
+        rec.dispatch_at(
+            &self.combine,
+            &[0, 4, 5],
+            &[&dims, &out.buffer, &part.buffer],
+            [t_q, self.nh, 1],
+        )
+    }
+
+    /// Checks the shapes; returns T_Q and the uniform (T_Q, PAST).
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        &self,
+        op: &'static str,
+        rec: &mut Recorder,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        t_kv: usize,
+        out: &GpuTensor,
+    ) -> Result<(usize, wgpu::Buffer), GpuError> {
+        let t_q = rows(op, q, DType::F32, self.nh * self.hs)?;
+        if t_kv < t_q {
+            return Err(GpuError::Shape {
+                op,
+                msg: format!("T_KV = {t_kv} keys for T_Q = {t_q} queries; need T_KV >= T_Q"),
+            });
+        }
+        let r = at_least(op, k, DType::F32, t_kv, self.nkv * self.hs)?;
+        expect(op, v, DType::F32, &[r, self.nkv * self.hs])?;
+        expect(op, out, DType::F32, &[t_q, self.nh * self.hs])?;
+        let dims = rec.dims(op, &[t_q, t_kv - t_q])?;
+        Ok((t_q, dims))
+    }
+
     /// T_Q queries over the first `t_kv` rows of k and v.
     pub fn encode_cached(
         &self,
@@ -87,18 +167,7 @@ impl Attention {
         t_kv: usize,
         out: &GpuTensor,
     ) -> Result<(), GpuError> {
-        const OP: &str = "attention";
-        let t_q = rows(OP, q, DType::F32, self.nh * self.hs)?;
-        if t_kv < t_q {
-            return Err(GpuError::Shape {
-                op: OP,
-                msg: format!("T_KV = {t_kv} keys for T_Q = {t_q} queries; need T_KV >= T_Q"),
-            });
-        }
-        let r = at_least(OP, k, DType::F32, t_kv, self.nkv * self.hs)?;
-        expect(OP, v, DType::F32, &[r, self.nkv * self.hs])?;
-        expect(OP, out, DType::F32, &[t_q, self.nh * self.hs])?;
-        let dims = rec.dims(OP, &[t_q, t_kv - t_q])?;
+        let (t_q, dims) = self.check("attention", rec, q, k, v, t_kv, out)?;
         rec.dispatch(
             &self.kernel,
             &[&dims, &q.buffer, &k.buffer, &v.buffer, &out.buffer],
