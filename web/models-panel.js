@@ -91,7 +91,7 @@ export function mountModelsPanel(page) {
 
   const drop = el('div', { id: 'drop-zone', tabIndex: 0, role: 'button', 'aria-describedby': 'drop-hint' },
     el('strong', {}, 'Drop model files here'),
-    el('span', { id: 'drop-hint' }, ' config.json, *.safetensors, tokenizer.json, tokenizer_config.json (or their folder), or click to pick them.'));
+    el('span', { id: 'drop-hint' }, ' config.json, *.safetensors, tokenizer.json, tokenizer_config.json (or their folder), or one .gguf file, or click to pick them.'));
   const importError = el('div', { id: 'import-error', className: 'error', role: 'alert', hidden: true });
   $('files', HTMLInputElement).closest('.row')?.after(drop, importError);
 
