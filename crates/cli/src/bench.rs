@@ -71,6 +71,13 @@ fn setup(shape: &str, prompt_len: usize, seed: u64) -> Option<(Model, Vec<u32>)>
     Some((model, prompt))
 }
 
+/// decode-<shape>'s random model as llama.cpp's TQ2_0 GGUF (`gguf::write_model_for_llama_cpp`);
+/// None for an unknown shape.
+pub fn model_gguf(shape: &str, seed: u64) -> Option<bitlora_core::Result<Vec<u8>>> {
+    let (model, _) = setup(shape, 0, seed)?;
+    Some(bitlora_core::gguf::write_model_for_llama_cpp(&model))
+}
+
 fn greedy(gen_len: usize) -> SamplingOptions {
     SamplingOptions {
         max_tokens: gen_len,

@@ -118,6 +118,9 @@ enum Command {
         /// read back); prints a table on stderr and adds `profile` to the report.
         #[arg(long)]
         profile: bool,
+        /// gguf: the file to write.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Fine-tunes a LoRA adapter on a text or JSONL file (CPU reference, or --backend gpu),
     /// with a progress bar, validation, checkpoints (Ctrl-C saves one) and PEFT adapter files
@@ -234,6 +237,9 @@ enum Workload {
     /// The ternary forward and backward kernels alone, per projection shape, at T =
     /// --prompt-len (GPU only; --gen-len dispatches each, median).
     Ternary,
+    /// Writes decode-<shape>'s random model (the same --seed) to --out as a TQ2_0 GGUF that
+    /// llama.cpp loads (architecture bitnet, no vocabulary), to decode the same weights there.
+    Gguf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -321,6 +327,8 @@ enum CliError {
         "bench: shape {0} has no model of its own (use 125m, 1b or 2b4t), or the prompt exceeds its context"
     )]
     Bench(&'static str),
+    #[error("{0} needs --out FILE")]
+    NeedsOut(&'static str),
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),
 }
@@ -369,6 +377,7 @@ fn run(command: Command) -> Result<(), CliError> {
             seed,
             backend,
             profile,
+            ..
         } => {
             let report = match backend {
                 Backend::Cpu => bench::decode_cpu(shape.name(), prompt_len, gen_len, seed),
@@ -402,6 +411,7 @@ fn run(command: Command) -> Result<(), CliError> {
             seed,
             backend,
             profile: _,
+            ..
         } => {
             let name = shape.name();
             if matches!(backend, Backend::Cpu) {
@@ -423,6 +433,7 @@ fn run(command: Command) -> Result<(), CliError> {
             seed,
             backend,
             profile,
+            ..
         } => {
             // For train, --prompt-len is the sequence length and --gen-len the timed steps.
             let (name, steps) = (shape.name(), gen_len.max(1));
@@ -442,6 +453,24 @@ fn run(command: Command) -> Result<(), CliError> {
             println!(
                 "{}",
                 serde_json::to_string(&report).expect("a report serializes")
+            );
+            Ok(())
+        }
+        Command::Bench {
+            workload: Workload::Gguf,
+            shape,
+            seed,
+            out,
+            ..
+        } => {
+            let out = out.ok_or(CliError::NeedsOut("bench gguf"))?;
+            let bytes =
+                bench::model_gguf(shape.name(), seed).ok_or(CliError::Bench(shape.name()))??;
+            train_cmd::write_atomic(&out, &bytes)?;
+            eprintln!(
+                "bitlora bench: wrote decode-{}'s model (seed {seed}) as TQ2_0 GGUF to {}",
+                shape.name(),
+                out.display()
             );
             Ok(())
         }

@@ -389,6 +389,49 @@ fn gpu_generate_equals_cpu_generate() {
     );
 }
 
+/// `bench gguf` writes decode-125m's random model as a TQ2_0 GGUF for llama.cpp (arch
+/// bitnet) that reads back with the bench shape's config; without --out it says so.
+#[test]
+fn bench_gguf_writes_the_bench_model() {
+    let out = bitlora(&["bench", "gguf", "--shape", "125m"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs --out"), "{err}");
+    let path = scratch("bench-gguf").join("m.gguf");
+    let out = bitlora(&[
+        "bench",
+        "gguf",
+        "--shape",
+        "125m",
+        "--out",
+        path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let g = bitlora_core::gguf::Gguf::parse("m.gguf", &bytes).unwrap();
+    assert_eq!(g.architecture().unwrap(), "bitnet");
+    let c = g.config().unwrap();
+    let want = bitlora_core::model::bench_config("125m").unwrap();
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.vocab_size,
+            c.hidden_act
+        ),
+        (
+            want.hidden_size,
+            want.num_hidden_layers,
+            want.vocab_size,
+            want.hidden_act
+        )
+    );
+}
+
 /// `bench decode --backend gpu` prints one JSON report with the adapter and the GPU memory
 /// (a short run: 4 prompt tokens, 3 generated, on the 125m shape).
 #[test]

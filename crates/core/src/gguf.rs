@@ -1169,8 +1169,32 @@ pub fn encode_i2_s(values: &[i8], scale: f32) -> Vec<u8> {
 /// blocks, I2_S every projection to be whole 128-value blocks; otherwise an error names the
 /// tensor.
 pub fn write_model(model: &Model, ternary: GgmlType) -> Result<Vec<u8>> {
+    Ok(model_writer(model, ternary, "bitnet-b1.58")?.to_bytes())
+}
+
+/// A model as a TQ2_0 GGUF that upstream llama.cpp loads (`bitlora bench gguf`, for decoding
+/// the bench's random model there): `general.architecture = bitnet`, the only BitNet name
+/// upstream knows (its `src/models/bitnet.cpp`), and `tokenizer.ggml.model = no_vocab`, with
+/// which llama.cpp makes `bitnet.vocab_size` dummy tokens instead of refusing a file without a
+/// tokenizer. Its graph reads the head from `token_embd.weight`, so an untied head is an
+/// error. Note that graph gates the FFN with SiLU where this model's `hidden_act` may be relu²
+/// (kept in `bitlora.hidden_act`, so bitlora reads the file back as written): the same bytes
+/// are read per token, only the activation's few flops differ.
+pub fn write_model_for_llama_cpp(model: &Model) -> Result<Vec<u8>> {
+    if model.params.lm_head.is_some() {
+        return Err(Error::GgufMetadata {
+            file: "(gguf export)".into(),
+            key: "output.weight".into(),
+            problem: "llama.cpp's bitnet graph has no separate head: export a model with tie_word_embeddings".into(),
+        });
+    }
+    let mut w = model_writer(model, GgmlType::TQ2_0, "bitnet")?;
+    w.kv("tokenizer.ggml.model", Value::Str("no_vocab".into()));
+    Ok(w.to_bytes())
+}
+
+fn model_writer(model: &Model, ternary: GgmlType, arch: &str) -> Result<GgufWriter> {
     let c = &model.config;
-    let arch = "bitnet-b1.58";
     let mut w = GgufWriter::new();
     let u = |x: usize| Value::U32(x as u32);
     w.kv("general.architecture", Value::Str(arch.into()))
@@ -1258,7 +1282,7 @@ pub fn write_model(model: &Model, ternary: GgmlType) -> Result<Vec<u8>> {
             w.raw_tensor(&name, &[o, i], ternary, bytes);
         }
     }
-    Ok(w.to_bytes())
+    Ok(w)
 }
 
 /// The model's tensors, out of a parsed GGUF file, under the names and in the forms the model

@@ -504,6 +504,28 @@ fn write_model_round_trips() {
     assert_same_model("written i2_s", &m, &tiny);
 }
 
+/// The export for llama.cpp (`bench gguf`) names the one BitNet architecture upstream knows,
+/// asks for no vocabulary, and reads back as the same model (t256 with its head tied); the
+/// untied t256 is refused.
+#[test]
+fn llama_cpp_export_loads_as_bitnet() {
+    let untied = Model::from_path(&fixture("gguf/t256")).unwrap();
+    let e = gguf::write_model_for_llama_cpp(&untied).unwrap_err();
+    assert!(e.to_string().contains("output.weight"), "{e}");
+    let mut st = untied;
+    st.params.lm_head = None;
+    st.config.tie_word_embeddings = true;
+    let bytes = gguf::write_model_for_llama_cpp(&st).unwrap();
+    let g = Gguf::parse("llama.gguf", &bytes).unwrap();
+    assert_eq!(g.architecture().unwrap(), "bitnet");
+    assert_eq!(
+        g.get("tokenizer.ggml.model").and_then(Value::as_str),
+        Some("no_vocab")
+    );
+    let m = gguf::load_model("llama.gguf", &bytes).unwrap();
+    assert_same_model("llama.cpp export", &m, &st);
+}
+
 /// The GGUF LoRA export read back with the reader: llama.cpp's names, shapes (ggml order),
 /// F32, alpha, and values equal to the PEFT export's tensors (B times each projection's
 /// w_scale for the QVAC graph). tools/fixtures/read_gguf_adapter.py reads the same file with
