@@ -64,7 +64,26 @@ fn main(
     let r = t * I4;
     var g = vec4<i32>();
     var u = vec4<i32>();
-    for (var k = lid.y; k < I4; k += SPLIT) {
+    // Four words a step, loaded before any is used: the loads overlap instead of each step
+    // waiting on memory (the sums are integers: exact in any order).
+    var k = lid.y;
+    for (; k + 3u * SPLIT < I4; k += 4u * SPLIT) {
+        let x0 = xq[r + k];
+        let x1 = xq[r + k + SPLIT];
+        let x2 = xq[r + k + 2u * SPLIT];
+        let x3 = xq[r + k + 3u * SPLIT];
+        let g0 = wg[k * O4 + pc];
+        let g1 = wg[(k + SPLIT) * O4 + pc];
+        let g2 = wg[(k + 2u * SPLIT) * O4 + pc];
+        let g3 = wg[(k + 3u * SPLIT) * O4 + pc];
+        let u0 = wu[k * O4 + pc];
+        let u1 = wu[(k + SPLIT) * O4 + pc];
+        let u2 = wu[(k + 2u * SPLIT) * O4 + pc];
+        let u3 = wu[(k + 3u * SPLIT) * O4 + pc];
+        g += dot_word(x0, g0) + dot_word(x1, g1) + dot_word(x2, g2) + dot_word(x3, g3);
+        u += dot_word(x0, u0) + dot_word(x1, u1) + dot_word(x2, u2) + dot_word(x3, u3);
+    }
+    for (; k < I4; k += SPLIT) {
         let x = xq[r + k];
         g += dot_word(x, wg[k * O4 + pc]);
         u += dot_word(x, wu[k * O4 + pc]);

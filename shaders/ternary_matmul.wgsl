@@ -76,6 +76,12 @@ fn dot4(x: u32, c: vec4<u32>) -> vec4<i32> {
     );
 }
 
+// The four slots' signed codes c - 1 of weight word ww, one byte each (see the top).
+fn codes(ww: u32) -> vec4<u32> {
+    let u = (vec4<u32>(ww) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(0x03030303u);
+    return ((u | vec4<u32>(0x80808080u)) - vec4<u32>(0x01010101u)) ^ vec4<u32>(0x80808080u);
+}
+
 // Token j's sums into the workgroup's totals.
 fn add_part(j: u32, lane: u32, a: vec4<i32>) {
     let base = j * 4u * LANES + lane;
@@ -116,10 +122,24 @@ fn main(
     var a5 = vec4<i32>();
     var a6 = vec4<i32>();
     var a7 = vec4<i32>();
-    for (var k = lid.y; k < I4; k += SPLIT) {
-        let ww = w[k * O4 + pc];
-        let u = (vec4<u32>(ww) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(0x03030303u);
-        let c = ((u | vec4<u32>(0x80808080u)) - vec4<u32>(0x01010101u)) ^ vec4<u32>(0x80808080u);
+    var k = lid.y;
+    if TM == 1u {
+        // One token (decoding): four words a step, loaded before any is used, so the loads
+        // overlap instead of each step waiting on memory (integer sums: exact in any order).
+        for (; k + 3u * SPLIT < I4; k += 4u * SPLIT) {
+            let w0 = w[k * O4 + pc];
+            let w1 = w[(k + SPLIT) * O4 + pc];
+            let w2 = w[(k + 2u * SPLIT) * O4 + pc];
+            let w3 = w[(k + 3u * SPLIT) * O4 + pc];
+            let x0 = xq[r0 + k];
+            let x1 = xq[r0 + k + SPLIT];
+            let x2 = xq[r0 + k + 2u * SPLIT];
+            let x3 = xq[r0 + k + 3u * SPLIT];
+            a0 += dot4(x0, codes(w0)) + dot4(x1, codes(w1)) + dot4(x2, codes(w2)) + dot4(x3, codes(w3));
+        }
+    }
+    for (; k < I4; k += SPLIT) {
+        let c = codes(w[k * O4 + pc]);
         a0 += dot4(xq[r0 + k], c);
         if TM > 1u {
             a1 += dot4(xq[r1 + k], c);
