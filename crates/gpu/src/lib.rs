@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 pub use wgpu;
 
 pub use model::{DecodeHostTimes, GpuKvCache, GpuModel, PassProfile};
-pub use record::{DispatchTimes, Profiler, Recorder};
+pub use record::{DispatchTimes, PassClock, Profiler, Recorder};
 pub use tensor::{DType, GpuTensor, SplitTensor};
 pub use train::{
     GpuBackend, GpuState, GpuTrainer, Placement, PlanOptions, Planned, Role, StepProfile, TrainPlan,

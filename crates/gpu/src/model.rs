@@ -170,6 +170,10 @@ pub struct DecodeHostTimes {
     pub passes: usize,
     /// Recording and submitting them.
     pub record_s: f64,
+    /// Of which inside wgpu's compute pass calls (set_pipeline, set_bind_group, dispatch).
+    pub commands_s: f64,
+    /// Of which ending the compute pass.
+    pub pass_end_s: f64,
     /// Of which `CommandEncoder::finish` and `Queue::submit` (wgpu validates the commands and
     /// encodes them for the driver there).
     pub submit_s: f64,
@@ -1063,6 +1067,9 @@ impl GpuModel {
             // Each token's pass differs from the last only in its position: keeping the
             // uniform buffers (rewritten) keeps every bind group.
             rec.reuse_uniforms(&self.queue);
+            if self.host_times.get().is_some() {
+                rec.time_wgpu();
+            }
         }
         if let Some(g) = self
             .profile
@@ -1193,7 +1200,13 @@ impl GpuModel {
                 None
             }
         };
-        let (encoder, bind_cache, gpu) = rec.finish_profiled();
+        let (encoder, bind_cache, gpu, clock) = rec.finish_timed();
+        if let Some(c) = clock {
+            self.add_host_time(Some(std::time::Instant::now()), |h, _| {
+                h.commands_s += c.commands_s;
+                h.pass_end_s += c.pass_end_s;
+            });
+        }
         let t0 = if generating { self.host_clock() } else { None };
         let index = self.queue.submit([encoder.finish()]);
         self.add_host_time(t0, |h, s| h.submit_s += s);

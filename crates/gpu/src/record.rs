@@ -239,6 +239,19 @@ pub struct Recorder {
     profiler: Option<Profiler>,
     /// Set by [`Recorder::reuse_uniforms`]: the queue that rewrites reused uniform buffers.
     slots: Option<UniformSlots>,
+    /// Set by [`Recorder::time_wgpu`]: the host's time inside wgpu's compute pass calls.
+    clock: Option<PassClock>,
+}
+
+/// The host's time inside wgpu while recording ([`Recorder::time_wgpu`]), wall-clock seconds
+/// (`std::time::Instant`: native only): what bitlora's own bookkeeping is not.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PassClock {
+    /// `set_pipeline`, `set_bind_group` and `dispatch_workgroups` of every dispatch.
+    pub commands_s: f64,
+    /// Ending the compute pass (wgpu validates the pass's commands and encodes them for the
+    /// driver there).
+    pub pass_end_s: f64,
 }
 
 /// A reused uniform buffer's place: (padded length in words, ordinal among a recording's
@@ -282,7 +295,14 @@ impl Recorder {
             max_groups: device.limits().max_compute_workgroups_per_dimension,
             profiler: None,
             slots: None,
+            clock: None,
         }
+    }
+
+    /// Measures the host's time inside wgpu's pass calls from now on
+    /// ([`Recorder::finish_timed`] returns it). Native only.
+    pub fn time_wgpu(&mut self) {
+        self.clock = Some(PassClock::default());
     }
 
     /// Uniform values from now on go into buffers kept in the cache by position rather than
@@ -481,10 +501,14 @@ impl Recorder {
                     .forget_lifetime(),
             );
         }
+        let t0 = self.clock.map(|_| std::time::Instant::now());
         let pass = self.pass.as_mut().expect("opened above");
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups[0] as u32, groups[1] as u32, groups[2] as u32);
+        if let (Some(c), Some(t0)) = (self.clock.as_mut(), t0) {
+            c.commands_s += t0.elapsed().as_secs_f64();
+        }
         Ok(())
     }
 
@@ -517,12 +541,30 @@ impl Recorder {
     /// Ends the pass; returns the encoder (with the profiler's queries resolved into its
     /// readback buffer: read it with [`Profiler::read`] after submitting), the cache and the
     /// profiler.
-    pub fn finish_profiled(mut self) -> (wgpu::CommandEncoder, BindCache, Option<Profiler>) {
+    pub fn finish_profiled(self) -> (wgpu::CommandEncoder, BindCache, Option<Profiler>) {
+        let (encoder, cache, profiler, _) = self.finish_timed();
+        (encoder, cache, profiler)
+    }
+
+    /// [`Recorder::finish_profiled`], with the time spent in wgpu when
+    /// [`Recorder::time_wgpu`] asked for it.
+    pub fn finish_timed(
+        mut self,
+    ) -> (
+        wgpu::CommandEncoder,
+        BindCache,
+        Option<Profiler>,
+        Option<PassClock>,
+    ) {
+        let t0 = self.clock.map(|_| std::time::Instant::now());
         drop(self.pass.take());
+        if let (Some(c), Some(t0)) = (self.clock.as_mut(), t0) {
+            c.pass_end_s += t0.elapsed().as_secs_f64();
+        }
         if let Some(p) = self.profiler.as_mut() {
             p.resolve(&self.device, &mut self.encoder);
         }
-        (self.encoder, self.cache, self.profiler)
+        (self.encoder, self.cache, self.profiler, self.clock)
     }
 
     /// Ends the pass and submits everything recorded.
