@@ -54,7 +54,11 @@ pub struct DecodeReport {
 pub struct DecodeHost {
     pub passes: usize,
     pub record_ms_per_token: f64,
-    /// Of record_ms_per_token: finishing the command encoder and submitting it.
+    /// Of record_ms_per_token: inside wgpu's pass calls (set_pipeline, set_bind_group,
+    /// dispatch_workgroups), ending the pass, finishing the command encoder and submitting it;
+    /// the rest is bitlora's own bookkeeping (uniforms, bind group lookups, shape checks).
+    pub wgpu_commands_ms_per_token: f64,
+    pub pass_end_ms_per_token: f64,
     pub submit_ms_per_token: f64,
     pub wait_ms_per_token: f64,
 }
@@ -185,6 +189,8 @@ pub fn decode_gpu(
         .map(|h| DecodeHost {
             passes: h.passes,
             record_ms_per_token: 1e3 * h.record_s / h.passes as f64,
+            wgpu_commands_ms_per_token: 1e3 * h.commands_s / h.passes as f64,
+            pass_end_ms_per_token: 1e3 * h.pass_end_s / h.passes as f64,
             submit_ms_per_token: 1e3 * h.submit_s / h.passes as f64,
             wait_ms_per_token: 1e3 * h.wait_s / h.passes as f64,
         });
