@@ -10,7 +10,7 @@
 //! bitlora serve [--port N] [--root DIR] [--hub URL]...              serves the page
 //! bitlora random-model --out DIR [--shape tiny] [--seed N]          writes a random BitNet model
 //! bitlora export --adapter DIR --format gguf [--target llama|qvac] --out FILE   GGUF LoRA adapter
-//! bitlora merge --adapter DIR --out DIR [--out-format safetensors|gguf]  merged model
+//! bitlora merge --adapter DIR --out DIR [--out-format safetensors|gguf] [--gguf-arch bitnet|bitnet-b1.58] [--gguf-type tq2_0|tq1_0|i2_s]  merged model
 //! ```
 //! `--model` takes a model directory or a `.gguf` file (llama.cpp / QVAC TQ1_0, TQ2_0;
 //! bitnet.cpp I2_S); a .gguf's tokenizer.json and tokenizer_config.json are read beside it, and without a
@@ -153,10 +153,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// safetensors: config.json + model.safetensors (f32 master weights); gguf: also
-        /// model.gguf, the merged model re-quantized to ternary as TQ2_0 (rows must be
-        /// multiples of 256; else I2_S), for llama.cpp / QVAC / bitnet.cpp.
+        /// model.gguf, the merged model re-quantized to ternary, with the model's
+        /// tokenizer.json as tokenizer.ggml.* (none: no_vocab), for llama.cpp / QVAC /
+        /// bitnet.cpp.
         #[arg(long, value_enum, default_value_t = OutFormat::Safetensors)]
         out_format: OutFormat,
+        /// gguf: general.architecture. bitnet: the name upstream llama.cpp and QVAC Fabric
+        /// read (tied head, TQ types only); bitnet-b1.58: bitnet.cpp's.
+        #[arg(long, value_enum, default_value_t = GgufArchArg::Bitnet)]
+        gguf_arch: GgufArchArg,
+        /// gguf: the projections' type (TQ types need rows in whole 256-value blocks).
+        /// Default: tq2_0; with --gguf-arch bitnet-b1.58, i2_s where rows are not whole blocks.
+        #[arg(long, value_enum)]
+        gguf_type: Option<GgufTypeArg>,
     },
     /// Exports a trained PEFT adapter for another runtime: `--format gguf` writes a GGUF LoRA
     /// adapter (llama.cpp's names, F32) for `llama-cli --lora` / `llama-export-lora`
@@ -275,6 +284,23 @@ struct TokenList(Vec<u32>);
 enum OutFormat {
     Safetensors,
     Gguf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GgufArchArg {
+    Bitnet,
+    #[value(name = "bitnet-b1.58")]
+    BitnetB158,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GgufTypeArg {
+    #[value(name = "tq2_0")]
+    Tq2_0,
+    #[value(name = "tq1_0")]
+    Tq1_0,
+    #[value(name = "i2_s")]
+    I2S,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -481,7 +507,9 @@ fn run(command: Command) -> Result<(), CliError> {
             adapter,
             out,
             out_format,
-        } => merge(&model, &adapter, &out, out_format),
+            gguf_arch,
+            gguf_type,
+        } => merge(&model, &adapter, &out, out_format, gguf_arch, gguf_type),
         Command::Export {
             adapter,
             model,
@@ -572,6 +600,8 @@ fn merge(
     adapter: &std::path::Path,
     out: &std::path::Path,
     out_format: OutFormat,
+    gguf_arch: GgufArchArg,
+    gguf_type: Option<GgufTypeArg>,
 ) -> Result<(), CliError> {
     let io = |p: &std::path::Path, source| {
         CliError::Model(bitlora_core::Error::Io {
@@ -623,6 +653,14 @@ fn merge(
         .collect();
     let weights = bitlora_core::weights::WeightFiles::parse(&files)?;
     let merged = bitlora_core::merge::merge(&model.config, &weights, &lora)?;
+    let st = bitlora_core::weights::serialize(&merged);
+    let path = out.join("model.safetensors");
+    // The GGUF before any file is written: a model the chosen runtime cannot load is refused
+    // with the reason, and --out is left as it was.
+    let gguf = match out_format {
+        OutFormat::Safetensors => None,
+        OutFormat::Gguf => Some(merged_gguf(dir, &model, &path, &st, gguf_arch, gguf_type)?),
+    };
     std::fs::create_dir_all(out)
         .map_err(|e| train_cmd::TrainError::Write(out.display().to_string(), e))?;
     // Every file through a temporary name, fsynced and renamed (as `train` writes): a full
@@ -634,24 +672,8 @@ fn merge(
             train_cmd::write_atomic(&out.join(f), &bytes)?;
         }
     }
-    let path = out.join("model.safetensors");
-    let st = bitlora_core::weights::serialize(&merged);
     train_cmd::write_atomic(&path, &st)?;
-    if let OutFormat::Gguf = out_format {
-        // The merged master weights, quantized as the model loads them, as ternary GGUF.
-        let mut config = model.config.clone();
-        config.weight_format = bitlora_core::WeightFormat::Master;
-        let cfg = serde_json::to_vec(&config.to_json()).expect("JSON serializes");
-        let merged_model =
-            Model::from_bytes("config.json", &cfg, &[(&path.display().to_string(), &st)])?;
-        let bytes =
-            bitlora_core::gguf::write_model(&merged_model, bitlora_core::gguf::GgmlType::TQ2_0)
-                .or_else(|_| {
-                    bitlora_core::gguf::write_model(
-                        &merged_model,
-                        bitlora_core::gguf::GgmlType::I2_S,
-                    )
-                })?;
+    if let Some(bytes) = gguf {
         train_cmd::write_atomic(&out.join("model.gguf"), &bytes)?;
     }
     eprintln!(
@@ -661,6 +683,66 @@ fn merge(
         out.display()
     );
     Ok(())
+}
+
+/// The merged master weights `st`, quantized as the model loads them, as a ternary GGUF for
+/// `arch`, with `dir`'s tokenizer.json (if any) as `tokenizer.ggml.*`.
+fn merged_gguf(
+    dir: &std::path::Path,
+    model: &Model,
+    path: &std::path::Path,
+    st: &[u8],
+    arch: GgufArchArg,
+    ty: Option<GgufTypeArg>,
+) -> Result<Vec<u8>, CliError> {
+    use bitlora_core::gguf::{GgmlType, GgufArch, write_model_as};
+    let mut config = model.config.clone();
+    config.weight_format = bitlora_core::WeightFormat::Master;
+    let cfg = serde_json::to_vec(&config.to_json()).expect("JSON serializes");
+    let merged = Model::from_bytes("config.json", &cfg, &[(&path.display().to_string(), st)])?;
+    let arch = match arch {
+        GgufArchArg::Bitnet => GgufArch::Bitnet,
+        GgufArchArg::BitnetB158 => GgufArch::BitnetB158,
+    };
+    let tok_path = dir.join("tokenizer.json");
+    let tok_bytes = if tok_path.exists() {
+        Some(read_file(&tok_path)?)
+    } else {
+        None
+    };
+    let label = tok_path.display().to_string();
+    let tok = tok_bytes.as_deref().map(|b| (label.as_str(), b));
+    let write = |t| write_model_as(&merged, arch, t, tok);
+    let bytes = match ty {
+        Some(GgufTypeArg::Tq2_0) => write(GgmlType::TQ2_0)?,
+        Some(GgufTypeArg::Tq1_0) => write(GgmlType::TQ1_0)?,
+        Some(GgufTypeArg::I2S) => write(GgmlType::I2_S)?,
+        // bitnet.cpp reads I2_S: the old default, TQ2_0 where rows allow, else I2_S.
+        None if arch == GgufArch::BitnetB158 => {
+            write(GgmlType::TQ2_0).or_else(|_| write(GgmlType::I2_S))?
+        }
+        None => write(GgmlType::TQ2_0).map_err(|e| match e {
+            bitlora_core::Error::TensorShape { name, actual, .. } => {
+                bitlora_core::Error::GgufMetadata {
+                    file: "(gguf export)".into(),
+                    key: name,
+                    problem: format!(
+                        "has rows of {} values; llama.cpp's TQ1_0/TQ2_0 need whole 256-value blocks and it has no I2_S: use --gguf-arch bitnet-b1.58 for bitnet.cpp (I2_S)",
+                        actual.get(1).copied().unwrap_or_default()
+                    ),
+                }
+            }
+            e => e,
+        })?,
+    };
+    if arch == GgufArch::Bitnet
+        && matches!(merged.config.hidden_act, bitlora_core::Activation::Relu2)
+    {
+        eprintln!(
+            "bitlora: note: llama.cpp's bitnet graph gates the FFN with SiLU; this model's hidden_act is relu², so llama.cpp computes another function than bitlora from the same weights"
+        );
+    }
+    Ok(bytes)
 }
 
 fn read_file(path: &std::path::Path) -> Result<Vec<u8>, CliError> {

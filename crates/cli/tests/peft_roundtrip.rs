@@ -326,3 +326,186 @@ fn merge_on_a_full_disk_leaves_the_previous_model_whole() {
     );
     assert!(after == before, "the merged model changed: {names:?}");
 }
+
+/// `merge --out-format gguf` for llama.cpp (the default `--gguf-arch bitnet`) on a 256-wide
+/// master model with a tied head and the byte-level tokenizer, built here from fixed seeds
+/// (no committed fixture has rows in whole 256-value blocks and master weights): model.gguf
+/// reads back through bitlora's reader as the merged safetensors model, the ternary values
+/// exactly, each scale within GGUF_F16_SCALE (TQ's f16 block scale), and with the GGUF's scales
+/// given to the safetensors model the logits under EXACT; its tokenizer.ggml.* (`gpt2`) encodes
+/// as tokenizer.json. Also with `--gguf-type tq1_0`; `i2_s` (unknown to llama.cpp) is refused
+/// before --out is written.
+#[test]
+fn merge_to_gguf_for_llama_cpp_reads_back_as_the_merged_model() {
+    use bitlora_core::Model;
+    use bitlora_core::gguf::{Gguf, Value};
+    use bitlora_core::model::Proj;
+    use bitlora_core::tolerance::{EXACT, GGUF_F16_SCALE};
+    use bitlora_core::weights::{OwnedTensor, serialize};
+
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join("merge-gguf");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (base, adapter) = (tmp.join("base"), tmp.join("adapter"));
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::create_dir_all(&adapter).unwrap();
+    let (h, f, v, layers, r) = (256usize, 256usize, 258usize, 2usize, 4usize);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = |n: usize, scale: f32, offset: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                offset + scale * ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            })
+            .collect()
+    };
+    let config = serde_json::json!({
+        "architectures": ["BitNetForCausalLM"], "model_type": "bitnet",
+        "vocab_size": v, "hidden_size": h, "intermediate_size": f,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "hidden_act": "relu2", "tie_word_embeddings": true,
+        "bos_token_id": 256, "eos_token_id": 256,
+        "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
+            "quantization_mode": "online"}
+    });
+    std::fs::write(base.join("config.json"), config.to_string()).unwrap();
+    for fl in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(
+            repo().join("tests/fixtures/byte-tokenizer").join(fl),
+            base.join(fl),
+        )
+        .unwrap();
+    }
+    let mut tensors = vec![
+        OwnedTensor::f32("model.embed_tokens.weight", &[v, h], &rand(v * h, 2.0, 0.0)),
+        OwnedTensor::f32("model.norm.weight", &[h], &rand(h, 0.2, 1.0)),
+    ];
+    let mut lora = Vec::new();
+    for l in 0..layers {
+        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+        for (name, n) in [
+            ("input_layernorm", h),
+            ("post_attention_layernorm", h),
+            ("self_attn.attn_sub_norm", h),
+            ("mlp.ffn_sub_norm", f),
+        ] {
+            tensors.push(OwnedTensor::f32(p(name), &[n], &rand(n, 0.2, 1.0)));
+        }
+        for (name, o, i) in [
+            ("self_attn.q_proj", h, h),
+            ("self_attn.k_proj", 128, h),
+            ("self_attn.v_proj", 128, h),
+            ("self_attn.o_proj", h, h),
+            ("mlp.gate_proj", f, h),
+            ("mlp.up_proj", f, h),
+            ("mlp.down_proj", h, f),
+        ] {
+            tensors.push(OwnedTensor::f32(p(name), &[o, i], &rand(o * i, 0.1, 0.0)));
+            let a = format!("base_model.model.model.layers.{l}.{name}.lora_A.weight");
+            lora.push(OwnedTensor::f32(a, &[r, i], &rand(r * i, 0.2, 0.0)));
+            let b = format!("base_model.model.model.layers.{l}.{name}.lora_B.weight");
+            lora.push(OwnedTensor::f32(b, &[o, r], &rand(o * r, 0.2, 0.0)));
+        }
+    }
+    std::fs::write(base.join("model.safetensors"), serialize(&tensors)).unwrap();
+    std::fs::write(adapter.join("adapter_model.safetensors"), serialize(&lora)).unwrap();
+    let mut ac = json(&repo().join("tests/fixtures/peft-roundtrip/adapter/adapter_config.json"));
+    ac["base_model_name_or_path"] = serde_json::json!(base.display().to_string());
+    std::fs::write(adapter.join("adapter_config.json"), ac.to_string()).unwrap();
+
+    let merge = |out: &Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bitlora"))
+            .args(["merge", "--model"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--out")
+            .arg(out)
+            .args(["--out-format", "gguf"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let tokens: Vec<u32> = vec![256, 72, 101, 108, 108, 111, 32, 49, 50, 51, 257];
+    for (kind, extra) in [("tq2_0", &[][..]), ("tq1_0", &["--gguf-type", "tq1_0"][..])] {
+        let out = tmp.join(format!("merged-{kind}"));
+        let o = merge(&out, extra);
+        assert!(
+            o.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let bytes = std::fs::read(out.join("model.gguf")).unwrap();
+        let g = Gguf::parse("model.gguf", &bytes).unwrap();
+        assert_eq!(g.architecture().unwrap(), "bitnet");
+        assert_eq!(
+            g.get("tokenizer.ggml.model").and_then(Value::as_str),
+            Some("gpt2")
+        );
+        assert!(
+            g.tensor("output.weight").is_none(),
+            "{kind}: an untied head"
+        );
+        let tok = bitlora_core::Tokenizer::from_bytes(
+            "tokenizer.json",
+            &std::fs::read(out.join("tokenizer.json")).unwrap(),
+        )
+        .unwrap();
+        let text = "Hello, world! 12345\n<|endoftext|>";
+        assert_eq!(
+            g.tokenizer().unwrap().encode(text, true).unwrap(),
+            tok.encode(text, true).unwrap(),
+            "{kind}: the GGUF's tokenizer"
+        );
+        let gm = Model::from_path(&out.join("model.gguf")).unwrap();
+        let mut st = Model::from_path(&out).unwrap();
+        EXACT.assert_close(
+            &format!("{kind}: embed"),
+            &gm.params.embed_tokens,
+            &st.params.embed_tokens,
+        );
+        for (l, (gl, sl)) in gm
+            .params
+            .layers
+            .iter()
+            .zip(&mut st.params.layers)
+            .enumerate()
+        {
+            for p in Proj::ALL {
+                let (a, b) = (gl.proj(p), sl.proj(p));
+                assert_eq!(
+                    a.unpack(),
+                    b.unpack(),
+                    "{kind}: layer {l} {p:?} ternary values"
+                );
+                GGUF_F16_SCALE.assert_close(
+                    &format!("{kind}: layer {l} {p:?} w_scale"),
+                    &[a.w_scale],
+                    &[b.w_scale],
+                );
+                let lin = match p {
+                    Proj::Q => &mut sl.q_proj,
+                    Proj::K => &mut sl.k_proj,
+                    Proj::V => &mut sl.v_proj,
+                    Proj::O => &mut sl.o_proj,
+                    Proj::Gate => &mut sl.gate_proj,
+                    Proj::Up => &mut sl.up_proj,
+                    Proj::Down => &mut sl.down_proj,
+                };
+                lin.w_scale = a.w_scale;
+            }
+        }
+        let (lg, ls) = (gm.logits(&tokens).unwrap(), st.logits(&tokens).unwrap());
+        EXACT.assert_close(&format!("{kind}: logits"), &lg, &ls);
+    }
+    let out = tmp.join("merged-i2_s");
+    let o = merge(&out, &["--gguf-type", "i2_s"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("bitnet-b1.58"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "a refused merge wrote {}", out.display());
+}

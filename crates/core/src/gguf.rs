@@ -755,7 +755,8 @@ impl Gguf {
     /// `merges`, `token_type` with 3 = control and 4 = user-defined as added tokens) with the
     /// pre-tokenizer `tokenizer.ggml.pre` names (`llama-bpe` / `llama3`: LLaMA-3's split and
     /// whole-word vocabulary hits, as llama.cpp's `ignore_merges`; `gpt-2` / `default` or none:
-    /// GPT-2's byte-level regex), and the BOS prepended when `tokenizer.ggml.add_bos_token`.
+    /// GPT-2's byte-level regex; `starcoder`: single digits, then GPT-2's regex, as bitlora's
+    /// own tokenizers split), and the BOS prepended when `tokenizer.ggml.add_bos_token`.
     /// Other models (SentencePiece `llama`, ...) and pre-tokenizers are refused by name: pass
     /// the model's tokenizer.json instead.
     pub fn tokenizer_json(&self) -> Result<String> {
@@ -816,6 +817,12 @@ impl Gguf {
                     {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
                 true,
             ),
+            Some("starcoder") => (
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true},
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]}),
+                false,
+            ),
             None | Some("gpt-2" | "default") => (
                 json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
                 false,
@@ -824,7 +831,7 @@ impl Gguf {
                 return Err(unsupported(
                     "tokenizer.ggml.pre",
                     format!(
-                        "is \"{other}\", a pre-tokenizer bitlora does not rebuild (it does llama-bpe, gpt-2)"
+                        "is \"{other}\", a pre-tokenizer bitlora does not rebuild (it does llama-bpe, gpt-2, starcoder)"
                     ),
                 ));
             }
@@ -1163,34 +1170,265 @@ pub fn encode_i2_s(values: &[i8], scale: f32) -> Vec<u8> {
     out
 }
 
-/// A model as a GGUF file with llama.cpp's names and `bitnet-b1.58` metadata: projections as
-/// `ternary` (TQ2_0 or I2_S; `d` or the I2_S scale is `1 / w_scale`, rounded to f16 for
-/// TQ2_0), everything else F32. TQ2_0 needs every projection's rows to be whole 256-value
-/// blocks, I2_S every projection to be whole 128-value blocks; otherwise an error names the
-/// tensor.
-pub fn write_model(model: &Model, ternary: GgmlType) -> Result<Vec<u8>> {
-    Ok(model_writer(model, ternary, "bitnet-b1.58")?.to_bytes())
+/// Encodes ternary values (ggml order, a multiple of 256) as TQ1_0 blocks with scale `d`:
+/// llama.cpp's `quantize_row_tq1_0_ref` on `values * d`. A 256-value block is 48 bytes of five
+/// trits (the first 160 values as 32 columns of 5, the next 80 as 16 columns of 5), 4 bytes of
+/// four trits (the last 16 values, 4 columns of 4), then `d` as f16: 54 bytes. A byte holding
+/// trits t_1..t_k (most significant first, padded to five) stores
+/// `ceil(256 * sum t_j 3^(5-j) / 243)`, so that `(q * 3^n) mod 256 * 3 >> 8` reads trit n back.
+pub fn encode_tq1_0(values: &[i8], d: f32) -> Vec<u8> {
+    let d = half::f16::from_f32(d).to_le_bytes();
+    fn pack(trits: impl Iterator<Item = i8>, n: usize) -> u8 {
+        let mut q: u16 = 0;
+        for t in trits {
+            q = q * 3 + (t + 1) as u16;
+        }
+        // n < 5 trits: shift them to the most significant positions.
+        for _ in n..5 {
+            q *= 3;
+        }
+        (q * 256).div_ceil(243) as u8
+    }
+    let mut out = Vec::with_capacity(values.len() / 256 * 54);
+    for block in values.chunks_exact(256) {
+        let (a, rest) = block.split_at(160);
+        let (b, c) = rest.split_at(80);
+        for m in 0..32 {
+            out.push(pack((0..5).map(|n| a[m + 32 * n]), 5));
+        }
+        for m in 0..16 {
+            out.push(pack((0..5).map(|n| b[m + 16 * n]), 5));
+        }
+        for j in 0..4 {
+            out.push(pack((0..4).map(|n| c[j + 4 * n]), 4));
+        }
+        out.extend(d);
+    }
+    out
 }
 
-/// A model as a TQ2_0 GGUF that upstream llama.cpp loads (`bitlora bench gguf`, for decoding
-/// the bench's random model there): `general.architecture = bitnet`, the only BitNet name
-/// upstream knows (its `src/models/bitnet.cpp`), and `tokenizer.ggml.model = no_vocab`, with
-/// which llama.cpp makes `bitnet.vocab_size` dummy tokens instead of refusing a file without a
-/// tokenizer. Its graph reads the head from `token_embd.weight`, so an untied head is an
-/// error. Note that graph gates the FFN with SiLU where this model's `hidden_act` may be relu²
-/// (kept in `bitlora.hidden_act`, so bitlora reads the file back as written): the same bytes
-/// are read per token, only the activation's few flops differ.
-pub fn write_model_for_llama_cpp(model: &Model) -> Result<Vec<u8>> {
-    if model.params.lm_head.is_some() {
-        return Err(Error::GgufMetadata {
-            file: "(gguf export)".into(),
-            key: "output.weight".into(),
-            problem: "llama.cpp's bitnet graph has no separate head: export a model with tie_word_embeddings".into(),
-        });
+/// The runtime a model's GGUF is written for, named by its `general.architecture`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufArch {
+    /// `bitnet`: the one BitNet architecture upstream llama.cpp and QVAC Fabric know (their
+    /// `src/models/bitnet.cpp`). Their graph reads the head from `token_embd` (an untied head
+    /// is refused), gates the FFN with SiLU, and knows TQ1_0/TQ2_0 but not I2_S.
+    Bitnet,
+    /// `bitnet-b1.58`: bitnet.cpp (microsoft/BitNet), which also reads I2_S.
+    BitnetB158,
+}
+
+impl GgufArch {
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufArch::Bitnet => "bitnet",
+            GgufArch::BitnetB158 => "bitnet-b1.58",
+        }
     }
-    let mut w = model_writer(model, GgmlType::TQ2_0, "bitnet")?;
-    w.kv("tokenizer.ggml.model", Value::Str("no_vocab".into()));
+}
+
+/// A model as a GGUF file with llama.cpp's names and `bitnet-b1.58` metadata, no vocabulary
+/// (see [`write_model_as`]).
+pub fn write_model(model: &Model, ternary: GgmlType) -> Result<Vec<u8>> {
+    write_model_as(model, GgufArch::BitnetB158, ternary, None)
+}
+
+/// A model as a TQ2_0 GGUF that upstream llama.cpp loads, with no vocabulary (`bitlora bench
+/// gguf`, for decoding the bench's random model there); see [`write_model_as`].
+pub fn write_model_for_llama_cpp(model: &Model) -> Result<Vec<u8>> {
+    write_model_as(model, GgufArch::Bitnet, GgmlType::TQ2_0, None)
+}
+
+/// A model as a GGUF file for `arch`, with llama.cpp's names: projections as `ternary` (TQ2_0,
+/// TQ1_0 or I2_S; `d` or the I2_S scale is `1 / w_scale`, rounded to f16 for the TQ types),
+/// everything else F32. TQ types need every projection's rows to be whole 256-value blocks,
+/// I2_S every projection to be whole 128-value blocks; otherwise an error names the tensor.
+///
+/// `tokenizer` (a label and tokenizer.json's bytes) is written as `tokenizer.ggml.*`
+/// ([`tokenizer_kv`]); without one, `tokenizer.ggml.model = no_vocab`, with which llama.cpp
+/// makes `{arch}.vocab_size` dummy tokens instead of refusing the file. The model's
+/// `hidden_act` is kept in `bitlora.hidden_act`, so bitlora reads the file back as written;
+/// llama.cpp's `bitnet` graph gates the FFN with SiLU whatever it says (relu² models compute
+/// another function there). For [`GgufArch::Bitnet`], what that graph cannot load is refused
+/// here: an untied head, I2_S, `heads * head_dim != hidden_size`.
+pub fn write_model_as(
+    model: &Model,
+    arch: GgufArch,
+    ternary: GgmlType,
+    tokenizer: Option<(&str, &[u8])>,
+) -> Result<Vec<u8>> {
+    let refuse = |key: &str, problem: String| Error::GgufMetadata {
+        file: "(gguf export)".into(),
+        key: key.into(),
+        problem,
+    };
+    if arch == GgufArch::Bitnet {
+        let c = &model.config;
+        if model.params.lm_head.is_some() {
+            return Err(refuse(
+                "output.weight",
+                "llama.cpp's bitnet graph has no separate head: export a model with tie_word_embeddings, or use --gguf-arch bitnet-b1.58 (bitnet.cpp)".into(),
+            ));
+        }
+        if ternary == GgmlType::I2_S {
+            return Err(refuse(
+                "general.architecture",
+                "llama.cpp and QVAC have no I2_S (type 36): use TQ2_0 or TQ1_0, or --gguf-arch bitnet-b1.58 for bitnet.cpp".into(),
+            ));
+        }
+        if c.num_attention_heads * c.head_dim != c.hidden_size {
+            return Err(refuse(
+                "bitnet.attention.key_length",
+                format!(
+                    "llama.cpp's bitnet graph needs heads * head_dim = hidden_size, got {} * {} != {}",
+                    c.num_attention_heads, c.head_dim, c.hidden_size
+                ),
+            ));
+        }
+    }
+    let mut w = model_writer(model, ternary, arch.name())?;
+    match tokenizer {
+        Some((file, json)) => tokenizer_kv(&mut w, file, json, model.config.vocab_size)?,
+        None => {
+            w.kv("tokenizer.ggml.model", Value::Str("no_vocab".into()));
+        }
+    }
     Ok(w.to_bytes())
+}
+
+/// A byte-level BPE tokenizer.json as the `tokenizer.ggml.*` keys llama.cpp's converter writes
+/// (`convert_hf_to_gguf.py` `get_vocab_base`): `model = gpt2`, `tokens` by id padded to the
+/// model's vocabulary with `[PAD{id}]` (type 5, unused), `token_type` (1 normal, 3 control =
+/// special added token, 4 user-defined = other added token), `merges` as "a b", `add_bos_token`
+/// when the post-processor prepends a special token, and `pre`, the llama.cpp pre-tokenizer
+/// that splits as the tokenizer.json does: `gpt-2` (ByteLevel's own regex), `starcoder`
+/// (individual Digits, then ByteLevel), `llama-bpe` (LLaMA-3's Split, then ByteLevel). Other
+/// models, normalizers and pre-tokenizers are refused by name rather than written as one
+/// llama.cpp would split differently. BOS/EOS ids come from the config ([`model_writer`]).
+pub fn tokenizer_kv(w: &mut GgufWriter, file: &str, json: &[u8], vocab_size: usize) -> Result<()> {
+    use serde_json::Value as J;
+    let refuse = |key: &str, problem: String| Error::GgufMetadata {
+        file: file.to_string(),
+        key: key.into(),
+        problem: format!(
+            "{problem}; llama.cpp would tokenize differently (merge from a copy of the model without tokenizer.json for a file with no vocabulary, or convert with llama.cpp's convert_hf_to_gguf.py)"
+        ),
+    };
+    let t: J = serde_json::from_slice(json).map_err(|e| Error::Data {
+        file: file.to_string(),
+        msg: e.to_string(),
+    })?;
+    let model = &t["model"];
+    if model["type"].as_str() != Some("BPE") {
+        return Err(refuse(
+            "model.type",
+            format!("is {}, not byte-level BPE", model["type"]),
+        ));
+    }
+    if !t["normalizer"].is_null() {
+        return Err(refuse(
+            "normalizer",
+            "is set; llama.cpp's gpt2 tokenizer has none".into(),
+        ));
+    }
+    let kind = |p: &J| p["type"].as_str().map(str::to_string);
+    let byte_level = |p: &J, regex: bool| {
+        kind(p).as_deref() == Some("ByteLevel") && p["use_regex"].as_bool() == Some(regex)
+    };
+    let pre = &t["pre_tokenizer"];
+    let seq: &[J] = match pre["pretokenizers"].as_array() {
+        Some(v) if kind(pre).as_deref() == Some("Sequence") => v,
+        _ => std::slice::from_ref(pre),
+    };
+    let pre_name = match seq {
+        [b] if byte_level(b, true) => "gpt-2",
+        [d, b]
+            if kind(d).as_deref() == Some("Digits")
+                && d["individual_digits"].as_bool() == Some(true)
+                && byte_level(b, true) =>
+        {
+            "starcoder"
+        }
+        [s, b]
+            if kind(s).as_deref() == Some("Split")
+                && s["pattern"]["Regex"].as_str() == Some(LLAMA3_SPLIT)
+                && byte_level(b, false) =>
+        {
+            "llama-bpe"
+        }
+        _ => {
+            return Err(refuse(
+                "pre_tokenizer",
+                format!(
+                    "is {pre}, which no llama.cpp pre-tokenizer bitlora writes matches (gpt-2, starcoder, llama-bpe)"
+                ),
+            ));
+        }
+    };
+    let mut tokens: Vec<Option<(String, i32)>> = vec![None; vocab_size];
+    let mut put = |id: Option<u64>, text: &str, ty: i32| -> Result<()> {
+        match id.map(|i| i as usize) {
+            Some(i) if i < vocab_size => {
+                tokens[i] = Some((text.to_string(), ty));
+                Ok(())
+            }
+            _ => Err(refuse(
+                "model.vocab",
+                format!(
+                    "token {text:?} has the id {id:?}, outside the model's vocab_size {vocab_size}"
+                ),
+            )),
+        }
+    };
+    for (text, id) in model["vocab"].as_object().into_iter().flatten() {
+        put(id.as_u64(), text, 1)?;
+    }
+    for a in t["added_tokens"].as_array().into_iter().flatten() {
+        let ty = if a["special"].as_bool() == Some(true) {
+            3
+        } else {
+            4
+        };
+        put(
+            a["id"].as_u64(),
+            a["content"].as_str().unwrap_or_default(),
+            ty,
+        )?;
+    }
+    let (texts, types): (Vec<Value>, Vec<Value>) = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (text, ty) = t.unwrap_or_else(|| (format!("[PAD{i}]"), 5));
+            (Value::Str(text), Value::I32(ty))
+        })
+        .unzip();
+    let merges = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            J::String(s) => Ok(s.clone()),
+            J::Array(p) => match &p[..] {
+                [J::String(a), J::String(b)] => Ok(format!("{a} {b}")),
+                _ => Err(refuse(
+                    "model.merges",
+                    format!("holds {m}, not a pair of strings"),
+                )),
+            },
+            _ => Err(refuse("model.merges", format!("holds {m}, not a merge"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let post = &t["post_processor"];
+    let add_bos = kind(post).as_deref() == Some("TemplateProcessing")
+        && post["single"][0].get("SpecialToken").is_some();
+    w.kv("tokenizer.ggml.model", Value::Str("gpt2".into()))
+        .kv("tokenizer.ggml.pre", Value::Str(pre_name.into()))
+        .kv("tokenizer.ggml.tokens", Value::Array(texts))
+        .kv("tokenizer.ggml.token_type", Value::Array(types))
+        .kv_strings("tokenizer.ggml.merges", merges)
+        .kv("tokenizer.ggml.add_bos_token", Value::Bool(add_bos));
+    Ok(())
 }
 
 fn model_writer(model: &Model, ternary: GgmlType, arch: &str) -> Result<GgufWriter> {
@@ -1266,6 +1504,9 @@ fn model_writer(model: &Model, ternary: GgmlType, arch: &str) -> Result<GgufWrit
             let bytes = match ternary {
                 GgmlType::TQ2_0 if i.is_multiple_of(256) => {
                     encode_tq2_0(&values, 1.0 / lin.w_scale)
+                }
+                GgmlType::TQ1_0 if i.is_multiple_of(256) => {
+                    encode_tq1_0(&values, 1.0 / lin.w_scale)
                 }
                 GgmlType::I2_S if (o * i).is_multiple_of(QK_I2_S as usize) => {
                     encode_i2_s(&values, 1.0 / lin.w_scale)
@@ -1722,6 +1963,9 @@ impl TensorSource for GgufBuilder {
 /// A GGUF file being written: metadata, then F32 tensors, aligned to [`DEFAULT_ALIGNMENT`].
 #[derive(Default)]
 pub struct GgufWriter {
+    /// Keys whose arrays hold strings even when empty (an empty [`Value::Array`] has no item
+    /// to take the type from; llama.cpp refuses `tokenizer.ggml.merges` of u8).
+    string_arrays: Vec<String>,
     metadata: Vec<(String, Value)>,
     /// (name, ggml dims, type, bytes)
     tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
@@ -1735,6 +1979,15 @@ impl GgufWriter {
     pub fn kv(&mut self, key: &str, value: Value) -> &mut Self {
         self.metadata.push((key.to_string(), value));
         self
+    }
+
+    /// An array of strings, typed as strings when empty too.
+    pub fn kv_strings(&mut self, key: &str, items: Vec<String>) -> &mut Self {
+        self.string_arrays.push(key.to_string());
+        self.kv(
+            key,
+            Value::Array(items.into_iter().map(Value::Str).collect()),
+        )
     }
 
     /// An f32 tensor of row-major `shape` (stored with ggml's reversed dims).
@@ -1796,7 +2049,13 @@ impl GgufWriter {
         for (k, v) in &self.metadata {
             string(&mut out, k);
             out.extend(v.type_id().to_le_bytes());
-            value(&mut out, v);
+            match v {
+                Value::Array(items) if items.is_empty() && self.string_arrays.contains(k) => {
+                    out.extend(Value::Str(String::new()).type_id().to_le_bytes());
+                    out.extend(0u64.to_le_bytes());
+                }
+                _ => value(&mut out, v),
+            }
         }
         let mut offset = 0u64;
         for (name, dims, ty, bytes) in &self.tensors {

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use bitlora_core::error::Error;
 use bitlora_core::gguf::{
-    self, GgmlType, Gguf, GgufWriter, TensorInfo, Value, decode_f32, decode_ternary, encode_tq2_0,
+    self, GgmlType, Gguf, GgufArch, GgufWriter, TensorInfo, Value, decode_f32, decode_ternary,
+    encode_tq1_0, encode_tq2_0,
 };
 use bitlora_core::model::Proj;
 use bitlora_core::tolerance::{EXACT, GGUF_F16_SCALE};
@@ -142,8 +143,8 @@ fn packed_autobitlinear_as_i2_s_equals_the_transformers_fixture() {
     assert_same_model("autobitlinear-i2_s", &g, &st);
 }
 
-/// The reader's decoders against the bytes gguf's own quantizers wrote: our TQ2_0 encoder
-/// reproduces the fixture's blocks byte for byte, and TQ1_0 decodes to the same values.
+/// The reader's decoders against the bytes gguf's own quantizers wrote: our TQ2_0 and TQ1_0
+/// encoders reproduce the fixture's blocks byte for byte, and TQ1_0 decodes to the same values.
 #[test]
 fn tq_blocks_match_the_gguf_package() {
     let read = |k: &str| std::fs::read(fixture(&format!("gguf/t256/{k}.gguf"))).unwrap();
@@ -158,8 +159,10 @@ fn tq_blocks_match_the_gguf_package() {
         assert_eq!(encode_tq2_0(&tern.values, tern.scale), data, "{}", t2.name);
         let t1 = g1.tensor(&t2.name).unwrap();
         assert_eq!(t1.ggml_type, GgmlType::TQ1_0);
-        let tern1 = decode_ternary("tq1_0", t1, g1.data(&b1, t1).unwrap()).unwrap();
+        let data1 = g1.data(&b1, t1).unwrap();
+        let tern1 = decode_ternary("tq1_0", t1, data1).unwrap();
         assert_eq!(tern1, tern, "{}", t2.name);
+        assert_eq!(encode_tq1_0(&tern.values, tern.scale), data1, "{}", t2.name);
     }
 }
 
@@ -502,6 +505,102 @@ fn write_model_round_trips() {
     let bytes = gguf::write_model(&tiny, GgmlType::I2_S).unwrap();
     let m = gguf::load_model("written.gguf", &bytes).unwrap();
     assert_same_model("written i2_s", &m, &tiny);
+}
+
+/// `write_model_as` for each runtime: TQ1_0 reads back exactly (bitnet.cpp's name and
+/// llama.cpp's); for llama.cpp's `bitnet`, I2_S (unknown there) is refused with the way out.
+#[test]
+fn write_model_as_tq1_0_round_trips_and_bitnet_refuses_i2_s() {
+    let mut st = Model::from_path(&fixture("gguf/t256")).unwrap();
+    let bytes = gguf::write_model_as(&st, GgufArch::BitnetB158, GgmlType::TQ1_0, None).unwrap();
+    let m = gguf::load_model("written.gguf", &bytes).unwrap();
+    assert_same_model("written tq1_0", &m, &st);
+    st.params.lm_head = None;
+    st.config.tie_word_embeddings = true;
+    let bytes = gguf::write_model_as(&st, GgufArch::Bitnet, GgmlType::TQ1_0, None).unwrap();
+    let g = Gguf::parse("tq1_0.gguf", &bytes).unwrap();
+    assert_eq!(g.architecture().unwrap(), "bitnet");
+    assert!(g.tensors.iter().any(|t| t.ggml_type == GgmlType::TQ1_0));
+    let m = gguf::load_model("tq1_0.gguf", &bytes).unwrap();
+    assert_same_model("written tq1_0 for llama.cpp", &m, &st);
+    let e = gguf::write_model_as(&st, GgufArch::Bitnet, GgmlType::I2_S, None).unwrap_err();
+    assert!(e.to_string().contains("bitnet-b1.58"), "{e}");
+}
+
+/// A tokenizer.json written as `tokenizer.ggml.*` (llama.cpp's `gpt2` keys) rebuilds a
+/// tokenizer that encodes as the original: the byte-level fixture (pre `gpt-2`, its 258 ids
+/// padded to the model's 509 with unused `[PAD{id}]`) and the default model's (single digits,
+/// pre `starcoder`, BOS prepended); a normalizer is refused by name.
+#[test]
+fn tokenizer_written_as_ggml_keys_reads_back() {
+    let text = "Hello, world! 12345 apples\n\tand  spaces <|endoftext|>";
+    for (path, vocab, pre, bos) in [
+        (
+            "tests/fixtures/byte-tokenizer/tokenizer.json",
+            509,
+            "gpt-2",
+            256,
+        ),
+        ("web/models/default/tokenizer.json", 8192, "starcoder", 0),
+    ] {
+        let json = std::fs::read(root().join(path)).unwrap();
+        let want = bitlora_core::Tokenizer::from_bytes(path, &json).unwrap();
+        let mut w = GgufWriter::new();
+        // The BOS id comes from the model's config (`write_model_as`).
+        w.kv("tokenizer.ggml.bos_token_id", Value::U32(bos));
+        gguf::tokenizer_kv(&mut w, path, &json, vocab).unwrap();
+        let bytes = w.to_bytes();
+        let g = Gguf::parse("tok.gguf", &bytes).unwrap();
+        assert_eq!(
+            g.get("tokenizer.ggml.model").and_then(Value::as_str),
+            Some("gpt2")
+        );
+        assert_eq!(
+            g.get("tokenizer.ggml.pre").and_then(Value::as_str),
+            Some(pre)
+        );
+        let Some(Value::Array(tokens)) = g.get("tokenizer.ggml.tokens") else {
+            panic!("{path}: no tokens");
+        };
+        assert_eq!(tokens.len(), vocab, "{path}");
+        // Typed as strings even when empty (the byte-level fixture has no merges): llama.cpp
+        // refuses merges of any other type.
+        let key = b"tokenizer.ggml.merges";
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+        assert_eq!(
+            bytes[at..at + 8],
+            [9, 0, 0, 0, 8, 0, 0, 0],
+            "{path}: merges' type"
+        );
+        let got = g.tokenizer().unwrap();
+        for special in [false, true] {
+            assert_eq!(
+                got.encode(text, special).unwrap(),
+                want.encode(text, special).unwrap(),
+                "{path}: ids of {text:?} (special tokens {special})"
+            );
+        }
+    }
+    let mut tj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("byte-tokenizer/tokenizer.json")).unwrap())
+            .unwrap();
+    tj["normalizer"] = serde_json::json!({"type": "NFC"});
+    let e = gguf::tokenizer_kv(
+        &mut GgufWriter::new(),
+        "nfc",
+        tj.to_string().as_bytes(),
+        509,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("normalizer"), "{e}");
+    let e = gguf::tokenizer_kv(
+        &mut GgufWriter::new(),
+        "small",
+        &std::fs::read(fixture("byte-tokenizer/tokenizer.json")).unwrap(),
+        97,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("vocab_size 97"), "{e}");
 }
 
 /// The export for llama.cpp (`bench gguf`) names the one BitNet architecture upstream knows,
