@@ -522,9 +522,19 @@ impl Recorder {
         dst_offset: u64,
         bytes: u64,
     ) {
-        drop(self.pass.take());
+        self.end_pass();
         self.encoder
             .copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes);
+    }
+
+    /// Ends the open compute pass, if any (timed under [`Recorder::time_wgpu`]: wgpu checks
+    /// the pass's commands and encodes them for the driver there).
+    fn end_pass(&mut self) {
+        let t0 = self.clock.map(|_| std::time::Instant::now());
+        drop(self.pass.take());
+        if let (Some(c), Some(t0)) = (self.clock.as_mut(), t0) {
+            c.pass_end_s += t0.elapsed().as_secs_f64();
+        }
     }
 
     /// Ends the pass and returns the encoder, e.g. to append copies before submitting.
@@ -556,11 +566,7 @@ impl Recorder {
         Option<Profiler>,
         Option<PassClock>,
     ) {
-        let t0 = self.clock.map(|_| std::time::Instant::now());
-        drop(self.pass.take());
-        if let (Some(c), Some(t0)) = (self.clock.as_mut(), t0) {
-            c.pass_end_s += t0.elapsed().as_secs_f64();
-        }
+        self.end_pass();
         if let Some(p) = self.profiler.as_mut() {
             p.resolve(&self.device, &mut self.encoder);
         }
