@@ -1558,18 +1558,29 @@ impl GgufSource<'_> {
     }
 }
 
+/// A projection's `.weight_scale` as the loader asks for it: the scale `u8` kept when it
+/// decoded the projection (the loader asks for the codes first); None for other names.
+fn decoded_scale(
+    scales: &HashMap<String, f32>,
+    file: &str,
+    name: &str,
+) -> Option<Result<Vec<f32>>> {
+    let prefix = name.strip_suffix(".weight_scale")?;
+    Some(
+        scales
+            .get(prefix)
+            .map(|&s| vec![s])
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+                files: file.to_string(),
+            }),
+    )
+}
+
 impl TensorSource for GgufSource<'_> {
     fn f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        if let Some(prefix) = name.strip_suffix(".weight_scale") {
-            // Set by `u8` when it decoded the projection, which the loader asks for first.
-            return self
-                .scales
-                .get(prefix)
-                .map(|&s| vec![s])
-                .ok_or_else(|| Error::MissingTensor {
-                    name: name.to_string(),
-                    files: self.gguf.file.clone(),
-                });
+        if let Some(scale) = decoded_scale(&self.scales, &self.gguf.file, name) {
+            return scale;
         }
         let (t, data) = self.tensor(name, shape)?;
         decode_f32(&self.gguf.file, t, data)
@@ -1908,16 +1919,8 @@ impl GgufBuilder {
 
 impl TensorSource for GgufBuilder {
     fn f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        if let Some(prefix) = name.strip_suffix(".weight_scale") {
-            // Set by `u8`, which the loader asks for first.
-            return self
-                .scales
-                .get(prefix)
-                .map(|&s| vec![s])
-                .ok_or_else(|| Error::MissingTensor {
-                    name: name.to_string(),
-                    files: self.gguf.file.clone(),
-                });
+        if let Some(scale) = decoded_scale(&self.scales, &self.gguf.file, name) {
+            return scale;
         }
         match self.take(name, shape)? {
             Decoded::Float(v) => Ok(v),
