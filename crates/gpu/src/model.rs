@@ -47,7 +47,7 @@ use bitlora_core::{Config, Model, ops as cpu_ops};
 
 use crate::ops::{
     Argmax, Attention, Embedding, GatedAct, LoraMatmul, Matmul, ResidualAdd, RmsNorm, Rope,
-    RopePair, TernaryGlu, TernaryMatmul,
+    RopePair, TernaryDecode, TernaryGlu, TernaryMatmul,
 };
 use bitlora_core::generate::{Sampler, SamplingOptions};
 
@@ -62,6 +62,13 @@ pub(crate) struct Linear {
     pub(crate) w: GpuTensor,  // (O, I) ternary
     pub(crate) sw: GpuTensor, // (1) s_w
     pub(crate) op: TernaryMatmul,
+}
+
+impl Linear {
+    /// (W, s_w).
+    fn pair(&self) -> (&GpuTensor, &GpuTensor) {
+        (&self.w, &self.sw)
+    }
 }
 
 /// An RMSNorm weight with the launcher for its width.
@@ -114,6 +121,15 @@ struct GpuAdapter {
     u: GpuTensor,                          // (max_pass_tokens, R) scratch x A^T
 }
 
+/// [`TernaryDecode`] launchers, one per product shape of a layer.
+struct DecodeOps {
+    q: TernaryDecode,    // C -> NH*HS, after input_layernorm
+    kv: TernaryDecode,   // C -> NKV*HS twice, after input_layernorm, into the cache
+    o: TernaryDecode,    // NH*HS -> C added to h, after attn_sub_norm
+    glu: TernaryDecode,  // C -> F twice, gated, after post_attention_layernorm
+    down: TernaryDecode, // F -> C added to h, after ffn_sub_norm
+}
+
 /// The model's weights on the GPU and the pipelines of its forward pass.
 pub struct GpuModel {
     pub(crate) device: wgpu::Device,
@@ -135,6 +151,9 @@ pub struct GpuModel {
     pub(crate) gated_act: GatedAct,
     /// gate, up and gated_act in one dispatch, for one-token passes.
     glu: TernaryGlu,
+    /// A decoded token's products with their input's RMSNorm folded in; None where the
+    /// device's workgroup memory cannot hold a row's codes ([`TernaryDecode::fits`]).
+    decode_ops: Option<DecodeOps>,
     pub(crate) residual_add: ResidualAdd,
     pub(crate) head: Matmul,
     /// Greedy decoding's sampler: the last row's argmax into the next pass's token input.
@@ -656,6 +675,19 @@ impl GpuModel {
             attention: Attention::new(dev, nh, nkv, hs),
             gated_act: GatedAct::new(dev, f, cfg.hidden_act),
             glu: TernaryGlu::new(dev, c, f, cfg.hidden_act),
+            decode_ops: [c, q_dim, f]
+                .iter()
+                .all(|&i| TernaryDecode::fits(dev, i))
+                .then(|| {
+                    let op = |i, o| TernaryDecode::new(dev, i, o, cfg.rms_norm_eps, cfg.hidden_act);
+                    DecodeOps {
+                        q: op(c, q_dim),
+                        kv: op(c, nkv * hs),
+                        o: op(q_dim, c),
+                        glu: op(c, f),
+                        down: op(f, c),
+                    }
+                }),
             residual_add: ResidualAdd::new(dev, c),
             head,
             argmax: Argmax::new(dev, v),
@@ -1136,6 +1168,31 @@ impl GpuModel {
             .zip(cache.k.iter().zip(&cache.v))
             .enumerate()
         {
+            // A decoded token through a layer without an adapter: five dispatches, each
+            // product with its input's norm folded in (the same bits as the path below).
+            let fused = self
+                .decode_ops
+                .as_ref()
+                .filter(|_| t == 1 && !Proj::ALL.iter().any(|&p| adapted(l, p)));
+            if let Some(d) = fused {
+                let n = &layer.input_layernorm.w;
+                d.q.encode(r, &ws.h, n, layer.q_proj.pair(), &ws.q, 0, false)?;
+                let (k, v) = (layer.k_proj.pair(), layer.v_proj.pair());
+                d.kv.encode_kv(r, &ws.h, n, k, v, (kc, vc), past)?;
+                self.rope_qk
+                    .encode_rows(r, &ws.q, 0..t, kc, past..t_kv, past, cos, sin)?;
+                self.attention
+                    .encode_split(r, &ws.q, kc, vc, t_kv, &cache.part, &ws.att)?;
+                let n = &layer.attn_sub_norm.w;
+                d.o.encode(r, &ws.att, n, layer.o_proj.pair(), &ws.h, 0, true)?;
+                let n = &layer.post_attention_layernorm.w;
+                let (g, u) = (layer.gate_proj.pair(), layer.up_proj.pair());
+                d.glu.encode_glu(r, &ws.h, n, g, u, &ws.ffn)?;
+                let n = &layer.ffn_sub_norm.w;
+                d.down
+                    .encode(r, &ws.ffn, n, layer.down_proj.pair(), &ws.h, 0, true)?;
+                continue;
+            }
             // Attention block.
             let n = &layer.input_layernorm;
             n.op.encode_quant(r, &ws.h, &n.w, &ws.x, &ws.xq_c, s_a)?;

@@ -11,7 +11,7 @@ use bitlora_core::tolerance::{KERNEL_F32, KERNEL_TRANSCENDENTAL};
 use bitlora_core::{Activation, ops};
 use bitlora_gpu::ops::{
     ActQuant, Argmax, Attention, Embedding, GatedAct, Matmul, MatmulBackward, ResidualAdd, RmsNorm,
-    Rope, RopePair, SumSquares, TernaryGlu, TernaryMatmul,
+    Rope, RopePair, SumSquares, TernaryDecode, TernaryGlu, TernaryMatmul,
 };
 use bitlora_gpu::{DType, GpuError, GpuTensor, Recorder, SplitTensor};
 use common::{block, codes, f32t, gpu, normal, read, run, ternary, zeros};
@@ -967,5 +967,78 @@ fn fused_norm_quant_equals_norm_then_quant() {
             block(g.read_i8(&q2)).unwrap(),
         );
         assert_eq!(c2, c1, "codes {what}");
+    }
+}
+
+/// A decoded token's fused products (`TernaryDecode`, shaders/ternary_decode.wgsl) write what
+/// the dispatches they replace write, bit for bit: RmsNorm's fused quantization, then
+/// TernaryMatmul (into a row of a taller y, or added to y), twice for the k and v pair, or
+/// TernaryGlu. Widths past one norm chunk and not a multiple of 4, O leaving a partial packed
+/// row and workgroup, and a row of zeros (the scale's 1e-5 floor).
+#[test]
+fn ternary_decode_equals_norm_quant_then_products_bit_for_bit() {
+    let g = gpu();
+    let mut rng = Rng::new(19);
+    for (case, (i, o)) in [(1030, 37), (64, 130), (175, 9), (2051, 260)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut x = normal(&mut rng, i, 3.0);
+        if case == 2 {
+            x.fill(0.0);
+        }
+        let nw: Vec<f32> = normal(&mut rng, i, 0.1).iter().map(|v| 1.0 + v).collect();
+        let (xt, nwt) = (f32t("x", &[1, i], &x), f32t("nw", &[i], &nw));
+        let lin = |rng: &mut Rng| {
+            let l = TernaryLinear::from_master(&normal(rng, o * i, 0.02), o, i);
+            let w = GpuTensor::ternary(&g.device, "W", &l).unwrap();
+            (w, f32t("s_w", &[1], &[l.w_scale]))
+        };
+        let (wa, wb) = (lin(&mut rng), lin(&mut rng));
+        let (wa, wb) = ((&wa.0, &wa.1), (&wb.0, &wb.1));
+        // The unfused path's codes and scale.
+        let yn = zeros("y_n", &[1, i]);
+        let q = g.zeros("x_q", &[1, i], DType::I8x4).unwrap();
+        let s = zeros("s_a", &[1]);
+        run(|r| RmsNorm::new(&g.device, i, 1e-5).encode_quant(r, &xt, &nwt, &yn, &q, &s));
+        let mm = TernaryMatmul::new(&g.device, i, o);
+        let rows = 4;
+        let init = normal(&mut rng, rows * o, 1.0);
+        let what = format!("I={i} O={o}");
+        for act in [Activation::Relu2, Activation::Silu] {
+            let op = TernaryDecode::new(&g.device, i, o, 1e-5, act);
+            assert!(TernaryDecode::fits(&g.device, i), "{what}: fits");
+            // y[2] = ..., and y[0] += ... on a (1, O) y.
+            let (y1, y2) = (f32t("y", &[rows, o], &init), f32t("y", &[rows, o], &init));
+            let (a1, a2) = (
+                f32t("h", &[1, o], &init[..o]),
+                f32t("h", &[1, o], &init[..o]),
+            );
+            run(|r| {
+                op.encode(r, &xt, &nwt, wa, &y1, 2, false)?;
+                op.encode(r, &xt, &nwt, wa, &a1, 0, true)
+            });
+            run(|r| {
+                mm.encode_at(r, &q, &s, wa.0, wa.1, &y2, 2)?;
+                mm.encode_add(r, &q, &s, wa.0, wa.1, &a2)
+            });
+            assert_same_bits(&format!("{what} y[2] ="), &read(&y1), &read(&y2));
+            assert_same_bits(&format!("{what} y +="), &read(&a1), &read(&a2));
+            // k and v into row 3 of their caches.
+            let kv1 = (f32t("k", &[rows, o], &init), f32t("v", &[rows, o], &init));
+            let kv2 = (f32t("k", &[rows, o], &init), f32t("v", &[rows, o], &init));
+            run(|r| op.encode_kv(r, &xt, &nwt, wa, wb, (&kv1.0, &kv1.1), 3));
+            run(|r| {
+                mm.encode_at(r, &q, &s, wa.0, wa.1, &kv2.0, 3)?;
+                mm.encode_at(r, &q, &s, wb.0, wb.1, &kv2.1, 3)
+            });
+            assert_same_bits(&format!("{what} k"), &read(&kv1.0), &read(&kv2.0));
+            assert_same_bits(&format!("{what} v"), &read(&kv1.1), &read(&kv2.1));
+            // The gated pair.
+            let (g1, g2) = (zeros("out", &[1, o]), zeros("out", &[1, o]));
+            run(|r| op.encode_glu(r, &xt, &nwt, wa, wb, &g1));
+            run(|r| TernaryGlu::new(&g.device, i, o, act).encode(r, &q, &s, wa, wb, &g2));
+            assert_same_bits(&format!("{what} glu {act:?}"), &read(&g1), &read(&g2));
+        }
     }
 }

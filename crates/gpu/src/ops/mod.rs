@@ -26,6 +26,7 @@ pub mod rope;
 pub mod rope_backward;
 pub mod sum_squares;
 pub mod ternary_backward;
+pub mod ternary_decode;
 pub mod ternary_glu;
 pub mod ternary_matmul;
 
@@ -49,6 +50,7 @@ pub use rope::{Rope, RopePair};
 pub use rope_backward::RopeBackward;
 pub use sum_squares::SumSquares;
 pub use ternary_backward::TernaryBackward;
+pub use ternary_decode::TernaryDecode;
 pub use ternary_glu::TernaryGlu;
 pub use ternary_matmul::TernaryMatmul;
 
@@ -82,6 +84,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("sum_squares", sum_squares::SOURCE),
     ("ternary_backward", ternary_backward::SOURCE),
     ("ternary_backward_reduce", ternary_backward::REDUCE_SOURCE),
+    ("ternary_decode", ternary_decode::SOURCE),
     ("ternary_glu", ternary_glu::SOURCE),
     ("ternary_matmul", ternary_matmul::SOURCE),
 ];
