@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what it needs (idempotently), then runs
+# The whole test suite: installs what it needs (idempotently), then runs (in the order below)
 #   1. the Rust tests of every crate (CPU reference, GPU kernels on Mesa lavapipe, the CLI),
 #   2. tsc on the page's JavaScript (web/: JSDoc types, the worker messages of
 #      web/protocol.d.ts, the public API of web/bitlora.d.ts), after the wasm build whose types
@@ -16,16 +16,75 @@ tools/install-deps.sh
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/bitlora-xdg-$(id -u)}"
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 0700 "$XDG_RUNTIME_DIR"
 
-echo "== Rust tests (CPU reference, GPU kernels on lavapipe, CLI) =="
-# --show-output: passing tests print their max diffs and the GPU adapter they ran on.
-cargo test --workspace --exclude bitlora-web -- --show-output 2>&1 | grep -v '^\s*$'
-echo "== wasm build =="
-tools/build-web.sh
+# The order, for a 2-core machine (fresh clone: ~11 min compiling the native tests, ~5 min the
+# two wasm builds, ~7 min running the Rust tests, and browser tests whose WebGPU ones keep
+# Chromium's GPU process (SwiftShader) busy on about one core each):
+#   1. compile the native tests and the CLI while the wasm is built beside them (separate
+#      target dirs, no shared lock; each fills the other's single-threaded stretches: linking,
+#      the last big crate);
+#   2. tsc;
+#   3. the Rust tests (already compiled) beside the browser tests; the Rust tests' output is
+#      printed, whole and in order, after theirs. Browser test files run two at a time, the
+#      longest first, then a few whose checks are about threads and main-thread timing run
+#      alone (see BROWSER_ALONE).
+# Every step's failure fails the run; nothing is skipped.
+logs=$(mktemp -d "${TMPDIR:-/tmp}/bitlora-test.XXXXXX")
+trap 'rm -rf "$logs"' EXIT
+
+echo "== Build: the Rust tests and the CLI (native), and the wasm (tools/build-web.sh) beside them =="
+tools/build-web.sh >"$logs/build-web.log" 2>&1 &
+web_pid=$!
+if ! cargo test --workspace --exclude bitlora-web --no-run 2>&1 | grep -v '^\s*$'; then
+  wait "$web_pid" || true
+  echo "cargo test --no-run failed" >&2
+  exit 1
+fi
 cargo build -p bitlora
+web_rc=0
+wait "$web_pid" || web_rc=$?
+echo "== wasm build (tools/build-web.sh, run beside the native build) =="
+cat "$logs/build-web.log"
+[ "$web_rc" = 0 ] || { echo "tools/build-web.sh failed (exit $web_rc)" >&2; exit 1; }
+
 echo "== Type check of web/ (tsc --noEmit: the page, and the worker) =="
 tests/browser/node_modules/.bin/tsc --noEmit -p web/tsconfig.json
 tests/browser/node_modules/.bin/tsc --noEmit -p web/tsconfig.worker.json
 echo "tsc: no type errors"
+
+echo "== Rust tests (CPU reference, GPU kernels on lavapipe, CLI), beside the browser tests =="
+# --show-output: passing tests print their max diffs and the GPU adapter they ran on.
+cargo test --workspace --exclude bitlora-web -- --show-output >"$logs/rust-tests.log" 2>&1 &
+rust_pid=$!
+
 echo "== Browser tests (headless Chromium) =="
+# Longest first (measured on the 2-core machine, SwiftShader), so that the two lanes end together;
+# every other *.test.mjs follows, then BROWSER_ALONE one at a time. A new test file is picked up
+# by the glob: nothing is left out.
+BROWSER_FIRST=(train-parity faults ui api journey models-hub stream-load generate-text default-model bad-input)
+# Checks that another busy process could disturb: rayon's pool running a loop's blocks on every
+# thread, and main-thread tasks and token timing while generating.
+BROWSER_ALONE=(threads generate)
 cd tests/browser
-BITLORA_BIN="$PWD/../../target/debug/bitlora" npm test
+pool=()
+for f in "${BROWSER_FIRST[@]}"; do pool+=("$f.test.mjs"); done
+for f in *.test.mjs; do
+  name=${f%.test.mjs}
+  [[ " ${BROWSER_FIRST[*]} ${BROWSER_ALONE[*]} " == *" $name "* ]] || pool+=("$f")
+done
+alone=()
+for f in "${BROWSER_ALONE[@]}"; do alone+=("$f.test.mjs"); done
+for f in "${pool[@]}" "${alone[@]}"; do [ -f "$f" ] || { echo "tools/test.sh names $f, which does not exist" >&2; exit 1; }; done
+export BITLORA_BIN="$PWD/../../target/debug/bitlora"
+browser_rc=0
+node --test --test-concurrency=2 "${pool[@]}" || browser_rc=$?
+# The Rust tests (~7 min) are long done by now; waiting makes BROWSER_ALONE really alone.
+rust_rc=0
+wait "$rust_pid" || rust_rc=$?
+node --test --test-concurrency=1 "${alone[@]}" || browser_rc=$?
+cd ../..
+
+echo "== Rust tests: output (they ran beside the browser tests) =="
+grep -v '^\s*$' "$logs/rust-tests.log" || true
+[ "$rust_rc" = 0 ] || echo "Rust tests failed (exit $rust_rc)" >&2
+[ "$browser_rc" = 0 ] || echo "browser tests failed (exit $browser_rc)" >&2
+[ "$rust_rc" = 0 ] && [ "$browser_rc" = 0 ]

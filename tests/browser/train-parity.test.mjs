@@ -26,7 +26,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, writeFileSync, rmSync, mkdirSync, existsSync, realpathSync } from 'node:fs';
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { REPO, BIN, CHROMIUM, DEFAULT_MODEL, startServer, launchBrowser, gpuUrl } from './helpers.mjs';
@@ -56,33 +56,43 @@ let server;
 before(async () => { server = await startServer(); });
 after(async () => { await server?.stop(); });
 
-/** `bitlora train --backend gpu` on Chromium's SwiftShader driver with CONFIG: the per-step lines of train_log.jsonl. */
-function nativeRun() {
+/**
+ * `bitlora train --backend gpu` on Chromium's SwiftShader driver with CONFIG: the per-step lines
+ * of train_log.jsonl. Started, not awaited: `.done` resolves to them. The CLI computes on one core
+ * for ~2.5 min and so does the browser's GPU process; the test runs the two side by side and
+ * compares once both are done (`.kill()` ends the CLI if the page's part fails first).
+ */
+function startNativeRun() {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'bitlora-parity-'));
-  try {
-    const data = path.join(dir, 'devil.jsonl');
-    writeFileSync(data, DATA);
-    const xdg = path.join(dir, 'xdg');
-    mkdirSync(xdg, { mode: 0o700 });
-    const run = spawnSync(BIN, [
-      'train', '--model', DEFAULT_MODEL, '--data', data, '--out', path.join(dir, 'out'), '--backend', 'gpu',
-      '--steps', String(STEPS), '--context', String(CONTEXT), '--rank', '8', '--alpha', '16', '--lr', '1e-2',
-      '--schedule', 'constant', '--batch', '1', '--eval-every', '0', '--val-fraction', '0.25',
-      '--completions-only', '--seed', '11', '--checkpoint-every', '0',
-    ], { cwd: REPO, env: { ...process.env, XDG_RUNTIME_DIR: xdg, VK_ICD_FILENAMES: swiftShaderIcd() }, encoding: 'utf8' });
-    assert.equal(run.status, 0, `bitlora train failed:\n${run.stderr}`);
-    const adapter = /on the GPU (.*) \(Vulkan\)/.exec(run.stderr)?.[1];
-    assert.match(adapter ?? '', /SwiftShader/, `the CLI trained on ${adapter ?? 'no GPU'}, not Chromium's SwiftShader:\n${run.stderr}`);
+  const data = path.join(dir, 'devil.jsonl');
+  writeFileSync(data, DATA);
+  const xdg = path.join(dir, 'xdg');
+  mkdirSync(xdg, { mode: 0o700 });
+  const child = spawn(BIN, [
+    'train', '--model', DEFAULT_MODEL, '--data', data, '--out', path.join(dir, 'out'), '--backend', 'gpu',
+    '--steps', String(STEPS), '--context', String(CONTEXT), '--rank', '8', '--alpha', '16', '--lr', '1e-2',
+    '--schedule', 'constant', '--batch', '1', '--eval-every', '0', '--val-fraction', '0.25',
+    '--completions-only', '--seed', '11', '--checkpoint-every', '0',
+  ], { cwd: REPO, env: { ...process.env, XDG_RUNTIME_DIR: xdg, VK_ICD_FILENAMES: swiftShaderIcd() }, stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.setEncoding('utf8');
+  child.stderr.on('data', (d) => { stderr += d; });
+  const done = new Promise((resolve, reject) => {
+    child.on('error', reject);
+    child.on('close', (status, signal) => resolve({ status, signal }));
+  }).then(({ status, signal }) => {
+    assert.equal(status, 0, `bitlora train failed (${signal ?? `exit ${status}`}):\n${stderr}`);
+    const adapter = /on the GPU (.*) \(Vulkan\)/.exec(stderr)?.[1];
+    assert.match(adapter ?? '', /SwiftShader/, `the CLI trained on ${adapter ?? 'no GPU'}, not Chromium's SwiftShader:\n${stderr}`);
     return readFileSync(path.join(dir, 'out', 'train_log.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  }).finally(() => rmSync(dir, { recursive: true, force: true }));
+  return { done, kill: () => { if (child.exitCode === null && child.signalCode === null) child.kill(); } };
 }
 
 test('WebGPU: the page trains on the resident path, with the steps of `bitlora train --backend gpu`', { timeout: 900_000 }, async () => {
-  const native = nativeRun();
-  assert.equal(native.length, STEPS, 'native steps');
-
+  const nativeRun = startNativeRun();
+  // Handled here too, so that a CLI failure while the page still trains is not an unhandled rejection.
+  nativeRun.done.catch(() => {});
   const browser = await launchBrowser({ webgpu: true });
   const log = [];
   try {
@@ -111,23 +121,6 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
 
     assert.equal(run.backend, 'webgpu', `the run trained on ${run.backend}`);
     assert.equal(run.steps.length, STEPS);
-    console.log(`# page:   ${run.steps.map((s) => `${s.step}: ${s.tokens} tok, loss ${s.loss}, norm ${s.gradNorm}`).join('; ')}`);
-    console.log(`# native: ${native.map((n) => `${n.step}: ${n.tokens} tok, loss ${n.loss}, norm ${n.grad_norm}`).join('; ')}`);
-    let worst = 0, identical = 0;
-    for (const [k, s] of run.steps.entries()) {
-      const n = native[k];
-      assert.equal(s.step, n.step);
-      assert.equal(s.tokens, n.tokens, `step ${s.step}: the page and the CLI trained on different sequences`);
-      identical += Number(s.loss === n.loss && s.gradNorm === n.grad_norm);
-      for (const [what, a, b] of [['loss', s.loss, n.loss], ['grad norm', s.gradNorm, n.grad_norm]]) {
-        const rel = Math.abs(a - b) / Math.max(Math.abs(b), 1e-6);
-        worst = Math.max(worst, rel);
-        assert.ok(rel <= TRAIN_STEP_BACKENDS, `step ${s.step}: page ${what} ${a} vs bitlora train --backend gpu ${b} (relative ${rel.toExponential(2)} > TRAIN_STEP_BACKENDS ${TRAIN_STEP_BACKENDS})`);
-      }
-      // One sequence per step: its T losses and the squared norm, 4 bytes each.
-      assert.ok(s.readBytes > 4 && s.readBytes <= 4 * (CONTEXT + 1) && s.readBytes % 4 === 0,
-        `step ${s.step} read back ${s.readBytes} bytes; the losses and the norm of ${CONTEXT} tokens at most are ${4 * (CONTEXT + 1)}`);
-    }
     const adapterBytes = 4 * (run.adapterParams ?? 0);
     if (run.adapterParams != null) {
       assert.ok(Math.max(...run.steps.map((s) => s.readBytes)) < adapterBytes, 'a step read back as much as the adapter');
@@ -165,6 +158,26 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
       console.log(`# estimateMemory ${m.estimate} B vs ${m.gpuBytes} B allocated for ${JSON.stringify(m.config)} (relative ${r.toExponential(1)})`);
       assert.ok(r <= 0.01, `${JSON.stringify(m.config)}: estimateMemory says ${m.estimate} B, the run allocated ${m.gpuBytes} B`);
     }
+    // The CLI's run, started beside the page's: the same steps.
+    const native = await nativeRun.done;
+    assert.equal(native.length, STEPS, 'native steps');
+    console.log(`# page:   ${run.steps.map((s) => `${s.step}: ${s.tokens} tok, loss ${s.loss}, norm ${s.gradNorm}`).join('; ')}`);
+    console.log(`# native: ${native.map((n) => `${n.step}: ${n.tokens} tok, loss ${n.loss}, norm ${n.grad_norm}`).join('; ')}`);
+    let worst = 0, identical = 0;
+    for (const [k, s] of run.steps.entries()) {
+      const n = native[k];
+      assert.equal(s.step, n.step);
+      assert.equal(s.tokens, n.tokens, `step ${s.step}: the page and the CLI trained on different sequences`);
+      identical += Number(s.loss === n.loss && s.gradNorm === n.grad_norm);
+      for (const [what, a, b] of [['loss', s.loss, n.loss], ['grad norm', s.gradNorm, n.grad_norm]]) {
+        const rel = Math.abs(a - b) / Math.max(Math.abs(b), 1e-6);
+        worst = Math.max(worst, rel);
+        assert.ok(rel <= TRAIN_STEP_BACKENDS, `step ${s.step}: page ${what} ${a} vs bitlora train --backend gpu ${b} (relative ${rel.toExponential(2)} > TRAIN_STEP_BACKENDS ${TRAIN_STEP_BACKENDS})`);
+      }
+      // One sequence per step: its T losses and the squared norm, 4 bytes each.
+      assert.ok(s.readBytes > 4 && s.readBytes <= 4 * (CONTEXT + 1) && s.readBytes % 4 === 0,
+        `step ${s.step} read back ${s.readBytes} bytes; the losses and the norm of ${CONTEXT} tokens at most are ${4 * (CONTEXT + 1)}`);
+    }
     console.log(`# page vs bitlora train --backend gpu over ${STEPS} steps: worst relative difference ${worst.toExponential(2)} (TRAIN_STEP_BACKENDS ${TRAIN_STEP_BACKENDS}); ${identical} of ${STEPS} steps equal bit for bit`);
     console.log(`# bytes read back per step: ${run.steps.map((s) => s.readBytes).join(', ')} (the adapter alone: ${adapterBytes} bytes)`);
     console.log(`# page training on WebGPU (SwiftShader): ${run.steps.at(-1).tokensPerSec.toFixed(1)} target tok/s`);
@@ -172,6 +185,7 @@ test('WebGPU: the page trains on the resident path, with the steps of `bitlora t
     e.message += `\n${log.slice(-30).join('\n')}`;
     throw e;
   } finally {
+    nativeRun.kill();
     await browser.close();
   }
 });
