@@ -26,6 +26,12 @@
 //   ordered loops over hundreds of keys are bound by memory latency): `main_part`, dispatch
 //   (chunks, NH, T_Q), one workgroup per chunk, writes (u_c, m_c, l_c) to `part`; then
 //   `main_combine`, dispatch (T_Q, NH, 1), adds the chunks up in order.
+//   The split path also applies RoPE (rope.wgsl's arithmetic, the same tables), so a decoded
+//   token needs no rope dispatch: its queries and its own keys (rows PAST .. T_KV of k) come
+//   in unrotated; `main_part` rotates q_i as it loads it and each new key as it scores it,
+//   and `main_combine` writes the new keys back rotated (the workgroups of the first query
+//   head of each kv head; nothing else touches those rows in that dispatch), as rope.wgsl
+//   would have left them for the tokens after.
 // WG must be a power of two.
 
 override NH: u32;              // query heads
@@ -37,6 +43,7 @@ override SMAX: u32 = 1024u;    // `main`: longest row whose scores stay in workg
 override QW: u32 = NH * HS;    // q / out row width
 override KW: u32 = NKV * HS;   // k / v row width
 override PW: u32 = HS + 2u;    // one chunk's record in `part`: u_c (HS), m_c, l_c
+override HALF: u32 = HS / 2u;  // RoPE's pairs (d, d + HALF)
 
 const CH: u32 = 64u; // keys per chunk: the CPU reference's ops::ATTENTION_CHUNK
 
@@ -54,6 +61,11 @@ struct Dims {
 // writes it, `main_combine` reads it. Bound: main 0-4, main_part 0-3 and 5, main_combine 0,
 // 4 and 5.
 @group(0) @binding(5) var<storage, read_write> part: array<f32>;
+// The split path's RoPE: k again (main_combine rotates the new keys in place) and the tables
+// (P, HS/2) of rope.wgsl, P >= T_KV. Bound: main_part 7-8, main_combine 6-8.
+@group(0) @binding(6) var<storage, read_write> k_new: array<f32>;
+@group(0) @binding(7) var<storage, read> cos_t: array<f32>;
+@group(0) @binding(8) var<storage, read> sin_t: array<f32>;
 
 var<workgroup> qs: array<f32, HS>;   // q_i of this head
 var<workgroup> o_acc: array<f32, HS>;
@@ -86,6 +98,24 @@ fn score(j: u32, kv_off: u32) -> f32 {
     return dot * SCALE;
 }
 
+// (x1, x2) rotated by the angle whose cosine and sine are (c, s): rope.wgsl's rotate.
+fn rotate(x1: f32, x2: f32, c: f32, s: f32) -> vec2<f32> {
+    return vec2<f32>(x1 * c - x2 * s, x2 * c + x1 * s);
+}
+
+// Key j (at position j), stored unrotated, rotated as rope.wgsl would have stored it, scored
+// with score's operations in score's order.
+fn score_new(j: u32, kv_off: u32) -> f32 {
+    let base = j * KW + kv_off;
+    var dot = 0.0;
+    for (var d = 0u; d < HS; d++) {
+        let p = d % HALF;
+        let r = rotate(k[base + p], k[base + p + HALF], cos_t[j * HALF + p], sin_t[j * HALF + p]);
+        dot += qs[d] * select(r.y, r.x, d < HALF);
+    }
+    return dot * SCALE;
+}
+
 // The max of m over the workgroup (exact in any order).
 fn workgroup_max(m: f32, lid: u32) -> f32 {
     red[lid] = m;
@@ -105,6 +135,16 @@ fn workgroup_max(m: f32, lid: u32) -> f32 {
 fn load_q(q_off: u32, lid: u32) {
     for (var d = lid; d < HS; d += WG) {
         qs[d] = q[q_off + d];
+    }
+    workgroupBarrier();
+}
+
+// load_q, the query rotated to position pos (rope.wgsl's arithmetic).
+fn load_q_rope(q_off: u32, pos: u32, lid: u32) {
+    for (var d = lid; d < HS; d += WG) {
+        let p = d % HALF;
+        let r = rotate(q[q_off + p], q[q_off + p + HALF], cos_t[pos * HALF + p], sin_t[pos * HALF + p]);
+        qs[d] = select(r.y, r.x, d < HALF);
     }
     workgroupBarrier();
 }
@@ -233,9 +273,13 @@ fn main_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     }
     let n = min(CH, n_keys - j0);
     let kv_off = (h / (NH / NKV)) * HS;
-    load_q(i * QW + h * HS, lid);
+    load_q_rope(i * QW + h * HS, dims.past + i, lid);
     for (var jj = lid; jj < n; jj += WG) {
-        e[jj] = score(j0 + jj, kv_off);
+        if j0 + jj < dims.past {
+            e[jj] = score(j0 + jj, kv_off);
+        } else {
+            e[jj] = score_new(j0 + jj, kv_off);
+        }
     }
     let mc = chunk_stats(n, lid);
     let nch = (dims.past + dims.t_q + CH - 1u) / CH;
@@ -275,5 +319,15 @@ fn main_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
             o = o + part[rec + d] * exp(part[rec + HS] - mx);
         }
         out[i * QW + h * HS + d] = o / l_sum;
+    }
+    // Key PAST + i of kv head h / G, rotated in place by its first query head's workgroup.
+    if h % (NH / NKV) == 0u {
+        let pos = dims.past + i;
+        let base = pos * KW + (h / (NH / NKV)) * HS;
+        for (var p = lid; p < HALF; p += WG) {
+            let r = rotate(k_new[base + p], k_new[base + p + HALF], cos_t[pos * HALF + p], sin_t[pos * HALF + p]);
+            k_new[base + p] = r.x;
+            k_new[base + p + HALF] = r.y;
+        }
     }
 }

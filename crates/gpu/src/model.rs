@@ -1179,10 +1179,17 @@ impl GpuModel {
                 d.q.encode(r, &ws.h, n, layer.q_proj.pair(), &ws.q, 0, false)?;
                 let (k, v) = (layer.k_proj.pair(), layer.v_proj.pair());
                 d.kv.encode_kv(r, &ws.h, n, k, v, (kc, vc), past)?;
-                self.rope_qk
-                    .encode_rows(r, &ws.q, 0..t, kc, past..t_kv, past, cos, sin)?;
-                self.attention
-                    .encode_split(r, &ws.q, kc, vc, t_kv, &cache.part, &ws.att)?;
+                // RoPE inside: q and the new key go in unrotated.
+                self.attention.encode_split(
+                    r,
+                    &ws.q,
+                    kc,
+                    vc,
+                    t_kv,
+                    &cache.part,
+                    &ws.att,
+                    (cos, sin),
+                )?;
                 let n = &layer.attn_sub_norm.w;
                 d.o.encode(r, &ws.att, n, layer.o_proj.pair(), &ws.h, 0, true)?;
                 let n = &layer.post_attention_layernorm.w;
@@ -1202,13 +1209,22 @@ impl GpuModel {
             lora(r, l, Proj::K, &ws.x, kc, past)?;
             into_cache(r, &ws.xq_c, &layer.v_proj, vc)?;
             lora(r, l, Proj::V, &ws.x, vc, past)?;
-            self.rope_qk
-                .encode_rows(r, &ws.q, 0..t, kc, past..t_kv, past, cos, sin)?;
             if t == 1 {
-                // One query: NH workgroups alone would leave most of the GPU idle.
-                self.attention
-                    .encode_split(r, &ws.q, kc, vc, t_kv, &cache.part, &ws.att)?;
+                // One query: NH workgroups alone would leave most of the GPU idle. RoPE
+                // inside: q and the new key go in unrotated.
+                self.attention.encode_split(
+                    r,
+                    &ws.q,
+                    kc,
+                    vc,
+                    t_kv,
+                    &cache.part,
+                    &ws.att,
+                    (cos, sin),
+                )?;
             } else {
+                self.rope_qk
+                    .encode_rows(r, &ws.q, 0..t, kc, past..t_kv, past, cos, sin)?;
                 self.attention
                     .encode_cached(r, &ws.q, kc, vc, t_kv, &ws.att)?;
             }

@@ -408,9 +408,11 @@ fn attention_matches_reference() {
 }
 
 /// The split path (a decoded token's keys in chunks of their own workgroups, then the combine
-/// dispatch) gives the same bits as one workgroup per row walking its chunks, cached scores or
-/// streamed, for one query and several, with and without a cache before them; and the CPU's
-/// `attention_cached` within KERNEL_TRANSCENDENTAL. Key counts straddle the 64-key chunks.
+/// dispatch, RoPE applied inside) gives the same bits as RoPE (`RopePair`) and then one
+/// workgroup per row walking its chunks, cached scores or streamed, for one query and several,
+/// with and without a cache before them, and leaves the new keys rotated in the cache as
+/// `RopePair` does; and the CPU's `attention_cached` within KERNEL_TRANSCENDENTAL. Key counts
+/// straddle the 64-key chunks; the cache is taller than the keys in use.
 #[test]
 fn attention_split_over_keys_equals_the_row_walk_bit_for_bit() {
     let mut rng = Rng::new(71);
@@ -422,21 +424,41 @@ fn attention_split_over_keys_equals_the_row_walk_bit_for_bit() {
         (3, 130, 3, 1, 128),
         (5, 5, 2, 2, 8),
     ] {
+        let (past, rows) = (t_kv - t_q, t_kv + 3);
         let q = normal(&mut rng, t_q * nh * hs, 1.0);
-        // Spread scores: some chunks' maxima far below the row's.
-        let k = normal(&mut rng, t_kv * nkv * hs, 2.0);
-        let v = normal(&mut rng, t_kv * nkv * hs, 1.0);
-        let what = format!("attention T_Q={t_q} T_KV={t_kv} NH={nh} NKV={nkv} HS={hs}");
-        let (qt, kt, vt) = (
-            f32t("q", &[t_q, nh * hs], &q),
-            f32t("k", &[t_kv, nkv * hs], &k),
-            f32t("v", &[t_kv, nkv * hs], &v),
+        // Spread scores: some chunks' maxima far below the row's. The cached rows (before
+        // `past`) count as rotated already; the new ones come in unrotated.
+        let k = normal(&mut rng, rows * nkv * hs, 2.0);
+        let v = normal(&mut rng, rows * nkv * hs, 1.0);
+        let (cos, sin) = ops::rope_tables(rows, hs, 10_000.0);
+        let (ct, st) = (
+            f32t("cos", &[rows, hs / 2], &cos),
+            f32t("sin", &[rows, hs / 2], &sin),
         );
+        let what = format!("attention T_Q={t_q} T_KV={t_kv} NH={nh} NKV={nkv} HS={hs}");
+        let (qr, kr, vt) = (
+            f32t("q", &[t_q, nh * hs], &q),
+            f32t("k", &[rows, nkv * hs], &k),
+            f32t("v", &[rows, nkv * hs], &v),
+        );
+        // The reference: RoPE, then the row walk.
+        run(|r| {
+            RopePair::new(&gpu().device, nh, nkv, hs).encode_rows(
+                r,
+                &qr,
+                0..t_q,
+                &kr,
+                past..t_kv,
+                past,
+                &ct,
+                &st,
+            )
+        });
         let walk = |smax: usize| {
             let out = zeros("out", &[t_q, nh * hs]);
             run(|r| {
                 Attention::with_score_cache(&gpu().device, nh, nkv, hs, smax)
-                    .encode_cached(r, &qt, &kt, &vt, t_kv, &out)
+                    .encode_cached(r, &qr, &kr, &vt, t_kv, &out)
             });
             read(&out)
         };
@@ -445,7 +467,11 @@ fn attention_split_over_keys_equals_the_row_walk_bit_for_bit() {
         let need = att.part_len(t_q, t_kv);
         let part = f32t("part", &[need + 7], &vec![f32::NAN; need + 7]);
         let split = zeros("out (split)", &[t_q, nh * hs]);
-        run(|r| att.encode_split(r, &qt, &kt, &vt, t_kv, &part, &split));
+        let (qt, kt) = (
+            f32t("q", &[t_q, nh * hs], &q),
+            f32t("k", &[rows, nkv * hs], &k),
+        );
+        run(|r| att.encode_split(r, &qt, &kt, &vt, t_kv, &part, &split, (&ct, &st)));
         let split = read(&split);
         assert_same_bits(&format!("{what}: split vs row walk"), &split, &walk(1024));
         assert_same_bits(
@@ -453,14 +479,30 @@ fn attention_split_over_keys_equals_the_row_walk_bit_for_bit() {
             &split,
             &walk(16),
         );
-        let want = ops::attention_cached(&q, &k, &v, t_q, t_kv, nh, nkv, hs);
+        let k_rot = read(&kr);
+        assert_same_bits(
+            &format!("{what}: the keys left in the cache"),
+            &read(&kt),
+            &k_rot,
+        );
+        let used = t_kv * nkv * hs;
+        let want = ops::attention_cached(
+            &read(&qr),
+            &k_rot[..used],
+            &v[..used],
+            t_q,
+            t_kv,
+            nh,
+            nkv,
+            hs,
+        );
         KERNEL_TRANSCENDENTAL.assert_close(&what, &split, &want);
         // Too small a `part` is an error, not an overrun.
         let small = zeros("part (small)", &[need - 1]);
         let out = zeros("out", &[t_q, nh * hs]);
         let mut rec = Recorder::new(&gpu().device);
         let e = att
-            .encode_split(&mut rec, &qt, &kt, &vt, t_kv, &small, &out)
+            .encode_split(&mut rec, &qt, &kt, &vt, t_kv, &small, &out, (&ct, &st))
             .unwrap_err();
         assert!(e.to_string().contains("need at least"), "{e}");
     }

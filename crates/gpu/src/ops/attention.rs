@@ -91,9 +91,12 @@ impl Attention {
         t_q * self.nh * t_kv.div_ceil(Self::CHUNK) * (self.hs + 2)
     }
 
-    /// As [`Attention::encode_cached`], the keys split into chunks that run in workgroups of
-    /// their own; `part` (at least [`Attention::part_len`] f32) holds each chunk's sums
-    /// between the two dispatches. The same bits as `encode_cached`.
+    /// As [`Attention::encode_cached`] after RoPE, the keys split into chunks that run in
+    /// workgroups of their own; `part` (at least [`Attention::part_len`] f32) holds each
+    /// chunk's sums between the two dispatches. RoPE is applied here: q and the new keys
+    /// (rows T_KV - T_Q .. T_KV of k) come in unrotated and the new keys are left rotated, as
+    /// [`super::RopePair`] with the tables `(cos, sin)` ((P, HS/2), P >= T_KV) and then
+    /// `encode_cached` would leave them, with the same bits for `out`.
     #[allow(clippy::too_many_arguments)]
     pub fn encode_split(
         &self,
@@ -104,9 +107,13 @@ impl Attention {
         t_kv: usize,
         part: &GpuTensor,
         out: &GpuTensor,
+        (cos, sin): (&GpuTensor, &GpuTensor),
     ) -> Result<(), GpuError> {
         const OP: &str = "attention (split)";
         let (t_q, dims) = self.check(OP, rec, q, k, v, t_kv, out)?;
+        for table in [cos, sin] {
+            at_least(OP, table, DType::F32, t_kv, self.hs / 2)?;
+        }
         let need = self.part_len(t_q, t_kv);
         if part.dtype != DType::F32 || part.numel() < need {
             return Err(GpuError::Shape {
@@ -117,16 +124,17 @@ impl Attention {
                 ),
             });
         }
+        let (c, s) = (&cos.buffer, &sin.buffer);
         rec.dispatch_at(
             &self.part,
-            &[0, 1, 2, 3, 5],
-            &[&dims, &q.buffer, &k.buffer, &v.buffer, &part.buffer],
+            &[0, 1, 2, 3, 5, 7, 8],
+            &[&dims, &q.buffer, &k.buffer, &v.buffer, &part.buffer, c, s],
             [t_kv.div_ceil(Self::CHUNK), self.nh, t_q],
         )?;
         rec.dispatch_at(
             &self.combine,
-            &[0, 4, 5],
-            &[&dims, &out.buffer, &part.buffer],
+            &[0, 4, 5, 6, 7, 8],
+            &[&dims, &out.buffer, &part.buffer, &k.buffer, c, s],
             [t_q, self.nh, 1],
         )
     }
