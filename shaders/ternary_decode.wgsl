@@ -56,7 +56,7 @@ struct Dims {
 
 var<workgroup> sq: array<vec4<f32>, CH4>;    // squares of one chunk's groups
 var<workgroup> lane: array<f32, RMS_LANES>;  // lane sums, then the tree
-var<workgroup> ymax: array<f32, WG>;         // max |y_n| per invocation, then the tree
+var<workgroup> ymax: atomic<u32>;            // max |y_n| as bits (ordered as u32 for >= 0)
 var<workgroup> xs: array<u32, I4>;           // the row's codes, four per word
 // [matrix][slot s][lane x]: the workgroup's sums over its SPLIT parts.
 var<workgroup> part: array<atomic<i32>, 8u * LANES>;
@@ -94,12 +94,16 @@ fn inv_rms(lid: u32) -> f32 {
         lane[lid] = (acc.x + acc.y) + (acc.z + acc.w);
     }
     workgroupBarrier();
-    for (var h = RMS_LANES / 2u; h > 0u; h >>= 1u) {
-        if lid < h {
-            lane[lid] = lane[lid] + lane[lid + h];
+    // rms_norm.wgsl's tree (lane l += lane l + h, h = 32 .. 1), each addition the same, done
+    // by one invocation: one barrier instead of six.
+    if lid == 0u {
+        for (var h = RMS_LANES / 2u; h > 0u; h >>= 1u) {
+            for (var l = 0u; l < h; l++) {
+                lane[l] = lane[l] + lane[l + h];
+            }
         }
-        workgroupBarrier();
     }
+    workgroupBarrier();
     return 1.0 / sqrt(lane[0] / f32(I) + EPS);
 }
 
@@ -109,20 +113,18 @@ fn norm_quant(lid: u32) -> f32 {
     for (var e = lid; e < 8u * LANES; e += WG) {
         atomicStore(&part[e], 0);
     }
-    let inv = inv_rms(lid);
+    if lid == 0u {
+        atomicStore(&ymax, 0u);
+    }
+    let inv = inv_rms(lid); // its barriers also publish the zeros
     var m = 0.0;
     for (var c = lid; c < I; c += WG) {
         m = max(m, abs(nw[c] * (x[c] * inv)));
     }
-    ymax[lid] = m;
+    // A max is exact in any order, and non-negative floats order as their bits do.
+    atomicMax(&ymax, bitcast<u32>(m));
     workgroupBarrier();
-    for (var h = WG / 2u; h > 0u; h >>= 1u) {
-        if lid < h {
-            ymax[lid] = max(ymax[lid], ymax[lid + h]);
-        }
-        workgroupBarrier();
-    }
-    let s_a = 127.0 / max(ymax[0], 1e-5);
+    let s_a = 127.0 / max(bitcast<f32>(atomicLoad(&ymax)), 1e-5);
     for (var k = lid; k < I4; k += WG) {
         var word = 0u;
         for (var j = 0u; j < 4u; j++) {

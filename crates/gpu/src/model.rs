@@ -675,19 +675,18 @@ impl GpuModel {
             attention: Attention::new(dev, nh, nkv, hs),
             gated_act: GatedAct::new(dev, f, cfg.hidden_act),
             glu: TernaryGlu::new(dev, c, f, cfg.hidden_act),
-            decode_ops: [c, q_dim, f]
-                .iter()
-                .all(|&i| TernaryDecode::fits(dev, i))
-                .then(|| {
-                    let op = |i, o| TernaryDecode::new(dev, i, o, cfg.rms_norm_eps, cfg.hidden_act);
-                    DecodeOps {
-                        q: op(c, q_dim),
-                        kv: op(c, nkv * hs),
-                        o: op(q_dim, c),
-                        glu: op(c, f),
-                        down: op(f, c),
-                    }
-                }),
+            decode_ops: ([c, q_dim, f].iter().all(|&i| TernaryDecode::fits(dev, i))
+                && !crate::ops::bench_switch("BITLORA_DECODE_UNFUSED"))
+            .then(|| {
+                let op = |i, o| TernaryDecode::new(dev, i, o, cfg.rms_norm_eps, cfg.hidden_act);
+                DecodeOps {
+                    q: op(c, q_dim),
+                    kv: op(c, nkv * hs),
+                    o: op(q_dim, c),
+                    glu: op(c, f),
+                    down: op(f, c),
+                }
+            }),
             residual_add: ResidualAdd::new(dev, c),
             head,
             argmax: Argmax::new(dev, v),

@@ -98,7 +98,13 @@ impl Matmul {
             tiled,
             // The staged one-token kernel on GPUs (its rows of bf16 start on a word: I even);
             // CPU adapters pay more for its barriers than they gain, as with the tiled one.
-            kernel_one: k(super::WG, false, 1, 1, tiled && (!bf16 || i % 2 == 0)),
+            kernel_one: k(
+                super::WG,
+                false,
+                1,
+                1,
+                tiled && (!bf16 || i % 2 == 0) && !super::bench_switch("BITLORA_HEAD_DIRECT"),
+            ),
             i,
             o,
             w: if bf16 { DType::Bf16 } else { DType::F32 },

@@ -89,6 +89,21 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("ternary_matmul", ternary_matmul::SOURCE),
 ];
 
+/// Whether the benchmark switch `name` (an environment variable) is set: `bitlora bench` runs
+/// compare a fused or staged kernel with the one it replaced in one binary
+/// (`BITLORA_DECODE_UNFUSED`, `BITLORA_HEAD_DIRECT`). Never set on the web.
+pub fn bench_switch(name: &str) -> bool {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        std::env::var_os(name).is_some_and(|v| v != "0")
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = name;
+        false
+    }
+}
+
 /// `n` as an override constant value.
 pub(crate) fn c(n: usize) -> f64 {
     n as f64

@@ -13,8 +13,8 @@ use super::ternary_matmul::{DECODE_LANES, DECODE_SPLIT};
 pub const SOURCE: &str = include_str!("../../../../shaders/ternary_decode.wgsl");
 
 /// Workgroup memory the shader declares besides the row's codes: the sum of squares' chunk
-/// (256 vec4), its 64 lane sums, 256 maxima and 8 x LANES part sums, in bytes.
-const FIXED_WORKGROUP_BYTES: usize = 16 * 256 + 4 * 64 + 4 * 256 + 4 * 8 * DECODE_LANES;
+/// (256 vec4), its 64 lane sums, the row's max and 8 x LANES part sums, in bytes.
+const FIXED_WORKGROUP_BYTES: usize = 16 * 256 + 4 * 64 + 4 + 4 * 8 * DECODE_LANES;
 
 /// A decoded token's BitLinear products with the RMSNorm and the int8 quantization of their
 /// input folded in: one dispatch for what [`super::RmsNorm::encode_quant`] and one or two
