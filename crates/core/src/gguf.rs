@@ -1479,9 +1479,9 @@ fn model_writer(model: &Model, ternary: GgmlType, arch: &str) -> Result<GgufWrit
     }
     let p = &model.params;
     let (v, h) = (c.vocab_size, c.hidden_size);
-    w.tensor_f32("token_embd.weight", &[v, h], &p.embed_tokens);
+    w.tensor_f32("token_embd.weight", &[v, h], &p.embed_tokens.to_f32());
     if let Some(head) = &p.lm_head {
-        w.tensor_f32("output.weight", &[v, h], head);
+        w.tensor_f32("output.weight", &[v, h], &head.to_f32());
     }
     w.tensor_f32("output_norm.weight", &[h], &p.norm);
     for (l, layer) in p.layers.iter().enumerate() {

@@ -23,6 +23,7 @@ use crate::lora::Lora;
 use crate::ops;
 use crate::quant::{self, TernaryLinear};
 use crate::rng::Rng;
+use crate::table::Table;
 use crate::weights::{self, OwnedTensor, WeightFiles};
 
 /// One transformer block's parameters.
@@ -41,19 +42,21 @@ pub struct LayerParams {
     pub down_proj: TernaryLinear,           // (C, F)
 }
 
-/// All parameters of the model. The projections are frozen ternary; the rest is f32.
+/// All parameters of the model. The projections are frozen ternary; the rest is f32, the
+/// embedding and the head held as bf16 where every value is one (lossless, same results:
+/// [`Table`]).
 #[derive(Clone, Debug)]
 pub struct Params {
-    pub embed_tokens: Vec<f32>,    // (V, C)
-    pub layers: Vec<LayerParams>,  // L
-    pub norm: Vec<f32>,            // (C)
-    pub lm_head: Option<Vec<f32>>, // (V, C); None when tied to embed_tokens
+    pub embed_tokens: Table,      // (V, C)
+    pub layers: Vec<LayerParams>, // L
+    pub norm: Vec<f32>,           // (C)
+    pub lm_head: Option<Table>,   // (V, C); None when tied to embed_tokens
 }
 
 impl Params {
     /// The output projection (V, C): lm_head, or the embedding when tied.
-    pub fn head(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.embed_tokens)
+    pub fn head(&self) -> &Table {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 }
 
@@ -302,14 +305,10 @@ impl Model {
         }
 
         // h = embed[tokens]                                              (T, C)
-        let mut h: Vec<f32> = tokens
-            .iter()
-            .flat_map(|&tok| {
-                p.embed_tokens[tok as usize * c..(tok as usize + 1) * c]
-                    .iter()
-                    .copied()
-            })
-            .collect();
+        let mut h: Vec<f32> = Vec::with_capacity(t * c);
+        for &tok in tokens {
+            p.embed_tokens.push_row(&mut h, tok as usize, c);
+        }
         let (cos, sin) = ops::rope_tables_from(past, t, hs, cfg.rope_theta); // (T, HS/2) each
 
         for (l, (layer, (k_cache, v_cache))) in p
@@ -342,7 +341,7 @@ impl Model {
         cache.len += t;
 
         let x = ops::rms_norm(&h, &p.norm, cfg.rms_norm_eps); // (T, C)
-        Ok(ops::matmul_t_fast(&x, p.head(), c, cfg.vocab_size)) // (T, V)
+        Ok(p.head().matmul_t(&x, c, cfg.vocab_size)) // (T, V)
     }
 
     /// A model with random weights, reproducible from `seed`: master weights ~ N(0, 0.02) as
@@ -453,10 +452,10 @@ impl Model {
         let model = Model {
             config,
             params: Params {
-                embed_tokens: embed,
+                embed_tokens: Table::new(embed),
                 layers,
                 norm,
-                lm_head,
+                lm_head: lm_head.map(Table::new),
             },
         };
         (model, tensors)
@@ -581,14 +580,14 @@ impl TensorSource for WeightFiles<'_> {
 /// reported is the same.
 pub(crate) fn assemble(config: Config, w: &mut impl TensorSource) -> Result<Model> {
     let (v, c) = (config.vocab_size, config.hidden_size);
-    let embed_tokens = w.f32_finite("model.embed_tokens.weight", &[v, c])?;
+    let embed_tokens = Table::new(w.f32_finite("model.embed_tokens.weight", &[v, c])?);
     let layers = (0..config.num_hidden_layers)
         .map(|l| load_layer(w, &config, l))
         .collect::<Result<Vec<_>>>()?;
     let lm_head = if config.tie_word_embeddings {
         None
     } else {
-        Some(w.f32_finite("lm_head.weight", &[v, c])?)
+        Some(Table::new(w.f32_finite("lm_head.weight", &[v, c])?))
     };
     Ok(Model {
         params: Params {
@@ -785,7 +784,7 @@ pub fn bench_config(name: &str) -> Option<Config> {
 pub use quant::quantize_activations;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn tiny_bytes(tied: bool) -> (Config, Model, Vec<u8>) {
@@ -806,13 +805,72 @@ mod tests {
         let bf = |x: f32| half::bf16::from_f32(x).to_f32();
         let n = cfg.vocab_size * cfg.hidden_size;
         let embed: Vec<f32> = (0..n).map(|_| bf(0.5 * rng.normal())).collect();
-        assert_eq!(model.params.embed_tokens, embed);
+        assert_eq!(*model.params.embed_tokens.to_f32(), embed);
+        assert_eq!(model.params.embed_tokens.dtype(), crate::TableDtype::Bf16);
         let norm: Vec<f32> = (0..cfg.hidden_size)
             .map(|_| bf(1.0 + 0.1 * rng.normal()))
             .collect();
         assert_eq!(model.params.layers[0].input_layernorm, norm);
         let alone = Model::random_model(cfg, 7);
         assert_eq!(format!("{:?}", alone.params), format!("{:?}", model.params));
+    }
+
+    /// The model with its tables kept as f32 (the storage before bf16 tables).
+    pub(crate) fn with_f32_tables(model: &Model) -> Model {
+        let mut m = model.clone();
+        m.params.embed_tokens = Table::new_f32(m.params.embed_tokens.to_f32().into_owned());
+        m.params.lm_head = m
+            .params
+            .lm_head
+            .map(|h| Table::new_f32(h.to_f32().into_owned()));
+        m
+    }
+
+    /// bf16 tables (random and loaded models are bf16) give the f32 tables' logits bit for bit:
+    /// a prefill over many tokens (blocks of tokens on threads) and cached one-token passes
+    /// (W's rows on threads), tied and untied; and no reader made an f32 copy of a table.
+    #[test]
+    fn bf16_tables_give_the_f32_tables_logits_bit_for_bit() {
+        use crate::table::TableDtype;
+        for tied in [true, false] {
+            let (_, model, bytes) = tiny_bytes(tied);
+            let cfg = model.config.clone();
+            let json = cfg.to_json().to_string();
+            let loaded = Model::from_bytes(
+                "config.json",
+                json.as_bytes(),
+                &[("model.safetensors", &bytes)],
+            )
+            .unwrap();
+            for m in [&model, &loaded] {
+                assert_eq!(m.params.embed_tokens.dtype(), TableDtype::Bf16);
+                assert_eq!(m.params.head().dtype(), TableDtype::Bf16);
+            }
+            let f32_model = with_f32_tables(&model);
+            assert_eq!(f32_model.params.head().dtype(), TableDtype::F32);
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            let prompt: Vec<u32> = (0..37).map(|k| (k * 97 + 5) % 509).collect();
+            let (mut c1, mut c2) = (KvCache::new(&cfg), KvCache::new(&cfg));
+            assert_eq!(
+                bits(model.forward(&prompt, &mut c1).unwrap()),
+                bits(f32_model.forward(&prompt, &mut c2).unwrap()),
+                "tied {tied}: prefill"
+            );
+            for tok in [7u32, 508, 0, 42] {
+                assert_eq!(
+                    bits(model.forward(&[tok], &mut c1).unwrap()),
+                    bits(f32_model.forward(&[tok], &mut c2).unwrap()),
+                    "tied {tied}: decoding {tok}"
+                );
+            }
+            assert!(!model.params.embed_tokens.has_f32_copy());
+            assert!(!model.params.head().has_f32_copy());
+            // Half the bytes.
+            assert_eq!(
+                2 * model.params.head().bytes(),
+                f32_model.params.head().bytes()
+            );
+        }
     }
 
     #[test]
@@ -851,7 +909,7 @@ mod tests {
                 OwnedTensor::f32(
                     "model.embed_tokens.weight",
                     &[cfg.vocab_size, cfg.hidden_size],
-                    &model.params.embed_tokens,
+                    &model.params.embed_tokens.to_f32(),
                 ),
                 OwnedTensor::f32("model.norm.weight", &[cfg.hidden_size], &model.params.norm),
             ];

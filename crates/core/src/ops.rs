@@ -246,14 +246,73 @@ pub fn matmul_t(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
     y
 }
 
+/// An element of a full-precision weight matrix that widens to f32 exactly: f32 itself, or a
+/// bf16 held as its bits (`u16`; bf16 -> f32 is the bits shifted into the top half, exact).
+/// The head kernels are generic over it, so a bf16 table goes through the very same f32
+/// operations on the very same values as its f32 twin (same bits out) while reading half the
+/// bytes: decoding on a CPU is bound by the bytes of the head it streams.
+pub(crate) trait Weight: Copy + Send + Sync {
+    /// The value as f32 (exact).
+    fn widen(self) -> f32;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+/// bf16 bits.
+impl Weight for u16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        bf16_to_f32(self)
+    }
+}
+
+/// bf16 bits -> f32, exactly (no rounding, NaN payloads kept): `bits << 16`.
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// The bf16 bits of `x` when x is exactly a bf16 (the low 16 bits of its f32 are zero).
+#[inline(always)]
+pub fn f32_to_bf16_exact(x: f32) -> Option<u16> {
+    let b = x.to_bits();
+    (b & 0xffff == 0).then_some((b >> 16) as u16)
+}
+
 /// The fast path of [`matmul_t`]: 16 independent partial sums per dot product so the compiler
 /// can vectorise (a single running f32 sum cannot be reordered), AVX2 + FMA chosen at run time
 /// natively. Sums in a different order than [`matmul_t`]: equal within `dot_f32_bound`.
 pub fn matmul_t_fast(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
     assert_eq!(w.len(), o * i, "matmul_t_fast: W is not (O, I)");
-    assert_eq!(x.len() % i, 0, "matmul_t_fast: x is not (T, I)");
+    matmul_t_fast_any(x, w, i, o)
+}
+
+/// [`matmul_t_fast`] with W (O, I) as bf16 bits: y (T, O) = x (T, I) . W^T. Every output is
+/// the same operations in the same order on the same (widened) values as [`matmul_t_fast`] of
+/// the f32 W, so the two are equal bit for bit, at half the bytes of W read. Natively the
+/// AVX2 and FMA build widens 8 bf16 at a time in register (`vpmovzxwd` + `vpslld`); in wasm the
+/// same body is built with SIMD128 (`i32x4.extend_*_i16x8_u` + `i32x4.shl`, seen in the linked
+/// module).
+pub fn matmul_t_fast_bf16(x: &[f32], w: &[u16], i: usize, o: usize) -> Vec<f32> {
+    assert_eq!(w.len(), o * i, "matmul_t_fast_bf16: W is not (O, I)");
+    matmul_t_fast_any(x, w, i, o)
+}
+
+fn matmul_t_fast_any<W: Weight>(x: &[f32], w: &[W], i: usize, o: usize) -> Vec<f32> {
+    assert!(
+        i > 0 && x.len().is_multiple_of(i),
+        "matmul_t_fast: x is not (T, I)"
+    );
     let t = x.len() / i;
     let mut y = vec![0f32; t * o];
+    if o == 0 {
+        return y;
+    }
     if t == 1 {
         // One token (decoding): split the outputs, i.e. the rows of W, between threads.
         crate::par::chunks(&mut y, 256, |c0, out| {
@@ -270,44 +329,76 @@ pub fn matmul_t_fast(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
 }
 
 /// [`matmul_t_fast`] on a block: `y` (T', O') = x (T', I) . W' (O', I)^T.
-fn matmul_t_block(x: &[f32], w: &[f32], i: usize, o: usize, y: &mut [f32]) {
+fn matmul_t_block<W: Weight>(x: &[f32], w: &[W], i: usize, o: usize, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
         return unsafe { matmul_t_avx2(x, w, i, o, y) };
     }
-    matmul_t_body::<false>(x, w, i, o, y)
+    matmul_t_body::<false, W>(x, w, i, o, y)
 }
 
+/// [`matmul_t_body`] built with AVX2 + FMA. For bf16 the compiler widens 8 values a step in
+/// register (`vpmovzxwd` + `vpslld` feeding `vfmadd231ps`: checked in the disassembly).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn matmul_t_avx2(x: &[f32], w: &[f32], i: usize, o: usize, y: &mut [f32]) {
-    matmul_t_body::<true>(x, w, i, o, y)
+fn matmul_t_avx2<W: Weight>(x: &[f32], w: &[W], i: usize, o: usize, y: &mut [f32]) {
+    matmul_t_body::<true, W>(x, w, i, o, y)
 }
 
-/// `FMA`: fused multiply-adds, where the CPU has them (wasm has none; a software one is slow).
+/// The lanes of [`dot_lanes`]' partial sums.
+const MATMUL_LANES: usize = 16;
+
+/// One output of the head matmul, in the order every fast build computes it: lane l sums
+/// x[k] w[k] over k = l, l + 16, .. below I - I % 16, in order of k (a fused multiply-add per
+/// term with `FMA`, else a product then a sum: wasm has no FMA, a software one is slow); then
+/// `(((0 + lane 0) + lane 1) + .. + lane 15) + tail`, the tail being the last I % 16 products
+/// summed in order. 16 independent sums let the compiler vectorise (a single running f32 sum
+/// cannot be reordered).
 #[inline(always)]
-fn matmul_t_body<const FMA: bool>(x: &[f32], w: &[f32], i: usize, o: usize, y: &mut [f32]) {
-    const LANES: usize = 16;
+fn dot_lanes<const FMA: bool, W: Weight>(x: &[f32], w: &[W]) -> f32 {
+    const LANES: usize = MATMUL_LANES;
+    let n = x.len() - x.len() % LANES;
+    let mut lanes = [0f32; LANES];
+    for (xa, wa) in x[..n].chunks_exact(LANES).zip(w[..n].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            lanes[l] = if FMA {
+                xa[l].mul_add(wa[l].widen(), lanes[l])
+            } else {
+                lanes[l] + xa[l] * wa[l].widen()
+            };
+        }
+    }
+    lanes.iter().sum::<f32>() + dot_tail(&x[n..], &w[n..])
+}
+
+/// The last I % 16 products of [`dot_lanes`], summed in order.
+#[inline(always)]
+fn dot_tail<W: Weight>(x: &[f32], w: &[W]) -> f32 {
+    x.iter().zip(w).map(|(a, b)| a * b.widen()).sum()
+}
+
+/// y (T, O) = x (T, I) . W (O, I)^T, each output as [`dot_lanes`] computes it, one row of W
+/// at a time (built with AVX2 + FMA natively where the CPU has them, with SIMD128 in wasm).
+///
+/// Taking 4 rows of W together (8 independent chains of multiply-adds instead of 2, x read
+/// once for four outputs; same sums) was tried with AVX2 intrinsics and measured on the 2-core
+/// EPYC: faster where C = 2560 (2b4t shapes, f32: 22.5 against 16.6 GB/s) but slower where C
+/// = 768 (125m: bf16 9.3 against 14.3 GB/s, the 4 rows' 64 scalar lane additions stalling the
+/// stream), so one row it stays.
+#[inline(always)]
+fn matmul_t_body<const FMA: bool, W: Weight>(
+    x: &[f32],
+    w: &[W],
+    i: usize,
+    o: usize,
+    y: &mut [f32],
+) {
     let t = x.len() / i;
     for c in 0..o {
         let wc = &w[c * i..(c + 1) * i];
         for r in 0..t {
-            let xr = &x[r * i..(r + 1) * i];
-            let mut lanes = [0f32; LANES];
-            let (xc, xt) = xr.split_at(i - i % LANES);
-            let (wcc, wct) = wc.split_at(i - i % LANES);
-            for (xa, wa) in xc.chunks_exact(LANES).zip(wcc.chunks_exact(LANES)) {
-                for l in 0..LANES {
-                    lanes[l] = if FMA {
-                        xa[l].mul_add(wa[l], lanes[l])
-                    } else {
-                        lanes[l] + xa[l] * wa[l]
-                    };
-                }
-            }
-            let tail: f32 = xt.iter().zip(wct).map(|(a, b)| a * b).sum();
-            y[r * o + c] = lanes.iter().sum::<f32>() + tail;
+            y[r * o + c] = dot_lanes::<FMA, W>(&x[r * i..(r + 1) * i], wc);
         }
     }
 }
@@ -317,6 +408,17 @@ fn matmul_t_body<const FMA: bool>(x: &[f32], w: &[f32], i: usize, o: usize, y: &
 /// that loop bit for bit; blocks of rows run on separate threads, each streaming W once.
 pub fn matmul_acc(y: &mut [f32], g: &[f32], w: &[f32], v: usize, c: usize) {
     assert_eq!(w.len(), v * c, "matmul_acc: W is not (V, C)");
+    matmul_acc_any(y, g, w, v, c)
+}
+
+/// [`matmul_acc`] with W (V, C) as bf16 bits: the same multiply-adds on the same (widened)
+/// values, so equal to [`matmul_acc`] of the f32 W bit for bit.
+pub fn matmul_acc_bf16(y: &mut [f32], g: &[f32], w: &[u16], v: usize, c: usize) {
+    assert_eq!(w.len(), v * c, "matmul_acc_bf16: W is not (V, C)");
+    matmul_acc_any(y, g, w, v, c)
+}
+
+fn matmul_acc_any<W: Weight>(y: &mut [f32], g: &[f32], w: &[W], v: usize, c: usize) {
     assert_eq!(
         y.len() / c,
         g.len() / v,
@@ -328,7 +430,7 @@ pub fn matmul_acc(y: &mut [f32], g: &[f32], w: &[f32], v: usize, c: usize) {
     });
 }
 
-fn matmul_acc_block(g: &[f32], w: &[f32], v: usize, c: usize, y: &mut [f32]) {
+fn matmul_acc_block<W: Weight>(g: &[f32], w: &[W], v: usize, c: usize, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
@@ -339,12 +441,12 @@ fn matmul_acc_block(g: &[f32], w: &[f32], v: usize, c: usize, y: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn matmul_acc_avx2(g: &[f32], w: &[f32], v: usize, c: usize, y: &mut [f32]) {
+fn matmul_acc_avx2<W: Weight>(g: &[f32], w: &[W], v: usize, c: usize, y: &mut [f32]) {
     matmul_acc_body(g, w, v, c, y)
 }
 
 #[inline(always)]
-fn matmul_acc_body(g: &[f32], w: &[f32], v: usize, c: usize, y: &mut [f32]) {
+fn matmul_acc_body<W: Weight>(g: &[f32], w: &[W], v: usize, c: usize, y: &mut [f32]) {
     let rows = y.len() / c;
     for vi in 0..v {
         let wr = &w[vi * c..(vi + 1) * c];
@@ -376,9 +478,9 @@ fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 #[inline(always)]
-fn axpy_body(y: &mut [f32], a: f32, x: &[f32]) {
+fn axpy_body<W: Weight>(y: &mut [f32], a: f32, x: &[W]) {
     for (d, &v) in y.iter_mut().zip(x) {
-        *d += a * v;
+        *d += a * v.widen();
     }
 }
 
@@ -499,6 +601,159 @@ mod tests {
             }
             println!("matmul_t_fast T={t} I={i} O={o}: worst diff {worst:.3} of dot_f32_bound");
         }
+    }
+
+    /// Random values rounded to bf16 (as a bf16 checkpoint holds): (f32 values, bf16 bits).
+    fn bf16_data(n: usize, rng: &mut crate::rng::Rng) -> (Vec<f32>, Vec<u16>) {
+        let f: Vec<f32> = (0..n)
+            .map(|_| half::bf16::from_f32(rng.normal()).to_f32())
+            .collect();
+        let b = f.iter().map(|&x| f32_to_bf16_exact(x).unwrap()).collect();
+        (f, b)
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// `matmul_t_body` for f32 W as the crate had it before bf16 tables, verbatim but for
+    /// the FMA switch: the order the bf16 kernel must keep.
+    fn f32_body_as_before(fma: bool, x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
+        const LANES: usize = 16;
+        let t = x.len() / i;
+        let mut y = vec![0f32; t * o];
+        for c in 0..o {
+            let wc = &w[c * i..(c + 1) * i];
+            for r in 0..t {
+                let xr = &x[r * i..(r + 1) * i];
+                let mut lanes = [0f32; LANES];
+                let (xc, xt) = xr.split_at(i - i % LANES);
+                let (wcc, wct) = wc.split_at(i - i % LANES);
+                for (xa, wa) in xc.chunks_exact(LANES).zip(wcc.chunks_exact(LANES)) {
+                    for l in 0..LANES {
+                        lanes[l] = if fma {
+                            xa[l].mul_add(wa[l], lanes[l])
+                        } else {
+                            lanes[l] + xa[l] * wa[l]
+                        };
+                    }
+                }
+                let tail: f32 = xt.iter().zip(wct).map(|(a, b)| a * b).sum();
+                y[r * o + c] = lanes.iter().sum::<f32>() + tail;
+            }
+        }
+        y
+    }
+
+    /// The bf16 head kernels against the f32 ones on the widened values: equal bit for bit,
+    /// on shapes where V is not a multiple of the decode chunk (256) and I not one of the 16
+    /// lanes (or smaller than them), for 1 token (decode: W's rows split between threads) and
+    /// several (blocks of tokens), on 1 and 3 threads; and each build's body (with and without
+    /// FMA: the wasm and non-AVX2 path is the one without) on its own.
+    #[test]
+    fn bf16_head_kernels_equal_the_f32_ones_bit_for_bit() {
+        let mut rng = crate::rng::Rng::new(14);
+        let pools: Vec<rayon::ThreadPool> = [1, 3]
+            .iter()
+            .map(|&n| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        for (t, i, o) in [
+            (1, 1, 1),
+            (1, 15, 3),
+            (1, 17, 5),
+            (1, 768, 1000),
+            (1, 1030, 513),
+            (2, 15, 300),
+            (3, 17, 5),
+            (5, 1001, 37),
+            (37, 100, 509),
+        ] {
+            let x: Vec<f32> = (0..t * i).map(|_| rng.normal()).collect();
+            let (wf, wb) = bf16_data(o * i, &mut rng);
+            let reference = matmul_t_fast(&x, &wf, i, o);
+            for pool in &pools {
+                let (f, b) = pool.install(|| {
+                    (
+                        matmul_t_fast(&x, &wf, i, o),
+                        matmul_t_fast_bf16(&x, &wb, i, o),
+                    )
+                });
+                assert_eq!(
+                    bits(&f),
+                    bits(&reference),
+                    "T={t} I={i} O={o}: f32 on {} threads",
+                    pool.current_num_threads()
+                );
+                assert_eq!(
+                    bits(&b),
+                    bits(&reference),
+                    "T={t} I={i} O={o}: bf16 on {} threads",
+                    pool.current_num_threads()
+                );
+            }
+            // The body's order is the one the f32 kernel had before it took bf16 (written out
+            // here as it was), with and without FMA.
+            for fma in [false, true] {
+                let mut yb = vec![0f32; t * o];
+                if fma {
+                    matmul_t_body::<true, u16>(&x, &wb, i, o, &mut yb);
+                } else {
+                    matmul_t_body::<false, u16>(&x, &wb, i, o, &mut yb);
+                }
+                assert_eq!(
+                    bits(&yb),
+                    bits(&f32_body_as_before(fma, &x, &wf, i, o)),
+                    "T={t} I={i} O={o}: FMA {fma}"
+                );
+            }
+            // Each body alone (the paths other machines and wasm take).
+            let mut yf = vec![0f32; t * o];
+            let mut yb = vec![0f32; t * o];
+            matmul_t_body::<false, f32>(&x, &wf, i, o, &mut yf);
+            matmul_t_body::<false, u16>(&x, &wb, i, o, &mut yb);
+            assert_eq!(
+                bits(&yb),
+                bits(&yf),
+                "T={t} I={i} O={o}: bodies without FMA"
+            );
+            matmul_t_body::<true, f32>(&x, &wf, i, o, &mut yf);
+            matmul_t_body::<true, u16>(&x, &wb, i, o, &mut yb);
+            assert_eq!(bits(&yb), bits(&yf), "T={t} I={i} O={o}: bodies with FMA");
+
+            // The backward: dx (T, I) += g (T, O) . W (O, I), g with zeros (skipped terms).
+            let g: Vec<f32> = (0..t * o)
+                .map(|k| if k % 3 == 0 { 0.0 } else { rng.normal() })
+                .collect();
+            let start: Vec<f32> = (0..t * i).map(|_| rng.normal()).collect();
+            let (mut af, mut ab) = (start.clone(), start.clone());
+            matmul_acc(&mut af, &g, &wf, o, i);
+            matmul_acc_bf16(&mut ab, &g, &wb, o, i);
+            assert_eq!(bits(&ab), bits(&af), "T={t} I={i} O={o}: matmul_acc");
+            let (mut af, mut ab) = (start.clone(), start);
+            matmul_acc_body(&g, &wf, o, i, &mut af);
+            matmul_acc_body(&g, &wb, o, i, &mut ab);
+            assert_eq!(bits(&ab), bits(&af), "T={t} I={i} O={o}: matmul_acc body");
+        }
+    }
+
+    /// bf16 <-> f32: exact both ways for every bf16, refused for an f32 with low bits set.
+    #[test]
+    fn bf16_conversions_are_exact() {
+        for b in 0..=u16::MAX {
+            let f = bf16_to_f32(b);
+            assert_eq!(f.to_bits(), (b as u32) << 16);
+            assert_eq!(f32_to_bf16_exact(f), Some(b));
+            if !f.is_nan() {
+                assert_eq!(f.to_bits(), half::bf16::from_bits(b).to_f32().to_bits());
+            }
+        }
+        assert_eq!(f32_to_bf16_exact(1.0 + f32::EPSILON), None);
+        assert_eq!(f32_to_bf16_exact(f32::from_bits(1)), None);
     }
 
     #[test]

@@ -478,14 +478,10 @@ fn forward_saving(
         cfg.rms_norm_eps,
     );
     let (scale, r, dropout) = (lora.config.scale(), lora.config.r, lora.config.dropout);
-    let mut h: Vec<f32> = tokens
-        .iter()
-        .flat_map(|&tok| {
-            p.embed_tokens[tok as usize * c..(tok as usize + 1) * c]
-                .iter()
-                .copied()
-        })
-        .collect();
+    let mut h: Vec<f32> = Vec::with_capacity(t * c); // (T, C) = embed[tokens]
+    for &tok in tokens {
+        p.embed_tokens.push_row(&mut h, tok as usize, c);
+    }
     let (cos, sin) = rope;
     let mut saved = Vec::with_capacity(p.layers.len());
     for (layer, adapters) in p.layers.iter().zip(&lora.layers) {
@@ -590,12 +586,11 @@ fn for_head_blocks(
         if targets[r0..r0 + rows].iter().all(Option::is_none) {
             continue;
         }
-        let mut logits = ops::matmul_t_fast(
-            &xn[r0 * c..(r0 + rows) * c],
-            model.params.head(),
-            c,
-            model.config.vocab_size,
-        );
+        let mut logits =
+            model
+                .params
+                .head()
+                .matmul_t(&xn[r0 * c..(r0 + rows) * c], c, model.config.vocab_size); // (rows, V)
         f(r0, &mut logits);
     }
 }
@@ -658,7 +653,7 @@ pub fn forward_backward(
         }
         // dxn (rows, C) += dlogits . H
         let rows = logits.len() / v;
-        ops::matmul_acc(&mut dxn[r0 * c..(r0 + rows) * c], logits, head, v, c);
+        head.matmul_acc(&mut dxn[r0 * c..(r0 + rows) * c], logits, v, c);
     });
 
     // ---- backward, in exact reverse ----
@@ -1054,6 +1049,50 @@ mod tests {
                 &get(&grads),
                 &mut rng,
             );
+        }
+    }
+
+    /// Training through bf16 tables (the embedding lookup, the head's forward and backward)
+    /// gives the f32 tables' loss and every gradient bit for bit, tied and untied, and makes no
+    /// f32 copy of a table.
+    #[test]
+    fn bf16_tables_train_as_the_f32_tables_bit_for_bit() {
+        for tied in [true, false] {
+            let mut cfg = tiny_config();
+            cfg.tie_word_embeddings = tied;
+            let model = Model::random_model(cfg, 42);
+            assert_eq!(model.params.head().dtype(), crate::TableDtype::Bf16);
+            let f32_model = crate::model::tests::with_f32_tables(&model);
+            let lcfg = LoraConfig::new(4, 8.0, 0.0, false, &["all-linear"]).unwrap();
+            let mut lora = Lora::init(&model.config, lcfg, 7);
+            let mut rng = Rng::new(8);
+            lora.for_each_mut(|_, _, v| v.iter_mut().for_each(|x| *x += 0.05 * rng.normal()));
+            let tokens: Vec<u32> = (0..40).map(|k| (k * 31 + 3) % 509).collect();
+            let targets: Vec<Option<u32>> = tokens[1..]
+                .iter()
+                .enumerate()
+                .map(|(k, &t)| (k % 5 != 0).then_some(t))
+                .chain([None])
+                .collect();
+            let run = |m: &Model| {
+                let mut grads = lora.zeros_like();
+                let step = forward_backward(
+                    m,
+                    &lora,
+                    &tokens,
+                    &targets,
+                    &mut grads,
+                    1.0,
+                    &mut Rng::new(0),
+                )
+                .unwrap();
+                let mut bits = vec![step.loss.to_bits()];
+                grads.for_each_mut(|_, _, v| bits.extend(v.iter().map(|x| x.to_bits())));
+                bits
+            };
+            assert_eq!(run(&model), run(&f32_model), "tied {tied}");
+            assert!(!model.params.embed_tokens.has_f32_copy());
+            assert!(!model.params.head().has_f32_copy());
         }
     }
 

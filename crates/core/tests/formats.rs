@@ -128,10 +128,10 @@ impl Probe {
             cfg.head_dim,
         );
         let eps = cfg.rms_norm_eps;
-        let mut h: Vec<f32> = tokens
-            .iter()
-            .flat_map(|&tok| p.embed_tokens[tok as usize * c..(tok as usize + 1) * c].to_vec())
-            .collect(); // (T, C)
+        let mut h: Vec<f32> = Vec::with_capacity(t * c); // (T, C)
+        for &tok in tokens {
+            p.embed_tokens.push_row(&mut h, tok as usize, c);
+        }
         let (cos, sin) = ops::rope_tables_from(0, t, hs, cfg.rope_theta); // (T, HS/2)
         for (l, layer) in p.layers.iter().enumerate() {
             let x = ops::rms_norm(&h, &layer.input_layernorm, eps); // (T, C)
@@ -156,7 +156,7 @@ impl Probe {
             ops::add_in_place(&mut h, &Self::linear(&layer.down_proj, &gq)); // (T, C)
         }
         let x = ops::rms_norm(&h, &p.norm, eps); // (T, C)
-        ops::matmul_t_fast(&x, p.head(), c, cfg.vocab_size) // (T, V)
+        p.head().matmul_t(&x, c, cfg.vocab_size) // (T, V)
     }
 }
 

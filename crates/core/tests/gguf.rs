@@ -85,10 +85,14 @@ fn assert_same_model(what: &str, gguf: &Model, st: &Model) {
     let (gp, sp) = (&gguf.params, &st.params);
     EXACT.assert_close(
         &format!("{what}: embed"),
-        &gp.embed_tokens,
-        &sp.embed_tokens,
+        &gp.embed_tokens.to_f32(),
+        &sp.embed_tokens.to_f32(),
     );
-    EXACT.assert_close(&format!("{what}: head"), gp.head(), sp.head());
+    EXACT.assert_close(
+        &format!("{what}: head"),
+        &gp.head().to_f32(),
+        &sp.head().to_f32(),
+    );
     EXACT.assert_close(&format!("{what}: norm"), &gp.norm, &sp.norm);
     for (l, (gl, sl)) in gp.layers.iter().zip(&sp.layers).enumerate() {
         for (name, a, b) in [

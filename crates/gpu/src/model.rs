@@ -598,9 +598,10 @@ impl GpuModel {
                 SplitTensor::f32(dev, name, v, c, w, split)
             }
         };
-        let embed_tokens = table("model.embed_tokens.weight", &p.embed_tokens)?;
+        // to_f32: a widened copy dropped after the upload (Deref would keep one in the model).
+        let embed_tokens = table("model.embed_tokens.weight", &p.embed_tokens.to_f32())?;
         let lm_head = match &p.lm_head {
-            Some(w) => Some(table("lm_head.weight", w)?),
+            Some(w) => Some(table("lm_head.weight", &w.to_f32())?),
             None => None,
         };
         let head_w = lm_head.as_ref().unwrap_or(&embed_tokens);
