@@ -37,17 +37,6 @@
 // T = 1) an invocation computes one output (TO = 1): the matrix-vector product bound by
 // reading W gets one invocation per row.
 //
-// Staged one-token kernel (GEMV = true: decoding on a GPU). The direct kernel with TT = 1 has
-// each invocation walk its own row of W: a warp's loads touch 32 rows at once, 32 cache lines
-// for 128 useful bytes, and 2B-4T's 656 MB bf16 head took 1.45 ms on an H100 (~10% of the
-// bandwidth). Here a workgroup of GR = WG = 64 invocations owns 64 consecutive rows; each step
-// stages GW = 32 words of every row (64 bf16 or 32 f32 values: 128 contiguous bytes per row,
-// one coalesced segment per half-warp) and the matching values of x through workgroup memory,
-// then invocation r adds its row's staged values in order, `a += x * wv` as every variant
-// does. Rows of wt are padded to GS = 33 words: the 64 invocations read 64 different rows at
-// the same k without bank conflicts. A bf16 row must start on a word (I even; the launcher
-// keeps the direct kernel for odd I).
-//
 // Both spell the blocks out in variables (private arrays indexed in loops stay in memory on CPU
 // adapters, and in local memory on NVIDIA). Outputs past the chunk and tokens past T are
 // clamped to the last one: computed, never written.
@@ -63,7 +52,7 @@
 // widens a bf16 exactly to its f32, so both formats give the same products and sums, bit for
 // bit.
 // Dispatch: tiled (ceil(OC / BO), ceil(T / BT), 1); direct (ceil(ceil(OC / TO) / WG),
-// ceil(T / TT), 1); gemv (ceil(OC / GR), 1, 1).
+// ceil(T / TT), 1).
 
 override I: u32;          // in features (C)
 override O: u32;          // out features (V), y's row width
@@ -72,7 +61,6 @@ override TILED = false;   // the tiled kernel (WG = 256), else the direct one
 override TT: u32 = 8u;    // direct: tokens per invocation: 8, or 1 (then TO = 1)
 override TO: u32 = 4u;    // direct: outputs per invocation: 4, or 1 (with TT = 1)
 override BF16 = false;    // W is bf16 pairs, else f32 bits
-override GEMV = false;    // TT = 1: the staged one-token kernel (WG = GR)
 
 const KC: u32 = 16u;      // tiled: k per staged chunk
 const NO: u32 = 32u;      // tiled: invocations along the outputs (lid % NO)
@@ -83,12 +71,6 @@ const XS: u32 = 17u;      // row stride of xs in vec4: BT / 4 + 1
 // The staging arrays; one vec4 each in the direct kernel, which never touches them.
 override WSN: u32 = select(1u, KC * WS, TILED);
 override XSN: u32 = select(1u, KC * XS, TILED);
-const GR: u32 = 64u;      // gemv: rows per workgroup, one per invocation (= WG)
-const GW: u32 = 32u;      // gemv: words of each row staged per step
-const GS: u32 = 33u;      // gemv: row stride of wt in words
-override GK: u32 = select(GW, 2u * GW, BF16); // gemv: values of each row per step
-override WTN: u32 = select(1u, GR * GS, GEMV);
-override XGN: u32 = select(1u, 2u * GW, GEMV);
 
 struct Dims {
     t: u32,      // T, rows of x and y
@@ -113,8 +95,6 @@ fn w_at(i: u32) -> f32 {
 
 var<workgroup> ws: array<vec4<f32>, WSN>; // tiled: [k][o4], row stride WS
 var<workgroup> xs: array<vec4<f32>, XSN>; // tiled: [k][t4], row stride XS
-var<workgroup> wt: array<u32, WTN>;        // gemv: [row][word], row stride GS
-var<workgroup> xg: array<f32, XGN>;        // gemv: x at the step's k
 
 // y[t, o0 + o .. o0 + o + n - 1] = a[0 .. n-1] for the outputs below OC; nothing past T.
 fn put(t: u32, o: u32, n: u32, a: vec4<f32>) {
@@ -286,52 +266,6 @@ fn direct(gid: vec2<u32>) {
     }
 }
 
-fn gemv(group: u32, lid: u32) {
-    let r0 = group * GR; // the workgroup's first row, within the chunk
-    let lo = dims.oc - 1u;
-    let xb = dims.x_row0 * I;
-    var a = vec4<f32>();
-    for (var k0 = 0u; k0 < I; k0 += GK) {
-        workgroupBarrier(); // the last step's reads are done
-        // Staging element e = lid + GR j: word e % GW of row r0 + e / GW (clamped to the
-        // chunk; words past I are never added).
-        for (var j = 0u; j < GW; j++) {
-            let e = lid + j * GR;
-            let r = min(r0 + e / GW, lo);
-            let wi = e % GW;
-            var word = 0u;
-            if BF16 {
-                let kk = k0 + 2u * wi;
-                if kk < I {
-                    word = w[(r * I + kk) >> 1u];
-                }
-            } else {
-                let kk = k0 + wi;
-                if kk < I {
-                    word = w[r * I + kk];
-                }
-            }
-            wt[(e / GW) * GS + wi] = word;
-        }
-        if lid < GK && k0 + lid < I {
-            xg[lid] = x[xb + k0 + lid];
-        }
-        workgroupBarrier();
-        let kn = min(GK, I - k0);
-        for (var k = 0u; k < kn; k++) {
-            var wv: f32;
-            if BF16 {
-                let word = wt[lid * GS + (k >> 1u)];
-                wv = bitcast<f32>(select(word << 16u, word & 0xffff0000u, (k & 1u) == 1u));
-            } else {
-                wv = bitcast<f32>(wt[lid * GS + k]);
-            }
-            a += xg[k] * vec4<f32>(wv);
-        }
-    }
-    put(0u, r0 + lid, 1u, a);
-}
-
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) group: vec3<u32>,
@@ -340,8 +274,6 @@ fn main(
 ) {
     if TILED {
         tiled(group.xy, lid);
-    } else if GEMV {
-        gemv(group.x, lid);
     } else {
         direct(gid.xy);
     }

@@ -72,7 +72,7 @@ impl Matmul {
         tiled: bool,
         bf16: bool,
     ) -> Matmul {
-        let k = |wg: usize, tiled: bool, tt: usize, to: usize, gemv: bool| {
+        let k = |wg: usize, tiled: bool, tt: usize, to: usize| {
             Kernel::new(
                 device,
                 "matmul",
@@ -85,26 +85,17 @@ impl Matmul {
                     ("TT", super::c(tt)),
                     ("TO", super::c(to)),
                     ("BF16", f64::from(u8::from(bf16))),
-                    ("GEMV", f64::from(u8::from(gemv))),
                 ],
             )
         };
         Matmul {
             kernel: if tiled {
-                k(TILE_WG, true, TT, TO, false)
+                k(TILE_WG, true, TT, TO)
             } else {
-                k(super::WG, false, TT, TO, false)
+                k(super::WG, false, TT, TO)
             },
             tiled,
-            // The staged one-token kernel on GPUs (its rows of bf16 start on a word: I even);
-            // CPU adapters pay more for its barriers than they gain, as with the tiled one.
-            kernel_one: k(
-                super::WG,
-                false,
-                1,
-                1,
-                tiled && (!bf16 || i % 2 == 0) && !super::bench_switch("BITLORA_HEAD_DIRECT"),
-            ),
+            kernel_one: k(super::WG, false, 1, 1),
             i,
             o,
             w: if bf16 { DType::Bf16 } else { DType::F32 },

@@ -91,7 +91,7 @@ pub const SHADERS: &[(&str, &str)] = &[
 
 /// Whether the benchmark switch `name` (an environment variable) is set: `bitlora bench` runs
 /// compare a fused or staged kernel with the one it replaced in one binary
-/// (`BITLORA_DECODE_UNFUSED`, `BITLORA_HEAD_DIRECT`). Never set on the web.
+/// (`BITLORA_DECODE_UNFUSED`). Never set on the web.
 pub fn bench_switch(name: &str) -> bool {
     #[cfg(not(target_arch = "wasm32"))]
     {
