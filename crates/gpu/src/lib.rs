@@ -32,6 +32,7 @@ pub mod record;
 pub mod tensor;
 pub mod train;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The wgpu this crate is built on, for callers that name its types (a device-lost reason).
@@ -111,13 +112,18 @@ pub struct Gpu {
 /// Errors the device reports outside any error scope. wgpu's default handler panics natively;
 /// this one records them, and the next forward pass returns them as [`GpuError::Device`].
 #[derive(Clone, Default)]
-pub(crate) struct ErrorSink(Arc<Mutex<Vec<String>>>);
+pub(crate) struct ErrorSink {
+    errors: Arc<Mutex<Vec<String>>>,
+    /// Errors recorded since the device was made (never goes down, unlike `errors`).
+    total: Arc<AtomicUsize>,
+}
 
 impl ErrorSink {
     fn install(&self, device: &wgpu::Device) {
-        let sink = self.0.clone();
+        let sink = self.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            if let Ok(mut v) = sink.lock() {
+            sink.total.fetch_add(1, Ordering::SeqCst);
+            if let Ok(mut v) = sink.errors.lock() {
                 v.push(e.to_string());
             }
         }));
@@ -125,7 +131,7 @@ impl ErrorSink {
 
     /// The first recorded error, if any (and forgets them all).
     pub(crate) fn take(&self) -> Result<(), GpuError> {
-        let mut v = match self.0.lock() {
+        let mut v = match self.errors.lock() {
             Ok(v) => v,
             Err(p) => p.into_inner(),
         };
@@ -133,6 +139,12 @@ impl ErrorSink {
             Some(e) => Err(GpuError::Device(e)),
             None => Ok(()),
         }
+    }
+
+    /// Errors recorded since the device was made (natively a creation's error is recorded
+    /// before the call that caused it returns).
+    pub(crate) fn count(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
     }
 }
 
@@ -195,6 +207,7 @@ impl Gpu {
         };
         let errors = ErrorSink::default();
         errors.install(&device);
+        record::kernel_cache::register(&device, errors.clone());
         Ok(Gpu {
             device,
             queue,
@@ -211,5 +224,12 @@ impl Gpu {
 
     pub(crate) fn error_sink(&self) -> ErrorSink {
         self.errors.clone()
+    }
+}
+
+impl Drop for Gpu {
+    /// Lets go of the pipelines compiled for this device ([`record::kernel_cache`]).
+    fn drop(&mut self) {
+        record::kernel_cache::forget(&self.device);
     }
 }

@@ -30,6 +30,10 @@ impl Kernel {
 
     /// As [`Kernel::new`] for the entry point `entry` (a shader whose fused variant is a second
     /// entry point; its bindings are those the entry point uses).
+    ///
+    /// Compiled once per device: an equal (source, entry point, constants) on the same device
+    /// gets the pipeline compiled the first time ([`kernel_cache`]), whichever model, trainer
+    /// or layer asks for it.
     pub fn entry(
         device: &wgpu::Device,
         name: &'static str,
@@ -37,6 +41,16 @@ impl Kernel {
         entry: &str,
         constants: &[(&str, f64)],
     ) -> Kernel {
+        let key = kernel_cache::Key::new(source, entry, constants);
+        if let Some((pipeline, layout)) = kernel_cache::get(device, &key) {
+            return Kernel {
+                name,
+                pipeline,
+                layout,
+            };
+        }
+        let t0 = kernel_cache::clock();
+        let errors_before = kernel_cache::errors(device);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -53,10 +67,148 @@ impl Kernel {
             cache: None,
         });
         let layout = pipeline.get_bind_group_layout(0);
+        // A pipeline whose creation reported an error (natively the device's error sink has
+        // it now) is not kept: the next request compiles again and reports it again.
+        if kernel_cache::errors(device) == errors_before {
+            kernel_cache::insert(device, key, (pipeline.clone(), layout.clone()));
+        }
+        kernel_cache::log(name, entry, constants, t0);
         Kernel {
             name,
             pipeline,
             layout,
+        }
+    }
+}
+
+/// The compiled kernels of each device, shared by everything built on it: a model compiles
+/// each distinct (shader source, entry point, override constants) once, not once per layer
+/// and projection, and a second model or trainer on the same device compiles nothing that the
+/// first one already has. On CPU-emulated adapters compiling is most of a first training step
+/// or generation (SwiftShader JIT-compiles every pipeline it is given, however many are equal).
+///
+/// The pipeline is a pure function of the key (auto layout, fixed compilation options), so a
+/// kept one computes exactly what a fresh one would. The entries of a device are dropped with
+/// its [`crate::Gpu`] ([`kernel_cache::forget`]). Natively the cache is one per process
+/// (wgpu's handles are Send + Sync there, and the tests share a device between threads); on
+/// wasm, where they are not, one per thread (the worker that owns the device).
+pub mod kernel_cache {
+    use std::collections::HashMap;
+
+    use crate::ErrorSink;
+
+    /// What a pipeline is compiled from (besides the device).
+    #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+    pub struct Key {
+        source: String,
+        entry: String,
+        /// (name, value's bits): -0.0 and 0.0 are two keys, which costs a compile, never a
+        /// wrong pipeline.
+        constants: Vec<(String, u64)>,
+    }
+
+    impl Key {
+        pub fn new(source: &str, entry: &str, constants: &[(&str, f64)]) -> Key {
+            Key {
+                source: source.to_owned(),
+                entry: entry.to_owned(),
+                constants: constants
+                    .iter()
+                    .map(|&(n, v)| (n.to_owned(), v.to_bits()))
+                    .collect(),
+            }
+        }
+    }
+
+    type Compiled = (wgpu::ComputePipeline, wgpu::BindGroupLayout);
+
+    #[derive(Default)]
+    struct Device {
+        kernels: HashMap<Key, Compiled>,
+        /// The device's error sink when a [`crate::Gpu`] made it (creation errors land there).
+        sink: Option<ErrorSink>,
+    }
+
+    type Cache = HashMap<wgpu::Device, Device>;
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn with<R>(f: impl FnOnce(&mut Cache) -> R) -> R {
+        use std::sync::{LazyLock, Mutex};
+        static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Default::default);
+        let mut cache = match CACHE.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut cache)
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    fn with<R>(f: impl FnOnce(&mut Cache) -> R) -> R {
+        use std::cell::RefCell;
+        thread_local! {
+            static CACHE: RefCell<Cache> = RefCell::new(Cache::new());
+        }
+        CACHE.with(|c| f(&mut c.borrow_mut()))
+    }
+
+    /// The kept pipeline (and its bind group layout) for `key` on `device`.
+    pub(crate) fn get(device: &wgpu::Device, key: &Key) -> Option<Compiled> {
+        with(|c| c.get(device)?.kernels.get(key).cloned())
+    }
+
+    /// Keeps `compiled` for `key` (the first one stays if two threads compiled it at once).
+    pub(crate) fn insert(device: &wgpu::Device, key: Key, compiled: Compiled) {
+        with(|c| {
+            c.entry(device.clone())
+                .or_default()
+                .kernels
+                .entry(key)
+                .or_insert(compiled);
+        });
+    }
+
+    /// Number of errors `device` has reported so far (0 when no [`crate::Gpu`] registered it).
+    pub(crate) fn errors(device: &wgpu::Device) -> usize {
+        let sink = with(|c| c.get(device).and_then(|d| d.sink.clone()));
+        sink.map_or(0, |s| s.count())
+    }
+
+    /// Registers the error sink of a new device ([`crate::Gpu`]).
+    pub(crate) fn register(device: &wgpu::Device, sink: ErrorSink) {
+        with(|c| c.entry(device.clone()).or_default().sink = Some(sink));
+    }
+
+    /// Drops every pipeline kept for `device` (its [`crate::Gpu`] is going away). Models and
+    /// trainers still holding kernels keep theirs.
+    pub fn forget(device: &wgpu::Device) {
+        with(|c| c.remove(device));
+    }
+
+    /// Number of pipelines kept for `device`.
+    pub fn len(device: &wgpu::Device) -> usize {
+        with(|c| c.get(device).map_or(0, |d| d.kernels.len()))
+    }
+
+    /// `BITLORA_KERNEL_TIMES=1` (native): the time of each compile, on stderr.
+    pub(super) fn clock() -> Option<std::time::Instant> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if std::env::var_os("BITLORA_KERNEL_TIMES").is_some() {
+            return Some(std::time::Instant::now());
+        }
+        None
+    }
+
+    pub(super) fn log(
+        name: &str,
+        entry: &str,
+        constants: &[(&str, f64)],
+        t0: Option<std::time::Instant>,
+    ) {
+        if let Some(t0) = t0 {
+            eprintln!(
+                "bitlora: compiled {name} ({entry}) {constants:?} in {:.3} s",
+                t0.elapsed().as_secs_f64()
+            );
         }
     }
 }
@@ -637,5 +789,52 @@ pub(crate) fn rows(
                 t.name, t.dtype, t.shape
             ),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Kernel, kernel_cache};
+
+    const SOURCE: &str = "override N: u32 = 1u;
+@group(0) @binding(0) var<storage, read_write> y: array<u32>;
+@compute @workgroup_size(1) fn main() { y[0] = N; }
+@compute @workgroup_size(1) fn twice() { y[0] = 2u * N; }";
+
+    /// Equal (source, entry point, constants) on one device give the same pipeline, from any
+    /// caller and under any name; other constants or another entry point give another one; a
+    /// device's entries go with its `Gpu`.
+    #[test]
+    fn kernel_cache_keys() {
+        let gpu = pollster::block_on(crate::Gpu::new()).expect("a GPU adapter (lavapipe)");
+        let dev = &gpu.device;
+        let a = Kernel::new(dev, "a", SOURCE, &[("N", 3.0)]);
+        let b = Kernel::new(dev, "b", SOURCE, &[("N", 3.0)]);
+        assert_eq!(a.pipeline, b.pipeline, "equal keys share the pipeline");
+        assert_eq!(a.layout, b.layout);
+        assert_eq!(b.name, "b", "the caller's name is kept");
+        let c = Kernel::new(dev, "a", SOURCE, &[("N", 4.0)]);
+        assert_ne!(a.pipeline, c.pipeline, "other constants, another pipeline");
+        let d = Kernel::entry(dev, "a", SOURCE, "twice", &[("N", 3.0)]);
+        assert_ne!(
+            a.pipeline, d.pipeline,
+            "another entry point, another pipeline"
+        );
+        let e = Kernel::new(dev, "a", SOURCE, &[]);
+        assert_ne!(a.pipeline, e.pipeline, "no constants, another pipeline");
+        assert_eq!(kernel_cache::len(dev), 4);
+        gpu.check_errors().expect("no device errors");
+        // A pipeline that failed to compile is not kept: each request reports its error.
+        for _ in 0..2 {
+            let _ = Kernel::new(dev, "bad", SOURCE, &[("NO_SUCH_CONSTANT", 1.0)]);
+            assert!(
+                gpu.check_errors().is_err(),
+                "the error is reported every time"
+            );
+        }
+        assert_eq!(kernel_cache::len(dev), 4);
+        let dev = dev.clone();
+        drop(gpu);
+        assert_eq!(kernel_cache::len(&dev), 0, "dropped with its Gpu");
     }
 }
