@@ -21,6 +21,7 @@ use crate::config::{Config, WeightFormat};
 use crate::error::{Error, Result};
 use crate::model::{self, Model, TensorSource, projections};
 use crate::quant::TernaryLinear;
+use crate::table::Table;
 use crate::weights::{self, TensorSpan};
 
 /// A model under construction; see the module docs.
@@ -101,6 +102,9 @@ enum Data {
         index: usize,
         value: f32,
     },
+    /// The embedding or the head, kept as a [`Table`] on arrival (bf16 where lossless), so the
+    /// f32 values are never held beside the rest of the model.
+    Table(Table),
     /// A dtype no tensor of the model can have: only its name is kept, for the error.
     Other,
 }
@@ -225,6 +229,17 @@ impl ModelBuilder {
                     }
                 })
             }
+            (_, Some(size), _) if model::is_table(name) => {
+                floats(size, &mut read).map_or(Data::Other, |w| {
+                    match w.iter().position(|x| !x.is_finite()) {
+                        Some(index) => Data::NonFinite {
+                            index,
+                            value: w[index],
+                        },
+                        None => Data::Table(Table::new(w)),
+                    }
+                })
+            }
             (_, Some(size), _) => floats(size, &mut read).map_or(Data::Other, Data::F32),
         };
         self.got.insert(
@@ -293,6 +308,19 @@ impl TensorSource for ModelBuilder {
         match slot.data {
             Data::U8(v) => Ok(v),
             _ => Err(self.dtype_error(name, &slot, "U8")),
+        }
+    }
+
+    fn table(&mut self, name: &str, shape: &[usize]) -> Result<Table> {
+        let slot = self.take(name, shape)?;
+        match slot.data {
+            Data::NonFinite { index, value } => Err(Error::BadValue {
+                file: self.file_of(name),
+                name: name.to_string(),
+                what: model::non_finite(index, value),
+            }),
+            Data::Table(t) => Ok(t),
+            _ => Err(self.dtype_error(name, &slot, "F32, BF16 or F16")),
         }
     }
 

@@ -552,6 +552,10 @@ pub(crate) trait TensorSource {
         }
         Ok(v)
     }
+    /// The embedding or the head as a [`Table`] (bf16 where lossless), every value finite.
+    fn table(&mut self, name: &str, shape: &[usize]) -> Result<Table> {
+        Ok(Table::new(self.f32_finite(name, shape)?))
+    }
     /// A master-weight projection (O, I), quantized to ternary.
     fn master_linear(&mut self, name: &str, o: usize, i: usize) -> Result<TernaryLinear> {
         Ok(TernaryLinear::from_master(
@@ -578,16 +582,25 @@ impl TensorSource for WeightFiles<'_> {
 
 /// Every tensor of the model, in one order whatever the source, so the first problem
 /// reported is the same.
+/// The names of the two tables, which loaders keep as [`Table`]s as soon as they arrive.
+const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
+/// Whether tensor `name` is the embedding or the head.
+pub(crate) fn is_table(name: &str) -> bool {
+    name == EMBED_TOKENS || name == LM_HEAD
+}
+
 pub(crate) fn assemble(config: Config, w: &mut impl TensorSource) -> Result<Model> {
     let (v, c) = (config.vocab_size, config.hidden_size);
-    let embed_tokens = Table::new(w.f32_finite("model.embed_tokens.weight", &[v, c])?);
+    let embed_tokens = w.table(EMBED_TOKENS, &[v, c])?;
     let layers = (0..config.num_hidden_layers)
         .map(|l| load_layer(w, &config, l))
         .collect::<Result<Vec<_>>>()?;
     let lm_head = if config.tie_word_embeddings {
         None
     } else {
-        Some(Table::new(w.f32_finite("lm_head.weight", &[v, c])?))
+        Some(w.table(LM_HEAD, &[v, c])?)
     };
     Ok(Model {
         params: Params {
