@@ -44,6 +44,9 @@ override QW: u32 = NH * HS;    // q / out row width
 override KW: u32 = NKV * HS;   // k / v row width
 override PW: u32 = HS + 2u;    // one chunk's record in `part`: u_c (HS), m_c, l_c
 override HALF: u32 = HS / 2u;  // RoPE's pairs (d, d + HALF)
+// score and chunk_u with 32 loads in flight (k read as vec4: HS a multiple of 4), else 4 and
+// 8; the same sums in the same order either way.
+override WIDE: bool = true;
 
 const CH: u32 = 64u; // keys per chunk: the CPU reference's ops::ATTENTION_CHUNK
 
@@ -66,6 +69,8 @@ struct Dims {
 @group(0) @binding(6) var<storage, read_write> k_new: array<f32>;
 @group(0) @binding(7) var<storage, read> cos_t: array<f32>;
 @group(0) @binding(8) var<storage, read> sin_t: array<f32>;
+// k again as vec4 (WIDE; main and main_part).
+@group(0) @binding(9) var<storage, read> k4: array<vec4<f32>>;
 
 var<workgroup> qs: array<f32, HS>;   // q_i of this head
 var<workgroup> o_acc: array<f32, HS>;
@@ -82,6 +87,53 @@ fn score(j: u32, kv_off: u32) -> f32 {
     let base = j * KW + kv_off;
     var dot = 0.0;
     var d = 0u;
+    if WIDE {
+        // 32 elements of the key in flight at a time, 16 bytes a load: the cache's rows come
+        // from memory, and a decoded token's split dispatch was bound by their latency.
+        for (; d + 32u <= HS; d += 32u) {
+            let b = (base + d) / 4u;
+            let c0 = k4[b + 0u];
+            let c1 = k4[b + 1u];
+            let c2 = k4[b + 2u];
+            let c3 = k4[b + 3u];
+            let c4 = k4[b + 4u];
+            let c5 = k4[b + 5u];
+            let c6 = k4[b + 6u];
+            let c7 = k4[b + 7u];
+            dot += qs[d + 0u] * c0.x;
+            dot += qs[d + 1u] * c0.y;
+            dot += qs[d + 2u] * c0.z;
+            dot += qs[d + 3u] * c0.w;
+            dot += qs[d + 4u] * c1.x;
+            dot += qs[d + 5u] * c1.y;
+            dot += qs[d + 6u] * c1.z;
+            dot += qs[d + 7u] * c1.w;
+            dot += qs[d + 8u] * c2.x;
+            dot += qs[d + 9u] * c2.y;
+            dot += qs[d + 10u] * c2.z;
+            dot += qs[d + 11u] * c2.w;
+            dot += qs[d + 12u] * c3.x;
+            dot += qs[d + 13u] * c3.y;
+            dot += qs[d + 14u] * c3.z;
+            dot += qs[d + 15u] * c3.w;
+            dot += qs[d + 16u] * c4.x;
+            dot += qs[d + 17u] * c4.y;
+            dot += qs[d + 18u] * c4.z;
+            dot += qs[d + 19u] * c4.w;
+            dot += qs[d + 20u] * c5.x;
+            dot += qs[d + 21u] * c5.y;
+            dot += qs[d + 22u] * c5.z;
+            dot += qs[d + 23u] * c5.w;
+            dot += qs[d + 24u] * c6.x;
+            dot += qs[d + 25u] * c6.y;
+            dot += qs[d + 26u] * c6.z;
+            dot += qs[d + 27u] * c6.w;
+            dot += qs[d + 28u] * c7.x;
+            dot += qs[d + 29u] * c7.y;
+            dot += qs[d + 30u] * c7.z;
+            dot += qs[d + 31u] * c7.w;
+        }
+    }
     for (; d + 4u <= HS; d += 4u) {
         let k0 = k[base + d];
         let k1 = k[base + d + 1u];
@@ -187,6 +239,75 @@ fn chunk_stats(n: u32, lid: u32) -> f32 {
 fn chunk_u(d: u32, j0: u32, n: u32, kv_off: u32) -> f32 {
     var u = 0.0;
     var jj = 0u;
+    if WIDE {
+        for (; jj + 32u <= n; jj += 32u) {
+            let b = (j0 + jj) * KW + kv_off + d;
+            let v0 = v[b + 0u * KW];
+            let v1 = v[b + 1u * KW];
+            let v2 = v[b + 2u * KW];
+            let v3 = v[b + 3u * KW];
+            let v4 = v[b + 4u * KW];
+            let v5 = v[b + 5u * KW];
+            let v6 = v[b + 6u * KW];
+            let v7 = v[b + 7u * KW];
+            let v8 = v[b + 8u * KW];
+            let v9 = v[b + 9u * KW];
+            let v10 = v[b + 10u * KW];
+            let v11 = v[b + 11u * KW];
+            let v12 = v[b + 12u * KW];
+            let v13 = v[b + 13u * KW];
+            let v14 = v[b + 14u * KW];
+            let v15 = v[b + 15u * KW];
+            let v16 = v[b + 16u * KW];
+            let v17 = v[b + 17u * KW];
+            let v18 = v[b + 18u * KW];
+            let v19 = v[b + 19u * KW];
+            let v20 = v[b + 20u * KW];
+            let v21 = v[b + 21u * KW];
+            let v22 = v[b + 22u * KW];
+            let v23 = v[b + 23u * KW];
+            let v24 = v[b + 24u * KW];
+            let v25 = v[b + 25u * KW];
+            let v26 = v[b + 26u * KW];
+            let v27 = v[b + 27u * KW];
+            let v28 = v[b + 28u * KW];
+            let v29 = v[b + 29u * KW];
+            let v30 = v[b + 30u * KW];
+            let v31 = v[b + 31u * KW];
+            u += e[jj + 0u] * v0;
+            u += e[jj + 1u] * v1;
+            u += e[jj + 2u] * v2;
+            u += e[jj + 3u] * v3;
+            u += e[jj + 4u] * v4;
+            u += e[jj + 5u] * v5;
+            u += e[jj + 6u] * v6;
+            u += e[jj + 7u] * v7;
+            u += e[jj + 8u] * v8;
+            u += e[jj + 9u] * v9;
+            u += e[jj + 10u] * v10;
+            u += e[jj + 11u] * v11;
+            u += e[jj + 12u] * v12;
+            u += e[jj + 13u] * v13;
+            u += e[jj + 14u] * v14;
+            u += e[jj + 15u] * v15;
+            u += e[jj + 16u] * v16;
+            u += e[jj + 17u] * v17;
+            u += e[jj + 18u] * v18;
+            u += e[jj + 19u] * v19;
+            u += e[jj + 20u] * v20;
+            u += e[jj + 21u] * v21;
+            u += e[jj + 22u] * v22;
+            u += e[jj + 23u] * v23;
+            u += e[jj + 24u] * v24;
+            u += e[jj + 25u] * v25;
+            u += e[jj + 26u] * v26;
+            u += e[jj + 27u] * v27;
+            u += e[jj + 28u] * v28;
+            u += e[jj + 29u] * v29;
+            u += e[jj + 30u] * v30;
+            u += e[jj + 31u] * v31;
+        }
+    }
     for (; jj + 8u <= n; jj += 8u) {
         let b = (j0 + jj) * KW + kv_off + d;
         let v0 = v[b];

@@ -5,7 +5,7 @@
 //   y_n  = nw * (x * inv),  inv = 1 / sqrt(mean(x^2) + EPS)            (rms_norm.wgsl)
 //   s_a  = 127 / max(max|y_n|, 1e-5),  x_q = clamp(round(y_n s_a))     (act_quant.wgsl)
 //   main:     y[y_row0] (=, or += with ACCUM) (x_q . W^T) / (s_a * s_w)
-//   main_kv:  the same for W and W2 into y and y2 (the k and v projections, into the cache)
+//   main_qkv: the same for q, and for k and v into the cache, in one dispatch
 //   main_glu: out = act((x_q . W^T) / (s_a s_w)) * ((x_q . W2^T) / (s_a s_w2))  (ternary_glu)
 //
 // Why: at T = 1 the norm ran as its own dispatch on one workgroup (10-16 us on an H100, most
@@ -35,107 +35,217 @@ override ACCUM: bool = false;      // main: y += result instead of y = result
 override ACT: u32 = 0u;            // main_glu: 0 relu^2, 1 silu
 override O4: u32 = (O + 3u) / 4u;  // packed rows
 override I4: u32 = (I + 3u) / 4u;  // x_q words = weight words per packed row
+override OKV: u32 = O;             // main_qkv: k's and v's out features (O is q's)
+override OKV4: u32 = (OKV + 3u) / 4u;
+// Benchmark switches (the launcher's defaults are the measured best): PRE loads each
+// invocation's first four weight words per matrix before the norm; TREE_REG adds the 64 lane
+// sums in registers (else one invocation walks them in workgroup memory); PREX keeps the
+// invocation's first two groups of x and nw in registers (Held).
+override PRE: bool = true;
+override TREE_REG: bool = true;
+override PREX: bool = true;
 
 const RMS_LANES: u32 = 64u; // rms_norm.wgsl's LANES (the CPU mirror's ops::RMS_LANES)
 const WG: u32 = 256u;       // invocations per workgroup = LANES * SPLIT
 const CH4: u32 = WG;        // vec4 groups per chunk of the sum of squares
 
 struct Dims {
-    y_row0: u32, // row of y (and y2) written
+    y_row0: u32, // main: the row of y written; main_qkv: the row of the caches
+    s_q: f32,    // main_qkv: the three projections' s_w
+    s_k: f32,
+    s_v: f32,
 }
 
-@group(0) @binding(0) var<uniform> dims: Dims;                 // main, main_kv
+@group(0) @binding(0) var<uniform> dims: Dims;                 // main, main_qkv
 @group(0) @binding(1) var<storage, read> x: array<f32>;        // (1, I) the row to normalise
 @group(0) @binding(2) var<storage, read> nw: array<f32>;       // (I) the norm's weight
 @group(0) @binding(3) var<storage, read> w: array<u32>;        // W: (ceil(I/4), ceil(O/4)) words
 @group(0) @binding(4) var<storage, read> sw: array<f32>;       // (1) s_w
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;   // (R, O), R > y_row0; main_glu: (1, O)
-@group(0) @binding(6) var<storage, read> w2: array<u32>;       // W2 (main_kv, main_glu)
-@group(0) @binding(7) var<storage, read> sw2: array<f32>;      // (1) s_w2
-@group(0) @binding(8) var<storage, read_write> y2: array<f32>; // (R, O) (main_kv)
+@group(0) @binding(6) var<storage, read> w2: array<u32>;       // W2 (main_glu), W_k (main_qkv)
+@group(0) @binding(7) var<storage, read> sw2: array<f32>;      // (1) s_w2 (main_glu)
+// main_qkv: the k cache (R, OKV), W_v and the v cache. Its scales come in `dims`, so that it
+// binds eight storage buffers, WebGPU's default limit.
+@group(0) @binding(8) var<storage, read_write> y2: array<f32>;
+@group(0) @binding(9) var<storage, read> w3: array<u32>;
+@group(0) @binding(10) var<storage, read_write> y3: array<f32>;
 
 var<workgroup> sq: array<vec4<f32>, CH4>;    // squares of one chunk's groups
-var<workgroup> lane: array<f32, RMS_LANES>;  // lane sums, then the tree
+var<workgroup> lane: array<vec4<f32>, RMS_LANES / 4u>; // lane sums: lane l at [l / 4][l % 4]
+var<workgroup> total: f32;                   // their sum, the sum of squares
 var<workgroup> ymax: atomic<u32>;            // max |y_n| as bits (ordered as u32 for >= 0)
 var<workgroup> xs: array<u32, I4>;           // the row's codes, four per word
 // [matrix][slot s][lane x]: the workgroup's sums over its SPLIT parts.
 var<workgroup> part: array<atomic<i32>, 8u * LANES>;
 
-// 1 / sqrt(mean(x^2) + EPS): rms_norm.wgsl's inv_rms for the row at 0.
-fn inv_rms(lid: u32) -> f32 {
-    let n4 = (I + 3u) / 4u;
-    let k = (lid + WG - 32u) % WG;
+// Group g (elements 4g .. 4g + 3) of x and of nw, zeros past I: zeros square to zero, and
+// normalise and quantize to code 0, what the padding of a packed row holds.
+fn group_x(g: u32) -> vec4<f32> {
+    let c = 4u * g;
+    if c + 3u < I {
+        return vec4<f32>(x[c], x[c + 1u], x[c + 2u], x[c + 3u]);
+    }
+    var v = vec4<f32>();
+    for (var j = 0u; j < 4u; j++) {
+        if c + j < I {
+            v[j] = x[c + j];
+        }
+    }
+    return v;
+}
+
+fn group_n(g: u32) -> vec4<f32> {
+    let c = 4u * g;
+    if c + 3u < I {
+        return vec4<f32>(nw[c], nw[c + 1u], nw[c + 2u], nw[c + 3u]);
+    }
+    var v = vec4<f32>();
+    for (var j = 0u; j < 4u; j++) {
+        if c + j < I {
+            v[j] = nw[c + j];
+        }
+    }
+    return v;
+}
+
+// An invocation's groups of the row are k + WG j, k = row_slot(lid), j = 0, 1, ...: lane
+// k % RMS_LANES adds group k's square, never invocation lid itself (lid - k = 32 mod 64), so no
+// invocation adds a square it wrote and no compiler can fuse the square into the addition.
+fn row_slot(lid: u32) -> u32 {
+    return (lid + WG - 32u) % WG;
+}
+
+// With PREX, the first two of them (x and nw), loaded before the first barrier and kept for
+// the sum of squares, the max and the codes (I <= 2,048 then reads the row once, not three
+// times). Vectors in a struct, not an array: they stay in registers.
+struct Held {
+    x0: vec4<f32>,
+    x1: vec4<f32>,
+    n0: vec4<f32>,
+    n1: vec4<f32>,
+}
+
+fn held_x(h: Held, j: u32, g: u32) -> vec4<f32> {
+    if PREX && j == 0u {
+        return h.x0;
+    }
+    if PREX && j == 1u {
+        return h.x1;
+    }
+    return group_x(g);
+}
+
+fn held_n(h: Held, j: u32, g: u32) -> vec4<f32> {
+    if PREX && j == 0u {
+        return h.n0;
+    }
+    if PREX && j == 1u {
+        return h.n1;
+    }
+    return group_n(g);
+}
+
+// 1 / sqrt(mean(x^2) + EPS): rms_norm.wgsl's inv_rms for the row: its chunks of CH4 groups,
+// lane l adding groups l, l + 64, ... in order.
+fn inv_rms(lid: u32, h: Held) -> f32 {
+    let k = row_slot(lid);
     var acc = vec4<f32>();
-    for (var g0 = 0u; g0 < n4; g0 += CH4) {
-        let n = min(CH4, n4 - g0);
+    for (var j = 0u; j * CH4 < I4; j++) {
+        let g0 = j * CH4;
+        let n = min(CH4, I4 - g0);
         if k < n {
-            let c = 4u * (g0 + k);
-            var v = vec4<f32>();
-            if c + 3u < I {
-                v = vec4<f32>(x[c], x[c + 1u], x[c + 2u], x[c + 3u]);
-            } else {
-                for (var j = 0u; j < 4u; j++) {
-                    if c + j < I {
-                        v[j] = x[c + j];
-                    }
-                }
-            }
+            let v = held_x(h, j, g0 + k);
             sq[k] = v * v;
         }
         workgroupBarrier();
         if lid < RMS_LANES {
-            for (var j = lid; j < n; j += RMS_LANES) {
-                acc += sq[j];
+            for (var jj = lid; jj < n; jj += RMS_LANES) {
+                acc += sq[jj];
             }
         }
         workgroupBarrier();
     }
     if lid < RMS_LANES {
-        lane[lid] = (acc.x + acc.y) + (acc.z + acc.w);
+        lane[lid / 4u][lid % 4u] = (acc.x + acc.y) + (acc.z + acc.w);
     }
     workgroupBarrier();
     // rms_norm.wgsl's tree (lane l += lane l + h, h = 32 .. 1), each addition the same, done
     // by one invocation: one barrier instead of six.
     if lid == 0u {
-        for (var h = RMS_LANES / 2u; h > 0u; h >>= 1u) {
-            for (var l = 0u; l < h; l++) {
-                lane[l] = lane[l] + lane[l + h];
+        if TREE_REG {
+            // In registers: lane[i] holds lanes 4i .. 4i + 3, so one vec4 addition is four
+            // of the tree's, on the same operands (variables, not an array: a private array
+            // indexed in a loop lives in local memory on NVIDIA).
+            let a0 = lane[0] + lane[8]; // h = 32
+            let a1 = lane[1] + lane[9];
+            let a2 = lane[2] + lane[10];
+            let a3 = lane[3] + lane[11];
+            let a4 = lane[4] + lane[12];
+            let a5 = lane[5] + lane[13];
+            let a6 = lane[6] + lane[14];
+            let a7 = lane[7] + lane[15];
+            let b0 = a0 + a4; // h = 16
+            let b1 = a1 + a5;
+            let b2 = a2 + a6;
+            let b3 = a3 + a7;
+            let c0 = b0 + b2; // h = 8
+            let c1 = b1 + b3;
+            let d = c0 + c1; // h = 4
+            let e = d.xy + d.zw; // h = 2
+            total = e.x + e.y; // h = 1
+        } else {
+            for (var h = RMS_LANES / 2u; h > 0u; h >>= 1u) {
+                for (var l = 0u; l < h; l++) {
+                    let m = l + h;
+                    lane[l / 4u][l % 4u] = lane[l / 4u][l % 4u] + lane[m / 4u][m % 4u];
+                }
             }
+            total = lane[0].x;
         }
     }
     workgroupBarrier();
-    return 1.0 / sqrt(lane[0] / f32(I) + EPS);
+    return 1.0 / sqrt(total / f32(I) + EPS);
 }
 
-// Normalises and quantizes the row into xs (rms_norm.wgsl main_quant's operations); returns
-// s_a. Every invocation calls it (barriers); the part sums are zeroed on the way.
+// Normalises and quantizes the row into xs (rms_norm.wgsl main_quant's operations, four
+// elements at a time); returns s_a. Every invocation calls it (barriers); the part sums are
+// zeroed on the way.
 fn norm_quant(lid: u32) -> f32 {
+    let k = row_slot(lid);
+    var h: Held;
+    if PREX {
+        h.x0 = group_x(k);
+        h.n0 = group_n(k);
+        h.x1 = group_x(k + WG);
+        h.n1 = group_n(k + WG);
+    }
     for (var e = lid; e < 8u * LANES; e += WG) {
         atomicStore(&part[e], 0);
     }
     if lid == 0u {
         atomicStore(&ymax, 0u);
     }
-    let inv = inv_rms(lid); // its barriers also publish the zeros
+    let inv = inv_rms(lid, h); // its barriers also publish the zeros
     var m = 0.0;
-    for (var c = lid; c < I; c += WG) {
-        m = max(m, abs(nw[c] * (x[c] * inv)));
+    for (var j = 0u; j * WG < I4; j++) {
+        let g = k + j * WG;
+        if g < I4 {
+            let y = abs(held_n(h, j, g) * (held_x(h, j, g) * inv)); // zero in the padding
+            m = max(m, max(max(y.x, y.y), max(y.z, y.w)));
+        }
     }
     // A max is exact in any order, and non-negative floats order as their bits do.
     atomicMax(&ymax, bitcast<u32>(m));
     workgroupBarrier();
     let s_a = 127.0 / max(bitcast<f32>(atomicLoad(&ymax)), 1e-5);
-    for (var k = lid; k < I4; k += WG) {
-        var word = 0u;
-        for (var j = 0u; j < 4u; j++) {
-            let c = 4u * k + j;
-            if c < I {
-                let v = nw[c] * (x[c] * inv);
-                let q = i32(clamp(round(v * s_a), -128.0, 127.0));
-                word |= (bitcast<u32>(q) & 0xffu) << (8u * j);
-            }
+    for (var j = 0u; j * WG < I4; j++) {
+        let g = k + j * WG;
+        if g < I4 {
+            let y = held_n(h, j, g) * (held_x(h, j, g) * inv);
+            let q = vec4<i32>(clamp(round(y * s_a), vec4<f32>(-128.0), vec4<f32>(127.0)));
+            let b = bitcast<vec4<u32>>(q) & vec4<u32>(0xffu);
+            xs[g] = b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
         }
-        xs[k] = word;
     }
     workgroupBarrier();
     return s_a;
@@ -149,39 +259,138 @@ fn dot_word(a: u32, ww: u32) -> vec4<i32> {
     return vec4<i32>(dot4I8Packed(a, c.x), dot4I8Packed(a, c.y), dot4I8Packed(a, c.z), dot4I8Packed(a, c.w));
 }
 
-// Row pc of W (words k0, k0 + SPLIT, ...) against the codes: four words a step, loaded
-// before any is used (integer sums: exact in any order).
-fn row_w(pc: u32, k0: u32) -> vec4<i32> {
+// Words k0, k0 + SPLIT, k0 + 2 SPLIT, k0 + 3 SPLIT of packed row pc of W (W2, W3; o4 packed
+// rows), 0 past I4: loaded before the norm (PRE), so that the first weights stream in while
+// its reductions run. A vector, not an array: it stays in registers.
+fn pre_w(pc: u32, k0: u32, o4: u32) -> vec4<u32> {
+    var r = vec4<u32>();
+    if PRE {
+        if k0 < I4 {
+            r.x = w[k0 * o4 + pc];
+        }
+        if k0 + SPLIT < I4 {
+            r.y = w[(k0 + SPLIT) * o4 + pc];
+        }
+        if k0 + 2u * SPLIT < I4 {
+            r.z = w[(k0 + 2u * SPLIT) * o4 + pc];
+        }
+        if k0 + 3u * SPLIT < I4 {
+            r.w = w[(k0 + 3u * SPLIT) * o4 + pc];
+        }
+    }
+    return r;
+}
+
+fn pre_w2(pc: u32, k0: u32, o4: u32) -> vec4<u32> {
+    var r = vec4<u32>();
+    if PRE {
+        if k0 < I4 {
+            r.x = w2[k0 * o4 + pc];
+        }
+        if k0 + SPLIT < I4 {
+            r.y = w2[(k0 + SPLIT) * o4 + pc];
+        }
+        if k0 + 2u * SPLIT < I4 {
+            r.z = w2[(k0 + 2u * SPLIT) * o4 + pc];
+        }
+        if k0 + 3u * SPLIT < I4 {
+            r.w = w2[(k0 + 3u * SPLIT) * o4 + pc];
+        }
+    }
+    return r;
+}
+
+fn pre_w3(pc: u32, k0: u32, o4: u32) -> vec4<u32> {
+    var r = vec4<u32>();
+    if PRE {
+        if k0 < I4 {
+            r.x = w3[k0 * o4 + pc];
+        }
+        if k0 + SPLIT < I4 {
+            r.y = w3[(k0 + SPLIT) * o4 + pc];
+        }
+        if k0 + 2u * SPLIT < I4 {
+            r.z = w3[(k0 + 2u * SPLIT) * o4 + pc];
+        }
+        if k0 + 3u * SPLIT < I4 {
+            r.w = w3[(k0 + 3u * SPLIT) * o4 + pc];
+        }
+    }
+    return r;
+}
+
+// The prefetched words against the codes; returns the first word not yet added.
+fn dot_pre(pre: vec4<u32>, k0: u32, a: ptr<function, vec4<i32>>) -> u32 {
+    if !PRE {
+        return k0;
+    }
+    // Past I4 a word is 0: its codes are all -1, so it must not be added.
+    if k0 < I4 {
+        *a += dot_word(xs[k0], pre.x);
+    }
+    if k0 + SPLIT < I4 {
+        *a += dot_word(xs[k0 + SPLIT], pre.y);
+    }
+    if k0 + 2u * SPLIT < I4 {
+        *a += dot_word(xs[k0 + 2u * SPLIT], pre.z);
+    }
+    if k0 + 3u * SPLIT < I4 {
+        *a += dot_word(xs[k0 + 3u * SPLIT], pre.w);
+    }
+    return k0 + 4u * SPLIT;
+}
+
+// Row pc of W (words k0, k0 + SPLIT, ...) against the codes: the prefetched words, then four
+// words a step, loaded before any is used (integer sums: exact in any order).
+fn row_w(pc: u32, k0: u32, o4: u32, pre: vec4<u32>) -> vec4<i32> {
     var a = vec4<i32>();
-    var k = k0;
+    var k = dot_pre(pre, k0, &a);
     for (; k + 3u * SPLIT < I4; k += 4u * SPLIT) {
-        let w0 = w[k * O4 + pc];
-        let w1 = w[(k + SPLIT) * O4 + pc];
-        let w2_ = w[(k + 2u * SPLIT) * O4 + pc];
-        let w3 = w[(k + 3u * SPLIT) * O4 + pc];
+        let w0 = w[k * o4 + pc];
+        let w1 = w[(k + SPLIT) * o4 + pc];
+        let w2_ = w[(k + 2u * SPLIT) * o4 + pc];
+        let w3_ = w[(k + 3u * SPLIT) * o4 + pc];
         a += dot_word(xs[k], w0) + dot_word(xs[k + SPLIT], w1)
-            + dot_word(xs[k + 2u * SPLIT], w2_) + dot_word(xs[k + 3u * SPLIT], w3);
+            + dot_word(xs[k + 2u * SPLIT], w2_) + dot_word(xs[k + 3u * SPLIT], w3_);
     }
     for (; k < I4; k += SPLIT) {
-        a += dot_word(xs[k], w[k * O4 + pc]);
+        a += dot_word(xs[k], w[k * o4 + pc]);
     }
     return a;
 }
 
 // The same for W2.
-fn row_w2(pc: u32, k0: u32) -> vec4<i32> {
+fn row_w2(pc: u32, k0: u32, o4: u32, pre: vec4<u32>) -> vec4<i32> {
     var a = vec4<i32>();
-    var k = k0;
+    var k = dot_pre(pre, k0, &a);
     for (; k + 3u * SPLIT < I4; k += 4u * SPLIT) {
-        let w0 = w2[k * O4 + pc];
-        let w1 = w2[(k + SPLIT) * O4 + pc];
-        let w2_ = w2[(k + 2u * SPLIT) * O4 + pc];
-        let w3 = w2[(k + 3u * SPLIT) * O4 + pc];
+        let w0 = w2[k * o4 + pc];
+        let w1 = w2[(k + SPLIT) * o4 + pc];
+        let w2_ = w2[(k + 2u * SPLIT) * o4 + pc];
+        let w3_ = w2[(k + 3u * SPLIT) * o4 + pc];
         a += dot_word(xs[k], w0) + dot_word(xs[k + SPLIT], w1)
-            + dot_word(xs[k + 2u * SPLIT], w2_) + dot_word(xs[k + 3u * SPLIT], w3);
+            + dot_word(xs[k + 2u * SPLIT], w2_) + dot_word(xs[k + 3u * SPLIT], w3_);
     }
     for (; k < I4; k += SPLIT) {
-        a += dot_word(xs[k], w2[k * O4 + pc]);
+        a += dot_word(xs[k], w2[k * o4 + pc]);
+    }
+    return a;
+}
+
+// The same for W3.
+fn row_w3(pc: u32, k0: u32, o4: u32, pre: vec4<u32>) -> vec4<i32> {
+    var a = vec4<i32>();
+    var k = dot_pre(pre, k0, &a);
+    for (; k + 3u * SPLIT < I4; k += 4u * SPLIT) {
+        let w0 = w3[k * o4 + pc];
+        let w1 = w3[(k + SPLIT) * o4 + pc];
+        let w2_ = w3[(k + 2u * SPLIT) * o4 + pc];
+        let w3_ = w3[(k + 3u * SPLIT) * o4 + pc];
+        a += dot_word(xs[k], w0) + dot_word(xs[k + SPLIT], w1)
+            + dot_word(xs[k + 2u * SPLIT], w2_) + dot_word(xs[k + 3u * SPLIT], w3_);
+    }
+    for (; k < I4; k += SPLIT) {
+        a += dot_word(xs[k], w3[k * o4 + pc]);
     }
     return a;
 }
@@ -201,10 +410,11 @@ fn main(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
-    let s_a = norm_quant(li);
     // Row p (clamped: the rows past O4 of the last group compute row O4-1 and write nothing).
     let pc = min(group.x * LANES + lid.x, O4 - 1u);
-    let a = row_w(pc, lid.y);
+    let pa = pre_w(pc, lid.y, O4);
+    let s_a = norm_quant(li);
+    let a = row_w(pc, lid.y, O4, pa);
     add_part(0u, lid.x, a);
     workgroupBarrier();
     let s_w = sw[0];
@@ -223,28 +433,48 @@ fn main(
     }
 }
 
+// q (O wide) into row 0 of y, and k and v (OKV wide) into row y_row0 of the caches: the
+// first ceil(O4 / LANES) workgroups are main's for W, the rest main's for W_k and W_v at once.
 @compute @workgroup_size(LANES, SPLIT)
-fn main_kv(
+fn main_qkv(
     @builtin(workgroup_id) group: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
+    let nq = (O4 + LANES - 1u) / LANES;
+    if group.x < nq { // the same for the whole workgroup: its barriers stay uniform
+        let pc = min(group.x * LANES + lid.x, O4 - 1u);
+        let pa = pre_w(pc, lid.y, O4);
+        let s_a = norm_quant(li);
+        let a = row_w(pc, lid.y, O4, pa);
+        add_part(0u, lid.x, a);
+        workgroupBarrier();
+        for (var e = li; e < 4u * LANES; e += WG) {
+            let p = group.x * LANES + e % LANES;
+            let o = p + (e / LANES) * O4;
+            if p < O4 && o < O {
+                y[o] = f32(atomicLoad(&part[e])) / (s_a * dims.s_q);
+            }
+        }
+        return;
+    }
+    let gk = group.x - nq;
+    let pc = min(gk * LANES + lid.x, OKV4 - 1u);
+    let pk = pre_w2(pc, lid.y, OKV4);
+    let pv = pre_w3(pc, lid.y, OKV4);
     let s_a = norm_quant(li);
-    let pc = min(group.x * LANES + lid.x, O4 - 1u);
-    let a = row_w(pc, lid.y);
-    let b = row_w2(pc, lid.y);
+    let a = row_w2(pc, lid.y, OKV4, pk);
+    let b = row_w3(pc, lid.y, OKV4, pv);
     add_part(0u, lid.x, a);
     add_part(1u, lid.x, b);
     workgroupBarrier();
-    let s_w = sw[0];
-    let s_w2 = sw2[0];
     for (var e = li; e < 4u * LANES; e += WG) {
-        let p = group.x * LANES + e % LANES;
-        let o = p + (e / LANES) * O4;
-        if p < O4 && o < O {
-            let at = dims.y_row0 * O + o;
-            y[at] = f32(atomicLoad(&part[e])) / (s_a * s_w);
-            y2[at] = f32(atomicLoad(&part[4u * LANES + e])) / (s_a * s_w2);
+        let p = gk * LANES + e % LANES;
+        let o = p + (e / LANES) * OKV4;
+        if p < OKV4 && o < OKV {
+            let at = dims.y_row0 * OKV + o;
+            y2[at] = f32(atomicLoad(&part[e])) / (s_a * dims.s_k);
+            y3[at] = f32(atomicLoad(&part[4u * LANES + e])) / (s_a * dims.s_v);
         }
     }
 }
@@ -255,10 +485,12 @@ fn main_glu(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
-    let s_a = norm_quant(li);
     let pc = min(group.x * LANES + lid.x, O4 - 1u);
-    let g = row_w(pc, lid.y);
-    let u = row_w2(pc, lid.y);
+    let pg = pre_w(pc, lid.y, O4);
+    let pu = pre_w2(pc, lid.y, O4);
+    let s_a = norm_quant(li);
+    let g = row_w(pc, lid.y, O4, pg);
+    let u = row_w2(pc, lid.y, O4, pu);
     add_part(0u, lid.x, g);
     add_part(1u, lid.x, u);
     workgroupBarrier();

@@ -61,6 +61,7 @@ use crate::{ErrorSink, Gpu, GpuError};
 pub(crate) struct Linear {
     pub(crate) w: GpuTensor,  // (O, I) ternary
     pub(crate) sw: GpuTensor, // (1) s_w
+    pub(crate) s: f32,        // s_w again, for kernels that take it as a number
     pub(crate) op: TernaryMatmul,
 }
 
@@ -68,6 +69,11 @@ impl Linear {
     /// (W, s_w).
     fn pair(&self) -> (&GpuTensor, &GpuTensor) {
         (&self.w, &self.sw)
+    }
+
+    /// (W, s_w as a number).
+    fn with_scale(&self) -> (&GpuTensor, f32) {
+        (&self.w, self.s)
     }
 }
 
@@ -123,10 +129,9 @@ struct GpuAdapter {
 
 /// [`TernaryDecode`] launchers, one per product shape of a layer.
 struct DecodeOps {
-    q: TernaryDecode,    // C -> NH*HS, after input_layernorm
-    kv: TernaryDecode,   // C -> NKV*HS twice, after input_layernorm, into the cache
-    o: TernaryDecode,    // NH*HS -> C added to h, after attn_sub_norm
-    glu: TernaryDecode,  // C -> F twice, gated, after post_attention_layernorm
+    qkv: TernaryDecode, // C -> NH*HS, and NKV*HS twice into the cache, after input_layernorm
+    o: TernaryDecode,   // NH*HS -> C added to h, after attn_sub_norm
+    glu: TernaryDecode, // C -> F twice, gated, after post_attention_layernorm
     down: TernaryDecode, // F -> C added to h, after ffn_sub_norm
 }
 
@@ -578,6 +583,7 @@ impl GpuModel {
             Ok(Linear {
                 w: GpuTensor::ternary(dev, name.clone(), lin)?,
                 sw: GpuTensor::f32(dev, format!("{name}_scale"), &[1], &[lin.w_scale])?,
+                s: lin.w_scale,
                 op: cached(&mut matmuls, (o, i), || TernaryMatmul::new(dev, i, o)),
             })
         };
@@ -680,9 +686,9 @@ impl GpuModel {
                 && !crate::ops::bench_switch("BITLORA_DECODE_UNFUSED"))
             .then(|| {
                 let op = |i, o| TernaryDecode::new(dev, i, o, cfg.rms_norm_eps, cfg.hidden_act);
+                let eps = cfg.rms_norm_eps;
                 DecodeOps {
-                    q: op(c, q_dim),
-                    kv: op(c, nkv * hs),
+                    qkv: TernaryDecode::new_qkv(dev, c, q_dim, nkv * hs, eps),
                     o: op(q_dim, c),
                     glu: op(c, f),
                     down: op(f, c),
@@ -1168,7 +1174,7 @@ impl GpuModel {
             .zip(cache.k.iter().zip(&cache.v))
             .enumerate()
         {
-            // A decoded token through a layer without an adapter: five dispatches, each
+            // A decoded token through a layer without an adapter: six dispatches, each
             // product with its input's norm folded in (the same bits as the path below).
             let fused = self
                 .decode_ops
@@ -1176,9 +1182,10 @@ impl GpuModel {
                 .filter(|_| t == 1 && !Proj::ALL.iter().any(|&p| adapted(l, p)));
             if let Some(d) = fused {
                 let n = &layer.input_layernorm.w;
-                d.q.encode(r, &ws.h, n, layer.q_proj.pair(), &ws.q, 0, false)?;
-                let (k, v) = (layer.k_proj.pair(), layer.v_proj.pair());
-                d.kv.encode_kv(r, &ws.h, n, k, v, (kc, vc), past)?;
+                let q = layer.q_proj.with_scale();
+                let (k, v) = (layer.k_proj.with_scale(), layer.v_proj.with_scale());
+                d.qkv
+                    .encode_qkv(r, &ws.h, n, q, k, v, &ws.q, (kc, vc), past)?;
                 // RoPE inside: q and the new key go in unrotated.
                 self.attention.encode_split(
                     r,

@@ -605,9 +605,12 @@ fn matmul_matches_reference() {
 
 /// The head's shapes of the bit-for-bit tests: (rows of x, the window read, I, O, rows of W per
 /// chunk).
-fn head_shapes() -> [(usize, std::ops::Range<usize>, usize, usize, usize); 5] {
+/// I = 1000 and 64 read W 16 bytes a load at one token (f32 and bf16; 1000 / 8 = 125 leaves
+/// bf16 a single load at the end), as does 1004 in f32 (251 loads), not in bf16.
+fn head_shapes() -> [(usize, std::ops::Range<usize>, usize, usize, usize); 6] {
     [
         (70, 3..70, 1000, 301, 301),
+        (4, 1..4, 1004, 67, 67),
         (9, 0..9, 33, 130, 61),
         (5, 2..4, 17, 5, 2),
         (131, 1..130, 64, 257, 200),
@@ -1014,14 +1017,15 @@ fn fused_norm_quant_equals_norm_then_quant() {
 
 /// A decoded token's fused products (`TernaryDecode`, shaders/ternary_decode.wgsl) write what
 /// the dispatches they replace write, bit for bit: RmsNorm's fused quantization, then
-/// TernaryMatmul (into a row of a taller y, or added to y), twice for the k and v pair, or
-/// TernaryGlu. Widths past one norm chunk and not a multiple of 4, O leaving a partial packed
-/// row and workgroup, and a row of zeros (the scale's 1e-5 floor).
+/// TernaryMatmul (into a row of a taller y, or added to y), three times for q and the k and v
+/// pair (of another width), or TernaryGlu. Widths past one norm chunk and not a multiple of 4, O leaving a partial packed
+/// row and workgroup, a row of zeros (the scale's 1e-5 floor), and a row of 8,190 (eight norm
+/// chunks, 32 weight words per invocation: its four prefetched words and seven steps).
 #[test]
 fn ternary_decode_equals_norm_quant_then_products_bit_for_bit() {
     let g = gpu();
     let mut rng = Rng::new(19);
-    for (case, (i, o)) in [(1030, 37), (64, 130), (175, 9), (2051, 260)]
+    for (case, (i, o)) in [(1030, 37), (64, 130), (175, 9), (2051, 260), (8190, 13)]
         .into_iter()
         .enumerate()
     {
@@ -1031,13 +1035,18 @@ fn ternary_decode_equals_norm_quant_then_products_bit_for_bit() {
         }
         let nw: Vec<f32> = normal(&mut rng, i, 0.1).iter().map(|v| 1.0 + v).collect();
         let (xt, nwt) = (f32t("x", &[1, i], &x), f32t("nw", &[i], &nw));
-        let lin = |rng: &mut Rng| {
+        let lin = |rng: &mut Rng, o: usize| {
             let l = TernaryLinear::from_master(&normal(rng, o * i, 0.02), o, i);
             let w = GpuTensor::ternary(&g.device, "W", &l).unwrap();
-            (w, f32t("s_w", &[1], &[l.w_scale]))
+            (w, f32t("s_w", &[1], &[l.w_scale]), l.w_scale)
         };
-        let (wa, wb) = (lin(&mut rng), lin(&mut rng));
+        let (wa, wb) = (lin(&mut rng, o), lin(&mut rng, o));
+        let sa = wa.2;
         let (wa, wb) = ((&wa.0, &wa.1), (&wb.0, &wb.1));
+        // k and v of another width than q.
+        let o_kv = o / 2 + 3;
+        let kv_lin = (lin(&mut rng, o_kv), lin(&mut rng, o_kv));
+        let mm_kv = TernaryMatmul::new(&g.device, i, o_kv);
         // The unfused path's codes and scale.
         let yn = zeros("y_n", &[1, i]);
         let q = g.zeros("x_q", &[1, i], DType::I8x4).unwrap();
@@ -1066,14 +1075,32 @@ fn ternary_decode_equals_norm_quant_then_products_bit_for_bit() {
             });
             assert_same_bits(&format!("{what} y[2] ="), &read(&y1), &read(&y2));
             assert_same_bits(&format!("{what} y +="), &read(&a1), &read(&a2));
-            // k and v into row 3 of their caches.
-            let kv1 = (f32t("k", &[rows, o], &init), f32t("v", &[rows, o], &init));
-            let kv2 = (f32t("k", &[rows, o], &init), f32t("v", &[rows, o], &init));
-            run(|r| op.encode_kv(r, &xt, &nwt, wa, wb, (&kv1.0, &kv1.1), 3));
+            // q into row 0, and k and v (o_kv wide) into row 3 of their caches, in one
+            // dispatch; the scales come as numbers.
+            let qkv = TernaryDecode::new_qkv(&g.device, i, o, o_kv, 1e-5);
+            let (wk, wv) = (&kv_lin.0, &kv_lin.1);
+            fn num(l: &(GpuTensor, GpuTensor, f32)) -> (&GpuTensor, f32) {
+                (&l.0, l.2)
+            }
+            let init_kv = normal(&mut rng, rows * o_kv, 1.0);
+            let q1 = zeros("q", &[1, o]);
+            let kv1 = (
+                f32t("k", &[rows, o_kv], &init_kv),
+                f32t("v", &[rows, o_kv], &init_kv),
+            );
+            let kv2 = (
+                f32t("k", &[rows, o_kv], &init_kv),
+                f32t("v", &[rows, o_kv], &init_kv),
+            );
+            let qa = (wa.0, sa);
+            run(|r| qkv.encode_qkv(r, &xt, &nwt, qa, num(wk), num(wv), &q1, (&kv1.0, &kv1.1), 3));
+            let q2 = zeros("q", &[1, o]);
             run(|r| {
-                mm.encode_at(r, &q, &s, wa.0, wa.1, &kv2.0, 3)?;
-                mm.encode_at(r, &q, &s, wb.0, wb.1, &kv2.1, 3)
+                mm.encode(r, &q, &s, wa.0, wa.1, &q2)?;
+                mm_kv.encode_at(r, &q, &s, &wk.0, &wk.1, &kv2.0, 3)?;
+                mm_kv.encode_at(r, &q, &s, &wv.0, &wv.1, &kv2.1, 3)
             });
+            assert_same_bits(&format!("{what} q"), &read(&q1), &read(&q2));
             assert_same_bits(&format!("{what} k"), &read(&kv1.0), &read(&kv2.0));
             assert_same_bits(&format!("{what} v"), &read(&kv1.1), &read(&kv2.1));
             // The gated pair.

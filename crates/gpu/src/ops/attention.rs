@@ -60,6 +60,12 @@ impl Attention {
             ("SCALE", scale as f64),
             ("WG", super::c(super::WG)),
             ("SMAX", super::c(smax.max(1))),
+            (
+                "WIDE",
+                f64::from(u8::from(
+                    hs.is_multiple_of(4) && !super::bench_switch("BITLORA_ATT_NARROW"),
+                )),
+            ),
         ];
         let entry = |name, entry| Kernel::entry(device, name, SOURCE, entry, &constants);
         Attention {
@@ -127,8 +133,17 @@ impl Attention {
         let (c, s) = (&cos.buffer, &sin.buffer);
         rec.dispatch_at(
             &self.part,
-            &[0, 1, 2, 3, 5, 7, 8],
-            &[&dims, &q.buffer, &k.buffer, &v.buffer, &part.buffer, c, s],
+            &[0, 1, 2, 3, 5, 7, 8, 9],
+            &[
+                &dims,
+                &q.buffer,
+                &k.buffer,
+                &v.buffer,
+                &part.buffer,
+                c,
+                s,
+                &k.buffer,
+            ],
             [t_kv.div_ceil(Self::CHUNK), self.nh, t_q],
         )?;
         rec.dispatch_at(
@@ -176,9 +191,17 @@ impl Attention {
         out: &GpuTensor,
     ) -> Result<(), GpuError> {
         let (t_q, dims) = self.check("attention", rec, q, k, v, t_kv, out)?;
-        rec.dispatch(
+        rec.dispatch_at(
             &self.kernel,
-            &[&dims, &q.buffer, &k.buffer, &v.buffer, &out.buffer],
+            &[0, 1, 2, 3, 4, 9],
+            &[
+                &dims,
+                &q.buffer,
+                &k.buffer,
+                &v.buffer,
+                &out.buffer,
+                &k.buffer,
+            ],
             [t_q, self.nh, 1],
         )
     }

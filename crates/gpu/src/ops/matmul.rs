@@ -26,7 +26,8 @@ const BT: usize = 64;
 /// (OC, I) (one dispatch each, filling columns o0 .. o0+OC of y) and x may be a window
 /// `x_rows` of a taller (R, I) buffer, T = x_rows.len().
 ///
-/// One token (decoding) runs the direct kernel with one output per invocation. More tokens run
+/// One token (decoding) runs the direct kernel with one output per invocation, reading W 16
+/// bytes a load where its rows are aligned for it (`main_rows`). More tokens run
 /// the tiled kernel (W and x staged through workgroup memory in coalesced chunks) on a GPU, and
 /// the direct kernel with 4 outputs x 8 tokens per invocation on CPU adapters (lavapipe,
 /// SwiftShader), which pay for barriers and workgroup memory more than they gain (lavapipe, T =
@@ -41,6 +42,9 @@ pub struct Matmul {
     tiled: bool,
     /// TT = TO = 1: one token (decoding).
     kernel_one: Kernel,
+    /// One token reading W 16 bytes a load (`main_rows`), where W's rows start 16-byte
+    /// aligned (I a multiple of 8 for bf16, of 4 for f32).
+    kernel_rows: Option<Kernel>,
     i: usize,
     o: usize,
     /// W's element type: F32 or Bf16.
@@ -72,22 +76,25 @@ impl Matmul {
         tiled: bool,
         bf16: bool,
     ) -> Matmul {
-        let k = |wg: usize, tiled: bool, tt: usize, to: usize| {
-            Kernel::new(
-                device,
-                "matmul",
-                SOURCE,
-                &[
-                    ("I", super::c(i)),
-                    ("O", super::c(o)),
-                    ("WG", super::c(wg)),
-                    ("TILED", f64::from(u8::from(tiled))),
-                    ("TT", super::c(tt)),
-                    ("TO", super::c(to)),
-                    ("BF16", f64::from(u8::from(bf16))),
-                ],
-            )
+        let constants = |wg: usize, tiled: bool, tt: usize, to: usize| {
+            [
+                ("I", super::c(i)),
+                ("O", super::c(o)),
+                ("WG", super::c(wg)),
+                ("TILED", f64::from(u8::from(tiled))),
+                ("TT", super::c(tt)),
+                ("TO", super::c(to)),
+                ("BF16", f64::from(u8::from(bf16))),
+            ]
         };
+        let k = |wg: usize, tiled: bool, tt: usize, to: usize| {
+            Kernel::new(device, "matmul", SOURCE, &constants(wg, tiled, tt, to))
+        };
+        let aligned = i.is_multiple_of(if bf16 { 8 } else { 4 });
+        let kernel_rows = (aligned && !super::bench_switch("BITLORA_HEAD_SCALAR")).then(|| {
+            let c = constants(super::WG, false, 1, 1);
+            Kernel::entry(device, "matmul (rows)", SOURCE, "main_rows", &c)
+        });
         Matmul {
             kernel: if tiled {
                 k(TILE_WG, true, TT, TO)
@@ -96,6 +103,7 @@ impl Matmul {
             },
             tiled,
             kernel_one: k(super::WG, false, 1, 1),
+            kernel_rows,
             i,
             o,
             w: if bf16 { DType::Bf16 } else { DType::F32 },
@@ -166,6 +174,14 @@ impl Matmul {
         }
         expect(OP, y, DType::F32, &[t, self.o])?;
         let dims = rec.dims(OP, &[t, x_rows.start, oc, o0])?;
+        if let (1, Some(kernel)) = (t, &self.kernel_rows) {
+            return rec.dispatch_at(
+                kernel,
+                &[0, 1, 4, 3],
+                &[&dims, &x.buffer, &w_chunk.buffer, &y.buffer],
+                [oc.div_ceil(super::WG), 1, 1],
+            );
+        }
         let (kernel, groups) = if t == 1 {
             (&self.kernel_one, [oc.div_ceil(super::WG), 1, 1])
         } else if self.tiled {

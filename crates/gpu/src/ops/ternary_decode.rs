@@ -13,8 +13,9 @@ use super::ternary_matmul::{DECODE_LANES, DECODE_SPLIT};
 pub const SOURCE: &str = include_str!("../../../../shaders/ternary_decode.wgsl");
 
 /// Workgroup memory the shader declares besides the row's codes: the sum of squares' chunk
-/// (256 vec4), its 64 lane sums, the row's max and 8 x LANES part sums, in bytes.
-const FIXED_WORKGROUP_BYTES: usize = 16 * 256 + 4 * 64 + 4 + 4 * 8 * DECODE_LANES;
+/// (256 vec4), its 64 lane sums and their total, the row's max and 8 x LANES part sums, in
+/// bytes.
+const FIXED_WORKGROUP_BYTES: usize = 16 * 256 + 4 * 64 + 4 + 4 + 4 * 8 * DECODE_LANES;
 
 /// A decoded token's BitLinear products with the RMSNorm and the int8 quantization of their
 /// input folded in: one dispatch for what [`super::RmsNorm::encode_quant`] and one or two
@@ -32,11 +33,13 @@ pub struct TernaryDecode {
     device: wgpu::Device,
     i: usize,
     o: usize,
+    o_kv: usize, // encode_qkv's k and v widths
+
     eps: f32,
     act: Activation,
     plain: OnceLock<Kernel>,
     adding: OnceLock<Kernel>,
-    kv: OnceLock<Kernel>,
+    qkv: OnceLock<Kernel>,
     glu: OnceLock<Kernel>,
 }
 
@@ -48,12 +51,21 @@ impl TernaryDecode {
             device: device.clone(),
             i,
             o,
+            o_kv: o,
             eps,
             act,
             plain: OnceLock::new(),
             adding: OnceLock::new(),
-            kv: OnceLock::new(),
+            qkv: OnceLock::new(),
             glu: OnceLock::new(),
+        }
+    }
+
+    /// The launcher of [`TernaryDecode::encode_qkv`]: q `o` wide, k and v `o_kv` wide.
+    pub fn new_qkv(device: &wgpu::Device, i: usize, o: usize, o_kv: usize, eps: f32) -> Self {
+        TernaryDecode {
+            o_kv,
+            ..TernaryDecode::new(device, i, o, eps, Activation::Relu2)
         }
     }
 
@@ -66,7 +78,14 @@ impl TernaryDecode {
             && limits.max_compute_invocations_per_workgroup as usize >= DECODE_LANES * DECODE_SPLIT
     }
 
-    fn kernel<'a>(&self, cell: &'a OnceLock<Kernel>, entry: &str, accum: bool) -> &'a Kernel {
+    /// `name` labels the dispatches in a profile.
+    fn kernel<'a>(
+        &self,
+        cell: &'a OnceLock<Kernel>,
+        name: &'static str,
+        entry: &str,
+        accum: bool,
+    ) -> &'a Kernel {
         cell.get_or_init(|| {
             let act = match self.act {
                 Activation::Relu2 => 0.0,
@@ -74,17 +93,30 @@ impl TernaryDecode {
             };
             Kernel::entry(
                 &self.device,
-                "ternary_decode",
+                name,
                 SOURCE,
                 entry,
                 &[
                     ("I", super::c(self.i)),
                     ("O", super::c(self.o)),
+                    ("OKV", super::c(self.o_kv)),
                     ("EPS", self.eps as f64),
                     ("LANES", super::c(DECODE_LANES)),
                     ("SPLIT", super::c(DECODE_SPLIT)),
                     ("ACCUM", f64::from(u8::from(accum))),
                     ("ACT", act),
+                    (
+                        "PRE",
+                        f64::from(u8::from(!super::bench_switch("BITLORA_DECODE_NOPRE"))),
+                    ),
+                    (
+                        "PREX",
+                        f64::from(u8::from(!super::bench_switch("BITLORA_DECODE_NOPREX"))),
+                    ),
+                    (
+                        "TREE_REG",
+                        f64::from(u8::from(!super::bench_switch("BITLORA_DECODE_SERIALTREE"))),
+                    ),
                 ],
             )
         })
@@ -128,12 +160,11 @@ impl TernaryDecode {
         self.check(OP, x, nw, &[(w, sw)])?;
         at_least(OP, y, DType::F32, y_row0 + 1, self.o)?;
         let dims = rec.dims(OP, &[y_row0])?;
-        let cell = if accumulate {
-            &self.adding
+        let kernel = if accumulate {
+            self.kernel(&self.adding, "ternary_decode +=", "main", true)
         } else {
-            &self.plain
+            self.kernel(&self.plain, "ternary_decode", "main", false)
         };
-        let kernel = self.kernel(cell, "main", accumulate);
         rec.dispatch(
             kernel,
             &[
@@ -143,39 +174,44 @@ impl TernaryDecode {
         )
     }
 
-    /// Row `y_row0` of y = BitLinear(RMSNorm(x); W, s_w) and of y2 = BitLinear(RMSNorm(x);
-    /// W2, s_w2): the k and v projections of a token, into the KV cache.
+    /// A token's q, k and v in one dispatch: row 0 of q = BitLinear(RMSNorm(x); W_q), and row
+    /// `row` of the caches k and v = BitLinear(RMSNorm(x); W_k), (...; W_v). Each projection
+    /// comes as its W (O, I) with s_w as a number: the scales travel in the dispatch's
+    /// uniform, so that it binds eight storage buffers (WebGPU's default limit).
     #[allow(clippy::too_many_arguments)]
-    pub fn encode_kv(
+    pub fn encode_qkv(
         &self,
         rec: &mut Recorder,
         x: &GpuTensor,
         nw: &GpuTensor,
-        (w, sw): (&GpuTensor, &GpuTensor),
-        (w2, sw2): (&GpuTensor, &GpuTensor),
-        (y, y2): (&GpuTensor, &GpuTensor),
-        y_row0: usize,
+        (wq, sq): (&GpuTensor, f32),
+        (wk, sk): (&GpuTensor, f32),
+        (wv, sv): (&GpuTensor, f32),
+        q: &GpuTensor,
+        (k, v): (&GpuTensor, &GpuTensor),
+        row: usize,
     ) -> Result<(), GpuError> {
-        const OP: &str = "ternary_decode_kv";
-        self.check(OP, x, nw, &[(w, sw), (w2, sw2)])?;
-        at_least(OP, y, DType::F32, y_row0 + 1, self.o)?;
-        at_least(OP, y2, DType::F32, y_row0 + 1, self.o)?;
-        let dims = rec.dims(OP, &[y_row0])?;
-        let kernel = self.kernel(&self.kv, "main_kv", false);
-        rec.dispatch(
+        const OP: &str = "ternary_decode_qkv";
+        self.check(OP, x, nw, &[])?;
+        expect(OP, wq, DType::Ternary, &[self.o, self.i])?;
+        expect(OP, wk, DType::Ternary, &[self.o_kv, self.i])?;
+        expect(OP, wv, DType::Ternary, &[self.o_kv, self.i])?;
+        at_least(OP, q, DType::F32, 1, self.o)?;
+        at_least(OP, k, DType::F32, row + 1, self.o_kv)?;
+        at_least(OP, v, DType::F32, row + 1, self.o_kv)?;
+        let bits = |s: f32| s.to_bits() as usize;
+        let dims = rec.dims(OP, &[row, bits(sq), bits(sk), bits(sv)])?;
+        let kernel = self.kernel(&self.qkv, "ternary_decode qkv", "main_qkv", false);
+        let groups = self.o.div_ceil(4).div_ceil(DECODE_LANES)
+            + self.o_kv.div_ceil(4).div_ceil(DECODE_LANES);
+        rec.dispatch_at(
             kernel,
+            &[0, 1, 2, 3, 5, 6, 8, 9, 10],
             &[
-                &dims,
-                &x.buffer,
-                &nw.buffer,
-                &w.buffer,
-                &sw.buffer,
-                &y.buffer,
-                &w2.buffer,
-                &sw2.buffer,
-                &y2.buffer,
+                &dims, &x.buffer, &nw.buffer, &wq.buffer, &q.buffer, &wk.buffer, &k.buffer,
+                &wv.buffer, &v.buffer,
             ],
-            self.groups(),
+            [groups, 1, 1],
         )
     }
 
@@ -193,7 +229,7 @@ impl TernaryDecode {
         const OP: &str = "ternary_decode_glu";
         self.check(OP, x, nw, &[gate, up])?;
         expect(OP, out, DType::F32, &[1, self.o])?;
-        let kernel = self.kernel(&self.glu, "main_glu", false);
+        let kernel = self.kernel(&self.glu, "ternary_decode glu", "main_glu", false);
         rec.dispatch_at(
             kernel,
             &[1, 2, 3, 4, 5, 6, 7],
