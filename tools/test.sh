@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs (idempotently), then runs (in the order below)
 #   1. the Rust tests of every crate (CPU reference, GPU kernels on Mesa lavapipe, the CLI),
+#      and core's SIMD128 kernels against their scalar twins in wasm (node),
 #   2. tsc on the page's JavaScript (web/: JSDoc types, the worker messages of
 #      web/protocol.d.ts, the public API of web/bitlora.d.ts), after the wasm build whose types
 #      (web/pkg/bitlora_web.d.ts) the worker's code is checked against,
@@ -32,7 +33,18 @@ logs=$(mktemp -d "${TMPDIR:-/tmp}/bitlora-test.XXXXXX")
 trap 'rm -rf "$logs"' EXIT
 
 echo "== Build: the Rust tests and the CLI (native), and the wasm (tools/build-web.sh) beside them =="
-tools/build-web.sh >"$logs/build-web.log" 2>&1 &
+# After the wasm build, in its lane: core's SIMD128 kernels against their scalar twins, run in
+# node (quant.rs simd128_tests; the runner comes with wasm-bindgen-cli). Same target dir, profile
+# and flags as build-web.sh's (release, +simd128), so only core's test binary is compiled. A
+# filter that matched nothing would pass: the count of passed tests is checked.
+wasm_tests() {
+  CARGO_TARGET_DIR=target/wasm RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+simd128" \
+  CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+    cargo test -p bitlora-core --target wasm32-unknown-unknown --release --lib simd128 2>&1 \
+    | tee "$logs/wasm-tests.log"
+  grep -q 'test result: ok\. [1-9]' "$logs/wasm-tests.log"
+}
+{ tools/build-web.sh && wasm_tests; } >"$logs/build-web.log" 2>&1 &
 web_pid=$!
 if ! cargo test --workspace --exclude bitlora-web --no-run 2>&1 | grep -v '^\s*$'; then
   wait "$web_pid" || true
@@ -42,9 +54,9 @@ fi
 cargo build -p bitlora
 web_rc=0
 wait "$web_pid" || web_rc=$?
-echo "== wasm build (tools/build-web.sh, run beside the native build) =="
+echo "== wasm build (tools/build-web.sh) and the SIMD128 kernel tests in node, run beside the native build =="
 cat "$logs/build-web.log"
-[ "$web_rc" = 0 ] || { echo "tools/build-web.sh failed (exit $web_rc)" >&2; exit 1; }
+[ "$web_rc" = 0 ] || { echo "tools/build-web.sh or the wasm tests failed (exit $web_rc)" >&2; exit 1; }
 
 echo "== Type check of web/ (tsc --noEmit: the page, and the worker) =="
 tests/browser/node_modules/.bin/tsc --noEmit -p web/tsconfig.json
