@@ -6,6 +6,8 @@
 //   s_a  = 127 / max(max|y_n|, 1e-5),  x_q = clamp(round(y_n s_a))     (act_quant.wgsl)
 //   main:     y[y_row0] (=, or += with ACCUM) (x_q . W^T) / (s_a * s_w)
 //   main_qkv: the same for q, and for k and v into the cache, in one dispatch
+//   main_att: main's y += for the o projection, its input the decode attention's chunk
+//             records combined (attention.wgsl main_combine folded in)
 //   main_glu: out = act((x_q . W^T) / (s_a s_w)) * ((x_q . W2^T) / (s_a s_w2))  (ternary_glu)
 //
 // Why: at T = 1 the norm ran as its own dispatch on one workgroup (10-16 us on an H100, most
@@ -37,6 +39,14 @@ override O4: u32 = (O + 3u) / 4u;  // packed rows
 override I4: u32 = (I + 3u) / 4u;  // x_q words = weight words per packed row
 override OKV: u32 = O;             // main_qkv: k's and v's out features (O is q's)
 override OKV4: u32 = (OKV + 3u) / 4u;
+// main_att: x is the decode attention's chunk records (attention.wgsl main_part's `part`), and
+// the row normalised is their combination (main_combine's), I = NH * HS, HS a multiple of 4.
+override ATT: bool = false;
+override NH: u32 = 1u;             // query heads
+override NKV: u32 = 1u;            // key/value heads
+override HS: u32 = 4u;             // head size
+override PW: u32 = HS + 2u;        // one chunk's record: u (HS), m, l
+override HALF: u32 = HS / 2u;      // RoPE's pairs (d, d + HALF)
 // Benchmark switches (the launcher's defaults are the measured best): PRE loads each
 // invocation's first four weight words per matrix before the norm; TREE_REG adds the 64 lane
 // sums in registers (else one invocation walks them in workgroup memory); PREX keeps the
@@ -48,6 +58,7 @@ override PREX: bool = true;
 const RMS_LANES: u32 = 64u; // rms_norm.wgsl's LANES (the CPU mirror's ops::RMS_LANES)
 const WG: u32 = 256u;       // invocations per workgroup = LANES * SPLIT
 const CH4: u32 = WG;        // vec4 groups per chunk of the sum of squares
+const ACH: u32 = 64u;       // main_att: keys per attention chunk (attention.wgsl's CH)
 
 struct Dims {
     y_row0: u32, // main: the row of y written; main_qkv: the row of the caches
@@ -69,6 +80,10 @@ struct Dims {
 @group(0) @binding(8) var<storage, read_write> y2: array<f32>;
 @group(0) @binding(9) var<storage, read> w3: array<u32>;
 @group(0) @binding(10) var<storage, read_write> y3: array<f32>;
+// main_att: the RoPE tables (P, HALF) (rope.wgsl's), for the new key it leaves rotated in the
+// k cache (y2), as main_combine does.
+@group(0) @binding(11) var<storage, read> cos_t: array<f32>;
+@group(0) @binding(12) var<storage, read> sin_t: array<f32>;
 
 var<workgroup> sq: array<vec4<f32>, CH4>;    // squares of one chunk's groups
 var<workgroup> lane: array<vec4<f32>, RMS_LANES / 4u>; // lane sums: lane l at [l / 4][l % 4]
@@ -77,10 +92,15 @@ var<workgroup> ymax: atomic<u32>;            // max |y_n| as bits (ordered as u3
 var<workgroup> xs: array<u32, I4>;           // the row's codes, four per word
 // [matrix][slot s][lane x]: the workgroup's sums over its SPLIT parts.
 var<workgroup> part: array<atomic<i32>, 8u * LANES>;
+var<workgroup> head_m: array<f32, NH>;       // main_att: each head's M (the max score) and L
+var<workgroup> head_l: array<f32, NH>;
 
 // Group g (elements 4g .. 4g + 3) of x and of nw, zeros past I: zeros square to zero, and
 // normalise and quantize to code 0, what the padding of a packed row holds.
 fn group_x(g: u32) -> vec4<f32> {
+    if ATT {
+        return att_group(g);
+    }
     let c = 4u * g;
     if c + 3u < I {
         return vec4<f32>(x[c], x[c + 1u], x[c + 2u], x[c + 3u]);
@@ -106,6 +126,68 @@ fn group_n(g: u32) -> vec4<f32> {
         }
     }
     return v;
+}
+
+// main_att. The decode attention's chunks of the row of head h: (nch, PW) records at
+// h * nch * PW of x, nch = ceil(T_KV / ACH), T_KV = past + 1 (one query).
+fn att_chunks() -> u32 {
+    return (dims.y_row0 + ACH) / ACH;
+}
+
+// main_combine's statistics of every head: M = the max of the chunks' m_c, and
+// L = sum_c l_c exp(m_c - M) in chunk order, into head_m and head_l. Every invocation calls it.
+fn att_stats(li: u32) {
+    let nch = att_chunks();
+    for (var h = li; h < NH; h += WG) {
+        var mx = -3.0e38;
+        for (var c = 0u; c < nch; c++) {
+            mx = max(mx, x[(h * nch + c) * PW + HS]);
+        }
+        var l = 0.0;
+        for (var c = 0u; c < nch; c++) {
+            let rec = (h * nch + c) * PW;
+            l = l + x[rec + HS + 1u] * exp(x[rec + HS] - mx);
+        }
+        head_m[h] = mx;
+        head_l[h] = l;
+    }
+    workgroupBarrier();
+}
+
+// Elements 4g .. 4g + 3 of the attention's output row, as main_combine writes them:
+// O_d = sum_c u_cd exp(m_c - M) in chunk order, then O_d / L (four d of one head at once).
+fn att_group(g: u32) -> vec4<f32> {
+    let c = 4u * g;
+    if c >= I {
+        return vec4<f32>();
+    }
+    let h = c / HS;
+    let d = c % HS;
+    let nch = att_chunks();
+    let mx = head_m[h];
+    var o = vec4<f32>();
+    for (var ch = 0u; ch < nch; ch++) {
+        let rec = (h * nch + ch) * PW;
+        let f = exp(x[rec + HS] - mx);
+        o = o + vec4<f32>(x[rec + d], x[rec + d + 1u], x[rec + d + 2u], x[rec + d + 3u]) * f;
+    }
+    return o / head_l[h];
+}
+
+// The new key (row y_row0 of the k cache, every kv head) rotated in place, as main_combine
+// leaves it: one workgroup calls it.
+fn rotate_new_key(li: u32) {
+    let pos = dims.y_row0;
+    for (var e = li; e < NKV * HALF; e += WG) {
+        let p = e % HALF;
+        let base = pos * NKV * HS + (e / HALF) * HS;
+        let cs = cos_t[pos * HALF + p];
+        let sn = sin_t[pos * HALF + p];
+        let x1 = y2[base + p];
+        let x2 = y2[base + p + HALF];
+        y2[base + p] = x1 * cs - x2 * sn;
+        y2[base + p + HALF] = x2 * cs + x1 * sn;
+    }
 }
 
 // An invocation's groups of the row are k + WG j, k = row_slot(lid), j = 0, 1, ...: lane
@@ -429,6 +511,35 @@ fn main(
             } else {
                 y[at] = r;
             }
+        }
+    }
+}
+
+// h (y, one row) += the o projection of the decode attention's output: main's ACCUM with
+// the attention's combine dispatch folded into its prologue (x = the chunk records, ATT), and
+// workgroup 0 rotating the new key in the k cache (y2) as the combine did.
+@compute @workgroup_size(LANES, SPLIT)
+fn main_att(
+    @builtin(workgroup_id) group: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let pc = min(group.x * LANES + lid.x, O4 - 1u);
+    let pa = pre_w(pc, lid.y, O4);
+    att_stats(li);
+    if group.x == 0u {
+        rotate_new_key(li);
+    }
+    let s_a = norm_quant(li);
+    let a = row_w(pc, lid.y, O4, pa);
+    add_part(0u, lid.x, a);
+    workgroupBarrier();
+    let s_w = sw[0];
+    for (var e = li; e < 4u * LANES; e += WG) {
+        let p = group.x * LANES + e % LANES;
+        let o = p + (e / LANES) * O4;
+        if p < O4 && o < O {
+            y[o] = y[o] + f32(atomicLoad(&part[e])) / (s_a * s_w);
         }
     }
 }

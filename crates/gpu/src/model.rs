@@ -131,7 +131,9 @@ struct GpuAdapter {
 struct DecodeOps {
     qkv: TernaryDecode, // C -> NH*HS, and NKV*HS twice into the cache, after input_layernorm
     o: TernaryDecode,   // NH*HS -> C added to h, after attn_sub_norm
-    glu: TernaryDecode, // C -> F twice, gated, after post_attention_layernorm
+    /// The same with the attention's combine folded in (None: HS not a multiple of 4).
+    o_att: Option<TernaryDecode>,
+    glu: TernaryDecode,  // C -> F twice, gated, after post_attention_layernorm
     down: TernaryDecode, // F -> C added to h, after ffn_sub_norm
 }
 
@@ -690,6 +692,8 @@ impl GpuModel {
                 DecodeOps {
                     qkv: TernaryDecode::new_qkv(dev, c, q_dim, nkv * hs, eps),
                     o: op(q_dim, c),
+                    o_att: TernaryDecode::new_att(dev, (nh, nkv, hs), c, eps)
+                        .filter(|_| !crate::ops::bench_switch("BITLORA_DECODE_NOATT")),
                     glu: op(c, f),
                     down: op(f, c),
                 }
@@ -1187,18 +1191,26 @@ impl GpuModel {
                 d.qkv
                     .encode_qkv(r, &ws.h, n, q, k, v, &ws.q, (kc, vc), past)?;
                 // RoPE inside: q and the new key go in unrotated.
-                self.attention.encode_split(
-                    r,
-                    &ws.q,
-                    kc,
-                    vc,
-                    t_kv,
-                    &cache.part,
-                    &ws.att,
-                    (cos, sin),
-                )?;
                 let n = &layer.attn_sub_norm.w;
-                d.o.encode(r, &ws.att, n, layer.o_proj.pair(), &ws.h, 0, true)?;
+                let o = layer.o_proj.pair();
+                if let Some(o_att) = &d.o_att {
+                    // The chunks' sums, combined by the o product itself.
+                    let att = &self.attention;
+                    att.encode_parts(r, &ws.q, kc, vc, t_kv, &cache.part, (cos, sin))?;
+                    o_att.encode_att(r, &cache.part, n, o, &ws.h, kc, (cos, sin), past)?;
+                } else {
+                    self.attention.encode_split(
+                        r,
+                        &ws.q,
+                        kc,
+                        vc,
+                        t_kv,
+                        &cache.part,
+                        &ws.att,
+                        (cos, sin),
+                    )?;
+                    d.o.encode(r, &ws.att, n, o, &ws.h, 0, true)?;
+                }
                 let n = &layer.post_attention_layernorm.w;
                 let (g, u) = (layer.gate_proj.pair(), layer.up_proj.pair());
                 d.glu.encode_glu(r, &ws.h, n, g, u, &ws.ffn)?;

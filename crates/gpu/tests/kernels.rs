@@ -1111,3 +1111,62 @@ fn ternary_decode_equals_norm_quant_then_products_bit_for_bit() {
         }
     }
 }
+
+/// The o product with the decode attention's combine folded in (`TernaryDecode::encode_att`)
+/// leaves h and the new key in the k cache with the bits of the combine dispatch then the
+/// adding o product (`Attention::encode_split`, `TernaryDecode::encode`): head sizes 16, 12,
+/// 80 and 128, one to four chunks of keys, grouped kv heads, and a row of 20 x 128 (2,560:
+/// past the two groups per invocation held in registers).
+#[test]
+fn ternary_decode_att_equals_combine_then_o_bit_for_bit() {
+    let g = gpu();
+    let mut rng = Rng::new(23);
+    for (t_kv, nh, nkv, hs, o) in [
+        (1, 2, 1, 16, 37),
+        (65, 4, 2, 12, 130),
+        (200, 6, 2, 80, 9),
+        (130, 20, 5, 128, 64),
+    ] {
+        let (past, rows, i) = (t_kv - 1, t_kv + 3, nh * hs);
+        let what = format!("T_KV={t_kv} NH={nh} NKV={nkv} HS={hs} O={o}");
+        let q = f32t("q", &[1, i], &normal(&mut rng, i, 1.0));
+        let k = normal(&mut rng, rows * nkv * hs, 2.0);
+        let v = f32t(
+            "v",
+            &[rows, nkv * hs],
+            &normal(&mut rng, rows * nkv * hs, 1.0),
+        );
+        let (cos, sin) = ops::rope_tables(rows, hs, 10_000.0);
+        let cos = f32t("cos", &[rows, hs / 2], &cos);
+        let sin = f32t("sin", &[rows, hs / 2], &sin);
+        let nw: Vec<f32> = normal(&mut rng, i, 0.1).iter().map(|v| 1.0 + v).collect();
+        let nw = f32t("nw", &[i], &nw);
+        let lin = TernaryLinear::from_master(&normal(&mut rng, o * i, 0.02), o, i);
+        let w = GpuTensor::ternary(&g.device, "W", &lin).unwrap();
+        let sw = f32t("s_w", &[1], &[lin.w_scale]);
+        let h0 = normal(&mut rng, o, 1.0);
+        let att = Attention::new(&g.device, nh, nkv, hs);
+        let n_part = att.part_len(1, t_kv);
+
+        let (k1, h1) = (f32t("k", &[rows, nkv * hs], &k), f32t("h", &[1, o], &h0));
+        let (part1, out1) = (zeros("part", &[n_part]), zeros("att", &[1, i]));
+        let op = TernaryDecode::new(&g.device, i, o, 1e-5, Activation::Relu2);
+        run(|r| {
+            att.encode_split(r, &q, &k1, &v, t_kv, &part1, &out1, (&cos, &sin))?;
+            op.encode(r, &out1, &nw, (&w, &sw), &h1, 0, true)
+        });
+
+        let (k2, h2) = (f32t("k", &[rows, nkv * hs], &k), f32t("h", &[1, o], &h0));
+        let part2 = zeros("part", &[n_part]);
+        let fused = TernaryDecode::new_att(&g.device, (nh, nkv, hs), o, 1e-5).expect("HS % 4 == 0");
+        run(|r| {
+            att.encode_parts(r, &q, &k2, &v, t_kv, &part2, (&cos, &sin))?;
+            fused.encode_att(r, &part2, &nw, (&w, &sw), &h2, &k2, (&cos, &sin), past)
+        });
+        assert_same_bits(&format!("{what} h"), &read(&h2), &read(&h1));
+        assert_same_bits(&format!("{what} k cache"), &read(&k2), &read(&k1));
+        assert_ne!(read(&h1), h0, "{what}: h changed");
+    }
+    // HS not a multiple of 4 keeps the combine dispatch.
+    assert!(TernaryDecode::new_att(&g.device, (4, 2, 6), 8, 1e-5).is_none());
+}

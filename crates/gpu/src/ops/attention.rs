@@ -116,36 +116,9 @@ impl Attention {
         (cos, sin): (&GpuTensor, &GpuTensor),
     ) -> Result<(), GpuError> {
         const OP: &str = "attention (split)";
-        let (t_q, dims) = self.check(OP, rec, q, k, v, t_kv, out)?;
-        for table in [cos, sin] {
-            at_least(OP, table, DType::F32, t_kv, self.hs / 2)?;
-        }
-        let need = self.part_len(t_q, t_kv);
-        if part.dtype != DType::F32 || part.numel() < need {
-            return Err(GpuError::Shape {
-                op: OP,
-                msg: format!(
-                    "part is {:?} {:?}; need at least {need} f32",
-                    part.dtype, part.shape
-                ),
-            });
-        }
+        let (t_q, dims) = self.check(OP, rec, q, k, v, t_kv, Some(out))?;
+        self.parts(rec, OP, (q, k, v), t_kv, part, (cos, sin), (t_q, &dims))?;
         let (c, s) = (&cos.buffer, &sin.buffer);
-        rec.dispatch_at(
-            &self.part,
-            &[0, 1, 2, 3, 5, 7, 8, 9],
-            &[
-                &dims,
-                &q.buffer,
-                &k.buffer,
-                &v.buffer,
-                &part.buffer,
-                c,
-                s,
-                &k.buffer,
-            ],
-            [t_kv.div_ceil(Self::CHUNK), self.nh, t_q],
-        )?;
         rec.dispatch_at(
             &self.combine,
             &[0, 4, 5, 6, 7, 8],
@@ -164,7 +137,7 @@ impl Attention {
         k: &GpuTensor,
         v: &GpuTensor,
         t_kv: usize,
-        out: &GpuTensor,
+        out: Option<&GpuTensor>,
     ) -> Result<(usize, wgpu::Buffer), GpuError> {
         let t_q = rows(op, q, DType::F32, self.nh * self.hs)?;
         if t_kv < t_q {
@@ -175,9 +148,74 @@ impl Attention {
         }
         let r = at_least(op, k, DType::F32, t_kv, self.nkv * self.hs)?;
         expect(op, v, DType::F32, &[r, self.nkv * self.hs])?;
-        expect(op, out, DType::F32, &[t_q, self.nh * self.hs])?;
+        if let Some(out) = out {
+            expect(op, out, DType::F32, &[t_q, self.nh * self.hs])?;
+        }
         let dims = rec.dims(op, &[t_q, t_kv - t_q])?;
         Ok((t_q, dims))
+    }
+
+    /// The first of [`Attention::encode_split`]'s two dispatches alone: each chunk's sums
+    /// into `part`, for a consumer that combines them itself
+    /// ([`super::TernaryDecode::encode_att`], which also rotates the new keys as the combine
+    /// would).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_parts(
+        &self,
+        rec: &mut Recorder,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        t_kv: usize,
+        part: &GpuTensor,
+        (cos, sin): (&GpuTensor, &GpuTensor),
+    ) -> Result<(), GpuError> {
+        const OP: &str = "attention (parts)";
+        let (t_q, dims) = self.check(OP, rec, q, k, v, t_kv, None)?;
+        self.parts(rec, OP, (q, k, v), t_kv, part, (cos, sin), (t_q, &dims))
+    }
+
+    /// Checks the tables and `part`, then records `main_part`.
+    #[allow(clippy::too_many_arguments)]
+    fn parts(
+        &self,
+        rec: &mut Recorder,
+        op: &'static str,
+        (q, k, v): (&GpuTensor, &GpuTensor, &GpuTensor),
+        t_kv: usize,
+        part: &GpuTensor,
+        (cos, sin): (&GpuTensor, &GpuTensor),
+        (t_q, dims): (usize, &wgpu::Buffer),
+    ) -> Result<(), GpuError> {
+        for table in [cos, sin] {
+            at_least(op, table, DType::F32, t_kv, self.hs / 2)?;
+        }
+        let need = self.part_len(t_q, t_kv);
+        if part.dtype != DType::F32 || part.numel() < need {
+            return Err(GpuError::Shape {
+                op,
+                msg: format!(
+                    "part is {:?} {:?}; need at least {need} f32",
+                    part.dtype, part.shape
+                ),
+            });
+        }
+        let (c, s) = (&cos.buffer, &sin.buffer);
+        rec.dispatch_at(
+            &self.part,
+            &[0, 1, 2, 3, 5, 7, 8, 9],
+            &[
+                dims,
+                &q.buffer,
+                &k.buffer,
+                &v.buffer,
+                &part.buffer,
+                c,
+                s,
+                &k.buffer,
+            ],
+            [t_kv.div_ceil(Self::CHUNK), self.nh, t_q],
+        )
     }
 
     /// T_Q queries over the first `t_kv` rows of k and v.
@@ -190,7 +228,7 @@ impl Attention {
         t_kv: usize,
         out: &GpuTensor,
     ) -> Result<(), GpuError> {
-        let (t_q, dims) = self.check("attention", rec, q, k, v, t_kv, out)?;
+        let (t_q, dims) = self.check("attention", rec, q, k, v, t_kv, Some(out))?;
         rec.dispatch_at(
             &self.kernel,
             &[0, 1, 2, 3, 4, 9],

@@ -34,6 +34,8 @@ pub struct TernaryDecode {
     i: usize,
     o: usize,
     o_kv: usize, // encode_qkv's k and v widths
+    /// encode_att's attention shape: (NH, NKV, HS), NH * HS = i.
+    att: Option<(usize, usize, usize)>,
 
     eps: f32,
     act: Activation,
@@ -41,6 +43,7 @@ pub struct TernaryDecode {
     adding: OnceLock<Kernel>,
     qkv: OnceLock<Kernel>,
     glu: OnceLock<Kernel>,
+    att_kernel: OnceLock<Kernel>,
 }
 
 impl TernaryDecode {
@@ -52,13 +55,35 @@ impl TernaryDecode {
             i,
             o,
             o_kv: o,
+            att: None,
             eps,
             act,
             plain: OnceLock::new(),
             adding: OnceLock::new(),
             qkv: OnceLock::new(),
             glu: OnceLock::new(),
+            att_kernel: OnceLock::new(),
         }
+    }
+
+    /// The launcher of [`TernaryDecode::encode_att`]: the o projection (NH * HS -> `o`) of
+    /// the decode attention of `nh` query heads over `nkv` key/value heads of size `hs`.
+    /// None where the fold does not apply (HS not a multiple of 4: a group of four would
+    /// straddle two heads).
+    pub fn new_att(
+        device: &wgpu::Device,
+        (nh, nkv, hs): (usize, usize, usize),
+        o: usize,
+        eps: f32,
+    ) -> Option<Self> {
+        // head_m and head_l beside what `fits` counts.
+        let limit = device.limits().max_compute_workgroup_storage_size as usize;
+        let fits = Self::fits(device, nh * hs)
+            && FIXED_WORKGROUP_BYTES + 4 * (nh * hs).div_ceil(4) + 8 * nh <= limit;
+        (hs.is_multiple_of(4) && fits).then(|| TernaryDecode {
+            att: Some((nh, nkv, hs)),
+            ..TernaryDecode::new(device, nh * hs, o, eps, Activation::Relu2)
+        })
     }
 
     /// The launcher of [`TernaryDecode::encode_qkv`]: q `o` wide, k and v `o_kv` wide.
@@ -91,12 +116,17 @@ impl TernaryDecode {
                 Activation::Relu2 => 0.0,
                 Activation::Silu => 1.0,
             };
+            let (nh, nkv, hs) = self.att.unwrap_or((1, 1, 4));
             Kernel::entry(
                 &self.device,
                 name,
                 SOURCE,
                 entry,
                 &[
+                    ("ATT", f64::from(u8::from(self.att.is_some()))),
+                    ("NH", super::c(nh)),
+                    ("NKV", super::c(nkv)),
+                    ("HS", super::c(hs)),
                     ("I", super::c(self.i)),
                     ("O", super::c(self.o)),
                     ("OKV", super::c(self.o_kv)),
@@ -174,6 +204,67 @@ impl TernaryDecode {
         )
     }
 
+    /// h (1, O) += BitLinear(RMSNorm(att); W, s_w), where att is the decode attention's
+    /// output that [`super::Attention::encode_split`]'s combine dispatch would write from the
+    /// chunk records `part` of [`super::Attention::encode_parts`]: that dispatch folded into
+    /// this one, the same bits. Also leaves the new key (row `past` of the k cache) rotated,
+    /// as the combine does; `(cos, sin)` are the RoPE tables ((P, HS/2), P > past).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_att(
+        &self,
+        rec: &mut Recorder,
+        part: &GpuTensor,
+        nw: &GpuTensor,
+        (w, sw): (&GpuTensor, &GpuTensor),
+        h: &GpuTensor,
+        k: &GpuTensor,
+        (cos, sin): (&GpuTensor, &GpuTensor),
+        past: usize,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "ternary_decode_att";
+        let Some((nh, nkv, hs)) = self.att else {
+            return Err(GpuError::Shape {
+                op: OP,
+                msg: "a launcher made by TernaryDecode::new_att is needed".into(),
+            });
+        };
+        expect(OP, nw, DType::F32, &[self.i])?;
+        expect(OP, w, DType::Ternary, &[self.o, self.i])?;
+        expect(OP, sw, DType::F32, &[1])?;
+        expect(OP, h, DType::F32, &[1, self.o])?;
+        at_least(OP, k, DType::F32, past + 1, nkv * hs)?;
+        at_least(OP, cos, DType::F32, past + 1, hs / 2)?;
+        at_least(OP, sin, DType::F32, past + 1, hs / 2)?;
+        let need = nh * (past + 1).div_ceil(64) * (hs + 2);
+        if part.dtype != DType::F32 || part.numel() < need {
+            return Err(GpuError::Shape {
+                op: OP,
+                msg: format!(
+                    "part is {:?} {:?}; need at least {need} f32",
+                    part.dtype, part.shape
+                ),
+            });
+        }
+        let dims = rec.dims(OP, &[past])?;
+        let kernel = self.kernel(&self.att_kernel, "ternary_decode o+att", "main_att", true);
+        rec.dispatch_at(
+            kernel,
+            &[0, 1, 2, 3, 4, 5, 8, 11, 12],
+            &[
+                &dims,
+                &part.buffer,
+                &nw.buffer,
+                &w.buffer,
+                &sw.buffer,
+                &h.buffer,
+                &k.buffer,
+                &cos.buffer,
+                &sin.buffer,
+            ],
+            self.groups(),
+        )
+    }
+
     /// A token's q, k and v in one dispatch: row 0 of q = BitLinear(RMSNorm(x); W_q), and row
     /// `row` of the caches k and v = BitLinear(RMSNorm(x); W_k), (...; W_v). Each projection
     /// comes as its W (O, I) with s_w as a number: the scales travel in the dispatch's
@@ -229,11 +320,14 @@ impl TernaryDecode {
         const OP: &str = "ternary_decode_glu";
         self.check(OP, x, nw, &[gate, up])?;
         expect(OP, out, DType::F32, &[1, self.o])?;
+        // The uniform is unused here, but the shader's row loads name it (main_att's).
+        let dims = rec.dims(OP, &[0])?;
         let kernel = self.kernel(&self.glu, "ternary_decode glu", "main_glu", false);
         rec.dispatch_at(
             kernel,
-            &[1, 2, 3, 4, 5, 6, 7],
+            &[0, 1, 2, 3, 4, 5, 6, 7],
             &[
+                &dims,
                 &x.buffer,
                 &nw.buffer,
                 &gate.0.buffer,
