@@ -101,6 +101,50 @@ pub struct AdapterSummary {
     pub features: Vec<String>,
 }
 
+/// The wgpu instance devices are asked of. Natively one per process: wgpu-core numbers each
+/// instance's devices from the start, and `wgpu::Device`'s equality and hash compare those
+/// numbers only, so the devices of two instances were equal keys of [`record::kernel_cache`]
+/// and the second device was handed the first one's pipelines (a wgpu-core panic on its first
+/// dispatch; tests/limits.rs runs two devices side by side). In the browser every device has an
+/// identity of its own, and the instance holds nothing across calls.
+fn instance() -> wgpu::Instance {
+    let make =
+        || wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        static INSTANCE: std::sync::OnceLock<wgpu::Instance> = std::sync::OnceLock::new();
+        INSTANCE.get_or_init(make).clone()
+    }
+    #[cfg(target_arch = "wasm32")]
+    make()
+}
+
+/// Which limits [`Gpu::with_limits`] asks the adapter for.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum DeviceLimits {
+    /// The adapter's own (what [`Gpu::new`] asks for): lavapipe 128 MiB storage bindings,
+    /// SwiftShader in Chromium 1 GiB, a desktop GPU 2-4 GiB.
+    #[default]
+    Adapter,
+    /// WebGPU's default limits ([`wgpu::Limits::defaults`]), those a phone's browser grants
+    /// (Chrome on Android: maxStorageBufferBindingSize 128 MiB, maxBufferSize 256 MiB), each
+    /// lowered further where the adapter has less.
+    Phone,
+    /// These limits, each lowered where the adapter has less.
+    Custom(Box<wgpu::Limits>),
+}
+
+impl DeviceLimits {
+    /// The limits to request from an adapter that has `adapter`.
+    pub fn resolve(&self, adapter: &wgpu::Limits) -> wgpu::Limits {
+        match self {
+            DeviceLimits::Adapter => adapter.clone(),
+            DeviceLimits::Phone => wgpu::Limits::defaults().or_worse_values_from(adapter),
+            DeviceLimits::Custom(l) => (**l).clone().or_worse_values_from(adapter),
+        }
+    }
+}
+
 /// A device and its queue, with what the adapter is.
 pub struct Gpu {
     pub device: wgpu::Device,
@@ -166,9 +210,23 @@ impl Gpu {
 
     /// As [`Gpu::new`], asking for those of `wanted` the adapter has.
     async fn with_features(wanted: wgpu::Features) -> Result<Gpu, GpuError> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = instance
+        Self::request(wanted, DeviceLimits::Adapter).await
+    }
+
+    /// As [`Gpu::new`], with the device's limits chosen by `limits`: [`DeviceLimits::Phone`]
+    /// asks for WebGPU's default limits (what a phone's browser grants: 128 MiB storage
+    /// bindings, 256 MiB buffers, 16 KiB of workgroup memory, 256 invocations per workgroup,
+    /// 8 storage buffers per stage), so that everything the backend allocates and binds is
+    /// held to them. The device enforces the limits it was created with, not the adapter's:
+    /// a buffer or a binding past them is a validation error ([`GpuError::Device`], or
+    /// [`Gpu::check_errors`] when it happens outside a pass), never a silent success.
+    /// tests/limits.rs and tests/browser/limits.test.mjs train and decode through it.
+    pub async fn with_limits(limits: DeviceLimits) -> Result<Gpu, GpuError> {
+        Self::request(wgpu::Features::empty(), limits).await
+    }
+
+    async fn request(wanted: wgpu::Features, limits: DeviceLimits) -> Result<Gpu, GpuError> {
+        let adapter = instance()
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
                 ..Default::default()
@@ -182,7 +240,7 @@ impl Gpu {
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("bitlora"),
                 required_features: wanted & adapter.features(),
-                required_limits: adapter.limits(),
+                required_limits: limits.resolve(&adapter.limits()),
                 ..Default::default()
             })
             .await
