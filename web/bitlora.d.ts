@@ -79,6 +79,16 @@ export interface GpuAdapterInfo {
  */
 export type BackendChoice = 'auto' | 'webgpu' | 'cpu';
 
+/**
+ * The WebGPU device's limits. "adapter" (the default): the adapter's own (SwiftShader 1 GiB
+ * storage bindings, a desktop GPU 2-4 GiB). "phone": WebGPU's default limits, what a phone's
+ * browser grants (Chrome on Android: maxStorageBufferBindingSize 128 MiB, maxBufferSize 256 MiB,
+ * 16 KiB of workgroup memory), to try a model against a phone's limits on a desktop: the device
+ * enforces them, and tensors larger than a binding (the embedding and the head of a large
+ * vocabulary) are split to fit. `backend.adapter` shows the limits the device has.
+ */
+export type DeviceLimitsChoice = 'adapter' | 'phone';
+
 export interface CreateOptions {
   /** See BackendChoice (default "auto"). */
   backend?: BackendChoice;
@@ -93,6 +103,8 @@ export interface CreateOptions {
    * 1 picks the single-thread build. Results are the same bit for bit whatever the number.
    */
   threads?: number;
+  /** See DeviceLimitsChoice (default "adapter"). */
+  limits?: DeviceLimitsChoice;
 }
 
 // ---- models --------------------------------------------------------------------------------

@@ -86,10 +86,13 @@ export class Bitlora {
   static #token = Symbol('Bitlora');
 
   /** @param {api.CreateOptions} [options] */
-  static async create({ backend: choice, preferGpu = true, workerUrl = DEFAULT_WORKER, threads } = {}) {
+  static async create({ backend: choice, preferGpu = true, workerUrl = DEFAULT_WORKER, threads, limits = 'adapter' } = {}) {
     choice ??= preferGpu ? 'auto' : 'cpu';
     if (!['auto', 'webgpu', 'cpu'].includes(choice)) {
       throw new TypeError(`Bitlora.create: backend is ${JSON.stringify(choice)}; use "auto", "webgpu" or "cpu"`);
+    }
+    if (!['adapter', 'phone'].includes(limits)) {
+      throw new TypeError(`Bitlora.create: limits is ${JSON.stringify(limits)}; use "adapter" or "phone"`);
     }
     if (threads !== undefined && !(Number.isInteger(threads) && threads >= 1 && threads <= 64)) {
       throw new TypeError(`Bitlora.create: threads is ${JSON.stringify(threads)}; use a whole number from 1 to 64`);
@@ -97,7 +100,7 @@ export class Bitlora {
     const worker = new Worker(workerUrl, { type: 'module' });
     const bl = new Bitlora(worker, Bitlora.#token);
     try {
-      const backend = await bl.request('init', { backend: choice, threads });
+      const backend = await bl.request('init', { backend: choice, threads, limits });
       bl.backend = { training: 'cpu', trainingReason: null, wasmMemoryLimit: 2 ** 32, threadsNote: null, ...backend };
     } catch (err) {
       worker.terminate();

@@ -18,7 +18,8 @@
 // one too; by default a software adapter loses to the CPU); ?tokens=1,2,3 sets the default tokens;
 // ?model=tiny loads the tiny random test model instead of the default one (parity tests);
 // ?free=BYTES (tests) makes the store act as if only that much browser storage were free;
-// ?threads=N sets the CPU backend's threads (1: the single-thread wasm; default one per core).
+// ?threads=N sets the CPU backend's threads (1: the single-thread wasm; default one per core);
+// ?limits=phone asks for a WebGPU device with a phone's limits (bitlora.d.ts DeviceLimitsChoice).
 //
 // The bundled model is kept in IndexedDB after the first visit (web/store.js); window.__bitlora
 // .model.source says where it came from: { from: 'store'|'network', stored, notes }.
@@ -37,6 +38,9 @@ const backendChoice = /** @type {import('./bitlora.js').BackendChoice} */ (
 const bundledModel = params.get('model') ?? 'default';
 // ?threads=N: the CPU backend's threads (1: the single-thread build); by default one per core.
 const threads = params.get('threads') ? Number(params.get('threads')) : undefined;
+// ?limits=phone: a WebGPU device with a phone's limits (128 MiB bindings, 256 MiB buffers).
+const limits = /** @type {import('./bitlora.js').DeviceLimitsChoice} */ (
+  params.get('limits') === 'phone' ? 'phone' : 'adapter');
 // ?free=BYTES (tests): the store acts as if only that much browser storage were free.
 const fakeFree = params.get('free') ? Number(params.get('free')) : undefined;
 
@@ -59,7 +63,7 @@ let client = null;
 let clientReady = null;
 
 function startClient() {
-  clientReady ??= Bitlora.create({ backend: backendChoice, threads }).then((c) => (client = c), (err) => {
+  clientReady ??= Bitlora.create({ backend: backendChoice, threads, limits }).then((c) => (client = c), (err) => {
     clientReady = null;
     throw err;
   });

@@ -86,7 +86,7 @@ export type TrainControlResult = { state: TrainerState; step: number } | Checkpo
 /** Every request: its arguments, its reply's result, and the messages it sends meanwhile. */
 export interface Requests {
   /** Instantiates the wasm and picks the backend. */
-  init: { args: { backend: import('./bitlora.js').BackendChoice; threads?: number }; result: InitResult; event: never };
+  init: { args: { backend: import('./bitlora.js').BackendChoice; threads?: number; limits?: import('./bitlora.js').DeviceLimitsChoice }; result: InitResult; event: never };
   /** A model of web/models/ (`model`: 'default' | 'tiny'), from the store or fetched and stored. */
   loadBundled: { args: { model?: string; persisted?: boolean; fakeFree?: number }; result: ModelInfo; event: LoadProgressMessage };
   /** Picked files, loaded (not stored). */

@@ -93,6 +93,9 @@ let wasm = null;
 let threadsNote = null;
 /** @type {Session | null} */
 let session = null;
+/** The WebGPU device limits `init` asked for (a device replaced after a loss gets the same). */
+/** @type {import('./bitlora.js').DeviceLimitsChoice} */
+let deviceLimits = 'adapter';
 // The loaded model's { key, name } (ModelInfo.key: the store id), which runs and adapters record.
 /** @type {{ key: string, name: string } | null} */
 let currentModel = null;
@@ -194,7 +197,8 @@ const HANDLERS = {
         'the CPU path on the same machine (BENCHMARKS.md: ~4 vs ~200 tokens/s), so the CPU runs it; ' +
         '?backend=webgpu (or Bitlora.create({ backend: "webgpu" })) uses the adapter anyway'
       : undefined;
-    const s = (session = await Session.create(choice !== 'cpu', cpuReason));
+    deviceLimits = args.limits ?? 'adapter';
+    const s = (session = await Session.create(choice !== 'cpu', cpuReason, deviceLimits));
     const backend = s.backend();
     if (backend.kind === 'webgpu') await nameAdapter(backend);
     return { ...backend, threadsNote };
@@ -865,7 +869,7 @@ training.setup({
  */
 async function replaceGpu() {
   const s = needSession();
-  const backend = s.replaceGpu(await needWasm().Session.requestGpu());
+  const backend = s.replaceGpu(await needWasm().Session.requestGpu(deviceLimits));
   if (backend.kind === 'webgpu') await nameAdapter(backend);
   console.warn(`bitlora: the WebGPU device was lost; now on ${backend.label}`);
   return backend;

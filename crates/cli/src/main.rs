@@ -8,7 +8,7 @@
 //! bitlora bench ternary [--shape 125m] --backend gpu                 ternary kernels at T = 128
 //! bitlora train --data FILE --out DIR [--backend cpu|gpu] [options] fine-tunes a LoRA adapter
 //! bitlora serve [--port N] [--root DIR] [--hub URL]...              serves the page
-//! bitlora random-model --out DIR [--shape tiny] [--seed N]          writes a random BitNet model
+//! bitlora random-model --out DIR [--shape tiny | --config FILE] [--seed N]   a random BitNet model
 //! bitlora export --adapter DIR --format gguf [--target llama|qvac] --out FILE   GGUF LoRA adapter
 //! bitlora merge --adapter DIR --out DIR [--out-format safetensors|gguf] [--gguf-arch bitnet|bitnet-b1.58] [--gguf-type tq2_0|tq1_0|i2_s]  merged model
 //! ```
@@ -200,6 +200,10 @@ enum Command {
         /// Model shape.
         #[arg(long, value_enum, default_value_t = Shape::Tiny)]
         shape: Shape,
+        /// A config.json to draw random weights for, instead of --shape (e.g. a vocabulary
+        /// larger than a phone's WebGPU binding limit: tests/browser/limits.test.mjs).
+        #[arg(long, conflicts_with = "shape")]
+        config: Option<PathBuf>,
         /// RNG seed: the same seed always gives the same bytes.
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -533,12 +537,28 @@ fn run(command: Command) -> Result<(), CliError> {
             );
             Ok(())
         }
-        Command::RandomModel { out, shape, seed } => {
-            let config = match shape.name() {
-                "tiny" => Some(model::tiny_config()),
-                name => model::bench_config(name),
-            }
-            .expect("every Shape has a config");
+        Command::RandomModel {
+            out,
+            shape,
+            config,
+            seed,
+        } => {
+            let config = match config {
+                Some(path) => {
+                    let bytes = std::fs::read(&path).map_err(|source| {
+                        CliError::Model(bitlora_core::Error::Io {
+                            path: path.display().to_string(),
+                            source,
+                        })
+                    })?;
+                    bitlora_core::Config::from_json(&path.display().to_string(), &bytes)?
+                }
+                None => match shape.name() {
+                    "tiny" => Some(model::tiny_config()),
+                    name => model::bench_config(name),
+                }
+                .expect("every Shape has a config"),
+            };
             let (_, tensors) = Model::random(config.clone(), seed);
             model::save_model_files(&out, &config, &tensors)?;
             eprintln!(

@@ -352,22 +352,31 @@ impl Session {
         None
     }
 
-    /// Asks the browser for a new WebGPU device (after a loss), for `replaceGpu`.
+    /// Asks the browser for a new WebGPU device (after a loss), for `replaceGpu`, with the
+    /// `limits` the session was created with (`Session.create`).
     #[wasm_bindgen(js_name = requestGpu)]
-    pub async fn request_gpu() -> NewGpu {
+    pub async fn request_gpu(limits: Option<String>) -> NewGpu {
         #[cfg(feature = "gpu")]
         {
-            match bitlora_gpu::Gpu::new().await {
+            let gpu = match crate::device_limits(limits.as_deref()) {
+                Ok(l) => bitlora_gpu::Gpu::with_limits(l)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(why) => Err(why),
+            };
+            match gpu {
                 Ok(gpu) => NewGpu {
                     gpu: Some(gpu),
                     why_not: None,
                 },
                 Err(e) => NewGpu {
                     gpu: None,
-                    why_not: Some(e.to_string()),
+                    why_not: Some(e),
                 },
             }
         }
+        #[cfg(not(feature = "gpu"))]
+        let _ = limits;
         #[cfg(not(feature = "gpu"))]
         NewGpu {
             why_not: Some("this build has no WebGPU backend".into()),

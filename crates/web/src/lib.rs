@@ -239,14 +239,22 @@ impl Session {
     /// Picks the backend: WebGPU when `prefer_gpu` and the browser grants an adapter, else the
     /// CPU. `cpu_reason`: the caller chose the CPU and says why (the worker does when the
     /// browser's adapter is a software renderer, slower than the CPU path); it wins over
-    /// `prefer_gpu`. Never fails: every reason WebGPU is not used is reported in
-    /// `backend().fallbackReason`.
-    pub async fn create(prefer_gpu: bool, cpu_reason: Option<String>) -> Session {
+    /// `prefer_gpu`. `limits`: the WebGPU device's limits, "adapter" (the default: the
+    /// adapter's own) or "phone" (WebGPU's defaults, what a phone grants: 128 MiB storage
+    /// bindings, 256 MiB buffers; `bitlora_gpu::DeviceLimits::Phone`), for trying a model
+    /// against a phone's limits on a desktop. Never fails: every reason WebGPU is not used is
+    /// reported in `backend().fallbackReason`.
+    pub async fn create(
+        prefer_gpu: bool,
+        cpu_reason: Option<String>,
+        limits: Option<String>,
+    ) -> Session {
         #[cfg(feature = "gpu")]
         {
-            let (backend, gpu) = match cpu_reason {
-                Some(reason) => (cpu_backend(reason), None),
-                None => pick_gpu(prefer_gpu).await,
+            let (backend, gpu) = match (cpu_reason, device_limits(limits.as_deref())) {
+                (Some(reason), _) => (cpu_backend(reason), None),
+                (None, Err(why)) => (cpu_backend(why), None),
+                (None, Ok(limits)) => pick_gpu(prefer_gpu, limits).await,
             };
             Session {
                 backend,
@@ -263,6 +271,7 @@ impl Session {
         }
         #[cfg(not(feature = "gpu"))]
         {
+            let _ = limits;
             let reason = cpu_reason.unwrap_or_else(|| {
                 if prefer_gpu {
                     "this build of bitlora-web has no WebGPU backend (built without the `gpu` feature)"
@@ -560,9 +569,24 @@ fn wasm_memory_bytes() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The device limits named by `Session.create`'s and `Session.requestGpu`'s `limits`.
+#[cfg(feature = "gpu")]
+pub(crate) fn device_limits(name: Option<&str>) -> Result<bitlora_gpu::DeviceLimits, String> {
+    match name {
+        None | Some("adapter") => Ok(bitlora_gpu::DeviceLimits::Adapter),
+        Some("phone") => Ok(bitlora_gpu::DeviceLimits::Phone),
+        Some(other) => Err(format!(
+            "unknown WebGPU device limits {other:?}: use \"adapter\" or \"phone\""
+        )),
+    }
+}
+
 /// Asks the browser for WebGPU and says why not when it cannot have it.
 #[cfg(feature = "gpu")]
-async fn pick_gpu(prefer_gpu: bool) -> (BackendInfo, Option<bitlora_gpu::Gpu>) {
+async fn pick_gpu(
+    prefer_gpu: bool,
+    limits: bitlora_gpu::DeviceLimits,
+) -> (BackendInfo, Option<bitlora_gpu::Gpu>) {
     if !prefer_gpu {
         return (
             cpu_backend("WebGPU not requested (?backend=cpu)".into()),
@@ -579,7 +603,7 @@ async fn pick_gpu(prefer_gpu: bool) -> (BackendInfo, Option<bitlora_gpu::Gpu>) {
             None,
         );
     }
-    match bitlora_gpu::Gpu::new().await {
+    match bitlora_gpu::Gpu::with_limits(limits).await {
         Ok(gpu) => {
             let name = if gpu.info.name.is_empty() {
                 format!("unnamed {} adapter", gpu.info.backend)
