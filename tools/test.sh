@@ -72,7 +72,7 @@ echo "== Browser tests (headless Chromium) =="
 # Longest first (measured on the 2-core machine, SwiftShader), so that the two lanes end together;
 # every other *.test.mjs follows, then BROWSER_ALONE one at a time. A new test file is picked up
 # by the glob: nothing is left out.
-BROWSER_FIRST=(train-parity faults ui api journey models-hub stream-load generate-text default-model bad-input)
+BROWSER_FIRST=(limits train-parity faults ui api journey models-hub stream-load generate-text default-model bad-input)
 # Checks that another busy process could disturb: rayon's pool running a loop's blocks on every
 # thread, and main-thread tasks and token timing while generating.
 BROWSER_ALONE=(threads generate)
