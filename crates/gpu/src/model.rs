@@ -1193,8 +1193,11 @@ impl GpuModel {
                 // RoPE inside: q and the new key go in unrotated.
                 let n = &layer.attn_sub_norm.w;
                 let o = layer.o_proj.pair();
-                if let Some(o_att) = &d.o_att {
-                    // The chunks' sums, combined by the o product itself.
+                // Up to 512 keys (8 chunks), the chunks' sums are combined by the o product
+                // itself: every one of its workgroups combines the whole row, work that grows
+                // with the chunks, where the combine dispatch does it once (the same bits
+                // either way, so the switch mid-generation changes nothing).
+                if let Some(o_att) = d.o_att.as_ref().filter(|_| t_kv <= 512) {
                     let att = &self.attention;
                     att.encode_parts(r, &ws.q, kc, vc, t_kv, &cache.part, (cos, sin))?;
                     o_att.encode_att(r, &cache.part, n, o, &ws.h, kc, (cos, sin), past)?;
