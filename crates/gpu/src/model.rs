@@ -1170,6 +1170,13 @@ impl GpuModel {
             self.residual_add.encode(r, &ws.h, &ws.proj)
         };
 
+        // One query's attention split over the keys (RoPE inside: q and the new key go in
+        // unrotated), into ws.att.
+        let part = &cache.part;
+        let split_attention = |r: &mut Recorder, kc: &GpuTensor, vc: &GpuTensor| {
+            let att = &self.attention;
+            att.encode_split(r, &ws.q, kc, vc, t_kv, part, &ws.att, (cos, sin))
+        };
         self.embedding
             .encode_split(r, &ws.tokens, &self.embed_tokens, &ws.h)?;
         for (l, (layer, (kc, vc))) in self
@@ -1202,16 +1209,7 @@ impl GpuModel {
                     att.encode_parts(r, &ws.q, kc, vc, t_kv, &cache.part, (cos, sin))?;
                     o_att.encode_att(r, &cache.part, n, o, &ws.h, kc, (cos, sin), past)?;
                 } else {
-                    self.attention.encode_split(
-                        r,
-                        &ws.q,
-                        kc,
-                        vc,
-                        t_kv,
-                        &cache.part,
-                        &ws.att,
-                        (cos, sin),
-                    )?;
+                    split_attention(r, kc, vc)?;
                     d.o.encode(r, &ws.att, n, o, &ws.h, 0, true)?;
                 }
                 let n = &layer.post_attention_layernorm.w;
@@ -1234,16 +1232,7 @@ impl GpuModel {
             if t == 1 {
                 // One query: NH workgroups alone would leave most of the GPU idle. RoPE
                 // inside: q and the new key go in unrotated.
-                self.attention.encode_split(
-                    r,
-                    &ws.q,
-                    kc,
-                    vc,
-                    t_kv,
-                    &cache.part,
-                    &ws.att,
-                    (cos, sin),
-                )?;
+                split_attention(r, kc, vc)?;
             } else {
                 self.rope_qk
                     .encode_rows(r, &ws.q, 0..t, kc, past..t_kv, past, cos, sin)?;
