@@ -753,7 +753,7 @@ function planChat(bl, request) {
   });
   if (!model.tokenizer) throw chatError('', `the loaded model (${model.name ?? model.key}) has no tokenizer.json, so it takes token ids only: use generate({ tokens: [...] })`);
   if (!model.chatTemplate) {
-    throw chatError('', `the loaded model (${model.name ?? model.key}) has no chat template: load it with a tokenizer_config.json that has a "chat_template" (loadModel({ files })), or use generate() with a plain text prompt`);
+    throw chatError('', `the loaded model (${model.name ?? model.key}) has no chat template: load it with a tokenizer_config.json that has a "chat_template", or from a .gguf with tokenizer.chat_template (loadModel({ files })), or use generate() with a plain text prompt`);
   }
   if (req.stream != null && typeof req.stream !== 'boolean') throw chatError('stream', `must be true or false, got ${describeValue(req.stream)}`);
   const so = req.stream_options;

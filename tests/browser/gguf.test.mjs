@@ -6,7 +6,9 @@
 // and loads from there after a reload; on WebGPU (SwiftShader) too. A malformed .gguf (bad magic,
 // truncated) shows core's error on the page and the loaded model stays. An adapter exported as
 // GGUF from the page (JS API exportAdapter, both targets) is byte for byte what
-// `bitlora export --format gguf` writes for the same PEFT files.
+// `bitlora export --format gguf` writes for the same PEFT files. A .gguf picked alone (no
+// tokenizer files) takes its tokenizer from tokenizer.ggml.* and its chat template from
+// tokenizer.chat_template, and chats as `bitlora generate --chat` does on the same file.
 // One Chromium launch (with WebGPU; the CPU pages ask for ?backend=cpu).
 
 import { test, before, after } from 'node:test';
@@ -17,7 +19,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import {
   startServer, launchBrowser, openPage, pageResult, waitSettled, nativeLogits, assertLogitsClose,
-  BIN, REPO, TOLERANCE, DEFAULT_TOKENS,
+  generateOnPage, nativeGenerateText, BIN, REPO, TOLERANCE, DEFAULT_TOKENS,
 } from './helpers.mjs';
 
 const T256 = path.join(REPO, 'tests/fixtures/gguf/t256');
@@ -203,6 +205,47 @@ test('GGUF adapter export: the page writes what `bitlora export --format gguf` w
     assert.equal(out.badTarget?.field, 'target', JSON.stringify(out.badTarget));
   } catch (err) {
     throw new Error(`${err.message}\n${log.join('\n')}`);
+  } finally {
+    await context.close();
+  }
+});
+
+test('GGUF chat template: a .gguf picked alone chats with its tokenizer.chat_template, as `bitlora generate --chat` does', { timeout: 180_000 }, async () => {
+  // A model merged to GGUF by the CLI from a folder with tokenizer.json and a
+  // tokenizer_config.json with a chat template: model.gguf carries both (tokenizer.ggml.*,
+  // tokenizer.chat_template). BOS/EOS 256 (<|endoftext|>), which the GGUF names by id.
+  const base = path.join(TMP, 'chat-base');
+  mkdirSync(base, { recursive: true });
+  const formats = path.join(REPO, 'tests/fixtures/formats/master-f32-untied');
+  const config = JSON.parse(readFileSync(path.join(formats, 'config.json'), 'utf8'));
+  Object.assign(config, { bos_token_id: 256, eos_token_id: 256 });
+  writeFileSync(path.join(base, 'config.json'), JSON.stringify(config));
+  writeFileSync(path.join(base, 'model.safetensors'), readFileSync(path.join(formats, 'model.safetensors')));
+  writeFileSync(path.join(base, 'tokenizer.json'), readFileSync(path.join(REPO, 'tests/fixtures/byte-tokenizer/tokenizer.json')));
+  const template = '{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}';
+  writeFileSync(path.join(base, 'tokenizer_config.json'), JSON.stringify({ bos_token: '<|endoftext|>', eos_token: '<|endoftext|>', chat_template: template }));
+  const merged = path.join(TMP, 'chat-merged');
+  execFileSync(BIN, ['merge', '--model', base, '--adapter', path.join(REPO, 'tests/fixtures/peft-roundtrip/adapter'),
+    '--out', merged, '--out-format', 'gguf', '--gguf-arch', 'bitnet-b1.58'], { cwd: REPO, stdio: 'pipe' });
+  const alone = path.join(TMP, 'chat-alone');
+  mkdirSync(alone, { recursive: true });
+  const gguf = path.join(alone, 'chat.gguf');
+  writeFileSync(gguf, readFileSync(path.join(merged, 'model.gguf')));
+
+  const { context, page, log } = await openPage(browser, `${server.url}?model=tiny&backend=cpu`);
+  try {
+    const r = await pick(page, log, [gguf]);
+    assert.equal(r.state, 'done', `${r.error}\n${log.join('\n')}`);
+    assert.equal(r.model.chatTemplate, true, JSON.stringify(r.model));
+    assert.equal(r.model.tokenizerConfig, null);
+    assert.match(r.model.tokenizer, /tokenizer\.ggml/);
+    const run = await generateOnPage(page, { prompt: 'Hi there', chat: true, options: { 'max-tokens': 6 }, log });
+    assert.equal(run.gen.state, 'done', `${run.error}\n${log.join('\n')}`);
+    const g = run.gen.result;
+    assert.equal(g.promptText, '<|endoftext|><|user|>Hi there<|endoftext|><|assistant|>');
+    const cli = nativeGenerateText(gguf, 'Hi there', 6, ['--chat']);
+    console.log(`GGUF chat: prompt ${JSON.stringify(g.promptText)} (${g.promptTokens.length} tokens); page ${JSON.stringify(g.text)}, CLI ${JSON.stringify(cli)}`);
+    assert.equal(g.text, cli);
   } finally {
     await context.close();
   }

@@ -14,7 +14,8 @@
 //! ```
 //! `--model` takes a model directory or a `.gguf` file (llama.cpp / QVAC TQ1_0, TQ2_0;
 //! bitnet.cpp I2_S); a .gguf's tokenizer.json and tokenizer_config.json are read beside it, and without a
-//! tokenizer.json the tokenizer is rebuilt from the file's tokenizer.ggml.* keys (byte-level BPE).
+//! tokenizer.json the tokenizer is rebuilt from the file's tokenizer.ggml.* keys (byte-level BPE),
+//! without a tokenizer_config.json the chat template is the file's tokenizer.chat_template.
 //! Errors go to stderr as one `error: ...` line and exit with status 1; bad flags exit with 2.
 
 mod bench;
@@ -75,7 +76,8 @@ enum Command {
         #[arg(long, value_parser = parse_tokens)]
         tokens: Option<TokenList>,
         /// Wrap the prompt as a user message in the model's chat template
-        /// (tokenizer_config.json) and stop at the end of the assistant's turn.
+        /// (tokenizer_config.json; for a .gguf without one, its tokenizer.chat_template) and
+        /// stop at the end of the assistant's turn.
         #[arg(long, requires = "prompt")]
         chat: bool,
         /// Where to run the model: the CPU reference or the GPU (wgpu: Vulkan, Metal, ...).
@@ -349,7 +351,7 @@ enum CliError {
         "{0}: merge needs the model's master (float) weights (config.json + *.safetensors); a .gguf holds ternary ones. Merge into the safetensors checkpoint (with --out-format gguf for a GGUF result), or run the adapter unmerged (--adapter)"
     )]
     GgufMerge(String),
-    #[error("{0}: no chat_template in tokenizer_config.json (a base model?); drop --chat")]
+    #[error("{0}: no chat template there (a base model?); drop --chat")]
     NoChatTemplate(String),
     #[error("{0} runs on the GPU only: add --backend gpu")]
     GpuOnly(&'static str),
@@ -732,7 +734,17 @@ fn merged_gguf(
     };
     let label = tok_path.display().to_string();
     let tok = tok_bytes.as_deref().map(|b| (label.as_str(), b));
-    let write = |t| write_model_as(&merged, arch, t, tok);
+    // The chat template goes along as tokenizer.chat_template (convert_hf_to_gguf.py's key).
+    let tc_path = dir.join("tokenizer_config.json");
+    let chat_template = if tc_path.exists() {
+        bitlora_core::ChatTemplate::source_in_tokenizer_config(
+            &tc_path.display().to_string(),
+            &read_file(&tc_path)?,
+        )?
+    } else {
+        None
+    };
+    let write = |t| write_model_as(&merged, arch, t, tok, chat_template.as_deref());
     let bytes = match ty {
         Some(GgufTypeArg::Tq2_0) => write(GgmlType::TQ2_0)?,
         Some(GgufTypeArg::Tq1_0) => write(GgmlType::TQ1_0)?,
@@ -816,11 +828,23 @@ fn generate(
         (Some(text), Some(tok)) => {
             let text = if chat {
                 let cfg_path = dir.join("tokenizer_config.json");
-                let template = ChatTemplate::from_tokenizer_config(
-                    &cfg_path.display().to_string(),
-                    &read_file(&cfg_path)?,
-                )?
-                .ok_or_else(|| CliError::NoChatTemplate(cfg_path.display().to_string()))?;
+                // tokenizer_config.json beside the model wins; without one, a .gguf's own
+                // tokenizer.chat_template.
+                let (template, source) = if !cfg_path.exists() && gguf {
+                    (
+                        bitlora_core::gguf::read_chat_template(model_path)?,
+                        format!("{} (tokenizer.chat_template)", model_path.display()),
+                    )
+                } else {
+                    (
+                        ChatTemplate::from_tokenizer_config(
+                            &cfg_path.display().to_string(),
+                            &read_file(&cfg_path)?,
+                        )?,
+                        format!("{} (chat_template)", cfg_path.display()),
+                    )
+                };
+                let template = template.ok_or(CliError::NoChatTemplate(source))?;
                 // The end-of-turn token ends the reply (LLaMA-3: <|eot_id|>).
                 stop_tokens.extend(
                     ["<|eot_id|>", "<|im_end|>", "<end_of_turn>"]

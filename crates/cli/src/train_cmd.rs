@@ -23,7 +23,7 @@ use bitlora_gpu::{Gpu, GpuBackend, GpuError, GpuModel, GpuTrainer};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, tokenizer.json (tokenizer_config.json for chat data); or a .gguf file (tokenizer.json beside it, else the file's own tokenizer.ggml.*).
+    /// Model directory (default: the bundled default model, run from the repository root): config.json, *.safetensors, tokenizer.json (tokenizer_config.json for chat data); or a .gguf file (tokenizer.json beside it, else the file's own tokenizer.ggml.*; tokenizer_config.json beside it, else its tokenizer.chat_template).
     #[arg(long, default_value = crate::DEFAULT_MODEL)]
     model: PathBuf,
     /// Training data: plain text, or JSONL with {"text"}, {"prompt","completion"} or {"messages"}.
@@ -317,6 +317,10 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
     };
     let chat = match &tc_bytes {
         Some(b) => ChatTemplate::from_tokenizer_config(&tc_path.display().to_string(), b)?,
+        // No tokenizer_config.json beside the .gguf: the file's own tokenizer.chat_template.
+        None if bitlora_core::model::is_gguf(&a.model) => {
+            bitlora_core::gguf::read_chat_template(&a.model)?
+        }
         None => None,
     };
     // The end-of-text token: the tokenizer's own (tokenizer_config.json's eos_token) when it

@@ -333,8 +333,10 @@ fn merge_on_a_full_disk_leaves_the_previous_model_whole() {
 /// reads back through bitlora's reader as the merged safetensors model, the ternary values
 /// exactly, each scale within GGUF_F16_SCALE (TQ's f16 block scale), and with the GGUF's scales
 /// given to the safetensors model the logits under EXACT; its tokenizer.ggml.* (`gpt2`) encodes
-/// as tokenizer.json. Also with `--gguf-type tq1_0`; `i2_s` (unknown to llama.cpp) is refused
-/// before --out is written.
+/// as tokenizer.json and it carries tokenizer_config.json's chat template as
+/// `tokenizer.chat_template`, with which `generate --chat` on the .gguf alone prompts as with
+/// the JSON files beside it. Also with `--gguf-type tq1_0`; `i2_s` (unknown to llama.cpp) is
+/// refused before --out is written.
 #[test]
 fn merge_to_gguf_for_llama_cpp_reads_back_as_the_merged_model() {
     use bitlora_core::Model;
@@ -371,13 +373,18 @@ fn merge_to_gguf_for_llama_cpp_reads_back_as_the_merged_model() {
             "quantization_mode": "online"}
     });
     std::fs::write(base.join("config.json"), config.to_string()).unwrap();
-    for fl in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(
-            repo().join("tests/fixtures/byte-tokenizer").join(fl),
-            base.join(fl),
-        )
-        .unwrap();
-    }
+    std::fs::copy(
+        repo().join("tests/fixtures/byte-tokenizer/tokenizer.json"),
+        base.join("tokenizer.json"),
+    )
+    .unwrap();
+    // The byte-level fixture's tokenizer_config.json with a chat template (and its BOS named,
+    // as config.json's bos_token_id, which the GGUF carries, names it).
+    let chat_template = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+    let mut tc = json(&repo().join("tests/fixtures/byte-tokenizer/tokenizer_config.json"));
+    tc["bos_token"] = serde_json::json!("<|endoftext|>");
+    tc["chat_template"] = serde_json::json!(chat_template);
+    std::fs::write(base.join("tokenizer_config.json"), tc.to_string()).unwrap();
     let mut tensors = vec![
         OwnedTensor::f32("model.embed_tokens.weight", &[v, h], &rand(v * h, 2.0, 0.0)),
         OwnedTensor::f32("model.norm.weight", &[h], &rand(h, 0.2, 1.0)),
@@ -499,7 +506,56 @@ fn merge_to_gguf_for_llama_cpp_reads_back_as_the_merged_model() {
         }
         let (lg, ls) = (gm.logits(&tokens).unwrap(), st.logits(&tokens).unwrap());
         EXACT.assert_close(&format!("{kind}: logits"), &lg, &ls);
+        assert_eq!(
+            g.get("tokenizer.chat_template").and_then(Value::as_str),
+            Some(chat_template),
+            "{kind}: tokenizer.chat_template"
+        );
     }
+    // `generate --chat` on the .gguf alone (its tokenizer.ggml.* and tokenizer.chat_template)
+    // renders the prompt and replies as with tokenizer.json and tokenizer_config.json beside
+    // it: the same prompt length (one token a byte) and the same greedy reply.
+    let beside = tmp.join("merged-tq2_0/model.gguf");
+    let alone = tmp.join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(&beside, alone.join("model.gguf")).unwrap();
+    let chat = |model: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_bitlora"))
+            .args(["generate", "--model"])
+            .arg(model)
+            .args(["--chat", "--prompt", "Hi there", "--max-tokens", "6"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{}: {stderr}", model.display());
+        let prompt = stderr
+            .split("prompt ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .unwrap_or_else(|| panic!("no prompt length in {stderr}"))
+            .to_string();
+        (prompt, String::from_utf8_lossy(&o.stdout).to_string())
+    };
+    let rendered = "<|endoftext|><|user|>Hi there<|endoftext|><|assistant|>";
+    let want_len = bitlora_core::Tokenizer::from_bytes(
+        "tokenizer.json",
+        &std::fs::read(base.join("tokenizer.json")).unwrap(),
+    )
+    .unwrap()
+    .encode(rendered, false)
+    .unwrap()
+    .len();
+    let (from_gguf, from_files) = (chat(&alone.join("model.gguf")), chat(&beside));
+    println!("generate --chat: .gguf alone {from_gguf:?}, with the JSON files {from_files:?}");
+    assert_eq!(
+        from_gguf.0,
+        want_len.to_string(),
+        "prompt tokens of {rendered:?}"
+    );
+    assert_eq!(
+        from_gguf, from_files,
+        "(prompt length, reply) from the .gguf alone"
+    );
     let out = tmp.join("merged-i2_s");
     let o = merge(&out, &["--gguf-type", "i2_s"]);
     let stderr = String::from_utf8_lossy(&o.stderr);

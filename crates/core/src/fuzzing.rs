@@ -192,7 +192,8 @@ pub fn safetensors(data: &[u8]) {
 }
 
 /// A GGUF file: [`crate::gguf::Gguf::parse`] (and `parse_header` on a prefix), every tensor
-/// decoded as floats and as ternary, the config, and the model loaded from it.
+/// decoded as floats and as ternary, the config, the chat template rendered, and the model
+/// loaded from it.
 pub fn gguf(data: &[u8]) {
     use crate::gguf::{self, Gguf};
     let len = data.len() as u64;
@@ -209,6 +210,13 @@ pub fn gguf(data: &[u8]) {
             }
         }
         let _ = g.config();
+        if let Ok(Some(t)) = g.chat_template() {
+            let hi = Message {
+                role: "user".into(),
+                content: "Hi".into(),
+            };
+            let _ = t.render(&[hi], true);
+        }
         let _ = gguf::load_model("model.gguf", data);
     }
     let cut = data.len().min(24 + data.len() / 2);

@@ -890,11 +890,50 @@ impl Gguf {
             json.as_bytes(),
         )
     }
+
+    /// The chat template `tokenizer.chat_template` (what llama.cpp's converter copies from
+    /// tokenizer_config.json's `chat_template`), `Ok(None)` when the file has none. Its
+    /// `bos_token` / `eos_token` are the vocabulary's texts of `tokenizer.ggml.bos_token_id`
+    /// and `eos_token_id`, as llama.cpp renders it; empty where the file names no such token.
+    /// The template is parsed now: one that does not is an [`Error::ChatTemplate`] naming the
+    /// key; one that is not a string, an [`Error::GgufMetadata`].
+    pub fn chat_template(&self) -> Result<Option<crate::tokenizer::ChatTemplate>> {
+        const KEY: &str = "tokenizer.chat_template";
+        let source = match self.get(KEY) {
+            None => return Ok(None),
+            Some(Value::Str(s)) => s.clone(),
+            Some(v) => {
+                return Err(self.meta_err(
+                    KEY,
+                    format!("is a value of GGUF type {}, not a string", v.type_id()),
+                ));
+            }
+        };
+        let text = |key: &str| -> String {
+            let id = self.get(key).and_then(Value::as_u64);
+            match (id, self.get("tokenizer.ggml.tokens")) {
+                (Some(id), Some(Value::Array(tokens))) => usize::try_from(id)
+                    .ok()
+                    .and_then(|i| tokens.get(i))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                _ => String::new(),
+            }
+        };
+        crate::tokenizer::ChatTemplate::new(
+            &format!("{} ({KEY})", self.file),
+            source,
+            text("tokenizer.ggml.bos_token_id"),
+            text("tokenizer.ggml.eos_token_id"),
+        )
+        .map(Some)
+    }
 }
 
-/// The tokenizer of a `.gguf` file ([`Gguf::tokenizer`]), reading only the file's header:
-/// its first MiB, doubled until the header fits.
-pub fn read_tokenizer(path: &std::path::Path) -> Result<crate::tokenizer::Tokenizer> {
+/// The header of a `.gguf` file (metadata and tensor infos, no tensor data), reading only the
+/// file's start: its first MiB, doubled until the header fits.
+pub fn read_header(path: &std::path::Path) -> Result<Gguf> {
     use std::io::Read;
     let name = path.display().to_string();
     let io = |source| Error::Io {
@@ -910,9 +949,23 @@ pub fn read_tokenizer(path: &std::path::Path) -> Result<crate::tokenizer::Tokeni
         (&mut f).take(take).read_to_end(&mut prefix).map_err(io)?;
         match Gguf::parse_header(&name, &prefix, len) {
             Err(Error::GgufTruncated { .. }) if (prefix.len() as u64) < len => want *= 2,
-            header => return header?.tokenizer(),
+            header => return header,
         }
     }
+}
+
+/// The tokenizer of a `.gguf` file ([`Gguf::tokenizer`]), reading only the file's header
+/// ([`read_header`]).
+pub fn read_tokenizer(path: &std::path::Path) -> Result<crate::tokenizer::Tokenizer> {
+    read_header(path)?.tokenizer()
+}
+
+/// The chat template of a `.gguf` file ([`Gguf::chat_template`]), reading only the file's
+/// header ([`read_header`]).
+pub fn read_chat_template(
+    path: &std::path::Path,
+) -> Result<Option<crate::tokenizer::ChatTemplate>> {
+    read_header(path)?.chat_template()
 }
 
 /// The GGUF name (llama.cpp's) of a tensor bitlora reads by its Hugging Face name.
@@ -1230,13 +1283,13 @@ impl GgufArch {
 /// A model as a GGUF file with llama.cpp's names and `bitnet-b1.58` metadata, no vocabulary
 /// (see [`write_model_as`]).
 pub fn write_model(model: &Model, ternary: GgmlType) -> Result<Vec<u8>> {
-    write_model_as(model, GgufArch::BitnetB158, ternary, None)
+    write_model_as(model, GgufArch::BitnetB158, ternary, None, None)
 }
 
 /// A model as a TQ2_0 GGUF that upstream llama.cpp loads, with no vocabulary (`bitlora bench
 /// gguf`, for decoding the bench's random model there); see [`write_model_as`].
 pub fn write_model_for_llama_cpp(model: &Model) -> Result<Vec<u8>> {
-    write_model_as(model, GgufArch::Bitnet, GgmlType::TQ2_0, None)
+    write_model_as(model, GgufArch::Bitnet, GgmlType::TQ2_0, None, None)
 }
 
 /// A model as a GGUF file for `arch`, with llama.cpp's names: projections as `ternary` (TQ2_0,
@@ -1246,7 +1299,11 @@ pub fn write_model_for_llama_cpp(model: &Model) -> Result<Vec<u8>> {
 ///
 /// `tokenizer` (a label and tokenizer.json's bytes) is written as `tokenizer.ggml.*`
 /// ([`tokenizer_kv`]); without one, `tokenizer.ggml.model = no_vocab`, with which llama.cpp
-/// makes `{arch}.vocab_size` dummy tokens instead of refusing the file. The model's
+/// makes `{arch}.vocab_size` dummy tokens instead of refusing the file. `chat_template` (the
+/// Jinja source of tokenizer_config.json's, see
+/// [`crate::tokenizer::ChatTemplate::source_in_tokenizer_config`]) is written as
+/// `tokenizer.chat_template`, as `convert_hf_to_gguf.py` writes it: unparsed, for the runtime
+/// that reads the file to judge. The model's
 /// `hidden_act` is kept in `bitlora.hidden_act`, so bitlora reads the file back as written;
 /// llama.cpp's `bitnet` graph gates the FFN with SiLU whatever it says (relu² models compute
 /// another function there). For [`GgufArch::Bitnet`], what that graph cannot load is refused
@@ -1256,6 +1313,7 @@ pub fn write_model_as(
     arch: GgufArch,
     ternary: GgmlType,
     tokenizer: Option<(&str, &[u8])>,
+    chat_template: Option<&str>,
 ) -> Result<Vec<u8>> {
     let refuse = |key: &str, problem: String| Error::GgufMetadata {
         file: "(gguf export)".into(),
@@ -1292,6 +1350,9 @@ pub fn write_model_as(
         None => {
             w.kv("tokenizer.ggml.model", Value::Str("no_vocab".into()));
         }
+    }
+    if let Some(source) = chat_template {
+        w.kv("tokenizer.chat_template", Value::Str(source.to_string()));
     }
     Ok(w.to_bytes())
 }

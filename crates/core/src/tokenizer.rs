@@ -1,5 +1,6 @@
 //! Text <-> token ids through Hugging Face's `tokenizers` library (the one transformers uses),
-//! from a model's `tokenizer.json`, plus its chat template from `tokenizer_config.json`.
+//! from a model's `tokenizer.json`, plus its chat template from `tokenizer_config.json` (or a
+//! .gguf's `tokenizer.chat_template`, [`crate::gguf::Gguf::chat_template`]).
 //!
 //! Special tokens (BOS) are added by the tokenizer's own post-processor, as in transformers'
 //! `tokenizer(text)`; `encode(text, false)` gives the bare ids. Streaming output goes through
@@ -360,6 +361,35 @@ impl<'a> TextStream<'a> {
     }
 }
 
+fn parse_tokenizer_config(file: &str, json: &[u8]) -> Result<serde_json::Value> {
+    serde_json::from_slice(json).map_err(|e| Error::Json {
+        file: file.to_string(),
+        msg: e.to_string(),
+    })
+}
+
+/// `chat_template` of a parsed tokenizer_config.json: a string, or a list of named templates
+/// of which transformers takes "default".
+fn template_source(file: &str, v: &serde_json::Value) -> Result<Option<String>> {
+    match v.get("chat_template") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str())
+            .map(|s| Some(s.to_string()))
+            .ok_or_else(|| Error::Json {
+                file: file.to_string(),
+                msg: "chat_template list has no \"default\" entry".into(),
+            }),
+        Some(_) => Err(Error::Json {
+            file: file.to_string(),
+            msg: "chat_template is not a string".into(),
+        }),
+    }
+}
+
 /// Instructions one rendering of a chat template may run (minijinja's fuel).
 pub const CHAT_TEMPLATE_FUEL: u64 = 1_000_000;
 
@@ -370,7 +400,8 @@ pub struct Message {
     pub content: String,
 }
 
-/// A model's chat template (Jinja, from `tokenizer_config.json`), rendered as transformers does:
+/// A model's chat template (Jinja, from `tokenizer_config.json` or a .gguf's
+/// `tokenizer.chat_template`), rendered as transformers does:
 /// `trim_blocks` and `lstrip_blocks` on, `bos_token` / `eos_token` and `add_generation_prompt`
 /// in scope, `raise_exception(msg)` available.
 pub struct ChatTemplate {
@@ -384,10 +415,7 @@ impl ChatTemplate {
     /// Reads the template from a `tokenizer_config.json`; `Ok(None)` when it has none (a base
     /// model: prompts are used as they are).
     pub fn from_tokenizer_config(file: &str, json: &[u8]) -> Result<Option<ChatTemplate>> {
-        let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| Error::Json {
-            file: file.to_string(),
-            msg: e.to_string(),
-        })?;
+        let v = parse_tokenizer_config(file, json)?;
         let token = |key: &str| -> String {
             match v.get(key) {
                 Some(serde_json::Value::String(s)) => s.clone(),
@@ -399,34 +427,48 @@ impl ChatTemplate {
                 _ => String::new(),
             }
         };
-        let source = match v.get("chat_template") {
-            None | Some(serde_json::Value::Null) => return Ok(None),
-            Some(serde_json::Value::String(s)) => s.clone(),
-            // A list of named templates: take "default", as transformers does.
-            Some(serde_json::Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .and_then(|t| t.get("template")?.as_str())
-                .map(str::to_string)
-                .ok_or_else(|| Error::Json {
-                    file: file.to_string(),
-                    msg: "chat_template list has no \"default\" entry".into(),
-                })?,
-            Some(_) => {
-                return Err(Error::Json {
-                    file: file.to_string(),
-                    msg: "chat_template is not a string".into(),
-                });
+        match template_source(file, &v)? {
+            None => Ok(None),
+            Some(source) => {
+                ChatTemplate::new(file, source, token("bos_token"), token("eos_token")).map(Some)
             }
-        };
+        }
+    }
+
+    /// The template source of a `tokenizer_config.json` (`chat_template`, or the "default" one
+    /// of a list), unparsed: what a GGUF export writes as `tokenizer.chat_template`, as
+    /// llama.cpp's `convert_hf_to_gguf.py` does.
+    pub fn source_in_tokenizer_config(file: &str, json: &[u8]) -> Result<Option<String>> {
+        template_source(file, &parse_tokenizer_config(file, json)?)
+    }
+
+    /// A template from its Jinja `source`, with the texts of the BOS and EOS tokens it may
+    /// use; `file` names it in errors. A template that does not parse is an
+    /// [`Error::ChatTemplate`] now, not at the first render.
+    pub fn new(
+        file: &str,
+        source: String,
+        bos_token: String,
+        eos_token: String,
+    ) -> Result<ChatTemplate> {
         let t = ChatTemplate {
             source,
-            bos_token: token("bos_token"),
-            eos_token: token("eos_token"),
+            bos_token,
+            eos_token,
             file: file.to_string(),
         };
         t.env(&template_limits::Meter::new(0))?; // fail now on a template that does not parse
-        Ok(Some(t))
+        Ok(t)
+    }
+
+    /// The Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The texts `bos_token` and `eos_token` have in the template.
+    pub fn special_tokens(&self) -> (&str, &str) {
+        (&self.bos_token, &self.eos_token)
     }
 
     fn env(

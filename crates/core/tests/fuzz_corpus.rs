@@ -174,6 +174,18 @@ fn seeds() -> HashMap<&'static str, Vec<(&'static str, Vec<u8>)>> {
                 "list",
                 Value::Array(vec![Value::Str("a".into()), Value::Str("b".into())]),
             )
+            .kv(
+                "tokenizer.ggml.tokens",
+                Value::Array(vec![Value::Str("<s>".into()), Value::Str("</s>".into())]),
+            )
+            .kv("tokenizer.ggml.bos_token_id", Value::U32(0))
+            .kv("tokenizer.ggml.eos_token_id", Value::U32(1))
+            .kv(
+                "tokenizer.chat_template",
+                Value::Str(
+                    "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}{% endfor %}".into(),
+                ),
+            )
             .tensor_f32("token_embd.weight", &[2, 4], &[0.5; 8]);
         s.insert(
             "gguf",

@@ -516,18 +516,19 @@ fn write_model_round_trips() {
 #[test]
 fn write_model_as_tq1_0_round_trips_and_bitnet_refuses_i2_s() {
     let mut st = Model::from_path(&fixture("gguf/t256")).unwrap();
-    let bytes = gguf::write_model_as(&st, GgufArch::BitnetB158, GgmlType::TQ1_0, None).unwrap();
+    let bytes =
+        gguf::write_model_as(&st, GgufArch::BitnetB158, GgmlType::TQ1_0, None, None).unwrap();
     let m = gguf::load_model("written.gguf", &bytes).unwrap();
     assert_same_model("written tq1_0", &m, &st);
     st.params.lm_head = None;
     st.config.tie_word_embeddings = true;
-    let bytes = gguf::write_model_as(&st, GgufArch::Bitnet, GgmlType::TQ1_0, None).unwrap();
+    let bytes = gguf::write_model_as(&st, GgufArch::Bitnet, GgmlType::TQ1_0, None, None).unwrap();
     let g = Gguf::parse("tq1_0.gguf", &bytes).unwrap();
     assert_eq!(g.architecture().unwrap(), "bitnet");
     assert!(g.tensors.iter().any(|t| t.ggml_type == GgmlType::TQ1_0));
     let m = gguf::load_model("tq1_0.gguf", &bytes).unwrap();
     assert_same_model("written tq1_0 for llama.cpp", &m, &st);
-    let e = gguf::write_model_as(&st, GgufArch::Bitnet, GgmlType::I2_S, None).unwrap_err();
+    let e = gguf::write_model_as(&st, GgufArch::Bitnet, GgmlType::I2_S, None, None).unwrap_err();
     assert!(e.to_string().contains("bitnet-b1.58"), "{e}");
 }
 
@@ -780,4 +781,193 @@ fn tokenizer_rebuilt_from_gguf_metadata_matches_llama3() {
         .tokenizer_json()
         .unwrap_err();
     assert!(e.to_string().contains("\"llama\""), "{e}");
+}
+
+/// A LLaMA-3-style chat template using everything a template gets: both special tokens, the
+/// roles, the generation prompt.
+const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content | trim }}{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+
+/// The formats fixture (vocab 509) with BOS 256 (`<|endoftext|>`) and EOS 257 (`<|pad|>`) of
+/// the byte-level tokenizer, and that tokenizer_config.json with [`CHAT_TEMPLATE`].
+fn chat_model() -> (Model, Vec<u8>, Vec<u8>) {
+    let mut m = Model::from_path(&fixture("formats/packed-autobitlinear")).unwrap();
+    m.config.bos_token_id = Some(256);
+    m.config.eos_token_ids = vec![257];
+    let tok = std::fs::read(fixture("byte-tokenizer/tokenizer.json")).unwrap();
+    let tc = serde_json::json!({
+        "bos_token": "<|endoftext|>",
+        "eos_token": {"content": "<|pad|>", "special": true},
+        "chat_template": CHAT_TEMPLATE,
+    });
+    (m, tok, tc.to_string().into_bytes())
+}
+
+/// The merged-model export writes tokenizer_config.json's chat template as
+/// `tokenizer.chat_template` (convert_hf_to_gguf.py's key), and a model read from that file
+/// alone, header only, renders the very prompt tokenizer_config.json renders: the template,
+/// and `bos_token` / `eos_token` from `tokenizer.ggml.{bos,eos}_token_id` through the
+/// vocabulary. Chat training data then tokenizes to the same sequences. Without a template
+/// the file has no key and the reader answers None.
+#[test]
+fn chat_template_round_trips_through_gguf() {
+    use bitlora_core::data::{self, DataOptions};
+    use bitlora_core::{ChatTemplate, Message};
+    let (m, tok, tc) = chat_model();
+    let source = ChatTemplate::source_in_tokenizer_config("tokenizer_config.json", &tc)
+        .unwrap()
+        .unwrap();
+    assert_eq!(source, CHAT_TEMPLATE);
+    let bytes = gguf::write_model_as(
+        &m,
+        GgufArch::BitnetB158,
+        GgmlType::I2_S,
+        Some(("tokenizer.json", &tok)),
+        Some(&source),
+    )
+    .unwrap();
+    let g = Gguf::parse("chat.gguf", &bytes).unwrap();
+    assert_eq!(
+        g.get("tokenizer.chat_template").and_then(Value::as_str),
+        Some(CHAT_TEMPLATE)
+    );
+    let path = std::env::temp_dir().join(format!("bitlora-chat-{}.gguf", std::process::id()));
+    std::fs::write(&path, &bytes).unwrap();
+    let from_file = gguf::read_chat_template(&path);
+    let tokenizer = gguf::read_tokenizer(&path);
+    std::fs::remove_file(&path).unwrap();
+    let got = from_file
+        .unwrap()
+        .expect("the file's tokenizer.chat_template");
+    let tokenizer = tokenizer.unwrap();
+    let want = ChatTemplate::from_tokenizer_config("tokenizer_config.json", &tc)
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.special_tokens(), ("<|endoftext|>", "<|pad|>"));
+    let messages = [
+        Message {
+            role: "system".into(),
+            content: "Be brief.".into(),
+        },
+        Message {
+            role: "user".into(),
+            content: " Hello? ".into(),
+        },
+    ];
+    for generation_prompt in [false, true] {
+        let (a, b) = (
+            got.render(&messages, generation_prompt).unwrap(),
+            want.render(&messages, generation_prompt).unwrap(),
+        );
+        println!("rendered ({generation_prompt}): {a:?}");
+        assert_eq!(a, b, "add_generation_prompt {generation_prompt}");
+    }
+    assert!(
+        got.render(&messages, true)
+            .unwrap()
+            .starts_with("<|endoftext|><|system|>\n")
+    );
+    let jsonl = r#"{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+"#;
+    let opts = DataOptions {
+        context: 64,
+        completions_only: true,
+        val_fraction: 0.0,
+        max_val_sequences: 0,
+        seed: 1,
+    };
+    let load = |t: &ChatTemplate| {
+        data::load(
+            "chat.jsonl",
+            jsonl.as_bytes(),
+            &tokenizer,
+            Some(t),
+            257,
+            &opts,
+        )
+        .unwrap()
+    };
+    let (a, b) = (load(&got), load(&want));
+    assert_eq!(a.train.len(), 2);
+    assert_eq!(a, b, "chat training data from the GGUF's template");
+
+    let bytes = gguf::write_model_as(
+        &m,
+        GgufArch::BitnetB158,
+        GgmlType::I2_S,
+        Some(("tokenizer.json", &tok)),
+        None,
+    )
+    .unwrap();
+    let g = Gguf::parse("plain.gguf", &bytes).unwrap();
+    assert!(g.get("tokenizer.chat_template").is_none());
+    assert!(g.chat_template().unwrap().is_none());
+}
+
+/// A `tokenizer.chat_template` that does not parse is the typed chat-template error naming
+/// the file and key; a non-string one a metadata error naming the key; a template that loops
+/// forever runs out of fuel at render; BOS/EOS ids outside the vocabulary (or no vocabulary)
+/// give empty token texts. No panic anywhere.
+#[test]
+fn malformed_chat_template_in_gguf() {
+    let file = |template: Value, extra: &[(&str, Value)]| {
+        let mut w = GgufWriter::new();
+        w.kv("tokenizer.chat_template", template);
+        for (k, v) in extra {
+            w.kv(k, v.clone());
+        }
+        Gguf::parse("bad.gguf", &w.to_bytes()).unwrap()
+    };
+    let g = file(
+        Value::Str("{% for m in messages %}{{ m.content }".into()),
+        &[],
+    );
+    match g.chat_template() {
+        Err(Error::ChatTemplate { file, msg }) => {
+            assert_eq!(file, "bad.gguf (tokenizer.chat_template)");
+            println!("unparsable: {msg}");
+        }
+        other => panic!("expected Error::ChatTemplate, got {:?}", other.map(|_| ())),
+    }
+    let g = file(Value::U32(7), &[]);
+    match g.chat_template() {
+        Err(e @ Error::GgufMetadata { .. }) => {
+            assert!(e.to_string().contains("tokenizer.chat_template"), "{e}")
+        }
+        other => panic!("expected Error::GgufMetadata, got {:?}", other.map(|_| ())),
+    }
+    let g = file(
+        Value::Str(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+                .into(),
+        ),
+        &[],
+    );
+    let t = g.chat_template().unwrap().unwrap();
+    match t.render(&[], true) {
+        Err(Error::ChatTemplate { msg, .. }) => println!("endless: {msg}"),
+        other => panic!("expected Error::ChatTemplate, got {other:?}"),
+    }
+    let g = file(
+        Value::Str("{{ bos_token }}|{{ eos_token }}".into()),
+        &[
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U64(u64::MAX)),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(vec![Value::Str("a".into()), Value::Str("<s>".into())]),
+            ),
+        ],
+    );
+    let t = g.chat_template().unwrap().unwrap();
+    assert_eq!(t.special_tokens(), ("<s>", ""));
+    assert_eq!(t.render(&[], false).unwrap(), "<s>|");
+    let g = file(
+        Value::Str("{{ bos_token }}".into()),
+        &[("tokenizer.ggml.bos_token_id", Value::U32(0))],
+    );
+    assert_eq!(
+        g.chat_template().unwrap().unwrap().special_tokens(),
+        ("", "")
+    );
 }

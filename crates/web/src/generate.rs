@@ -245,7 +245,7 @@ fn chat_prompt(loaded: &Loaded, messages: Vec<Message>) -> Result<Prompt, JsErro
     let tokenizer = tokenizer(loaded)?;
     let template = loaded.chat_template.as_ref().ok_or_else(|| {
         JsError::new(
-            "generate: chat is on but this model has no chat template (pick its tokenizer_config.json with a chat_template, or turn chat off)",
+            "generate: chat is on but this model has no chat template (pick its tokenizer_config.json with a chat_template, or a .gguf with tokenizer.chat_template; or turn chat off)",
         )
     })?;
     let rendered = template

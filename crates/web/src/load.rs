@@ -102,6 +102,7 @@ impl Session {
             tokenizer_json,
             tokenizer_config_name,
             tokenizer_config_json,
+            None,
         )
     }
 
@@ -236,19 +237,26 @@ impl Session {
                     (None, Some(_)) => Some(header.tokenizer_json()),
                     _ => None,
                 };
-                (builder.finish(), Some((arch, own)))
+                // Without a tokenizer_config.json, the file's own tokenizer.chat_template.
+                let own_template = match &tokenizer_config_json {
+                    None => header.chat_template(),
+                    Some(_) => Ok(None),
+                };
+                (builder.finish(), Some((arch, own, own_template)))
             }
         };
         let model = model.map_err(|e| JsError::new(&e.to_string()))?;
         let (mut tokenizer_name, mut tokenizer_json) = (tokenizer_name, tokenizer_json);
         let mut gguf_architecture = None;
-        if let Some((arch, own)) = gguf {
+        let mut gguf_chat_template = None;
+        if let Some((arch, own, own_template)) = gguf {
             gguf_architecture = Some(arch.map_err(|e| JsError::new(&e.to_string()))?);
             if let Some(json) = own {
                 let json = json.map_err(|e| JsError::new(&e.to_string()))?;
                 tokenizer_name = Some(format!("{} (tokenizer.ggml.*)", b.config_name));
                 tokenizer_json = Some(js_sys::Uint8Array::from(json.as_bytes()));
             }
+            gguf_chat_template = own_template.map_err(|e| JsError::new(&e.to_string()))?;
         }
         self.install(
             model,
@@ -261,6 +269,7 @@ impl Session {
             tokenizer_json,
             tokenizer_config_name,
             tokenizer_config_json,
+            gguf_chat_template,
         )
     }
 
@@ -300,6 +309,7 @@ impl Session {
         tokenizer_json: Option<js_sys::Uint8Array>,
         tokenizer_config_name: Option<String>,
         tokenizer_config_json: Option<js_sys::Uint8Array>,
+        gguf_chat_template: Option<bitlora_core::ChatTemplate>,
     ) -> Result<JsValue, JsError> {
         let memory_weights = wasm_memory_bytes();
         let has_tokenizer_config = tokenizer_config_json.is_some();
@@ -315,6 +325,9 @@ impl Session {
                 .unwrap_or("tokenizer_config.json"),
             tokenizer_config_json,
         )?;
+        // A .gguf's own template (finishLoad takes it only without a tokenizer_config.json),
+        // for a model that has a tokenizer to render it with.
+        let chat_template = chat_template.or(gguf_chat_template.filter(|_| tokenizer.is_some()));
 
         // `mut`: the gpu feature records where the model runs and why not on the GPU.
         #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
