@@ -971,3 +971,38 @@ fn malformed_chat_template_in_gguf() {
         ("", "")
     );
 }
+
+/// The GGUF adapter export is the one the `gguf` package checked: tools/fixtures/
+/// make_gguf_adapter.py wrote a PEFT adapter for t256 (seven projections, r = 2, rsLoRA),
+/// exported it with `bitlora export --format gguf` for llama.cpp and for QVAC, and had
+/// read_gguf_adapter.py (llama.cpp's GGUFReader) confirm the names, ggml shapes, F32, alpha
+/// (PEFT's scale times r) and values (QVAC: B times s_w, from the base's TQ tensors by gguf's
+/// own dequantize); its output is t256-adapter/gguf_reader.txt. The same export today must
+/// give those very bytes, so what Python checked still holds.
+#[test]
+fn gguf_adapter_exports_equal_the_checked_fixture() {
+    use bitlora_core::gguf::{AdapterTarget, write_adapter};
+    let model = Model::from_path(&fixture("gguf/t256/tq2_0.gguf")).unwrap();
+    let dir = fixture("gguf/t256-adapter");
+    let lora = bitlora_core::peft::load_dir(&dir, &model.config).unwrap();
+    let log = std::fs::read_to_string(dir.join("gguf_reader.txt")).unwrap();
+    assert_eq!(log.matches("ok: 28 tensors").count(), 2, "{log}");
+    for (target, file) in [
+        (AdapterTarget::Llama, "llama.gguf"),
+        (AdapterTarget::Qvac, "qvac.gguf"),
+    ] {
+        let want = std::fs::read(dir.join(file)).unwrap();
+        let got = write_adapter(&lora, &model, target, "bitnet");
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        println!(
+            "{file}: {} bytes, first difference {first:?}, lengths {} vs {}",
+            want.len(),
+            got.len(),
+            want.len()
+        );
+        assert!(
+            first.is_none() && got.len() == want.len(),
+            "{file}: the export differs from the fixture the gguf package checked (at byte {first:?}); rerun tools/fixtures/make_gguf_adapter.py"
+        );
+    }
+}
