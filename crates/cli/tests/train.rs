@@ -644,3 +644,55 @@ fn a_full_disk_while_training_leaves_the_previous_files_whole() {
     let o = bitlora(&again);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// `train --model file.gguf` on chat data with nothing beside the file: the tokenizer from its
+/// tokenizer.ggml.*, the chat template from its tokenizer.chat_template (the tiny model with
+/// the byte-level tokenizer, written by core's merged-model writer). Without that key, chat
+/// data is refused for want of a template.
+#[test]
+fn train_on_a_gguf_alone_takes_its_chat_template() {
+    use bitlora_core::gguf::{GgmlType, GgufArch, write_model_as};
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-gguf-chat");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut model = bitlora_core::Model::from_dir(&repo().join("web/models/tiny")).unwrap();
+    model.config.bos_token_id = Some(256);
+    model.config.eos_token_ids = vec![256];
+    let tok = std::fs::read(repo().join("tests/fixtures/byte-tokenizer/tokenizer.json")).unwrap();
+    let template = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}";
+    let data = dir.join("chat.jsonl");
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"2+2?\"}, {\"role\": \"assistant\", \"content\": \"4\"}]}\n\
+         {\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello.\"}]}\n",
+    )
+    .unwrap();
+    let mut outcome = Vec::new();
+    for (name, chat) in [("with", Some(template)), ("without", None)] {
+        let gguf = dir.join(format!("{name}.gguf"));
+        let bytes = write_model_as(
+            &model,
+            GgufArch::BitnetB158,
+            GgmlType::I2_S,
+            Some(("tokenizer.json", &tok)),
+            chat,
+        )
+        .unwrap();
+        std::fs::write(&gguf, bytes).unwrap();
+        let out = dir.join(format!("out-{name}"));
+        let o = bitlora(&train_args(
+            &gguf,
+            &data,
+            &out,
+            &["--steps", "1", "--context", "64"],
+        ));
+        outcome.push((o.status.success(), stderr(&o)));
+    }
+    let (ok, err) = &outcome[0];
+    assert!(ok, "{err}");
+    assert!(err.contains("(jsonl-chat)"), "{err}");
+    assert!(dir.join("out-with/adapter_model.safetensors").exists());
+    let (ok, err) = &outcome[1];
+    assert!(!ok && err.contains("chat template"), "{err}");
+    println!("with tokenizer.chat_template: ok; without: {}", err.trim());
+}

@@ -209,7 +209,7 @@ fn tokenize(
         }
         Example::Chat(messages) => {
             let Some(chat) = chat else {
-                return Err(Error::Data { file: file.to_string(), msg: "chat examples need a chat template (tokenizer_config.json with chat_template)".into() });
+                return Err(Error::Data { file: file.to_string(), msg: "chat examples need a chat template (tokenizer_config.json with chat_template, or a .gguf with tokenizer.chat_template)".into() });
             };
             let text = chat.render(messages, false)?;
             // Byte spans of the assistant turns: from the end of the prompt that asks for turn
