@@ -349,6 +349,14 @@ export interface TrainConfig extends DataOptions {
   checkpointEvery?: number;
   /** A name for the run (lists); default: data file name and date. */
   name?: string;
+  /**
+   * WebGPU runs: recompute each layer's activations in the backward instead of keeping every
+   * layer's: less GPU memory (the 1b shape at context 128: ~240 MB less) for about one more
+   * forward pass of work a step; the same results bit for bit. Default (null): on where memory
+   * is short, i.e. on a device with a phone's limits (`limits: 'phone'`, buffers of at most
+   * 256 MiB). `estimateMemory` counts with it. The CPU ignores it.
+   */
+  recompute?: boolean | null;
 }
 
 /** `createTrainer`'s argument: the config plus the data. */
@@ -389,6 +397,11 @@ export interface ProgressEvent {
    * optimizer state): what `estimateMemory` predicts. Absent on the CPU.
    */
   gpuBytes?: number;
+  /**
+   * Whether the step recomputed activations in the backward (the `recompute` option, by
+   * default on where memory is short). Absent on the CPU.
+   */
+  recompute?: boolean;
   /** Epoch milliseconds when the step ended. */
   at: number;
 }

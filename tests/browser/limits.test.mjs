@@ -9,6 +9,8 @@
 // client of its own in one page:
 // - the forward pass's logits are equal bit for bit (the split along V changes no sum of a logit);
 // - greedy tokens, plain and with the adapter, are equal, and equal `bitlora generate` on the CPU;
+// - the phone device recomputes activations in the backward (`recompute`'s default where memory
+//   is short), the unrestricted one keeps them;
 // - the first step's loss and gradient norm are equal bit for bit; the second step's within
 //   TRAIN_STEP_SAME_KERNELS (crates/core/src/tolerance.rs, read from there): the head's backward
 //   sums dX = dlogits . W chunk by chunk, so two chunks of the split add their sums where the whole
@@ -75,12 +77,14 @@ async function runClient(page, limits) {
       const model = await bl.loadModel({ files: input.files });
       lap('load');
       const estimate = await bl.estimateMemory(TRAIN);
+      const kept = await bl.estimateMemory({ ...TRAIN, recompute: false });
+      const recomputed = await bl.estimateMemory({ ...TRAIN, recompute: true });
       const fwd = await bl.forward(PROMPT);
       const plain = await bl.generate({ tokens: PROMPT }, { maxTokens: NEW_TOKENS }).result;
       lap('forward + decode');
       const trainer = await bl.createTrainer({ ...TRAIN, data: { text: TEXT, fileName: 'limits.txt' }, name: `limits-${limits}` });
       const steps = [];
-      trainer.on('progress', (p) => steps.push({ step: p.step, loss: p.loss, gradNorm: p.gradNorm, backend: p.backend }));
+      trainer.on('progress', (p) => steps.push({ step: p.step, loss: p.loss, gradNorm: p.gradNorm, backend: p.backend, recompute: p.recompute }));
       await trainer.start();
       await trainer.finished;
       await trainer.saveAdapter(`limits-${limits}`);
@@ -93,7 +97,7 @@ async function runClient(page, limits) {
       /** @type {any} */ (window).__limits[limits] = fwd.logits;
       const safetensors = exported.find((f) => f.name === 'adapter_model.safetensors');
       return {
-        backend: bl.backend, model: { name: model.name }, estimate,
+        backend: bl.backend, model: { name: model.name }, estimate, kept, recomputed,
         rows: fwd.rows, vocab: fwd.vocab, fwdBackend: fwd.backend,
         plain: plain.tokens, plainBackend: plain.backend, tuned: tuned.tokens,
         trainerBackend: trainer.backend, trainerNote: trainer.backendNote, steps,
@@ -156,6 +160,15 @@ test('WebGPU with a phone\'s limits: a model over them trains and decodes as on 
       assert.deepEqual(r.steps.map((s) => s.backend), ['webgpu', 'webgpu'], `${name}: steps ran on ${JSON.stringify(r.steps)}`);
       assert.equal(r.rows, PROMPT.length);
       assert.equal(r.vocab, V);
+    }
+    // recompute (activations recomputed in the backward): by default on where memory is short, the
+    // phone device, and off on the unrestricted one; the steps below are equal either way. (With
+    // this one-layer model recomputing keeps as many bytes as keeping: only h is per layer.)
+    for (const [name, r, on] of [['phone', phone, true], ['unrestricted', free, false]]) {
+      assert.deepEqual(r.steps.map((s) => s.recompute), [on, on], `${name}: steps recomputed ${JSON.stringify(r.steps)}`);
+      assert.ok(r.recomputed.activations <= r.kept.activations,
+        `${name}: recomputing estimates ${r.recomputed.activations} B of activations, keeping ${r.kept.activations} B`);
+      assert.deepEqual(r.estimate, on ? r.recomputed : r.kept, `${name}: the default estimate`);
     }
     assert.equal(phone.backend.adapter.max_storage_buffer_binding_size, 128 * MIB, 'the phone device\'s binding limit');
     assert.equal(phone.backend.adapter.max_buffer_size, 256 * MIB, 'the phone device\'s buffer limit');

@@ -20,7 +20,9 @@ use bitlora_core::model::{self, Model};
 use bitlora_core::rng::Rng;
 use bitlora_core::trainer::{Backend, CpuBackend, TrainOptions, Trainer};
 use bitlora_core::{KvCache, SamplingOptions, generate};
-use bitlora_gpu::{Gpu, GpuBackend, GpuError, GpuKvCache, GpuModel, GpuTrainer, Placement};
+use bitlora_gpu::{
+    Gpu, GpuBackend, GpuError, GpuKvCache, GpuModel, GpuTrainer, Placement, Recompute,
+};
 
 #[derive(serde::Serialize)]
 pub struct DecodeReport {
@@ -253,6 +255,10 @@ pub struct TrainReport {
     /// in bytes (GPU backend only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_bytes: Option<u64>,
+    /// Whether the backward recomputed each layer's activations instead of keeping them (GPU
+    /// backend only; `BITLORA_BENCH_RECOMPUTE=on|off|auto`, default auto).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recompute: Option<bool>,
     /// `--profile` (GPU backend): where a step's time goes, averaged over the timed steps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<TrainProfile>,
@@ -539,6 +545,7 @@ pub fn train_cpu(
         peak_rss_mib: peak_rss_mib(),
         adapter: None,
         gpu_bytes: None,
+        recompute: None,
         profile: None,
     })
 }
@@ -575,7 +582,17 @@ pub fn train_gpu(
         gpu.info.name, gpu.info.backend
     );
     let config = model.config.clone();
-    let mut gt = GpuTrainer::new(GpuModel::new(&gpu, &model)?, &lora.config, seq_len)?;
+    let mut gm = GpuModel::new(&gpu, &model)?;
+    if let Some(v) = std::env::var_os("BITLORA_BENCH_RECOMPUTE") {
+        let v = v.to_string_lossy();
+        let r = Recompute::parse(&v).ok_or_else(|| GpuError::Shape {
+            op: "bench train",
+            msg: format!("BITLORA_BENCH_RECOMPUTE={v}: expected on, off or auto"),
+        })?;
+        gm.set_recompute(r);
+    }
+    let recompute = gm.recomputes();
+    let mut gt = GpuTrainer::new(gm, &lora.config, seq_len)?;
     drop(model); // the GPU holds its own copy; keep peak RSS about the GPU run
     let mut prof = profile.then(|| TrainProfile {
         gpu_timestamps: gt.set_profiling(true),
@@ -627,6 +644,7 @@ pub fn train_gpu(
         peak_rss_mib: peak_rss_mib(),
         adapter: Some(format!("{} ({})", gpu.info.name, gpu.info.backend)),
         gpu_bytes: Some(gpu_bytes),
+        recompute: Some(recompute),
         profile: prof,
     }))
 }

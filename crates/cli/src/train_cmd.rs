@@ -108,6 +108,29 @@ pub struct TrainArgs {
     /// DX12 natively). The optimizer, data and checkpoints are the same either way.
     #[arg(long, value_enum, default_value_t = crate::Backend::Cpu)]
     backend: crate::Backend,
+    /// GPU training: recompute each layer's activations in the backward instead of keeping
+    /// every layer's (less GPU memory for about one more forward pass of work a step; the same
+    /// results). auto: on where memory is short (a device with a phone's limits).
+    #[arg(long, value_enum, default_value_t = RecomputeArg::Auto)]
+    recompute: RecomputeArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum RecomputeArg {
+    Auto,
+    On,
+    Off,
+}
+
+impl RecomputeArg {
+    /// As core's `TrainConfig::recompute`: None for auto.
+    fn forced(self) -> Option<bool> {
+        match self {
+            RecomputeArg::Auto => None,
+            RecomputeArg::On => Some(true),
+            RecomputeArg::Off => Some(false),
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -162,6 +185,7 @@ impl TrainArgs {
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
             name: None,
+            recompute: self.recompute.forced(),
         }
     }
 }
@@ -434,15 +458,22 @@ pub fn run(a: &TrainArgs) -> Result<(), TrainError> {
                 .map(|s| s.tokens.len())
                 .max()
                 .unwrap_or(1);
-            let gt = GpuTrainer::new(GpuModel::new(&g, &model)?, start.lora_config(), longest)?;
+            let mut gm = GpuModel::new(&g, &model)?;
+            gm.set_recompute(a.recompute.forced().into());
+            let gt = GpuTrainer::new(gm, start.lora_config(), longest)?;
             let trainer = start.into_trainer(GpuBackend::new(gt), &model, dataset)?;
             let b = trainer.backend();
             eprintln!(
-                "bitlora train: on the GPU {} ({}): {:.0} MiB of weights, {:.0} MiB for training, {:.1} MiB for the adapter and AdamW's state{}",
+                "bitlora train: on the GPU {} ({}): {:.0} MiB of weights, {:.0} MiB for training ({}), {:.1} MiB for the adapter and AdamW's state{}",
                 g.info.name,
                 g.info.backend,
                 b.trainer().model().weight_bytes() as f64 / (1 << 20) as f64,
                 b.trainer().bytes() as f64 / (1 << 20) as f64,
+                if b.trainer().plan().recompute {
+                    "activations recomputed in the backward"
+                } else {
+                    "every layer's activations kept"
+                },
                 (b.bytes() - b.trainer().bytes()) as f64 / (1 << 20) as f64,
                 if b.resident() {
                     ""

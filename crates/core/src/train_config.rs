@@ -107,6 +107,12 @@ pub struct TrainConfig {
     /// The driver's: a name for the run (the page's run list). Not used by core.
     #[serde(deserialize_with = "text", skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// GPU training: true recomputes each layer's activations in the backward instead of
+    /// keeping every layer's (less GPU memory for about one more forward pass of work a step),
+    /// false keeps them; None (null): recompute where memory is short, on a device with a
+    /// phone's limits. The CPU backend ignores it. The same bits either way.
+    #[serde(deserialize_with = "optional_flag")]
+    pub recompute: Option<bool>,
 }
 
 impl Default for TrainConfig {
@@ -133,6 +139,7 @@ impl Default for TrainConfig {
             seed: 0,
             checkpoint_every: 50,
             name: None,
+            recompute: None,
         }
     }
 }
@@ -176,7 +183,7 @@ impl ConfigError {
 
 impl TrainConfig {
     /// Every option name [`TrainConfig::parse`] accepts, as serde spells them.
-    pub const FIELDS: [&'static str; 21] = [
+    pub const FIELDS: [&'static str; 22] = [
         "rank",
         "alpha",
         "dropout",
@@ -198,6 +205,7 @@ impl TrainConfig {
         "seed",
         "checkpointEvery",
         "name",
+        "recompute",
     ];
 
     /// The defaults for `model`: [`Default`], with the context lowered to the model's when
@@ -522,6 +530,18 @@ fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     }
 }
 
+/// null: None (the default); else true or false.
+fn optional_flag<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(b)),
+        v => Err(D::Error::custom(format!(
+            "must be true, false or null, got {}",
+            describe(&v)
+        ))),
+    }
+}
+
 fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     match Value::deserialize(d)? {
         Value::Null => Ok(None),
@@ -633,7 +653,7 @@ mod tests {
             "rslora": true, "lr": 1e-3, "schedule": "linear", "warmup": 2, "weightDecay": 0,
             "maxGradNorm": 0.5, "epochs": 2.5, "batch": 3, "evalEvery": 0, "context": 256,
             "completionOnly": true, "valFraction": 0, "maxValSequences": 5, "seed": 7,
-            "checkpointEvery": 10, "name": "run",
+            "checkpointEvery": 10, "name": "run", "recompute": true,
         }))
         .unwrap();
         let expected = TrainConfig {
@@ -658,6 +678,7 @@ mod tests {
             seed: 7,
             checkpoint_every: 10,
             name: Some("run".into()),
+            recompute: Some(true),
         };
         assert_eq!(c, expected);
         // One module may be given as a string.
@@ -680,7 +701,7 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(all.len(), 21);
+        assert_eq!(all.len(), 22);
         serde_json::from_value::<TrainConfig>(Value::Object(all)).unwrap();
     }
 
@@ -851,6 +872,11 @@ mod tests {
                 json!({ "name": 5 }),
                 "name",
                 "must be a string, got the number 5",
+            ),
+            (
+                json!({ "recompute": "auto" }),
+                "recompute",
+                "must be true, false or null, got the string \"auto\"",
             ),
         ];
         for (options, field, problem) in cases {

@@ -42,7 +42,8 @@ pub use model::{DecodeHostTimes, GpuKvCache, GpuModel, PassProfile};
 pub use record::{DispatchTimes, PassClock, Profiler, Recorder};
 pub use tensor::{DType, GpuTensor, SplitTensor};
 pub use train::{
-    GpuBackend, GpuState, GpuTrainer, Placement, PlanOptions, Planned, Role, StepProfile, TrainPlan,
+    GpuBackend, GpuState, GpuTrainer, Placement, PlanOptions, Planned, Recompute, Role,
+    StepProfile, TrainPlan,
 };
 
 /// Errors of the GPU backend. Each names the tensor, op or adapter involved.

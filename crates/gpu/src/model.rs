@@ -185,6 +185,9 @@ pub struct GpuModel {
     /// `bench decode`: the host's time in the unprofiled greedy loop
     /// ([`GpuModel::set_host_timing`]); None while off.
     host_times: std::cell::Cell<Option<DecodeHostTimes>>,
+    /// Whether a trainer built on this model recomputes activations
+    /// ([`GpuModel::set_recompute`]).
+    recompute: crate::Recompute,
 }
 
 /// Where the host's time went in [`GpuModel::generate`]'s greedy loop, unprofiled (nothing
@@ -708,6 +711,7 @@ impl GpuModel {
             decode_cache: RefCell::new(None),
             profile: RefCell::new(None),
             host_times: std::cell::Cell::new(None),
+            recompute: crate::Recompute::Auto,
         };
         // Shader or pipeline errors surface here natively (on the web, at the first forward).
         model.errors.take()?;
@@ -787,7 +791,25 @@ impl GpuModel {
             max_binding: self.max_binding,
             split_head: self.device.adapter_info().device_type != wgpu::DeviceType::Cpu,
             accumulate,
+            recompute: self.recomputes(),
         }
+    }
+
+    /// Whether a [`crate::GpuTrainer`] built on this model next recomputes activations in the
+    /// backward instead of keeping every layer's ([`crate::Recompute`]; default `Auto`: on a
+    /// device with a phone's limits). Takes effect when a trainer is built.
+    pub fn set_recompute(&mut self, recompute: crate::Recompute) {
+        self.recompute = recompute;
+    }
+
+    /// Whether a trainer built on this model now would recompute activations.
+    pub fn recomputes(&self) -> bool {
+        self.would_recompute(self.recompute)
+    }
+
+    /// Whether `recompute` means recomputing on this model's device.
+    pub fn would_recompute(&self, recompute: crate::Recompute) -> bool {
+        recompute.resolve(self.device.limits().max_buffer_size)
     }
 
     /// Bytes of GPU memory the weights take (packed ternary projections, f32 norms,

@@ -292,6 +292,8 @@ struct Run {
     tuned_tokens: Vec<u32>,
     chunks: usize,
     weight_bytes: u64,
+    /// Whether the trainer recomputed activations (Recompute::Auto on this device).
+    recompute: bool,
     secs: f64,
 }
 
@@ -324,6 +326,7 @@ fn run_on(g: &Gpu, what: &str) -> Run {
     let trainer = checked(g, what, || {
         GpuTrainer::new(gm, &lora.config, longest).unwrap()
     });
+    let recompute = trainer.plan().recompute;
     let mut run = Trainer::new(
         GpuBackend::new(trainer),
         &model.config,
@@ -365,6 +368,7 @@ fn run_on(g: &Gpu, what: &str) -> Run {
         tuned_tokens,
         chunks,
         weight_bytes,
+        recompute,
         secs: start.elapsed().as_secs_f64(),
     }
 }
@@ -395,6 +399,14 @@ fn a_model_over_the_limits_trains_and_decodes_on_the_phone_device_as_unrestricte
         p.chunks
     );
     assert!(p.weight_bytes > limit, "{} weight bytes", p.weight_bytes);
+    // Recompute::Auto: the phone device recomputes activations in the backward, the
+    // unrestricted one keeps them; the comparisons below hold that to the same bits too.
+    assert!(
+        p.recompute && !u.recompute,
+        "recompute: phone {}, unrestricted {}",
+        p.recompute,
+        u.recompute
+    );
 
     // The phone device against the unrestricted one: bit for bit.
     assert!(

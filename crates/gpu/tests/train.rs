@@ -31,7 +31,7 @@ use bitlora_core::trainer::{
     TrainOptions, Trainer,
 };
 use bitlora_core::{Activation, Config, Model, Tokenizer, data, peft, train};
-use bitlora_gpu::{GpuBackend, GpuError, GpuModel, GpuTrainer, Placement};
+use bitlora_gpu::{GpuBackend, GpuError, GpuModel, GpuTrainer, Placement, Recompute, Role};
 use common::{block, gpu};
 
 fn root() -> PathBuf {
@@ -324,6 +324,74 @@ fn gpu_gradients_match_cpu_tied_silu_split_head_subset_of_targets() {
         &lora,
         &calls,
         Some(3),
+    );
+}
+
+/// Activation recomputation (`Recompute::On`: the forward keeps each layer's input and one
+/// layer's worth of the rest, the backward runs each layer's forward again) gives the same
+/// bits as keeping every layer's activations: losses, RNG draws, every dA and dB, over calls
+/// of several lengths with dropout on every projection, and a validation loss; and it
+/// allocates less.
+#[test]
+fn recomputed_activations_give_the_same_bits_in_fewer_bytes() {
+    let cfg = Config {
+        num_hidden_layers: 3,
+        ..tiny_config()
+    };
+    let lc = LoraConfig::new(4, 8.0, 0.1, false, &["all-linear"]).unwrap();
+    let (model, lora) = setup(cfg, lc, 21);
+    let v = model.config.vocab_size;
+    let mut rng = Rng::new(8);
+    let calls: Vec<Call> = [29, 7, 29]
+        .iter()
+        .map(|&t| {
+            let a = random_tokens(&mut rng, t, v);
+            (a.clone(), shifted(&a), 0.5)
+        })
+        .collect();
+    let run = |recompute: Recompute| {
+        let mut gm = GpuModel::new(gpu(), &model).unwrap();
+        gm.set_recompute(recompute);
+        let mut tr = GpuTrainer::new(gm, &lora.config, 29).unwrap();
+        assert_eq!(tr.plan().recompute, recompute == Recompute::On);
+        let mut grads = lora.zeros_like();
+        let mut rng = Rng::new(77);
+        let mut losses = Vec::new();
+        for (tokens, targets, scale) in &calls {
+            let out =
+                block(tr.forward_backward(&lora, tokens, targets, &mut grads, *scale, &mut rng))
+                    .unwrap();
+            losses.push(out.loss.to_bits());
+        }
+        let (tokens, targets, _) = &calls[1];
+        losses.push(
+            block(tr.loss(&lora, tokens, targets))
+                .unwrap()
+                .loss
+                .to_bits(),
+        );
+        (
+            losses,
+            rng.state(),
+            grads,
+            tr.bytes(),
+            tr.plan().bytes_of(Role::Saved),
+        )
+    };
+    let (kept, kept_rng, kept_grads, kept_bytes, kept_saved) = run(Recompute::Off);
+    let (again, again_rng, again_grads, again_bytes, again_saved) = run(Recompute::On);
+    assert_eq!(again, kept, "losses (bits) recomputing vs keeping");
+    assert_eq!(again_rng, kept_rng, "RNG draws recomputing vs keeping");
+    compare_grads("recompute vs keep", &again_grads, &kept_grads, 0.0);
+    // Kept: h for L+1 layers, seven more (T, width) tensors and the u's for each of L; recomputed:
+    // the seven and the u's once.
+    let c = model.config.hidden_size;
+    let h = (4 * 29 * c * (model.config.num_hidden_layers + 1)) as u64;
+    let per_layer = (kept_saved - h) / model.config.num_hidden_layers as u64;
+    assert_eq!(again_saved, h + per_layer, "saved bytes recomputing");
+    assert_eq!(kept_bytes - again_bytes, kept_saved - again_saved);
+    println!(
+        "recompute: saved activations {kept_saved} -> {again_saved} bytes, trainer {kept_bytes} -> {again_bytes}"
     );
 }
 

@@ -53,6 +53,8 @@ pub(crate) struct WebGpu {
     owner: u64,
     /// Most tokens a sequence of this run has (the trainer's buffers are sized for it).
     context: usize,
+    /// The run's `recompute` option (None: where memory is short).
+    recompute: Option<bool>,
     lora: bitlora_core::lora::LoraConfig,
     /// The run's adapter and moments once on the GPU; `pending` until the first pass.
     state: Option<bitlora_gpu::GpuState>,
@@ -72,6 +74,7 @@ impl WebBackend {
         gpu: Option<Rc<crate::GpuHandle>>,
         lora: &bitlora_core::lora::LoraConfig,
         context: usize,
+        recompute: Option<bool>,
     ) -> WebBackend {
         #[cfg(feature = "gpu")]
         if let (Some(gpu), Some(_)) = (gpu, &loaded.gpu_model) {
@@ -85,6 +88,7 @@ impl WebBackend {
                 gpu,
                 owner,
                 context,
+                recompute,
                 lora: lora.clone(),
                 state: None,
                 pending: None,
@@ -116,6 +120,20 @@ impl WebBackend {
                 let state = g.state.as_ref()?.bytes();
                 let slot = g.loaded.gpu_model.as_ref()?.try_borrow().ok()?;
                 Some(slot.trainer_bytes()? + state)
+            }
+        }
+    }
+
+    /// Whether the run's GPU trainer recomputes activations in the backward; None on the CPU
+    /// or before the first pass.
+    pub(crate) fn recomputes(&self) -> Option<bool> {
+        match &self.device {
+            Device::Cpu(_) => None,
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => {
+                g.state.as_ref()?;
+                let slot = g.loaded.gpu_model.as_ref()?.try_borrow().ok()?;
+                slot.trainer_recomputes()
             }
         }
     }
@@ -156,6 +174,7 @@ impl WebGpu {
             self.owner,
             &self.lora,
             self.context,
+            self.recompute,
         )
         .map_err(|e| match e {
             crate::gpu_slot::GpuTrainError::Busy => GpuFailure::Busy,

@@ -39,6 +39,14 @@ impl GpuSlot {
         }
     }
 
+    /// Whether the GPU trainer recomputes activations, when a trainer is there.
+    pub(crate) fn trainer_recomputes(&self) -> Option<bool> {
+        match &self.holder {
+            GpuHolder::Trainer { trainer, .. } => Some(trainer.plan().recompute),
+            _ => None,
+        }
+    }
+
     /// Bytes the GPU trainer's last pass read back, when a trainer is there.
     pub(crate) fn trainer_read_bytes(&self) -> Option<u64> {
         match &self.holder {
@@ -72,14 +80,17 @@ pub(crate) fn gpu_trainer<'a>(
     owner: u64,
     lora: &bitlora_core::lora::LoraConfig,
     max_tokens: usize,
+    recompute: Option<bool>,
 ) -> Result<std::cell::RefMut<'a, bitlora_gpu::GpuTrainer>, GpuTrainError> {
+    let recompute = bitlora_gpu::Recompute::from(recompute);
     let slot = loaded
         .gpu_model
         .as_ref()
         .ok_or_else(|| GpuTrainError::Unusable("the model is not on the GPU".into()))?;
     let mut s = slot.try_borrow_mut().map_err(|_| GpuTrainError::Busy)?;
     let reuse = matches!(&s.holder, GpuHolder::Trainer { trainer, owner: o }
-        if *o == owner && trainer.max_tokens() >= max_tokens);
+        if *o == owner && trainer.max_tokens() >= max_tokens
+            && trainer.plan().recompute == trainer.model().would_recompute(recompute));
     if !reuse {
         let model = match std::mem::replace(&mut s.holder, GpuHolder::Empty) {
             GpuHolder::Model(m) => Ok(*m),
@@ -89,7 +100,8 @@ pub(crate) fn gpu_trainer<'a>(
                 bitlora_gpu::GpuModel::new(gpu, &loaded.model)
             }
         };
-        let model = model.map_err(|e| GpuTrainError::Unusable(e.to_string()))?;
+        let mut model = model.map_err(|e| GpuTrainError::Unusable(e.to_string()))?;
+        model.set_recompute(recompute);
         match bitlora_gpu::GpuTrainer::try_new(model, lora, max_tokens) {
             Ok(t) => {
                 s.holder = GpuHolder::Trainer {

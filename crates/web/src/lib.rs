@@ -496,8 +496,9 @@ impl Session {
     fn gpu_budget(
         &self,
         loaded: &Loaded,
-    ) -> Option<impl FnOnce(&bitlora_core::lora::LoraConfig, usize, bool) -> memory::GpuBudget>
-    {
+    ) -> Option<
+        impl FnOnce(&bitlora_core::lora::LoraConfig, usize, bool, Option<bool>) -> memory::GpuBudget,
+    > {
         #[cfg(feature = "gpu")]
         {
             self.gpu.as_ref()?;
@@ -507,12 +508,18 @@ impl Session {
             let weight_bytes = model.weight_bytes() as f64;
             let max_binding = model.max_binding() as f64;
             let base = model.train_plan_options(0, false);
+            // `recompute: null` means this on this device.
+            let auto = model.would_recompute(bitlora_gpu::Recompute::Auto);
             Some(
-                move |lora: &bitlora_core::lora::LoraConfig, context: usize, accumulate: bool| {
+                move |lora: &bitlora_core::lora::LoraConfig,
+                      context: usize,
+                      accumulate: bool,
+                      recompute: Option<bool>| {
                     use bitlora_gpu::{Role, TrainPlan};
                     let opts = bitlora_gpu::PlanOptions {
                         max_tokens: context,
                         accumulate,
+                        recompute: recompute.unwrap_or(auto),
                         ..base
                     };
                     let plan = TrainPlan::new(&loaded.model.config, lora, &opts);
@@ -532,7 +539,9 @@ impl Session {
         #[cfg(not(feature = "gpu"))]
         {
             let _ = loaded;
-            None::<fn(&bitlora_core::lora::LoraConfig, usize, bool) -> memory::GpuBudget>
+            None::<
+                fn(&bitlora_core::lora::LoraConfig, usize, bool, Option<bool>) -> memory::GpuBudget,
+            >
         }
     }
 

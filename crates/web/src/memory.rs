@@ -91,17 +91,17 @@ pub(crate) struct GpuBudget {
 
 /// `Session.estimateMemory`. `memory_in_use`: the wasm memory's size now, in bytes; `gpu`: when
 /// runs train on WebGPU, what a run of (adapter shape, context, whether steps sum several
-/// sequences) takes there.
+/// sequences, `recompute`) takes there.
 pub(crate) fn estimate_memory(
     loaded: &Loaded,
     config: &JsValue,
     memory_in_use: f64,
-    gpu: Option<impl FnOnce(&LoraConfig, usize, bool) -> GpuBudget>,
+    gpu: Option<impl FnOnce(&LoraConfig, usize, bool, Option<bool>) -> GpuBudget>,
 ) -> Result<JsValue, JsError> {
     let c = &loaded.model.config;
     let spec = parse_config(c, config)?;
     let lora_cfg = spec.lora_config()?;
-    let gpu = gpu.map(|budget| budget(&lora_cfg, spec.context, spec.batch > 1));
+    let gpu = gpu.map(|budget| budget(&lora_cfg, spec.context, spec.batch > 1, spec.recompute));
     let params = Lora::init(c, lora_cfg.clone(), 0).num_params();
     // On the CPU: A, B; their gradients; Adam's m and v; and the copy validation makes with
     // dropout off, in wasm memory.

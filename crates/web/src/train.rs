@@ -237,6 +237,10 @@ struct Report {
     /// the CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     gpu_bytes: Option<u64>,
+    /// Whether the step recomputed activations in the backward (the `recompute` option);
+    /// None on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recompute: Option<bool>,
 }
 
 impl Inner {
@@ -254,6 +258,7 @@ impl Inner {
             backend: self.trainer.backend().label(),
             read_bytes: self.step_read_bytes,
             gpu_bytes: self.trainer.backend().gpu_bytes(),
+            recompute: self.trainer.backend().recomputes(),
         }
     }
 }
@@ -281,7 +286,13 @@ impl WebTrainer {
         let lora_config = config.lora_config().map_err(|e| config_error(&e))?;
         let lora = Lora::init(c, lora_config, config.seed);
         let adapter_params = lora.num_params();
-        let backend = WebBackend::new(loaded.clone(), gpu, &lora.config, config.context);
+        let backend = WebBackend::new(
+            loaded.clone(),
+            gpu,
+            &lora.config,
+            config.context,
+            config.recompute,
+        );
         let trainer = Trainer::new(
             backend,
             c,
@@ -318,7 +329,13 @@ impl WebTrainer {
         let cannot = |e: bitlora_core::Error| JsError::new(&format!("cannot resume this run: {e}"));
         let ckpt = Checkpoint::read(c, "checkpoint.safetensors", checkpoint).map_err(cannot)?;
         let adapter_params = Lora::init(c, ckpt.lora_config().clone(), 0).num_params();
-        let backend = WebBackend::new(loaded.clone(), gpu, ckpt.lora_config(), config.context);
+        let backend = WebBackend::new(
+            loaded.clone(),
+            gpu,
+            ckpt.lora_config(),
+            config.context,
+            config.recompute,
+        );
         let trainer = Trainer::resume(backend, c, dataset, ckpt)
             .map_err(|e| JsError::new(&format!("cannot resume this run: {}", js_message(e))))?;
         config.steps = Some(trainer.options.steps);

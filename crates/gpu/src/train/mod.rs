@@ -61,7 +61,7 @@ use crate::ops::{
 use crate::record::{BindCache, DispatchTimes, Profiler, Recorder};
 use crate::tensor::{self, DType, GpuTensor};
 use optimizer::Resident;
-pub use plan::{PlanOptions, Planned, Role, TrainPlan};
+pub use plan::{PlanOptions, Planned, Recompute, Role, TrainPlan};
 use step::Step;
 
 /// One adapted projection's tensors on the GPU.
@@ -160,7 +160,8 @@ impl Acts {
         let per_layer = |what: &str, n: usize| -> Result<Vec<GpuTensor>, GpuError> {
             (0..n).map(|layer| t(&plan::saved(what, layer))).collect()
         };
-        let u = (0..l)
+        let kept = plan::saved_layers(l, plan.recompute);
+        let u = (0..kept)
             .map(|layer| per_proj(|p| adapted[p].then(|| t(&plan::lora_u(layer, p))).transpose()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Acts {
@@ -168,13 +169,13 @@ impl Acts {
             targets: t("train targets")?,
             loss: t("train loss")?,
             h: per_layer("h", l + 1)?,
-            h_mid: per_layer("h_mid", l)?,
-            q: per_layer("q", l)?,
-            k: per_layer("k", l)?,
-            v: per_layer("v", l)?,
-            att: per_layer("attention", l)?,
-            gate: per_layer("gate", l)?,
-            up: per_layer("up", l)?,
+            h_mid: per_layer("h_mid", kept)?,
+            q: per_layer("q", kept)?,
+            k: per_layer("k", kept)?,
+            v: per_layer("v", kept)?,
+            att: per_layer("attention", kept)?,
+            gate: per_layer("gate", kept)?,
+            up: per_layer("up", kept)?,
             u,
             x: t("train x")?,
             xq_c: t("train x_q (C)")?,

@@ -61,6 +61,62 @@ pub struct PlanOptions {
     pub split_head: bool,
     /// Whether steps sum several sequences (a second gradient buffer).
     pub accumulate: bool,
+    /// Activation recomputation: the forward keeps only each layer's input h[l] and one
+    /// layer's worth of the other saved activations, which the backward recomputes layer by
+    /// layer ([`Recompute`]).
+    pub recompute: bool,
+}
+
+/// Activation recomputation (checkpointing per layer). Off, the forward keeps every layer's
+/// activations for the backward (h, h_mid, q, k, v, attention, gate, up and the adapters' u:
+/// at T = 128 about 240 MB for the 1b shape). On, it keeps each layer's input h[l] and one
+/// layer's worth of the rest; the backward runs each layer's forward again from h[l] before
+/// that layer's backward: the same kernels on the same inputs, so the same bits, for about one
+/// more forward pass of work per step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Recompute {
+    /// On where memory is short: on a device with a phone's limits (buffers of at most
+    /// [`Recompute::SHORT_BUFFER`] bytes), off elsewhere.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// A training config's `recompute` (core's `TrainConfig::recompute`): None is `Auto`.
+impl From<Option<bool>> for Recompute {
+    fn from(forced: Option<bool>) -> Recompute {
+        match forced {
+            None => Recompute::Auto,
+            Some(true) => Recompute::On,
+            Some(false) => Recompute::Off,
+        }
+    }
+}
+
+impl Recompute {
+    /// The largest buffer a device that [`Recompute::Auto`] treats as short of memory allows:
+    /// WebGPU's default `maxBufferSize` (256 MiB), what Android's browsers grant.
+    pub const SHORT_BUFFER: u64 = 256 << 20;
+
+    /// Whether a run on a device whose largest buffer is `max_buffer` bytes recomputes.
+    pub fn resolve(self, max_buffer: u64) -> bool {
+        match self {
+            Recompute::On => true,
+            Recompute::Off => false,
+            Recompute::Auto => max_buffer <= Self::SHORT_BUFFER,
+        }
+    }
+
+    /// Parses `on`, `off` or `auto` (the CLI's `--recompute`, the page's option).
+    pub fn parse(s: &str) -> Option<Recompute> {
+        match s {
+            "auto" => Some(Recompute::Auto),
+            "on" => Some(Recompute::On),
+            "off" => Some(Recompute::Off),
+            _ => None,
+        }
+    }
 }
 
 /// The table: every buffer of a training run on the GPU.
@@ -71,6 +127,8 @@ pub struct TrainPlan {
     /// Whether the optimizer's flat buffers fit one binding (else the state stays on the host
     /// and the table has no [`Role::Optimizer`] entries).
     pub resident: bool,
+    /// Whether the run recomputes activations ([`PlanOptions::recompute`]).
+    pub recompute: bool,
 }
 
 /// Rows of logits per window of the head: as many as one binding holds.
@@ -112,6 +170,7 @@ impl TrainPlan {
             buffers: Vec::new(),
             index: HashMap::new(),
             resident: false,
+            recompute: opts.recompute,
         };
         let rows = opts.max_tokens.min(cfg.max_position_embeddings);
         let (c, f, l, v) = (
@@ -130,22 +189,24 @@ impl TrainPlan {
         plan.add("train targets", &[rows], U32, Scratch);
         plan.add("train loss", &[rows], F32, Scratch);
         plan.add("train s_a", &[rows], F32, Scratch);
-        // Saved by the forward, per layer: (T, width).
+        // Saved by the forward, per layer: (T, width). Recomputing, one layer's worth of all
+        // but h (slot 0, overwritten by each layer's forward and by its recomputation).
+        let kept = saved_layers(l, opts.recompute);
         for (what, cols, n) in [
             ("h", c, l + 1),
-            ("h_mid", c, l),
-            ("q", qd, l),
-            ("k", kvd, l),
-            ("v", kvd, l),
-            ("attention", qd, l),
-            ("gate", f, l),
-            ("up", f, l),
+            ("h_mid", c, kept),
+            ("q", qd, kept),
+            ("k", kvd, kept),
+            ("v", kvd, kept),
+            ("attention", qd, kept),
+            ("gate", f, kept),
+            ("up", f, kept),
         ] {
             for layer in 0..n {
                 plan.add(&saved(what, layer), &[rows, cols], F32, Saved);
             }
         }
-        for layer in 0..l {
+        for layer in 0..kept {
             for p in Proj::ALL.into_iter().filter(|&p| lora.targets[p]) {
                 plan.add(&lora_u(layer, p), &[rows, r], F32, Saved);
             }
@@ -282,6 +343,12 @@ impl TrainPlan {
     pub fn largest(&self) -> u64 {
         self.buffers.iter().map(Planned::bytes).max().unwrap_or(0)
     }
+}
+
+/// How many layers' activations other than h the forward keeps: all `layers`, or one when
+/// recomputing.
+pub(super) fn saved_layers(layers: usize, recompute: bool) -> usize {
+    if recompute { layers.min(1) } else { layers }
 }
 
 /// The table's name of a buffer saved per layer.

@@ -111,7 +111,7 @@ impl Step<'_> {
         match (
             &self.tr.adapter[l][p],
             &self.tr.ops.lora[p],
-            &self.a.u[l][p],
+            &self.a.u[self.slot(l)][p],
         ) {
             (Some(pair), Some(op), Some(u)) => Some((pair, op, u)),
             _ => None,
@@ -130,9 +130,24 @@ impl Step<'_> {
         let Some((pair, op, u)) = self.adapted(l, p) else {
             return Ok(());
         };
-        let xin = self.lora_input(r, l, p, x)?;
-        op.down(r, &xin, &pair.a, u)?;
+        self.lora_down(r, l, p, x)?;
         op.up_add(r, u, &pair.b, self.scale, y)
+    }
+
+    /// u = dropout(x) A^T for projection p of layer l, into its saved u (nothing when p is not
+    /// adapted).
+    fn lora_down(
+        &self,
+        r: &mut Recorder,
+        l: usize,
+        p: Proj,
+        x: &GpuTensor,
+    ) -> Result<(), GpuError> {
+        let Some((pair, op, u)) = self.adapted(l, p) else {
+            return Ok(());
+        };
+        let xin = self.lora_input(r, l, p, x)?;
+        op.down(r, &xin, &pair.a, u)
     }
 
     /// The adapter's backward for projection p of layer l with input x and output gradient
@@ -206,41 +221,61 @@ impl Step<'_> {
         self.lora_backward(r, l, p, x, dy, dx)
     }
 
+    /// Where layer l's saved activations (all but h) live: their own slot, or the one slot a
+    /// recomputing run shares between layers.
+    fn slot(&self, l: usize) -> usize {
+        if self.tr.plan.recompute { 0 } else { l }
+    }
+
     /// The training forward, saving each layer's activations (see the module doc).
     pub(super) fn forward(&self, r: &mut Recorder) -> Result<(), GpuError> {
         let (m, a) = (&self.tr.model, self.a);
-        let (cos, sin) = (&m.rope_cos, &m.rope_sin);
         m.embedding
             .encode_split(r, &a.tokens, &m.embed_tokens, &a.h[0])?;
-        for (l, lay) in m.layers.iter().enumerate() {
-            // Attention block: h_mid = h + o_proj(attn_sub_norm(attn(rope(q), rope(k), v))).
-            let n = &lay.input_layernorm;
-            n.op.encode_quant(r, &a.h[l], &n.w, &a.x, &a.xq_c, &a.s_a)?;
-            self.project(r, l, Proj::Q, &a.xq_c, &a.x, &a.q[l])?;
-            self.project(r, l, Proj::K, &a.xq_c, &a.x, &a.k[l])?;
-            self.project(r, l, Proj::V, &a.xq_c, &a.x, &a.v[l])?;
-            m.rope_q.encode(r, &a.q[l], cos, sin)?;
-            m.rope_k.encode(r, &a.k[l], cos, sin)?;
-            m.attention
-                .encode(r, &a.q[l], &a.k[l], &a.v[l], &a.att[l])?;
-            let n = &lay.attn_sub_norm;
-            n.op.encode_quant(r, &a.att[l], &n.w, &a.att_n, &a.xq_q, &a.s_a)?;
-            self.project(r, l, Proj::O, &a.xq_q, &a.att_n, &a.h_mid[l])?;
-            // h_mid = o + h: the same f32 sums as the CPU's h + o.
-            m.residual_add.encode(r, &a.h_mid[l], &a.h[l])?;
-
-            // FFN block: h[l+1] = h_mid + down_proj(ffn_sub_norm(act(gate(x)) * up(x))).
-            let n = &lay.post_attention_layernorm;
-            n.op.encode_quant(r, &a.h_mid[l], &n.w, &a.x, &a.xq_c, &a.s_a)?;
-            self.project(r, l, Proj::Gate, &a.xq_c, &a.x, &a.gate[l])?;
-            self.project(r, l, Proj::Up, &a.xq_c, &a.x, &a.up[l])?;
-            m.gated_act.encode(r, &a.gate[l], &a.up[l], &a.ffn)?;
-            let n = &lay.ffn_sub_norm;
-            n.op.encode_quant(r, &a.ffn, &n.w, &a.ffn_n, &a.xq_f, &a.s_a)?;
-            self.project(r, l, Proj::Down, &a.xq_f, &a.ffn_n, &a.h[l + 1])?;
-            m.residual_add.encode(r, &a.h[l + 1], &a.h_mid[l])?;
+        for l in 0..m.layers.len() {
+            self.layer_forward(r, l, false)?;
         }
         Ok(())
+    }
+
+    /// Layer l's forward from h[l], saving its activations in its slot. `again`: the
+    /// backward's recomputation (activation checkpointing), which stops after the gate and up
+    /// projections: what follows (act(gate) * up, its sub-norm and the down projection's
+    /// adapter input u) the backward recomputes itself, and h[l+1] is not needed again.
+    fn layer_forward(&self, r: &mut Recorder, l: usize, again: bool) -> Result<(), GpuError> {
+        let (m, a) = (&self.tr.model, self.a);
+        let (cos, sin) = (&m.rope_cos, &m.rope_sin);
+        let lay = &m.layers[l];
+        let s = self.slot(l);
+        // Attention block: h_mid = h + o_proj(attn_sub_norm(attn(rope(q), rope(k), v))).
+        let n = &lay.input_layernorm;
+        n.op.encode_quant(r, &a.h[l], &n.w, &a.x, &a.xq_c, &a.s_a)?;
+        self.project(r, l, Proj::Q, &a.xq_c, &a.x, &a.q[s])?;
+        self.project(r, l, Proj::K, &a.xq_c, &a.x, &a.k[s])?;
+        self.project(r, l, Proj::V, &a.xq_c, &a.x, &a.v[s])?;
+        m.rope_q.encode(r, &a.q[s], cos, sin)?;
+        m.rope_k.encode(r, &a.k[s], cos, sin)?;
+        m.attention
+            .encode(r, &a.q[s], &a.k[s], &a.v[s], &a.att[s])?;
+        let n = &lay.attn_sub_norm;
+        n.op.encode_quant(r, &a.att[s], &n.w, &a.att_n, &a.xq_q, &a.s_a)?;
+        self.project(r, l, Proj::O, &a.xq_q, &a.att_n, &a.h_mid[s])?;
+        // h_mid = o + h: the same f32 sums as the CPU's h + o.
+        m.residual_add.encode(r, &a.h_mid[s], &a.h[l])?;
+
+        // FFN block: h[l+1] = h_mid + down_proj(ffn_sub_norm(act(gate(x)) * up(x))).
+        let n = &lay.post_attention_layernorm;
+        n.op.encode_quant(r, &a.h_mid[s], &n.w, &a.x, &a.xq_c, &a.s_a)?;
+        self.project(r, l, Proj::Gate, &a.xq_c, &a.x, &a.gate[s])?;
+        self.project(r, l, Proj::Up, &a.xq_c, &a.x, &a.up[s])?;
+        if again {
+            return Ok(());
+        }
+        m.gated_act.encode(r, &a.gate[s], &a.up[s], &a.ffn)?;
+        let n = &lay.ffn_sub_norm;
+        n.op.encode_quant(r, &a.ffn, &n.w, &a.ffn_n, &a.xq_f, &a.s_a)?;
+        self.project(r, l, Proj::Down, &a.xq_f, &a.ffn_n, &a.h[l + 1])?;
+        m.residual_add.encode(r, &a.h[l + 1], &a.h_mid[s])
     }
 
     /// The final norm, the head and the loss a window of rows at a time; with `backward`, each
@@ -283,29 +318,38 @@ impl Step<'_> {
         ops.rms_back_c
             .encode(r, &a.h[nl], &m.norm.w, &a.dx, &a.dh)?;
         for (l, lay) in m.layers.iter().enumerate().rev() {
+            let s = self.slot(l);
+            if self.tr.plan.recompute {
+                // The layer's activations again from h[l], into the shared slot.
+                self.layer_forward(r, l, true)?;
+            }
             // FFN block. Recompute f = act(gate) * up and its sub-norm (the forward's bits).
-            m.gated_act.encode(r, &a.gate[l], &a.up[l], &a.ffn)?;
+            m.gated_act.encode(r, &a.gate[s], &a.up[s], &a.ffn)?;
             let n = &lay.ffn_sub_norm;
             n.op.encode(r, &a.ffn, &n.w, &a.ffn_n)?;
+            if self.tr.plan.recompute {
+                // ... and the down projection's adapter input u, which the forward saved.
+                self.lora_down(r, l, Proj::Down, &a.ffn_n)?;
+            }
             self.project_back(r, l, Proj::Down, &a.ffn_n, &a.dh, &a.df_a, false)?; // d fnorm
             ops.rms_back_f.encode(r, &a.ffn, &n.w, &a.df_a, &a.df_b)?; // d f
             ops.gated_back
-                .encode(r, &a.gate[l], &a.up[l], &a.df_b, &a.df_a, &a.df_c)?; // d gate, d up
+                .encode(r, &a.gate[s], &a.up[s], &a.df_b, &a.df_a, &a.df_c)?; // d gate, d up
             let n = &lay.post_attention_layernorm;
-            n.op.encode(r, &a.h_mid[l], &n.w, &a.x)?; // xn2
+            n.op.encode(r, &a.h_mid[s], &n.w, &a.x)?; // xn2
             self.project_back(r, l, Proj::Gate, &a.x, &a.df_a, &a.dx, false)?;
             self.project_back(r, l, Proj::Up, &a.x, &a.df_c, &a.dx, true)?;
             ops.rms_back_c
-                .encode_add(r, &a.h_mid[l], &n.w, &a.dx, &a.dh)?;
+                .encode_add(r, &a.h_mid[s], &n.w, &a.dx, &a.dh)?;
 
             // Attention block.
             let n = &lay.attn_sub_norm;
-            n.op.encode(r, &a.att[l], &n.w, &a.att_n)?; // an
+            n.op.encode(r, &a.att[s], &n.w, &a.att_n)?; // an
             self.project_back(r, l, Proj::O, &a.att_n, &a.dh, &a.dq_a, false)?; // d an
             ops.rms_back_q
-                .encode(r, &a.att[l], &n.w, &a.dq_a, &a.dq_b)?; // d att
+                .encode(r, &a.att[s], &n.w, &a.dq_a, &a.dq_b)?; // d att
             ops.attention_back.encode(
-                r, &a.q[l], &a.k[l], &a.v[l], &a.dq_b, &a.stats, &a.dq, &a.dk, &a.dv,
+                r, &a.q[s], &a.k[s], &a.v[s], &a.dq_b, &a.stats, &a.dq, &a.dk, &a.dv,
             )?;
             ops.rope_back_q.encode(r, &a.dq, cos, sin)?;
             ops.rope_back_k.encode(r, &a.dk, cos, sin)?;
