@@ -242,6 +242,18 @@ impl Gpu {
                 label: Some("bitlora"),
                 required_features: wanted & adapter.features(),
                 required_limits: limits.resolve(&adapter.limits()),
+                // wgpu's default (Performance) suballocates device memory from 128-256 MiB
+                // blocks and host-visible memory from 64-128 MiB ones (wgpu-hal's
+                // AllocationSizes): a process whose buffers need 211 MB held 555-626 MiB on an
+                // H100. Our buffers are allocated once per model or run, so smaller blocks
+                // (8-64 MiB device, 4-32 MiB host) cost nothing per step. WebGPU in the browser
+                // ignores the hint. `BITLORA_GPU_PERFORMANCE_BLOCKS=1` (benchmarks) keeps
+                // wgpu's default.
+                memory_hints: if ops::bench_switch("BITLORA_GPU_PERFORMANCE_BLOCKS") {
+                    wgpu::MemoryHints::Performance
+                } else {
+                    wgpu::MemoryHints::MemoryUsage
+                },
                 ..Default::default()
             })
             .await
