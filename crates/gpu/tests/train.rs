@@ -414,6 +414,61 @@ fn gpu_gradients_match_cpu_on_the_onebitllm_fixture() {
     );
 }
 
+/// The resident state reads back through a readback buffer smaller than the flat buffers,
+/// a chunk at a time: an adapter of more than `READBACK_CHUNK_ROWS` rows (two chunks, the
+/// second partial) comes back bit for bit, with its moments, and the table's readback entry
+/// is one chunk, not the flat size.
+#[test]
+fn resident_state_reads_back_in_chunks() {
+    let cfg = Config {
+        num_hidden_layers: 4,
+        ..tiny_config()
+    };
+    let lc = LoraConfig::new(256, 16.0, 0.0, false, &["all-linear"]).unwrap();
+    let (model, lora) = setup(cfg, lc, 5);
+    let floats = lora.num_params();
+    let chunk = bitlora_gpu::train::READBACK_CHUNK_ROWS * 4096;
+    assert!(
+        floats > chunk && floats < 2 * chunk,
+        "{floats} floats: not two chunks"
+    );
+    let gm = GpuModel::new(gpu(), &model).unwrap();
+    let tr = GpuTrainer::new(gm, &lora.config, 4).unwrap();
+    assert_eq!(
+        tr.plan().get("optimizer readback").unwrap().bytes(),
+        4 * chunk as u64
+    );
+    let mut rng = Rng::new(3);
+    let mut noise = |l: &Lora| {
+        let mut l = l.clone();
+        l.for_each_mut(|_, _, v| v.iter_mut().for_each(|x| *x = rng.normal()));
+        l
+    };
+    let state = AdapterState {
+        m: noise(&lora),
+        v: noise(&lora),
+        lora: lora.clone(),
+    };
+    let mut gs = bitlora_gpu::GpuState::new(&tr, state.clone(), Placement::Auto).unwrap();
+    assert!(gs.resident());
+    let back = block(gs.read()).unwrap();
+    for (what, a, b) in [
+        ("adapter", &back.lora, &state.lora),
+        ("m", &back.m, &state.m),
+        ("v", &back.v, &state.v),
+    ] {
+        let bits = |l: &Lora| {
+            let mut out = Vec::new();
+            l.clone()
+                .for_each_mut(|_, _, x| out.extend(x.iter().map(|f| f.to_bits())));
+            out
+        };
+        let (ours, want) = (bits(a), bits(b));
+        assert_eq!(ours.len(), floats);
+        assert!(ours == want, "{what} differs after a chunked readback");
+    }
+}
+
 #[test]
 fn gpu_trainer_refuses_bad_inputs_by_name() {
     let (model, lora) = setup(

@@ -61,15 +61,17 @@ use crate::ops::{
 use crate::record::{BindCache, DispatchTimes, Profiler, Recorder};
 use crate::tensor::{self, DType, GpuTensor};
 use optimizer::Resident;
-pub use plan::{PlanOptions, Planned, Recompute, Role, TrainPlan};
+pub use plan::{
+    HEAD_WINDOW_BYTES, PlanOptions, Planned, READBACK_CHUNK_ROWS, Recompute, Role, TrainPlan,
+};
 use step::Step;
 
 /// One adapted projection's tensors on the GPU.
 pub(super) struct PairBufs {
     pub(super) a: GpuTensor,  // (R, I)
     pub(super) b: GpuTensor,  // (O, R)
-    pub(super) da: GpuTensor, // (R, I) this call's dA
-    pub(super) db: GpuTensor, // (O, R) this call's dB
+    pub(super) da: GpuTensor, // (R, I) this call's dA: one layer's, shared by the layers
+    pub(super) db: GpuTensor, // (O, R) this call's dB: the same
     /// Offsets (in f32s) of dA and dB in the staging buffer.
     pub(super) staging: (usize, usize),
 }
@@ -470,6 +472,14 @@ impl GpuTrainer {
         // max_tokens per-row losses.
         let mut offset = max_tokens;
         let mut adapter = Vec::with_capacity(cfg.num_hidden_layers);
+        // One layer's gradients per projection, shared by the layers (see Step::grads_out).
+        let mut grads: [Option<(GpuTensor, GpuTensor)>; 7] = Default::default();
+        for p in Proj::ALL.into_iter().filter(|&p| adapted[p]) {
+            grads[p] = Some((
+                plan.alloc(&dev, &plan::grad_name(p, "A"))?,
+                plan.alloc(&dev, &plan::grad_name(p, "B"))?,
+            ));
+        }
         for l in 0..cfg.num_hidden_layers {
             let mut layer: [Option<PairBufs>; 7] = Default::default();
             for p in Proj::ALL {
@@ -479,11 +489,15 @@ impl GpuTrainer {
                 let (o, i) = p.shape(&cfg);
                 let n = format!("model.layers.{l}.{}", p.hf_name());
                 let z = |what: &str| plan.alloc(&dev, &format!("{n}.{what}"));
+                let (da, db) = grads[p].clone().ok_or(GpuError::Shape {
+                    op: "GpuTrainer",
+                    msg: format!("no gradient buffers for {n}"),
+                })?;
                 let pair = PairBufs {
                     a: z("lora_A.weight")?,
                     b: z("lora_B.weight")?,
-                    da: z("lora_A.grad")?,
-                    db: z("lora_B.grad")?,
+                    da,
+                    db,
                     staging: (offset, offset + r * i),
                 };
                 offset += r * i + o * r;
@@ -510,9 +524,12 @@ impl GpuTrainer {
                 .iter()
                 .flatten()
                 .flatten()
-                .map(|p| {
-                    p.a.buffer.size() + p.b.buffer.size() + p.da.buffer.size() + p.db.buffer.size()
-                })
+                .map(|p| p.a.buffer.size() + p.b.buffer.size())
+                .sum::<u64>()
+            + grads
+                .iter()
+                .flatten()
+                .map(|(da, db)| da.buffer.size() + db.buffer.size())
                 .sum::<u64>()
             + logits.buffer.size();
         model.errors.take()?;
@@ -854,10 +871,19 @@ impl GpuTrainer {
                 v
             }
         };
+        // What comes back: the T per-row losses; after a resident step's last sequence the
+        // squared gradient norm at T; in staging mode every dA and dB at its offset, copied
+        // there by each layer's backward.
+        let need = (4 * self.staging_floats) as u64;
+        if mode == Mode::Staging && self.staging.size() < need {
+            // A resident run's trainer sized it for the losses and the norm only.
+            self.staging = readback_buffer(&self.model.device, need);
+        }
         let cache = self.bind_cache.take().unwrap_or_default();
         let profiler = self.profiler.take();
         let t0 = clock(self.profiling);
         let step = Step {
+            mode,
             tr: self,
             a: &a,
             t,
@@ -895,13 +921,6 @@ impl GpuTrainer {
         if let Some(e) = validation.or(oom) {
             return Err(GpuError::Device(e.to_string()));
         }
-        // What comes back: the T per-row losses; after a resident step's last sequence the
-        // squared gradient norm at T; in staging mode every dA and dB at its offset.
-        let need = (4 * self.staging_floats) as u64;
-        if mode == Mode::Staging && self.staging.size() < need {
-            // A resident run's trainer sized it for the losses and the norm only.
-            self.staging = readback_buffer(dev, need);
-        }
         enc.copy_buffer_to_buffer(&a.loss.buffer, 0, &self.staging, 0, (4 * t) as u64);
         let mut used = t;
         if let (Mode::Flat { last: true, .. }, Some(o)) = (mode, res) {
@@ -909,23 +928,6 @@ impl GpuTrainer {
             used = t + 1;
         }
         if mode == Mode::Staging {
-            for p in self.adapter.iter().flatten().flatten() {
-                let (oa, ob) = p.staging;
-                enc.copy_buffer_to_buffer(
-                    &p.da.buffer,
-                    0,
-                    &self.staging,
-                    (4 * oa) as u64,
-                    p.da.bytes(),
-                );
-                enc.copy_buffer_to_buffer(
-                    &p.db.buffer,
-                    0,
-                    &self.staging,
-                    (4 * ob) as u64,
-                    p.db.bytes(),
-                );
-            }
             used = self.staging_floats;
         }
         debug_assert_eq!(self.staging_floats, self.max_tokens + self.grad_floats);

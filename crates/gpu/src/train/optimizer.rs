@@ -282,7 +282,8 @@ impl GpuState {
     }
 
     /// A copy of the adapter and the moments: on the GPU, `p`, `m` and `v` read back one after
-    /// the other through one buffer of the flat size.
+    /// the other through one buffer of at most [`super::plan::READBACK_CHUNK_ROWS`] rows, a
+    /// chunk at a time.
     pub async fn read(&mut self) -> Result<AdapterState, GpuError> {
         let r = match &mut self.home {
             Home::Host { state, .. } => return Ok(state.clone()),
@@ -304,19 +305,26 @@ impl GpuState {
             .clone();
         let mut values = Vec::with_capacity(3);
         for t in [&r.p, &r.m, &r.v] {
-            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("optimizer read"),
-            });
-            enc.copy_buffer_to_buffer(&t.buffer, 0, &readback, 0, n);
-            r.queue.submit([enc.finish()]);
-            tensor::map_read(&dev, &readback, "optimizer readback").await?;
-            let view = readback.get_mapped_range(..n).map_err(|e| GpuError::Map {
-                tensor: "optimizer readback".into(),
-                msg: e.to_string(),
-            });
-            let out = view.map(|v| bytemuck::pod_collect_to_vec::<u8, f32>(&v));
-            readback.unmap();
-            values.push(out?);
+            let mut out = Vec::with_capacity((n / 4) as usize);
+            let mut at = 0;
+            while at < n {
+                let len = size.min(n - at);
+                let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("optimizer read"),
+                });
+                enc.copy_buffer_to_buffer(&t.buffer, at, &readback, 0, len);
+                r.queue.submit([enc.finish()]);
+                tensor::map_read(&dev, &readback, "optimizer readback").await?;
+                let view = readback.get_mapped_range(..len).map_err(|e| GpuError::Map {
+                    tensor: "optimizer readback".into(),
+                    msg: e.to_string(),
+                });
+                let chunk = view.map(|v| bytemuck::pod_collect_to_vec::<u8, f32>(&v));
+                readback.unmap();
+                out.extend_from_slice(&chunk?);
+                at += len;
+            }
+            values.push(out);
         }
         let unpack = |k: usize| {
             let mut l = r.template.clone();

@@ -5,7 +5,7 @@
 use bitlora_core::model::Proj;
 
 use super::optimizer::Resident;
-use super::{Acts, GpuTrainer, MaskPlan, PairBufs};
+use super::{Acts, GpuTrainer, MaskPlan, Mode, PairBufs};
 use crate::GpuError;
 use crate::ops::{Dropout, LoraMatmul};
 use crate::record::Recorder;
@@ -14,6 +14,8 @@ use crate::tensor::GpuTensor;
 /// One step being recorded: the trainer, the views of its buffers for T tokens, and the
 /// adapter's scale, dropout factor and mask plan.
 pub(super) struct Step<'a> {
+    /// Where the backward's gradients go ([`Step::grads_out`]).
+    pub(super) mode: Mode,
     pub(super) tr: &'a GpuTrainer,
     pub(super) a: &'a Acts,
     pub(super) t: usize,
@@ -35,8 +37,9 @@ impl Step<'_> {
         }
     }
 
-    /// Gathers this sequence's dA and dB into the optimizer's flat gradients (set by the
-    /// first sequence, added by later ones) and, after the last, reduces their squared norm.
+    /// After the backward has copied this sequence's dA and dB into the optimizer's flat
+    /// gradients ([`Step::grads_out`]): adds a later sequence's into the step's, and after the
+    /// last sequence reduces their squared norm.
     pub(super) fn flat_grads(
         &self,
         r: &mut Recorder,
@@ -47,37 +50,59 @@ impl Step<'_> {
             op: "GpuTrainer",
             msg: "a flat step without the optimizer's buffers".into(),
         })?;
-        let dst = if first {
-            &o.g
-        } else {
-            o.g2.as_ref().ok_or(GpuError::Shape {
+        if !first {
+            let g2 = o.g2.as_ref().ok_or(GpuError::Shape {
                 op: "GpuTrainer",
                 msg: "a later sequence of a step without the second gradient buffer".into(),
-            })?
+            })?;
+            o.add.encode(r, &o.g, g2)?;
+        }
+        if last {
+            o.sum_squares.encode(r, &o.g, &o.partials, &o.sumsq)?;
+        }
+        Ok(())
+    }
+
+    /// Copies layer l's dA and dB (buffers the layers share) to where the pass gathers them:
+    /// the optimizer's flat gradients (set by a step's first sequence; a later one's go to
+    /// the second buffer, which [`Step::flat_grads`] adds in), or the staging readback at
+    /// their offsets.
+    fn grads_out(&self, r: &mut Recorder, l: usize) -> Result<(), GpuError> {
+        let (dst, base) = match self.mode {
+            Mode::Loss => return Ok(()),
+            Mode::Staging => (&self.tr.staging, 0),
+            Mode::Flat { first, .. } => {
+                let o = self.res.ok_or(GpuError::Shape {
+                    op: "GpuTrainer",
+                    msg: "a flat step without the optimizer's buffers".into(),
+                })?;
+                let g = if first {
+                    &o.g
+                } else {
+                    o.g2.as_ref().ok_or(GpuError::Shape {
+                        op: "GpuTrainer",
+                        msg: "a later sequence of a step without the second gradient buffer".into(),
+                    })?
+                };
+                (&g.buffer, self.tr.max_tokens)
+            }
         };
-        let base = self.tr.max_tokens;
-        for pair in self.tr.adapter.iter().flatten().flatten() {
+        for pair in self.tr.adapter[l].iter().flatten() {
             let (oa, ob) = pair.staging;
             r.copy(
                 &pair.da.buffer,
                 0,
-                &dst.buffer,
+                dst,
                 (4 * (oa - base)) as u64,
                 pair.da.bytes(),
             );
             r.copy(
                 &pair.db.buffer,
                 0,
-                &dst.buffer,
+                dst,
                 (4 * (ob - base)) as u64,
                 pair.db.bytes(),
             );
-        }
-        if !first {
-            o.add.encode(r, &o.g, dst)?;
-        }
-        if last {
-            o.sum_squares.encode(r, &o.g, &o.partials, &o.sumsq)?;
         }
         Ok(())
     }
@@ -359,6 +384,7 @@ impl Step<'_> {
             self.project_back(r, l, Proj::K, &a.x, &a.dk, &a.dx, true)?;
             self.project_back(r, l, Proj::V, &a.x, &a.dv, &a.dx, true)?;
             ops.rms_back_c.encode_add(r, &a.h[l], &n.w, &a.dx, &a.dh)?;
+            self.grads_out(r, l)?;
         }
         Ok(())
     }
