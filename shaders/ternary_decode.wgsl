@@ -54,6 +54,10 @@ override HALF: u32 = HS / 2u;      // RoPE's pairs (d, d + HALF)
 override PRE: bool = true;
 override TREE_REG: bool = true;
 override PREX: bool = true;
+// The SPLIT part sums of each output added in a tree through workgroup memory (8 parts an
+// invocation, then the 8 results) instead of SPLIT contended atomicAdds on one word: integer
+// sums, so the same values in any order. Off (BITLORA_DECODE_ATOMIC=1) for the A/B.
+override TREE_PART: bool = true;
 
 const RMS_LANES: u32 = 64u; // rms_norm.wgsl's LANES (the CPU mirror's ops::RMS_LANES)
 const WG: u32 = 256u;       // invocations per workgroup = LANES * SPLIT
@@ -85,7 +89,8 @@ struct Dims {
 @group(0) @binding(11) var<storage, read> cos_t: array<f32>;
 @group(0) @binding(12) var<storage, read> sin_t: array<f32>;
 
-var<workgroup> sq: array<vec4<f32>, CH4>;    // squares of one chunk's groups
+// Squares of one chunk's groups (f32 bits), later TREE_PART's integer part sums (i32 bits).
+var<workgroup> sq: array<vec4<u32>, CH4>;
 var<workgroup> lane: array<vec4<f32>, RMS_LANES / 4u>; // lane sums: lane l at [l / 4][l % 4]
 var<workgroup> total: f32;                   // their sum, the sum of squares
 var<workgroup> ymax: atomic<u32>;            // max |y_n| as bits (ordered as u32 for >= 0)
@@ -237,12 +242,12 @@ fn inv_rms(lid: u32, h: Held) -> f32 {
         let n = min(CH4, I4 - g0);
         if k < n {
             let v = held_x(h, j, g0 + k);
-            sq[k] = v * v;
+            sq[k] = bitcast<vec4<u32>>(v * v);
         }
         workgroupBarrier();
         if lid < RMS_LANES {
             for (var jj = lid; jj < n; jj += RMS_LANES) {
-                acc += sq[jj];
+                acc += bitcast<vec4<f32>>(sq[jj]);
             }
         }
         workgroupBarrier();
@@ -477,13 +482,46 @@ fn row_w3(pc: u32, k0: u32, o4: u32, pre: vec4<u32>) -> vec4<i32> {
     return a;
 }
 
-// Matrix m's sums of lane x into the workgroup's totals.
-fn add_part(m: u32, x: u32, a: vec4<i32>) {
+// Matrix m's sums of lane x into the workgroup's totals. Every invocation calls it, after
+// norm_quant (whose last barrier ends the norm's use of sq); the caller's barrier publishes
+// the totals.
+fn add_part(m: u32, x: u32, a: vec4<i32>, li: u32) {
     let base = m * 4u * LANES + x;
-    atomicAdd(&part[base], a.x);
-    atomicAdd(&part[base + LANES], a.y);
-    atomicAdd(&part[base + 2u * LANES], a.z);
-    atomicAdd(&part[base + 3u * LANES], a.w);
+    if !TREE_PART {
+        atomicAdd(&part[base], a.x);
+        atomicAdd(&part[base + LANES], a.y);
+        atomicAdd(&part[base + 2u * LANES], a.z);
+        atomicAdd(&part[base + 3u * LANES], a.w);
+        return;
+    }
+    if m > 0u {
+        workgroupBarrier(); // the previous matrix's last reads of sq are done
+    }
+    sq[li] = bitcast<vec4<u32>>(a); // part y of lane x at y * LANES + x (li)
+    workgroupBarrier();
+    // Invocation (x, c) adds parts 8c .. 8c + 7 of lane x into part 8c's place (its own rows).
+    let groups = SPLIT / 8u;
+    if li < groups * LANES {
+        let c = li / LANES;
+        let at = 8u * c * LANES + li % LANES;
+        var t = vec4<i32>();
+        for (var j = 0u; j < 8u; j++) {
+            t += bitcast<vec4<i32>>(sq[at + j * LANES]);
+        }
+        sq[at] = bitcast<vec4<u32>>(t);
+    }
+    workgroupBarrier();
+    if li < LANES {
+        var t = vec4<i32>();
+        for (var c = 0u; c < groups; c++) {
+            t += bitcast<vec4<i32>>(sq[8u * c * LANES + li]);
+        }
+        let b = m * 4u * LANES + li;
+        atomicStore(&part[b], t.x);
+        atomicStore(&part[b + LANES], t.y);
+        atomicStore(&part[b + 2u * LANES], t.z);
+        atomicStore(&part[b + 3u * LANES], t.w);
+    }
 }
 
 @compute @workgroup_size(LANES, SPLIT)
@@ -497,7 +535,7 @@ fn main(
     let pa = pre_w(pc, lid.y, O4);
     let s_a = norm_quant(li);
     let a = row_w(pc, lid.y, O4, pa);
-    add_part(0u, lid.x, a);
+    add_part(0u, lid.x, a, li);
     workgroupBarrier();
     let s_w = sw[0];
     for (var e = li; e < 4u * LANES; e += WG) {
@@ -532,7 +570,7 @@ fn main_att(
     }
     let s_a = norm_quant(li);
     let a = row_w(pc, lid.y, O4, pa);
-    add_part(0u, lid.x, a);
+    add_part(0u, lid.x, a, li);
     workgroupBarrier();
     let s_w = sw[0];
     for (var e = li; e < 4u * LANES; e += WG) {
@@ -558,7 +596,7 @@ fn main_qkv(
         let pa = pre_w(pc, lid.y, O4);
         let s_a = norm_quant(li);
         let a = row_w(pc, lid.y, O4, pa);
-        add_part(0u, lid.x, a);
+        add_part(0u, lid.x, a, li);
         workgroupBarrier();
         for (var e = li; e < 4u * LANES; e += WG) {
             let p = group.x * LANES + e % LANES;
@@ -576,8 +614,8 @@ fn main_qkv(
     let s_a = norm_quant(li);
     let a = row_w2(pc, lid.y, OKV4, pk);
     let b = row_w3(pc, lid.y, OKV4, pv);
-    add_part(0u, lid.x, a);
-    add_part(1u, lid.x, b);
+    add_part(0u, lid.x, a, li);
+    add_part(1u, lid.x, b, li);
     workgroupBarrier();
     for (var e = li; e < 4u * LANES; e += WG) {
         let p = gk * LANES + e % LANES;
@@ -602,8 +640,8 @@ fn main_glu(
     let s_a = norm_quant(li);
     let g = row_w(pc, lid.y, O4, pg);
     let u = row_w2(pc, lid.y, O4, pu);
-    add_part(0u, lid.x, g);
-    add_part(1u, lid.x, u);
+    add_part(0u, lid.x, g, li);
+    add_part(1u, lid.x, u, li);
     workgroupBarrier();
     let s_g = sw[0];
     let s_u = sw2[0];

@@ -10,6 +10,9 @@ use crate::tensor::{DType, GpuTensor};
 
 use super::ternary_matmul::{DECODE_LANES, DECODE_SPLIT};
 
+// shaders/ternary_decode.wgsl's TREE_PART adds the SPLIT parts eight at a time.
+const _: () = assert!(DECODE_SPLIT.is_multiple_of(8));
+
 pub const SOURCE: &str = include_str!("../../../../shaders/ternary_decode.wgsl");
 
 /// Workgroup memory the shader declares besides the row's codes: the sum of squares' chunk
@@ -142,6 +145,10 @@ impl TernaryDecode {
                     (
                         "PREX",
                         f64::from(u8::from(!super::bench_switch("BITLORA_DECODE_NOPREX"))),
+                    ),
+                    (
+                        "TREE_PART",
+                        f64::from(u8::from(!super::bench_switch("BITLORA_DECODE_ATOMIC"))),
                     ),
                     (
                         "TREE_REG",
