@@ -602,12 +602,9 @@ impl GpuModel {
             })
         };
 
+        // Streamed: natively, the staging memory of one piece at a time (see flush_uploads).
         let table = |name: &str, w: &[f32]| {
-            if bf16_tables {
-                SplitTensor::upload(dev, name, v, c, w, split)
-            } else {
-                SplitTensor::f32(dev, name, v, c, w, split)
-            }
+            SplitTensor::upload_streamed(dev, &gpu.queue, name, v, c, w, split, bf16_tables)
         };
         // to_f32: a widened copy dropped after the upload (Deref would keep one in the model).
         let embed_tokens = table("model.embed_tokens.weight", &p.embed_tokens.to_f32())?;
@@ -637,6 +634,8 @@ impl GpuModel {
                 ffn_sub_norm: norm(n("mlp.ffn_sub_norm"), &lp.ffn_sub_norm)?,
                 down_proj: linear(n("mlp.down_proj"), &lp.down_proj)?,
             });
+            // Free this layer's staging memory before the next layer's uploads.
+            tensor::flush_uploads(dev, &gpu.queue)?;
         }
         let norm = norm("model.norm.weight".into(), &p.norm)?;
 

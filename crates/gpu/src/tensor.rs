@@ -68,6 +68,29 @@ pub struct GpuTensor {
     pub buffer: wgpu::Buffer,
 }
 
+/// Most bytes [`SplitTensor::upload_streamed`] writes before freeing their staging memory.
+pub const UPLOAD_PIECE_BYTES: u64 = 32 << 20;
+
+/// Natively, submits what was written or created with contents so far and waits for it, so
+/// that wgpu frees the staging memory of those uploads (which it otherwise keeps until the
+/// next submission completes: a model's whole weights over again). Nothing on the web, where
+/// the browser stages `writeBuffer` itself.
+pub fn flush_uploads(device: &wgpu::Device, queue: &wgpu::Queue) -> Result<(), GpuError> {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        queue.submit([]);
+        device
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
+            .map_err(|e| GpuError::Device(format!("waiting for the uploads: {e}")))?;
+    }
+    #[cfg(target_arch = "wasm32")]
+    let _ = (device, queue);
+    Ok(())
+}
+
 /// The largest buffer a kernel may bind: the smaller of the storage-binding and buffer limits.
 pub fn binding_limit(device: &wgpu::Device) -> u64 {
     let l = device.limits();
@@ -146,6 +169,46 @@ impl GpuTensor {
             dtype,
             buffer,
         })
+    }
+
+    /// Writes row-major `data` (f32, or exactly-bf16 values for a [`DType::Bf16`] tensor) into
+    /// this tensor through `queue`, [`UPLOAD_PIECE_BYTES`] of the buffer at a time, flushing
+    /// after each piece ([`flush_uploads`]).
+    fn write_streamed(
+        &self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        data: &[f32],
+    ) -> Result<(), GpuError> {
+        check_len(&self.name, &self.shape, data.len())?;
+        // Values a piece: an even number (bf16 pairs share a word), a multiple of 4 bytes.
+        let per = (UPLOAD_PIECE_BYTES / 4) as usize & !1;
+        for (k, piece) in data.chunks(per).enumerate() {
+            let at = k * per;
+            match self.dtype {
+                DType::Bf16 => {
+                    let mut words = vec![0u32; piece.len().div_ceil(2)];
+                    for (j, &v) in piece.iter().enumerate() {
+                        let bits = v.to_bits();
+                        if bits & 0xffff != 0 {
+                            return Err(GpuError::Shape {
+                                op: "upload",
+                                msg: format!(
+                                    "`{}` value {} ({v:e}) is not exactly a bf16",
+                                    self.name,
+                                    at + j
+                                ),
+                            });
+                        }
+                        words[j / 2] |= (bits >> 16) << (16 * (j % 2));
+                    }
+                    queue.write_buffer(&self.buffer, (2 * at) as u64, bytemuck::cast_slice(&words));
+                }
+                _ => queue.write_buffer(&self.buffer, (4 * at) as u64, bytemuck::cast_slice(piece)),
+            }
+            flush_uploads(device, queue)?;
+        }
+        Ok(())
     }
 
     /// An f32 tensor of `shape` from row-major data.
@@ -334,7 +397,16 @@ impl SplitTensor {
         data: &[f32],
         max_chunk_bytes: u64,
     ) -> Result<SplitTensor, GpuError> {
-        Self::with_dtype(device, name, rows, cols, data, max_chunk_bytes, DType::F32)
+        Self::with_dtype(
+            device,
+            None,
+            name,
+            rows,
+            cols,
+            data,
+            max_chunk_bytes,
+            DType::F32,
+        )
     }
 
     /// As [`SplitTensor::f32`], stored as bf16 (half the bytes) when that is lossless: C is
@@ -359,11 +431,38 @@ impl SplitTensor {
         } else {
             DType::F32
         };
-        Self::with_dtype(device, name, rows, cols, data, max_chunk_bytes, dtype)
+        Self::with_dtype(device, None, name, rows, cols, data, max_chunk_bytes, dtype)
     }
 
+    /// [`SplitTensor::upload`] (`lossless_bf16`) or [`SplitTensor::f32`] written through
+    /// `queue` a piece of at most [`UPLOAD_PIECE_BYTES`] at a time, each piece's staging
+    /// memory freed before the next is written ([`flush_uploads`]): the same contents, but
+    /// natively the upload never holds more than one piece of staging memory beside the
+    /// tables (uploading a 2B-4T embedding in one piece doubled its 626 MiB on the GPU).
+    #[allow(clippy::too_many_arguments)]
+    pub fn upload_streamed(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        name: impl Into<String>,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+        max_chunk_bytes: u64,
+        lossless_bf16: bool,
+    ) -> Result<SplitTensor, GpuError> {
+        let dtype = if lossless_bf16 && cols.is_multiple_of(2) && bf16_exact(data) {
+            DType::Bf16
+        } else {
+            DType::F32
+        };
+        let q = Some(queue);
+        Self::with_dtype(device, q, name, rows, cols, data, max_chunk_bytes, dtype)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn with_dtype(
         device: &wgpu::Device,
+        queue: Option<&wgpu::Queue>,
         name: impl Into<String>,
         rows: usize,
         cols: usize,
@@ -385,9 +484,14 @@ impl SplitTensor {
                 format!("{name}[{row0}..{}]", row0 + n)
             };
             let values = &data[row0 * cols..(row0 + n) * cols];
-            let t = match dtype {
-                DType::Bf16 => GpuTensor::bf16(device, chunk_name, &[n, cols], values)?,
-                _ => GpuTensor::f32(device, chunk_name, &[n, cols], values)?,
+            let t = match (queue, dtype) {
+                (Some(queue), _) => {
+                    let t = GpuTensor::zeros(device, chunk_name, &[n, cols], dtype)?;
+                    t.write_streamed(device, queue, values)?;
+                    t
+                }
+                (None, DType::Bf16) => GpuTensor::bf16(device, chunk_name, &[n, cols], values)?,
+                (None, _) => GpuTensor::f32(device, chunk_name, &[n, cols], values)?,
             };
             chunks.push((row0, t));
         }

@@ -1170,3 +1170,45 @@ fn ternary_decode_att_equals_combine_then_o_bit_for_bit() {
     // HS not a multiple of 4 keeps the combine dispatch.
     assert!(TernaryDecode::new_att(&g.device, (4, 2, 6), 8, 1e-5).is_none());
 }
+
+/// `SplitTensor::upload_streamed` (the model's tables, written a piece at a time with the
+/// staging freed in between) stores the same bytes as `SplitTensor::upload` / `f32`, with
+/// pieces and chunks that do not line up: 4,200 x 2,048 values in chunks of 4,100 rows, the
+/// first chunk (8,396,800 values) more than one `UPLOAD_PIECE_BYTES` piece (8,388,608 f32
+/// values, or as many bf16 in half the bytes), the second 100 rows.
+#[test]
+fn streamed_table_uploads_equal_the_one_piece_upload() {
+    let g = gpu();
+    let (v, c) = (4200, 2048);
+    let mut rng = Rng::new(12);
+    let w: Vec<f32> = normal(&mut rng, v * c, 0.5)
+        .into_iter()
+        .map(|x| f32::from_bits(x.to_bits() & 0xffff_0000))
+        .collect();
+    assert!(4 * (4100 * c) as u64 > bitlora_gpu::tensor::UPLOAD_PIECE_BYTES);
+    let limit = (4100 * c * 4) as u64;
+    let bytes = |t: &SplitTensor| -> Vec<u8> {
+        t.chunks
+            .iter()
+            .flat_map(|(_, c)| {
+                block(bitlora_gpu::tensor::read_bytes(&g.device, &g.queue, c)).unwrap()
+            })
+            .collect()
+    };
+    for bf16 in [true, false] {
+        let one = if bf16 {
+            SplitTensor::upload(&g.device, "table", v, c, &w, limit).unwrap()
+        } else {
+            SplitTensor::f32(&g.device, "table", v, c, &w, limit).unwrap()
+        };
+        let streamed =
+            SplitTensor::upload_streamed(&g.device, &g.queue, "table", v, c, &w, limit, bf16)
+                .unwrap();
+        assert_eq!(streamed.dtype, if bf16 { DType::Bf16 } else { DType::F32 });
+        assert_eq!(streamed.chunks.len(), 2);
+        assert!(
+            bytes(&streamed) == bytes(&one),
+            "bf16 {bf16}: streamed bytes differ"
+        );
+    }
+}
