@@ -1,7 +1,8 @@
 // Cross-entropy forward and backward over the vocabulary, one row of logits per workgroup,
 // as bitlora_core::train::forward_backward computes it row by row:
 //   lse = max + log(sum_v exp(l_v - max)),  loss = lse - l_y,
-//   dlogits_v = (exp(l_v - lse) - [v == y]) * weight    (weight = grad_scale / counted).
+//   dlogits_v = (exp(l_v - lse) - [v == y]) * weight    (weight = grad_scale / counted),
+//   0 where its magnitude is below FLUSH (the softmax's far tail, subnormal on the CPU).
 // The logits are overwritten with dlogits in place, so a (T, V) buffer is the only O(T*V)
 // memory; a caller with a large vocabulary runs the head and this kernel on windows of rows.
 // The T rows of logits may be a window of a longer sequence: their targets and losses are rows
@@ -15,6 +16,7 @@
 override V: u32;        // vocabulary
 override WG: u32 = 64u; // workgroup size, a power of two
 const MASKED: u32 = 0xffffffffu;
+const FLUSH: f32 = 1e-30; // dlogits smaller in magnitude are 0 (train.rs LOGIT_GRAD_FLUSH)
 
 struct Dims {
     weight: f32, // grad_scale / counted targets
@@ -70,7 +72,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             g -= 1.0;
         }
         if counted {
-            logits[base + c] = g * dims.weight;
+            // bitlora_core::train::LOGIT_GRAD_FLUSH: the far tail of the softmax to zero.
+            let d = g * dims.weight;
+            logits[base + c] = select(d, 0.0, abs(d) < FLUSH);
         } else {
             logits[base + c] = 0.0;
         }
