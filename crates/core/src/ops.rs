@@ -254,12 +254,26 @@ pub fn matmul_t(x: &[f32], w: &[f32], i: usize, o: usize) -> Vec<f32> {
 pub(crate) trait Weight: Copy + Send + Sync {
     /// The value as f32 (exact).
     fn widen(self) -> f32;
+
+    /// `[p[0].widen(), .., p[7].widen()]` in one AVX2 register.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, and `p[..8]` is in bounds.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl Weight for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract (8 values in bounds, AVX2).
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
     }
 }
 
@@ -268,6 +282,18 @@ impl Weight for u16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         bf16_to_f32(self)
+    }
+
+    /// `vpmovzxwd` + `vpslld 16`: [`bf16_to_f32`] on 8 values.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(p: *const u16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (8 values = 16 bytes in bounds, AVX2).
+        unsafe {
+            let h = _mm_loadu_si128(p.cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
     }
 }
 
@@ -338,12 +364,62 @@ fn matmul_t_block<W: Weight>(x: &[f32], w: &[W], i: usize, o: usize, y: &mut [f3
     matmul_t_body::<false, W>(x, w, i, o, y)
 }
 
-/// [`matmul_t_body`] built with AVX2 + FMA. For bf16 the compiler widens 8 values a step in
-/// register (`vpmovzxwd` + `vpslld` feeding `vfmadd231ps`: checked in the disassembly).
+/// Tokens whose outputs [`matmul_t_avx2`] computes together from one pass over a row of W.
+#[cfg(target_arch = "x86_64")]
+const TOKEN_BLOCK: usize = 4;
+
+/// [`matmul_t_body`] with FMA (each output as `dot_lanes::<true, W>` computes it, the same
+/// bits), [`TOKEN_BLOCK`] tokens at a time: each row of W is read in pieces of 16 (widened
+/// once: `vpmovzxwd` + `vpslld` for bf16) that feed the 16 lanes of 4 tokens, 8 independent
+/// chains of `vfmadd231ps` in 8 registers instead of 2. One token's dot product is a chain
+/// bound by the FMA latency (2 multiply-adds every 4-5 cycles); 4 tokens' keep both FMA
+/// units busy. The lanes are then summed exactly as [`dot_lanes`] sums them
+/// (`(((0 + lane 0) + lane 1) + .. + lane 15) + tail`), the 4 tokens' sums being independent
+/// chains too. Training runs T = 16 rows a thread of the head (I = 768); the last T % 4
+/// tokens, and decoding (T = 1), take [`dot_lanes`] itself, so decoding is as before.
+/// Equal to the body bit for bit: `blocked_head_kernels_keep_the_one_token_order`.
+///
+/// Taking 4 rows of W together for one token instead (x read once for four outputs) was
+/// tried and measured on the 2-core EPYC: faster where C = 2560 but slower for 125m decoding
+/// (see [`matmul_t_body`]); the token block does not touch decoding.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn matmul_t_avx2<W: Weight>(x: &[f32], w: &[W], i: usize, o: usize, y: &mut [f32]) {
-    matmul_t_body::<true, W>(x, w, i, o, y)
+    use std::arch::x86_64::*;
+    const LANES: usize = MATMUL_LANES;
+    let t = x.len() / i;
+    let blocked = t - t % TOKEN_BLOCK;
+    let n = i - i % LANES;
+    for c in 0..o {
+        let wc = &w[c * i..(c + 1) * i];
+        for r in (0..blocked).step_by(TOKEN_BLOCK) {
+            let xb = &x[r * i..(r + TOKEN_BLOCK) * i];
+            // acc[2 j], acc[2 j + 1]: lanes 0..8 and 8..16 of token r + j.
+            let mut acc = [_mm256_setzero_ps(); 2 * TOKEN_BLOCK];
+            for k in (0..n).step_by(LANES) {
+                // SAFETY: k + 16 <= n <= I: within W's row and each of the 4 rows of x
+                // (xb is (4, I)); the CPU has AVX2 and FMA (this function's features).
+                unsafe {
+                    let w0 = W::widen8(wc.as_ptr().add(k));
+                    let w1 = W::widen8(wc.as_ptr().add(k + 8));
+                    for j in 0..TOKEN_BLOCK {
+                        let xp = xb.as_ptr().add(j * i + k);
+                        acc[2 * j] = _mm256_fmadd_ps(_mm256_loadu_ps(xp), w0, acc[2 * j]);
+                        acc[2 * j + 1] =
+                            _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(8)), w1, acc[2 * j + 1]);
+                    }
+                }
+            }
+            let sums = sum_lanes_x4(&acc);
+            for (j, sum) in sums.into_iter().enumerate() {
+                let xr = &xb[j * i..(j + 1) * i];
+                y[(r + j) * o + c] = sum + dot_tail(&xr[n..], &wc[n..]);
+            }
+        }
+        for r in blocked..t {
+            y[r * o + c] = dot_lanes::<true, W>(&x[r * i..(r + 1) * i], wc);
+        }
+    }
 }
 
 /// The lanes of [`dot_lanes`]' partial sums.
@@ -437,6 +513,42 @@ fn matmul_acc_block<W: Weight>(g: &[f32], w: &[W], v: usize, c: usize, y: &mut [
         return unsafe { matmul_acc_avx2(g, w, v, c, y) };
     }
     matmul_acc_body(g, w, v, c, y)
+}
+
+/// `lanes.iter().sum::<f32>()` of [`dot_lanes`] for 4 tokens at once, the same bits:
+/// `acc[2 j]`, `acc[2 j + 1]` hold lanes 0..8 and 8..16 of token j. A 4 x 8 transpose per
+/// half (`vunpck*ps` + `vshufps`) puts lane l of the 4 tokens in one register, and
+/// `s = ((z + lane 0) + lane 1) + .. + lane 15` runs on the 4 tokens side by side, z being
+/// the empty sum `Sum` starts from; each token's sum is the scalar fold's, term for term.
+/// (Storing the lanes and folding them one token at a time took 64 scalar additions and as
+/// many loads: ~10% of the head's forward.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn sum_lanes_x4(acc: &[std::arch::x86_64::__m256; 2 * TOKEN_BLOCK]) -> [f32; TOKEN_BLOCK] {
+    use std::arch::x86_64::*;
+    let mut s = _mm_set1_ps(std::iter::empty::<f32>().sum::<f32>());
+    for h in 0..2 {
+        let (a, b, c, d) = (acc[h], acc[2 + h], acc[4 + h], acc[6 + h]);
+        let (ab_lo, ab_hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        let (cd_lo, cd_hi) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+        // lane_k (k < 4): lanes k (low half) and k + 4 (high half) of a, b, c, d.
+        let lane = [
+            _mm256_shuffle_ps::<0x44>(ab_lo, cd_lo),
+            _mm256_shuffle_ps::<0xEE>(ab_lo, cd_lo),
+            _mm256_shuffle_ps::<0x44>(ab_hi, cd_hi),
+            _mm256_shuffle_ps::<0xEE>(ab_hi, cd_hi),
+        ];
+        for l in lane {
+            s = _mm_add_ps(s, _mm256_castps256_ps128(l));
+        }
+        for l in lane {
+            s = _mm_add_ps(s, _mm256_extractf128_ps::<1>(l));
+        }
+    }
+    let mut out = [0f32; TOKEN_BLOCK];
+    // SAFETY: out holds 4 f32.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -738,6 +850,199 @@ mod tests {
             matmul_acc_body(&g, &wf, o, i, &mut af);
             matmul_acc_body(&g, &wb, o, i, &mut ab);
             assert_eq!(bits(&ab), bits(&af), "T={t} I={i} O={o}: matmul_acc body");
+        }
+    }
+
+    /// Shapes for the blocked head kernels: T around and not a multiple of the token block
+    /// (4) and the row tile (4), I / C below, at, and not a multiple of the 16 lanes / tile
+    /// columns, O / V odd and across the backward's block of 64 rows of W.
+    const BLOCK_SHAPES: [(usize, usize, usize); 10] = [
+        (1, 17, 5),
+        (2, 1, 3),
+        (3, 15, 7),
+        (4, 16, 1),
+        (5, 33, 65),
+        (7, 100, 129),
+        (8, 31, 64),
+        (9, 769, 37),
+        (13, 48, 201),
+        (37, 257, 131),
+    ];
+
+    /// Whether this CPU takes the AVX2 + FMA kernels (else their tests check the bodies only).
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_fma() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+
+    /// The head's forward with tokens blocked by 4 (`matmul_t_avx2`) against the unblocked
+    /// one-token path (`dot_lanes` per token and output; `matmul_t_block` on one token, as
+    /// decoding runs it): equal bit for bit, f32 and bf16 W, the bodies with and without FMA,
+    /// and through `matmul_t_fast` on 1 and 3 threads. A changed order of the sums changes the
+    /// low bits (random normal data), so this fails if the blocking reorders anything.
+    #[test]
+    fn blocked_head_kernels_keep_the_one_token_order() {
+        let mut rng = crate::rng::Rng::new(16);
+        let pools: Vec<rayon::ThreadPool> = [1, 3]
+            .iter()
+            .map(|&n| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        for (t, i, o) in BLOCK_SHAPES {
+            let x: Vec<f32> = (0..t * i).map(|_| rng.normal()).collect();
+            let (wf, wb) = bf16_data(o * i, &mut rng);
+            // Unblocked, one token at a time, by the body of each build.
+            let one_token = |fma: bool| -> Vec<f32> {
+                let mut y = vec![0f32; t * o];
+                for r in 0..t {
+                    let xr = &x[r * i..(r + 1) * i];
+                    for c in 0..o {
+                        let wc = &wf[c * i..(c + 1) * i];
+                        y[r * o + c] = if fma {
+                            dot_lanes::<true, f32>(xr, wc)
+                        } else {
+                            dot_lanes::<false, f32>(xr, wc)
+                        };
+                    }
+                }
+                y
+            };
+            for fma in [false, true] {
+                let reference = one_token(fma);
+                let (mut yf, mut yb) = (vec![0f32; t * o], vec![0f32; t * o]);
+                if fma {
+                    matmul_t_body::<true, f32>(&x, &wf, i, o, &mut yf);
+                    matmul_t_body::<true, u16>(&x, &wb, i, o, &mut yb);
+                } else {
+                    matmul_t_body::<false, f32>(&x, &wf, i, o, &mut yf);
+                    matmul_t_body::<false, u16>(&x, &wb, i, o, &mut yb);
+                }
+                assert_eq!(
+                    bits(&yf),
+                    bits(&reference),
+                    "T={t} I={i} O={o}: f32 FMA {fma}"
+                );
+                assert_eq!(
+                    bits(&yb),
+                    bits(&reference),
+                    "T={t} I={i} O={o}: bf16 FMA {fma}"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx2_fma() {
+                let reference = one_token(true);
+                let (mut yf, mut yb) = (vec![0f32; t * o], vec![0f32; t * o]);
+                // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                unsafe {
+                    matmul_t_avx2(&x, &wf, i, o, &mut yf);
+                    matmul_t_avx2(&x, &wb, i, o, &mut yb);
+                }
+                assert_eq!(bits(&yf), bits(&reference), "T={t} I={i} O={o}: f32 AVX2");
+                assert_eq!(bits(&yb), bits(&reference), "T={t} I={i} O={o}: bf16 AVX2");
+            }
+            // The dispatched path: each token alone (as decoding) against all tokens at once.
+            let mut reference = vec![0f32; t * o];
+            for (xr, yr) in x.chunks_exact(i).zip(reference.chunks_exact_mut(o)) {
+                matmul_t_block(xr, &wf, i, o, yr);
+            }
+            for pool in &pools {
+                let n = pool.current_num_threads();
+                let (f, b) = pool.install(|| {
+                    (
+                        matmul_t_fast(&x, &wf, i, o),
+                        matmul_t_fast_bf16(&x, &wb, i, o),
+                    )
+                });
+                assert_eq!(
+                    bits(&f),
+                    bits(&reference),
+                    "T={t} I={i} O={o}: f32, {n} threads"
+                );
+                assert_eq!(
+                    bits(&b),
+                    bits(&reference),
+                    "T={t} I={i} O={o}: bf16, {n} threads"
+                );
+            }
+        }
+    }
+
+    /// The head's backward (`matmul_acc_avx2`, `matmul_acc`) against the plain loop, `axpy`
+    /// per (v, row) in order of v with zeros of g skipped: equal bit for bit, f32 and bf16 W,
+    /// the body, the AVX2 kernel, and `matmul_acc` on 1 and 3 threads.
+    /// g has zeros and y starts with some -0.0, so not skipping a zero (-0 + 0 w = +0) fails
+    /// too, as would any change in the order of v.
+    #[test]
+    fn matmul_acc_keeps_the_axpy_order() {
+        let mut rng = crate::rng::Rng::new(61);
+        let pools: Vec<rayon::ThreadPool> = [1, 3]
+            .iter()
+            .map(|&n| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        for (t, c, v) in BLOCK_SHAPES {
+            let (wf, wb) = bf16_data(v * c, &mut rng);
+            let g: Vec<f32> = (0..t * v)
+                .map(|k| if k % 5 == 1 { 0.0 } else { rng.normal() })
+                .collect();
+            let start: Vec<f32> = (0..t * c)
+                .map(|k| if k % 7 == 3 { -0.0 } else { rng.normal() })
+                .collect();
+            let mut reference = start.clone();
+            for vi in 0..v {
+                for r in 0..t {
+                    let a = g[r * v + vi];
+                    if a != 0.0 {
+                        axpy(
+                            &mut reference[r * c..(r + 1) * c],
+                            a,
+                            &wf[vi * c..(vi + 1) * c],
+                        );
+                    }
+                }
+            }
+            let (mut yf, mut yb) = (start.clone(), start.clone());
+            matmul_acc_body(&g, &wf, v, c, &mut yf);
+            matmul_acc_body(&g, &wb, v, c, &mut yb);
+            assert_eq!(bits(&yf), bits(&reference), "T={t} C={c} V={v}: f32 body");
+            assert_eq!(bits(&yb), bits(&reference), "T={t} C={c} V={v}: bf16 body");
+            #[cfg(target_arch = "x86_64")]
+            if avx2_fma() {
+                let (mut yf, mut yb) = (start.clone(), start.clone());
+                // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                unsafe {
+                    matmul_acc_avx2(&g, &wf, v, c, &mut yf);
+                    matmul_acc_avx2(&g, &wb, v, c, &mut yb);
+                }
+                assert_eq!(bits(&yf), bits(&reference), "T={t} C={c} V={v}: f32 AVX2");
+                assert_eq!(bits(&yb), bits(&reference), "T={t} C={c} V={v}: bf16 AVX2");
+            }
+            for pool in &pools {
+                let n = pool.current_num_threads();
+                let (mut yf, mut yb) = (start.clone(), start.clone());
+                pool.install(|| {
+                    matmul_acc(&mut yf, &g, &wf, v, c);
+                    matmul_acc_bf16(&mut yb, &g, &wb, v, c);
+                });
+                assert_eq!(
+                    bits(&yf),
+                    bits(&reference),
+                    "T={t} C={c} V={v}: f32, {n} threads"
+                );
+                assert_eq!(
+                    bits(&yb),
+                    bits(&reference),
+                    "T={t} C={c} V={v}: bf16, {n} threads"
+                );
+            }
         }
     }
 
