@@ -466,7 +466,9 @@ export interface TrainerEvents {
   progress: ProgressEvent;
   validation: ValidationEvent;
   checkpoint: CheckpointEvent;
-  state: { state: TrainerState };
+  /** `step`: the step the run stands at (a pause during a step's validation comes before
+   * that step's progress event). */
+  state: { state: TrainerState; step?: number };
   done: DoneEvent;
   /** The WebGPU device was lost; the run goes on from its last checkpoint (`step` and `backend` follow). */
   recovered: RecoveredEvent;

@@ -487,6 +487,7 @@ class Trainer {
       }
       case 'state':
         this.state = e.data.state;
+        if (e.data.step != null) this.step = e.data.step;
         this.#emit('state', e.data);
         break;
       case 'done':

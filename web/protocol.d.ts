@@ -180,7 +180,7 @@ export type TrainEvent =
   | { event: 'progress'; data: ProgressEvent }
   | { event: 'validation'; data: ValidationEvent }
   | { event: 'checkpoint'; data: CheckpointEvent }
-  | { event: 'state'; data: { state: TrainerState } }
+  | { event: 'state'; data: { state: TrainerState; step?: number } }
   | { event: 'done'; data: DoneEvent }
   | { event: 'recovered'; data: RecoveredEvent & { session: InitResult } }
   | { event: 'error'; data: { message: string; fatal?: boolean; field?: string; line?: number } };

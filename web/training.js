@@ -262,7 +262,9 @@ function needRun(runId) {
  */
 function setState(run, state) {
   run.state = state;
-  post(run.id, 'state', { state });
+  // The step the run stands at: a pause during a step's validation stores the step's
+  // checkpoint before that step's progress event (which waits for the validation loss).
+  post(run.id, 'state', { state, step: run.wt.step });
 }
 
 /**

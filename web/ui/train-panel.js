@@ -425,6 +425,8 @@ export function mountTrainPanel(app) {
       }),
       tr.on('state', ({ state }) => {
         if (state === 'paused') {
+          t.step = tr.step;
+          $('train-progress', HTMLProgressElement).value = tr.step;
           $('train-stats').textContent = `Paused at step ${fmtInt(tr.step)} of ${fmtInt(tr.totalSteps)}` +
             (t.checkpointStep != null ? ` · checkpoint at step ${t.checkpointStep} (kept if you close the tab)` : '') + ' · Resume continues from here.';
         }
