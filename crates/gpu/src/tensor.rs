@@ -68,6 +68,23 @@ pub struct GpuTensor {
     pub buffer: wgpu::Buffer,
 }
 
+/// `data` as bf16 pairs (element 2k in a word's low half), every value exactly a bf16 or an
+/// error naming it (`first`: the index of data[0] in `name`).
+fn bf16_words(name: &str, data: &[f32], first: usize) -> Result<Vec<u32>, GpuError> {
+    let mut words = vec![0u32; data.len().div_ceil(2)];
+    for (k, &v) in data.iter().enumerate() {
+        let bits = v.to_bits();
+        if bits & 0xffff != 0 {
+            return Err(GpuError::Shape {
+                op: "upload",
+                msg: format!("`{name}` value {} ({v:e}) is not exactly a bf16", first + k),
+            });
+        }
+        words[k / 2] |= (bits >> 16) << (16 * (k % 2));
+    }
+    Ok(words)
+}
+
 /// Most bytes [`SplitTensor::upload_streamed`] writes before freeing their staging memory.
 pub const UPLOAD_PIECE_BYTES: u64 = 32 << 20;
 
@@ -187,21 +204,7 @@ impl GpuTensor {
             let at = k * per;
             match self.dtype {
                 DType::Bf16 => {
-                    let mut words = vec![0u32; piece.len().div_ceil(2)];
-                    for (j, &v) in piece.iter().enumerate() {
-                        let bits = v.to_bits();
-                        if bits & 0xffff != 0 {
-                            return Err(GpuError::Shape {
-                                op: "upload",
-                                msg: format!(
-                                    "`{}` value {} ({v:e}) is not exactly a bf16",
-                                    self.name,
-                                    at + j
-                                ),
-                            });
-                        }
-                        words[j / 2] |= (bits >> 16) << (16 * (j % 2));
-                    }
+                    let words = bf16_words(&self.name, piece, at)?;
                     queue.write_buffer(&self.buffer, (2 * at) as u64, bytemuck::cast_slice(&words));
                 }
                 _ => queue.write_buffer(&self.buffer, (4 * at) as u64, bytemuck::cast_slice(piece)),
@@ -235,16 +238,9 @@ impl GpuTensor {
     ) -> Result<GpuTensor, GpuError> {
         let name = name.into();
         check_len(&name, shape, data.len())?;
-        let mut words = vec![0u32; data.len().div_ceil(2).max(1)];
-        for (k, &v) in data.iter().enumerate() {
-            let bits = v.to_bits();
-            if bits & 0xffff != 0 {
-                return Err(GpuError::Shape {
-                    op: "upload",
-                    msg: format!("`{name}` value {k} ({v:e}) is not exactly a bf16"),
-                });
-            }
-            words[k / 2] |= (bits >> 16) << (16 * (k % 2));
+        let mut words = bf16_words(&name, data, 0)?;
+        if words.is_empty() {
+            words.push(0);
         }
         Self::from_bytes(
             device,
