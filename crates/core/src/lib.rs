@@ -6,6 +6,7 @@ pub mod builder;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod expf;
 /// Entry points for the fuzz targets in `fuzz/` and their corpus replay.
 pub mod fuzzing;
 pub mod generate;

@@ -69,14 +69,37 @@ pub const LOGIT_GRAD_FLUSH: f32 = 1e-30;
 /// One row of logits (V) becomes its dlogits in place: (softmax - onehot(y)) * grad_scale /
 /// counted, with [`LOGIT_GRAD_FLUSH`]'s tail set to 0; `lse` is the row's log-sum-exp.
 fn logit_grads(row: &mut [f32], y: usize, lse: f32, grad_scale: f32, counted: f32) {
-    for (vi, l) in row.iter_mut().enumerate() {
-        let mut g = libm::expf(*l - lse);
-        if vi == y {
-            g -= 1.0;
+    for (c, chunk) in row.chunks_mut(EXP_CHUNK).enumerate() {
+        for l in chunk.iter_mut() {
+            *l -= lse;
         }
-        let d = g * grad_scale / counted;
-        *l = if d.abs() < LOGIT_GRAD_FLUSH { 0.0 } else { d };
+        crate::expf::expf_in_place(chunk); // libm::expf's bits, several at a time
+        for (j, l) in chunk.iter_mut().enumerate() {
+            let mut g = *l;
+            if c * EXP_CHUNK + j == y {
+                g -= 1.0;
+            }
+            let d = g * grad_scale / counted;
+            *l = if d.abs() < LOGIT_GRAD_FLUSH { 0.0 } else { d };
+        }
     }
+}
+
+/// Elements per call of [`crate::expf::expf_in_place`] in the softmax (a stack buffer's worth).
+const EXP_CHUNK: usize = 256;
+
+/// The log-sum-exp of each row of `logits` (rows, V) that has a target (others: 0), rows split
+/// between threads; each row's value is [`log_sum_exp`]'s, whatever the threads.
+fn row_log_sum_exps(logits: &[f32], v: usize, targets: &[Option<u32>]) -> Vec<f32> {
+    let mut lse = vec![0f32; logits.len() / v];
+    crate::par::chunks(&mut lse, 1, |k0, out| {
+        for (k, l) in out.iter_mut().enumerate() {
+            if targets[k0 + k].is_some() {
+                *l = log_sum_exp(&logits[(k0 + k) * v..(k0 + k + 1) * v]);
+            }
+        }
+    });
+    lse
 }
 
 /// Dropout's draws for `n` inputs, in order: true where the input is kept. One `rng.uniform()`
@@ -202,10 +225,10 @@ pub fn linear_backward(
 }
 
 /// dX (T, I) = dY (T, O) . W with W = T / s_w the dequantized ternary weight: the fast
-/// path, equal to [`ternary_backward_reference`] within f32 rounding (it sums the four rows of
-/// a packed byte in another order). Each packed weight row is dequantized once per block of
-/// tokens, blocks of tokens run on separate threads, and natively on x86-64 the body is
-/// compiled a second time with AVX2+FMA.
+/// path, equal to [`ternary_backward_reference`] within f32 rounding (natively it fuses each
+/// multiply-add). Blocks of tokens run on separate threads; natively on x86-64 a
+/// register-tiled GEMM (AVX-512F or AVX2+FMA, [`ternary_backward_tiled`]) computes the FMA
+/// body's bits, elsewhere (wasm) the body runs as written.
 pub fn ternary_backward(lin: &TernaryLinear, dy: &[f32]) -> Vec<f32> {
     let (o, i) = (lin.out_features, lin.in_features);
     let t = dy.len() / o;
@@ -221,14 +244,155 @@ pub fn ternary_backward(lin: &TernaryLinear, dy: &[f32]) -> Vec<f32> {
 /// [`ternary_backward`] on a block of tokens: `dx` (rows, I) from `dy` (rows, O).
 fn ternary_backward_block(lin: &TernaryLinear, dy: &[f32], dx: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        return unsafe { ternary_backward_avx2(lin, dy, dx) };
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            return ternary_backward_tiled::<8, 32>(lin, dy, dx, |g, w, tile| unsafe {
+                tiled::tile_avx512(g, w, tile)
+            });
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            return ternary_backward_tiled::<6, 16>(lin, dy, dx, |g, w, tile| unsafe {
+                tiled::tile_avx2(g, w, tile)
+            });
+        }
     }
     ternary_backward_body::<false>(lin, dy, dx)
 }
 
+/// The register-tiled form of [`ternary_backward_body`]`::<true>`, equal to it bit for bit:
+/// dX = dY . W as a GEMM whose reduction index k runs over the weight rows in the packed order
+/// (packed row p ascending, then its four sub-rows s), each element a chain of fused
+/// multiply-adds from 0 in that order, then times 1 / s_w, exactly as the body does.
+///
+/// Layout: dY is copied once into MR-token tiles stored k-major (`gp[tile][k][MR]`, rows past O
+/// and tokens past T zero); then per strip of NR columns the weights are dequantized once into
+/// `wp[k][NR]` (f32 -1/0/+1; columns past I zero), and `kernel` runs every token tile over the
+/// whole reduction with the MR x NR block of dX in registers: per k, NR / lanes loads of W and
+/// MR broadcasts of dY feed MR * NR / lanes FMAs. Where the body re-read and re-wrote each dX
+/// row for every packed row (L2-bound), the tile touches dX once.
 #[cfg(target_arch = "x86_64")]
+fn ternary_backward_tiled<const MR: usize, const NR: usize>(
+    lin: &TernaryLinear,
+    dy: &[f32],
+    dx: &mut [f32],
+    kernel: impl Fn(&[f32], &[f32], &mut [[f32; NR]; MR]),
+) {
+    let (o, i) = (lin.out_features, lin.in_features);
+    let o4 = lin.packed_rows();
+    let k = 4 * o4;
+    let t = dy.len() / o;
+    let tiles = t.div_ceil(MR);
+    // gp[tile][k][r] = dY[tile * MR + r][row of k], k = 4 p + s <-> row = p + s * o4.
+    let mut gp = vec![0f32; tiles * k * MR];
+    for tt in 0..t {
+        let (tile, r) = (tt / MR, tt % MR);
+        let g = &mut gp[tile * k * MR..(tile + 1) * k * MR];
+        for (row, &v) in dy[tt * o..(tt + 1) * o].iter().enumerate() {
+            let (s, p) = (row / o4, row % o4);
+            g[(4 * p + s) * MR + r] = v;
+        }
+    }
+    let inv = 1.0 / lin.w_scale;
+    let mut wp = vec![0f32; k * NR];
+    for c0 in (0..i).step_by(NR) {
+        let nc = NR.min(i - c0);
+        if nc < NR {
+            wp.fill(0.0);
+        }
+        for p in 0..o4 {
+            let bytes = &lin.packed[p * i + c0..p * i + c0 + nc];
+            for s in 0..4 {
+                let row = &mut wp[(4 * p + s) * NR..(4 * p + s) * NR + nc];
+                for (w, &b) in row.iter_mut().zip(bytes) {
+                    *w = ((b >> (2 * s)) & 3) as f32 - 1.0;
+                }
+            }
+        }
+        for tile in 0..tiles {
+            let mut acc = [[0f32; NR]; MR];
+            kernel(&gp[tile * k * MR..(tile + 1) * k * MR], &wp, &mut acc);
+            for (r, a) in acc.iter().enumerate().take(t - tile * MR) {
+                let tt = tile * MR + r;
+                for (d, &v) in dx[tt * i + c0..tt * i + c0 + nc].iter_mut().zip(a) {
+                    *d = v * inv;
+                }
+            }
+        }
+    }
+}
+
+/// The micro-kernels of [`ternary_backward_tiled`]: `tile[r][c] = sum over k of g[k][r] w[k][c]`,
+/// a chain of FMAs from 0 in k order, the MR x NR block in registers.
+#[cfg(target_arch = "x86_64")]
+mod tiled {
+    use std::arch::x86_64::*;
+
+    /// 8 tokens x 32 columns: 16 zmm accumulators, 2 loads and 8 broadcasts per k.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn tile_avx512(g: &[f32], w: &[f32], tile: &mut [[f32; 32]; 8]) {
+        let k = w.len() / 32;
+        assert!(
+            g.len() >= k * 8,
+            "tile_avx512: dY tile shorter than the weights"
+        );
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for kk in 0..k {
+            // SAFETY: kk * 32 + 32 <= w.len() and kk * 8 + 8 <= g.len(), checked above.
+            unsafe {
+                let w0 = _mm512_loadu_ps(w.as_ptr().add(kk * 32));
+                let w1 = _mm512_loadu_ps(w.as_ptr().add(kk * 32 + 16));
+                for r in 0..8 {
+                    let b = _mm512_set1_ps(*g.get_unchecked(kk * 8 + r));
+                    acc[2 * r] = _mm512_fmadd_ps(b, w0, acc[2 * r]);
+                    acc[2 * r + 1] = _mm512_fmadd_ps(b, w1, acc[2 * r + 1]);
+                }
+            }
+        }
+        for (r, row) in tile.iter_mut().enumerate() {
+            // SAFETY: a row holds 32 f32.
+            unsafe {
+                _mm512_storeu_ps(row.as_mut_ptr(), acc[2 * r]);
+                _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[2 * r + 1]);
+            }
+        }
+    }
+
+    /// 6 tokens x 16 columns: 12 ymm accumulators, 2 loads and 6 broadcasts per k.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn tile_avx2(g: &[f32], w: &[f32], tile: &mut [[f32; 16]; 6]) {
+        let k = w.len() / 16;
+        assert!(
+            g.len() >= k * 6,
+            "tile_avx2: dY tile shorter than the weights"
+        );
+        let mut acc = [_mm256_setzero_ps(); 12];
+        for kk in 0..k {
+            // SAFETY: kk * 16 + 16 <= w.len() and kk * 6 + 6 <= g.len(), checked above.
+            unsafe {
+                let w0 = _mm256_loadu_ps(w.as_ptr().add(kk * 16));
+                let w1 = _mm256_loadu_ps(w.as_ptr().add(kk * 16 + 8));
+                for r in 0..6 {
+                    let b = _mm256_set1_ps(*g.get_unchecked(kk * 6 + r));
+                    acc[2 * r] = _mm256_fmadd_ps(b, w0, acc[2 * r]);
+                    acc[2 * r + 1] = _mm256_fmadd_ps(b, w1, acc[2 * r + 1]);
+                }
+            }
+        }
+        for (r, row) in tile.iter_mut().enumerate() {
+            // SAFETY: a row holds 16 f32.
+            unsafe {
+                _mm256_storeu_ps(row.as_mut_ptr(), acc[2 * r]);
+                _mm256_storeu_ps(row.as_mut_ptr().add(8), acc[2 * r + 1]);
+            }
+        }
+    }
+}
+
+/// The untiled FMA body: the twin that the tiled kernels equal bit for bit (tests).
+#[cfg(all(test, target_arch = "x86_64"))]
 #[target_feature(enable = "avx2,fma")]
 fn ternary_backward_avx2(lin: &TernaryLinear, dy: &[f32], dx: &mut [f32]) {
     ternary_backward_body::<true>(lin, dy, dx)
@@ -622,7 +786,20 @@ fn for_head_blocks(
 /// log(sum(exp(logits))), stable.
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + libm::logf(logits.iter().map(|&l| libm::expf(l - max)).sum::<f32>())
+    // sum of libm::expf(l - max) in order of l, as `Iterator::sum` folds (from its empty sum).
+    let mut sum = std::iter::empty::<f32>().sum::<f32>();
+    let mut buf = [0f32; EXP_CHUNK];
+    for chunk in logits.chunks(EXP_CHUNK) {
+        let e = &mut buf[..chunk.len()];
+        for (d, &l) in e.iter_mut().zip(chunk) {
+            *d = l - max;
+        }
+        crate::expf::expf_in_place(e);
+        for &x in e.iter() {
+            sum += x;
+        }
+    }
+    max + libm::logf(sum)
 }
 
 /// One training step's forward and backward on one sequence. `targets[t]` is the token that
@@ -659,18 +836,27 @@ pub fn forward_backward(
     let mut dxn = vec![0f32; t * c];
     let mut loss_sum = 0f64;
     for_head_blocks(model, &xn, targets, |r0, logits| {
-        // logits (rows, V) becomes dlogits = (softmax - onehot) * grad_scale / N, in place.
-        for (k, row) in logits.chunks_exact_mut(v).enumerate() {
-            let Some(y) = targets[r0 + k] else {
-                row.fill(0.0);
-                continue;
-            };
-            let lse = log_sum_exp(row);
-            loss_sum += (lse - row[y as usize]) as f64;
-            logit_grads(row, y as usize, lse, grad_scale, counted as f32);
-        }
-        // dxn (rows, C) += dlogits . H
+        // logits (rows, V) becomes dlogits = (softmax - onehot) * grad_scale / N, in place;
+        // rows on separate threads, the loss summed in order of rows.
         let rows = logits.len() / v;
+        let targets = &targets[r0..r0 + rows];
+        let lse = row_log_sum_exps(logits, v, targets);
+        for ((row, y), lse) in logits.chunks_exact(v).zip(targets).zip(&lse) {
+            if let Some(y) = y {
+                loss_sum += (lse - row[*y as usize]) as f64;
+            }
+        }
+        crate::par::rows(logits, v, 1, |k0, block| {
+            for (k, row) in block.chunks_exact_mut(v).enumerate() {
+                match targets[k0 + k] {
+                    None => row.fill(0.0),
+                    Some(y) => {
+                        logit_grads(row, y as usize, lse[k0 + k], grad_scale, counted as f32)
+                    }
+                }
+            }
+        });
+        // dxn (rows, C) += dlogits . H
         head.matmul_acc(&mut dxn[r0 * c..(r0 + rows) * c], logits, v, c);
     });
 
@@ -755,9 +941,11 @@ pub fn loss(
     let mut sum = 0f64;
     let v = model.config.vocab_size;
     for_head_blocks(model, &xn, targets, |r0, logits| {
-        for (k, row) in logits.chunks_exact(v).enumerate() {
-            if let Some(y) = targets[r0 + k] {
-                sum += (log_sum_exp(row) - row[y as usize]) as f64;
+        let targets = &targets[r0..r0 + logits.len() / v];
+        let lse = row_log_sum_exps(logits, v, targets);
+        for ((row, y), lse) in logits.chunks_exact(v).zip(targets).zip(&lse) {
+            if let Some(y) = y {
+                sum += (lse - row[*y as usize]) as f64;
             }
         }
     });
@@ -963,6 +1151,60 @@ mod tests {
                 &ternary_backward(&lin, &dy),
                 &ternary_backward_reference(&lin, &dy),
             );
+        }
+    }
+
+    /// The register-tiled kernels (each one this CPU has) give the untiled FMA body's bits, on
+    /// shapes with a partial packed row, a partial column strip and a partial token tile, and
+    /// through `ternary_backward` on 1 and 3 threads.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tiled_ternary_backward_equals_the_fma_body_bit_for_bit() {
+        use std::arch::is_x86_feature_detected as has;
+        assert!(
+            has!("avx2") && has!("fma"),
+            "the x86-64 test machines have AVX2+FMA"
+        );
+        let mut rng = Rng::new(11);
+        for (t, i, o) in [
+            (1, 5, 3),
+            (7, 37, 10),
+            (13, 70, 45),
+            (9, 16, 32),
+            (17, 100, 131),
+        ] {
+            let lin = TernaryLinear::from_master(&randn(&mut rng, o * i), o, i);
+            let dy = randn(&mut rng, t * o);
+            let mut want = vec![0f32; t * i];
+            // SAFETY: AVX2 and FMA, asserted above.
+            unsafe { ternary_backward_avx2(&lin, &dy, &mut want) };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let mut got = vec![0f32; t * i];
+            ternary_backward_tiled::<6, 16>(&lin, &dy, &mut got, |g, w, tile| unsafe {
+                tiled::tile_avx2(g, w, tile)
+            });
+            assert_eq!(bits(&got), bits(&want), "AVX2 tile, T={t} I={i} O={o}");
+            if has!("avx512f") {
+                let mut got = vec![0f32; t * i];
+                ternary_backward_tiled::<8, 32>(&lin, &dy, &mut got, |g, w, tile| unsafe {
+                    tiled::tile_avx512(g, w, tile)
+                });
+                assert_eq!(bits(&got), bits(&want), "AVX-512 tile, T={t} I={i} O={o}");
+            } else {
+                eprintln!("this CPU has no AVX-512F: its tile is not run here");
+            }
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool.install(|| ternary_backward(&lin, &dy));
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{threads} threads, T={t} I={i} O={o}"
+                );
+            }
         }
     }
 
