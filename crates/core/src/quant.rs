@@ -277,6 +277,14 @@ pub fn ternary_matmul_packed(xq: &[i8], packed: &[u8], t: usize, i: usize, o: us
     acc
 }
 
+/// Each token's sum of its int8 activations: the kernels multiply by the codes (weights + 1)
+/// and subtract this.
+fn token_sums(xq: &[i8], i: usize) -> Vec<i32> {
+    xq.chunks_exact(i)
+        .map(|x| x.iter().map(|&v| v as i32).sum())
+        .collect()
+}
+
 /// The fast CPU path of [`ternary_matmul_packed`], equal to it bit for bit. Each packed byte
 /// holds one column of four rows a quarter of the matrix apart, so the four rows are computed
 /// together: every weight byte is loaded once, and the inner loop is branch-free byte
@@ -342,9 +350,16 @@ fn ternary_matmul_block(
     store: impl FnMut(usize, usize, i32),
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { ternary_matmul_avx2(xq, packed, i, o, ps, store) };
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+            // SAFETY: the CPU has AVX-512F, BW and VNNI, checked just above.
+            return unsafe { ternary_matmul_vnni(xq, packed, i, o, ps, store) };
+        }
+        if has!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { ternary_matmul_avx2(xq, packed, i, o, ps, store) };
+        }
     }
     // The page's CPU fallback is built with +simd128 (tools/build-web.sh), so this is decided
     // at compile time: wasm has no run-time feature detection, and a module that uses SIMD128
@@ -373,10 +388,7 @@ fn ternary_matmul_avx2(
     let o4 = o.div_ceil(4);
     let t = xq.len() / i.max(1);
     let n32 = i - i % 32;
-    let xsum: Vec<i32> = xq
-        .chunks_exact(i)
-        .map(|x| x.iter().map(|&v| v as i32).sum())
-        .collect();
+    let xsum = token_sums(xq, i);
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
     let hsum = |v: __m256i| -> i32 {
@@ -427,6 +439,112 @@ fn ternary_matmul_avx2(
     }
 }
 
+/// The AVX-512 VNNI kernel: per 64 input columns the packed bytes are loaded once and their
+/// four rows' codes (0..=2) taken out with a 16-bit shift and a mask; `vpdpbusd` multiplies
+/// 64 unsigned codes by 64 int8 activations and adds each group of four products into an i32
+/// lane (no saturation: a lane gains at most 4 * 2 * 128 a step), for [`VNNI_TOKENS`] tokens
+/// from the same codes. The last I % 64 columns are read with masked loads (zeros add
+/// nothing), so there is no scalar tail. Then, as every kernel: sum - sum(x) per row (the codes
+/// are the weights plus one). The same integers as the body, so equal to it bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn ternary_matmul_vnni(
+    xq: &[i8],
+    packed: &[u8],
+    i: usize,
+    o: usize,
+    ps: std::ops::Range<usize>,
+    mut store: impl FnMut(usize, usize, i32),
+) {
+    let t = xq.len() / i.max(1);
+    let xsum = token_sums(xq, i);
+    let grouped = t - t % VNNI_TOKENS;
+    for p in ps {
+        for r in (0..grouped).step_by(VNNI_TOKENS) {
+            vnni::rows::<VNNI_TOKENS>(xq, packed, i, o, p, r, &xsum, &mut store);
+        }
+        for r in grouped..t {
+            vnni::rows::<1>(xq, packed, i, o, p, r, &xsum, &mut store);
+        }
+    }
+}
+
+/// Tokens that [`ternary_matmul_vnni`] runs from one pass over a packed row's codes.
+#[cfg(target_arch = "x86_64")]
+const VNNI_TOKENS: usize = 4;
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    /// The four rows of packed row `p` for tokens `r..r + N`: 4 N accumulators of 16 lanes.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) fn rows<const N: usize>(
+        xq: &[i8],
+        packed: &[u8],
+        i: usize,
+        o: usize,
+        p: usize,
+        r: usize,
+        xsum: &[i32],
+        store: &mut impl FnMut(usize, usize, i32),
+    ) {
+        let o4 = o.div_ceil(4);
+        let w = &packed[p * i..(p + 1) * i];
+        let x = &xq[r * i..(r + N) * i];
+        let mask = _mm512_set1_epi8(3);
+        let mut acc = [[_mm512_setzero_si512(); 4]; N];
+        for k in (0..i).step_by(64) {
+            let m: __mmask64 = if i - k >= 64 {
+                !0
+            } else {
+                (1u64 << (i - k)) - 1
+            };
+            // SAFETY: the mask covers columns k..min(k + 64, i) only, inside w and each row of x.
+            let b = unsafe { _mm512_maskz_loadu_epi8(m, w.as_ptr().add(k) as *const i8) };
+            let codes = [
+                _mm512_and_si512(b, mask),
+                _mm512_and_si512(_mm512_srli_epi16::<2>(b), mask),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(b), mask),
+                _mm512_and_si512(_mm512_srli_epi16::<6>(b), mask),
+            ];
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above, row j of x.
+                let xv = unsafe { _mm512_maskz_loadu_epi8(m, x.as_ptr().add(j * i + k)) };
+                for (a, &c) in acc.iter_mut().zip(&codes) {
+                    *a = _mm512_dpbusd_epi32(*a, c, xv);
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            let sums = hsum4(acc);
+            for (slot, &sum) in sums.iter().enumerate() {
+                let row = slot * o4 + p;
+                if row < o {
+                    store(r + j, row, sum - xsum[r + j]);
+                }
+            }
+        }
+    }
+
+    /// The lane sums of four vectors (exact: i32 additions of a sum that fits).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn hsum4(v: &[__m512i; 4]) -> [i32; 4] {
+        let q = v.map(|z| {
+            let y = _mm256_add_epi32(_mm512_castsi512_si256(z), _mm512_extracti64x4_epi64::<1>(z));
+            _mm_add_epi32(_mm256_castsi256_si128(y), _mm256_extracti128_si256::<1>(y))
+        });
+        let h = _mm_hadd_epi32(_mm_hadd_epi32(q[0], q[1]), _mm_hadd_epi32(q[2], q[3]));
+        let mut out = [0i32; 4];
+        // SAFETY: out holds 4 i32.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, h) };
+        out
+    }
+}
+
 /// The WASM SIMD128 kernel, the same sums as the body: per 16 input columns the packed bytes
 /// and the int8 activations are widened to two i16x8 halves each, the four rows' codes (0..=3)
 /// come out of the widened bytes with a 16-bit shift and a mask, and `i32x4.dot_i16x8_s`
@@ -455,10 +573,7 @@ fn ternary_matmul_simd128(
     let o4 = o.div_ceil(4);
     let t = xq.len() / i.max(1);
     let n16 = i - i % 16;
-    let xsum: Vec<i32> = xq
-        .chunks_exact(i)
-        .map(|x| x.iter().map(|&v| v as i32).sum())
-        .collect();
+    let xsum = token_sums(xq, i);
     let mask = u16x8_splat(3);
     let hsum = |v: v128| -> i32 {
         i32x4_extract_lane::<0>(v)
@@ -536,10 +651,7 @@ fn ternary_matmul_body(
 ) {
     let o4 = o.div_ceil(4);
     let t = xq.len() / i.max(1);
-    let xsum: Vec<i32> = xq
-        .chunks_exact(i)
-        .map(|x| x.iter().map(|&v| v as i32).sum())
-        .collect();
+    let xsum = token_sums(xq, i);
     for p in ps {
         let w = &packed[p * i..(p + 1) * i];
         for r in 0..t {
@@ -705,6 +817,57 @@ mod tests {
                 ternary_matmul_packed(&x, &p, t, i, o),
                 "case {case}: T={t} I={i} O={o}"
             );
+        }
+    }
+
+    /// Each x86-64 kernel this CPU has (AVX2; AVX-512 VNNI), called directly, equals the body
+    /// on random shapes (I across the 32- and 64-column steps, T across the token groups) and
+    /// on a range of packed rows that starts past 0.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_x86_kernel_equals_the_body() {
+        use std::arch::is_x86_feature_detected as has;
+        type Kernel =
+            fn(&[i8], &[u8], usize, usize, std::ops::Range<usize>, &mut Vec<(usize, usize, i32)>);
+        let mut kernels: Vec<(&str, Kernel)> = Vec::new();
+        assert!(has!("avx2"), "the x86-64 test machines have AVX2");
+        // SAFETY (both): the CPU has the kernel's features, checked before it is listed.
+        kernels.push(("avx2", |x, p, i, o, ps, out| unsafe {
+            ternary_matmul_avx2(x, p, i, o, ps, |r, row, v| out.push((r, row, v)))
+        }));
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+            kernels.push(("vnni", |x, p, i, o, ps, out| unsafe {
+                ternary_matmul_vnni(x, p, i, o, ps, |r, row, v| out.push((r, row, v)))
+            }));
+        } else {
+            eprintln!("this CPU has no AVX-512 VNNI: that kernel is not run here");
+        }
+        let mut rng = Rng::new(77);
+        let mut shapes: Vec<(usize, usize, usize)> = vec![(9, 4160, 13), (1, 64, 4), (5, 127, 6)];
+        shapes.extend((0..40).map(|_| {
+            (
+                1 + rng.below(11) as usize,
+                1 + rng.below(400) as usize,
+                1 + rng.below(40) as usize,
+            )
+        }));
+        for (t, i, o) in shapes {
+            let w: Vec<i8> = (0..o * i).map(|_| rng.below(3) as i8 - 1).collect();
+            let x: Vec<i8> = (0..t * i)
+                .map(|_| (rng.below(256) as i32 - 128) as i8)
+                .collect();
+            let p = pack_ternary(&w, o, i);
+            let o4 = o.div_ceil(4);
+            let ps = o4 / 3..o4;
+            let mut want = Vec::new();
+            ternary_matmul_body(&x, &p, i, o, ps.clone(), |r, row, v| want.push((r, row, v)));
+            want.sort_unstable();
+            for (name, kernel) in &kernels {
+                let mut got = Vec::new();
+                kernel(&x, &p, i, o, ps.clone(), &mut got);
+                got.sort_unstable();
+                assert_eq!(got, want, "{name}: T={t} I={i} O={o} rows {ps:?}");
+            }
         }
     }
 
