@@ -248,15 +248,11 @@ fn ternary_backward_block(lin: &TernaryLinear, dy: &[f32], dx: &mut [f32]) {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") {
             // SAFETY: the CPU has AVX-512F, checked just above.
-            return ternary_backward_tiled::<8, 32>(lin, dy, dx, |g, w, tile| unsafe {
-                tiled::tile_avx512(g, w, tile)
-            });
+            return unsafe { tiled::backward_avx512(lin, dy, dx) };
         }
         if has!("avx2") && has!("fma") {
             // SAFETY: the CPU has AVX2 and FMA, checked just above.
-            return ternary_backward_tiled::<6, 16>(lin, dy, dx, |g, w, tile| unsafe {
-                tiled::tile_avx2(g, w, tile)
-            });
+            return unsafe { tiled::backward_avx2(lin, dy, dx) };
         }
     }
     ternary_backward_body::<false>(lin, dy, dx)
@@ -274,6 +270,7 @@ fn ternary_backward_block(lin: &TernaryLinear, dy: &[f32], dx: &mut [f32]) {
 /// MR broadcasts of dY feed MR * NR / lanes FMAs. Where the body re-read and re-wrote each dX
 /// row for every packed row (L2-bound), the tile touches dX once.
 #[cfg(target_arch = "x86_64")]
+#[inline(always)]
 fn ternary_backward_tiled<const MR: usize, const NR: usize>(
     lin: &TernaryLinear,
     dy: &[f32],
@@ -328,7 +325,22 @@ fn ternary_backward_tiled<const MR: usize, const NR: usize>(
 /// a chain of FMAs from 0 in k order, the MR x NR block in registers.
 #[cfg(target_arch = "x86_64")]
 mod tiled {
+    use super::{TernaryLinear, ternary_backward_tiled};
     use std::arch::x86_64::*;
+
+    /// [`ternary_backward_tiled`] with 8 x 32 tiles, its copies and dequantization built for
+    /// AVX-512 too.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn backward_avx512(lin: &TernaryLinear, dy: &[f32], dx: &mut [f32]) {
+        // (The closure inherits the feature, so the kernel's call needs no unsafe.)
+        ternary_backward_tiled::<8, 32>(lin, dy, dx, |g, w, t| tile_avx512(g, w, t))
+    }
+
+    /// [`ternary_backward_tiled`] with 6 x 16 tiles, built for AVX2 + FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn backward_avx2(lin: &TernaryLinear, dy: &[f32], dx: &mut [f32]) {
+        ternary_backward_tiled::<6, 16>(lin, dy, dx, |g, w, t| tile_avx2(g, w, t))
+    }
 
     /// 8 tokens x 32 columns: 16 zmm accumulators, 2 loads and 8 broadcasts per k.
     #[target_feature(enable = "avx512f")]
@@ -755,13 +767,17 @@ pub fn check_sequence(cfg: &Config, tokens: &[u32], targets: &[Option<u32>]) -> 
     Ok(targets.iter().filter(|y| y.is_some()).count())
 }
 
-/// Positions whose logits are computed together: enough rows that the head's weight is
-/// streamed from memory once per block rather than once per position, few enough that the
-/// block's logits stay small (32 x 128k vocab = 16 MB).
-const HEAD_ROWS: usize = 32;
+/// The logits computed together take at most this many bytes: as many positions as fit (at
+/// least [`HEAD_MIN_ROWS`]), so that the head's weight, larger than the caches (V x C: 49 MB of
+/// bf16 on the 125m shape), is streamed from memory once per block in the forward and once in
+/// the backward, and the block still stays small. 128 positions of a 32k vocabulary, 32 of
+/// 128k. Blocks change no result: each logit, each row's loss and each row of dX is computed
+/// alone, the loss summed in order of rows.
+const HEAD_BLOCK_BYTES: usize = 16 << 20;
+const HEAD_MIN_ROWS: usize = 8;
 
-/// Calls `f(first_row, logits)` with the logits (rows, V) of each block of HEAD_ROWS
-/// positions of `xn` (T, C) that has at least one target, in order.
+/// Calls `f(first_row, logits)` with the logits (rows, V) of each block of positions of `xn`
+/// (T, C) (see [`HEAD_BLOCK_BYTES`]) that has at least one target, in order.
 fn for_head_blocks(
     model: &Model,
     xn: &[f32],
@@ -769,8 +785,10 @@ fn for_head_blocks(
     mut f: impl FnMut(usize, &mut [f32]),
 ) {
     let c = model.config.hidden_size;
-    for r0 in (0..targets.len()).step_by(HEAD_ROWS) {
-        let rows = HEAD_ROWS.min(targets.len() - r0);
+    let v = model.config.vocab_size;
+    let block = (HEAD_BLOCK_BYTES / (4 * v).max(1)).max(HEAD_MIN_ROWS);
+    for r0 in (0..targets.len()).step_by(block) {
+        let rows = block.min(targets.len() - r0);
         if targets[r0..r0 + rows].iter().all(Option::is_none) {
             continue;
         }
@@ -831,7 +849,7 @@ pub fn forward_backward(
     let (cos, sin) = &rope;
     let xn = ops::rms_norm(&h, &p.norm, eps); // (T, C)
 
-    // ---- loss and its gradient, HEAD_ROWS positions at a time (O(HEAD_ROWS * V) memory) ----
+    // ---- loss and its gradient, a block of positions at a time (HEAD_BLOCK_BYTES of logits) ----
     let (head, v) = (p.head(), cfg.vocab_size);
     let mut dxn = vec![0f32; t * c];
     let mut loss_sum = 0f64;
