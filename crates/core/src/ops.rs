@@ -261,6 +261,13 @@ pub(crate) trait Weight: Copy + Send + Sync {
     /// The CPU has AVX2, and `p[..8]` is in bounds.
     #[cfg(target_arch = "x86_64")]
     unsafe fn widen8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// `[p[0].widen(), .., p[15].widen()]` in one AVX-512 register.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, and `p[..16]` is in bounds.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Weight for f32 {
@@ -274,6 +281,13 @@ impl Weight for f32 {
     unsafe fn widen8(p: *const f32) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's contract (8 values in bounds, AVX2).
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract (16 values in bounds, AVX-512F).
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -293,6 +307,18 @@ impl Weight for u16 {
         unsafe {
             let h = _mm_loadu_si128(p.cast());
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+
+    /// `vpmovzxwd` + `vpslld 16` on 16 values.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen16(p: *const u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (16 values = 32 bytes in bounds, AVX-512F).
+        unsafe {
+            let h = _mm256_loadu_si256(p.cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
         }
     }
 }
@@ -356,12 +382,163 @@ fn matmul_t_fast_any<W: Weight>(x: &[f32], w: &[W], i: usize, o: usize) -> Vec<f
 
 /// [`matmul_t_fast`] on a block: `y` (T', O') = x (T', I) . W' (O', I)^T.
 fn matmul_t_block<W: Weight>(x: &[f32], w: &[W], i: usize, o: usize, y: &mut [f32]) {
+    if i < MATMUL_LANES {
+        return matmul_t_narrow(x, w, i, o, y);
+    }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        return unsafe { matmul_t_avx2(x, w, i, o, y) };
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("fma") {
+            // SAFETY: the CPU has AVX-512F and FMA, checked just above.
+            return unsafe { matmul_t_avx512(x, w, i, o, y) };
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            return unsafe { matmul_t_avx2(x, w, i, o, y) };
+        }
     }
     matmul_t_body::<false, W>(x, w, i, o, y)
+}
+
+/// [`matmul_t_body`] where I < 16 (LoRA's B: I = r): `dot_lanes` then has no full group of
+/// lanes, and each output is `(sum of 16 zero lanes) + (((z + x0 w0) + x1 w1) + ..)` with z the
+/// empty sum, products rounded before each addition. The same operations here, with W
+/// transposed once to (I, O) so that the loop runs along the outputs and vectorises (one
+/// scalar chain per output before, bound by the addition's latency).
+fn matmul_t_narrow<W: Weight>(x: &[f32], w: &[W], i: usize, o: usize, y: &mut [f32]) {
+    let mut wt = vec![0f32; i * o];
+    for (c, row) in w.chunks_exact(i).enumerate() {
+        for (k, v) in row.iter().enumerate() {
+            wt[k * o + c] = v.widen();
+        }
+    }
+    let zero_lanes = [0f32; MATMUL_LANES].iter().sum::<f32>();
+    let empty = std::iter::empty::<f32>().sum::<f32>();
+    for (xr, yr) in x.chunks_exact(i).zip(y.chunks_exact_mut(o)) {
+        yr.fill(empty);
+        for (&a, wk) in xr.iter().zip(wt.chunks_exact(o)) {
+            for (d, &b) in yr.iter_mut().zip(wk) {
+                *d += a * b;
+            }
+        }
+        for d in yr.iter_mut() {
+            *d += zero_lanes; // (addition commutes, signed zeros too)
+        }
+    }
+}
+
+/// Tokens x rows of W whose outputs [`matmul_t_avx512`] computes together.
+#[cfg(target_arch = "x86_64")]
+const TILE_TOKENS: usize = 4;
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: usize = 4;
+
+/// [`matmul_t_body`] with FMA on AVX-512 (each output as `dot_lanes::<true, W>` computes it,
+/// the same bits): the 16 lanes of one output's partial sums fill one register, so a tile of
+/// 4 tokens x 4 rows of W keeps 16 outputs' lanes in 16 registers; per 16 columns, 4 loads of
+/// x and 4 (widened) of W feed 16 FMAs (the AVX2 kernel: 10 loads for 8). The 16 outputs'
+/// lanes are then transposed ([`fold_lanes_x16`]) and summed lane 0 to 15 as `dot_lanes`
+/// sums them, 16 outputs side by side. Tokens past a multiple of 4 (decoding: all) and the
+/// last O % 4 rows take `dot_lanes` itself.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn matmul_t_avx512<W: Weight>(x: &[f32], w: &[W], i: usize, o: usize, y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const NT: usize = TILE_TOKENS;
+    const NR: usize = TILE_ROWS;
+    let t = x.len() / i;
+    let (tb, ob) = (t - t % NT, o - o % NR);
+    let n = i - i % MATMUL_LANES;
+    for c0 in (0..ob).step_by(NR) {
+        for r in (0..tb).step_by(NT) {
+            // acc[j * NR + c]: the 16 lanes of token r + j, row c0 + c.
+            let mut acc = [_mm512_setzero_ps(); NT * NR];
+            for k in (0..n).step_by(MATMUL_LANES) {
+                // SAFETY: k + 16 <= n <= I: within rows c0..c0 + 4 of W and rows r..r + 4 of
+                // x; the CPU has AVX-512F and FMA (this function's features).
+                unsafe {
+                    let wv: [__m512; NR] =
+                        std::array::from_fn(|c| W::widen16(w.as_ptr().add((c0 + c) * i + k)));
+                    for j in 0..NT {
+                        let xv = _mm512_loadu_ps(x.as_ptr().add((r + j) * i + k));
+                        for c in 0..NR {
+                            acc[j * NR + c] = _mm512_fmadd_ps(xv, wv[c], acc[j * NR + c]);
+                        }
+                    }
+                }
+            }
+            let sums = fold_lanes_x16(&acc);
+            for j in 0..NT {
+                let xr = &x[(r + j) * i..(r + j + 1) * i];
+                for c in 0..NR {
+                    let wc = &w[(c0 + c) * i..(c0 + c + 1) * i];
+                    y[(r + j) * o + c0 + c] = sums[j * NR + c] + dot_tail(&xr[n..], &wc[n..]);
+                }
+            }
+        }
+        for r in tb..t {
+            for c in c0..c0 + NR {
+                y[r * o + c] = dot_lanes::<true, W>(&x[r * i..(r + 1) * i], &w[c * i..(c + 1) * i]);
+            }
+        }
+    }
+    for c in ob..o {
+        for r in 0..t {
+            y[r * o + c] = dot_lanes::<true, W>(&x[r * i..(r + 1) * i], &w[c * i..(c + 1) * i]);
+        }
+    }
+}
+
+/// `lanes.iter().sum::<f32>()` of [`dot_lanes`] for 16 outputs at once, the same bits:
+/// `v[a]` holds the 16 lanes of output a. A 16 x 16 transpose (`vunpck*ps`, `vshufps`, then
+/// `vshuff32x4` across 128-bit lanes) makes `t[l]` hold lane l of every output in lane a, and
+/// `s = ((z + t[0]) + t[1]) + .. + t[15]` (z the empty sum `Sum` starts from) folds each
+/// output's lanes in order, 16 outputs side by side.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fold_lanes_x16(v: &[std::arch::x86_64::__m512; 16]) -> [f32; 16] {
+    use std::arch::x86_64::*;
+    // t[2 p], t[2 p + 1]: v[2 p] and v[2 p + 1] interleaved (elements 4q, 4q + 1 / 4q + 2, 4q + 3
+    // of each 128-bit lane q).
+    let t: [__m512; 16] = std::array::from_fn(|k| {
+        let (a, b) = (v[k & !1], v[k | 1]);
+        if k % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // u[4 g + m], 128-bit lane q: element 4q + m of outputs 4g .. 4g + 3.
+    let u: [__m512; 16] = std::array::from_fn(|k| {
+        let (g, m) = (k / 4, k % 4);
+        let (a, b) = (t[4 * g + m / 2], t[4 * g + 2 + m / 2]);
+        if m % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm512_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    // lanes[4 q + m]: 128-bit lane q of u[m], u[4 + m], u[8 + m], u[12 + m], i.e. element
+    // 4q + m of outputs 0..16 in order.
+    let mut lanes = [_mm512_setzero_ps(); 16];
+    for m in 0..4 {
+        let ab_lo = _mm512_shuffle_f32x4::<0x44>(u[m], u[4 + m]);
+        let ab_hi = _mm512_shuffle_f32x4::<0xEE>(u[m], u[4 + m]);
+        let cd_lo = _mm512_shuffle_f32x4::<0x44>(u[8 + m], u[12 + m]);
+        let cd_hi = _mm512_shuffle_f32x4::<0xEE>(u[8 + m], u[12 + m]);
+        lanes[m] = _mm512_shuffle_f32x4::<0x88>(ab_lo, cd_lo);
+        lanes[4 + m] = _mm512_shuffle_f32x4::<0xDD>(ab_lo, cd_lo);
+        lanes[8 + m] = _mm512_shuffle_f32x4::<0x88>(ab_hi, cd_hi);
+        lanes[12 + m] = _mm512_shuffle_f32x4::<0xDD>(ab_hi, cd_hi);
+    }
+    let mut s = _mm512_set1_ps(std::iter::empty::<f32>().sum::<f32>());
+    for l in lanes {
+        s = _mm512_add_ps(s, l);
+    }
+    let mut out = [0f32; 16];
+    // SAFETY: out holds 16 f32.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), s) };
+    out
 }
 
 /// Tokens whose outputs [`matmul_t_avx2`] computes together from one pass over a row of W.
@@ -856,8 +1033,9 @@ mod tests {
     /// Shapes for the blocked head kernels: T around and not a multiple of the token block
     /// (4) and the row tile (4), I / C below, at, and not a multiple of the 16 lanes / tile
     /// columns, O / V odd and across the backward's block of 64 rows of W.
-    const BLOCK_SHAPES: [(usize, usize, usize); 10] = [
+    const BLOCK_SHAPES: [(usize, usize, usize); 11] = [
         (1, 17, 5),
+        (6, 8, 45),
         (2, 1, 3),
         (3, 15, 7),
         (4, 16, 1),
@@ -943,6 +1121,40 @@ mod tests {
                 }
                 assert_eq!(bits(&yf), bits(&reference), "T={t} I={i} O={o}: f32 AVX2");
                 assert_eq!(bits(&yb), bits(&reference), "T={t} I={i} O={o}: bf16 AVX2");
+            }
+            if i < MATMUL_LANES {
+                let reference = one_token(true);
+                let (mut yf, mut yb) = (vec![0f32; t * o], vec![0f32; t * o]);
+                matmul_t_narrow(&x, &wf, i, o, &mut yf);
+                matmul_t_narrow(&x, &wb, i, o, &mut yb);
+                assert_eq!(bits(&yf), bits(&reference), "T={t} I={i} O={o}: f32 narrow");
+                assert_eq!(
+                    bits(&yb),
+                    bits(&reference),
+                    "T={t} I={i} O={o}: bf16 narrow"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") && avx2_fma() {
+                let reference = one_token(true);
+                let (mut yf, mut yb) = (vec![0f32; t * o], vec![0f32; t * o]);
+                // SAFETY: the CPU has AVX-512F and FMA, checked just above.
+                unsafe {
+                    matmul_t_avx512(&x, &wf, i, o, &mut yf);
+                    matmul_t_avx512(&x, &wb, i, o, &mut yb);
+                }
+                assert_eq!(
+                    bits(&yf),
+                    bits(&reference),
+                    "T={t} I={i} O={o}: f32 AVX-512"
+                );
+                assert_eq!(
+                    bits(&yb),
+                    bits(&reference),
+                    "T={t} I={i} O={o}: bf16 AVX-512"
+                );
+            } else {
+                eprintln!("this CPU has no AVX-512F: its head kernel is not run here");
             }
             // The dispatched path: each token alone (as decoding) against all tokens at once.
             let mut reference = vec![0f32; t * o];

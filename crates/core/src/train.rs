@@ -176,41 +176,46 @@ pub fn linear_backward(
             .as_ref()
             .map(|m| x.iter().zip(m).map(|(a, b)| a * b).collect::<Vec<f32>>());
         let xd = x_drop.as_deref().unwrap_or(x);
-        // dB (O, R) += scale * dY^T . u ; du (T, R) = scale * dY . B
-        let mut du = vec![0f32; t * r];
-        for ((dyr, ur), dur) in dy
-            .chunks_exact(o)
-            .zip(u.chunks_exact(r))
-            .zip(du.chunks_exact_mut(r))
-        {
-            for ((&d, gb), b) in dyr
-                .iter()
-                .zip(grad.b.chunks_exact_mut(r))
-                .zip(pair.b.chunks_exact(r))
-            {
-                let g = scale * d;
-                for ((gbv, &uv), (duv, &bv)) in gb.iter_mut().zip(ur).zip(dur.iter_mut().zip(b)) {
-                    *gbv += g * uv;
-                    *duv += g * bv;
+        // dB (O, R) += scale * dY^T . u: rows of dB on separate threads, tokens in order.
+        crate::par::rows(&mut grad.b, r, 64, |o0, gb| {
+            for (dyr, ur) in dy.chunks_exact(o).zip(u.chunks_exact(r)) {
+                for (&d, gbr) in dyr[o0..].iter().zip(gb.chunks_exact_mut(r)) {
+                    let g = scale * d;
+                    for (gbv, &uv) in gbr.iter_mut().zip(ur) {
+                        *gbv += g * uv;
+                    }
                 }
             }
-        }
-        // dA (R, I) += du^T . dropout(x);  d dropout(x) (T, I) = du . A
-        let mut dxd = vec![0f32; t * i];
-        for ((dur, xr), dxr) in du
-            .chunks_exact(r)
-            .zip(xd.chunks_exact(i))
-            .zip(dxd.chunks_exact_mut(i))
-        {
-            for ((&g, ga), a) in dur
-                .iter()
-                .zip(grad.a.chunks_exact_mut(i))
-                .zip(pair.a.chunks_exact(i))
-            {
-                ops::axpy(ga, g, xr);
-                ops::axpy(dxr, g, a);
+        });
+        // du (T, R) = scale * dY . B: tokens on separate threads, rows of B in order.
+        let mut du = vec![0f32; t * r];
+        crate::par::rows(&mut du, r, 1, |t0, block| {
+            for (dur, dyr) in block.chunks_exact_mut(r).zip(dy[t0 * o..].chunks_exact(o)) {
+                for (&d, b) in dyr.iter().zip(pair.b.chunks_exact(r)) {
+                    let g = scale * d;
+                    for (duv, &bv) in dur.iter_mut().zip(b) {
+                        *duv += g * bv;
+                    }
+                }
             }
-        }
+        });
+        // dA (R, I) += du^T . dropout(x): rows of dA on separate threads, tokens in order.
+        crate::par::rows(&mut grad.a, i, 1, |r0, ga| {
+            for (dur, xr) in du.chunks_exact(r).zip(xd.chunks_exact(i)) {
+                for (&g, gar) in dur[r0..].iter().zip(ga.chunks_exact_mut(i)) {
+                    ops::axpy(gar, g, xr);
+                }
+            }
+        });
+        // d dropout(x) (T, I) = du . A: tokens on separate threads, rows of A in order.
+        let mut dxd = vec![0f32; t * i];
+        crate::par::rows(&mut dxd, i, 1, |t0, block| {
+            for (dxr, dur) in block.chunks_exact_mut(i).zip(du[t0 * r..].chunks_exact(r)) {
+                for (&g, a) in dur.iter().zip(pair.a.chunks_exact(i)) {
+                    ops::axpy(dxr, g, a);
+                }
+            }
+        });
         // Through dropout: the same factors as the forward.
         match &acts.mask {
             None => dx.iter_mut().zip(&dxd).for_each(|(a, b)| *a += b),
