@@ -552,43 +552,58 @@ pub fn attention_forward(
     let (qw, kw, group) = (nh * hs, nkv * hs, nh / nkv);
     let scale = 1.0 / (hs as f32).sqrt();
     let mut probs = vec![0f32; nh * t * t];
-    for h in 0..nh {
-        let g = h / group;
-        for i in 0..t {
-            let row = &mut probs[(h * t + i) * t..(h * t + i + 1) * t];
-            let qi = &q[i * qw + h * hs..i * qw + (h + 1) * hs];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in row.iter_mut().enumerate().take(i + 1) {
-                *s = qi
-                    .iter()
-                    .zip(&k[j * kw + g * hs..j * kw + (g + 1) * hs])
-                    .map(|(a, b)| a * b)
-                    .sum::<f32>()
-                    * scale;
-                max = max.max(*s);
-            }
-            let mut denom = 0f32;
-            for s in row.iter_mut().take(i + 1) {
-                *s = libm::expf(*s - max);
-                denom += *s;
-            }
-            for s in row.iter_mut().take(i + 1) {
-                *s /= denom;
-            }
-        }
-    }
-    let mut out = vec![0f32; t * qw];
-    for h in 0..nh {
-        let g = h / group;
-        for i in 0..t {
-            for j in 0..=i {
-                let pij = probs[(h * t + i) * t + j];
-                for d in 0..hs {
-                    out[i * qw + h * hs + d] += pij * v[j * kw + g * hs + d];
+    // Heads on separate threads: each head's (T, T) block of probabilities alone.
+    crate::par::rows(&mut probs, t * t, 1, |h0, block| {
+        for (hb, head) in block.chunks_exact_mut(t * t).enumerate() {
+            let h = h0 + hb;
+            let g = h / group;
+            for (i, row) in head.chunks_exact_mut(t).enumerate() {
+                let qi = &q[i * qw + h * hs..i * qw + (h + 1) * hs];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in row.iter_mut().enumerate().take(i + 1) {
+                    *s = qi
+                        .iter()
+                        .zip(&k[j * kw + g * hs..j * kw + (g + 1) * hs])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                        * scale;
+                    max = max.max(*s);
+                }
+                let row = &mut row[..=i];
+                for s in row.iter_mut() {
+                    *s -= max;
+                }
+                crate::expf::expf_in_place(row); // libm::expf's bits
+                let mut denom = 0f32;
+                for s in row.iter() {
+                    denom += *s;
+                }
+                for s in row.iter_mut() {
+                    *s /= denom;
                 }
             }
         }
-    }
+    });
+    let mut out = vec![0f32; t * qw];
+    // Tokens on separate threads: a token's output sums its keys in order, head by head.
+    crate::par::rows(&mut out, qw, 1, |i0, block| {
+        for (ib, oi) in block.chunks_exact_mut(qw).enumerate() {
+            let i = i0 + ib;
+            for h in 0..nh {
+                let g = h / group;
+                let oh = &mut oi[h * hs..(h + 1) * hs];
+                for j in 0..=i {
+                    let pij = probs[(h * t + i) * t + j];
+                    for (o, &vv) in oh
+                        .iter_mut()
+                        .zip(&v[j * kw + g * hs..j * kw + (g + 1) * hs])
+                    {
+                        *o += pij * vv;
+                    }
+                }
+            }
+        }
+    });
     (out, probs)
 }
 
@@ -605,32 +620,66 @@ pub fn attention_backward(
     nkv: usize,
     hs: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
     let (qw, kw, group) = (nh * hs, nkv * hs, nh / nkv);
     let scale = 1.0 / (hs as f32).sqrt();
-    let (mut dq, mut dk, mut dv) = (vec![0f32; t * qw], vec![0f32; t * kw], vec![0f32; t * kw]);
-    let mut dp = vec![0f32; t];
-    for h in 0..nh {
-        let g = h / group;
-        for i in 0..t {
-            let p = &probs[(h * t + i) * t..(h * t + i + 1) * t];
-            let doi = &dout[i * qw + h * hs..i * qw + (h + 1) * hs];
-            // dP[j] = do_i . v_j ;  dv_j += P[i,j] do_i
-            let mut dot = 0f32;
-            for j in 0..=i {
-                let vj = &v[j * kw + g * hs..j * kw + (g + 1) * hs];
-                dp[j] = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
-                dot += p[j] * dp[j];
-                for d in 0..hs {
-                    dv[j * kw + g * hs + d] += p[j] * doi[d];
+    // KV groups on separate threads (a group's heads write its dK and dV): each group's
+    // gradients in its own (T, HS) blocks, its heads' dQ in (group, T, HS), then copied into
+    // place. Every element gets its additions in the order of the one-thread loop.
+    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..nkv)
+        .into_par_iter()
+        .map(|g| {
+            let (mut dq_g, mut dk_g, mut dv_g) = (
+                vec![0f32; group * t * hs],
+                vec![0f32; t * hs],
+                vec![0f32; t * hs],
+            );
+            let mut dp = vec![0f32; t];
+            for hh in 0..group {
+                let h = g * group + hh;
+                for i in 0..t {
+                    let p = &probs[(h * t + i) * t..(h * t + i + 1) * t];
+                    let doi = &dout[i * qw + h * hs..i * qw + (h + 1) * hs];
+                    // dP[j] = do_i . v_j ;  dv_j += P[i,j] do_i
+                    let mut dot = 0f32;
+                    for j in 0..=i {
+                        let vj = &v[j * kw + g * hs..j * kw + (g + 1) * hs];
+                        dp[j] = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
+                        dot += p[j] * dp[j];
+                        for (d, &o) in dv_g[j * hs..(j + 1) * hs].iter_mut().zip(doi) {
+                            *d += p[j] * o;
+                        }
+                    }
+                    // dS[j] = P[j] (dP[j] - sum_j' P[j'] dP[j']);  dq_i += scale dS k_j ;
+                    // dk_j += scale dS q_i
+                    let qi = &q[i * qw + h * hs..i * qw + (h + 1) * hs];
+                    let dqi = &mut dq_g[(hh * t + i) * hs..(hh * t + i + 1) * hs];
+                    for j in 0..=i {
+                        let ds = p[j] * (dp[j] - dot) * scale;
+                        let kj = &k[j * kw + g * hs..j * kw + (g + 1) * hs];
+                        for (d, &kv) in dqi.iter_mut().zip(kj) {
+                            *d += ds * kv;
+                        }
+                        for (d, &qv) in dk_g[j * hs..(j + 1) * hs].iter_mut().zip(qi) {
+                            *d += ds * qv;
+                        }
+                    }
                 }
             }
-            // dS[j] = P[j] (dP[j] - sum_j' P[j'] dP[j']);  dq_i += scale dS k_j ;  dk_j += scale dS q_i
-            for j in 0..=i {
-                let ds = p[j] * (dp[j] - dot) * scale;
-                for d in 0..hs {
-                    dq[i * qw + h * hs + d] += ds * k[j * kw + g * hs + d];
-                    dk[j * kw + g * hs + d] += ds * q[i * qw + h * hs + d];
-                }
+            (dq_g, dk_g, dv_g)
+        })
+        .collect();
+    let (mut dq, mut dk, mut dv) = (vec![0f32; t * qw], vec![0f32; t * kw], vec![0f32; t * kw]);
+    for (g, (dq_g, dk_g, dv_g)) in parts.iter().enumerate() {
+        for j in 0..t {
+            dk[j * kw + g * hs..j * kw + (g + 1) * hs].copy_from_slice(&dk_g[j * hs..(j + 1) * hs]);
+            dv[j * kw + g * hs..j * kw + (g + 1) * hs].copy_from_slice(&dv_g[j * hs..(j + 1) * hs]);
+        }
+        for hh in 0..group {
+            let h = g * group + hh;
+            for i in 0..t {
+                dq[i * qw + h * hs..i * qw + (h + 1) * hs]
+                    .copy_from_slice(&dq_g[(hh * t + i) * hs..(hh * t + i + 1) * hs]);
             }
         }
     }
