@@ -260,6 +260,8 @@ fn ternary_backward_block(lin: &TernaryLinear, dy: &[f32], dx: &mut [f32]) {
             return unsafe { tiled::backward_avx2(lin, dy, dx) };
         }
     }
+    // In wasm (the page's CPU fallback) the body: a SIMD128 twin of the tiles (6 x 8, the
+    // same bits) measured slower in Chromium (BENCHMARKS.md, issue 16, fifth session).
     ternary_backward_body::<false>(lin, dy, dx)
 }
 
