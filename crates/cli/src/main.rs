@@ -18,6 +18,7 @@
 //! without a tokenizer_config.json the chat template is the file's tokenizer.chat_template.
 //! Errors go to stderr as one `error: ...` line and exit with status 1; bad flags exit with 2.
 
+mod alloc;
 mod bench;
 mod bench_kernels;
 
@@ -366,6 +367,7 @@ enum CliError {
 }
 
 fn main() -> ExitCode {
+    alloc::keep_freed_memory();
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -66,12 +66,15 @@ impl TernaryLinear {
         let (xq, s_a) = quantize_activations(x, i);
         let acc = ternary_matmul_fast(&xq, &self.packed, t, i, o);
         let mut y = vec![0f32; t * o];
-        for r in 0..t {
-            let denom = s_a[r] * self.w_scale;
-            for c in 0..o {
-                y[r * o + c] = acc[r * o + c] as f32 / denom;
+        crate::par::rows(&mut y, o.max(1), 4, |r0, block| {
+            for (k, yr) in block.chunks_exact_mut(o).enumerate() {
+                let r = r0 + k;
+                let denom = s_a[r] * self.w_scale;
+                for (yv, &a) in yr.iter_mut().zip(&acc[r * o..(r + 1) * o]) {
+                    *yv = a as f32 / denom;
+                }
             }
-        }
+        });
         y
     }
 }
@@ -99,24 +102,25 @@ pub fn quantize_activations(x: &[f32], c: usize) -> (Vec<i8>, Vec<f32>) {
     let t = x.len() / c;
     let mut xq = vec![0i8; x.len()];
     let mut scales = vec![0f32; t];
-    for ((row, q), s_a) in x
-        .chunks_exact(c)
-        .zip(xq.chunks_exact_mut(c))
-        .zip(&mut scales)
-    {
-        // The SIMD128 wasm has a hand-written twin: there the scalar loop's f32::max is a call
-        // to fmaxf per element (wasm's f32.max propagates NaN, Rust's ignores it), and the
-        // conversion to i8 went lane by lane (measured in node, the default model's seven
-        // inputs at T = 32: 0.11 ms a layer against 0.83).
-        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        {
-            *s_a = quantize_row_simd128(row, q);
-        }
-        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-        {
-            *s_a = quantize_row(row, q);
-        }
-    }
+    // Rows on separate threads (each row alone).
+    xq.par_chunks_mut(c)
+        .zip(scales.par_iter_mut())
+        .zip(x.par_chunks(c))
+        .with_min_len(4)
+        .for_each(|((q, s_a), row)| {
+            // The SIMD128 wasm has a hand-written twin: there the scalar loop's f32::max is a call
+            // to fmaxf per element (wasm's f32.max propagates NaN, Rust's ignores it), and the
+            // conversion to i8 went lane by lane (measured in node, the default model's seven
+            // inputs at T = 32: 0.11 ms a layer against 0.83).
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            {
+                *s_a = quantize_row_simd128(row, q);
+            }
+            #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+            {
+                *s_a = quantize_row(row, q);
+            }
+        });
     (xq, scales)
 }
 

@@ -503,6 +503,18 @@ pub fn ternary_backward_reference(lin: &TernaryLinear, dy: &[f32]) -> Vec<f32> {
 pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32]) -> Vec<f32> {
     let c = w.len();
     let mut dx = vec![0f32; x.len()];
+    // Rows on separate threads (each row alone).
+    crate::par::rows(&mut dx, c, 4, |r0, block| {
+        let rows = block.len() / c;
+        let (x, dy) = (&x[r0 * c..(r0 + rows) * c], &dy[r0 * c..(r0 + rows) * c]);
+        rms_norm_backward_rows(x, w, eps, dy, block);
+    });
+    dx
+}
+
+/// [`rms_norm_backward`] on a block of rows.
+fn rms_norm_backward_rows(x: &[f32], w: &[f32], eps: f32, dy: &[f32], dx: &mut [f32]) {
+    let c = w.len();
     for ((dxr, xr), dyr) in dx
         .chunks_exact_mut(c)
         .zip(x.chunks_exact(c))
@@ -521,7 +533,6 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32]) -> Vec<f32>
             dxr[k] = r * (w[k] * dyr[k] - xr[k] * r * r * dot);
         }
     }
-    dx
 }
 
 /// RoPE backward (the transpose of the rotation), in place on dq or dk.
@@ -695,9 +706,31 @@ pub fn gated_act_backward(
     df: &[f32],
     act: Activation,
 ) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
     let mut dg = vec![0f32; gate.len()];
     let mut du = vec![0f32; gate.len()];
-    for k in 0..gate.len() {
+    // Elementwise, in blocks on separate threads.
+    const BLOCK: usize = 16 << 10;
+    dg.par_chunks_mut(BLOCK)
+        .zip(du.par_chunks_mut(BLOCK))
+        .enumerate()
+        .for_each(|(b, (dg, du))| {
+            let k0 = b * BLOCK;
+            gated_act_backward_block(&gate[k0..], &up[k0..], &df[k0..], act, dg, du)
+        });
+    (dg, du)
+}
+
+/// [`gated_act_backward`] on `dg.len()` elements from the start of `gate`, `up` and `df`.
+fn gated_act_backward_block(
+    gate: &[f32],
+    up: &[f32],
+    df: &[f32],
+    act: Activation,
+    dg: &mut [f32],
+    du: &mut [f32],
+) {
+    for k in 0..dg.len() {
         let g = gate[k];
         let (a, da) = match act {
             Activation::Relu2 => {
@@ -712,7 +745,6 @@ pub fn gated_act_backward(
         dg[k] = df[k] * up[k] * da;
         du[k] = df[k] * a;
     }
-    (dg, du)
 }
 
 /// The training forward: the final hidden state h (T, C) and what each layer saved.
