@@ -422,12 +422,18 @@ impl SplitTensor {
         data: &[f32],
         max_chunk_bytes: u64,
     ) -> Result<SplitTensor, GpuError> {
-        let dtype = if cols.is_multiple_of(2) && bf16_exact(data) {
+        let dtype = Self::lossless_dtype(cols, data);
+        Self::with_dtype(device, None, name, rows, cols, data, max_chunk_bytes, dtype)
+    }
+
+    /// bf16 where [`SplitTensor::upload`] may store it without loss (C even, every value a
+    /// bf16), else f32.
+    fn lossless_dtype(cols: usize, data: &[f32]) -> DType {
+        if cols.is_multiple_of(2) && bf16_exact(data) {
             DType::Bf16
         } else {
             DType::F32
-        };
-        Self::with_dtype(device, None, name, rows, cols, data, max_chunk_bytes, dtype)
+        }
     }
 
     /// [`SplitTensor::upload`] (`lossless_bf16`) or [`SplitTensor::f32`] written through
@@ -446,8 +452,8 @@ impl SplitTensor {
         max_chunk_bytes: u64,
         lossless_bf16: bool,
     ) -> Result<SplitTensor, GpuError> {
-        let dtype = if lossless_bf16 && cols.is_multiple_of(2) && bf16_exact(data) {
-            DType::Bf16
+        let dtype = if lossless_bf16 {
+            Self::lossless_dtype(cols, data)
         } else {
             DType::F32
         };
