@@ -209,15 +209,18 @@ impl<M: Deref<Target = Model>> Backend for CpuBackend<M> {
             Some(g) if !acc.first => g,
             _ => lora.zeros_like(),
         };
-        let out = train::forward_backward(
-            &self.model,
-            lora,
-            &seq.tokens,
-            &seq.targets,
-            &mut grads,
-            scale,
-            rng,
-        );
+        let model: &Model = &self.model;
+        let out = crate::par::in_pool(|| {
+            train::forward_backward(
+                model,
+                lora,
+                &seq.tokens,
+                &seq.targets,
+                &mut grads,
+                scale,
+                rng,
+            )
+        });
         let grad_norm = acc.last.then(|| AdamW::grad_norm(&grads));
         self.grads = Some(grads);
         Ok(SequenceResult {
@@ -228,7 +231,8 @@ impl<M: Deref<Target = Model>> Backend for CpuBackend<M> {
 
     async fn loss(&mut self, seq: &Sequence) -> Result<StepLoss> {
         let lora = &Self::held(&mut self.state)?.lora;
-        train::loss(&self.model, lora, &seq.tokens, &seq.targets)
+        let model: &Model = &self.model;
+        crate::par::in_pool(|| train::loss(model, lora, &seq.tokens, &seq.targets))
     }
 
     fn update(&mut self, s: &AdamWScalars) -> Result<()> {
