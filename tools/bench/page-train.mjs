@@ -58,7 +58,10 @@ if (!targets.length) {
 const DATA = readFileSync(path.join(REPO, 'data/devil/train.jsonl'), 'utf8').split('\n').slice(0, 24).join('\n');
 // --context N: the sequence length (default 32; the page's CPU preset uses 64-128).
 const context = args.includes('--context') ? Number(args[args.indexOf('--context') + 1]) : 32;
-const CONFIG = { steps: 6, context, rank: 8, alpha: 16, lr: 1e-3, batch: 1, evalEvery: 0, valFraction: 0.1, seed: 3, checkpointEvery: 0 };
+// --steps N: steps per run (default 6; the first 2 are warm-up). CHROMIUM_FLAGS (space-separated)
+// adds browser flags, e.g. CHROMIUM_FLAGS='--js-flags=--prof' for a V8 profile of the worker.
+const steps = args.includes('--steps') ? Number(args[args.indexOf('--steps') + 1]) : 6;
+const CONFIG = { steps, context, rank: 8, alpha: 16, lr: 1e-3, batch: 1, evalEvery: 0, valFraction: 0.1, seed: 3, checkpointEvery: 0 };
 const FLAGS = ['--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'];
 
 
@@ -68,7 +71,8 @@ async function measure(t) {
   const server = await serve(t.dir, t.bin);
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', headless: true,
-    args: cpu && backends.length === 1 ? FLAGS : ['--enable-unsafe-webgpu', ...FLAGS],
+    args: [...(cpu && backends.length === 1 ? FLAGS : ['--enable-unsafe-webgpu', ...FLAGS]),
+      ...(process.env.CHROMIUM_FLAGS ?? '').split(' ').filter(Boolean)],
   });
   try {
     const page = await (await browser.newContext()).newPage();

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 /// Calls `f(first_row, block)` for disjoint blocks of whole rows of `out` (rows of `width`
 /// elements), in parallel. Blocks have at least `min_rows` rows (the kernels' token tile) and
-/// there are about two per thread: the loop starts on one thread ([`in_pool`]) and the others
+/// there are about two per thread (one on a single thread): the loop starts on one thread ([`in_pool`]) and the others
 /// steal blocks as they wake, so with one block per thread a thread that woke late left its
 /// block to the first one (train-125m, 2 threads: 217 tok/s against 223 with two per thread).
 pub fn rows<T: Send>(
@@ -23,10 +23,9 @@ pub fn rows<T: Send>(
         "par::rows: not whole rows"
     );
     let n = out.len() / width;
-    let per = n
-        .div_ceil(2 * rayon::current_num_threads())
-        .max(min_rows)
-        .max(1);
+    let threads = rayon::current_num_threads();
+    let blocks = if threads == 1 { 1 } else { 2 * threads };
+    let per = n.div_ceil(blocks).max(min_rows).max(1);
     if per >= n {
         return f(0, out);
     }
@@ -42,15 +41,47 @@ pub fn chunks<T: Send>(out: &mut [T], min_len: usize, f: impl Fn(usize, &mut [T]
 }
 
 /// Runs `f` on one of the pool's threads and returns its value (inline when already on one, or
-/// when there is a single thread). A step's many parallel loops then start from a pool thread:
-/// each queues its blocks on that thread's own deque, where the other threads steal them, and
-/// the thread starts on its first block at once. Called from outside the pool, every loop would
-/// instead be injected into the pool and the caller would sleep until it finished: two wake-ups
-/// per loop (a futex natively, `Atomics.wait`/`notify` between the page's Web Workers), which on
-/// small models cost as much as the second thread gains.
+/// when there is a single thread), with the pool's other threads kept awake until it returns.
+///
+/// A step's many parallel loops then start from a pool thread: each queues its blocks on that
+/// thread's own deque and starts on the first one at once. Called from outside the pool, every
+/// loop would instead be injected into the pool while the caller slept: two wake-ups per loop
+/// (a futex natively, `Atomics.wait`/`notify` between the page's Web Workers), which on small
+/// models cost as much as the second thread gained. And the other threads do not go to sleep
+/// between loops: rayon parks a thread that finds no work after a few dozen tries (in wasm,
+/// where yielding is a no-op, within a microsecond), so each of a step's ~200 loops waited for
+/// a wake-up before its blocks were shared (the page's two pool workers slept through 45% of a
+/// step, V8's profile). Each other thread runs a helper job for the length of `f` that keeps
+/// taking the blocks `f` queues (`rayon::yield_now`) and otherwise spins, as OpenMP's active
+/// wait does. A helper that lands on `f`'s own thread (which may run queued jobs while it
+/// waits for a block) returns at once, so `f` is never stuck behind one.
 pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_num_threads() <= 1 || rayon::current_thread_index().is_some() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || rayon::current_thread_index().is_some() {
         return f();
     }
-    rayon::scope(|_| f())
+    let done = AtomicBool::new(false);
+    let owner = AtomicUsize::new(usize::MAX);
+    rayon::scope(|s| {
+        owner.store(
+            rayon::current_thread_index().unwrap_or(usize::MAX),
+            Ordering::Release,
+        );
+        for _ in 1..threads {
+            s.spawn(|_| {
+                if rayon::current_thread_index() == Some(owner.load(Ordering::Acquire)) {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        let out = f();
+        done.store(true, Ordering::Release);
+        out
+    })
 }
