@@ -270,7 +270,18 @@ impl Model {
     /// [`Model::forward`] with a LoRA adapter applied, unmerged: each targeted projection is
     /// `BitLinear(x) + scale * (x . A^T) . B^T` as PEFT computes it (merging B.A into the
     /// ternary weight would change the result: the weight is re-quantized, the adapter is not).
+    /// Runs on a thread of the CPU pool (`par::in_pool`): a decoded token's hundred-odd
+    /// parallel loops then cost no wake-up each.
     pub fn forward_with_adapter(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        lora: Option<&Lora>,
+    ) -> Result<Vec<f32>> {
+        crate::par::in_pool(|| self.forward_in_pool(tokens, cache, lora))
+    }
+
+    fn forward_in_pool(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
