@@ -85,3 +85,44 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         out
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Row r of a (rows, 7) matrix: r * 7 + c, computed block by block.
+    fn filled(n: usize) -> Vec<u64> {
+        let mut out = vec![0u64; n * 7];
+        rows(&mut out, 7, 1, |r0, block| {
+            for (k, v) in block.iter_mut().enumerate() {
+                *v = (r0 * 7 + k) as u64;
+            }
+        });
+        out
+    }
+
+    /// in_pool from several threads at once (a pool thread's helper job then runs another
+    /// call's step inside it), nested in a pool thread (inline), and around loops of every
+    /// size: every call returns, and the rows are the serial ones.
+    #[test]
+    fn in_pool_returns_the_serial_rows_from_many_threads_at_once() {
+        let want = |n: usize| (0..n as u64 * 7).collect::<Vec<_>>();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                s.spawn(move || {
+                    for i in 0..60 {
+                        let n = 1 + (t * 61 + i * 7) % 97;
+                        assert_eq!(in_pool(|| filled(n)), want(n), "thread {t}, {n} rows");
+                        let nested = in_pool(|| in_pool(|| filled(n)));
+                        assert_eq!(nested, want(n), "nested, thread {t}, {n} rows");
+                    }
+                });
+            }
+        });
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        assert_eq!(pool.install(|| in_pool(|| filled(50))), want(50));
+    }
+}
