@@ -561,6 +561,23 @@ fn a_run_in_out_is_kept() {
         log
     );
     drop(lock);
+    // A process that another test thread was starting just then can still hold the lock: the
+    // fork copies the descriptor table, and close-on-exec closes the copy only at its exec
+    // (CI once saw the next run refused here). Wait until the lock can be taken again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(out.join(".bitlora-train.lock"))
+            .unwrap();
+        match f.try_lock() {
+            Ok(()) => break,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("the train lock is still held 30 s after the test released it: {e}")
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
 
     // Every step skipped: exit 1. A NaN in the weights is refused at load now, so the final
     // norm's weights are set to the largest finite value instead: the head's sums overflow, and
