@@ -3,6 +3,7 @@
 # the PyTorch baselines). From the repo root on the device machine with .gl/ (the libvulkan1
 # .deb) and .devbin/ (a stripped release binary) carried:
 #   PART=1 DL=420 bash tools/bench/gpu-session.sh     # bench train + bench decode
+#   PART=1 BEFORE=.devbin/bitlora-before ...          # + the memory rows of an older binary
 #   PART=2 DL=500 bash tools/bench/gpu-session.sh     # transformers decode, PEFT on 2b4t
 # PART=1: `bench train` (T = 128, r 8 on all seven) for 125m / 1b / 2b4t with nvidia-smi's
 # memory.used sampled every 100 ms through each run (its peak beside gpu_bytes), one profiled
@@ -27,6 +28,7 @@ smi_stop() { kill $SMI 2>/dev/null; wait $SMI 2>/dev/null; sort -n /tmp/smi.txt 
 tr() { # label shape extra-args env...
   local lab=$1 shape=$2 extra=$3; shift 3
   [ "$(left)" -lt 40 ] && { echo "skip $lab $shape (deadline)" | tee -a $OUT/log.txt; return; }
+  [ -x "$B" ] || { echo "skip $lab: no $B" | tee -a $OUT/log.txt; return; }
   smi_start; local t0; t0=$(date +%s)
   local out; out=$(env "$@" timeout $(( $(left) - 10 )) "$B" bench train --shape "$shape" --backend gpu --gen-len 20 $extra 2>>$OUT/err.txt | tail -1)
   local pk; pk=$(smi_stop)
@@ -47,6 +49,9 @@ if [ "$PART" = 1 ]; then
   tr "recompute off" 125m "" BITLORA_BENCH_RECOMPUTE=off
   tr "recompute on" 125m "" BITLORA_BENCH_RECOMPUTE=on
   tr "recompute on" 2b4t "" BITLORA_BENCH_RECOMPUTE=on
+  if [ -n "${BEFORE:-}" ]; then # the same memory rows with an older binary, beside these
+    for s in 1b 125m; do B=$BEFORE tr "before ($BEFORE), recompute on" $s "" BITLORA_BENCH_RECOMPUTE=on; done
+  fi
   for round in 1 2; do
     de "default (round $round)" 1b X=1
     de "BITLORA_DECODE_ATOMIC=1 (round $round)" 1b BITLORA_DECODE_ATOMIC=1
