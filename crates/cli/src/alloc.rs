@@ -14,7 +14,8 @@
 //! are few and large, so sharing one arena's lock costs nothing measurable.
 
 /// Sets glibc's mmap threshold to its maximum (32 MiB: larger blocks are still mmapped) and
-/// turns off trimming, with every thread on the main arena. Call once, before the work starts; a failed call leaves the defaults.
+/// turns off trimming, with every thread on the main arena. Call once, before the work starts;
+/// a failed call leaves the defaults.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes the allocator's tunables; both values are in range.
