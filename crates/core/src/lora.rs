@@ -176,6 +176,24 @@ impl Lora {
         }
     }
 
+    /// Every tensor in [`Lora::for_each_mut`]'s order.
+    pub fn tensors(&self) -> impl Iterator<Item = &Vec<f32>> {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .flat_map(|p| [&p.a, &p.b])
+    }
+
+    /// Every tensor, mutably, in [`Lora::for_each_mut`]'s order.
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut Vec<f32>> {
+        self.layers
+            .iter_mut()
+            .flatten()
+            .flatten()
+            .flat_map(|p| [&mut p.a, &mut p.b])
+    }
+
     /// The first tensor holding a NaN or an infinity, as PEFT names it (layer, module, A or
     /// B); None when every value is finite.
     pub fn first_non_finite(&self) -> Option<String> {

@@ -12,6 +12,8 @@
 
 use crate::config::Activation;
 
+mod acc_tiles;
+
 /// RMSNorm over rows of x (T, C) with weight (C), as transformers' `BitNetRMSNorm`:
 /// `y = w * x / sqrt(mean(x^2) + eps)`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
@@ -677,19 +679,13 @@ fn matmul_acc_any<W: Weight>(y: &mut [f32], g: &[f32], w: &[W], v: usize, c: usi
         g.len() / v,
         "matmul_acc: y and g have different rows"
     );
+    if acc_tiles::matmul_acc(y, g, w, v, c) {
+        return;
+    }
     crate::par::rows(y, c, 4, |r0, out| {
         let rows = out.len() / c;
-        matmul_acc_block(&g[r0 * v..(r0 + rows) * v], w, v, c, out)
+        matmul_acc_body(&g[r0 * v..(r0 + rows) * v], w, v, c, out)
     });
-}
-
-fn matmul_acc_block<W: Weight>(g: &[f32], w: &[W], v: usize, c: usize, y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        return unsafe { matmul_acc_avx2(g, w, v, c, y) };
-    }
-    matmul_acc_body(g, w, v, c, y)
 }
 
 /// `lanes.iter().sum::<f32>()` of [`dot_lanes`] for 4 tokens at once, the same bits:
@@ -726,12 +722,6 @@ fn sum_lanes_x4(acc: &[std::arch::x86_64::__m256; 2 * TOKEN_BLOCK]) -> [f32; TOK
     // SAFETY: out holds 4 f32.
     unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
     out
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn matmul_acc_avx2<W: Weight>(g: &[f32], w: &[W], v: usize, c: usize, y: &mut [f32]) {
-    matmul_acc_body(g, w, v, c, y)
 }
 
 #[inline(always)]
@@ -1183,9 +1173,10 @@ mod tests {
         }
     }
 
-    /// The head's backward (`matmul_acc_avx2`, `matmul_acc`) against the plain loop, `axpy`
-    /// per (v, row) in order of v with zeros of g skipped: equal bit for bit, f32 and bf16 W,
-    /// the body, the AVX2 kernel, and `matmul_acc` on 1 and 3 threads.
+    /// The head's backward (the body, `matmul_acc`) against the plain loop, `axpy` per (v,
+    /// row) in order of v with zeros of g skipped: equal bit for bit, f32 and bf16 W, the body
+    /// and `matmul_acc` (this CPU's tiles) on 1 and 3 threads. Each tile kernel alone:
+    /// `acc_tiles`' tests.
     /// g has zeros and y starts with some -0.0, so not skipping a zero (-0 + 0 w = +0) fails
     /// too, as would any change in the order of v.
     #[test]
@@ -1226,17 +1217,6 @@ mod tests {
             matmul_acc_body(&g, &wb, v, c, &mut yb);
             assert_eq!(bits(&yf), bits(&reference), "T={t} C={c} V={v}: f32 body");
             assert_eq!(bits(&yb), bits(&reference), "T={t} C={c} V={v}: bf16 body");
-            #[cfg(target_arch = "x86_64")]
-            if avx2_fma() {
-                let (mut yf, mut yb) = (start.clone(), start.clone());
-                // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                unsafe {
-                    matmul_acc_avx2(&g, &wf, v, c, &mut yf);
-                    matmul_acc_avx2(&g, &wb, v, c, &mut yb);
-                }
-                assert_eq!(bits(&yf), bits(&reference), "T={t} C={c} V={v}: f32 AVX2");
-                assert_eq!(bits(&yb), bits(&reference), "T={t} C={c} V={v}: bf16 AVX2");
-            }
             for pool in &pools {
                 let n = pool.current_num_threads();
                 let (mut yf, mut yb) = (start.clone(), start.clone());

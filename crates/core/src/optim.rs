@@ -114,11 +114,20 @@ impl AdamW {
         }
     }
 
-    /// Global L2 norm of all gradient tensors.
+    /// Global L2 norm of all gradient tensors: each tensor's sum of squares in f64 in order,
+    /// the tensors' sums added in order (tensors on separate threads; the same bits on any
+    /// number of them).
     pub fn grad_norm(grads: &Lora) -> f32 {
+        use rayon::prelude::*;
+        let tensors: Vec<&Vec<f32>> = grads.tensors().collect();
+        let sums: Vec<f64> = tensors
+            .par_iter()
+            .map(|t| t.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+            .collect();
         let mut sum = 0f64;
-        let mut g = grads.clone();
-        g.for_each_mut(|_, _, t| sum += t.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>());
+        for s in sums {
+            sum += s;
+        }
         sum.sqrt() as f32
     }
 
@@ -187,30 +196,37 @@ pub fn adamw_update(
     m: &mut Lora,
     v: &mut Lora,
 ) {
-    if s.coef < 1.0 {
-        grads.for_each_mut(|_, _, t| t.iter_mut().for_each(|x| *x *= s.coef));
-    }
-    // Walk the four trees in step.
-    let flat = |l: &mut Lora| {
-        let mut out = Vec::new();
-        l.for_each_mut(|_, _, t| out.push(std::mem::take(t)));
-        out
-    };
-    let (flat_g, mut flat_m, mut flat_v) = (flat(grads), flat(m), flat(v));
-    let mut k = 0;
-    params.for_each_mut(|_, _, p| {
-        let (g, m, v) = (&flat_g[k], &mut flat_m[k], &mut flat_v[k]);
+    use rayon::prelude::*;
+    let n = params.tensors().count();
+    assert!(
+        [
+            grads.tensors().count(),
+            m.tensors().count(),
+            v.tensors().count()
+        ] == [n; 3],
+        "adamw_update: the adapter, gradients and moments hold different tensors"
+    );
+    // Walk the four trees in step; tensors on separate threads (each element's arithmetic is
+    // its own, so the bits do not depend on the threads).
+    let mut work: Vec<_> = params
+        .tensors_mut()
+        .zip(grads.tensors_mut())
+        .zip(m.tensors_mut().zip(v.tensors_mut()))
+        .collect();
+    work.par_iter_mut().for_each(|((p, g), (m, v))| {
+        assert!(
+            g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
+            "adamw_update: the adapter, gradients and moments differ in shape"
+        );
         for j in 0..p.len() {
+            if s.coef < 1.0 {
+                g[j] *= s.coef;
+            }
             p[j] *= 1.0 - s.lr * s.weight_decay;
             m[j] = s.beta1 * m[j] + (1.0 - s.beta1) * g[j];
             v[j] = s.beta2 * v[j] + (1.0 - s.beta2) * g[j] * g[j];
             let denom = v[j].sqrt() / s.bc2_sqrt + s.eps;
             p[j] -= s.step_size * m[j] / denom;
         }
-        k += 1;
     });
-    for (l, flat) in [(grads, flat_g), (m, flat_m), (v, flat_v)] {
-        let mut it = flat.into_iter();
-        l.for_each_mut(|_, _, t| *t = it.next().expect("same shapes"));
-    }
 }

@@ -210,8 +210,9 @@ impl<M: Deref<Target = Model>> Backend for CpuBackend<M> {
             _ => lora.zeros_like(),
         };
         let model: &Model = &self.model;
-        let out = crate::par::in_pool(|| {
-            train::forward_backward(
+        // The norm too runs in the pool (its tensors on separate threads).
+        let (out, grad_norm) = crate::par::in_pool(|| {
+            let out = train::forward_backward(
                 model,
                 lora,
                 &seq.tokens,
@@ -219,9 +220,9 @@ impl<M: Deref<Target = Model>> Backend for CpuBackend<M> {
                 &mut grads,
                 scale,
                 rng,
-            )
+            );
+            (out, acc.last.then(|| AdamW::grad_norm(&grads)))
         });
-        let grad_norm = acc.last.then(|| AdamW::grad_norm(&grads));
         self.grads = Some(grads);
         Ok(SequenceResult {
             loss: out?,
@@ -240,7 +241,7 @@ impl<M: Deref<Target = Model>> Backend for CpuBackend<M> {
             msg: "an optimizer update without a step's gradients".into(),
         })?;
         let st = Self::held(&mut self.state)?;
-        adamw_update(s, &mut st.lora, &mut grads, &mut st.m, &mut st.v);
+        crate::par::in_pool(|| adamw_update(s, &mut st.lora, &mut grads, &mut st.m, &mut st.v));
         Ok(())
     }
 
