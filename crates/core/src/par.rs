@@ -9,10 +9,14 @@ use rayon::prelude::*;
 
 /// Calls `f(first_row, block)` for disjoint blocks of whole rows of `out` (rows of `width`
 /// elements), in parallel. Blocks have at least `min_rows` rows (the kernels' token tile) and
-/// there are about two per thread (one on a single thread): the loop starts on one thread
-/// ([`in_pool`]) and the others take blocks as they come, so with one block per thread a thread
-/// that came late left its block to the first one (train-125m, 2 threads: 217 tok/s against 223
-/// with two per thread).
+/// there are about two per thread natively (one on a single thread): the loop starts on one
+/// thread ([`in_pool`]) and the others take blocks as they come, so with one block per thread a
+/// thread that came late left its block to the first one (train-125m, 2 threads: 217 tok/s
+/// against 223 with two per thread). In wasm one per thread: with two, rayon's halving made the
+/// threads take blocks back from each other and each wait for the other's (a sleep and an
+/// `Atomics.notify` apiece, slow between Web Workers): the page's CPU fallback on 2 threads
+/// trained at 601.8 / 605.0 / 587.1 tok/s with two blocks a thread against 632.0 / 672.5 /
+/// 621.5 with one (interleaved, BENCHMARKS.md, seventh session).
 pub fn rows<T: Send>(
     out: &mut [T],
     width: usize,
@@ -25,7 +29,13 @@ pub fn rows<T: Send>(
     );
     let n = out.len() / width;
     let threads = rayon::current_num_threads();
-    let blocks = if threads == 1 { 1 } else { 2 * threads };
+    let blocks = if threads == 1 {
+        1
+    } else if cfg!(target_arch = "wasm32") {
+        threads
+    } else {
+        2 * threads
+    };
     let per = n.div_ceil(blocks).max(min_rows).max(1);
     if per >= n {
         return f(0, out);
