@@ -70,14 +70,10 @@ pub(super) fn matmul_acc<W: Weight>(y: &mut [f32], g: &[f32], w: &[W], v: usize,
         return true;
     }
     let zeros = zero_flags(g, v);
-    let (t, tiles) = (y.len() / c, c / n);
-    let threads = rayon::current_num_threads();
-    let blocks = if threads == 1 || t == 0 {
-        1
-    } else {
-        (2 * threads).min(tiles)
-    };
-    if blocks <= 1 {
+    // (T > 0 and V > 0 here: an empty y or g returned above.)
+    let tiles = c / n;
+    let blocks = (2 * rayon::current_num_threads()).min(tiles);
+    if rayon::current_num_threads() == 1 || blocks <= 1 {
         // SAFETY: `kernel` checked this CPU's features.
         unsafe { kernel(g, w, v, c, &zeros, y) };
         return true;
